@@ -1,0 +1,927 @@
+//! The CUDA backend, through cudarc's driver API.
+//!
+//! cudarc loads libcuda lazily and panics when it is missing, so [`CudaDevice::new`] checks
+//! [`sys::is_culib_present`] before any other call, and checks each optional entry point
+//! (green contexts) before calling it.
+
+use crate::error::{check_granular, check_range, DeviceError, DriverCall, Result};
+use crate::handles::{
+    ChunkInner, EventInner, LinearInner, MappingInner, PartitionInner, PinnedInner, StreamInner,
+    VaInner,
+};
+use crate::{
+    check_lengths, check_owner, Backend, Device, DeviceId, DeviceInfo, DeviceRange, Event,
+    EventFlags, HostFn, LinearAlloc, Mapping, MemInfo, PhysChunk, PinnedBuffer, PinnedSlice,
+    PriorityRange, SmPartition, SmSplit, Stream, VaRange,
+};
+use cudarc::driver::{result, sys, CudaContext, CudaStream, HostSlice};
+use std::collections::BTreeMap;
+use std::ffi::c_void;
+use std::mem::{ManuallyDrop, MaybeUninit};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A real GPU. Cheap to clone; clones share the device.
+#[derive(Clone, Debug)]
+pub struct CudaDevice {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    id: DeviceId,
+    ctx: Arc<CudaContext>,
+    info: DeviceInfo,
+    /// Live mappings and linear allocations (address to size). Copies are checked against it,
+    /// because an async copy to an unmapped address is an MMU fault that poisons the whole
+    /// CUDA context, not an error the caller could handle.
+    regions: parking_lot::RwLock<BTreeMap<u64, u64>>,
+}
+
+fn vmm_prop(ordinal: usize) -> sys::CUmemAllocationProp {
+    // SAFETY: CUmemAllocationProp is a plain C struct for which all-zero bytes are valid
+    // (null pointer, zero enums); the fields that matter are set below.
+    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = ordinal as i32;
+    prop
+}
+
+fn symbol_present(name: &[u8]) -> bool {
+    // SAFETY: called only after `is_culib_present` returned true, so `culib` loads the
+    // library instead of panicking; looking a symbol up has no side effects.
+    unsafe { sys::culib().get::<unsafe extern "C" fn()>(name).is_ok() }
+}
+
+impl CudaDevice {
+    /// Open GPU `ordinal` (its primary context). Fails with a typed error when the driver is
+    /// missing, no GPU is present, or the ordinal is out of range.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: only tries to dlopen the driver library; no CUDA call is made.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(DeviceError::DriverMissing);
+        }
+        result::init().call("cuInit")?;
+        let count = result::device::get_count().call("cuDeviceGetCount")? as usize;
+        if count == 0 {
+            return Err(DeviceError::NoDevice);
+        }
+        if ordinal >= count {
+            return Err(DeviceError::OrdinalOutOfRange { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal).call("cuDevicePrimaryCtxRetain")?;
+        let attr = |a| ctx.attribute(a).call("cuDeviceGetAttribute");
+        use sys::CUdevice_attribute as A;
+        let sm_count = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let vmm = attr(A::CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED)? != 0;
+        let (major, minor) = ctx.compute_capability().call("cuDeviceGetAttribute")?;
+        let (least, greatest) =
+            result::stream::get_priority_range().call("cuCtxGetStreamPriorityRange")?;
+        let mut version = 0i32;
+        // SAFETY: `version` is a valid out-pointer for the duration of the call.
+        unsafe { sys::cuDriverGetVersion(&mut version) }
+            .result()
+            .call("cuDriverGetVersion")?;
+        let granularity = if vmm {
+            let prop = vmm_prop(ordinal);
+            let mut g = 0usize;
+            // SAFETY: `g` and `prop` are valid for the call; prop is fully initialised.
+            unsafe {
+                sys::cuMemGetAllocationGranularity(
+                    &mut g,
+                    &prop,
+                    sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
+                )
+            }
+            .result()
+            .call("cuMemGetAllocationGranularity")?;
+            g as u64
+        } else {
+            2 << 20
+        };
+        let green = version >= 12040
+            && [
+                &b"cuGreenCtxCreate\0"[..],
+                b"cuDevSmResourceSplitByCount\0",
+                b"cuDeviceGetDevResource\0",
+                b"cuDevResourceGenerateDesc\0",
+                b"cuGreenCtxStreamCreate\0",
+                b"cuCtxFromGreenCtx\0",
+                b"cuGreenCtxDestroy\0",
+            ]
+            .iter()
+            .all(|s| symbol_present(s));
+        let (sm_min, sm_gran) = match major {
+            m if m >= 9 => (8, 8),
+            8 => (4, 2),
+            _ => (2, 2),
+        };
+        let info = DeviceInfo {
+            name: ctx.name().call("cuDeviceGetName")?,
+            backend: Backend::Cuda,
+            ordinal,
+            total_memory: ctx.total_mem().call("cuDeviceTotalMem")? as u64,
+            sm_count,
+            compute_capability: (major as u32, minor as u32),
+            priority_range: PriorityRange { greatest, least },
+            granularity,
+            vmm_supported: vmm,
+            green_contexts: green,
+            sm_granularity: sm_gran,
+            sm_min_partition: sm_min,
+            driver_version: version as u32,
+        };
+        tracing::debug!(?info, "opened CUDA device");
+        Ok(CudaDevice {
+            inner: Arc::new(Inner {
+                id: DeviceId::fresh(),
+                ctx,
+                info,
+                regions: parking_lot::RwLock::new(BTreeMap::new()),
+            }),
+        })
+    }
+
+    /// The cudarc context (the device's primary context): load modules and make cuBLAS
+    /// handles with it.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.inner.ctx
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.inner.ctx.bind_to_thread().call("cuCtxSetCurrent")
+    }
+
+    fn stream<'s>(&self, s: &'s Stream) -> Result<&'s Arc<CudaStream>> {
+        check_owner(self.inner.id, "stream", s.device)?;
+        match &s.inner {
+            StreamInner::Cuda(c, _) => Ok(c),
+            StreamInner::Sim(_) => Err(foreign("stream")),
+        }
+    }
+
+    fn event<'e>(&self, e: &'e Event) -> Result<&'e Arc<cudarc::driver::CudaEvent>> {
+        check_owner(self.inner.id, "event", e.device)?;
+        match &e.inner {
+            EventInner::Cuda(c) => Ok(c),
+            EventInner::Sim(_) => Err(foreign("event")),
+        }
+    }
+
+    fn pinned<'p>(
+        &self,
+        s: &PinnedSlice<'p>,
+    ) -> Result<&'p parking_lot::Mutex<cudarc::driver::PinnedHostSlice<u8>>> {
+        check_owner(self.inner.id, "pinned buffer", s.buf.device)?;
+        match &s.buf.inner {
+            PinnedInner::Cuda(m) => Ok(m),
+            PinnedInner::Sim(_) => Err(foreign("pinned buffer")),
+        }
+    }
+
+    /// Check that the range is wholly covered by live mappings of this device.
+    fn check_mapped(&self, r: DeviceRange) -> Result<()> {
+        let bad = || DeviceError::InvalidAddress {
+            addr: r.ptr.0,
+            len: r.len,
+        };
+        let end = r.ptr.0.checked_add(r.len).ok_or_else(bad)?;
+        let regions = self.inner.regions.read();
+        let mut cur = r.ptr.0;
+        while cur < end {
+            let (&base, &size) = regions.range(..=cur).next_back().ok_or_else(bad)?;
+            if cur >= base + size {
+                return Err(bad());
+            }
+            cur = base + size;
+        }
+        Ok(())
+    }
+
+    fn oom(&self, requested: u64) -> DeviceError {
+        let free = self.mem_info().map(|m| m.free).unwrap_or(0);
+        DeviceError::OutOfMemory { requested, free }
+    }
+
+    fn nonzero(len: u64) -> Result<()> {
+        if len == 0 {
+            Err(DeviceError::ZeroSize { what: "copy" })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn foreign(what: &'static str) -> DeviceError {
+    DeviceError::Unsupported {
+        what,
+        reason: "the handle was made by a simulated device; use handles of this CUDA device".into(),
+    }
+}
+
+fn is_oom(e: &DeviceError) -> bool {
+    matches!(e, DeviceError::Driver { source, .. } if source.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)
+}
+
+/// A reserved CUDA VA range; freed on drop.
+#[derive(Debug)]
+pub(crate) struct CudaVa {
+    ctx: Arc<CudaContext>,
+    base: u64,
+    size: u64,
+}
+
+impl Drop for CudaVa {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: the range was reserved by cuMemAddressReserve with exactly this base and
+        // size, and every mapping inside it holds this struct alive, so none remains.
+        let r = unsafe { sys::cuMemAddressFree(self.base, self.size as usize) }.result();
+        if let Err(e) = r {
+            tracing::warn!(error = %e, base = self.base, "cuMemAddressFree failed");
+        }
+    }
+}
+
+/// A CUDA physical allocation handle; released on drop (the memory itself lives on while
+/// mapped).
+#[derive(Debug)]
+pub(crate) struct CudaChunk {
+    ctx: Arc<CudaContext>,
+    handle: sys::CUmemGenericAllocationHandle,
+}
+
+impl Drop for CudaChunk {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: the handle came from cuMemCreate and is released exactly once, here.
+        if let Err(e) = unsafe { sys::cuMemRelease(self.handle) }.result() {
+            tracing::warn!(error = %e, "cuMemRelease failed");
+        }
+    }
+}
+
+/// A CUDA mapping; unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct CudaMapping {
+    dev: CudaDevice,
+    addr: u64,
+    size: u64,
+    done: bool,
+    _va: Arc<VaInner>,
+}
+
+impl CudaMapping {
+    fn do_unmap(&mut self) -> Result<()> {
+        if self.done {
+            return Ok(());
+        }
+        self.done = true;
+        self.dev.inner.regions.write().remove(&self.addr);
+        self.dev.bind()?;
+        // SAFETY: `addr..addr+size` was mapped by cuMemMap in this struct and is unmapped
+        // once (guarded by `done`); the VA range is kept alive by `_va`.
+        unsafe { sys::cuMemUnmap(self.addr, self.size as usize) }
+            .result()
+            .call("cuMemUnmap")
+    }
+    pub(crate) fn unmap(mut self) -> Result<()> {
+        self.do_unmap()
+    }
+}
+
+impl Drop for CudaMapping {
+    fn drop(&mut self) {
+        if let Err(e) = self.do_unmap() {
+            tracing::warn!(error = %e, addr = self.addr, "cuMemUnmap failed");
+        }
+    }
+}
+
+/// Plain CUDA memory from cuMemAlloc; freed on drop.
+#[derive(Debug)]
+pub(crate) struct CudaLinear {
+    dev: CudaDevice,
+    addr: u64,
+}
+
+impl Drop for CudaLinear {
+    fn drop(&mut self) {
+        self.dev.inner.regions.write().remove(&self.addr);
+        let _ = self.dev.bind();
+        // SAFETY: the pointer came from cuMemAlloc and is freed exactly once, here.
+        if let Err(e) = unsafe { result::free_sync(self.addr) } {
+            tracing::warn!(error = %e, "cuMemFree failed");
+        }
+    }
+}
+
+/// A green context: a set of SMs.
+#[derive(Debug)]
+pub(crate) struct GreenCtx {
+    handle: sys::CUgreenCtx,
+    /// The green context seen as an ordinary context, for cudarc. It is never dropped:
+    /// cudarc would destroy it with cuCtxDestroy, but a green context must be destroyed with
+    /// cuGreenCtxDestroy (below). The cost is one small allocation per partition.
+    ctx: ManuallyDrop<Arc<CudaContext>>,
+    primary: Arc<CudaContext>,
+}
+
+// SAFETY: a CUgreenCtx is an opaque driver handle that the driver lets any thread use.
+unsafe impl Send for GreenCtx {}
+// SAFETY: as above; GreenCtx has no interior state besides the handle.
+unsafe impl Sync for GreenCtx {}
+
+impl Drop for GreenCtx {
+    fn drop(&mut self) {
+        let _ = self.primary.bind_to_thread();
+        // SAFETY: the handle came from cuGreenCtxCreate; every stream in it holds this
+        // struct alive through `GreenStream`, so none remains; destroyed once, here.
+        if let Err(e) = unsafe { sys::cuGreenCtxDestroy(self.handle) }.result() {
+            tracing::warn!(error = %e, "cuGreenCtxDestroy failed");
+        }
+    }
+}
+
+/// Owner of a stream created in a green context (cudarc's wrapper of it does not own it).
+#[derive(Debug)]
+pub(crate) struct GreenStream {
+    stream: sys::CUstream,
+    _green: Arc<GreenCtx>,
+}
+
+// SAFETY: a CUstream is an opaque driver handle usable from any thread.
+unsafe impl Send for GreenStream {}
+// SAFETY: as above.
+unsafe impl Sync for GreenStream {}
+
+impl Drop for GreenStream {
+    fn drop(&mut self) {
+        // SAFETY: created by cuGreenCtxStreamCreate and destroyed once, here, before the
+        // green context it belongs to (held by `_green`).
+        if let Err(e) = unsafe { sys::cuStreamDestroy_v2(self.stream) }.result() {
+            tracing::warn!(error = %e, "cuStreamDestroy failed");
+        }
+    }
+}
+
+unsafe extern "C" fn run_host_fn(data: *mut c_void) {
+    // SAFETY: `data` is the pointer made by Box::into_raw in `host_callback`, and the driver
+    // calls this function exactly once per launch.
+    let f: Box<HostFn> = unsafe { Box::from_raw(data as *mut HostFn) };
+    // A panic must not unwind into the driver.
+    if catch_unwind(AssertUnwindSafe(f)).is_err() {
+        tracing::error!("a host callback panicked");
+    }
+}
+
+fn sm_resource_count(r: &sys::CUdevResource) -> u32 {
+    // SAFETY: the resource was filled by the driver as an SM resource, so `sm` is the
+    // active union member.
+    unsafe { r.__bindgen_anon_1.sm.smCount }
+}
+
+impl Device for CudaDevice {
+    fn id(&self) -> DeviceId {
+        self.inner.id
+    }
+
+    fn info(&self) -> &DeviceInfo {
+        &self.inner.info
+    }
+
+    fn mem_info(&self) -> Result<MemInfo> {
+        let (free, total) = self.inner.ctx.mem_get_info().call("cuMemGetInfo")?;
+        Ok(MemInfo {
+            free: free as u64,
+            total: total as u64,
+        })
+    }
+
+    fn reserve_va(&self, size: u64) -> Result<VaRange> {
+        let info = &self.inner.info;
+        if !info.vmm_supported {
+            return Err(no_vmm());
+        }
+        check_granular("VA reservation", size, info.granularity)?;
+        self.bind()?;
+        let mut base = 0u64;
+        // SAFETY: `base` is a valid out-pointer; size and alignment are multiples of the
+        // granularity as the driver requires.
+        unsafe {
+            sys::cuMemAddressReserve(&mut base, size as usize, info.granularity as usize, 0, 0)
+        }
+        .result()
+        .call("cuMemAddressReserve")?;
+        Ok(VaRange {
+            device: self.inner.id,
+            base,
+            size,
+            inner: Arc::new(VaInner::Cuda(CudaVa {
+                ctx: self.inner.ctx.clone(),
+                base,
+                size,
+            })),
+        })
+    }
+
+    fn create_chunk(&self, size: u64) -> Result<PhysChunk> {
+        let info = &self.inner.info;
+        if !info.vmm_supported {
+            return Err(no_vmm());
+        }
+        check_granular("chunk size", size, info.granularity)?;
+        self.bind()?;
+        let prop = vmm_prop(info.ordinal);
+        let mut handle = 0;
+        // SAFETY: valid out-pointer and fully initialised properties.
+        let r = unsafe { sys::cuMemCreate(&mut handle, size as usize, &prop, 0) }
+            .result()
+            .call("cuMemCreate");
+        match r {
+            Err(e) if is_oom(&e) => return Err(self.oom(size)),
+            r => r?,
+        }
+        Ok(PhysChunk {
+            device: self.inner.id,
+            size,
+            inner: Arc::new(ChunkInner::Cuda(CudaChunk {
+                ctx: self.inner.ctx.clone(),
+                handle,
+            })),
+        })
+    }
+
+    fn map_chunk(&self, va: &VaRange, offset: u64, chunk: &PhysChunk) -> Result<Mapping> {
+        let id = self.inner.id;
+        check_owner(id, "VA range", va.device)?;
+        check_owner(id, "chunk", chunk.device)?;
+        let g = self.inner.info.granularity;
+        if !offset.is_multiple_of(g) {
+            return Err(DeviceError::Misaligned {
+                what: "mapping offset",
+                value: offset,
+                granularity: g,
+            });
+        }
+        check_range("mapping", offset, chunk.size, va.size)?;
+        let handle = match &*chunk.inner {
+            ChunkInner::Cuda(c) => c.handle,
+            ChunkInner::Sim(_) => return Err(foreign("chunk")),
+        };
+        let addr = va.base + offset;
+        {
+            let regions = self.inner.regions.read();
+            if regions
+                .range(..addr + chunk.size)
+                .next_back()
+                .is_some_and(|(&b, &s)| b + s > addr)
+            {
+                return Err(DeviceError::AlreadyMapped {
+                    offset,
+                    len: chunk.size,
+                });
+            }
+        }
+        self.bind()?;
+        let size = chunk.size as usize;
+        // SAFETY: addr..addr+size lies inside a live reservation (checked above) and is not
+        // mapped; the handle is live and exactly `size` bytes.
+        unsafe { sys::cuMemMap(addr, size, 0, handle, 0) }
+            .result()
+            .call("cuMemMap")?;
+        let mut m = CudaMapping {
+            dev: self.clone(),
+            addr,
+            size: chunk.size,
+            done: true,
+            _va: va.inner.clone(),
+        };
+        let desc = sys::CUmemAccessDesc {
+            location: vmm_prop(self.inner.info.ordinal).location,
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the range was just mapped; desc is valid for the call.
+        let r = unsafe { sys::cuMemSetAccess(addr, size, &desc, 1) }
+            .result()
+            .call("cuMemSetAccess");
+        m.done = false;
+        if let Err(e) = r {
+            // Unmap before reporting, so that nothing leaks.
+            drop(m);
+            return Err(e);
+        }
+        self.inner.regions.write().insert(addr, chunk.size);
+        Ok(Mapping {
+            device: id,
+            addr,
+            size: chunk.size,
+            inner: Some(MappingInner::Cuda(m)),
+        })
+    }
+
+    fn alloc_linear(&self, size: u64) -> Result<LinearAlloc> {
+        check_granular("linear allocation", size, self.inner.info.granularity)?;
+        self.bind()?;
+        // SAFETY: plain allocation of `size` bytes; freed by CudaLinear's Drop.
+        let addr = match unsafe { result::malloc_sync(size as usize) }.call("cuMemAlloc") {
+            Err(e) if is_oom(&e) => return Err(self.oom(size)),
+            r => r?,
+        };
+        self.inner.regions.write().insert(addr, size);
+        Ok(LinearAlloc {
+            device: self.inner.id,
+            addr,
+            size,
+            _inner: LinearInner::Cuda(CudaLinear {
+                dev: self.clone(),
+                addr,
+            }),
+        })
+    }
+
+    fn create_stream(&self, priority: i32) -> Result<Stream> {
+        self.inner.info.priority_range.check(priority)?;
+        let s = self
+            .inner
+            .ctx
+            .new_stream_with_priority(priority)
+            .call("cuStreamCreateWithPriority")?;
+        Ok(Stream {
+            device: self.inner.id,
+            priority,
+            partition_sms: None,
+            inner: StreamInner::Cuda(s, None),
+        })
+    }
+
+    fn create_event(&self, flags: EventFlags) -> Result<Event> {
+        let f = if flags.timing {
+            sys::CUevent_flags::CU_EVENT_DEFAULT
+        } else {
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
+        };
+        let e = self.inner.ctx.new_event(Some(f)).call("cuEventCreate")?;
+        Ok(Event {
+            device: self.inner.id,
+            flags,
+            inner: EventInner::Cuda(Arc::new(e)),
+        })
+    }
+
+    fn record_event(&self, event: &Event, stream: &Stream) -> Result<()> {
+        let (e, s) = (self.event(event)?, self.stream(stream)?);
+        self.bind()?;
+        // SAFETY: both handles are alive (held by the Arcs borrowed here). The raw call is
+        // used because cudarc refuses a stream of a green context derived from this device.
+        unsafe { result::event::record(e.cu_event(), s.cu_stream()) }.call("cuEventRecord")
+    }
+
+    fn wait_event(&self, stream: &Stream, event: &Event) -> Result<()> {
+        let (e, s) = (self.event(event)?, self.stream(stream)?);
+        self.bind()?;
+        // SAFETY: both handles are alive; waiting across contexts of one device is allowed.
+        unsafe {
+            result::stream::wait_event(
+                s.cu_stream(),
+                e.cu_event(),
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .call("cuStreamWaitEvent")
+    }
+
+    fn query_event(&self, event: &Event) -> Result<bool> {
+        self.event(event)?.try_is_complete().call("cuEventQuery")
+    }
+
+    fn synchronize_event(&self, event: &Event) -> Result<()> {
+        self.event(event)?.synchronize().call("cuEventSynchronize")
+    }
+
+    fn elapsed(&self, start: &Event, end: &Event) -> Result<Duration> {
+        let (a, b) = (self.event(start)?, self.event(end)?);
+        if !start.flags.timing || !end.flags.timing {
+            return Err(DeviceError::Unsupported {
+                what: "elapsed time",
+                reason: "both events must be created with EventFlags::timing()".into(),
+            });
+        }
+        a.synchronize().call("cuEventSynchronize")?;
+        b.synchronize().call("cuEventSynchronize")?;
+        // SAFETY: both events are alive and complete.
+        let ms = unsafe { result::event::elapsed(a.cu_event(), b.cu_event()) }
+            .call("cuEventElapsedTime")?;
+        Ok(Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3))
+    }
+
+    fn synchronize_stream(&self, stream: &Stream) -> Result<()> {
+        self.stream(stream)?
+            .synchronize()
+            .call("cuStreamSynchronize")
+    }
+
+    fn host_callback(&self, stream: &Stream, f: HostFn) -> Result<()> {
+        let s = self.stream(stream)?;
+        self.bind()?;
+        let data = Box::into_raw(Box::new(f)) as *mut c_void;
+        // SAFETY: `run_host_fn` takes back ownership of `data` exactly once when the driver
+        // calls it; if the launch fails the driver never calls it and we free it below.
+        let r = unsafe { result::stream::launch_host_function(s.cu_stream(), run_host_fn, data) }
+            .call("cuLaunchHostFunc");
+        if r.is_err() {
+            // SAFETY: the launch failed, so the driver holds no copy of `data`.
+            drop(unsafe { Box::from_raw(data as *mut HostFn) });
+        }
+        r
+    }
+
+    fn alloc_pinned(&self, len: u64) -> Result<PinnedBuffer> {
+        if len == 0 {
+            return Err(DeviceError::ZeroSize {
+                what: "pinned buffer",
+            });
+        }
+        if len > isize::MAX as u64 {
+            return Err(DeviceError::OutOfMemory {
+                requested: len,
+                free: isize::MAX as u64,
+            });
+        }
+        // SAFETY: the memory is zeroed below before any reference to it exists. Flags 0:
+        // plain page-locked memory (not write-combined, which is slow to read back).
+        let mut p = unsafe {
+            self.inner
+                .ctx
+                .alloc_pinned_with_flags::<u8>(len as usize, 0)
+        }
+        .call("cuMemHostAlloc")?;
+        let ptr = p.as_mut_ptr().call("cuEventSynchronize")?;
+        // SAFETY: `ptr` points to `len` bytes just allocated and owned by `p`.
+        unsafe { std::ptr::write_bytes(ptr, 0, len as usize) };
+        Ok(PinnedBuffer {
+            device: self.inner.id,
+            len,
+            inner: PinnedInner::Cuda(parking_lot::Mutex::new(p)),
+        })
+    }
+
+    fn copy_htod(&self, dst: DeviceRange, src: PinnedSlice<'_>, stream: &Stream) -> Result<()> {
+        check_lengths(src.len, dst.len)?;
+        Self::nonzero(dst.len)?;
+        let m = self.pinned(&src)?;
+        let s = self.stream(stream)?;
+        self.check_mapped(dst)?;
+        self.bind()?;
+        let g = m.lock();
+        // SAFETY: the returned guard records the buffer's event on `s` after the copy, so
+        // later host access waits for it; the stream first waits for earlier uses.
+        let (host, _rec) = unsafe { g.stream_synced_slice(s) };
+        let (o, n) = (src.offset as usize, src.len as usize);
+        // SAFETY: the device range is mapped (checked) and the host slice lives until the
+        // event recorded by `_rec` completes, because dropping or touching the buffer waits.
+        unsafe { result::memcpy_htod_async(dst.ptr.0, &host[o..o + n], s.cu_stream()) }
+            .call("cuMemcpyHtoDAsync")
+    }
+
+    fn copy_dtoh(&self, dst: PinnedSlice<'_>, src: DeviceRange, stream: &Stream) -> Result<()> {
+        check_lengths(src.len, dst.len)?;
+        Self::nonzero(src.len)?;
+        let m = self.pinned(&dst)?;
+        let s = self.stream(stream)?;
+        self.check_mapped(src)?;
+        self.bind()?;
+        let mut g = m.lock();
+        // SAFETY: as in copy_htod; host reads of the buffer wait for the recorded event.
+        let (host, _rec) = unsafe { g.stream_synced_mut_slice(s) };
+        let (o, n) = (dst.offset as usize, dst.len as usize);
+        // SAFETY: as in copy_htod.
+        unsafe { result::memcpy_dtoh_async(&mut host[o..o + n], src.ptr.0, s.cu_stream()) }
+            .call("cuMemcpyDtoHAsync")
+    }
+
+    fn copy_dtod(&self, dst: DeviceRange, src: DeviceRange, stream: &Stream) -> Result<()> {
+        check_lengths(src.len, dst.len)?;
+        Self::nonzero(src.len)?;
+        let s = self.stream(stream)?;
+        self.check_mapped(src)?;
+        self.check_mapped(dst)?;
+        self.bind()?;
+        // SAFETY: both ranges are mapped device memory of this device (checked).
+        unsafe { result::memcpy_dtod_async(dst.ptr.0, src.ptr.0, src.len as usize, s.cu_stream()) }
+            .call("cuMemcpyDtoDAsync")
+    }
+
+    fn memset(&self, dst: DeviceRange, value: u8, stream: &Stream) -> Result<()> {
+        Self::nonzero(dst.len)?;
+        let s = self.stream(stream)?;
+        self.check_mapped(dst)?;
+        self.bind()?;
+        // SAFETY: the range is mapped device memory of this device (checked).
+        unsafe { result::memset_d8_async(dst.ptr.0, value, dst.len as usize, s.cu_stream()) }
+            .call("cuMemsetD8Async")
+    }
+
+    fn write_sync(&self, dst: DeviceRange, src: &[u8], stream: &Stream) -> Result<()> {
+        check_lengths(src.len() as u64, dst.len)?;
+        Self::nonzero(dst.len)?;
+        let s = self.stream(stream)?;
+        self.check_mapped(dst)?;
+        self.bind()?;
+        // SAFETY: pageable source: the driver stages it before returning, and we wait for
+        // the stream before returning, so `src` outlives the copy.
+        unsafe { result::memcpy_htod_async(dst.ptr.0, src, s.cu_stream()) }
+            .call("cuMemcpyHtoDAsync")?;
+        s.synchronize().call("cuStreamSynchronize")
+    }
+
+    fn read_sync(&self, dst: &mut [u8], src: DeviceRange, stream: &Stream) -> Result<()> {
+        check_lengths(src.len, dst.len() as u64)?;
+        Self::nonzero(src.len)?;
+        let s = self.stream(stream)?;
+        self.check_mapped(src)?;
+        self.bind()?;
+        // SAFETY: `dst` is borrowed mutably until the stream is synchronized below.
+        unsafe { result::memcpy_dtoh_async(dst, src.ptr.0, s.cu_stream()) }
+            .call("cuMemcpyDtoHAsync")?;
+        s.synchronize().call("cuStreamSynchronize")
+    }
+
+    fn split_sms(&self, sm_counts: &[u32]) -> Result<SmSplit> {
+        let info = &self.inner.info;
+        if !info.green_contexts {
+            return Err(DeviceError::Unsupported {
+                what: "SM partitions",
+                reason: format!(
+                    "green contexts need CUDA 12.4 or later; the driver is {}.{}; use stream priorities",
+                    info.driver_version / 1000,
+                    info.driver_version % 1000 / 10
+                ),
+            });
+        }
+        let want = crate::sim::round_sm_counts(sm_counts, info)?;
+        self.bind()?;
+        let dev = self.inner.ctx.cu_device();
+        let mut input = MaybeUninit::<sys::CUdevResource>::zeroed();
+        // SAFETY: valid out-pointer; SM is a resource type every green-context driver has.
+        unsafe {
+            sys::cuDeviceGetDevResource(
+                dev,
+                input.as_mut_ptr(),
+                sys::CUdevResourceType::CU_DEV_RESOURCE_TYPE_SM,
+            )
+        }
+        .result()
+        .call("cuDeviceGetDevResource")?;
+        // SAFETY: initialised by the call above (and zeroed before it).
+        let mut input = unsafe { input.assume_init() };
+        let mut partitions = Vec::with_capacity(want.len());
+        for (&requested, &count) in sm_counts.iter().zip(&want) {
+            let mut group = MaybeUninit::<sys::CUdevResource>::zeroed();
+            let mut rest = MaybeUninit::<sys::CUdevResource>::zeroed();
+            let mut n = 1u32;
+            // SAFETY: all pointers are valid for the call; one group is asked for.
+            unsafe {
+                sys::cuDevSmResourceSplitByCount(
+                    group.as_mut_ptr(),
+                    &mut n,
+                    &input,
+                    rest.as_mut_ptr(),
+                    0,
+                    count,
+                )
+            }
+            .result()
+            .call("cuDevSmResourceSplitByCount")?;
+            if n < 1 {
+                return Err(DeviceError::InvalidSmSplit {
+                    requested: want.iter().sum(),
+                    available: info.sm_count,
+                    granularity: info.sm_granularity,
+                });
+            }
+            // SAFETY: both were written by the driver (and zeroed before).
+            let (mut group, rest) = unsafe { (group.assume_init(), rest.assume_init()) };
+            let got = sm_resource_count(&group);
+            let green = self.make_green(&mut group)?;
+            partitions.push(SmPartition {
+                device: self.inner.id,
+                requested,
+                sm_count: got,
+                inner: PartitionInner::Cuda(green),
+            });
+            input = rest;
+        }
+        let left = sm_resource_count(&input);
+        let remainder = if left > 0 {
+            Some(SmPartition {
+                device: self.inner.id,
+                requested: 0,
+                sm_count: left,
+                inner: PartitionInner::Cuda(self.make_green(&mut input)?),
+            })
+        } else {
+            None
+        };
+        Ok(SmSplit {
+            partitions,
+            remainder,
+        })
+    }
+
+    fn create_stream_in(&self, partition: &SmPartition, priority: i32) -> Result<Stream> {
+        check_owner(self.inner.id, "SM partition", partition.device)?;
+        self.inner.info.priority_range.check(priority)?;
+        let green = match &partition.inner {
+            PartitionInner::Cuda(g) => g.clone(),
+            PartitionInner::Sim => return Err(foreign("SM partition")),
+        };
+        let mut raw: sys::CUstream = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the green context is alive (held by `green`).
+        unsafe {
+            sys::cuGreenCtxStreamCreate(
+                &mut raw,
+                green.handle,
+                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                priority,
+            )
+        }
+        .result()
+        .call("cuGreenCtxStreamCreate")?;
+        let owner = Arc::new(GreenStream {
+            stream: raw,
+            _green: green.clone(),
+        });
+        // SAFETY: `raw` belongs to the green context that `green.ctx` wraps and stays alive
+        // while `owner` does; the Stream handle holds both together.
+        let s = unsafe { green.ctx.wrap_borrowed_stream(raw) };
+        Ok(Stream {
+            device: self.inner.id,
+            priority,
+            partition_sms: Some(partition.sm_count),
+            inner: StreamInner::Cuda(s, Some(owner)),
+        })
+    }
+
+    fn as_cuda(&self) -> Option<&CudaDevice> {
+        Some(self)
+    }
+}
+
+impl CudaDevice {
+    fn make_green(&self, res: &mut sys::CUdevResource) -> Result<Arc<GreenCtx>> {
+        let mut desc: sys::CUdevResourceDesc = std::ptr::null_mut();
+        // SAFETY: `res` is an SM resource filled by the driver; desc is an out-pointer.
+        unsafe { sys::cuDevResourceGenerateDesc(&mut desc, res, 1) }
+            .result()
+            .call("cuDevResourceGenerateDesc")?;
+        let mut handle: sys::CUgreenCtx = std::ptr::null_mut();
+        let dev = self.inner.ctx.cu_device();
+        // SAFETY: valid descriptor and out-pointer.
+        unsafe {
+            sys::cuGreenCtxCreate(
+                &mut handle,
+                desc,
+                dev,
+                sys::CUgreenCtxCreate_flags::CU_GREEN_CTX_DEFAULT_STREAM as u32,
+            )
+        }
+        .result()
+        .call("cuGreenCtxCreate")?;
+        let mut raw_ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: `handle` is a live green context; out-pointer valid.
+        let r = unsafe { sys::cuCtxFromGreenCtx(&mut raw_ctx, handle) }
+            .result()
+            .call("cuCtxFromGreenCtx")
+            .and_then(|()| {
+                // SAFETY: `raw_ctx` is a valid context of this device. Its wrapper is never
+                // dropped (see GreenCtx::ctx), so cudarc never destroys it.
+                unsafe { CudaContext::from_raw_context(self.inner.info.ordinal, dev, raw_ctx) }
+                    .call("cuCtxSetCurrent")
+            });
+        let ctx = match r {
+            Ok(c) => c,
+            Err(e) => {
+                // SAFETY: created above and not shared; destroyed once.
+                let _ = unsafe { sys::cuGreenCtxDestroy(handle) };
+                return Err(e);
+            }
+        };
+        // Leave the primary context current for the caller's next calls.
+        self.bind()?;
+        Ok(Arc::new(GreenCtx {
+            handle,
+            ctx: ManuallyDrop::new(ctx),
+            primary: self.inner.ctx.clone(),
+        }))
+    }
+}
+
+fn no_vmm() -> DeviceError {
+    DeviceError::Unsupported {
+        what: "virtual memory management",
+        reason: "the device does not support it; use Device::alloc_linear".into(),
+    }
+}

@@ -1,0 +1,486 @@
+//! The device contract: one suite, run against both backends. The simulated device always
+//! runs it; CUDA runs the same functions with `--ignored` on a machine with a GPU.
+
+use gpushare_device::{
+    CudaDevice, Device, DeviceError, DeviceRange, EventFlags, SimDevice, Stream,
+};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+type Open = fn() -> Arc<dyn Device>;
+
+fn low(dev: &dyn Device) -> Stream {
+    dev.create_stream(dev.info().priority_range.least)
+        .expect("create stream")
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+mod contract {
+    use super::*;
+
+    pub fn info_is_sane(open: Open) {
+        let dev = open();
+        let i = dev.info();
+        assert!(i.granularity.is_power_of_two());
+        assert!(i.sm_count > 0);
+        assert!(i.priority_range.greatest <= i.priority_range.least);
+        let m = dev.mem_info().unwrap();
+        assert_eq!(m.total, i.total_memory);
+        assert!(m.free <= m.total);
+    }
+
+    pub fn roundtrip_across_chunk_boundary(open: Open) {
+        let dev = open();
+        let g = dev.info().granularity;
+        let va = dev.reserve_va(4 * g).unwrap();
+        let c0 = dev.create_chunk(g).unwrap();
+        let c1 = dev.create_chunk(g).unwrap();
+        let m0 = dev.map_chunk(&va, 0, &c0).unwrap();
+        let m1 = dev.map_chunk(&va, g, &c1).unwrap();
+        assert_eq!(
+            m1.range().ptr.0,
+            m0.range().end(),
+            "mappings are contiguous"
+        );
+        let s = low(&*dev);
+        // 64 KiB straddling the boundary between the two chunks.
+        let n = 64 << 10;
+        let dst = va.range().slice(g - n / 2, n).unwrap();
+        let data = pattern(n as usize, 3);
+        let mut up = dev.alloc_pinned(n).unwrap();
+        up.write(0, &data).unwrap();
+        dev.copy_htod(dst, up.full(), &s).unwrap();
+        let down = dev.alloc_pinned(n).unwrap();
+        dev.copy_dtoh(down.full(), dst, &s).unwrap();
+        let mut back = vec![0u8; n as usize];
+        down.read(0, &mut back).unwrap();
+        assert_eq!(back, data);
+    }
+
+    pub fn bad_vmm_input_is_typed(open: Open) {
+        let dev = open();
+        let g = dev.info().granularity;
+        assert!(matches!(
+            dev.reserve_va(0),
+            Err(DeviceError::ZeroSize { .. })
+        ));
+        assert!(matches!(
+            dev.reserve_va(g + 1),
+            Err(DeviceError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            dev.create_chunk(0),
+            Err(DeviceError::ZeroSize { .. })
+        ));
+        assert!(matches!(
+            dev.create_chunk(g / 2),
+            Err(DeviceError::Misaligned { .. })
+        ));
+        let va = dev.reserve_va(2 * g).unwrap();
+        let c = dev.create_chunk(g).unwrap();
+        assert!(matches!(
+            dev.map_chunk(&va, g / 2, &c),
+            Err(DeviceError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            dev.map_chunk(&va, 2 * g, &c),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        let big = dev.create_chunk(2 * g).unwrap();
+        assert!(matches!(
+            dev.map_chunk(&va, g, &big),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        let _m = dev.map_chunk(&va, 0, &c).unwrap();
+        let c2 = dev.create_chunk(g).unwrap();
+        assert!(matches!(
+            dev.map_chunk(&va, 0, &c2),
+            Err(DeviceError::AlreadyMapped { .. })
+        ));
+        assert!(matches!(
+            dev.alloc_linear(0),
+            Err(DeviceError::ZeroSize { .. })
+        ));
+    }
+
+    pub fn bad_copy_input_is_typed(open: Open) {
+        let dev = open();
+        let g = dev.info().granularity;
+        let va = dev.reserve_va(2 * g).unwrap();
+        let c = dev.create_chunk(g).unwrap();
+        let m = dev.map_chunk(&va, 0, &c).unwrap();
+        let s = low(&*dev);
+        let host = dev.alloc_pinned(4096).unwrap();
+        let r = m.range();
+        let e = dev.copy_htod(r.slice(0, 100).unwrap(), host.slice(0, 99).unwrap(), &s);
+        assert!(matches!(
+            e,
+            Err(DeviceError::LengthMismatch { src: 99, dst: 100 })
+        ));
+        let e = dev.copy_dtod(r.slice(0, 10).unwrap(), r.slice(10, 20).unwrap(), &s);
+        assert!(matches!(e, Err(DeviceError::LengthMismatch { .. })));
+        assert!(matches!(
+            host.slice(4000, 100),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            r.slice(g - 1, 2),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        // The second granule of the reservation is not mapped.
+        let unmapped = va.range().slice(g, 4096).unwrap();
+        let e = dev.copy_htod(unmapped, host.full(), &s);
+        assert!(
+            matches!(e, Err(DeviceError::InvalidAddress { .. })),
+            "{e:?}"
+        );
+        let straddle = va.range().slice(g - 2048, 4096).unwrap();
+        let e = dev.copy_dtoh(host.full(), straddle, &s);
+        assert!(
+            matches!(e, Err(DeviceError::InvalidAddress { .. })),
+            "{e:?}"
+        );
+        let e = dev.memset(r.slice(0, 0).unwrap(), 0, &s);
+        assert!(matches!(e, Err(DeviceError::ZeroSize { .. })));
+        // After unmapping, the addresses are invalid.
+        m.unmap().unwrap();
+        let e = dev.copy_htod(r.slice(0, 4096).unwrap(), host.full(), &s);
+        assert!(
+            matches!(e, Err(DeviceError::InvalidAddress { .. })),
+            "{e:?}"
+        );
+        assert!(matches!(
+            dev.alloc_pinned(0),
+            Err(DeviceError::ZeroSize { .. })
+        ));
+        let mut h = dev.alloc_pinned(16).unwrap();
+        assert!(matches!(
+            h.write(10, &[0; 10]),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            h.read(17, &mut []),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+    }
+
+    pub fn foreign_handles_are_rejected(open: Open) {
+        let a = open();
+        let b = open();
+        assert_ne!(a.id(), b.id());
+        let g = a.info().granularity;
+        let va = a.reserve_va(g).unwrap();
+        let c = b.create_chunk(g).unwrap();
+        let e = a.map_chunk(&va, 0, &c);
+        assert!(
+            matches!(e, Err(DeviceError::ForeignHandle { what: "chunk", .. })),
+            "{e:?}"
+        );
+        let sb = low(&*b);
+        let ea = a.create_event(EventFlags::default()).unwrap();
+        assert!(matches!(
+            a.record_event(&ea, &sb),
+            Err(DeviceError::ForeignHandle { .. })
+        ));
+        assert!(matches!(
+            b.query_event(&ea),
+            Err(DeviceError::ForeignHandle { .. })
+        ));
+        let hb = b.alloc_pinned(64).unwrap();
+        let ca = a.create_chunk(g).unwrap();
+        let ma = a.map_chunk(&va, 0, &ca).unwrap();
+        let sa = low(&*a);
+        let e = a.copy_htod(ma.range().slice(0, 64).unwrap(), hb.full(), &sa);
+        assert!(matches!(e, Err(DeviceError::ForeignHandle { .. })), "{e:?}");
+    }
+
+    pub fn stream_runs_work_in_order(open: Open) {
+        let dev = open();
+        let g = dev.info().granularity;
+        let va = dev.reserve_va(g).unwrap();
+        let c = dev.create_chunk(g).unwrap();
+        let m = dev.map_chunk(&va, 0, &c).unwrap();
+        let s = low(&*dev);
+        let n = 1 << 20;
+        let a = m.range().slice(0, n).unwrap();
+        let b = m.range().slice(n, n).unwrap();
+        let data = pattern(n as usize, 9);
+        let mut host = dev.alloc_pinned(n).unwrap();
+        host.write(0, &data).unwrap();
+        dev.memset(a, 0xAB, &s).unwrap();
+        dev.copy_htod(a, host.full(), &s).unwrap();
+        dev.copy_dtod(b, a, &s).unwrap();
+        dev.memset(a, 0, &s).unwrap();
+        let mut out = vec![0u8; n as usize];
+        dev.read_sync(&mut out, b, &s).unwrap();
+        assert_eq!(out, data);
+        dev.read_sync(&mut out, a, &s).unwrap();
+        assert!(out.iter().all(|&x| x == 0));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        for i in 0..3 {
+            let c = calls.clone();
+            dev.host_callback(&s, Box::new(move || c.lock().unwrap().push(i)))
+                .unwrap();
+        }
+        dev.synchronize_stream(&s).unwrap();
+        assert_eq!(*calls.lock().unwrap(), vec![0, 1, 2]);
+    }
+
+    pub fn events_complete_and_time(open: Open) {
+        let dev = open();
+        let s = low(&*dev);
+        let never = dev.create_event(EventFlags::default()).unwrap();
+        assert!(
+            dev.query_event(&never).unwrap(),
+            "a never-recorded event is complete"
+        );
+        dev.synchronize_event(&never).unwrap();
+        let t0 = dev.create_event(EventFlags::timing()).unwrap();
+        let t1 = dev.create_event(EventFlags::timing()).unwrap();
+        dev.record_event(&t0, &s).unwrap();
+        dev.host_callback(
+            &s,
+            Box::new(|| std::thread::sleep(Duration::from_millis(20))),
+        )
+        .unwrap();
+        dev.record_event(&t1, &s).unwrap();
+        dev.synchronize_event(&t1).unwrap();
+        assert!(dev.query_event(&t1).unwrap());
+        let dt = dev.elapsed(&t0, &t1).unwrap();
+        assert!(dt >= Duration::from_millis(15), "elapsed {dt:?}");
+        let plain = dev.create_event(EventFlags::default()).unwrap();
+        dev.record_event(&plain, &s).unwrap();
+        assert!(matches!(
+            dev.elapsed(&t0, &plain),
+            Err(DeviceError::Unsupported { .. })
+        ));
+        // Clones share the event.
+        let c = t1.clone();
+        assert!(dev.query_event(&c).unwrap());
+    }
+
+    pub fn cross_stream_wait_orders_work_without_blocking_host(open: Open) {
+        let dev = open();
+        let g = dev.info().granularity;
+        let va = dev.reserve_va(g).unwrap();
+        let c = dev.create_chunk(g).unwrap();
+        let m = dev.map_chunk(&va, 0, &c).unwrap();
+        let (a, b) = (low(&*dev), low(&*dev));
+        let n = 1 << 16;
+        let src = m.range().slice(0, n).unwrap();
+        let dst = m.range().slice(n, n).unwrap();
+        dev.memset(src, 1, &a).unwrap();
+        dev.memset(dst, 0, &a).unwrap();
+        dev.synchronize_stream(&a).unwrap();
+        // Stream A is held by a host callback until the test releases it.
+        let (tx, rx) = mpsc::channel::<()>();
+        dev.host_callback(
+            &a,
+            Box::new(move || {
+                let _ = rx.recv();
+            }),
+        )
+        .unwrap();
+        dev.memset(src, 2, &a).unwrap();
+        let e = dev.create_event(EventFlags::default()).unwrap();
+        dev.record_event(&e, &a).unwrap();
+        let t = Instant::now();
+        dev.wait_event(&b, &e).unwrap();
+        dev.copy_dtod(dst, src, &b).unwrap();
+        let after = dev.create_event(EventFlags::default()).unwrap();
+        dev.record_event(&after, &b).unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "wait_event blocked the host"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!dev.query_event(&e).unwrap());
+        assert!(!dev.query_event(&after).unwrap(), "B ran past its wait");
+        tx.send(()).unwrap();
+        dev.synchronize_event(&after).unwrap();
+        let mut out = vec![0u8; n as usize];
+        dev.read_sync(&mut out, dst, &b).unwrap();
+        assert!(out.iter().all(|&x| x == 2), "B copied before A's memset");
+    }
+
+    pub fn priorities_are_checked(open: Open) {
+        let dev = open();
+        let r = dev.info().priority_range;
+        let hi = dev.create_stream(r.greatest).unwrap();
+        assert_eq!(hi.priority(), r.greatest);
+        dev.create_stream(r.least).unwrap();
+        assert!(matches!(
+            dev.create_stream(r.greatest - 1),
+            Err(DeviceError::InvalidPriority { .. })
+        ));
+        assert!(matches!(
+            dev.create_stream(r.least + 1),
+            Err(DeviceError::InvalidPriority { .. })
+        ));
+    }
+
+    pub fn sm_partitions(open: Open) {
+        let dev = open();
+        let info = dev.info().clone();
+        if !info.green_contexts {
+            assert!(matches!(
+                dev.split_sms(&[16]),
+                Err(DeviceError::Unsupported { .. })
+            ));
+            return;
+        }
+        let split = dev.split_sms(&[16, 3]).unwrap();
+        assert_eq!(split.partitions.len(), 2);
+        let p = &split.partitions[0];
+        assert!(p.sm_count() >= 16);
+        assert_eq!(p.requested(), 16);
+        assert!(split.partitions[1].sm_count() >= info.sm_min_partition);
+        let used: u32 = split.partitions.iter().map(|p| p.sm_count()).sum();
+        let rest = split.remainder.as_ref().map_or(0, |r| r.sm_count());
+        assert_eq!(used + rest, info.sm_count);
+        let s = dev
+            .create_stream_in(p, info.priority_range.greatest)
+            .unwrap();
+        assert_eq!(s.partition_sms(), Some(p.sm_count()));
+        // Work runs on a partition's stream and orders with an ordinary stream via events.
+        let g = info.granularity;
+        let va = dev.reserve_va(g).unwrap();
+        let c = dev.create_chunk(g).unwrap();
+        let m = dev.map_chunk(&va, 0, &c).unwrap();
+        let r = m.range().slice(0, 4096).unwrap();
+        dev.memset(r, 5, &s).unwrap();
+        let e = dev.create_event(EventFlags::default()).unwrap();
+        dev.record_event(&e, &s).unwrap();
+        let plain = low(&*dev);
+        dev.wait_event(&plain, &e).unwrap();
+        let mut out = vec![0u8; 4096];
+        dev.read_sync(&mut out, r, &plain).unwrap();
+        assert!(out.iter().all(|&x| x == 5));
+        assert!(matches!(
+            dev.split_sms(&[info.sm_count + 1]),
+            Err(DeviceError::InvalidSmSplit { .. })
+        ));
+        assert!(matches!(
+            dev.split_sms(&[0]),
+            Err(DeviceError::ZeroSize { .. })
+        ));
+        assert!(matches!(
+            dev.split_sms(&[]),
+            Err(DeviceError::ZeroSize { .. })
+        ));
+    }
+
+    pub fn linear_fallback_allocation(open: Open) {
+        let dev = open();
+        let g = dev.info().granularity;
+        let a = dev.alloc_linear(g).unwrap();
+        let s = low(&*dev);
+        let data = pattern(8192, 1);
+        let r = a.range().slice(100, 8192).unwrap();
+        dev.write_sync(r, &data, &s).unwrap();
+        let mut out = vec![0u8; 8192];
+        dev.read_sync(&mut out, r, &s).unwrap();
+        assert_eq!(out, data);
+        assert!(matches!(
+            dev.alloc_linear(g + 1),
+            Err(DeviceError::Misaligned { .. })
+        ));
+    }
+
+    pub fn mappings_outlive_dropped_handles(open: Open) {
+        let dev = open();
+        let g = dev.info().granularity;
+        let va = dev.reserve_va(g).unwrap();
+        let c = dev.create_chunk(g).unwrap();
+        let m = dev.map_chunk(&va, 0, &c).unwrap();
+        // The reservation and the chunk handle may go first; the mapping keeps both alive.
+        drop(va);
+        drop(c);
+        let s = low(&*dev);
+        let r = m.range().slice(0, 4096).unwrap();
+        let data = pattern(4096, 7);
+        dev.write_sync(r, &data, &s).unwrap();
+        let mut out = vec![0u8; 4096];
+        dev.read_sync(&mut out, r, &s).unwrap();
+        assert_eq!(out, data);
+    }
+
+    pub fn memory_is_accounted(open: Open) {
+        let dev = open();
+        let g = dev.info().granularity;
+        let before = dev.mem_info().unwrap().free;
+        let chunks: Vec<_> = (0..8).map(|_| dev.create_chunk(g).unwrap()).collect();
+        let during = dev.mem_info().unwrap().free;
+        assert!(during + 8 * g <= before + g, "free {before} -> {during}");
+        drop(chunks);
+        let after = dev.mem_info().unwrap().free;
+        assert!(
+            after + g >= before,
+            "free {before} -> {after} after release"
+        );
+    }
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sim {
+            use super::*;
+            fn open() -> Arc<dyn Device> {
+                Arc::new(SimDevice::new())
+            }
+            $( #[test] fn $name() { contract::$name(open) } )*
+        }
+        mod cuda {
+            use super::*;
+            fn open() -> Arc<dyn Device> {
+                Arc::new(CudaDevice::new(0).expect("this test needs a CUDA GPU"))
+            }
+            $( #[test] #[ignore = "needs a CUDA GPU"] fn $name() { contract::$name(open) } )*
+        }
+    };
+}
+
+suite!(
+    info_is_sane,
+    roundtrip_across_chunk_boundary,
+    bad_vmm_input_is_typed,
+    bad_copy_input_is_typed,
+    foreign_handles_are_rejected,
+    stream_runs_work_in_order,
+    events_complete_and_time,
+    cross_stream_wait_orders_work_without_blocking_host,
+    priorities_are_checked,
+    sm_partitions,
+    linear_fallback_allocation,
+    mappings_outlive_dropped_handles,
+    memory_is_accounted,
+);
+
+/// Opening CUDA where there is none is a typed error, never a panic.
+#[test]
+fn cuda_open_never_panics() {
+    match CudaDevice::new(0) {
+        Ok(d) => assert!(d.info().sm_count > 0),
+        Err(e) => assert!(matches!(
+            e,
+            DeviceError::DriverMissing | DeviceError::NoDevice | DeviceError::Driver { .. }
+        )),
+    }
+    if let Err(e) = CudaDevice::new(10_000) {
+        assert!(!matches!(e, DeviceError::ForeignHandle { .. }));
+    }
+}
+
+/// A range helper used by the suite is itself checked.
+#[test]
+fn device_range_slicing() {
+    let r = DeviceRange::new(gpushare_device::DevicePtr(4096), 100);
+    assert_eq!(r.slice(10, 90).unwrap().end(), 4196);
+    assert!(r.slice(10, 91).is_err());
+    assert!(r.slice(u64::MAX, 2).is_err());
+}

@@ -1,0 +1,213 @@
+//! Fault injection and leak checks on the simulated device.
+
+use gpushare_device::sim::LiveResources;
+use gpushare_device::{Device, DeviceError, EventFlags, FaultOp, SimConfig, SimDevice};
+
+fn injected(r: Result<impl std::fmt::Debug, DeviceError>, op: FaultOp, nth: u64) {
+    match r {
+        Err(DeviceError::InjectedFault { op: o, nth: n }) => {
+            assert_eq!((o, n), (op, nth));
+        }
+        other => panic!("expected an injected {op} fault, got {other:?}"),
+    }
+}
+
+#[test]
+fn each_injected_failure_is_an_error_and_leaks_nothing() {
+    let dev = SimDevice::new();
+    let g = dev.info().granularity;
+    let s = dev.create_stream(0).unwrap();
+    let va = dev.reserve_va(4 * g).unwrap();
+    let chunk = dev.create_chunk(g).unwrap();
+    let m = dev.map_chunk(&va, 0, &chunk).unwrap();
+    let host = dev.alloc_pinned(4096).unwrap();
+    let ev = dev.create_event(EventFlags::default()).unwrap();
+    dev.synchronize_stream(&s).unwrap();
+    let base = dev.live();
+
+    dev.fail_nth(FaultOp::ChunkCreate, 1);
+    injected(dev.create_chunk(g), FaultOp::ChunkCreate, 1);
+    assert_eq!(dev.live(), base);
+
+    let c2 = dev.create_chunk(g).unwrap();
+    let with_c2 = dev.live();
+    dev.fail_nth(FaultOp::Map, 1);
+    injected(dev.map_chunk(&va, g, &c2), FaultOp::Map, 1);
+    assert_eq!(dev.live(), with_c2, "a failed map leaves no mapping");
+    let m2 = dev.map_chunk(&va, g, &c2).unwrap();
+    drop((m2, c2));
+    assert_eq!(dev.live(), base);
+
+    let r = m.range().slice(0, 4096).unwrap();
+    dev.fail_nth(FaultOp::Copy, 3);
+    dev.copy_htod(r, host.full(), &s).unwrap();
+    dev.copy_dtoh(host.full(), r, &s).unwrap();
+    injected(dev.copy_dtod(r, r, &s), FaultOp::Copy, 3);
+    dev.memset(r, 1, &s).unwrap();
+
+    dev.fail_nth(FaultOp::StreamOp, 1);
+    injected(dev.record_event(&ev, &s), FaultOp::StreamOp, 1);
+    assert!(
+        dev.query_event(&ev).unwrap(),
+        "a failed record leaves the event as it was"
+    );
+    dev.fail_nth(FaultOp::StreamOp, 1);
+    injected(dev.create_stream(0), FaultOp::StreamOp, 1);
+
+    dev.fail_nth(FaultOp::PinnedAlloc, 1);
+    injected(dev.alloc_pinned(64), FaultOp::PinnedAlloc, 1);
+
+    // A failed copy does not leave the pinned buffer marked busy: reads still return.
+    dev.fail_nth(FaultOp::Copy, 1);
+    injected(dev.copy_dtoh(host.full(), r, &s), FaultOp::Copy, 1);
+    let mut out = [0u8; 16];
+    host.read(0, &mut out).unwrap();
+
+    dev.synchronize_stream(&s).unwrap();
+    assert_eq!(dev.live(), base);
+    drop((m, chunk, va, host, ev, s));
+    assert!(dev.live().is_empty(), "{:?}", dev.live());
+}
+
+#[test]
+fn reported_oom_and_capacity_are_typed() {
+    let g = 2 << 20;
+    let dev = SimDevice::with_config(SimConfig::default().total_memory(3 * g)).unwrap();
+    let a = dev.create_chunk(2 * g).unwrap();
+    match dev.create_chunk(2 * g) {
+        Err(DeviceError::OutOfMemory { requested, free }) => {
+            assert_eq!((requested, free), (2 * g, g));
+        }
+        other => panic!("{other:?}"),
+    }
+    dev.report_oom(true);
+    assert!(matches!(
+        dev.create_chunk(g),
+        Err(DeviceError::OutOfMemory { .. })
+    ));
+    assert!(matches!(
+        dev.alloc_linear(g),
+        Err(DeviceError::OutOfMemory { .. })
+    ));
+    dev.clear_faults();
+    let b = dev.create_chunk(g).unwrap();
+    assert_eq!(dev.mem_info().unwrap().free, 0);
+    drop((a, b));
+    assert_eq!(dev.mem_info().unwrap().free, 3 * g);
+    assert_eq!(dev.live(), LiveResources::default());
+}
+
+#[test]
+fn host_kernels_see_device_memory_and_break_the_stream_on_error() {
+    let dev = SimDevice::new();
+    let g = dev.info().granularity;
+    let a = dev.alloc_linear(g).unwrap();
+    let r = a.range().slice(0, 8).unwrap();
+    let s = dev.create_stream(0).unwrap();
+    dev.write_sync(r, &[1, 2, 3, 4, 5, 6, 7, 8], &s).unwrap();
+    dev.launch_host(&s, move |mem| {
+        let mut b = [0u8; 8];
+        mem.read(r, &mut b)?;
+        b.iter_mut().for_each(|x| *x *= 10);
+        mem.write(r, &b)
+    })
+    .unwrap();
+    let mut out = [0u8; 8];
+    dev.read_sync(&mut out, r, &s).unwrap();
+    assert_eq!(out, [10, 20, 30, 40, 50, 60, 70, 80]);
+    let mut peek = [0u8; 8];
+    dev.peek(r, &mut peek).unwrap();
+    assert_eq!(peek, out);
+
+    // A kernel touching unmapped memory faults the stream, as on a GPU.
+    let bad = gpushare_device::DeviceRange::new(gpushare_device::DevicePtr(8), 8);
+    dev.launch_host(&s, move |mem| mem.write(bad, &[0; 8]))
+        .unwrap();
+    assert!(matches!(
+        dev.synchronize_stream(&s),
+        Err(DeviceError::StreamBroken(_))
+    ));
+    assert!(matches!(
+        dev.memset(r, 0, &s),
+        Err(DeviceError::StreamBroken(_))
+    ));
+    // Other streams are unaffected.
+    let s2 = dev.create_stream(0).unwrap();
+    dev.memset(r, 0, &s2).unwrap();
+    dev.synchronize_stream(&s2).unwrap();
+
+    // A panicking host callback breaks its stream too, but never the process.
+    let s3 = dev.create_stream(0).unwrap();
+    dev.host_callback(&s3, Box::new(|| panic!("boom"))).unwrap();
+    match dev.synchronize_stream(&s3) {
+        Err(DeviceError::StreamBroken(msg)) => assert!(msg.contains("boom")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn without_vmm_the_linear_fallback_serves() {
+    let dev = SimDevice::with_config(SimConfig::default().vmm(false)).unwrap();
+    assert!(!dev.info().vmm_supported);
+    assert!(matches!(
+        dev.reserve_va(2 << 20),
+        Err(DeviceError::Unsupported { .. })
+    ));
+    assert!(matches!(
+        dev.create_chunk(2 << 20),
+        Err(DeviceError::Unsupported { .. })
+    ));
+    let a = dev.alloc_linear(2 << 20).unwrap();
+    let b = dev.alloc_linear(2 << 20).unwrap();
+    assert!(a.range().end() < b.range().ptr.0, "separate ranges");
+}
+
+#[test]
+fn without_green_contexts_partitions_are_unsupported() {
+    let dev = SimDevice::with_config(SimConfig::default().green_contexts(false)).unwrap();
+    assert!(matches!(
+        dev.split_sms(&[8]),
+        Err(DeviceError::Unsupported { .. })
+    ));
+}
+
+#[test]
+fn bad_configs_are_rejected() {
+    for c in [
+        SimConfig::default().granularity(3 << 20),
+        SimConfig::default().granularity(0),
+        SimConfig::default().total_memory(0),
+        SimConfig::default().sm_count(0),
+    ] {
+        assert!(matches!(
+            SimDevice::with_config(c),
+            Err(DeviceError::Config { .. })
+        ));
+    }
+}
+
+#[test]
+fn streams_may_be_dropped_from_their_own_work() {
+    let dev = SimDevice::new();
+    let s = dev.create_stream(0).unwrap();
+    let s2 = s.clone();
+    dev.host_callback(&s, Box::new(move || drop(s2))).unwrap();
+    drop(s);
+    // The worker ends on its own; nothing hangs and the count returns to zero.
+    for _ in 0..200 {
+        if dev.live().streams == 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("stream still live: {:?}", dev.live());
+}
+
+#[test]
+fn addresses_are_never_reused() {
+    let dev = SimDevice::new();
+    let g = dev.info().granularity;
+    let first = dev.reserve_va(g).unwrap().base();
+    let second = dev.reserve_va(g).unwrap().base();
+    assert!(second.0 >= first.0 + g);
+}

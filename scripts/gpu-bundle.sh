@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Build the release test and example executables, strip them, and put them with a runner
+# into .gpu/, to run on a GPU machine that has no Rust toolchain:
+#
+#   scripts/gpu-bundle.sh            # builds and fills .gpu/
+#   (copy .gpu/ to the GPU machine)
+#   OUT=/some/dir .gpu/run.sh        # runs everything, writes logs under $OUT
+#
+# The runner runs every test binary with --ignored (the CUDA half of each suite) and every
+# example that reports figures, with GPUSHARE_DEVICE=cuda so nothing falls back silently.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Examples that print figures; each runs on the GPU with its default flags.
+FIGURE_EXAMPLES=(device_probe)
+
+out=.gpu
+rm -rf "$out"
+mkdir -p "$out/tests" "$out/examples"
+
+echo "building release tests and examples..." >&2
+cargo build --release --workspace --examples
+cargo test --release --workspace --no-run --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
+        print(m["executable"])
+' > "$out/.test-list"
+
+while read -r exe; do
+  name=$(basename "$exe")
+  # Drop the hash suffix cargo adds (name-0123abcd) but keep names unique.
+  cp "$exe" "$out/tests/$name"
+done < "$out/.test-list"
+rm "$out/.test-list"
+
+for ex in "${FIGURE_EXAMPLES[@]}"; do
+  cp "target/release/examples/$ex" "$out/examples/$ex"
+done
+
+strip "$out"/tests/* "$out"/examples/*
+
+cat > "$out/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs the bundled tests (--ignored: the CUDA suites) and figure examples on a GPU machine.
+# Logs go to $OUT (default ./gpu-out). Exits non-zero if any test binary failed.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT/tests" "$OUT/examples"
+export GPUSHARE_DEVICE=cuda
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+failed=0
+for t in "$here"/tests/*; do
+  n=$(basename "$t")
+  echo "== test $n" >&2
+  if ! "$t" --ignored --test-threads=1 > "$OUT/tests/$n.txt" 2>&1; then
+    echo "   FAILED (see tests/$n.txt)" >&2
+    failed=1
+  fi
+  grep -E "^test result" "$OUT/tests/$n.txt" >&2 || true
+done
+for e in "$here"/examples/*; do
+  n=$(basename "$e")
+  echo "== example $n" >&2
+  "$e" > "$OUT/examples/$n.md" 2> "$OUT/examples/$n.log" || { echo "   FAILED (see examples/$n.log)" >&2; failed=1; }
+done
+exit $failed
+RUN
+chmod +x "$out/run.sh"
+du -sh "$out" >&2
+size=$(du -sm "$out" | cut -f1)
+if [ "$size" -ge 64 ]; then
+  echo "warning: .gpu is ${size} MiB; the device tool carries at most 64 MiB" >&2
+fi

@@ -1,0 +1,33 @@
+//! gpushare lets several AI models share one GPU inside one process.
+//!
+//! A runtime creates execution contexts, one per model, each with a VRAM budget, a QoS tier
+//! and its own stream; all device memory comes from one LRU-evicting pool. This crate is the
+//! facade over the layers:
+//!
+//! - [`device`]: the [`Device`](device::Device) trait with a CUDA backend (cudarc) and a
+//!   simulated backend for machines without a GPU;
+//! - [`pool`]: the allocator;
+//! - [`qos`]: tiers, admission and partitions.
+//!
+//! Open whatever device this machine has, as `GPUSHARE_DEVICE` says:
+//!
+//! ```
+//! let config = gpushare::Config::from_env()?;
+//! let dev = gpushare::device::open(config.device)?;
+//! println!("{} on {}", dev.info().name, dev.info().backend);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod config;
+
+pub use config::Config;
+pub use gpushare_device as device;
+pub use gpushare_pool as pool;
+pub use gpushare_qos as qos;
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
