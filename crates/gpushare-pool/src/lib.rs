@@ -1,2 +1,316 @@
-//! gpushare-pool: the device allocator, usable on its own. It compiles and tests without a
-//! GPU. It has no items yet.
+//! gpushare-pool: an O(1) multi-tenant device allocator with stream-ordered reuse and LRU
+//! eviction. It never touches the memory it manages and needs no GPU: memory comes from a
+//! [`ChunkSource`] that maps chunks into one reserved virtual range.
+//!
+//! - **Bookkeeping**: a two-level segregated fit (TLSF) over u64 offsets, metadata in a slab
+//!   outside the managed memory, bitmap search, O(1) allocate and free, coalescing.
+//! - **Hot path**: blocks up to [`PoolConfig::cache_max_block`] are cached per owner and per
+//!   thread shard by size class, so a repeated allocate/free pair takes one uncontended lock
+//!   each way and never reaches the central allocator or the driver.
+//! - **Owners** have a hard limit and a reserved base; every path that hands out memory
+//!   (fresh, cached, restored) is charged.
+//! - **Stream-ordered reuse**: [`Pool::free_after`] frees a block on a stream with an event;
+//!   that stream may reuse it at once, others only once the event has completed.
+//! - **Eviction**: evictable blocks are referred to by handle, pinned while in use, and kept
+//!   in an intrusive LRU per tier; under pressure an [`Evictor`] moves victims out and later
+//!   restores them, possibly elsewhere.
+//!
+//! ```
+//! use gpushare_pool::{HostSource, OwnerSpec, Pool, PoolConfig, StreamId, Tier};
+//!
+//! let pool = Pool::new(HostSource::new(2 << 20, 1 << 30), PoolConfig::default())?;
+//! let llm = pool.add_owner(OwnerSpec::new("llm", 512 << 20).base(256 << 20))?;
+//! let s = StreamId(1);
+//! let b = pool.alloc(llm, 4096, s)?;
+//! assert_eq!(pool.addr(&b) % 256, 0);
+//! pool.free(b).unwrap();
+//! let stats = pool.stats();
+//! assert_eq!(stats.owners[0].live_bytes, 0);
+//! # Ok::<(), gpushare_pool::PoolError>(())
+//! ```
+
+#![deny(missing_docs)]
+
+mod error;
+mod evict;
+mod pool;
+mod source;
+mod sync;
+mod tlsf;
+
+pub use error::{FreeError, Holding, OomReport, PoolError, SourceError};
+pub use evict::{EvictError, Evictor, RestoreInfo, VictimInfo};
+pub use pool::{Pool, PoolConfig};
+pub use source::{ChunkSource, HostSource};
+
+/// The allocation unit and smallest alignment, in bytes.
+pub const ALIGN: u64 = tlsf::UNIT;
+
+/// A stream as the pool sees it: any number the caller uses consistently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(pub u64);
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s{}", self.0)
+    }
+}
+
+/// Completion of the work that last used a freed block (a recorded device event).
+pub trait FreeEvent: Send + Sync {
+    /// Whether that work has completed.
+    fn is_complete(&self) -> bool;
+}
+
+/// QoS tier of an owner, which decides the order of eviction: BestEffort blocks go first,
+/// then Burstable blocks of owners above their base; Guaranteed blocks are never evicted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// Never evicted.
+    Guaranteed,
+    /// Evicted only while its owner is above its base.
+    Burstable,
+    /// Evicted first.
+    BestEffort,
+}
+
+/// Settings of an owner (a tenant of the pool).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerSpec {
+    /// Name, for reports.
+    pub name: String,
+    /// Hard limit in bytes; exceeding it is [`PoolError::QuotaExceeded`].
+    pub limit: u64,
+    /// Bytes reserved for this owner: other owners never use them.
+    pub base: u64,
+    /// Eviction tier.
+    pub tier: Tier,
+}
+
+impl OwnerSpec {
+    /// A BestEffort owner with a limit and no reserved base.
+    pub fn new(name: impl Into<String>, limit: u64) -> Self {
+        OwnerSpec {
+            name: name.into(),
+            limit,
+            base: 0,
+            tier: Tier::BestEffort,
+        }
+    }
+    /// Reserve a base: equal to the limit makes the owner Guaranteed, below it Burstable.
+    pub fn base(mut self, bytes: u64) -> Self {
+        self.base = bytes;
+        self.tier = if bytes == 0 {
+            Tier::BestEffort
+        } else if bytes >= self.limit {
+            Tier::Guaranteed
+        } else {
+            Tier::Burstable
+        };
+        self
+    }
+    /// Set the tier explicitly.
+    pub fn tier(mut self, tier: Tier) -> Self {
+        self.tier = tier;
+        self
+    }
+}
+
+/// An owner of a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OwnerId {
+    pool: u32,
+    slot: u32,
+    gen: u32,
+}
+
+impl std::fmt::Display for OwnerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "owner#{}.{}", self.slot, self.gen / 2)
+    }
+}
+
+/// An allocated block. Not `Clone`: [`Pool::free`] consumes it, so it cannot be freed
+/// twice. A block dropped without being freed stays charged to its owner.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a block must be freed with Pool::free or Pool::free_after"]
+pub struct Block {
+    offset: u64,
+    size: u64,
+    requested: u64,
+    node: u32,
+    owner: OwnerId,
+    class: u32,
+}
+
+impl Block {
+    /// Offset from the pool's base address.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    /// Bytes reserved (the request rounded up to its size class).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// Bytes requested.
+    pub fn requested(&self) -> u64 {
+        self.requested
+    }
+    /// The owner it is charged to.
+    pub fn owner(&self) -> OwnerId {
+        self.owner
+    }
+}
+
+/// A copyable key naming an evictable block, for evictors and reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EvictableKey {
+    idx: u32,
+    gen: u32,
+}
+
+/// A handle to an evictable block. Not `Clone`: [`Pool::free_evictable`] consumes it.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "an evictable block must be freed with Pool::free_evictable"]
+pub struct EvictableId {
+    pool: u32,
+    key: EvictableKey,
+}
+
+impl EvictableId {
+    /// Its key.
+    pub fn key(&self) -> EvictableKey {
+        self.key
+    }
+}
+
+/// Where a pinned evictable block lives while pinned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pinned {
+    /// Address.
+    pub addr: u64,
+    /// Size.
+    pub size: u64,
+    /// Whether this pin restored it from eviction.
+    pub restored: bool,
+}
+
+/// Per-owner statistics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OwnerStats {
+    /// The owner.
+    pub id: OwnerId,
+    /// Its name.
+    pub name: String,
+    /// Its tier.
+    pub tier: Tier,
+    /// Its limit.
+    pub limit: u64,
+    /// Its reserved base.
+    pub base: u64,
+    /// Bytes of blocks handed out and not freed (including resident evictable blocks).
+    pub live_bytes: u64,
+    /// Bytes freed into its caches.
+    pub cached_bytes: u64,
+    /// Live plus cached: what counts against the limit.
+    pub in_use_bytes: u64,
+    /// Peak of `in_use_bytes` (exact).
+    pub peak_in_use_bytes: u64,
+    /// Peak of `live_bytes` as sampled by `stats` calls.
+    pub peak_live_bytes: u64,
+    /// Resident evictable bytes.
+    pub evictable_resident_bytes: u64,
+    /// Pinned evictable bytes.
+    pub evictable_pinned_bytes: u64,
+    /// Evicted bytes (not resident).
+    pub evicted_bytes: u64,
+    /// Allocations.
+    pub allocs: u64,
+    /// Frees.
+    pub frees: u64,
+    /// Evictions of its blocks.
+    pub evictions: u64,
+    /// Restores of its blocks.
+    pub restores: u64,
+}
+
+/// Statistics of a pool.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolStats {
+    /// Bytes mapped from the source.
+    pub mapped_bytes: u64,
+    /// Peak of `mapped_bytes` (exact).
+    pub peak_mapped_bytes: u64,
+    /// Bytes live.
+    pub live_bytes: u64,
+    /// Peak of `live_bytes` as sampled by `stats` calls.
+    pub peak_live_bytes: u64,
+    /// Bytes in owner caches.
+    pub cached_bytes: u64,
+    /// Peak of `cached_bytes` as sampled by `stats` calls.
+    pub peak_cached_bytes: u64,
+    /// Live plus cached bytes, charged to owners.
+    pub in_use_bytes: u64,
+    /// Peak of `in_use_bytes` (exact).
+    pub peak_in_use_bytes: u64,
+    /// Free bytes in the central allocator.
+    pub free_bytes: u64,
+    /// Bytes freed with an event that has not completed yet.
+    pub pending_bytes: u64,
+    /// Largest free block.
+    pub largest_free_bytes: u64,
+    /// 1 − largest free block ÷ free bytes (0 when nothing is free).
+    pub fragmentation: f64,
+    /// Allocations.
+    pub allocs: u64,
+    /// Frees.
+    pub frees: u64,
+    /// Allocations served from a cache.
+    pub cache_hits: u64,
+    /// Evictions.
+    pub evictions: u64,
+    /// Restores.
+    pub restores: u64,
+    /// Per owner.
+    pub owners: Vec<OwnerStats>,
+}
+
+/// State of one block in a [`Snapshot`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockState {
+    /// Handed out.
+    Live,
+    /// Freed into an owner's cache.
+    Cached,
+    /// Freed with an event still pending.
+    Pending,
+    /// Free in the central allocator.
+    Free,
+    /// A resident evictable block.
+    Evictable {
+        /// Whether it is pinned.
+        pinned: bool,
+    },
+}
+
+/// One block in a [`Snapshot`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockInfo {
+    /// Address.
+    pub addr: u64,
+    /// Size.
+    pub size: u64,
+    /// Owner slot, for used blocks.
+    pub owner: Option<u32>,
+    /// State.
+    pub state: BlockState,
+}
+
+/// Every block of the mapped range, in address order, plus who holds what.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Blocks.
+    pub blocks: Vec<BlockInfo>,
+    /// Holdings.
+    pub report: OomReport,
+}

@@ -1,0 +1,181 @@
+//! Typed errors of the pool.
+
+use crate::{OwnerId, StreamId};
+
+/// Why a chunk source failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The device has no memory left for the chunk.
+    #[error("the device is out of memory for a {requested}-byte chunk")]
+    OutOfMemory {
+        /// Chunk size.
+        requested: u64,
+    },
+    /// Any other failure of the source, with its message.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One owner's holdings, for out-of-memory reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holding {
+    /// The owner.
+    pub owner: OwnerId,
+    /// Its name.
+    pub name: String,
+    /// Bytes in use (live and cached).
+    pub in_use: u64,
+    /// Bytes of resident evictable blocks, pinned.
+    pub pinned_evictable: u64,
+    /// Bytes of resident evictable blocks, not pinned.
+    pub unpinned_evictable: u64,
+}
+
+/// Who holds what when an allocation fails.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OomReport {
+    /// Bytes mapped by the pool.
+    pub mapped: u64,
+    /// The pool's capacity, if it has one.
+    pub capacity: Option<u64>,
+    /// Free bytes inside the mapped range.
+    pub free: u64,
+    /// Largest free block.
+    pub largest_free: u64,
+    /// Per-owner holdings, largest first.
+    pub holdings: Vec<Holding>,
+}
+
+impl std::fmt::Display for OomReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "mapped {} B (capacity {}), free {} B (largest block {} B)",
+            self.mapped,
+            self.capacity
+                .map_or_else(|| "unbounded".to_string(), |c| format!("{c} B")),
+            self.free,
+            self.largest_free
+        )?;
+        for h in &self.holdings {
+            write!(
+                f,
+                "; {} ({}): {} B in use, {} B evictable pinned, {} B evictable unpinned",
+                h.name, h.owner, h.in_use, h.pinned_evictable, h.unpinned_evictable
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the pool. Each says what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// A zero-byte request.
+    #[error("cannot allocate zero bytes; request at least one byte")]
+    ZeroSize,
+    /// A request larger than the pool can ever hold.
+    #[error("{requested} bytes exceed the pool's capacity of {capacity} bytes; raise the capacity or split the allocation")]
+    TooLarge {
+        /// Bytes requested.
+        requested: u64,
+        /// The pool's capacity (or address range).
+        capacity: u64,
+    },
+    /// An alignment that is not a power of two or exceeds the chunk granularity.
+    #[error("alignment {align} is invalid: it must be a power of two no larger than {max}")]
+    BadAlignment {
+        /// Alignment given.
+        align: u64,
+        /// Largest alignment the pool honours.
+        max: u64,
+    },
+    /// The owner does not exist in this pool (never added, removed, or of another pool).
+    #[error("owner {0} is not registered with this pool; add it with Pool::add_owner")]
+    UnknownOwner(OwnerId),
+    /// The block or handle was made by another pool.
+    #[error("the {what} belongs to another pool; free it with the pool that allocated it")]
+    ForeignBlock {
+        /// Block or evictable handle.
+        what: &'static str,
+    },
+    /// The evictable handle was already freed.
+    #[error("the evictable block was already freed")]
+    DoubleFree,
+    /// An owner's hard limit would be exceeded.
+    #[error("owner {owner} would exceed its limit: {used} B in use + {requested} B requested > {limit} B; free memory or raise the limit")]
+    QuotaExceeded {
+        /// The owner.
+        owner: OwnerId,
+        /// Bytes requested (after rounding).
+        requested: u64,
+        /// Bytes in use before the request.
+        used: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The request would eat into memory reserved for other owners.
+    #[error("owner {owner} cannot burst by {requested} B: only {available} B are neither used nor reserved by other owners")]
+    ReservedElsewhere {
+        /// The owner.
+        owner: OwnerId,
+        /// Bytes beyond the owner's base that were needed.
+        requested: u64,
+        /// Unreserved bytes left.
+        available: u64,
+    },
+    /// Nothing could be reclaimed: the report says who holds what.
+    #[error("out of memory for {requested} B requested by {owner} on stream {stream}: {report}")]
+    OutOfMemory {
+        /// Bytes requested (after rounding).
+        requested: u64,
+        /// The owner.
+        owner: OwnerId,
+        /// The stream.
+        stream: StreamId,
+        /// Who holds what.
+        report: Box<OomReport>,
+    },
+    /// Bad owner settings.
+    #[error("invalid owner settings: {0}")]
+    BadOwner(String),
+    /// Bad pool settings.
+    #[error("invalid pool settings: {0}")]
+    BadConfig(String),
+    /// The owner still holds memory.
+    #[error("owner {owner} still holds {bytes} B; free its blocks before removing it")]
+    OwnerBusy {
+        /// The owner.
+        owner: OwnerId,
+        /// Bytes it holds.
+        bytes: u64,
+    },
+    /// Too many owners.
+    #[error("the pool already has its maximum of {0} owners; remove one or raise PoolConfig::max_owners")]
+    TooManyOwners(u32),
+    /// An evictable block is pinned where it must not be.
+    #[error("the evictable block is pinned {pins} time(s); unpin it first")]
+    Pinned {
+        /// Pin count.
+        pins: u32,
+    },
+    /// Unpinning a block that is not pinned.
+    #[error("the evictable block is not pinned")]
+    NotPinned,
+    /// The evictor failed to restore a block.
+    #[error("restoring an evicted block failed: {0}")]
+    RestoreFailed(String),
+    /// The chunk source failed.
+    #[error("the chunk source failed: {0}")]
+    Source(#[from] SourceError),
+}
+
+/// A block given to a pool that did not allocate it. The block comes back, so nothing is
+/// lost: free it with the pool that made it.
+#[derive(Debug, thiserror::Error)]
+#[error("the block belongs to another pool; free it with the pool that allocated it")]
+pub struct FreeError {
+    /// The block, returned to the caller.
+    pub block: crate::Block,
+}

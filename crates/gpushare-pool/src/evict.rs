@@ -1,0 +1,261 @@
+//! Evictable blocks: handles, pin counts, and an intrusive O(1) LRU per tier.
+
+use crate::error::PoolError;
+use crate::tlsf::NONE;
+use crate::{EvictableId, EvictableKey, OwnerId, StreamId, Tier};
+use slab::Slab;
+use std::collections::HashMap;
+
+/// What the pool tells the [`Evictor`] about a block it evicts.
+#[derive(Clone, Debug)]
+pub struct VictimInfo {
+    /// The block.
+    pub id: EvictableKey,
+    /// Its owner.
+    pub owner: OwnerId,
+    /// Where its bytes are now.
+    pub addr: u64,
+    /// Its size.
+    pub size: u64,
+    /// The tag given at allocation (for example an offload or discard policy).
+    pub tag: u64,
+    /// The owner whose request caused the eviction.
+    pub requested_by: OwnerId,
+}
+
+/// What the pool tells the [`Evictor`] about a block it restores.
+#[derive(Clone, Debug)]
+pub struct RestoreInfo {
+    /// The block.
+    pub id: EvictableKey,
+    /// Its owner.
+    pub owner: OwnerId,
+    /// Its new address (possibly not the old one).
+    pub addr: u64,
+    /// Its size.
+    pub size: u64,
+    /// The tag given at allocation.
+    pub tag: u64,
+    /// The stream the block is pinned for: restore work ordered on it is ordered before
+    /// the pinner's work.
+    pub stream: StreamId,
+}
+
+/// Why an evictor failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct EvictError(pub String);
+
+/// Moves evicted blocks out and back in. The pool calls it with its central lock held, so
+/// it must not call back into the pool.
+pub trait Evictor: Send + Sync {
+    /// Move the block's bytes out (offload) or drop them (discard). When this returns `Ok`,
+    /// the block's memory may be reused by any stream at once. On `Err` the block stays
+    /// resident and the pool tries the next victim.
+    fn evict(&self, victim: &VictimInfo) -> Result<(), EvictError>;
+    /// Bring the bytes back at `info.addr`, in stream order on `info.stream`. On `Err` the
+    /// block stays evicted and the pin fails.
+    fn restore(&self, info: &RestoreInfo) -> Result<(), EvictError>;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Residency {
+    Resident { node: u32, offset: u64 },
+    Evicted,
+}
+
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub owner: OwnerId,
+    pub tier: Tier,
+    pub size: u64,
+    pub tag: u64,
+    pub residency: Residency,
+    pub pins: u32,
+    gen: u32,
+    prev: u32,
+    next: u32,
+    in_lru: bool,
+}
+
+fn tier_index(t: Tier) -> usize {
+    match t {
+        Tier::Guaranteed => 0,
+        Tier::Burstable => 1,
+        Tier::BestEffort => 2,
+    }
+}
+
+/// All evictable blocks of a pool.
+#[derive(Debug)]
+pub(crate) struct EvState {
+    entries: Slab<Entry>,
+    heads: [u32; 3],
+    tails: [u32; 3],
+    next_gen: u32,
+}
+
+impl Default for EvState {
+    fn default() -> Self {
+        EvState {
+            entries: Slab::new(),
+            heads: [NONE; 3],
+            tails: [NONE; 3],
+            next_gen: 1,
+        }
+    }
+}
+
+impl EvState {
+    /// Insert a resident block, pinned once.
+    pub fn insert(
+        &mut self,
+        owner: OwnerId,
+        tier: Tier,
+        size: u64,
+        tag: u64,
+        node: u32,
+        offset: u64,
+    ) -> u32 {
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        self.entries.insert(Entry {
+            owner,
+            tier,
+            size,
+            tag,
+            residency: Residency::Resident { node, offset },
+            pins: 1,
+            gen,
+            prev: NONE,
+            next: NONE,
+            in_lru: false,
+        }) as u32
+    }
+
+    pub fn public_id(&self, pool: u32, idx: u32) -> EvictableId {
+        EvictableId {
+            pool,
+            key: EvictableKey {
+                idx,
+                gen: self.entries[idx as usize].gen,
+            },
+        }
+    }
+
+    pub fn lookup(&self, pool: u32, id: &EvictableId) -> Result<u32, PoolError> {
+        if id.pool != pool {
+            return Err(PoolError::ForeignBlock {
+                what: "evictable block",
+            });
+        }
+        match self.entries.get(id.key.idx as usize) {
+            Some(e) if e.gen == id.key.gen => Ok(id.key.idx),
+            _ => Err(PoolError::DoubleFree),
+        }
+    }
+
+    pub fn get(&self, idx: u32) -> &Entry {
+        &self.entries[idx as usize]
+    }
+
+    fn unlink(&mut self, idx: u32) {
+        let (t, prev, next) = {
+            let e = &self.entries[idx as usize];
+            if !e.in_lru {
+                return;
+            }
+            (tier_index(e.tier), e.prev, e.next)
+        };
+        if prev != NONE {
+            self.entries[prev as usize].next = next;
+        } else {
+            self.heads[t] = next;
+        }
+        if next != NONE {
+            self.entries[next as usize].prev = prev;
+        } else {
+            self.tails[t] = prev;
+        }
+        let e = &mut self.entries[idx as usize];
+        e.in_lru = false;
+        e.prev = NONE;
+        e.next = NONE;
+    }
+
+    /// Append as most recently used. Guaranteed blocks are never evicted, so they never
+    /// join a list.
+    fn push_mru(&mut self, idx: u32) {
+        let t = tier_index(self.entries[idx as usize].tier);
+        if t == 0 {
+            return;
+        }
+        let tail = self.tails[t];
+        {
+            let e = &mut self.entries[idx as usize];
+            e.prev = tail;
+            e.next = NONE;
+            e.in_lru = true;
+        }
+        if tail != NONE {
+            self.entries[tail as usize].next = idx;
+        } else {
+            self.heads[t] = idx;
+        }
+        self.tails[t] = idx;
+    }
+
+    pub fn pin(&mut self, idx: u32) {
+        self.unlink(idx);
+        self.entries[idx as usize].pins += 1;
+    }
+
+    /// Drop a pin; returns true when it was the last one.
+    pub fn unpin(&mut self, idx: u32) -> Result<bool, PoolError> {
+        let e = &mut self.entries[idx as usize];
+        if e.pins == 0 {
+            return Err(PoolError::NotPinned);
+        }
+        e.pins -= 1;
+        if e.pins == 0 {
+            if matches!(e.residency, Residency::Resident { .. }) {
+                self.push_mru(idx);
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    pub fn mark_evicted(&mut self, idx: u32) {
+        self.unlink(idx);
+        self.entries[idx as usize].residency = Residency::Evicted;
+    }
+
+    pub fn mark_restored(&mut self, idx: u32, node: u32, offset: u64) {
+        self.entries[idx as usize].residency = Residency::Resident { node, offset };
+    }
+
+    pub fn remove(&mut self, idx: u32) {
+        self.unlink(idx);
+        self.entries.remove(idx as usize);
+    }
+
+    pub fn lru_head(&self, tier: Tier) -> Option<u32> {
+        Some(self.heads[tier_index(tier)]).filter(|&h| h != NONE)
+    }
+
+    pub fn lru_next(&self, idx: u32) -> Option<u32> {
+        Some(self.entries[idx as usize].next).filter(|&n| n != NONE)
+    }
+
+    /// Resident nodes and whether each is pinned.
+    pub fn resident_nodes(&self) -> HashMap<u32, bool> {
+        self.entries
+            .iter()
+            .filter_map(|(_, e)| match e.residency {
+                Residency::Resident { node, .. } => Some((node, e.pins > 0)),
+                Residency::Evicted => None,
+            })
+            .collect()
+    }
+}

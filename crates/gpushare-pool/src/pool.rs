@@ -1,0 +1,1201 @@
+//! The pool: a central TLSF behind one lock, fronted by per-owner caches sharded by thread.
+
+use crate::error::{FreeError, Holding, OomReport, PoolError, SourceError};
+use crate::evict::{EvState, Evictor, Residency, RestoreInfo, VictimInfo};
+use crate::source::ChunkSource;
+use crate::sync::{thread_index, AtomicU32, Mutex, MutexGuard, Ordering};
+use crate::tlsf::{class_of, Tlsf, UNIT};
+use crate::{
+    Block, EvictableId, FreeEvent, OwnerId, OwnerSpec, OwnerStats, Pinned, PoolStats, StreamId,
+    Tier,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Settings of a [`Pool`].
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Most bytes the pool maps in all; `None` for the whole reserved range.
+    pub capacity: Option<u64>,
+    /// Smallest growth step in bytes (rounded up to the granularity).
+    pub min_grow: u64,
+    /// Blocks up to this size are cached per owner and thread for O(1) reuse.
+    pub cache_max_block: u64,
+    /// Bytes each owner may keep cached per thread shard before frees go back to the
+    /// central allocator.
+    pub cache_bytes_per_shard: u64,
+    /// Most owners at once.
+    pub max_owners: u32,
+    /// Cache shards per owner (rounded up to a power of two); 0 picks one per CPU, up to 16.
+    pub shards: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            capacity: None,
+            min_grow: 2 << 20,
+            cache_max_block: 64 << 20,
+            cache_bytes_per_shard: 64 << 20,
+            max_owners: 64,
+            shards: 0,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Cap the bytes mapped.
+    pub fn capacity(mut self, bytes: u64) -> Self {
+        self.capacity = Some(bytes);
+        self
+    }
+    /// Set the per-shard cache budget (0 disables caching).
+    pub fn cache_bytes_per_shard(mut self, bytes: u64) -> Self {
+        self.cache_bytes_per_shard = bytes;
+        self
+    }
+    /// Set the smallest growth step.
+    pub fn min_grow(mut self, bytes: u64) -> Self {
+        self.min_grow = bytes;
+        self
+    }
+    /// Set the number of cache shards per owner.
+    pub fn shards(mut self, n: usize) -> Self {
+        self.shards = n;
+        self
+    }
+}
+
+/// One cached free block.
+struct Cached {
+    node: u32,
+    offset: u64,
+    size: u64,
+    stream: StreamId,
+    event: Option<Arc<dyn FreeEvent>>,
+}
+
+impl Cached {
+    /// Usable on `stream` now without any wait.
+    #[inline]
+    fn usable_on(&self, stream: StreamId) -> bool {
+        match &self.event {
+            None => true,
+            Some(e) => self.stream == stream || e.is_complete(),
+        }
+    }
+}
+
+/// A shard of one owner's cache.
+#[derive(Default)]
+struct Shard {
+    bins: Vec<Vec<Cached>>,
+    bytes: u64,
+    /// Live bytes allocated minus freed through this shard (may be negative).
+    live: i64,
+    allocs: u64,
+    frees: u64,
+    hits: u64,
+}
+
+struct OwnerSlot {
+    /// Generation; odd while the slot holds an owner.
+    gen: AtomicU32,
+    shards: Box<[Mutex<Shard>]>,
+}
+
+/// An allocation waiting for its stream's work to finish before any other stream may use it.
+struct Pending {
+    node: u32,
+    size: u64,
+    stream: StreamId,
+    event: Arc<dyn FreeEvent>,
+}
+
+pub(crate) struct OwnerAcct {
+    pub spec: OwnerSpec,
+    /// Live + cached + resident evictable bytes.
+    pub charged: u64,
+    pub peak_charged: u64,
+    /// Live bytes allocated minus freed on the central path.
+    pub live_central: i64,
+    pub peak_live: u64,
+    pub evictable_resident: u64,
+    pub evictable_pinned: u64,
+    pub evicted_bytes: u64,
+    pub allocs: u64,
+    pub frees: u64,
+    pub evictions: u64,
+    pub restores: u64,
+}
+
+impl OwnerAcct {
+    fn committed(&self) -> u64 {
+        self.charged.max(self.spec.base)
+    }
+}
+
+pub(crate) struct Central {
+    pub tlsf: Tlsf,
+    chunks: BTreeMap<u64, u64>,
+    mapped: u64,
+    peak_mapped: u64,
+    peak_live: u64,
+    peak_cached: u64,
+    pending: Vec<Pending>,
+    pub owners: Vec<Option<OwnerAcct>>,
+    committed: u64,
+    in_use: u64,
+    peak_in_use: u64,
+    pub ev: EvState,
+    evictor: Option<Arc<dyn Evictor>>,
+    allocs: u64,
+    frees: u64,
+    evictions: u64,
+    restores: u64,
+}
+
+/// The allocator. `Send + Sync`; share it by reference or in an `Arc`.
+pub struct Pool<S: ChunkSource> {
+    id: u32,
+    source: S,
+    cfg: PoolConfig,
+    granularity: u64,
+    limit: u64,
+    shard_mask: usize,
+    cache_classes: usize,
+    slots: Box<[OwnerSlot]>,
+    central: Mutex<Central>,
+}
+
+impl<S: ChunkSource> std::fmt::Debug for Pool<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("id", &self.id)
+            .field("granularity", &self.granularity)
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+fn next_pool_id() -> u32 {
+    use std::sync::atomic::{AtomicU32 as StdAtomicU32, Ordering as O};
+    static NEXT: StdAtomicU32 = StdAtomicU32::new(1);
+    NEXT.fetch_add(1, O::Relaxed)
+}
+
+enum Grow {
+    Grew,
+    Full,
+}
+
+impl<S: ChunkSource> Pool<S> {
+    /// A pool over `source`. Nothing is mapped until the first allocation.
+    pub fn new(source: S, cfg: PoolConfig) -> Result<Self, PoolError> {
+        let g = source.granularity();
+        if g < UNIT || !g.is_power_of_two() {
+            return Err(PoolError::BadConfig(format!(
+                "the source's granularity {g} must be a power of two of at least {UNIT}"
+            )));
+        }
+        let va = source.va_size() / g * g;
+        let limit = match cfg.capacity {
+            Some(0) => return Err(PoolError::BadConfig("capacity must be positive".into())),
+            Some(c) if c > va => {
+                return Err(PoolError::BadConfig(format!(
+                    "capacity {c} exceeds the source's reserved range of {va} bytes"
+                )))
+            }
+            Some(c) => c / g * g,
+            None => va,
+        };
+        if limit == 0 {
+            return Err(PoolError::BadConfig(format!(
+                "the capacity must hold at least one {g}-byte chunk"
+            )));
+        }
+        if cfg.max_owners == 0 || cfg.max_owners > 1 << 16 {
+            return Err(PoolError::BadConfig(
+                "max_owners must be in 1..=65536".into(),
+            ));
+        }
+        let shards = match cfg.shards {
+            0 => std::thread::available_parallelism()
+                .map_or(4, |n| n.get())
+                .min(16),
+            n => n.min(256),
+        }
+        .next_power_of_two();
+        let cache_classes = match class_of(cfg.cache_max_block.max(UNIT)) {
+            Some((_, c)) => c + 1,
+            None => 0,
+        };
+        let slots = (0..cfg.max_owners)
+            .map(|_| OwnerSlot {
+                gen: AtomicU32::new(0),
+                shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
+            })
+            .collect();
+        let owners = (0..cfg.max_owners).map(|_| None).collect();
+        Ok(Pool {
+            id: next_pool_id(),
+            granularity: g,
+            limit,
+            shard_mask: shards - 1,
+            cache_classes,
+            slots,
+            central: Mutex::new(Central {
+                tlsf: Tlsf::new(),
+                chunks: BTreeMap::new(),
+                mapped: 0,
+                peak_mapped: 0,
+                peak_live: 0,
+                peak_cached: 0,
+                pending: Vec::new(),
+                owners,
+                committed: 0,
+                in_use: 0,
+                peak_in_use: 0,
+                ev: EvState::default(),
+                evictor: None,
+                allocs: 0,
+                frees: 0,
+                evictions: 0,
+                restores: 0,
+            }),
+            source,
+            cfg,
+        })
+    }
+
+    /// The chunk source.
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    /// The most bytes the pool will map.
+    pub fn capacity(&self) -> u64 {
+        self.limit
+    }
+
+    /// Address of a block.
+    #[inline]
+    pub fn addr(&self, block: &Block) -> u64 {
+        self.source.addr(block.offset)
+    }
+
+    /// Install the hook that moves evicted blocks out and back in.
+    pub fn set_evictor(&self, evictor: Arc<dyn Evictor>) {
+        self.central.lock().evictor = Some(evictor);
+    }
+
+    /// Register an owner (a tenant) with a hard limit and a reserved base.
+    pub fn add_owner(&self, spec: OwnerSpec) -> Result<OwnerId, PoolError> {
+        if spec.limit == 0 {
+            return Err(PoolError::BadOwner(format!(
+                "owner {:?} has a zero limit",
+                spec.name
+            )));
+        }
+        if spec.base > spec.limit {
+            return Err(PoolError::BadOwner(format!(
+                "owner {:?} has a base of {} B above its limit of {} B",
+                spec.name, spec.base, spec.limit
+            )));
+        }
+        let mut c = self.central.lock();
+        if spec.base > 0 && c.committed + spec.base > self.limit {
+            return Err(PoolError::BadOwner(format!(
+                "owner {:?} asks to reserve {} B but only {} B of the pool's {} B are unreserved",
+                spec.name,
+                spec.base,
+                self.limit.saturating_sub(c.committed),
+                self.limit
+            )));
+        }
+        let Some(slot) = c.owners.iter().position(Option::is_none) else {
+            return Err(PoolError::TooManyOwners(self.cfg.max_owners));
+        };
+        c.committed += spec.base;
+        c.owners[slot] = Some(OwnerAcct {
+            spec,
+            charged: 0,
+            peak_charged: 0,
+            live_central: 0,
+            peak_live: 0,
+            evictable_resident: 0,
+            evictable_pinned: 0,
+            evicted_bytes: 0,
+            allocs: 0,
+            frees: 0,
+            evictions: 0,
+            restores: 0,
+        });
+        let s = &self.slots[slot];
+        let gen = s.gen.load(Ordering::Relaxed) + 1;
+        s.gen.store(gen, Ordering::Release);
+        Ok(OwnerId {
+            pool: self.id,
+            slot: slot as u32,
+            gen,
+        })
+    }
+
+    /// Remove an owner that holds nothing (its cache is returned first).
+    pub fn remove_owner(&self, owner: OwnerId) -> Result<(), PoolError> {
+        let slot = self.slot(owner)?;
+        let mut c = self.central.lock();
+        self.flush_owner(&mut c, owner.slot as usize);
+        let acct = c.owners[owner.slot as usize]
+            .as_ref()
+            .ok_or(PoolError::UnknownOwner(owner))?;
+        let held = acct.charged + acct.evicted_bytes;
+        if held > 0 {
+            return Err(PoolError::OwnerBusy { owner, bytes: held });
+        }
+        let base = acct.spec.base;
+        c.committed -= base;
+        c.owners[owner.slot as usize] = None;
+        for sh in slot.shards.iter() {
+            *sh.lock() = Shard::default();
+        }
+        slot.gen.store(owner.gen + 1, Ordering::Release);
+        Ok(())
+    }
+
+    #[inline]
+    fn slot(&self, owner: OwnerId) -> Result<&OwnerSlot, PoolError> {
+        if owner.pool != self.id {
+            return Err(PoolError::UnknownOwner(owner));
+        }
+        let s = self
+            .slots
+            .get(owner.slot as usize)
+            .ok_or(PoolError::UnknownOwner(owner))?;
+        if s.gen.load(Ordering::Acquire) != owner.gen {
+            return Err(PoolError::UnknownOwner(owner));
+        }
+        Ok(s)
+    }
+
+    #[inline]
+    fn shard<'a>(&self, slot: &'a OwnerSlot) -> MutexGuard<'a, Shard> {
+        slot.shards[thread_index() & self.shard_mask].lock()
+    }
+
+    /// Allocate `size` bytes for `owner`, to be used on `stream`, aligned to 256 bytes.
+    #[inline]
+    pub fn alloc(&self, owner: OwnerId, size: u64, stream: StreamId) -> Result<Block, PoolError> {
+        self.alloc_aligned(owner, size, UNIT, stream)
+    }
+
+    /// Allocate with an alignment (a power of two up to the granularity).
+    pub fn alloc_aligned(
+        &self,
+        owner: OwnerId,
+        size: u64,
+        align: u64,
+        stream: StreamId,
+    ) -> Result<Block, PoolError> {
+        let slot = self.slot(owner)?;
+        if size == 0 {
+            return Err(PoolError::ZeroSize);
+        }
+        if !align.is_power_of_two() || align > self.granularity {
+            return Err(PoolError::BadAlignment {
+                align,
+                max: self.granularity,
+            });
+        }
+        let align = align.max(UNIT);
+        let (csize, class) =
+            class_of(size)
+                .filter(|&(c, _)| c <= self.limit)
+                .ok_or(PoolError::TooLarge {
+                    requested: size,
+                    capacity: self.limit,
+                })?;
+        if class < self.cache_classes && align == UNIT {
+            let mut sh = self.shard(slot);
+            if let Some(bin) = sh.bins.get_mut(class) {
+                let n = bin.len();
+                let lo = n.saturating_sub(4);
+                if let Some(i) = (lo..n).rev().find(|&i| bin[i].usable_on(stream)) {
+                    let c = bin.swap_remove(i);
+                    sh.bytes -= c.size;
+                    sh.live += c.size as i64;
+                    sh.allocs += 1;
+                    sh.hits += 1;
+                    return Ok(Block {
+                        offset: c.offset,
+                        size: c.size,
+                        requested: size,
+                        node: c.node,
+                        owner,
+                        class: class as u32,
+                    });
+                }
+            }
+        }
+        let mut c = self.central.lock();
+        let (node, offset) = self.alloc_central(&mut c, owner, csize, align, stream)?;
+        let acct = c.owners[owner.slot as usize]
+            .as_mut()
+            .ok_or(PoolError::UnknownOwner(owner))?;
+        acct.live_central += csize as i64;
+        acct.allocs += 1;
+        c.allocs += 1;
+        Ok(Block {
+            offset,
+            size: csize,
+            requested: size,
+            node,
+            owner,
+            class: class as u32,
+        })
+    }
+
+    /// Free a block whose memory no stream uses any more: any stream may reuse it at once.
+    #[inline]
+    pub fn free(&self, block: Block) -> Result<(), FreeError> {
+        self.free_inner(block, StreamId(0), None)
+    }
+
+    /// Free a block whose last use was work on `stream` that completes when `event` does.
+    /// `stream` may reuse it at once; other streams only after `event` completes.
+    pub fn free_after(
+        &self,
+        block: Block,
+        stream: StreamId,
+        event: Arc<dyn FreeEvent>,
+    ) -> Result<(), FreeError> {
+        self.free_inner(block, stream, Some(event))
+    }
+
+    fn free_inner(
+        &self,
+        block: Block,
+        stream: StreamId,
+        event: Option<Arc<dyn FreeEvent>>,
+    ) -> Result<(), FreeError> {
+        if block.owner.pool != self.id {
+            // The block goes back to the caller, to be freed by the pool that made it.
+            return Err(FreeError { block });
+        }
+        let slot = &self.slots[block.owner.slot as usize];
+        let class = block.class as usize;
+        if class < self.cache_classes && self.cfg.cache_bytes_per_shard > 0 {
+            let mut sh = self.shard(slot);
+            if sh.bytes + block.size <= self.cfg.cache_bytes_per_shard {
+                if sh.bins.len() <= class {
+                    sh.bins.resize_with(self.cache_classes, Vec::new);
+                }
+                sh.bytes += block.size;
+                sh.live -= block.size as i64;
+                sh.frees += 1;
+                sh.bins[class].push(Cached {
+                    node: block.node,
+                    offset: block.offset,
+                    size: block.size,
+                    stream,
+                    event,
+                });
+                return Ok(());
+            }
+        }
+        let mut c = self.central.lock();
+        let i = block.owner.slot as usize;
+        if let Some(a) = c.owners[i].as_mut() {
+            a.live_central -= block.size as i64;
+            a.frees += 1;
+        }
+        c.frees += 1;
+        self.release_node(&mut c, i, block.node, block.size, stream, event);
+        Ok(())
+    }
+
+    /// Give a block's node back to the central allocator and uncharge its owner.
+    fn release_node(
+        &self,
+        c: &mut Central,
+        slot: usize,
+        node: u32,
+        size: u64,
+        stream: StreamId,
+        event: Option<Arc<dyn FreeEvent>>,
+    ) {
+        Self::uncharge(c, slot, size);
+        match event {
+            Some(e) if !e.is_complete() => c.pending.push(Pending {
+                node,
+                size,
+                stream,
+                event: e,
+            }),
+            _ => c.tlsf.free(node),
+        }
+    }
+
+    fn uncharge(c: &mut Central, slot: usize, size: u64) {
+        if let Some(a) = c.owners[slot].as_mut() {
+            let before = a.committed();
+            a.charged -= size;
+            let after = a.committed();
+            c.committed -= before - after;
+            c.in_use -= size;
+        }
+    }
+
+    /// Charge `size` to the owner, reclaiming committed memory (caches, then evictable
+    /// blocks of other tiers) if the pool's capacity is spoken for. On failure nothing is
+    /// charged.
+    fn charge(&self, c: &mut Central, owner: OwnerId, size: u64) -> Result<(), PoolError> {
+        let i = owner.slot as usize;
+        let mut flushed = false;
+        loop {
+            let a = c.owners[i].as_ref().ok_or(PoolError::UnknownOwner(owner))?;
+            let (charged, limit, base, before) =
+                (a.charged, a.spec.limit, a.spec.base, a.committed());
+            if charged + size > limit {
+                // The owner's own cache counts against its limit: give it back once.
+                if !flushed && self.flush_all(c) > 0 {
+                    flushed = true;
+                    continue;
+                }
+                return Err(PoolError::QuotaExceeded {
+                    owner,
+                    requested: size,
+                    used: charged,
+                    limit,
+                });
+            }
+            let delta = (charged + size).max(base) - before;
+            if delta == 0 || c.committed + delta <= self.limit {
+                c.committed += delta;
+                let a = c.owners[i].as_mut().ok_or(PoolError::UnknownOwner(owner))?;
+                a.charged += size;
+                a.peak_charged = a.peak_charged.max(a.charged);
+                c.in_use += size;
+                c.peak_in_use = c.peak_in_use.max(c.in_use);
+                return Ok(());
+            }
+            if !flushed && self.flush_all(c) > 0 {
+                flushed = true;
+                continue;
+            }
+            if self.evict_one(c, owner)? {
+                continue;
+            }
+            let reserved_elsewhere: u64 = c
+                .owners
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .filter_map(|(_, a)| a.as_ref())
+                .map(|a| a.spec.base.saturating_sub(a.charged))
+                .sum();
+            let unused = self.limit.saturating_sub(c.in_use);
+            return Err(if reserved_elsewhere > 0 && unused >= delta {
+                PoolError::ReservedElsewhere {
+                    owner,
+                    requested: delta,
+                    available: self.limit.saturating_sub(c.committed),
+                }
+            } else {
+                PoolError::OutOfMemory {
+                    requested: size,
+                    owner,
+                    stream: StreamId(0),
+                    report: Box::new(self.report(c)),
+                }
+            });
+        }
+    }
+
+    /// Central path: charge, then find space, reclaiming in order: completed pending blocks,
+    /// cached blocks, growth, eviction. On failure nothing stays charged.
+    pub(crate) fn alloc_central(
+        &self,
+        c: &mut Central,
+        owner: OwnerId,
+        size: u64,
+        align: u64,
+        stream: StreamId,
+    ) -> Result<(u32, u64), PoolError> {
+        match self.charge(c, owner, size) {
+            Err(PoolError::OutOfMemory {
+                requested,
+                owner,
+                report,
+                ..
+            }) => {
+                return Err(PoolError::OutOfMemory {
+                    requested,
+                    owner,
+                    stream,
+                    report,
+                })
+            }
+            r => r?,
+        }
+        match self.find_space(c, owner, size, align, stream) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                Self::uncharge(c, owner.slot as usize, size);
+                Err(e)
+            }
+        }
+    }
+
+    fn find_space(
+        &self,
+        c: &mut Central,
+        owner: OwnerId,
+        size: u64,
+        align: u64,
+        stream: StreamId,
+    ) -> Result<(u32, u64), PoolError> {
+        let slot = owner.slot;
+        if let Some(r) = c.tlsf.alloc(size, align, slot) {
+            return Ok(r);
+        }
+        // Same-stream reuse of a pending block of about the right size.
+        if let Some(i) = c.pending.iter().position(|p| {
+            p.stream == stream
+                && p.size >= size
+                && p.size - size <= size / 8
+                && c.tlsf.node(p.node).offset % align == 0
+        }) {
+            let p = c.pending.swap_remove(i);
+            if p.size == size {
+                return Ok((p.node, c.tlsf.node(p.node).offset));
+            }
+            c.pending.push(p);
+        }
+        if self.retire_pending(c) > 0 {
+            if let Some(r) = c.tlsf.alloc(size, align, slot) {
+                return Ok(r);
+            }
+        }
+        if self.flush_all(c) > 0 {
+            if let Some(r) = c.tlsf.alloc(size, align, slot) {
+                return Ok(r);
+            }
+        }
+        loop {
+            match self.grow(c, size + align - UNIT)? {
+                Grow::Grew => {
+                    if let Some(r) = c.tlsf.alloc(size, align, slot) {
+                        return Ok(r);
+                    }
+                }
+                Grow::Full => break,
+            }
+        }
+        while self.evict_one(c, owner)? {
+            if let Some(r) = c.tlsf.alloc(size, align, slot) {
+                return Ok(r);
+            }
+        }
+        Err(PoolError::OutOfMemory {
+            requested: size,
+            owner,
+            stream,
+            report: Box::new(self.report(c)),
+        })
+    }
+
+    /// Move completed pending blocks to the free lists. Returns how many.
+    fn retire_pending(&self, c: &mut Central) -> usize {
+        let mut n = 0;
+        let mut i = 0;
+        while i < c.pending.len() {
+            if c.pending[i].event.is_complete() {
+                let p = c.pending.swap_remove(i);
+                c.tlsf.free(p.node);
+                n += 1;
+            } else {
+                i += 1;
+            }
+        }
+        n
+    }
+
+    /// Return every owner's cached blocks to the central allocator. Returns bytes returned.
+    fn flush_all(&self, c: &mut Central) -> u64 {
+        (0..self.slots.len()).map(|i| self.flush_owner(c, i)).sum()
+    }
+
+    fn flush_owner(&self, c: &mut Central, i: usize) -> u64 {
+        if c.owners[i].is_none() {
+            return 0;
+        }
+        let mut total = 0;
+        for sh in self.slots[i].shards.iter() {
+            let mut sh = sh.lock();
+            if sh.bytes == 0 {
+                continue;
+            }
+            let bins = std::mem::take(&mut sh.bins);
+            // Fold the shard's live delta into the owner's central count.
+            let live = std::mem::take(&mut sh.live);
+            sh.bytes = 0;
+            drop(sh);
+            if let Some(a) = c.owners[i].as_mut() {
+                a.live_central += live;
+            }
+            for e in bins.into_iter().flatten() {
+                total += e.size;
+                self.release_node(c, i, e.node, e.size, e.stream, e.event);
+            }
+        }
+        total
+    }
+
+    /// Map more memory: at least `need` bytes of free space at the end of the range, or
+    /// in a hole left by trimming.
+    fn grow(&self, c: &mut Central, need: u64) -> Result<Grow, PoolError> {
+        let g = self.granularity;
+        let step = self.cfg.min_grow.next_multiple_of(g);
+        let need = need.next_multiple_of(g);
+        // Without a contiguous range, chunks stay a granule apart so no block spans two.
+        let gap = if self.source.contiguous() { 0 } else { g };
+        // Prefer a hole that fits; otherwise extend the end, reusing a free tail.
+        let mut at = None;
+        let mut prev_end = 0;
+        for (&o, &s) in &c.chunks {
+            let start = if prev_end == 0 { 0 } else { prev_end + gap };
+            if o >= start + gap && o - gap - start >= need {
+                at = Some((start, need.max(step).min(o - gap - start)));
+                break;
+            }
+            prev_end = o + s;
+        }
+        let (offset, size, required) = match at {
+            Some((o, sz)) => (o, sz, need),
+            None if gap == 0 => {
+                let tail = c.tlsf.tail_free(prev_end);
+                let want = need.saturating_sub(tail).max(1).next_multiple_of(g);
+                (prev_end, want.max(step), want)
+            }
+            None => (
+                if prev_end == 0 { 0 } else { prev_end + gap },
+                need.max(step),
+                need,
+            ),
+        };
+        let size = size.min(self.limit.saturating_sub(c.mapped));
+        // Map nothing that could not satisfy the request.
+        if size < required || offset + size > self.source.va_size() {
+            return Ok(Grow::Full);
+        }
+        match self.source.map(offset, size) {
+            Ok(()) => {}
+            Err(SourceError::OutOfMemory { .. }) => return Ok(Grow::Full),
+            Err(e) => return Err(e.into()),
+        }
+        c.chunks.insert(offset, size);
+        c.mapped += size;
+        c.peak_mapped = c.peak_mapped.max(c.mapped);
+        c.tlsf.add_region(offset, offset + size);
+        tracing::trace!(offset, size, mapped = c.mapped, "pool grew");
+        Ok(Grow::Grew)
+    }
+
+    /// Evict the least recently used eligible block. Returns false if none is eligible.
+    fn evict_one(&self, c: &mut Central, requester: OwnerId) -> Result<bool, PoolError> {
+        let Some(evictor) = c.evictor.clone() else {
+            return Ok(false);
+        };
+        for tier in [Tier::BestEffort, Tier::Burstable] {
+            let mut cur = c.ev.lru_head(tier);
+            while let Some(idx) = cur {
+                cur = c.ev.lru_next(idx);
+                let e = c.ev.get(idx);
+                let (e_owner, e_size, e_tag, e_res) = (e.owner, e.size, e.tag, e.residency);
+                let oslot = e_owner.slot as usize;
+                let Some(a) = c.owners[oslot].as_ref() else {
+                    continue;
+                };
+                if tier == Tier::Burstable && a.charged <= a.spec.base {
+                    continue;
+                }
+                let Residency::Resident { node, offset } = e_res else {
+                    continue;
+                };
+                let info = VictimInfo {
+                    id: c.ev.public_id(self.id, idx).key(),
+                    owner: e_owner,
+                    addr: self.source.addr(offset),
+                    size: e_size,
+                    tag: e_tag,
+                    requested_by: requester,
+                };
+                if let Err(err) = evictor.evict(&info) {
+                    tracing::warn!(error = %err, "evicting a block failed; trying the next one");
+                    continue;
+                }
+                c.ev.mark_evicted(idx);
+                let size = e_size;
+                Self::uncharge(c, oslot, size);
+                c.tlsf.free(node);
+                if let Some(a) = c.owners[oslot].as_mut() {
+                    a.evictable_resident -= size;
+                    a.evicted_bytes += size;
+                    a.evictions += 1;
+                }
+                c.evictions += 1;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn report(&self, c: &Central) -> OomReport {
+        let mut holdings: Vec<Holding> = c
+            .owners
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| {
+                let a = a.as_ref()?;
+                Some(Holding {
+                    owner: OwnerId {
+                        pool: self.id,
+                        slot: i as u32,
+                        gen: self.slots[i].gen.load(Ordering::Relaxed),
+                    },
+                    name: a.spec.name.clone(),
+                    in_use: a.charged,
+                    pinned_evictable: a.evictable_pinned,
+                    unpinned_evictable: a.evictable_resident - a.evictable_pinned,
+                })
+            })
+            .collect();
+        holdings.sort_by(|a, b| b.in_use.cmp(&a.in_use));
+        OomReport {
+            mapped: c.mapped,
+            capacity: Some(self.limit),
+            free: c.tlsf.free_bytes(),
+            largest_free: c.tlsf.largest_free(),
+            holdings,
+        }
+    }
+
+    /// Unmap every chunk that is wholly free, after returning cached blocks. Returns the
+    /// bytes given back.
+    pub fn trim(&self) -> Result<u64, PoolError> {
+        let mut c = self.central.lock();
+        self.flush_all(&mut c);
+        self.retire_pending(&mut c);
+        let chunks: Vec<(u64, u64)> = c.chunks.iter().map(|(&o, &s)| (o, s)).collect();
+        let mut released = 0;
+        for (o, s) in chunks {
+            if !c.tlsf.remove_region(o, o + s) {
+                continue;
+            }
+            if let Err(e) = self.source.unmap(o, s) {
+                c.tlsf.add_region(o, o + s);
+                return Err(e.into());
+            }
+            c.chunks.remove(&o);
+            c.mapped -= s;
+            released += s;
+        }
+        Ok(released)
+    }
+
+    /// Allocate an evictable block for `owner` on `stream`. It starts resident and pinned
+    /// once; unpin it when not in use so that it may be evicted.
+    pub fn alloc_evictable(
+        &self,
+        owner: OwnerId,
+        size: u64,
+        tag: u64,
+        stream: StreamId,
+    ) -> Result<(EvictableId, Pinned), PoolError> {
+        self.slot(owner)?;
+        if size == 0 {
+            return Err(PoolError::ZeroSize);
+        }
+        let (csize, _) =
+            class_of(size)
+                .filter(|&(c, _)| c <= self.limit)
+                .ok_or(PoolError::TooLarge {
+                    requested: size,
+                    capacity: self.limit,
+                })?;
+        let mut c = self.central.lock();
+        let tier = c.owners[owner.slot as usize]
+            .as_ref()
+            .ok_or(PoolError::UnknownOwner(owner))?
+            .spec
+            .tier;
+        let (node, offset) = self.alloc_central(&mut c, owner, csize, UNIT, stream)?;
+        let idx = c.ev.insert(owner, tier, csize, tag, node, offset);
+        let a = c.owners[owner.slot as usize]
+            .as_mut()
+            .ok_or(PoolError::UnknownOwner(owner))?;
+        a.evictable_resident += csize;
+        a.evictable_pinned += csize;
+        a.allocs += 1;
+        c.allocs += 1;
+        Ok((
+            c.ev.public_id(self.id, idx),
+            Pinned {
+                addr: self.source.addr(offset),
+                size: csize,
+                restored: false,
+            },
+        ))
+    }
+
+    /// Pin an evictable block for use on `stream`, restoring it first if it was evicted
+    /// (possibly at a new address). While pinned it is never evicted.
+    pub fn pin(&self, id: &EvictableId, stream: StreamId) -> Result<Pinned, PoolError> {
+        let mut c = self.central.lock();
+        let idx = c.ev.lookup(self.id, id)?;
+        let e = c.ev.get(idx);
+        match e.residency {
+            Residency::Resident { offset, .. } => {
+                let (owner, size, first) = (e.owner, e.size, e.pins == 0);
+                c.ev.pin(idx);
+                if first {
+                    if let Some(a) = c.owners[owner.slot as usize].as_mut() {
+                        a.evictable_pinned += size;
+                    }
+                }
+                Ok(Pinned {
+                    addr: self.source.addr(offset),
+                    size,
+                    restored: false,
+                })
+            }
+            Residency::Evicted => {
+                let (owner, size, tag) = (e.owner, e.size, e.tag);
+                let evictor = c.evictor.clone().ok_or_else(|| {
+                    PoolError::RestoreFailed("the block was evicted but no evictor is set".into())
+                })?;
+                let (node, offset) = self.alloc_central(&mut c, owner, size, UNIT, stream)?;
+                let addr = self.source.addr(offset);
+                let info = RestoreInfo {
+                    id: c.ev.public_id(self.id, idx).key(),
+                    owner,
+                    addr,
+                    size,
+                    tag,
+                    stream,
+                };
+                if let Err(err) = evictor.restore(&info) {
+                    Self::uncharge(&mut c, owner.slot as usize, size);
+                    c.tlsf.free(node);
+                    return Err(PoolError::RestoreFailed(err.to_string()));
+                }
+                c.ev.mark_restored(idx, node, offset);
+                c.ev.pin(idx);
+                if let Some(a) = c.owners[owner.slot as usize].as_mut() {
+                    a.evictable_resident += size;
+                    a.evictable_pinned += size;
+                    a.evicted_bytes -= size;
+                    a.restores += 1;
+                }
+                c.restores += 1;
+                Ok(Pinned {
+                    addr,
+                    size,
+                    restored: true,
+                })
+            }
+        }
+    }
+
+    /// Drop one pin. At zero pins the block joins its tier's LRU as most recently used.
+    pub fn unpin(&self, id: &EvictableId) -> Result<(), PoolError> {
+        let mut c = self.central.lock();
+        let idx = c.ev.lookup(self.id, id)?;
+        let (owner, size) = {
+            let e = c.ev.get(idx);
+            (e.owner, e.size)
+        };
+        if c.ev.unpin(idx)? {
+            if let Some(a) = c.owners[owner.slot as usize].as_mut() {
+                a.evictable_pinned -= size;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an evictable block is resident now.
+    pub fn is_resident(&self, id: &EvictableId) -> Result<bool, PoolError> {
+        let c = self.central.lock();
+        let idx = c.ev.lookup(self.id, id)?;
+        Ok(matches!(
+            c.ev.get(idx).residency,
+            Residency::Resident { .. }
+        ))
+    }
+
+    /// Free an evictable block. It must not be pinned; on error the handle comes back.
+    pub fn free_evictable(&self, id: EvictableId) -> Result<(), (EvictableId, PoolError)> {
+        let mut c = self.central.lock();
+        let idx = match c.ev.lookup(self.id, &id) {
+            Ok(i) => i,
+            Err(e) => return Err((id, e)),
+        };
+        let e = c.ev.get(idx);
+        if e.pins > 0 {
+            let pins = e.pins;
+            return Err((id, PoolError::Pinned { pins }));
+        }
+        let (owner, size, res) = (e.owner, e.size, e.residency);
+        c.ev.remove(idx);
+        let slot = owner.slot as usize;
+        match res {
+            Residency::Resident { node, .. } => {
+                Self::uncharge(&mut c, slot, size);
+                c.tlsf.free(node);
+                if let Some(a) = c.owners[slot].as_mut() {
+                    a.evictable_resident -= size;
+                }
+            }
+            Residency::Evicted => {
+                if let Some(a) = c.owners[slot].as_mut() {
+                    a.evicted_bytes -= size;
+                }
+            }
+        }
+        if let Some(a) = c.owners[slot].as_mut() {
+            a.frees += 1;
+        }
+        c.frees += 1;
+        Ok(())
+    }
+
+    /// Statistics, global and per owner. Locks every shard briefly.
+    pub fn stats(&self) -> PoolStats {
+        let mut c = self.central.lock();
+        let mut owners = Vec::new();
+        let (mut live, mut cached) = (0u64, 0u64);
+        let (mut allocs, mut frees, mut hits) = (c.allocs, c.frees, 0);
+        for (i, a) in c.owners.iter().enumerate() {
+            let Some(a) = a else { continue };
+            let mut o_live = a.live_central;
+            let mut o_cached = 0;
+            let (mut o_allocs, mut o_frees) = (a.allocs, a.frees);
+            for sh in self.slots[i].shards.iter() {
+                let sh = sh.lock();
+                o_live += sh.live;
+                o_cached += sh.bytes;
+                o_allocs += sh.allocs;
+                o_frees += sh.frees;
+                hits += sh.hits;
+            }
+            allocs += o_allocs - a.allocs;
+            frees += o_frees - a.frees;
+            let o_live = o_live.max(0) as u64 + a.evictable_resident;
+            live += o_live;
+            cached += o_cached;
+            owners.push(OwnerStats {
+                id: OwnerId {
+                    pool: self.id,
+                    slot: i as u32,
+                    gen: self.slots[i].gen.load(Ordering::Relaxed),
+                },
+                name: a.spec.name.clone(),
+                tier: a.spec.tier,
+                limit: a.spec.limit,
+                base: a.spec.base,
+                live_bytes: o_live,
+                cached_bytes: o_cached,
+                in_use_bytes: a.charged,
+                peak_in_use_bytes: a.peak_charged,
+                peak_live_bytes: a.peak_live.max(o_live),
+                evictable_resident_bytes: a.evictable_resident,
+                evictable_pinned_bytes: a.evictable_pinned,
+                evicted_bytes: a.evicted_bytes,
+                allocs: o_allocs,
+                frees: o_frees,
+                evictions: a.evictions,
+                restores: a.restores,
+            });
+        }
+        for (o, a) in owners.iter().zip(c.owners.iter_mut().flatten()) {
+            a.peak_live = a.peak_live.max(o.live_bytes);
+        }
+        c.peak_live = c.peak_live.max(live);
+        c.peak_cached = c.peak_cached.max(cached);
+        let free = c.tlsf.free_bytes();
+        let largest = c.tlsf.largest_free();
+        PoolStats {
+            mapped_bytes: c.mapped,
+            peak_mapped_bytes: c.peak_mapped,
+            live_bytes: live,
+            peak_live_bytes: c.peak_live,
+            cached_bytes: cached,
+            peak_cached_bytes: c.peak_cached,
+            in_use_bytes: c.in_use,
+            peak_in_use_bytes: c.peak_in_use,
+            free_bytes: free,
+            pending_bytes: c.pending.iter().map(|p| p.size).sum(),
+            largest_free_bytes: largest,
+            fragmentation: if free == 0 {
+                0.0
+            } else {
+                1.0 - largest as f64 / free as f64
+            },
+            allocs,
+            frees,
+            cache_hits: hits,
+            evictions: c.evictions,
+            restores: c.restores,
+            owners,
+        }
+    }
+
+    /// Every block the pool knows: used (live or cached), free, and evicted sizes per owner.
+    pub fn snapshot(&self) -> crate::Snapshot {
+        let c = self.central.lock();
+        let mut cached_nodes = std::collections::HashSet::new();
+        for (i, a) in c.owners.iter().enumerate() {
+            if a.is_none() {
+                continue;
+            }
+            for sh in self.slots[i].shards.iter() {
+                for e in sh.lock().bins.iter().flatten() {
+                    cached_nodes.insert(e.node);
+                }
+            }
+        }
+        let pending: std::collections::HashSet<u32> = c.pending.iter().map(|p| p.node).collect();
+        let evictable = c.ev.resident_nodes();
+
+        let mut blocks: Vec<crate::BlockInfo> = c
+            .tlsf
+            .nodes_indexed()
+            .map(|(i, n)| crate::BlockInfo {
+                addr: self.source.addr(n.offset),
+                size: n.size,
+                owner: if n.free || pending.contains(&i) {
+                    None
+                } else {
+                    Some(n.owner)
+                },
+                state: if n.free {
+                    crate::BlockState::Free
+                } else if pending.contains(&i) {
+                    crate::BlockState::Pending
+                } else if cached_nodes.contains(&i) {
+                    crate::BlockState::Cached
+                } else if let Some(&pinned) = evictable.get(&i) {
+                    crate::BlockState::Evictable { pinned }
+                } else {
+                    crate::BlockState::Live
+                },
+            })
+            .collect();
+        blocks.sort_by_key(|b| b.addr);
+        crate::Snapshot {
+            blocks,
+            report: self.report(&c),
+        }
+    }
+}

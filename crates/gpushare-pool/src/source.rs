@@ -1,0 +1,117 @@
+//! Where the pool's memory comes from.
+
+use crate::error::SourceError;
+use crate::sync::Mutex;
+use std::collections::BTreeMap;
+
+/// A source of memory: one reserved virtual range into which the pool maps and unmaps
+/// chunks as it grows and trims. Offsets are relative to [`base`](Self::base); sizes and
+/// offsets passed to `map` and `unmap` are multiples of [`granularity`](Self::granularity).
+///
+/// `gpushare-device` implements it for both device backends; [`HostSource`] serves benches
+/// and tests.
+pub trait ChunkSource: Send + Sync {
+    /// Mapping granularity in bytes (a power of two, at least 256).
+    fn granularity(&self) -> u64;
+    /// Size of the reserved range in bytes.
+    fn va_size(&self) -> u64;
+    /// Address of offset 0.
+    fn base(&self) -> u64;
+    /// Map `size` bytes at `offset`.
+    fn map(&self, offset: u64, size: u64) -> Result<(), SourceError>;
+    /// Unmap `size` bytes at `offset`, exactly as one earlier `map` call mapped them.
+    fn unmap(&self, offset: u64, size: u64) -> Result<(), SourceError>;
+    /// Whether chunks mapped at adjacent offsets are adjacent in memory, so that a block may
+    /// span them. True for a reserved virtual range. A source without one (plain
+    /// allocations, each at an address the driver picks) returns false; the pool then
+    /// keeps a gap between chunks so that no block spans two.
+    fn contiguous(&self) -> bool {
+        true
+    }
+    /// The address of `offset`. By default `base() + offset`.
+    fn addr(&self, offset: u64) -> u64 {
+        self.base() + offset
+    }
+}
+
+/// Host memory as a chunk source: each mapped chunk is a real zeroed host allocation,
+/// freed on unmap. Addresses are offsets from a fixed base.
+#[derive(Debug)]
+pub struct HostSource {
+    granularity: u64,
+    va_size: u64,
+    limit: Option<u64>,
+    chunks: Mutex<BTreeMap<u64, Box<[u8]>>>,
+}
+
+impl HostSource {
+    /// A source of up to `va_size` bytes mapped in `granularity` steps.
+    pub fn new(granularity: u64, va_size: u64) -> Self {
+        HostSource {
+            granularity,
+            va_size,
+            limit: None,
+            chunks: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Make `map` report out of memory once more than `bytes` would be mapped.
+    pub fn with_limit(mut self, bytes: u64) -> Self {
+        self.limit = Some(bytes);
+        self
+    }
+
+    /// Bytes mapped now.
+    pub fn mapped(&self) -> u64 {
+        self.chunks.lock().values().map(|c| c.len() as u64).sum()
+    }
+}
+
+impl ChunkSource for HostSource {
+    fn granularity(&self) -> u64 {
+        self.granularity
+    }
+    fn va_size(&self) -> u64 {
+        self.va_size
+    }
+    fn base(&self) -> u64 {
+        0x1000_0000_0000
+    }
+    fn map(&self, offset: u64, size: u64) -> Result<(), SourceError> {
+        let mut c = self.chunks.lock();
+        let mapped: u64 = c.values().map(|c| c.len() as u64).sum();
+        if self.limit.is_some_and(|l| mapped + size > l) {
+            return Err(SourceError::OutOfMemory { requested: size });
+        }
+        if offset.checked_add(size).is_none_or(|e| e > self.va_size) {
+            return Err(SourceError::Other(format!(
+                "range {offset}+{size} lies outside the reserved {} bytes",
+                self.va_size
+            )));
+        }
+        if c.range(..offset + size)
+            .next_back()
+            .is_some_and(|(&o, b)| o + b.len() as u64 > offset)
+        {
+            return Err(SourceError::Other(format!(
+                "range {offset}+{size} is already mapped"
+            )));
+        }
+        c.insert(offset, vec![0u8; size as usize].into_boxed_slice());
+        Ok(())
+    }
+    fn unmap(&self, offset: u64, size: u64) -> Result<(), SourceError> {
+        let mut c = self.chunks.lock();
+        let keys: Vec<u64> = c.range(offset..offset + size).map(|(&k, _)| k).collect();
+        let total: u64 = keys.iter().map(|k| c[k].len() as u64).sum();
+        if total != size {
+            return Err(SourceError::Other(format!(
+                "range {offset}+{size} is not exactly covered by mapped chunks"
+            )));
+        }
+        for k in keys {
+            c.remove(&k);
+        }
+        Ok(())
+    }
+}

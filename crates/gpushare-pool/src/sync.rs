@@ -1,0 +1,56 @@
+//! Concurrency primitives of this crate, swapped for loom's under `cfg(loom)`.
+
+#[cfg(not(loom))]
+pub(crate) use parking_lot::{Mutex, MutexGuard};
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{AtomicU32, Ordering};
+
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicU32, Ordering};
+
+/// A loom mutex with parking_lot's interface (no poisoning).
+#[cfg(loom)]
+#[derive(Debug)]
+pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+
+#[cfg(loom)]
+pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+#[cfg(loom)]
+impl<T> Mutex<T> {
+    pub(crate) fn new(t: T) -> Self {
+        Mutex(loom::sync::Mutex::new(t))
+    }
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+/// A small per-thread number used to pick a cache shard.
+#[cfg(not(loom))]
+pub(crate) fn thread_index() -> usize {
+    use std::cell::Cell;
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static IDX: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    IDX.with(|c| {
+        let v = c.get();
+        if v != usize::MAX {
+            return v;
+        }
+        let v = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        c.set(v);
+        v
+    })
+}
+
+/// Under loom every thread uses shard 0, so that executions are deterministic.
+#[cfg(loom)]
+pub(crate) fn thread_index() -> usize {
+    0
+}

@@ -1,0 +1,643 @@
+//! Two-level segregated fit over u64 offsets, with its metadata outside the managed memory.
+//!
+//! Sizes are kept in units of [`UNIT`] bytes (256, the alignment CUDA's allocators
+//! guarantee). The first level splits sizes by power of two, the second into
+//! [`SL_COUNT`] linear steps, so a bin's sizes differ by at most 1/32: a request rounded up to
+//! its bin wastes at most 3.1%. Both levels have bitmaps, so finding a free block that
+//! fits is two bit scans: O(1) whatever the number of blocks.
+//!
+//! Blocks live in a slab and link to their physical neighbours, so freeing coalesces in O(1).
+//! Memory comes in *runs*: maximal mapped ranges. Blocks never link across the end of a
+//! run, which lets the pool unmap a wholly free chunk in the middle of its address range
+//! and map it again later.
+
+use slab::Slab;
+
+/// log2 of the allocation unit.
+pub(crate) const UNIT_LOG2: u32 = 8;
+/// The allocation unit and smallest alignment: 256 bytes.
+pub(crate) const UNIT: u64 = 1 << UNIT_LOG2;
+const SL_LOG2: u32 = 5;
+/// Second-level bins per power of two.
+pub(crate) const SL_COUNT: usize = 1 << SL_LOG2;
+const FL_COUNT: usize = 64 - UNIT_LOG2 as usize - SL_LOG2 as usize + 1;
+
+pub(crate) const NONE: u32 = u32::MAX;
+
+#[derive(Clone, Debug)]
+pub(crate) struct Node {
+    pub offset: u64,
+    pub size: u64,
+    prev_phys: u32,
+    next_phys: u32,
+    prev_free: u32,
+    next_free: u32,
+    pub free: bool,
+    /// Owner slot of a used block (for snapshots); meaningless when free.
+    pub owner: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    start: u64,
+    end: u64,
+    first: u32,
+    last: u32,
+}
+
+/// Map a size in units to its bin (first level, second level).
+#[inline]
+fn mapping(units: u64) -> (usize, usize) {
+    if units < SL_COUNT as u64 {
+        (0, units as usize)
+    } else {
+        let f = 63 - units.leading_zeros();
+        let sl = (units >> (f - SL_LOG2)) as usize & (SL_COUNT - 1);
+        ((f - SL_LOG2 + 1) as usize, sl)
+    }
+}
+
+/// Round a size in units up to the start of the next bin, so that every block in the bin
+/// of the result is at least that large. `None` on overflow.
+#[inline]
+pub(crate) fn round_units(units: u64) -> Option<u64> {
+    if units < SL_COUNT as u64 {
+        return Some(units);
+    }
+    let f = 63 - units.leading_zeros();
+    let mask = (1u64 << (f - SL_LOG2)) - 1;
+    units.checked_add(mask).map(|u| u & !mask)
+}
+
+/// The class of a byte size: its rounded size in bytes and its bin index. Sizes that round
+/// to the same class share cache bins.
+#[inline]
+pub(crate) fn class_of(bytes: u64) -> Option<(u64, usize)> {
+    let units = bytes.checked_add(UNIT - 1)? >> UNIT_LOG2;
+    let r = round_units(units.max(1))?;
+    let (fl, sl) = mapping(r);
+    Some((r << UNIT_LOG2, fl * SL_COUNT + sl))
+}
+
+/// The TLSF bookkeeping. Single-threaded; the pool guards it with a lock.
+#[derive(Debug)]
+pub(crate) struct Tlsf {
+    nodes: Slab<Node>,
+    fl_bitmap: u64,
+    sl_bitmap: [u32; FL_COUNT],
+    heads: Box<[[u32; SL_COUNT]; FL_COUNT]>,
+    runs: Vec<Run>,
+    free_bytes: u64,
+    free_blocks: u64,
+}
+
+impl Tlsf {
+    pub fn new() -> Self {
+        Tlsf {
+            nodes: Slab::new(),
+            fl_bitmap: 0,
+            sl_bitmap: [0; FL_COUNT],
+            heads: Box::new([[NONE; SL_COUNT]; FL_COUNT]),
+            runs: Vec::new(),
+            free_bytes: 0,
+            free_blocks: 0,
+        }
+    }
+
+    pub fn node(&self, n: u32) -> &Node {
+        &self.nodes[n as usize]
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        self.free_bytes
+    }
+
+    pub fn nodes_indexed(&self) -> impl Iterator<Item = (u32, &Node)> {
+        self.nodes.iter().map(|(i, n)| (i as u32, n))
+    }
+
+    /// Free bytes at the very end of the run that ends at `end` (0 if its last block is used
+    /// or no run ends there).
+    pub fn tail_free(&self, end: u64) -> u64 {
+        self.runs
+            .iter()
+            .find(|r| r.end == end)
+            .map(|r| &self.nodes[r.last as usize])
+            .filter(|n| n.free)
+            .map_or(0, |n| n.size)
+    }
+
+    fn insert_free(&mut self, n: u32) {
+        let (size, _) = {
+            let node = &self.nodes[n as usize];
+            (node.size, ())
+        };
+        let (fl, sl) = mapping(size >> UNIT_LOG2);
+        let head = self.heads[fl][sl];
+        {
+            let node = &mut self.nodes[n as usize];
+            node.free = true;
+            node.prev_free = NONE;
+            node.next_free = head;
+        }
+        if head != NONE {
+            self.nodes[head as usize].prev_free = n;
+        }
+        self.heads[fl][sl] = n;
+        self.fl_bitmap |= 1 << fl;
+        self.sl_bitmap[fl] |= 1 << sl;
+        self.free_bytes += size;
+        self.free_blocks += 1;
+    }
+
+    fn remove_free(&mut self, n: u32) {
+        let (size, prev, next) = {
+            let node = &self.nodes[n as usize];
+            debug_assert!(node.free);
+            (node.size, node.prev_free, node.next_free)
+        };
+        let (fl, sl) = mapping(size >> UNIT_LOG2);
+        if prev != NONE {
+            self.nodes[prev as usize].next_free = next;
+        } else {
+            self.heads[fl][sl] = next;
+            if next == NONE {
+                self.sl_bitmap[fl] &= !(1 << sl);
+                if self.sl_bitmap[fl] == 0 {
+                    self.fl_bitmap &= !(1 << fl);
+                }
+            }
+        }
+        if next != NONE {
+            self.nodes[next as usize].prev_free = prev;
+        }
+        let node = &mut self.nodes[n as usize];
+        node.free = false;
+        self.free_bytes -= size;
+        self.free_blocks -= 1;
+    }
+
+    #[inline]
+    fn find(&self, fl: usize, sl: usize) -> Option<u32> {
+        let sl_map = self.sl_bitmap[fl] & (!0u32).checked_shl(sl as u32).unwrap_or(0);
+        let (fl, sl_map) = if sl_map != 0 {
+            (fl, sl_map)
+        } else {
+            let fl_map = self.fl_bitmap & (!0u64).checked_shl(fl as u32 + 1).unwrap_or(0);
+            if fl_map == 0 {
+                return None;
+            }
+            let fl = fl_map.trailing_zeros() as usize;
+            (fl, self.sl_bitmap[fl])
+        };
+        Some(self.heads[fl][sl_map.trailing_zeros() as usize])
+    }
+
+    fn new_node(&mut self, offset: u64, size: u64, prev_phys: u32, next_phys: u32) -> u32 {
+        let idx = self.nodes.insert(Node {
+            offset,
+            size,
+            prev_phys,
+            next_phys,
+            prev_free: NONE,
+            next_free: NONE,
+            free: false,
+            owner: NONE,
+        });
+        debug_assert!(idx < NONE as usize);
+        idx as u32
+    }
+
+    /// Point run boundaries at `new` where they pointed at `old`.
+    fn replace_boundary(&mut self, old: u32, new: u32) {
+        for r in &mut self.runs {
+            if r.first == old {
+                r.first = new;
+            }
+            if r.last == old {
+                r.last = new;
+            }
+        }
+    }
+
+    /// Allocate `size` bytes (a multiple of [`UNIT`]) at an offset aligned to `align` (a
+    /// power of two, at least [`UNIT`]). Returns the node and its offset.
+    pub fn alloc(&mut self, size: u64, align: u64, owner: u32) -> Option<(u32, u64)> {
+        debug_assert!(size > 0 && size % UNIT == 0 && align.is_power_of_two() && align >= UNIT);
+        let need = if align > UNIT {
+            size.checked_add(align - UNIT)?
+        } else {
+            size
+        };
+        let units = round_units(need >> UNIT_LOG2)?;
+        let (fl, sl) = mapping(units);
+        if fl >= FL_COUNT {
+            return None;
+        }
+        let n = self.find(fl, sl)?;
+        self.remove_free(n);
+        if align > UNIT {
+            let (off, nsize, prev) = {
+                let node = &self.nodes[n as usize];
+                (node.offset, node.size, node.prev_phys)
+            };
+            let pad = off.next_multiple_of(align) - off;
+            if pad > 0 {
+                let front = self.new_node(off, pad, prev, n);
+                if prev != NONE {
+                    self.nodes[prev as usize].next_phys = front;
+                } else {
+                    for r in &mut self.runs {
+                        if r.first == n {
+                            r.first = front;
+                        }
+                    }
+                }
+                let node = &mut self.nodes[n as usize];
+                node.offset = off + pad;
+                node.size = nsize - pad;
+                node.prev_phys = front;
+                self.insert_free(front);
+            }
+        }
+        self.split_back(n, size);
+        let node = &mut self.nodes[n as usize];
+        node.owner = owner;
+        Some((n, node.offset))
+    }
+
+    /// Allocate exactly `size` bytes from the block `n`, which must be free and large enough
+    /// (used to serve a request from a specific block).
+    fn split_back(&mut self, n: u32, size: u64) {
+        let (off, nsize, next) = {
+            let node = &self.nodes[n as usize];
+            (node.offset, node.size, node.next_phys)
+        };
+        debug_assert!(nsize >= size);
+        if nsize - size >= UNIT {
+            let back = self.new_node(off + size, nsize - size, n, next);
+            if next != NONE {
+                self.nodes[next as usize].prev_phys = back;
+            } else {
+                for r in &mut self.runs {
+                    if r.last == n {
+                        r.last = back;
+                    }
+                }
+            }
+            let node = &mut self.nodes[n as usize];
+            node.size = size;
+            node.next_phys = back;
+            self.insert_free(back);
+        }
+    }
+
+    /// Free a used block, coalescing with free neighbours.
+    pub fn free(&mut self, n: u32) {
+        debug_assert!(!self.nodes[n as usize].free);
+        self.coalesce_insert(n);
+    }
+
+    fn coalesce_insert(&mut self, mut n: u32) {
+        let prev = self.nodes[n as usize].prev_phys;
+        if prev != NONE && self.nodes[prev as usize].free {
+            self.remove_free(prev);
+            let node = self.nodes.remove(n as usize);
+            let p = &mut self.nodes[prev as usize];
+            p.size += node.size;
+            p.next_phys = node.next_phys;
+            if node.next_phys != NONE {
+                self.nodes[node.next_phys as usize].prev_phys = prev;
+            }
+            self.replace_boundary(n, prev);
+            n = prev;
+        }
+        let next = self.nodes[n as usize].next_phys;
+        if next != NONE && self.nodes[next as usize].free {
+            self.remove_free(next);
+            let nn = self.nodes.remove(next as usize);
+            let node = &mut self.nodes[n as usize];
+            node.size += nn.size;
+            node.next_phys = nn.next_phys;
+            if nn.next_phys != NONE {
+                self.nodes[nn.next_phys as usize].prev_phys = n;
+            }
+            self.replace_boundary(next, n);
+        }
+        self.insert_free(n);
+    }
+
+    /// Make the newly mapped range `start..end` available, joining the runs it touches.
+    pub fn add_region(&mut self, start: u64, end: u64) {
+        debug_assert!(start < end && start % UNIT == 0 && end % UNIT == 0);
+        let left = self.runs.iter().position(|r| r.end == start);
+        let right = self.runs.iter().position(|r| r.start == end);
+        let prev = left.map_or(NONE, |i| self.runs[i].last);
+        let next = right.map_or(NONE, |i| self.runs[i].first);
+        let n = self.new_node(start, end - start, prev, next);
+        if prev != NONE {
+            self.nodes[prev as usize].next_phys = n;
+        }
+        if next != NONE {
+            self.nodes[next as usize].prev_phys = n;
+        }
+        let run = Run {
+            start: left.map_or(start, |i| self.runs[i].start),
+            end: right.map_or(end, |i| self.runs[i].end),
+            first: left.map_or(n, |i| self.runs[i].first),
+            last: right.map_or(n, |i| self.runs[i].last),
+        };
+        let mut drop_idx: Vec<usize> = left.into_iter().chain(right).collect();
+        drop_idx.sort_unstable();
+        for i in drop_idx.into_iter().rev() {
+            self.runs.swap_remove(i);
+        }
+        self.runs.push(run);
+        self.coalesce_insert(n);
+    }
+
+    /// Take the range `start..end` out of the free block that covers it, so that it can be
+    /// unmapped. Returns false (and changes nothing) if no single free block covers it.
+    pub fn remove_region(&mut self, start: u64, end: u64) -> bool {
+        let Some(n) = self
+            .nodes
+            .iter()
+            .find(|(_, b)| b.free && b.offset <= start && b.offset + b.size >= end)
+            .map(|(i, _)| i as u32)
+        else {
+            return false;
+        };
+        let Some(ri) = self
+            .runs
+            .iter()
+            .position(|r| r.start <= start && r.end >= end)
+        else {
+            return false;
+        };
+        self.remove_free(n);
+        let node = self.nodes[n as usize].clone();
+        let run = self.runs.swap_remove(ri);
+        let node_end = node.offset + node.size;
+        // Left piece keeps the node; right piece gets a new one.
+        let left = if node.offset < start {
+            let l = &mut self.nodes[n as usize];
+            l.size = start - node.offset;
+            l.next_phys = NONE;
+            Some(n)
+        } else {
+            if node.prev_phys != NONE {
+                self.nodes[node.prev_phys as usize].next_phys = NONE;
+            }
+            None
+        };
+        let right = if end < node_end {
+            let r = self.new_node(end, node_end - end, NONE, node.next_phys);
+            if node.next_phys != NONE {
+                self.nodes[node.next_phys as usize].prev_phys = r;
+            }
+            Some(r)
+        } else {
+            if node.next_phys != NONE {
+                self.nodes[node.next_phys as usize].prev_phys = NONE;
+            }
+            None
+        };
+        if left.is_none() {
+            self.nodes.remove(n as usize);
+        }
+        if run.start < start {
+            let last = left.unwrap_or(node.prev_phys);
+            self.runs.push(Run {
+                start: run.start,
+                end: start,
+                first: if run.first == n { last } else { run.first },
+                last,
+            });
+        }
+        if end < run.end {
+            let first = right.unwrap_or(node.next_phys);
+            self.runs.push(Run {
+                start: end,
+                end: run.end,
+                first,
+                last: if run.last == n { first } else { run.last },
+            });
+        }
+        if let Some(l) = left {
+            self.insert_free(l);
+        }
+        if let Some(r) = right {
+            self.insert_free(r);
+        }
+        true
+    }
+
+    /// The largest free block, in bytes.
+    pub fn largest_free(&self) -> u64 {
+        if self.fl_bitmap == 0 {
+            return 0;
+        }
+        let fl = 63 - self.fl_bitmap.leading_zeros() as usize;
+        let sl = 31 - self.sl_bitmap[fl].leading_zeros() as usize;
+        let mut best = 0;
+        let mut cur = self.heads[fl][sl];
+        while cur != NONE {
+            let n = &self.nodes[cur as usize];
+            best = best.max(n.size);
+            cur = n.next_free;
+        }
+        best
+    }
+
+    /// Check every structural invariant; used by tests.
+    #[cfg(test)]
+    pub fn check(&self) {
+        let mut free_bytes = 0;
+        let mut free_blocks = 0;
+        for r in &self.runs {
+            let mut cur = r.first;
+            let mut at = r.start;
+            let mut prev = NONE;
+            let mut prev_free = false;
+            loop {
+                let n = &self.nodes[cur as usize];
+                assert_eq!(n.offset, at, "blocks tile the run");
+                assert_eq!(n.prev_phys, prev);
+                assert!(
+                    !(prev_free && n.free),
+                    "adjacent free blocks were not coalesced"
+                );
+                if n.free {
+                    free_bytes += n.size;
+                    free_blocks += 1;
+                }
+                at += n.size;
+                prev_free = n.free;
+                prev = cur;
+                if cur == r.last {
+                    assert_eq!(n.next_phys, NONE);
+                    break;
+                }
+                cur = n.next_phys;
+                assert_ne!(cur, NONE, "run ends before its last block");
+            }
+            assert_eq!(at, r.end);
+        }
+        let in_runs: usize = self
+            .runs
+            .iter()
+            .map(|r| {
+                let mut c = 1;
+                let mut cur = r.first;
+                while cur != r.last {
+                    cur = self.nodes[cur as usize].next_phys;
+                    c += 1;
+                }
+                c
+            })
+            .sum();
+        assert_eq!(in_runs, self.nodes.len(), "every node belongs to a run");
+        assert_eq!(free_bytes, self.free_bytes);
+        assert_eq!(free_blocks, self.free_blocks);
+        for fl in 0..FL_COUNT {
+            for sl in 0..SL_COUNT {
+                let mut cur = self.heads[fl][sl];
+                assert_eq!(cur != NONE, self.sl_bitmap[fl] & (1 << sl) != 0);
+                while cur != NONE {
+                    let n = &self.nodes[cur as usize];
+                    assert!(n.free);
+                    assert_eq!(mapping(n.size >> UNIT_LOG2), (fl, sl));
+                    cur = n.next_free;
+                }
+            }
+            assert_eq!(self.sl_bitmap[fl] != 0, self.fl_bitmap & (1 << fl) != 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn mapping_is_monotonic_and_rounding_fits() {
+        let mut last = (0, 0);
+        for u in 1..5000u64 {
+            let m = mapping(u);
+            assert!(m >= last);
+            last = m;
+            let r = round_units(u).unwrap();
+            assert!(r >= u && (r - u) * 32 <= u.max(32), "waste {u} -> {r}");
+            // Every size in the bin of r is >= r.
+            let (fl, sl) = mapping(r);
+            assert_eq!(mapping(r), (fl, sl));
+            if r > 0 {
+                assert!(mapping(r - 1) < (fl, sl) || r < SL_COUNT as u64);
+            }
+        }
+        assert!(round_units(u64::MAX).is_none());
+    }
+
+    #[test]
+    fn alloc_split_free_coalesce() {
+        let mut t = Tlsf::new();
+        t.add_region(0, 1 << 20);
+        t.check();
+        let (a, oa) = t.alloc(1024, UNIT, 0).unwrap();
+        let (b, ob) = t.alloc(4096, UNIT, 0).unwrap();
+        t.check();
+        assert_eq!(oa, 0);
+        assert_eq!(ob, 1024);
+        t.free(a);
+        t.check();
+        t.free(b);
+        t.check();
+        assert_eq!(t.free_bytes(), 1 << 20);
+        assert_eq!(t.largest_free(), 1 << 20);
+        assert_eq!(t.nodes.len(), 1);
+    }
+
+    #[test]
+    fn alignment_is_honoured() {
+        let mut t = Tlsf::new();
+        t.add_region(0, 1 << 22);
+        let (_, o) = t.alloc(256, UNIT, 0).unwrap();
+        assert_eq!(o, 0);
+        let (n, o) = t.alloc(4096, 1 << 16, 0).unwrap();
+        assert_eq!(o % (1 << 16), 0);
+        t.check();
+        t.free(n);
+        t.check();
+    }
+
+    #[test]
+    fn regions_join_and_split() {
+        let mut t = Tlsf::new();
+        t.add_region(0, 4 << 20);
+        t.add_region(8 << 20, 10 << 20);
+        t.check();
+        assert_eq!(t.runs.len(), 2);
+        t.add_region(4 << 20, 8 << 20);
+        t.check();
+        assert_eq!(t.runs.len(), 1);
+        assert_eq!(t.largest_free(), 10 << 20);
+        let (a, _) = t.alloc(1 << 20, UNIT, 0).unwrap();
+        assert!(t.remove_region(2 << 20, 4 << 20));
+        t.check();
+        assert_eq!(t.runs.len(), 2);
+        assert!(
+            !t.remove_region(0, 2 << 20),
+            "a used block is not removable"
+        );
+        t.free(a);
+        t.check();
+        assert!(t.remove_region(0, 2 << 20));
+        t.check();
+        t.add_region(0, 4 << 20);
+        t.check();
+        assert_eq!(t.runs.len(), 1);
+        assert_eq!(t.free_bytes(), 10 << 20);
+    }
+
+    proptest! {
+        #[test]
+        fn random_ops_keep_invariants(ops in proptest::collection::vec((0u8..4, 1u64..20_000, 0u32..4), 1..200)) {
+            let mut t = Tlsf::new();
+            t.add_region(0, 8 << 20);
+            let mut live: Vec<(u32, u64, u64)> = vec![];
+            let mut mapped_end = 8u64 << 20;
+            for (op, size, al) in ops {
+                match op {
+                    0 | 1 => {
+                        let size = size.next_multiple_of(UNIT);
+                        let align = UNIT << (al * 3);
+                        if let Some((n, off)) = t.alloc(size, align, 0) {
+                            prop_assert_eq!(off % align, 0);
+                            for &(_, o, s) in &live {
+                                prop_assert!(off + size <= o || o + s <= off, "overlap");
+                            }
+                            live.push((n, off, size));
+                        }
+                    }
+                    2 if !live.is_empty() => {
+                        let i = size as usize % live.len();
+                        let (n, _, _) = live.swap_remove(i);
+                        t.free(n);
+                    }
+                    _ => {
+                        t.add_region(mapped_end, mapped_end + (2 << 20));
+                        mapped_end += 2 << 20;
+                    }
+                }
+                t.check();
+            }
+            for (n, _, _) in live.drain(..) {
+                t.free(n);
+            }
+            t.check();
+            prop_assert_eq!(t.free_bytes(), mapped_end);
+            prop_assert_eq!(t.nodes.len(), 1);
+        }
+    }
+}

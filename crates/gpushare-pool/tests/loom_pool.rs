@@ -1,0 +1,150 @@
+//! loom models of the pool's concurrency.
+//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom_pool`.
+#![cfg(loom)]
+
+use gpushare_pool::{
+    EvictError, Evictor, FreeEvent, HostSource, OwnerSpec, Pool, PoolConfig, PoolError,
+    RestoreInfo, StreamId, Tier, VictimInfo,
+};
+use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use loom::sync::Arc;
+use loom::thread;
+
+const G: u64 = 64 << 10;
+
+fn small_pool(cap: u64) -> Pool<HostSource> {
+    Pool::new(
+        HostSource::new(G, 1 << 20),
+        PoolConfig::default()
+            .capacity(cap)
+            .shards(1)
+            .max_owners_for_loom(),
+    )
+    .unwrap()
+}
+
+trait ForLoom {
+    fn max_owners_for_loom(self) -> Self;
+}
+impl ForLoom for PoolConfig {
+    fn max_owners_for_loom(mut self) -> Self {
+        self.max_owners = 2;
+        self
+    }
+}
+
+#[test]
+fn concurrent_alloc_and_free_under_a_quota() {
+    loom::model(|| {
+        let pool = Arc::new(small_pool(4 * G));
+        let o = pool.add_owner(OwnerSpec::new("o", 2 * G)).unwrap();
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let pool = pool.clone();
+                thread::spawn(move || {
+                    let b = pool.alloc(o, G, StreamId(0)).unwrap();
+                    pool.free(b).unwrap();
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let s = pool.stats();
+        assert_eq!(s.live_bytes, 0);
+        assert!(s.owners[0].peak_in_use_bytes <= 2 * G);
+        // Both blocks are cached, yet the owner can still use its whole limit.
+        let a = pool.alloc(o, G, StreamId(0)).unwrap();
+        let b = pool.alloc(o, G, StreamId(0)).unwrap();
+        assert!(matches!(
+            pool.alloc(o, G, StreamId(0)),
+            Err(PoolError::QuotaExceeded { .. })
+        ));
+        pool.free(a).unwrap();
+        pool.free(b).unwrap();
+    });
+}
+
+struct Guarded {
+    in_use: Arc<AtomicBool>,
+    evictions: AtomicUsize,
+}
+
+impl Evictor for Guarded {
+    fn evict(&self, _: &VictimInfo) -> Result<(), EvictError> {
+        assert!(
+            !self.in_use.load(Ordering::SeqCst),
+            "evicted a pinned block"
+        );
+        self.evictions.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn restore(&self, _: &RestoreInfo) -> Result<(), EvictError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn eviction_racing_a_pin() {
+    loom::model(|| {
+        let pool = Arc::new(small_pool(G));
+        let in_use = Arc::new(AtomicBool::new(false));
+        pool.set_evictor(std::sync::Arc::new(Guarded {
+            in_use: in_use.clone(),
+            evictions: AtomicUsize::new(0),
+        }));
+        let be = pool.add_owner(OwnerSpec::new("be", G)).unwrap();
+        let g = pool
+            .add_owner(OwnerSpec::new("g", G).tier(Tier::Guaranteed))
+            .unwrap();
+        let (id, _) = pool.alloc_evictable(be, G, 0, StreamId(0)).unwrap();
+        pool.unpin(&id).unwrap();
+        let p2 = pool.clone();
+        let flag = in_use.clone();
+        let t = thread::spawn(move || {
+            // Pin (restoring if needed), use, unpin.
+            if let Ok(pin) = p2.pin(&id, StreamId(1)) {
+                flag.store(true, Ordering::SeqCst);
+                assert!(pin.size == G);
+                flag.store(false, Ordering::SeqCst);
+                p2.unpin(&id).unwrap();
+            }
+            id
+        });
+        // Needs the whole pool: succeeds only by evicting the unpinned block.
+        let r = pool.alloc(g, G, StreamId(0));
+        let id = t.join().unwrap();
+        if let Ok(b) = r {
+            pool.free(b).unwrap();
+        }
+        let _ = pool.free_evictable(id);
+    });
+}
+
+struct LoomFlag(AtomicBool);
+impl FreeEvent for LoomFlag {
+    fn is_complete(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn stream_ordered_reuse_across_two_streams() {
+    loom::model(|| {
+        let pool = Arc::new(small_pool(4 * G));
+        let o = pool.add_owner(OwnerSpec::new("o", 4 * G)).unwrap();
+        let a = pool.alloc(o, 4096, StreamId(1)).unwrap();
+        let off = a.offset();
+        let ev = std::sync::Arc::new(LoomFlag(AtomicBool::new(false)));
+        pool.free_after(a, StreamId(1), ev.clone()).unwrap();
+        let ev2 = ev.clone();
+        let t = thread::spawn(move || ev2.0.store(true, Ordering::SeqCst));
+        let b = pool.alloc(o, 4096, StreamId(2)).unwrap();
+        if b.offset() == off {
+            // Stream 2 may only have it once stream 1's work has completed.
+            assert!(ev.0.load(Ordering::SeqCst));
+        }
+        t.join().unwrap();
+        pool.free(b).unwrap();
+    });
+}

@@ -1,0 +1,500 @@
+//! Behaviour of the pool through its public API.
+
+mod common;
+
+use common::{Flag, Recorder};
+use gpushare_pool::{
+    BlockState, HostSource, OwnerSpec, Pool, PoolConfig, PoolError, StreamId, Tier,
+};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+const MIB: u64 = 1 << 20;
+const S1: StreamId = StreamId(1);
+const S2: StreamId = StreamId(2);
+
+fn pool(cfg: PoolConfig) -> Pool<HostSource> {
+    Pool::new(HostSource::new(2 * MIB, 1 << 30), cfg).unwrap()
+}
+
+#[test]
+fn blocks_are_aligned_and_disjoint() {
+    let p = pool(PoolConfig::default());
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let mut blocks = vec![];
+    for (i, size) in [1u64, 255, 256, 257, 4096, 100_000, 3 * MIB, 17]
+        .iter()
+        .enumerate()
+    {
+        let b = p.alloc(o, *size, S1).unwrap();
+        assert!(b.size() >= *size && b.size() % 256 == 0, "{i}");
+        assert_eq!(p.addr(&b) % 256, 0);
+        blocks.push(b);
+    }
+    let a = p.alloc_aligned(o, 1000, 64 << 10, S1).unwrap();
+    assert_eq!(p.addr(&a) % (64 << 10), 0);
+    blocks.push(a);
+    let mut spans: Vec<(u64, u64)> = blocks
+        .iter()
+        .map(|b| (b.offset(), b.offset() + b.size()))
+        .collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "overlap {w:?}");
+    }
+    for b in blocks {
+        p.free(b).unwrap();
+    }
+    let s = p.stats();
+    assert_eq!(s.live_bytes, 0);
+    assert_eq!(s.owners[0].live_bytes, 0);
+}
+
+#[test]
+fn bad_input_is_typed() {
+    let p = pool(PoolConfig::default().capacity(64 * MIB));
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    assert!(matches!(p.alloc(o, 0, S1), Err(PoolError::ZeroSize)));
+    assert!(matches!(
+        p.alloc(o, 65 * MIB, S1),
+        Err(PoolError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        p.alloc(o, u64::MAX, S1),
+        Err(PoolError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        p.alloc_aligned(o, 64, 3, S1),
+        Err(PoolError::BadAlignment { .. })
+    ));
+    assert!(matches!(
+        p.alloc_aligned(o, 64, 4 * MIB, S1),
+        Err(PoolError::BadAlignment { .. })
+    ));
+    let other = pool(PoolConfig::default());
+    let foreign = other.add_owner(OwnerSpec::new("x", MIB)).unwrap();
+    assert!(matches!(
+        p.alloc(foreign, 64, S1),
+        Err(PoolError::UnknownOwner(_))
+    ));
+    let b = other.alloc(foreign, 64, S1).unwrap();
+    let back = p.free(b).unwrap_err().block;
+    other.free(back).unwrap();
+    assert!(matches!(
+        p.add_owner(OwnerSpec::new("z", 0)),
+        Err(PoolError::BadOwner(_))
+    ));
+    assert!(matches!(
+        p.add_owner(OwnerSpec::new("z", MIB).base(2 * MIB)),
+        Err(PoolError::BadOwner(_))
+    ));
+    assert!(matches!(
+        Pool::new(HostSource::new(3000, 1 << 20), PoolConfig::default()),
+        Err(PoolError::BadConfig(_))
+    ));
+    assert!(matches!(
+        Pool::new(
+            HostSource::new(2 * MIB, 8 * MIB),
+            PoolConfig::default().capacity(16 * MIB)
+        ),
+        Err(PoolError::BadConfig(_))
+    ));
+}
+
+#[test]
+fn quota_is_exact_and_reported() {
+    let p = pool(PoolConfig::default());
+    let o = p.add_owner(OwnerSpec::new("a", 10 * MIB)).unwrap();
+    let a = p.alloc(o, 6 * MIB, S1).unwrap();
+    match p.alloc(o, 5 * MIB, S1) {
+        Err(PoolError::QuotaExceeded {
+            requested,
+            used,
+            limit,
+            ..
+        }) => {
+            assert_eq!((requested, used, limit), (5 * MIB, 6 * MIB, 10 * MIB));
+        }
+        other => panic!("{other:?}"),
+    }
+    let b = p.alloc(o, 4 * MIB, S1).unwrap();
+    p.free(a).unwrap();
+    // The freed block sits in the owner's cache, yet the owner can use its whole limit:
+    // the cache is returned when the limit would otherwise be hit.
+    let c = p.alloc(o, 6 * MIB - 256, S1).unwrap();
+    assert!(p.stats().owners[0].in_use_bytes <= 10 * MIB);
+    p.free(b).unwrap();
+    p.free(c).unwrap();
+}
+
+#[test]
+fn reserved_bases_are_kept_for_their_owners() {
+    let p = pool(PoolConfig::default().capacity(32 * MIB));
+    let g = p
+        .add_owner(OwnerSpec::new("guaranteed", 16 * MIB).base(16 * MIB))
+        .unwrap();
+    let be = p.add_owner(OwnerSpec::new("besteffort", 32 * MIB)).unwrap();
+    assert_eq!(p.stats().owners[0].tier, Tier::Guaranteed);
+    let x = p.alloc(be, 16 * MIB, S1).unwrap();
+    match p.alloc(be, MIB, S1) {
+        Err(PoolError::ReservedElsewhere { available, .. }) => assert_eq!(available, 0),
+        other => panic!("{other:?}"),
+    }
+    let y = p.alloc(g, 16 * MIB, S1).unwrap();
+    assert!(matches!(
+        p.add_owner(OwnerSpec::new("late", MIB).base(MIB)),
+        Err(PoolError::BadOwner(_))
+    ));
+    p.free(x).unwrap();
+    p.free(y).unwrap();
+}
+
+#[test]
+fn growth_is_contiguous_and_trim_gives_memory_back() {
+    let p = pool(PoolConfig::default().cache_bytes_per_shard(0));
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let blocks: Vec<_> = (0..64).map(|_| p.alloc(o, MIB, S1).unwrap()).collect();
+    let s = p.stats();
+    assert_eq!(s.mapped_bytes, 64 * MIB, "grown exactly as needed");
+    assert_eq!(p.source().mapped(), 64 * MIB);
+    // Free every other block: no chunk is wholly free, so trim releases nothing.
+    let (odd, even): (Vec<_>, Vec<_>) = blocks
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % 2 == 1);
+    for (_, b) in odd {
+        p.free(b).unwrap();
+    }
+    assert_eq!(p.trim().unwrap(), 0);
+    for (_, b) in even {
+        p.free(b).unwrap();
+    }
+    let released = p.trim().unwrap();
+    assert_eq!(released, 64 * MIB);
+    assert_eq!(p.source().mapped(), 0);
+    assert_eq!(p.stats().mapped_bytes, 0);
+    assert_eq!(p.stats().peak_mapped_bytes, 64 * MIB);
+    // The pool grows again after trimming.
+    let b = p.alloc(o, 5 * MIB, S1).unwrap();
+    assert_eq!(p.stats().mapped_bytes, 6 * MIB);
+    p.free(b).unwrap();
+}
+
+#[test]
+fn trim_releases_a_hole_in_the_middle() {
+    let p = pool(PoolConfig::default().cache_bytes_per_shard(0));
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let a = p.alloc(o, 2 * MIB, S1).unwrap();
+    let b = p.alloc(o, 2 * MIB, S1).unwrap();
+    let c = p.alloc(o, 2 * MIB, S1).unwrap();
+    p.free(b).unwrap();
+    assert_eq!(p.trim().unwrap(), 2 * MIB);
+    assert_eq!(p.stats().mapped_bytes, 4 * MIB);
+    // The hole is mapped again when needed, and blocks never span a hole.
+    let d = p.alloc(o, 2 * MIB, S1).unwrap();
+    assert_eq!(p.stats().mapped_bytes, 6 * MIB);
+    for x in [a, c, d] {
+        p.free(x).unwrap();
+    }
+    assert_eq!(p.trim().unwrap(), 6 * MIB);
+}
+
+#[test]
+fn capacity_caps_mapping_and_oom_reports_holders() {
+    let p = pool(PoolConfig::default().capacity(8 * MIB));
+    let o = p.add_owner(OwnerSpec::new("hog", 1 << 30)).unwrap();
+    let a = p.alloc(o, 6 * MIB, S1).unwrap();
+    match p.alloc(o, 4 * MIB, S1) {
+        Err(PoolError::OutOfMemory {
+            requested, report, ..
+        }) => {
+            assert_eq!(requested, 4 * MIB);
+            // Refused before mapping anything more.
+            assert_eq!(report.mapped, 6 * MIB);
+            assert_eq!(report.capacity, Some(8 * MIB));
+            assert_eq!(report.holdings[0].name, "hog");
+            assert_eq!(report.holdings[0].in_use, 6 * MIB);
+            let msg = format!(
+                "{}",
+                PoolError::OutOfMemory {
+                    requested,
+                    owner: o,
+                    stream: S1,
+                    report
+                }
+            );
+            assert!(msg.contains("hog"), "{msg}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A failed allocation leaves nothing charged.
+    assert_eq!(p.stats().owners[0].in_use_bytes, 6 * MIB);
+    p.free(a).unwrap();
+}
+
+#[test]
+fn source_out_of_memory_is_handled() {
+    let src = HostSource::new(2 * MIB, 1 << 30).with_limit(4 * MIB);
+    let p = Pool::new(src, PoolConfig::default()).unwrap();
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let a = p.alloc(o, 4 * MIB, S1).unwrap();
+    assert!(matches!(
+        p.alloc(o, MIB, S1),
+        Err(PoolError::OutOfMemory { .. })
+    ));
+    p.free(a).unwrap();
+    let b = p.alloc(o, MIB, S1).unwrap();
+    p.free(b).unwrap();
+}
+
+#[test]
+fn stream_ordered_reuse_through_the_cache() {
+    let p = pool(PoolConfig::default());
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let a = p.alloc(o, 4096, S1).unwrap();
+    let off = a.offset();
+    let ev = Flag::new();
+    p.free_after(a, S1, ev.clone()).unwrap();
+    // Another stream must not get it while the event is pending.
+    let b = p.alloc(o, 4096, S2).unwrap();
+    assert_ne!(b.offset(), off);
+    // The same stream gets it at once.
+    let c = p.alloc(o, 4096, S1).unwrap();
+    assert_eq!(c.offset(), off);
+    p.free_after(c, S1, ev.clone()).unwrap();
+    ev.set();
+    // Once the event completes, any stream may take it.
+    let d = p.alloc(o, 4096, S2).unwrap();
+    assert_eq!(d.offset(), off);
+    p.free(b).unwrap();
+    p.free(d).unwrap();
+}
+
+#[test]
+fn stream_ordered_reuse_through_the_central_allocator() {
+    // Caching off: frees go straight to the central allocator.
+    let p = pool(
+        PoolConfig::default()
+            .cache_bytes_per_shard(0)
+            .capacity(8 * MIB),
+    );
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let a = p.alloc(o, 6 * MIB, S1).unwrap();
+    let off = a.offset();
+    let ev = Flag::new();
+    p.free_after(a, S1, ev.clone()).unwrap();
+    assert_eq!(p.stats().pending_bytes, 6 * MIB);
+    // Stream 2 cannot have the pending memory, and there is no other room.
+    assert!(matches!(
+        p.alloc(o, 6 * MIB, S2),
+        Err(PoolError::OutOfMemory { .. })
+    ));
+    // Stream 1 can.
+    let b = p.alloc(o, 6 * MIB, S1).unwrap();
+    assert_eq!(b.offset(), off);
+    p.free_after(b, S1, ev.clone()).unwrap();
+    ev.set();
+    let c = p.alloc(o, 6 * MIB, S2).unwrap();
+    assert_eq!(c.offset(), off);
+    p.free(c).unwrap();
+}
+
+fn evicting_pool(cap: u64) -> (Pool<HostSource>, Arc<Recorder>) {
+    let p = pool(PoolConfig::default().capacity(cap).cache_bytes_per_shard(0));
+    let r = Arc::new(Recorder::default());
+    p.set_evictor(r.clone());
+    (p, r)
+}
+
+#[test]
+fn eviction_takes_best_effort_lru_first_and_restore_brings_it_back() {
+    let (p, rec) = evicting_pool(8 * MIB);
+    let g = p
+        .add_owner(OwnerSpec::new("g", 8 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    let be = p.add_owner(OwnerSpec::new("be", 8 * MIB)).unwrap();
+    let mut ids = vec![];
+    for tag in 0..4 {
+        let (id, pin) = p.alloc_evictable(be, 2 * MIB, tag, S1).unwrap();
+        assert!(!pin.restored);
+        ids.push(id);
+    }
+    for id in &ids {
+        p.unpin(id).unwrap();
+    }
+    // Touch block 0 so that block 1 is now the least recently used.
+    p.pin(&ids[0], S1).unwrap();
+    p.unpin(&ids[0]).unwrap();
+    let x = p.alloc(g, 2 * MIB, S1).unwrap();
+    {
+        let ev = rec.evicted.lock().unwrap();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].tag, 1, "least recently used goes first");
+        assert_eq!(ev[0].requested_by, g);
+    }
+    assert!(!p.is_resident(&ids[1]).unwrap());
+    let s = p.stats();
+    assert_eq!(s.evictions, 1);
+    assert_eq!(s.owners[1].evicted_bytes, 2 * MIB);
+    // Pinning the evicted block restores it (evicting another BestEffort block for room).
+    let pin = p.pin(&ids[1], S2).unwrap();
+    assert!(pin.restored);
+    let r = rec.restored.lock().unwrap()[0].clone();
+    assert_eq!((r.tag, r.stream, r.addr), (1, S2, pin.addr));
+    assert_eq!(rec.evicted.lock().unwrap()[1].tag, 2);
+    assert_eq!(p.stats().restores, 1);
+    p.unpin(&ids[1]).unwrap();
+    p.free(x).unwrap();
+    for id in ids {
+        p.free_evictable(id).unwrap();
+    }
+    let s = p.stats();
+    assert_eq!(s.owners[1].evicted_bytes, 0);
+    assert_eq!(s.in_use_bytes, 0);
+}
+
+#[test]
+fn pinned_and_guaranteed_blocks_are_never_evicted() {
+    let (p, rec) = evicting_pool(4 * MIB);
+    let g = p
+        .add_owner(OwnerSpec::new("g", 4 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    let be = p.add_owner(OwnerSpec::new("be", 4 * MIB)).unwrap();
+    let (gid, _) = p.alloc_evictable(g, 2 * MIB, 0, S1).unwrap();
+    p.unpin(&gid).unwrap();
+    let (bid, _) = p.alloc_evictable(be, 2 * MIB, 1, S1).unwrap(); // stays pinned
+    match p.alloc(g, 2 * MIB, S1) {
+        Err(PoolError::OutOfMemory { report, .. }) => {
+            let be_h = report.holdings.iter().find(|h| h.name == "be").unwrap();
+            assert_eq!(be_h.pinned_evictable, 2 * MIB);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(rec.evicted.lock().unwrap().is_empty());
+    let bid = match p.free_evictable(bid) {
+        Err((id, PoolError::Pinned { pins: 1 })) => id,
+        other => panic!("{other:?}"),
+    };
+    p.unpin(&bid).unwrap();
+    assert!(matches!(p.unpin(&bid), Err(PoolError::NotPinned)));
+    // A refusing evictor leaves the block resident, and the allocation fails cleanly.
+    rec.fail_evict.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        p.alloc(g, 2 * MIB, S1),
+        Err(PoolError::OutOfMemory { .. })
+    ));
+    assert!(p.is_resident(&bid).unwrap());
+    rec.fail_evict.store(false, Ordering::SeqCst);
+    let x = p.alloc(g, 2 * MIB, S1).unwrap();
+    assert!(!p.is_resident(&bid).unwrap());
+    assert!(p.is_resident(&gid).unwrap());
+    // A failed restore leaves the block evicted and charges nothing.
+    p.free(x).unwrap();
+    rec.fail_restore.store(true, Ordering::SeqCst);
+    let before = p.stats().in_use_bytes;
+    assert!(matches!(p.pin(&bid, S1), Err(PoolError::RestoreFailed(_))));
+    assert_eq!(p.stats().in_use_bytes, before);
+    rec.fail_restore.store(false, Ordering::SeqCst);
+    assert!(p.pin(&bid, S1).unwrap().restored);
+    p.unpin(&bid).unwrap();
+    p.free_evictable(bid).unwrap();
+    p.free_evictable(gid).unwrap();
+}
+
+#[test]
+fn burstable_blocks_are_evicted_only_above_base() {
+    let (p, rec) = evicting_pool(8 * MIB);
+    let b = p
+        .add_owner(OwnerSpec::new("burst", 8 * MIB).base(2 * MIB))
+        .unwrap();
+    let g = p
+        .add_owner(OwnerSpec::new("g", 6 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    let h = p.add_owner(OwnerSpec::new("h", 8 * MIB)).unwrap();
+    assert_eq!(p.stats().owners[0].tier, Tier::Burstable);
+    let (a, _) = p.alloc_evictable(b, 2 * MIB, 0, S1).unwrap();
+    let (c, _) = p.alloc_evictable(b, 2 * MIB, 1, S1).unwrap();
+    p.unpin(&a).unwrap();
+    p.unpin(&c).unwrap();
+    let x = p.alloc(g, 2 * MIB, S1).unwrap();
+    let y = p.alloc(g, 2 * MIB, S1).unwrap();
+    assert!(
+        rec.evicted.lock().unwrap().is_empty(),
+        "room without eviction"
+    );
+    // 4 MiB used by the Burstable owner, base 2 MiB: one block may go.
+    let z = p.alloc(g, 2 * MIB, S1).unwrap();
+    assert_eq!(rec.evicted.lock().unwrap().len(), 1);
+    assert_eq!(rec.evicted.lock().unwrap()[0].tag, 0, "least recently used");
+    assert_eq!(p.stats().owners[0].in_use_bytes, 2 * MIB);
+    // At its base the owner keeps the rest.
+    assert!(matches!(
+        p.alloc(h, 2 * MIB, S1),
+        Err(PoolError::OutOfMemory { .. })
+    ));
+    assert_eq!(rec.evicted.lock().unwrap().len(), 1);
+    for blk in [x, y, z] {
+        p.free(blk).unwrap();
+    }
+    for id in [a, c] {
+        p.free_evictable(id).unwrap();
+    }
+}
+
+#[test]
+fn stats_and_snapshot_agree() {
+    let p = pool(PoolConfig::default());
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let a = p.alloc(o, 4096, S1).unwrap();
+    let b = p.alloc(o, 8192, S1).unwrap();
+    let (e, _) = p.alloc_evictable(o, MIB, 0, S1).unwrap();
+    p.free(b).unwrap();
+    let s = p.stats();
+    assert_eq!(s.owners[0].live_bytes, 4096 + MIB);
+    assert_eq!(s.owners[0].cached_bytes, 8192);
+    assert_eq!(s.owners[0].in_use_bytes, 4096 + 8192 + MIB);
+    assert_eq!(
+        s.mapped_bytes,
+        s.free_bytes + s.pending_bytes + s.in_use_bytes
+    );
+    assert_eq!(s.allocs, 3);
+    assert_eq!(s.frees, 1);
+    assert!(s.fragmentation >= 0.0 && s.fragmentation < 1.0);
+    let snap = p.snapshot();
+    let count = |st: BlockState| snap.blocks.iter().filter(|b| b.state == st).count();
+    assert_eq!(count(BlockState::Live), 1);
+    assert_eq!(count(BlockState::Cached), 1);
+    assert_eq!(count(BlockState::Evictable { pinned: true }), 1);
+    let total: u64 = snap.blocks.iter().map(|b| b.size).sum();
+    assert_eq!(total, s.mapped_bytes);
+    p.free(a).unwrap();
+    p.unpin(&e).unwrap();
+    p.free_evictable(e).unwrap();
+}
+
+#[test]
+fn owners_are_removed_only_when_empty() {
+    let p = pool(PoolConfig {
+        max_owners: 2,
+        ..PoolConfig::default()
+    });
+    let a = p.add_owner(OwnerSpec::new("a", MIB)).unwrap();
+    let _b = p.add_owner(OwnerSpec::new("b", MIB)).unwrap();
+    assert!(matches!(
+        p.add_owner(OwnerSpec::new("c", MIB)),
+        Err(PoolError::TooManyOwners(2))
+    ));
+    let x = p.alloc(a, 1000, S1).unwrap();
+    assert!(matches!(
+        p.remove_owner(a),
+        Err(PoolError::OwnerBusy { bytes: 1024, .. })
+    ));
+    p.free(x).unwrap();
+    p.remove_owner(a).unwrap();
+    assert!(matches!(
+        p.alloc(a, 10, S1),
+        Err(PoolError::UnknownOwner(_))
+    ));
+    let c = p.add_owner(OwnerSpec::new("c", MIB)).unwrap();
+    assert_ne!(a, c, "a reused slot gets a new identity");
+}

@@ -1,0 +1,201 @@
+//! Random operation sequences; after every step: live blocks never overlap, each owner's
+//! accounting equals the sum of its live blocks, no limit is exceeded, and the global
+//! figures add up.
+
+mod common;
+
+use common::{Flag, Recorder};
+use gpushare_pool::{
+    Block, ChunkSource, EvictableId, HostSource, OwnerId, OwnerSpec, Pool, PoolConfig, StreamId,
+    Tier,
+};
+use proptest::prelude::*;
+use std::sync::Arc;
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Alloc {
+        owner: usize,
+        size: u64,
+        stream: u64,
+        align_log: u32,
+    },
+    Free {
+        pick: usize,
+    },
+    FreeAfter {
+        pick: usize,
+        stream: u64,
+    },
+    CompleteEvents,
+    AllocEvictable {
+        owner: usize,
+        size: u64,
+    },
+    Pin {
+        pick: usize,
+    },
+    Unpin {
+        pick: usize,
+    },
+    FreeEvictable {
+        pick: usize,
+    },
+    Trim,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let size = prop_oneof![1u64..4096, 4096u64..(256 << 10), (256u64 << 10)..(6 * MIB)];
+    prop_oneof![
+        4 => (0usize..3, size.clone(), 0u64..3, 0u32..12).prop_map(|(owner, size, stream, a)| Op::Alloc {
+            owner, size, stream, align_log: if a < 9 { 8 } else { 8 + a * 2 } }),
+        3 => any::<usize>().prop_map(|pick| Op::Free { pick }),
+        1 => (any::<usize>(), 0u64..3).prop_map(|(pick, stream)| Op::FreeAfter { pick, stream }),
+        1 => Just(Op::CompleteEvents),
+        1 => (0usize..3, size).prop_map(|(owner, size)| Op::AllocEvictable { owner, size }),
+        1 => any::<usize>().prop_map(|pick| Op::Pin { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::Unpin { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::FreeEvictable { pick }),
+        1 => Just(Op::Trim),
+    ]
+}
+
+struct Model {
+    pool: Pool<HostSource>,
+    owners: Vec<(OwnerId, u64)>,
+    live: Vec<Block>,
+    evictable: Vec<(EvictableId, usize, u32)>,
+    events: Vec<Arc<Flag>>,
+}
+
+impl Model {
+    fn check(&self) -> Result<(), TestCaseError> {
+        let s = self.pool.stats();
+        // No overlap among live blocks and resident evictable blocks.
+        let mut spans: Vec<(u64, u64)> = self
+            .live
+            .iter()
+            .map(|b| (b.offset(), b.offset() + b.size()))
+            .collect();
+        let snap = self.pool.snapshot();
+        for b in &snap.blocks {
+            if let gpushare_pool::BlockState::Evictable { .. } = b.state {
+                let o = b.addr - self.pool.source().base();
+                spans.push((o, o + b.size));
+            }
+        }
+        spans.sort();
+        for w in spans.windows(2) {
+            prop_assert!(w[0].1 <= w[1].0, "overlap {:?}", w);
+        }
+        for (i, &(id, limit)) in self.owners.iter().enumerate() {
+            let o = s.owners.iter().find(|o| o.id == id).unwrap();
+            let mine: u64 = self
+                .live
+                .iter()
+                .filter(|b| b.owner() == id)
+                .map(|b| b.size())
+                .sum();
+            prop_assert_eq!(
+                o.live_bytes - o.evictable_resident_bytes,
+                mine,
+                "owner {} live",
+                i
+            );
+            prop_assert!(o.in_use_bytes <= limit, "owner {} over its limit", i);
+            prop_assert_eq!(o.in_use_bytes, o.live_bytes + o.cached_bytes);
+        }
+        prop_assert_eq!(
+            s.mapped_bytes,
+            s.free_bytes + s.pending_bytes + s.in_use_bytes
+        );
+        let total: u64 = snap.blocks.iter().map(|b| b.size).sum();
+        prop_assert_eq!(total, s.mapped_bytes);
+        prop_assert!(s.mapped_bytes <= self.pool.capacity());
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn invariants_hold_after_every_step(ops in proptest::collection::vec(op(), 1..120)) {
+        let pool = Pool::new(
+            HostSource::new(2 * MIB, 1 << 30),
+            PoolConfig::default().capacity(48 * MIB).cache_bytes_per_shard(4 * MIB),
+        ).unwrap();
+        pool.set_evictor(Arc::new(Recorder::default()));
+        let specs = [
+            OwnerSpec::new("g", 16 * MIB).base(16 * MIB),
+            OwnerSpec::new("b", 24 * MIB).base(8 * MIB),
+            OwnerSpec::new("e", 32 * MIB).tier(Tier::BestEffort),
+        ];
+        let owners = specs.iter().map(|s| (pool.add_owner(s.clone()).unwrap(), s.limit)).collect();
+        let mut m = Model { pool, owners, live: vec![], evictable: vec![], events: vec![] };
+        for op in ops {
+            match op {
+                Op::Alloc { owner, size, stream, align_log } => {
+                    let (id, _) = m.owners[owner];
+                    if let Ok(b) = m.pool.alloc_aligned(id, size, 1 << align_log, StreamId(stream)) {
+                        prop_assert!(b.size() >= size);
+                        prop_assert_eq!(m.pool.addr(&b) % (1 << align_log), 0);
+                        m.live.push(b);
+                    }
+                }
+                Op::Free { pick } if !m.live.is_empty() => {
+                    let b = m.live.swap_remove(pick % m.live.len());
+                    m.pool.free(b).unwrap();
+                }
+                Op::FreeAfter { pick, stream } if !m.live.is_empty() => {
+                    let b = m.live.swap_remove(pick % m.live.len());
+                    let e = Flag::new();
+                    m.events.push(e.clone());
+                    m.pool.free_after(b, StreamId(stream), e).unwrap();
+                }
+                Op::CompleteEvents => m.events.drain(..).for_each(|e| e.set()),
+                Op::AllocEvictable { owner, size } => {
+                    let (id, _) = m.owners[owner];
+                    if let Ok((e, _)) = m.pool.alloc_evictable(id, size, 0, StreamId(0)) {
+                        m.evictable.push((e, owner, 1));
+                    }
+                }
+                Op::Pin { pick } if !m.evictable.is_empty() => {
+                    let i = pick % m.evictable.len();
+                    if m.pool.pin(&m.evictable[i].0, StreamId(0)).is_ok() {
+                        m.evictable[i].2 += 1;
+                    }
+                }
+                Op::Unpin { pick } if !m.evictable.is_empty() => {
+                    let i = pick % m.evictable.len();
+                    let r = m.pool.unpin(&m.evictable[i].0);
+                    prop_assert_eq!(r.is_ok(), m.evictable[i].2 > 0);
+                    if r.is_ok() { m.evictable[i].2 -= 1; }
+                }
+                Op::FreeEvictable { pick } if !m.evictable.is_empty() => {
+                    let i = pick % m.evictable.len();
+                    let (e, o, pins) = m.evictable.swap_remove(i);
+                    match m.pool.free_evictable(e) {
+                        Ok(()) => prop_assert_eq!(pins, 0),
+                        Err((e, _)) => { prop_assert!(pins > 0); m.evictable.push((e, o, pins)); }
+                    }
+                }
+                Op::Trim => { m.pool.trim().unwrap(); }
+                _ => {}
+            }
+            m.check()?;
+        }
+        m.events.drain(..).for_each(|e| e.set());
+        for b in m.live.drain(..) { m.pool.free(b).unwrap(); }
+        for (e, _, pins) in m.evictable.drain(..) {
+            for _ in 0..pins { m.pool.unpin(&e).unwrap(); }
+            m.pool.free_evictable(e).unwrap();
+        }
+        m.pool.trim().unwrap();
+        let s = m.pool.stats();
+        prop_assert_eq!(s.mapped_bytes, 0);
+        prop_assert_eq!(s.in_use_bytes, 0);
+        prop_assert_eq!(m.pool.source().mapped(), 0);
+    }
+}
