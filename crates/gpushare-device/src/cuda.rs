@@ -14,7 +14,7 @@ use crate::{
     EventFlags, HostFn, LinearAlloc, Mapping, MemInfo, PhysChunk, PinnedBuffer, PinnedSlice,
     PriorityRange, SmPartition, SmSplit, Stream, VaRange,
 };
-use cudarc::driver::{result, sys, CudaContext, CudaStream, HostSlice};
+use cudarc::driver::{result, sys, CudaContext, CudaStream};
 use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::mem::{ManuallyDrop, MaybeUninit};
@@ -47,6 +47,17 @@ fn vmm_prop(ordinal: usize) -> sys::CUmemAllocationProp {
     prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
     prop.location.id = ordinal as i32;
     prop
+}
+
+/// Make `ctx` current on this thread. Unlike cudarc's `bind_to_thread`, this does not first
+/// report errors that cudarc stored from earlier drops, so release paths always run.
+fn make_current(ctx: &CudaContext) -> Result<()> {
+    let cur = result::ctx::get_current().call("cuCtxGetCurrent")?;
+    if cur != Some(ctx.cu_ctx()) {
+        // SAFETY: the context is alive (borrowed from its Arc) for the duration of the call.
+        unsafe { result::ctx::set_current(ctx.cu_ctx()) }.call("cuCtxSetCurrent")?;
+    }
+    Ok(())
 }
 
 fn symbol_present(name: &[u8]) -> bool {
@@ -110,6 +121,7 @@ impl CudaDevice {
                 b"cuGreenCtxStreamCreate\0",
                 b"cuCtxFromGreenCtx\0",
                 b"cuGreenCtxDestroy\0",
+                b"cuGreenCtxGetDevResource\0",
             ]
             .iter()
             .all(|s| symbol_present(s));
@@ -151,7 +163,7 @@ impl CudaDevice {
     }
 
     fn bind(&self) -> Result<()> {
-        self.inner.ctx.bind_to_thread().call("cuCtxSetCurrent")
+        make_current(&self.inner.ctx)
     }
 
     fn stream<'s>(&self, s: &'s Stream) -> Result<&'s Arc<CudaStream>> {
@@ -162,7 +174,7 @@ impl CudaDevice {
         }
     }
 
-    fn event<'e>(&self, e: &'e Event) -> Result<&'e Arc<cudarc::driver::CudaEvent>> {
+    fn event<'e>(&self, e: &'e Event) -> Result<&'e Arc<CudaEventSet>> {
         check_owner(self.inner.id, "event", e.device)?;
         match &e.inner {
             EventInner::Cuda(c) => Ok(c),
@@ -170,10 +182,7 @@ impl CudaDevice {
         }
     }
 
-    fn pinned<'p>(
-        &self,
-        s: &PinnedSlice<'p>,
-    ) -> Result<&'p parking_lot::Mutex<cudarc::driver::PinnedHostSlice<u8>>> {
+    fn pinned<'p>(&self, s: &PinnedSlice<'p>) -> Result<&'p parking_lot::Mutex<CudaPinned>> {
         check_owner(self.inner.id, "pinned buffer", s.buf.device)?;
         match &s.buf.inner {
             PinnedInner::Cuda(m) => Ok(m),
@@ -235,7 +244,7 @@ pub(crate) struct CudaVa {
 
 impl Drop for CudaVa {
     fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
+        let _ = make_current(&self.ctx);
         // SAFETY: the range was reserved by cuMemAddressReserve with exactly this base and
         // size, and every mapping inside it holds this struct alive, so none remains.
         let r = unsafe { sys::cuMemAddressFree(self.base, self.size as usize) }.result();
@@ -255,7 +264,7 @@ pub(crate) struct CudaChunk {
 
 impl Drop for CudaChunk {
     fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
+        let _ = make_current(&self.ctx);
         // SAFETY: the handle came from cuMemCreate and is released exactly once, here.
         if let Err(e) = unsafe { sys::cuMemRelease(self.handle) }.result() {
             tracing::warn!(error = %e, "cuMemRelease failed");
@@ -278,14 +287,15 @@ impl CudaMapping {
         if self.done {
             return Ok(());
         }
-        self.done = true;
         self.dev.inner.regions.write().remove(&self.addr);
         self.dev.bind()?;
         // SAFETY: `addr..addr+size` was mapped by cuMemMap in this struct and is unmapped
-        // once (guarded by `done`); the VA range is kept alive by `_va`.
+        // once (guarded by `done`, set only on success); the VA range is kept alive by `_va`.
         unsafe { sys::cuMemUnmap(self.addr, self.size as usize) }
             .result()
-            .call("cuMemUnmap")
+            .call("cuMemUnmap")?;
+        self.done = true;
+        Ok(())
     }
     pub(crate) fn unmap(mut self) -> Result<()> {
         self.do_unmap()
@@ -336,9 +346,17 @@ unsafe impl Sync for GreenCtx {}
 
 impl Drop for GreenCtx {
     fn drop(&mut self) {
-        let _ = self.primary.bind_to_thread();
-        // SAFETY: the handle came from cuGreenCtxCreate; every stream in it holds this
-        // struct alive through `GreenStream`, so none remains; destroyed once, here.
+        // Anything cudarc made in this context (a module, a slice, a clone of a stream)
+        // holds its context alive; destroying the green context under it would leave it
+        // dangling, so then the context is left to the process instead.
+        if Arc::strong_count(&self.ctx) > 1 {
+            tracing::warn!("an SM partition is still referenced through cudarc; not destroying it");
+            return;
+        }
+        let _ = make_current(&self.primary);
+        // SAFETY: the handle came from cuGreenCtxCreate; no stream or cudarc object refers
+        // to it any more (checked above, and every GreenStream holds this struct alive); it
+        // is destroyed once, here.
         if let Err(e) = unsafe { sys::cuGreenCtxDestroy(self.handle) }.result() {
             tracing::warn!(error = %e, "cuGreenCtxDestroy failed");
         }
@@ -348,8 +366,9 @@ impl Drop for GreenCtx {
 /// Owner of a stream created in a green context (cudarc's wrapper of it does not own it).
 #[derive(Debug)]
 pub(crate) struct GreenStream {
+    cuda: Arc<CudaStream>,
     stream: sys::CUstream,
-    _green: Arc<GreenCtx>,
+    green: Arc<GreenCtx>,
 }
 
 // SAFETY: a CUstream is an opaque driver handle usable from any thread.
@@ -359,10 +378,160 @@ unsafe impl Sync for GreenStream {}
 
 impl Drop for GreenStream {
     fn drop(&mut self) {
-        // SAFETY: created by cuGreenCtxStreamCreate and destroyed once, here, before the
-        // green context it belongs to (held by `_green`).
-        if let Err(e) = unsafe { sys::cuStreamDestroy_v2(self.stream) }.result() {
-            tracing::warn!(error = %e, "cuStreamDestroy failed");
+        // A caller may have cloned the cudarc stream; destroying the CUstream would leave
+        // that clone dangling, so then it stays alive (and so does its green context).
+        if Arc::strong_count(&self.cuda) > 1 {
+            tracing::warn!(
+                "a partition stream is still referenced through cudarc; not destroying it"
+            );
+            return;
+        }
+        let _ = make_current(&self.green.ctx);
+        // SAFETY: created by cuGreenCtxStreamCreate, referenced by nothing but `self.cuda`
+        // (checked above, and dropped right after this), and destroyed once, here, after its
+        // pending work has run and before its green context (held by `green`).
+        unsafe {
+            if let Err(e) = sys::cuStreamSynchronize(self.stream).result() {
+                tracing::warn!(error = %e, "cuStreamSynchronize failed");
+            }
+            if let Err(e) = sys::cuStreamDestroy_v2(self.stream).result() {
+                tracing::warn!(error = %e, "cuStreamDestroy failed");
+            }
+        }
+    }
+}
+
+/// A device-level event: one CUDA event per context it has been recorded in (an event can
+/// only be recorded on a stream of its own context), and which one was recorded last.
+#[derive(Debug)]
+pub(crate) struct CudaEventSet {
+    flags: sys::CUevent_flags,
+    inner: parking_lot::Mutex<EvSet>,
+}
+
+#[derive(Debug, Default)]
+struct EvSet {
+    events: Vec<cudarc::driver::CudaEvent>,
+    last: Option<usize>,
+}
+
+impl CudaEventSet {
+    /// The CUDA event recorded last, if any.
+    fn with_last<T>(
+        &self,
+        f: impl FnOnce(&cudarc::driver::CudaEvent) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let g = self.inner.lock();
+        match g.last {
+            Some(i) => f(&g.events[i]).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn record(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        let ctx = stream.context();
+        let mut g = self.inner.lock();
+        let i = match g
+            .events
+            .iter()
+            .position(|e| e.context().cu_ctx() == ctx.cu_ctx())
+        {
+            Some(i) => i,
+            None => {
+                let e = ctx.new_event(Some(self.flags)).call("cuEventCreate")?;
+                g.events.push(e);
+                g.events.len() - 1
+            }
+        };
+        make_current(ctx)?;
+        // SAFETY: the event and the stream belong to the same context and are alive.
+        unsafe { result::event::record(g.events[i].cu_event(), stream.cu_stream()) }
+            .call("cuEventRecord")?;
+        g.last = Some(i);
+        Ok(())
+    }
+}
+
+/// Pinned host memory with its own record of the last copy that used it. cudarc's own
+/// tracking cannot follow streams of green contexts, so this keeps an event per buffer,
+/// made in the context of the stream that last used it.
+pub(crate) struct CudaPinned {
+    ptr: *mut u8,
+    len: usize,
+    last: Option<cudarc::driver::CudaEvent>,
+    /// Owns the allocation; dropped after `Drop::drop` below has waited for `last`.
+    _slice: cudarc::driver::PinnedHostSlice<u8>,
+}
+
+// SAFETY: the pointer is owned by `_slice` (page-locked host memory valid on any thread);
+// all access goes through the Mutex that wraps this struct.
+unsafe impl Send for CudaPinned {}
+// SAFETY: as above.
+unsafe impl Sync for CudaPinned {}
+
+impl CudaPinned {
+    fn wait_idle(&self) -> Result<()> {
+        match &self.last {
+            Some(e) => e.synchronize().call("cuEventSynchronize"),
+            None => Ok(()),
+        }
+    }
+
+    /// The bytes, once every copy that used them has completed.
+    pub(crate) fn bytes(&self) -> Result<&[u8]> {
+        self.wait_idle()?;
+        // SAFETY: `ptr..ptr+len` is the live allocation owned by `_slice`; no copy is in
+        // flight (waited above) and new copies need `&mut self`, which this borrow excludes.
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr, self.len) })
+    }
+
+    /// The bytes for writing, once every copy that used them has completed.
+    pub(crate) fn bytes_mut(&mut self) -> Result<&mut [u8]> {
+        self.wait_idle()?;
+        // SAFETY: as in `bytes`, with exclusive access through `&mut self`.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) })
+    }
+
+    /// Order `stream` after earlier copies of this buffer.
+    fn before_copy(&self, stream: &CudaStream) -> Result<()> {
+        if let Some(e) = &self.last {
+            // SAFETY: both handles are alive; waiting across contexts of a device is allowed.
+            unsafe {
+                result::stream::wait_event(
+                    stream.cu_stream(),
+                    e.cu_event(),
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+            }
+            .call("cuStreamWaitEvent")?;
+        }
+        Ok(())
+    }
+
+    /// Remember that a copy on `stream` uses the buffer.
+    fn after_copy(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        let ctx = stream.context();
+        let reuse = self
+            .last
+            .as_ref()
+            .is_some_and(|e| e.context().cu_ctx() == ctx.cu_ctx());
+        if !reuse {
+            self.last = Some(ctx.new_event(None).call("cuEventCreate")?);
+        }
+        if let Some(e) = &self.last {
+            make_current(ctx)?;
+            // SAFETY: event and stream belong to the same context and are alive.
+            unsafe { result::event::record(e.cu_event(), stream.cu_stream()) }
+                .call("cuEventRecord")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CudaPinned {
+    fn drop(&mut self) {
+        if let Err(e) = self.wait_idle() {
+            tracing::warn!(error = %e, "waiting for copies of a pinned buffer failed");
         }
     }
 }
@@ -563,42 +732,56 @@ impl Device for CudaDevice {
         } else {
             sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
         };
+        // One event in the primary context up front; others are made on first record on a
+        // stream of another context (an SM partition).
         let e = self.inner.ctx.new_event(Some(f)).call("cuEventCreate")?;
         Ok(Event {
             device: self.inner.id,
             flags,
-            inner: EventInner::Cuda(Arc::new(e)),
+            inner: EventInner::Cuda(Arc::new(CudaEventSet {
+                flags: f,
+                inner: parking_lot::Mutex::new(EvSet {
+                    events: vec![e],
+                    last: None,
+                }),
+            })),
         })
     }
 
     fn record_event(&self, event: &Event, stream: &Stream) -> Result<()> {
         let (e, s) = (self.event(event)?, self.stream(stream)?);
-        self.bind()?;
-        // SAFETY: both handles are alive (held by the Arcs borrowed here). The raw call is
-        // used because cudarc refuses a stream of a green context derived from this device.
-        unsafe { result::event::record(e.cu_event(), s.cu_stream()) }.call("cuEventRecord")
+        e.record(s)
     }
 
     fn wait_event(&self, stream: &Stream, event: &Event) -> Result<()> {
         let (e, s) = (self.event(event)?, self.stream(stream)?);
-        self.bind()?;
-        // SAFETY: both handles are alive; waiting across contexts of one device is allowed.
-        unsafe {
-            result::stream::wait_event(
-                s.cu_stream(),
-                e.cu_event(),
-                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
-        }
-        .call("cuStreamWaitEvent")
+        e.with_last(|ev| {
+            self.bind()?;
+            // SAFETY: both handles are alive; waiting across contexts of one device is
+            // allowed.
+            unsafe {
+                result::stream::wait_event(
+                    s.cu_stream(),
+                    ev.cu_event(),
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+            }
+            .call("cuStreamWaitEvent")
+        })
+        .map(|_| ())
     }
 
     fn query_event(&self, event: &Event) -> Result<bool> {
-        self.event(event)?.try_is_complete().call("cuEventQuery")
+        Ok(self
+            .event(event)?
+            .with_last(|ev| ev.try_is_complete().call("cuEventQuery"))?
+            .unwrap_or(true))
     }
 
     fn synchronize_event(&self, event: &Event) -> Result<()> {
-        self.event(event)?.synchronize().call("cuEventSynchronize")
+        self.event(event)?
+            .with_last(|ev| ev.synchronize().call("cuEventSynchronize"))
+            .map(|_| ())
     }
 
     fn elapsed(&self, start: &Event, end: &Event) -> Result<Duration> {
@@ -609,11 +792,28 @@ impl Device for CudaDevice {
                 reason: "both events must be created with EventFlags::timing()".into(),
             });
         }
-        a.synchronize().call("cuEventSynchronize")?;
-        b.synchronize().call("cuEventSynchronize")?;
-        // SAFETY: both events are alive and complete.
-        let ms = unsafe { result::event::elapsed(a.cu_event(), b.cu_event()) }
-            .call("cuEventElapsedTime")?;
+        let never = || DeviceError::Unsupported {
+            what: "elapsed time",
+            reason: "both events must have been recorded".into(),
+        };
+        let ea = a
+            .with_last(|e| {
+                e.synchronize()
+                    .call("cuEventSynchronize")
+                    .map(|()| e.cu_event())
+            })?
+            .ok_or_else(never)?;
+        let eb = b
+            .with_last(|e| {
+                e.synchronize()
+                    .call("cuEventSynchronize")
+                    .map(|()| e.cu_event())
+            })?
+            .ok_or_else(never)?;
+        self.bind()?;
+        // SAFETY: both events are alive (held by the Event handles borrowed here) and
+        // complete.
+        let ms = unsafe { result::event::elapsed(ea, eb) }.call("cuEventElapsedTime")?;
         Ok(Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3))
     }
 
@@ -644,7 +844,7 @@ impl Device for CudaDevice {
                 what: "pinned buffer",
             });
         }
-        if len > isize::MAX as u64 {
+        if len >= isize::MAX as u64 {
             return Err(DeviceError::OutOfMemory {
                 requested: len,
                 free: isize::MAX as u64,
@@ -664,7 +864,12 @@ impl Device for CudaDevice {
         Ok(PinnedBuffer {
             device: self.inner.id,
             len,
-            inner: PinnedInner::Cuda(parking_lot::Mutex::new(p)),
+            inner: PinnedInner::Cuda(parking_lot::Mutex::new(CudaPinned {
+                ptr,
+                len: len as usize,
+                last: None,
+                _slice: p,
+            })),
         })
     }
 
@@ -674,16 +879,18 @@ impl Device for CudaDevice {
         let m = self.pinned(&src)?;
         let s = self.stream(stream)?;
         self.check_mapped(dst)?;
+        let mut g = m.lock();
+        g.before_copy(s)?;
         self.bind()?;
-        let g = m.lock();
-        // SAFETY: the returned guard records the buffer's event on `s` after the copy, so
-        // later host access waits for it; the stream first waits for earlier uses.
-        let (host, _rec) = unsafe { g.stream_synced_slice(s) };
         let (o, n) = (src.offset as usize, src.len as usize);
-        // SAFETY: the device range is mapped (checked) and the host slice lives until the
-        // event recorded by `_rec` completes, because dropping or touching the buffer waits.
-        unsafe { result::memcpy_htod_async(dst.ptr.0, &host[o..o + n], s.cu_stream()) }
-            .call("cuMemcpyHtoDAsync")
+        // SAFETY: the device range is mapped (checked). The host bytes stay valid until the
+        // copy completes: `after_copy` records an event that host access, later copies and
+        // the buffer's drop all wait for; the lock keeps host access out meanwhile.
+        let host = unsafe { std::slice::from_raw_parts(g.ptr.add(o), n) };
+        // SAFETY: as above.
+        unsafe { result::memcpy_htod_async(dst.ptr.0, host, s.cu_stream()) }
+            .call("cuMemcpyHtoDAsync")?;
+        g.after_copy(s)
     }
 
     fn copy_dtoh(&self, dst: PinnedSlice<'_>, src: DeviceRange, stream: &Stream) -> Result<()> {
@@ -692,14 +899,17 @@ impl Device for CudaDevice {
         let m = self.pinned(&dst)?;
         let s = self.stream(stream)?;
         self.check_mapped(src)?;
-        self.bind()?;
         let mut g = m.lock();
-        // SAFETY: as in copy_htod; host reads of the buffer wait for the recorded event.
-        let (host, _rec) = unsafe { g.stream_synced_mut_slice(s) };
+        g.before_copy(s)?;
+        self.bind()?;
         let (o, n) = (dst.offset as usize, dst.len as usize);
-        // SAFETY: as in copy_htod.
-        unsafe { result::memcpy_dtoh_async(&mut host[o..o + n], src.ptr.0, s.cu_stream()) }
-            .call("cuMemcpyDtoHAsync")
+        // SAFETY: as in copy_htod; the device writes the host bytes until the recorded
+        // event completes, and every host access waits for it first.
+        let host = unsafe { std::slice::from_raw_parts_mut(g.ptr.add(o), n) };
+        // SAFETY: as above.
+        unsafe { result::memcpy_dtoh_async(host, src.ptr.0, s.cu_stream()) }
+            .call("cuMemcpyDtoHAsync")?;
+        g.after_copy(s)
     }
 
     fn copy_dtod(&self, dst: DeviceRange, src: DeviceRange, stream: &Stream) -> Result<()> {
@@ -778,6 +988,14 @@ impl Device for CudaDevice {
         // SAFETY: initialised by the call above (and zeroed before it).
         let mut input = unsafe { input.assume_init() };
         let mut partitions = Vec::with_capacity(want.len());
+        // The SMs not yet given out, as a green context: the result of a split cannot be
+        // split again, so each further split starts from this context's resource.
+        let mut rest_green: Option<Arc<GreenCtx>> = None;
+        let too_many = || DeviceError::InvalidSmSplit {
+            requested: want.iter().sum(),
+            available: info.sm_count,
+            granularity: info.sm_granularity,
+        };
         for (&requested, &count) in sm_counts.iter().zip(&want) {
             let mut group = MaybeUninit::<sys::CUdevResource>::zeroed();
             let mut rest = MaybeUninit::<sys::CUdevResource>::zeroed();
@@ -796,35 +1014,46 @@ impl Device for CudaDevice {
             .result()
             .call("cuDevSmResourceSplitByCount")?;
             if n < 1 {
-                return Err(DeviceError::InvalidSmSplit {
-                    requested: want.iter().sum(),
-                    available: info.sm_count,
-                    granularity: info.sm_granularity,
-                });
+                return Err(too_many());
             }
             // SAFETY: both were written by the driver (and zeroed before).
-            let (mut group, rest) = unsafe { (group.assume_init(), rest.assume_init()) };
+            let (mut group, mut rest) = unsafe { (group.assume_init(), rest.assume_init()) };
             let got = sm_resource_count(&group);
-            let green = self.make_green(&mut group)?;
             partitions.push(SmPartition {
                 device: self.inner.id,
                 requested,
                 sm_count: got,
-                inner: PartitionInner::Cuda(green),
+                inner: PartitionInner::Cuda(self.make_green(&mut group)?),
             });
-            input = rest;
+            if sm_resource_count(&rest) == 0 {
+                rest_green = None;
+                if partitions.len() < want.len() {
+                    return Err(too_many());
+                }
+                break;
+            }
+            let g = self.make_green(&mut rest)?;
+            let mut next = MaybeUninit::<sys::CUdevResource>::zeroed();
+            // SAFETY: `g` is a live green context; valid out-pointer.
+            unsafe {
+                sys::cuGreenCtxGetDevResource(
+                    g.handle,
+                    next.as_mut_ptr(),
+                    sys::CUdevResourceType::CU_DEV_RESOURCE_TYPE_SM,
+                )
+            }
+            .result()
+            .call("cuGreenCtxGetDevResource")?;
+            // SAFETY: written by the driver (and zeroed before).
+            input = unsafe { next.assume_init() };
+            rest_green = Some(g);
         }
-        let left = sm_resource_count(&input);
-        let remainder = if left > 0 {
-            Some(SmPartition {
-                device: self.inner.id,
-                requested: 0,
-                sm_count: left,
-                inner: PartitionInner::Cuda(self.make_green(&mut input)?),
-            })
-        } else {
-            None
-        };
+        let remainder = rest_green.map(|g| SmPartition {
+            device: self.inner.id,
+            requested: 0,
+            sm_count: sm_resource_count(&input),
+            inner: PartitionInner::Cuda(g),
+        });
         Ok(SmSplit {
             partitions,
             remainder,
@@ -850,13 +1079,14 @@ impl Device for CudaDevice {
         }
         .result()
         .call("cuGreenCtxStreamCreate")?;
-        let owner = Arc::new(GreenStream {
-            stream: raw,
-            _green: green.clone(),
-        });
-        // SAFETY: `raw` belongs to the green context that `green.ctx` wraps and stays alive
-        // while `owner` does; the Stream handle holds both together.
+        // SAFETY: `raw` belongs to the green context that `green.ctx` wraps; GreenStream
+        // destroys it only once no clone of this wrapper remains.
         let s = unsafe { green.ctx.wrap_borrowed_stream(raw) };
+        let owner = Arc::new(GreenStream {
+            cuda: s.clone(),
+            stream: raw,
+            green: green.clone(),
+        });
         Ok(Stream {
             device: self.inner.id,
             priority,
@@ -902,20 +1132,31 @@ impl CudaDevice {
                     .call("cuCtxSetCurrent")
             });
         let ctx = match r {
-            Ok(c) => c,
+            Ok(c) => ManuallyDrop::new(c),
             Err(e) => {
-                // SAFETY: created above and not shared; destroyed once.
-                let _ = unsafe { sys::cuGreenCtxDestroy(handle) };
+                if matches!(
+                    e,
+                    DeviceError::Driver {
+                        call: "cuCtxFromGreenCtx",
+                        ..
+                    }
+                ) {
+                    // SAFETY: created above and not shared; destroyed once.
+                    let _ = unsafe { sys::cuGreenCtxDestroy(handle) };
+                }
+                // Otherwise cudarc's wrapper failed after taking the context and has
+                // released it itself; destroying it again would be a double destroy.
                 return Err(e);
             }
         };
+        let green = Arc::new(GreenCtx {
+            handle,
+            ctx,
+            primary: self.inner.ctx.clone(),
+        });
         // Leave the primary context current for the caller's next calls.
         self.bind()?;
-        Ok(Arc::new(GreenCtx {
-            handle,
-            ctx: ManuallyDrop::new(ctx),
-            primary: self.inner.ctx.clone(),
-        }))
+        Ok(green)
     }
 }
 

@@ -214,7 +214,7 @@ pub struct Event {
 
 #[derive(Clone, Debug)]
 pub(crate) enum EventInner {
-    Cuda(Arc<cudarc::driver::CudaEvent>),
+    Cuda(Arc<cuda::CudaEventSet>),
     Sim(Arc<sim::SimEvent>),
 }
 
@@ -240,7 +240,7 @@ pub struct PinnedBuffer {
 }
 
 pub(crate) enum PinnedInner {
-    Cuda(parking_lot::Mutex<cudarc::driver::PinnedHostSlice<u8>>),
+    Cuda(parking_lot::Mutex<cuda::CudaPinned>),
     Sim(Arc<sim::SimPinned>),
 }
 
@@ -290,11 +290,7 @@ impl PinnedBuffer {
         match &self.inner {
             PinnedInner::Cuda(m) => {
                 let g = m.lock();
-                let s = g.as_slice().map_err(|source| crate::DeviceError::Driver {
-                    call: "cuEventSynchronize",
-                    source,
-                })?;
-                dst.copy_from_slice(&s[o..o + dst.len()]);
+                dst.copy_from_slice(&g.bytes()?[o..o + dst.len()]);
                 Ok(())
             }
             PinnedInner::Sim(p) => p.read(o, dst),
@@ -307,13 +303,7 @@ impl PinnedBuffer {
         match &self.inner {
             PinnedInner::Cuda(m) => {
                 let mut g = m.lock();
-                let s = g
-                    .as_mut_slice()
-                    .map_err(|source| crate::DeviceError::Driver {
-                        call: "cuEventSynchronize",
-                        source,
-                    })?;
-                s[o..o + src.len()].copy_from_slice(src);
+                g.bytes_mut()?[o..o + src.len()].copy_from_slice(src);
                 Ok(())
             }
             PinnedInner::Sim(p) => p.write(o, src),

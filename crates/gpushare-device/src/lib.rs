@@ -36,6 +36,7 @@ mod error;
 mod handles;
 mod open;
 pub mod sim;
+mod source;
 mod sync;
 
 pub use cuda::CudaDevice;
@@ -46,6 +47,7 @@ pub use handles::{
 };
 pub use open::{open, open_cuda, BackendChoice};
 pub use sim::{SimConfig, SimDevice};
+pub use source::{LinearSource, VmmSource};
 
 /// Re-export of the `cudarc` version this crate is built against, so that callers launch
 /// kernels and cuBLAS calls on [`Stream::cuda_stream`] with matching types.
@@ -272,7 +274,9 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     /// Block until all work on `stream` has completed.
     fn synchronize_stream(&self, stream: &Stream) -> Result<()>;
     /// Run `f` on a host thread once all earlier work on `stream` is done; later work on the
-    /// stream waits for it. `f` must not call into the device.
+    /// stream waits for it. On CUDA `f` runs on the driver's callback thread, where device
+    /// calls are forbidden: `f` must not call into the device, nor drop the last handle of a
+    /// device resource (a stream, an event, a buffer), whose release is a device call.
     fn host_callback(&self, stream: &Stream, f: HostFn) -> Result<()>;
 
     /// Allocate `len` bytes of page-locked host memory for fast async copies. This is

@@ -664,7 +664,7 @@ impl<S: ChunkSource> Pool<S> {
             p.stream == stream
                 && p.size >= size
                 && p.size - size <= size / 8
-                && c.tlsf.node(p.node).offset % align == 0
+                && c.tlsf.node(p.node).offset.is_multiple_of(align)
         }) {
             let p = c.pending.swap_remove(i);
             if p.size == size {
@@ -682,14 +682,9 @@ impl<S: ChunkSource> Pool<S> {
                 return Ok(r);
             }
         }
-        loop {
-            match self.grow(c, size + align - UNIT)? {
-                Grow::Grew => {
-                    if let Some(r) = c.tlsf.alloc(size, align, slot) {
-                        return Ok(r);
-                    }
-                }
-                Grow::Full => break,
+        while let Grow::Grew = self.grow(c, size + align - UNIT)? {
+            if let Some(r) = c.tlsf.alloc(size, align, slot) {
+                return Ok(r);
             }
         }
         while self.evict_one(c, owner)? {
@@ -871,7 +866,7 @@ impl<S: ChunkSource> Pool<S> {
                 })
             })
             .collect();
-        holdings.sort_by(|a, b| b.in_use.cmp(&a.in_use));
+        holdings.sort_by_key(|h| std::cmp::Reverse(h.in_use));
         OomReport {
             mapped: c.mapped,
             capacity: Some(self.limit),

@@ -223,7 +223,7 @@ impl Tlsf {
     /// Allocate `size` bytes (a multiple of [`UNIT`]) at an offset aligned to `align` (a
     /// power of two, at least [`UNIT`]). Returns the node and its offset.
     pub fn alloc(&mut self, size: u64, align: u64, owner: u32) -> Option<(u32, u64)> {
-        debug_assert!(size > 0 && size % UNIT == 0 && align.is_power_of_two() && align >= UNIT);
+        debug_assert!(size > 0 && size.is_multiple_of(UNIT) && align.is_power_of_two() && align >= UNIT);
         let need = if align > UNIT {
             size.checked_add(align - UNIT)?
         } else {
@@ -329,7 +329,7 @@ impl Tlsf {
 
     /// Make the newly mapped range `start..end` available, joining the runs it touches.
     pub fn add_region(&mut self, start: u64, end: u64) {
-        debug_assert!(start < end && start % UNIT == 0 && end % UNIT == 0);
+        debug_assert!(start < end && start.is_multiple_of(UNIT) && end.is_multiple_of(UNIT));
         let left = self.runs.iter().position(|r| r.end == start);
         let right = self.runs.iter().position(|r| r.start == end);
         let prev = left.map_or(NONE, |i| self.runs[i].last);

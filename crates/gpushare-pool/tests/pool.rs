@@ -27,7 +27,7 @@ fn blocks_are_aligned_and_disjoint() {
         .enumerate()
     {
         let b = p.alloc(o, *size, S1).unwrap();
-        assert!(b.size() >= *size && b.size() % 256 == 0, "{i}");
+        assert!(b.size() >= *size && b.size().is_multiple_of(256), "{i}");
         assert_eq!(p.addr(&b) % 256, 0);
         blocks.push(b);
     }

@@ -1,0 +1,145 @@
+//! The pool's chunk sources on a device: [`VmmSource`] maps physical chunks into one
+//! reserved range; [`LinearSource`] is the fallback for devices without VMM.
+
+use crate::{Device, DeviceError, LinearAlloc, Mapping, VaRange};
+use gpushare_pool::{ChunkSource, SourceError};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+fn to_source(e: DeviceError) -> SourceError {
+    match e {
+        DeviceError::OutOfMemory { requested, .. } => SourceError::OutOfMemory { requested },
+        e => SourceError::Other(e.to_string()),
+    }
+}
+
+/// One reserved VA range of a device, grown by mapping physical chunks into it.
+#[derive(Debug)]
+pub struct VmmSource {
+    dev: Arc<dyn Device>,
+    va: VaRange,
+    granularity: u64,
+    maps: Mutex<BTreeMap<u64, Mapping>>,
+}
+
+impl VmmSource {
+    /// Reserve `va_size` bytes (rounded up to the granularity) on `dev`.
+    pub fn new(dev: Arc<dyn Device>, va_size: u64) -> Result<Self, DeviceError> {
+        let g = dev.info().granularity;
+        let va = dev.reserve_va(va_size.max(1).next_multiple_of(g))?;
+        Ok(VmmSource {
+            dev,
+            va,
+            granularity: g,
+            maps: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<dyn Device> {
+        &self.dev
+    }
+}
+
+impl ChunkSource for VmmSource {
+    fn granularity(&self) -> u64 {
+        self.granularity
+    }
+    fn va_size(&self) -> u64 {
+        self.va.size()
+    }
+    fn base(&self) -> u64 {
+        self.va.base().0
+    }
+    fn map(&self, offset: u64, size: u64) -> Result<(), SourceError> {
+        let chunk = self.dev.create_chunk(size).map_err(to_source)?;
+        let m = self
+            .dev
+            .map_chunk(&self.va, offset, &chunk)
+            .map_err(to_source)?;
+        // The mapping keeps the physical memory; the chunk handle may go.
+        self.maps.lock().insert(offset, m);
+        Ok(())
+    }
+    fn unmap(&self, offset: u64, size: u64) -> Result<(), SourceError> {
+        let mut maps = self.maps.lock();
+        match maps.get(&offset) {
+            Some(m) if m.range().len == size => {}
+            _ => {
+                return Err(SourceError::Other(format!(
+                    "no chunk of {size} bytes is mapped at offset {offset}"
+                )))
+            }
+        }
+        let m = maps
+            .remove(&offset)
+            .ok_or_else(|| SourceError::Other("vanished".into()))?;
+        m.unmap().map_err(to_source)
+    }
+}
+
+/// Plain allocations as a chunk source, for devices without VMM. Each chunk lives at an
+/// address the driver picks, so the pool keeps blocks from spanning chunks and cannot
+/// compact across them; otherwise it behaves the same.
+#[derive(Debug)]
+pub struct LinearSource {
+    dev: Arc<dyn Device>,
+    va_size: u64,
+    granularity: u64,
+    chunks: Mutex<BTreeMap<u64, LinearAlloc>>,
+}
+
+impl LinearSource {
+    /// A source of up to `va_size` bytes of offsets (the pool leaves gaps between chunks, so
+    /// give it about twice the memory it should hold).
+    pub fn new(dev: Arc<dyn Device>, va_size: u64) -> Self {
+        let g = dev.info().granularity;
+        LinearSource {
+            dev,
+            va_size: va_size.next_multiple_of(g),
+            granularity: g,
+            chunks: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl ChunkSource for LinearSource {
+    fn granularity(&self) -> u64 {
+        self.granularity
+    }
+    fn va_size(&self) -> u64 {
+        self.va_size
+    }
+    fn base(&self) -> u64 {
+        0
+    }
+    fn contiguous(&self) -> bool {
+        false
+    }
+    fn addr(&self, offset: u64) -> u64 {
+        let chunks = self.chunks.lock();
+        match chunks.range(..=offset).next_back() {
+            Some((&o, a)) if offset < o + a.range().len => a.range().ptr.0 + (offset - o),
+            // The pool asks only for offsets inside mapped chunks.
+            _ => 0,
+        }
+    }
+    fn map(&self, offset: u64, size: u64) -> Result<(), SourceError> {
+        let a = self.dev.alloc_linear(size).map_err(to_source)?;
+        self.chunks.lock().insert(offset, a);
+        Ok(())
+    }
+    fn unmap(&self, offset: u64, size: u64) -> Result<(), SourceError> {
+        let mut c = self.chunks.lock();
+        match c.get(&offset) {
+            Some(a) if a.range().len == size => {
+                c.remove(&offset);
+                Ok(())
+            }
+            _ => Err(SourceError::Other(format!(
+                "no chunk of {size} bytes is allocated at offset {offset}"
+            ))),
+        }
+    }
+}
