@@ -3,8 +3,10 @@
 use crate::error::{FreeError, Holding, OomReport, PoolError, SourceError};
 use crate::evict::{EvState, Evictor, Residency, RestoreInfo, VictimInfo};
 use crate::source::ChunkSource;
-use crate::sync::{thread_index, AtomicU32, Mutex, MutexGuard, Ordering};
-use crate::tlsf::{class_of, Tlsf, UNIT};
+use crate::sync::{thread_index, AtomicU32, Mutex, Ordering, ShardGuard, ShardLock};
+use crate::tlsf::{ceil_class, floor_class, Tlsf, UNIT};
+
+const ALIGN_UNIT: u64 = UNIT;
 use crate::{
     Block, EvictableId, FreeEvent, OwnerId, OwnerSpec, OwnerStats, Pinned, PoolStats, StreamId,
     Tier,
@@ -68,6 +70,7 @@ impl PoolConfig {
 
 /// One cached free block.
 struct Cached {
+    class: u32,
     node: u32,
     offset: u64,
     size: u64,
@@ -90,6 +93,8 @@ impl Cached {
 #[derive(Default)]
 struct Shard {
     bins: Vec<Vec<Cached>>,
+    /// Bit `c` set when `bins[c]` is not empty, so flushes visit only those.
+    nonempty: Vec<u64>,
     bytes: u64,
     /// Live bytes allocated minus freed through this shard (may be negative).
     live: i64,
@@ -98,10 +103,62 @@ struct Shard {
     hits: u64,
 }
 
+impl Shard {
+    /// Put a block taken by mistake back where it came from.
+    fn put(&mut self, c: Cached) {
+        let class = c.class as usize;
+        self.bytes += c.size;
+        self.live -= c.size as i64;
+        self.allocs -= 1;
+        self.hits -= 1;
+        self.nonempty[class / 64] |= 1 << (class % 64);
+        self.bins[class].push(c);
+    }
+
+    /// Take a cached block of at least `size` bytes (a multiple of the unit): from the
+    /// size's own bin, checking sizes, else from the next bin up, where all fit.
+    #[inline]
+    fn take_fit(&mut self, size: u64, stream: StreamId) -> Option<Cached> {
+        let fc = floor_class(size);
+        if let Some(c) = self.take(fc, stream, size) {
+            return Some(c);
+        }
+        match ceil_class(size) {
+            Some(cc) if cc != fc => self.take(cc, stream, size),
+            _ => None,
+        }
+    }
+
+    /// Take a cached block of `class`, at least `min` bytes, usable on `stream`: the most
+    /// recent one if it is, else one of the few below it.
+    #[inline]
+    fn take(&mut self, class: usize, stream: StreamId, min: u64) -> Option<Cached> {
+        let bin = self.bins.get_mut(class)?;
+        let n = bin.len();
+        let ok = |c: &Cached| c.size >= min && c.usable_on(stream);
+        let i = if n > 0 && ok(&bin[n - 1]) {
+            n - 1
+        } else {
+            (n.saturating_sub(4)..n.saturating_sub(1))
+                .rev()
+                .find(|&i| ok(&bin[i]))?
+        };
+        let c = bin.swap_remove(i);
+        if bin.is_empty() {
+            self.nonempty[class / 64] &= !(1 << (class % 64));
+        }
+        self.bytes -= c.size;
+        self.live += c.size as i64;
+        self.allocs += 1;
+        self.hits += 1;
+        Some(c)
+    }
+}
+
 struct OwnerSlot {
     /// Generation; odd while the slot holds an owner.
     gen: AtomicU32,
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[ShardLock<Shard>]>,
 }
 
 /// An allocation waiting for its stream's work to finish before any other stream may use it.
@@ -138,6 +195,8 @@ impl OwnerAcct {
 pub(crate) struct Central {
     pub tlsf: Tlsf,
     chunks: BTreeMap<u64, u64>,
+    /// Whether trimming left holes between chunks (only then does growth look for one).
+    holes: bool,
     mapped: u64,
     peak_mapped: u64,
     peak_live: u64,
@@ -226,14 +285,14 @@ impl<S: ChunkSource> Pool<S> {
             n => n.min(256),
         }
         .next_power_of_two();
-        let cache_classes = match class_of(cfg.cache_max_block.max(UNIT)) {
-            Some((_, c)) => c + 1,
-            None => 0,
-        };
+        let cache_classes =
+            ceil_class(cfg.cache_max_block.max(UNIT).next_multiple_of(UNIT)).map_or(0, |c| c + 1);
         let slots = (0..cfg.max_owners)
             .map(|_| OwnerSlot {
                 gen: AtomicU32::new(0),
-                shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
+                shards: (0..shards)
+                    .map(|_| ShardLock::new(Shard::default()))
+                    .collect(),
             })
             .collect();
         let owners = (0..cfg.max_owners).map(|_| None).collect();
@@ -247,6 +306,7 @@ impl<S: ChunkSource> Pool<S> {
             central: Mutex::new(Central {
                 tlsf: Tlsf::new(),
                 chunks: BTreeMap::new(),
+                holes: false,
                 mapped: 0,
                 peak_mapped: 0,
                 peak_live: 0,
@@ -348,7 +408,7 @@ impl<S: ChunkSource> Pool<S> {
         self.flush_owner(&mut c, owner.slot as usize);
         let acct = c.owners[owner.slot as usize]
             .as_ref()
-            .ok_or(PoolError::UnknownOwner(owner))?;
+            .ok_or_else(|| PoolError::UnknownOwner(owner))?;
         let held = acct.charged + acct.evicted_bytes;
         if held > 0 {
             return Err(PoolError::OwnerBusy { owner, bytes: held });
@@ -371,7 +431,7 @@ impl<S: ChunkSource> Pool<S> {
         let s = self
             .slots
             .get(owner.slot as usize)
-            .ok_or(PoolError::UnknownOwner(owner))?;
+            .ok_or_else(|| PoolError::UnknownOwner(owner))?;
         if s.gen.load(Ordering::Acquire) != owner.gen {
             return Err(PoolError::UnknownOwner(owner));
         }
@@ -379,18 +439,54 @@ impl<S: ChunkSource> Pool<S> {
     }
 
     #[inline]
-    fn shard<'a>(&self, slot: &'a OwnerSlot) -> MutexGuard<'a, Shard> {
+    fn shard<'a>(&self, slot: &'a OwnerSlot) -> ShardGuard<'a, Shard> {
         slot.shards[thread_index() & self.shard_mask].lock()
     }
 
     /// Allocate `size` bytes for `owner`, to be used on `stream`, aligned to 256 bytes.
     #[inline]
     pub fn alloc(&self, owner: OwnerId, size: u64, stream: StreamId) -> Result<Block, PoolError> {
-        self.alloc_aligned(owner, size, UNIT, stream)
+        // Fast path: a cached block of about this size, usable on this stream.
+        if let Ok(slot) = self.slot(owner) {
+            if size.wrapping_sub(1) < self.cfg.cache_max_block {
+                let size_r = size.next_multiple_of(UNIT);
+                if let Some(c) = self.shard(slot).take_fit(size_r, stream) {
+                    return Ok(Self::cached_block(c, size, owner));
+                }
+            }
+        }
+        self.alloc_slow(owner, size, ALIGN_UNIT, stream)
+    }
+
+    #[inline]
+    fn cached_block(c: Cached, requested: u64, owner: OwnerId) -> Block {
+        Block {
+            offset: c.offset,
+            size: c.size,
+            requested,
+            node: c.node,
+            owner,
+            class: c.class,
+        }
     }
 
     /// Allocate with an alignment (a power of two up to the granularity).
     pub fn alloc_aligned(
+        &self,
+        owner: OwnerId,
+        size: u64,
+        align: u64,
+        stream: StreamId,
+    ) -> Result<Block, PoolError> {
+        if align <= UNIT && align.is_power_of_two() {
+            return self.alloc(owner, size, stream);
+        }
+        self.alloc_slow(owner, size, align, stream)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn alloc_slow(
         &self,
         owner: OwnerId,
         size: u64,
@@ -408,40 +504,29 @@ impl<S: ChunkSource> Pool<S> {
             });
         }
         let align = align.max(UNIT);
-        let (csize, class) =
-            class_of(size)
-                .filter(|&(c, _)| c <= self.limit)
-                .ok_or(PoolError::TooLarge {
-                    requested: size,
-                    capacity: self.limit,
-                })?;
-        if class < self.cache_classes && align == UNIT {
+        let csize = size
+            .checked_next_multiple_of(UNIT)
+            .filter(|&c| c <= self.limit)
+            .ok_or_else(|| PoolError::TooLarge {
+                requested: size,
+                capacity: self.limit,
+            })?;
+        let class = floor_class(csize);
+        if align > UNIT && csize <= self.cfg.cache_max_block {
+            // Aligned requests skip the fast path; a cached block may still be aligned.
             let mut sh = self.shard(slot);
-            if let Some(bin) = sh.bins.get_mut(class) {
-                let n = bin.len();
-                let lo = n.saturating_sub(4);
-                if let Some(i) = (lo..n).rev().find(|&i| bin[i].usable_on(stream)) {
-                    let c = bin.swap_remove(i);
-                    sh.bytes -= c.size;
-                    sh.live += c.size as i64;
-                    sh.allocs += 1;
-                    sh.hits += 1;
-                    return Ok(Block {
-                        offset: c.offset,
-                        size: c.size,
-                        requested: size,
-                        node: c.node,
-                        owner,
-                        class: class as u32,
-                    });
+            if let Some(c) = sh.take_fit(csize, stream) {
+                if c.offset.is_multiple_of(align) {
+                    return Ok(Self::cached_block(c, size, owner));
                 }
+                sh.put(c);
             }
         }
         let mut c = self.central.lock();
         let (node, offset) = self.alloc_central(&mut c, owner, csize, align, stream)?;
         let acct = c.owners[owner.slot as usize]
             .as_mut()
-            .ok_or(PoolError::UnknownOwner(owner))?;
+            .ok_or_else(|| PoolError::UnknownOwner(owner))?;
         acct.live_central += csize as i64;
         acct.allocs += 1;
         c.allocs += 1;
@@ -484,16 +569,19 @@ impl<S: ChunkSource> Pool<S> {
         }
         let slot = &self.slots[block.owner.slot as usize];
         let class = block.class as usize;
-        if class < self.cache_classes && self.cfg.cache_bytes_per_shard > 0 {
+        if block.size <= self.cfg.cache_max_block && self.cfg.cache_bytes_per_shard > 0 {
             let mut sh = self.shard(slot);
             if sh.bytes + block.size <= self.cfg.cache_bytes_per_shard {
                 if sh.bins.len() <= class {
                     sh.bins.resize_with(self.cache_classes, Vec::new);
+                    sh.nonempty.resize(self.cache_classes.div_ceil(64), 0);
                 }
+                sh.nonempty[class / 64] |= 1 << (class % 64);
                 sh.bytes += block.size;
                 sh.live -= block.size as i64;
                 sh.frees += 1;
                 sh.bins[class].push(Cached {
+                    class: block.class,
                     node: block.node,
                     offset: block.offset,
                     size: block.size,
@@ -553,7 +641,9 @@ impl<S: ChunkSource> Pool<S> {
         let i = owner.slot as usize;
         let mut flushed = false;
         loop {
-            let a = c.owners[i].as_ref().ok_or(PoolError::UnknownOwner(owner))?;
+            let a = c.owners[i]
+                .as_ref()
+                .ok_or_else(|| PoolError::UnknownOwner(owner))?;
             let (charged, limit, base, before) =
                 (a.charged, a.spec.limit, a.spec.base, a.committed());
             if charged + size > limit {
@@ -572,7 +662,9 @@ impl<S: ChunkSource> Pool<S> {
             let delta = (charged + size).max(base) - before;
             if delta == 0 || c.committed + delta <= self.limit {
                 c.committed += delta;
-                let a = c.owners[i].as_mut().ok_or(PoolError::UnknownOwner(owner))?;
+                let a = c.owners[i]
+                    .as_mut()
+                    .ok_or_else(|| PoolError::UnknownOwner(owner))?;
                 a.charged += size;
                 a.peak_charged = a.peak_charged.max(a.charged);
                 c.in_use += size;
@@ -726,12 +818,22 @@ impl<S: ChunkSource> Pool<S> {
             return 0;
         }
         let mut total = 0;
+        let mut freed = Vec::new();
         for sh in self.slots[i].shards.iter() {
             let mut sh = sh.lock();
             if sh.bytes == 0 {
                 continue;
             }
-            let bins = std::mem::take(&mut sh.bins);
+            {
+                let shr = &mut *sh;
+                for (w, word) in shr.nonempty.iter_mut().enumerate() {
+                    while *word != 0 {
+                        let b = word.trailing_zeros() as usize;
+                        *word &= *word - 1;
+                        freed.append(&mut shr.bins[w * 64 + b]);
+                    }
+                }
+            }
             // Fold the shard's live delta into the owner's central count.
             let live = std::mem::take(&mut sh.live);
             sh.bytes = 0;
@@ -739,7 +841,7 @@ impl<S: ChunkSource> Pool<S> {
             if let Some(a) = c.owners[i].as_mut() {
                 a.live_central += live;
             }
-            for e in bins.into_iter().flatten() {
+            for e in freed.drain(..) {
                 total += e.size;
                 self.release_node(c, i, e.node, e.size, e.stream, e.event);
             }
@@ -757,14 +859,17 @@ impl<S: ChunkSource> Pool<S> {
         let gap = if self.source.contiguous() { 0 } else { g };
         // Prefer a hole that fits; otherwise extend the end, reusing a free tail.
         let mut at = None;
-        let mut prev_end = 0;
-        for (&o, &s) in &c.chunks {
-            let start = if prev_end == 0 { 0 } else { prev_end + gap };
-            if o >= start + gap && o - gap - start >= need {
-                at = Some((start, need.max(step).min(o - gap - start)));
-                break;
+        let mut prev_end = c.chunks.last_key_value().map_or(0, |(&o, &s)| o + s);
+        if c.holes {
+            prev_end = 0;
+            for (&o, &s) in &c.chunks {
+                let start = if prev_end == 0 { 0 } else { prev_end + gap };
+                if o >= start + gap && o - gap - start >= need {
+                    at = Some((start, need.max(step).min(o - gap - start)));
+                    break;
+                }
+                prev_end = o + s;
             }
-            prev_end = o + s;
         }
         let (offset, size, required) = match at {
             Some((o, sz)) => (o, sz, need),
@@ -896,6 +1001,21 @@ impl<S: ChunkSource> Pool<S> {
             c.mapped -= s;
             released += s;
         }
+        // Any gap between chunks (or before the first) is a hole growth may refill.
+        let mut expect = 0;
+        c.holes = false;
+        let gap = if self.source.contiguous() {
+            0
+        } else {
+            self.granularity
+        };
+        for (&o, &s) in &c.chunks {
+            if o > expect {
+                c.holes = true;
+                break;
+            }
+            expect = o + s + gap;
+        }
         Ok(released)
     }
 
@@ -912,24 +1032,24 @@ impl<S: ChunkSource> Pool<S> {
         if size == 0 {
             return Err(PoolError::ZeroSize);
         }
-        let (csize, _) =
-            class_of(size)
-                .filter(|&(c, _)| c <= self.limit)
-                .ok_or(PoolError::TooLarge {
-                    requested: size,
-                    capacity: self.limit,
-                })?;
+        let csize = size
+            .checked_next_multiple_of(UNIT)
+            .filter(|&c| c <= self.limit)
+            .ok_or_else(|| PoolError::TooLarge {
+                requested: size,
+                capacity: self.limit,
+            })?;
         let mut c = self.central.lock();
         let tier = c.owners[owner.slot as usize]
             .as_ref()
-            .ok_or(PoolError::UnknownOwner(owner))?
+            .ok_or_else(|| PoolError::UnknownOwner(owner))?
             .spec
             .tier;
         let (node, offset) = self.alloc_central(&mut c, owner, csize, UNIT, stream)?;
         let idx = c.ev.insert(owner, tier, csize, tag, node, offset);
         let a = c.owners[owner.slot as usize]
             .as_mut()
-            .ok_or(PoolError::UnknownOwner(owner))?;
+            .ok_or_else(|| PoolError::UnknownOwner(owner))?;
         a.evictable_resident += csize;
         a.evictable_pinned += csize;
         a.allocs += 1;

@@ -42,6 +42,7 @@ pub struct HostSource {
     va_size: u64,
     limit: Option<u64>,
     chunks: Mutex<BTreeMap<u64, Box<[u8]>>>,
+    mapped: std::sync::atomic::AtomicU64,
 }
 
 impl HostSource {
@@ -52,6 +53,7 @@ impl HostSource {
             va_size,
             limit: None,
             chunks: Mutex::new(BTreeMap::new()),
+            mapped: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -63,7 +65,7 @@ impl HostSource {
 
     /// Bytes mapped now.
     pub fn mapped(&self) -> u64 {
-        self.chunks.lock().values().map(|c| c.len() as u64).sum()
+        self.mapped.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -79,7 +81,7 @@ impl ChunkSource for HostSource {
     }
     fn map(&self, offset: u64, size: u64) -> Result<(), SourceError> {
         let mut c = self.chunks.lock();
-        let mapped: u64 = c.values().map(|c| c.len() as u64).sum();
+        let mapped = self.mapped();
         if self.limit.is_some_and(|l| mapped + size > l) {
             return Err(SourceError::OutOfMemory { requested: size });
         }
@@ -98,6 +100,8 @@ impl ChunkSource for HostSource {
             )));
         }
         c.insert(offset, vec![0u8; size as usize].into_boxed_slice());
+        self.mapped
+            .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
     fn unmap(&self, offset: u64, size: u64) -> Result<(), SourceError> {
@@ -112,6 +116,8 @@ impl ChunkSource for HostSource {
         for k in keys {
             c.remove(&k);
         }
+        self.mapped
+            .fetch_sub(size, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }

@@ -69,14 +69,19 @@ pub(crate) fn round_units(units: u64) -> Option<u64> {
     units.checked_add(mask).map(|u| u & !mask)
 }
 
-/// The class of a byte size: its rounded size in bytes and its bin index. Sizes that round
-/// to the same class share cache bins.
+/// The bin of a size (a positive multiple of [`UNIT`]): every size in a bin lies within
+/// 1/32 of the others.
 #[inline]
-pub(crate) fn class_of(bytes: u64) -> Option<(u64, usize)> {
-    let units = bytes.checked_add(UNIT - 1)? >> UNIT_LOG2;
-    let r = round_units(units.max(1))?;
-    let (fl, sl) = mapping(r);
-    Some((r << UNIT_LOG2, fl * SL_COUNT + sl))
+pub(crate) fn floor_class(bytes: u64) -> usize {
+    let (fl, sl) = mapping(bytes >> UNIT_LOG2);
+    fl * SL_COUNT + sl
+}
+
+/// The lowest bin whose every size is at least `bytes` (a positive multiple of [`UNIT`]).
+#[inline]
+pub(crate) fn ceil_class(bytes: u64) -> Option<usize> {
+    let (fl, sl) = mapping(round_units(bytes >> UNIT_LOG2)?);
+    Some(fl * SL_COUNT + sl)
 }
 
 /// The TLSF bookkeeping. Single-threaded; the pool guards it with a lock.
@@ -193,6 +198,30 @@ impl Tlsf {
         Some(self.heads[fl][sl_map.trailing_zeros() as usize])
     }
 
+    /// A block of at least `need` bytes from the bin `need` itself falls in, looking at a
+    /// few of its blocks. Rounding the request up to the next bin (below) guarantees a fit
+    /// in O(1) but skips blocks that would fit better; trying the own bin first keeps
+    /// fragmentation close to best fit at a bounded cost.
+    #[inline]
+    fn fit_in_own_bin(&self, need: u64) -> Option<u32> {
+        let (fl, sl) = mapping(need >> UNIT_LOG2);
+        if fl >= FL_COUNT || self.sl_bitmap[fl] & (1 << sl) == 0 {
+            return None;
+        }
+        let mut cur = self.heads[fl][sl];
+        for _ in 0..8 {
+            if cur == NONE {
+                return None;
+            }
+            let n = &self.nodes[cur as usize];
+            if n.size >= need {
+                return Some(cur);
+            }
+            cur = n.next_free;
+        }
+        None
+    }
+
     fn new_node(&mut self, offset: u64, size: u64, prev_phys: u32, next_phys: u32) -> u32 {
         let idx = self.nodes.insert(Node {
             offset,
@@ -223,18 +252,25 @@ impl Tlsf {
     /// Allocate `size` bytes (a multiple of [`UNIT`]) at an offset aligned to `align` (a
     /// power of two, at least [`UNIT`]). Returns the node and its offset.
     pub fn alloc(&mut self, size: u64, align: u64, owner: u32) -> Option<(u32, u64)> {
-        debug_assert!(size > 0 && size.is_multiple_of(UNIT) && align.is_power_of_two() && align >= UNIT);
+        debug_assert!(
+            size > 0 && size.is_multiple_of(UNIT) && align.is_power_of_two() && align >= UNIT
+        );
         let need = if align > UNIT {
             size.checked_add(align - UNIT)?
         } else {
             size
         };
-        let units = round_units(need >> UNIT_LOG2)?;
-        let (fl, sl) = mapping(units);
-        if fl >= FL_COUNT {
-            return None;
-        }
-        let n = self.find(fl, sl)?;
+        let n = match self.fit_in_own_bin(need) {
+            Some(n) => n,
+            None => {
+                let units = round_units(need >> UNIT_LOG2)?;
+                let (fl, sl) = mapping(units);
+                if fl >= FL_COUNT {
+                    return None;
+                }
+                self.find(fl, sl)?
+            }
+        };
         self.remove_free(n);
         if align > UNIT {
             let (off, nsize, prev) = {
