@@ -1,5 +1,9 @@
 //! The pool: a central TLSF behind one lock, fronted by per-owner caches sharded by thread.
 
+// Errors are built lazily even where they carry no heap data: an eagerly built `PoolError`
+// must be dropped through the enum's drop glue, which showed up on the hot path.
+#![allow(clippy::unnecessary_lazy_evaluations)]
+
 use crate::error::{FreeError, Holding, OomReport, PoolError, SourceError};
 use crate::evict::{EvState, Evictor, Residency, RestoreInfo, VictimInfo};
 use crate::source::ChunkSource;
