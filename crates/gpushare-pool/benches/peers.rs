@@ -1,6 +1,6 @@
 //! Allocators under test and the traces that drive them, shared by the criterion bench and
 //! the `pool_bench` example. Every allocator runs the same pre-generated traces.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::new_without_default)]
 
 use gpushare_pool::{Block, HostSource, OwnerId, OwnerSpec, Pool, PoolConfig, StreamId};
 use parking_lot::Mutex;
