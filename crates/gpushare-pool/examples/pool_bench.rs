@@ -8,7 +8,7 @@
 //! cargo run --release -p gpushare-pool --example pool_bench [-- --quick] [--only hot|churn|replay|threads]
 //! ```
 
-#[path = "../benches/peers.rs"]
+#[path = "../benches/support/peers.rs"]
 mod peers;
 
 use gpushare_pool::{OwnerSpec, StreamId};

@@ -184,19 +184,19 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed.max(1))
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     /// Log-uniform in lo..hi.
     pub fn log_uniform(&mut self, lo: u64, hi: u64) -> u64 {
         let (a, b) = ((lo as f64).ln(), (hi as f64).ln());
-        let x = a + (b - a) * (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        let x = a + (b - a) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         (x.exp() as u64).clamp(lo, hi)
     }
     /// The churn mix: mostly small, some medium, a few large, 256 B to 64 MiB.
