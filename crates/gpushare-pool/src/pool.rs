@@ -7,7 +7,7 @@
 use crate::error::{FreeError, Holding, OomReport, PoolError, SourceError};
 use crate::evict::{EvState, Evictor, Residency, RestoreInfo, VictimInfo};
 use crate::source::ChunkSource;
-use crate::sync::{thread_index, AtomicU32, Mutex, Ordering, ShardGuard, ShardLock};
+use crate::sync::{thread_index, AtomicU32, AtomicU64, Mutex, Ordering, ShardLock};
 use crate::tlsf::{ceil_class, floor_class, Tlsf, UNIT};
 
 const ALIGN_UNIT: u64 = UNIT;
@@ -15,6 +15,7 @@ use crate::{
     Block, EvictableId, FreeEvent, OwnerId, OwnerSpec, OwnerStats, Pinned, PoolStats, StreamId,
     Tier,
 };
+use crossbeam_utils::CachePadded;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -100,23 +101,18 @@ struct Shard {
     /// Bit `c` set when `bins[c]` is not empty, so flushes visit only those.
     nonempty: Vec<u64>,
     bytes: u64,
-    /// Live bytes allocated minus freed through this shard (may be negative).
-    live: i64,
-    allocs: u64,
-    frees: u64,
+    /// Allocations served from this shard.
     hits: u64,
+    /// Frees into this shard.
+    frees: u64,
 }
 
 impl Shard {
     /// Put a block taken by mistake back where it came from.
     fn put(&mut self, c: Cached) {
-        let class = c.class as usize;
-        self.bytes += c.size;
-        self.live -= c.size as i64;
-        self.allocs -= 1;
         self.hits -= 1;
-        self.nonempty[class / 64] |= 1 << (class % 64);
-        self.bins[class].push(c);
+        self.frees -= 1;
+        self.push(c);
     }
 
     /// Take a cached block of at least `size` bytes (a multiple of the unit): from the
@@ -138,31 +134,95 @@ impl Shard {
     #[inline]
     fn take(&mut self, class: usize, stream: StreamId, min: u64) -> Option<Cached> {
         let bin = self.bins.get_mut(class)?;
-        let n = bin.len();
-        let ok = |c: &Cached| c.size >= min && c.usable_on(stream);
-        let i = if n > 0 && ok(&bin[n - 1]) {
-            n - 1
+        let top = bin.last()?;
+        let c = if top.size >= min && top.usable_on(stream) {
+            bin.pop()?
         } else {
-            (n.saturating_sub(4)..n.saturating_sub(1))
-                .rev()
-                .find(|&i| ok(&bin[i]))?
+            Self::take_below(bin, stream, min)?
         };
-        let c = bin.swap_remove(i);
         if bin.is_empty() {
             self.nonempty[class / 64] &= !(1 << (class % 64));
         }
         self.bytes -= c.size;
-        self.live += c.size as i64;
-        self.allocs += 1;
         self.hits += 1;
         Some(c)
+    }
+
+    #[cold]
+    fn take_below(bin: &mut Vec<Cached>, stream: StreamId, min: u64) -> Option<Cached> {
+        let n = bin.len();
+        let i = (n.saturating_sub(4)..n.saturating_sub(1))
+            .rev()
+            .find(|&i| bin[i].size >= min && bin[i].usable_on(stream))?;
+        Some(bin.swap_remove(i))
+    }
+
+    /// Cache a freed block (its bin must exist).
+    #[inline]
+    fn push(&mut self, c: Cached) {
+        let class = c.class as usize;
+        self.bytes += c.size;
+        self.frees += 1;
+        self.nonempty[class / 64] |= 1 << (class % 64);
+        self.bins[class].push(c);
+    }
+}
+
+/// A shard and the hints that let the hot path skip its lock.
+struct ShardCell {
+    lock: ShardLock<Shard>,
+    /// Mirrors of `Shard::nonempty` and `Shard::bytes`, written under the lock and read
+    /// without it, so that a cache miss or a full shard costs no lock. A stale hint only
+    /// sends a request down the slower path.
+    hint_nonempty: Box<[AtomicU64]>,
+    hint_bytes: AtomicU64,
+}
+
+impl ShardCell {
+    fn new(classes: usize) -> Self {
+        ShardCell {
+            lock: ShardLock::new(Shard::default()),
+            hint_nonempty: (0..classes.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            hint_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the bin of `class` may hold a block.
+    #[inline]
+    fn may_have(&self, class: usize) -> bool {
+        self.hint_nonempty
+            .get(class / 64)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (class % 64)) != 0)
+    }
+
+    /// Publish the shard's state for `class` (call with the lock held).
+    #[inline]
+    fn publish(&self, sh: &Shard, class: usize) {
+        if let (Some(h), Some(&w)) = (
+            self.hint_nonempty.get(class / 64),
+            sh.nonempty.get(class / 64),
+        ) {
+            h.store(w, Ordering::Relaxed);
+        }
+        self.hint_bytes.store(sh.bytes, Ordering::Relaxed);
+    }
+
+    /// Publish an empty shard (call with the lock held).
+    fn publish_empty(&self) {
+        for h in self.hint_nonempty.iter() {
+            h.store(0, Ordering::Relaxed);
+        }
+        self.hint_bytes.store(0, Ordering::Relaxed);
     }
 }
 
 struct OwnerSlot {
     /// Generation; odd while the slot holds an owner.
     gen: AtomicU32,
-    shards: Box<[ShardLock<Shard>]>,
+    /// Padded so that threads working on neighbouring shards do not share cache lines.
+    shards: Box<[CachePadded<ShardCell>]>,
 }
 
 /// An allocation waiting for its stream's work to finish before any other stream may use it.
@@ -178,8 +238,6 @@ pub(crate) struct OwnerAcct {
     /// Live + cached + resident evictable bytes.
     pub charged: u64,
     pub peak_charged: u64,
-    /// Live bytes allocated minus freed on the central path.
-    pub live_central: i64,
     pub peak_live: u64,
     pub evictable_resident: u64,
     pub evictable_pinned: u64,
@@ -295,7 +353,7 @@ impl<S: ChunkSource> Pool<S> {
             .map(|_| OwnerSlot {
                 gen: AtomicU32::new(0),
                 shards: (0..shards)
-                    .map(|_| ShardLock::new(Shard::default()))
+                    .map(|_| CachePadded::new(ShardCell::new(cache_classes)))
                     .collect(),
             })
             .collect();
@@ -385,7 +443,6 @@ impl<S: ChunkSource> Pool<S> {
             spec,
             charged: 0,
             peak_charged: 0,
-            live_central: 0,
             peak_live: 0,
             evictable_resident: 0,
             evictable_pinned: 0,
@@ -420,8 +477,9 @@ impl<S: ChunkSource> Pool<S> {
         let base = acct.spec.base;
         c.committed -= base;
         c.owners[owner.slot as usize] = None;
-        for sh in slot.shards.iter() {
-            *sh.lock() = Shard::default();
+        for cell in slot.shards.iter() {
+            *cell.lock.lock() = Shard::default();
+            cell.publish_empty();
         }
         slot.gen.store(owner.gen + 1, Ordering::Release);
         Ok(())
@@ -443,8 +501,8 @@ impl<S: ChunkSource> Pool<S> {
     }
 
     #[inline]
-    fn shard<'a>(&self, slot: &'a OwnerSlot) -> ShardGuard<'a, Shard> {
-        slot.shards[thread_index() & self.shard_mask].lock()
+    fn cell<'a>(&self, slot: &'a OwnerSlot) -> &'a ShardCell {
+        &slot.shards[thread_index() & self.shard_mask]
     }
 
     /// Allocate `size` bytes for `owner`, to be used on `stream`, aligned to 256 bytes.
@@ -454,8 +512,15 @@ impl<S: ChunkSource> Pool<S> {
         if let Ok(slot) = self.slot(owner) {
             if size.wrapping_sub(1) < self.cfg.cache_max_block {
                 let size_r = size.next_multiple_of(UNIT);
-                if let Some(c) = self.shard(slot).take_fit(size_r, stream) {
-                    return Ok(Self::cached_block(c, size, owner));
+                let cell = self.cell(slot);
+                let fc = floor_class(size_r);
+                if cell.may_have(fc) || ceil_class(size_r).is_some_and(|cc| cell.may_have(cc)) {
+                    let mut sh = cell.lock.lock();
+                    if let Some(c) = sh.take_fit(size_r, stream) {
+                        cell.publish(&sh, c.class as usize);
+                        drop(sh);
+                        return Ok(Self::cached_block(c, size, owner));
+                    }
                 }
             }
         }
@@ -518,12 +583,16 @@ impl<S: ChunkSource> Pool<S> {
         let class = floor_class(csize);
         if align > UNIT && csize <= self.cfg.cache_max_block {
             // Aligned requests skip the fast path; a cached block may still be aligned.
-            let mut sh = self.shard(slot);
+            let cell = self.cell(slot);
+            let mut sh = cell.lock.lock();
             if let Some(c) = sh.take_fit(csize, stream) {
+                let class = c.class as usize;
                 if c.offset.is_multiple_of(align) {
+                    cell.publish(&sh, class);
                     return Ok(Self::cached_block(c, size, owner));
                 }
                 sh.put(c);
+                cell.publish(&sh, class);
             }
         }
         let mut c = self.central.lock();
@@ -531,7 +600,6 @@ impl<S: ChunkSource> Pool<S> {
         let acct = c.owners[owner.slot as usize]
             .as_mut()
             .ok_or_else(|| PoolError::UnknownOwner(owner))?;
-        acct.live_central += csize as i64;
         acct.allocs += 1;
         c.allocs += 1;
         Ok(Block {
@@ -547,7 +615,33 @@ impl<S: ChunkSource> Pool<S> {
     /// Free a block whose memory no stream uses any more: any stream may reuse it at once.
     #[inline]
     pub fn free(&self, block: Block) -> Result<(), FreeError> {
-        self.free_inner(block, StreamId(0), None)
+        if block.owner.pool == self.id {
+            if let Some(slot) = self.slots.get(block.owner.slot as usize) {
+                let cell = self.cell(slot);
+                if block.size <= self.cfg.cache_max_block
+                    && cell.hint_bytes.load(Ordering::Relaxed) + block.size
+                        <= self.cfg.cache_bytes_per_shard
+                {
+                    let mut sh = cell.lock.lock();
+                    if sh.bytes + block.size <= self.cfg.cache_bytes_per_shard
+                        && (block.class as usize) < sh.bins.len()
+                    {
+                        let class = block.class as usize;
+                        sh.push(Cached {
+                            class: block.class,
+                            node: block.node,
+                            offset: block.offset,
+                            size: block.size,
+                            stream: StreamId(0),
+                            event: None,
+                        });
+                        cell.publish(&sh, class);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        self.free_slow(block, StreamId(0), None)
     }
 
     /// Free a block whose last use was work on `stream` that completes when `event` does.
@@ -558,10 +652,12 @@ impl<S: ChunkSource> Pool<S> {
         stream: StreamId,
         event: Arc<dyn FreeEvent>,
     ) -> Result<(), FreeError> {
-        self.free_inner(block, stream, Some(event))
+        self.free_slow(block, stream, Some(event))
     }
 
-    fn free_inner(
+    #[cold]
+    #[inline(never)]
+    fn free_slow(
         &self,
         block: Block,
         stream: StreamId,
@@ -572,19 +668,19 @@ impl<S: ChunkSource> Pool<S> {
             return Err(FreeError { block });
         }
         let slot = &self.slots[block.owner.slot as usize];
-        let class = block.class as usize;
-        if block.size <= self.cfg.cache_max_block && self.cfg.cache_bytes_per_shard > 0 {
-            let mut sh = self.shard(slot);
+        let cell = self.cell(slot);
+        if block.size <= self.cfg.cache_max_block
+            && cell.hint_bytes.load(Ordering::Relaxed) + block.size
+                <= self.cfg.cache_bytes_per_shard
+        {
+            let mut sh = cell.lock.lock();
             if sh.bytes + block.size <= self.cfg.cache_bytes_per_shard {
-                if sh.bins.len() <= class {
+                if sh.bins.len() <= block.class as usize {
                     sh.bins.resize_with(self.cache_classes, Vec::new);
                     sh.nonempty.resize(self.cache_classes.div_ceil(64), 0);
                 }
-                sh.nonempty[class / 64] |= 1 << (class % 64);
-                sh.bytes += block.size;
-                sh.live -= block.size as i64;
-                sh.frees += 1;
-                sh.bins[class].push(Cached {
+                let class = block.class as usize;
+                sh.push(Cached {
                     class: block.class,
                     node: block.node,
                     offset: block.offset,
@@ -592,13 +688,13 @@ impl<S: ChunkSource> Pool<S> {
                     stream,
                     event,
                 });
+                cell.publish(&sh, class);
                 return Ok(());
             }
         }
         let mut c = self.central.lock();
         let i = block.owner.slot as usize;
         if let Some(a) = c.owners[i].as_mut() {
-            a.live_central -= block.size as i64;
             a.frees += 1;
         }
         c.frees += 1;
@@ -823,11 +919,11 @@ impl<S: ChunkSource> Pool<S> {
         }
         let mut total = 0;
         let mut freed = Vec::new();
-        for sh in self.slots[i].shards.iter() {
-            let mut sh = sh.lock();
-            if sh.bytes == 0 {
+        for cell in self.slots[i].shards.iter() {
+            if cell.hint_bytes.load(Ordering::Relaxed) == 0 {
                 continue;
             }
+            let mut sh = cell.lock.lock();
             {
                 let shr = &mut *sh;
                 for (w, word) in shr.nonempty.iter_mut().enumerate() {
@@ -838,13 +934,9 @@ impl<S: ChunkSource> Pool<S> {
                     }
                 }
             }
-            // Fold the shard's live delta into the owner's central count.
-            let live = std::mem::take(&mut sh.live);
             sh.bytes = 0;
+            cell.publish_empty();
             drop(sh);
-            if let Some(a) = c.owners[i].as_mut() {
-                a.live_central += live;
-            }
             for e in freed.drain(..) {
                 total += e.size;
                 self.release_node(c, i, e.node, e.size, e.stream, e.event);
@@ -1197,20 +1289,19 @@ impl<S: ChunkSource> Pool<S> {
         let (mut allocs, mut frees, mut hits) = (c.allocs, c.frees, 0);
         for (i, a) in c.owners.iter().enumerate() {
             let Some(a) = a else { continue };
-            let mut o_live = a.live_central;
             let mut o_cached = 0;
             let (mut o_allocs, mut o_frees) = (a.allocs, a.frees);
-            for sh in self.slots[i].shards.iter() {
-                let sh = sh.lock();
-                o_live += sh.live;
+            for cell in self.slots[i].shards.iter() {
+                let sh = cell.lock.lock();
                 o_cached += sh.bytes;
-                o_allocs += sh.allocs;
+                o_allocs += sh.hits;
                 o_frees += sh.frees;
                 hits += sh.hits;
             }
             allocs += o_allocs - a.allocs;
             frees += o_frees - a.frees;
-            let o_live = o_live.max(0) as u64 + a.evictable_resident;
+            // Everything charged is either live or cached.
+            let o_live = a.charged.saturating_sub(o_cached);
             live += o_live;
             cached += o_cached;
             owners.push(OwnerStats {
@@ -1278,8 +1369,8 @@ impl<S: ChunkSource> Pool<S> {
             if a.is_none() {
                 continue;
             }
-            for sh in self.slots[i].shards.iter() {
-                for e in sh.lock().bins.iter().flatten() {
+            for cell in self.slots[i].shards.iter() {
+                for e in cell.lock.lock().bins.iter().flatten() {
                     cached_nodes.insert(e.node);
                 }
             }

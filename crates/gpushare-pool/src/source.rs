@@ -34,14 +34,16 @@ pub trait ChunkSource: Send + Sync {
     }
 }
 
-/// Host memory as a chunk source: each mapped chunk is a real zeroed host allocation,
-/// freed on unmap. Addresses are offsets from a fixed base.
+/// Host memory as a chunk source: each mapped chunk is a real host allocation, freed on
+/// unmap. Addresses are offsets from a fixed base. The pool never touches the memory it
+/// manages, so chunks are left uninitialised: zeroing them would make growth cost a memset
+/// of every new chunk, which is not what a device's mapping costs.
 #[derive(Debug)]
 pub struct HostSource {
     granularity: u64,
     va_size: u64,
     limit: Option<u64>,
-    chunks: Mutex<BTreeMap<u64, Box<[u8]>>>,
+    chunks: Mutex<BTreeMap<u64, Vec<u8>>>,
     mapped: std::sync::atomic::AtomicU64,
 }
 
@@ -93,13 +95,13 @@ impl ChunkSource for HostSource {
         }
         if c.range(..offset + size)
             .next_back()
-            .is_some_and(|(&o, b)| o + b.len() as u64 > offset)
+            .is_some_and(|(&o, b)| o + b.capacity() as u64 > offset)
         {
             return Err(SourceError::Other(format!(
                 "range {offset}+{size} is already mapped"
             )));
         }
-        c.insert(offset, vec![0u8; size as usize].into_boxed_slice());
+        c.insert(offset, Vec::with_capacity(size as usize));
         self.mapped
             .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -107,7 +109,7 @@ impl ChunkSource for HostSource {
     fn unmap(&self, offset: u64, size: u64) -> Result<(), SourceError> {
         let mut c = self.chunks.lock();
         let keys: Vec<u64> = c.range(offset..offset + size).map(|(&k, _)| k).collect();
-        let total: u64 = keys.iter().map(|k| c[k].len() as u64).sum();
+        let total: u64 = keys.iter().map(|k| c[k].capacity() as u64).sum();
         if total != size {
             return Err(SourceError::Other(format!(
                 "range {offset}+{size} is not exactly covered by mapped chunks"

@@ -8,17 +8,14 @@ pub(crate) use parking_lot::Mutex;
 /// store, which saves one atomic read-modify-write per operation on the hot path.
 #[cfg(not(loom))]
 pub(crate) type ShardLock<T> = spin::mutex::SpinMutex<T, spin::relax::Yield>;
-#[cfg(not(loom))]
-pub(crate) type ShardGuard<'a, T> = spin::mutex::SpinMutexGuard<'a, T, spin::relax::Yield>;
 #[cfg(loom)]
 pub(crate) type ShardLock<T> = Mutex<T>;
-#[cfg(loom)]
-pub(crate) type ShardGuard<'a, T> = MutexGuard<'a, T>;
+
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicU32, Ordering};
+pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicU32, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// A loom mutex with parking_lot's interface (no poisoning).
 #[cfg(loom)]
@@ -43,6 +40,7 @@ impl<T> Mutex<T> {
 
 /// A small per-thread number used to pick a cache shard.
 #[cfg(not(loom))]
+#[inline]
 pub(crate) fn thread_index() -> usize {
     use std::cell::Cell;
     use std::sync::atomic::AtomicUsize;

@@ -119,7 +119,7 @@ impl Model {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
     #[test]
     fn invariants_hold_after_every_step(ops in proptest::collection::vec(op(), 1..120)) {
         let pool = Pool::new(
