@@ -1100,7 +1100,119 @@ impl Device for CudaDevice {
     }
 }
 
+/// Raw driver allocation costs, measured for comparison with the pool in the same run.
 impl CudaDevice {
+    /// Time `iters` `cuMemAlloc` + `cuMemFree` pairs of `size` bytes, one duration per pair.
+    pub fn time_raw_alloc_pairs(&self, size: u64, iters: usize) -> Result<Vec<Duration>> {
+        if size == 0 {
+            return Err(DeviceError::ZeroSize { what: "allocation" });
+        }
+        self.bind()?;
+        let mut v = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t = std::time::Instant::now();
+            // SAFETY: a plain allocation freed right after; nothing else refers to it.
+            unsafe {
+                let p = result::malloc_sync(size as usize).call("cuMemAlloc")?;
+                result::free_sync(p).call("cuMemFree")?;
+            }
+            v.push(t.elapsed());
+        }
+        Ok(v)
+    }
+
+    /// Time `iters` `cuMemAllocAsync` + `cuMemFreeAsync` pairs of `size` bytes on `stream`
+    /// (the device's default memory pool, warmed up first), one duration per pair.
+    pub fn time_raw_alloc_async_pairs(
+        &self,
+        stream: &Stream,
+        size: u64,
+        iters: usize,
+    ) -> Result<Vec<Duration>> {
+        if size == 0 {
+            return Err(DeviceError::ZeroSize { what: "allocation" });
+        }
+        let s = self.stream(stream)?.cu_stream();
+        self.bind()?;
+        let pair = || -> Result<()> {
+            // SAFETY: stream-ordered allocation freed on the same stream right after;
+            // nothing else refers to it.
+            unsafe {
+                let p = result::malloc_async(s, size as usize).call("cuMemAllocAsync")?;
+                result::free_async(p, s).call("cuMemFreeAsync")
+            }
+        };
+        for _ in 0..16 {
+            pair()?;
+        }
+        let mut v = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t = std::time::Instant::now();
+            pair()?;
+            v.push(t.elapsed());
+        }
+        self.stream(stream)?
+            .synchronize()
+            .call("cuStreamSynchronize")?;
+        Ok(v)
+    }
+}
+
+impl CudaDevice {
+    /// Churn through the driver's stream-ordered pool: allocate `fill` live blocks, then
+    /// for each `(victim, size)` free that live block and allocate a new one in its place.
+    /// Returns the time per free+alloc over each batch of `batch` steps.
+    pub fn time_raw_async_churn(
+        &self,
+        stream: &Stream,
+        fill: &[u64],
+        steps: &[(usize, u64)],
+        batch: usize,
+    ) -> Result<Vec<Duration>> {
+        if fill.is_empty()
+            || fill.contains(&0)
+            || steps.iter().any(|&(v, s)| s == 0 || v >= fill.len())
+        {
+            return Err(DeviceError::ZeroSize {
+                what: "churn trace",
+            });
+        }
+        let s = self.stream(stream)?.cu_stream();
+        self.bind()?;
+        let mut live = Vec::with_capacity(fill.len());
+        let mut out = Vec::new();
+        let mut run = || -> Result<()> {
+            for &size in fill {
+                // SAFETY: stream-ordered allocation, freed below on the same stream.
+                live.push(
+                    unsafe { result::malloc_async(s, size as usize) }.call("cuMemAllocAsync")?,
+                );
+            }
+            for chunk in steps.chunks(batch.max(1)) {
+                let t = std::time::Instant::now();
+                for &(v, size) in chunk {
+                    // SAFETY: `live[v]` came from cuMemAllocAsync on this stream and is freed
+                    // once, then replaced by a new allocation.
+                    unsafe {
+                        result::free_async(live[v], s).call("cuMemFreeAsync")?;
+                        live[v] = result::malloc_async(s, size as usize).call("cuMemAllocAsync")?;
+                    }
+                }
+                out.push(t.elapsed() / chunk.len() as u32);
+            }
+            Ok(())
+        };
+        let r = run();
+        for p in live {
+            // SAFETY: each pointer is a live allocation of this stream, freed once.
+            let _ = unsafe { result::free_async(p, s) };
+        }
+        self.stream(stream)?
+            .synchronize()
+            .call("cuStreamSynchronize")?;
+        r.map(|()| out)
+    }
+
     fn make_green(&self, res: &mut sys::CUdevResource) -> Result<Arc<GreenCtx>> {
         let mut desc: sys::CUdevResourceDesc = std::ptr::null_mut();
         // SAFETY: `res` is an SM resource filled by the driver; desc is an out-pointer.
