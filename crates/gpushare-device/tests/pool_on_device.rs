@@ -6,8 +6,8 @@ use gpushare_device::{
     Stream, VmmSource,
 };
 use gpushare_pool::{
-    EvictError, EvictableKey, Evictor, OwnerSpec, Pool, PoolConfig, RestoreInfo, StreamId, Tier,
-    VictimInfo,
+    ChunkSource, EvictError, EvictableKey, Evictor, OwnerSpec, Pool, PoolConfig, RestoreInfo,
+    StreamId, Tier, VictimInfo,
 };
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -112,61 +112,31 @@ fn evict_then_restore_returns_the_same_bytes(dev: Arc<dyn Device>) {
     assert_eq!(pool.stats().mapped_bytes, 0);
 }
 
-fn blocks_hold_their_own_bytes(dev: Arc<dyn Device>, linear: bool) {
+fn blocks_hold_their_own_bytes<S: ChunkSource>(dev: &Arc<dyn Device>, source: S) {
     let stream = dev.create_stream(0).unwrap();
-    let check = |pool: &dyn Fn(u64) -> (u64, Box<dyn FnOnce()>)| {
-        let mut blocks = vec![];
-        for i in 0..24u64 {
-            let size = 1000 + i * 77_777;
-            let (addr, free) = pool(size);
-            let d = pattern(size as usize, i as u8);
-            dev.write_sync(DeviceRange::new(DevicePtr(addr), size), &d, &stream)
-                .unwrap();
-            blocks.push((addr, d, free));
-        }
-        for (addr, d, free) in blocks {
-            let mut back = vec![0u8; d.len()];
-            dev.read_sync(
-                &mut back,
-                DeviceRange::new(DevicePtr(addr), d.len() as u64),
-                &stream,
-            )
-            .unwrap();
-            assert!(back == d);
-            free();
-        }
-    };
-    if linear {
-        let pool = Arc::new(
-            Pool::new(
-                LinearSource::new(dev.clone(), 256 * MIB),
-                PoolConfig::default(),
-            )
-            .unwrap(),
-        );
-        let o = pool.add_owner(OwnerSpec::new("o", 128 * MIB)).unwrap();
-        check(&|size| {
-            let b = pool.alloc(o, size, StreamId(0)).unwrap();
-            let p = pool.clone();
-            (pool.addr(&b), Box::new(move || p.free(b).unwrap()))
-        });
-        assert!(pool.trim().unwrap() > 0);
-    } else {
-        let pool = Arc::new(
-            Pool::new(
-                VmmSource::new(dev.clone(), 256 * MIB).unwrap(),
-                PoolConfig::default(),
-            )
-            .unwrap(),
-        );
-        let o = pool.add_owner(OwnerSpec::new("o", 128 * MIB)).unwrap();
-        check(&|size| {
-            let b = pool.alloc(o, size, StreamId(0)).unwrap();
-            let p = pool.clone();
-            (pool.addr(&b), Box::new(move || p.free(b).unwrap()))
-        });
-        assert!(pool.trim().unwrap() > 0);
+    let pool = Pool::new(source, PoolConfig::default()).unwrap();
+    let o = pool.add_owner(OwnerSpec::new("o", 128 * MIB)).unwrap();
+    let mut blocks = vec![];
+    for i in 0..24u64 {
+        let size = 1000 + i * 77_777;
+        let b = pool.alloc(o, size, StreamId(0)).unwrap();
+        let d = pattern(size as usize, i as u8);
+        dev.write_sync(
+            DeviceRange::new(DevicePtr(pool.addr(&b)), size),
+            &d,
+            &stream,
+        )
+        .unwrap();
+        blocks.push((b, d));
     }
+    for (b, d) in blocks {
+        let mut back = vec![0u8; d.len()];
+        let r = DeviceRange::new(DevicePtr(pool.addr(&b)), d.len() as u64);
+        dev.read_sync(&mut back, r, &stream).unwrap();
+        assert!(back == d);
+        pool.free(b).unwrap();
+    }
+    assert!(pool.trim().unwrap() > 0);
 }
 
 #[test]
@@ -183,15 +153,17 @@ fn sim_evict_then_restore_returns_the_same_bytes() {
 
 #[test]
 fn sim_blocks_hold_their_own_bytes() {
-    blocks_hold_their_own_bytes(Arc::new(SimDevice::new()), false);
+    let dev: Arc<dyn Device> = Arc::new(SimDevice::new());
+    blocks_hold_their_own_bytes(&dev, VmmSource::new(dev.clone(), 256 * MIB).unwrap());
 }
 
 #[test]
 fn sim_linear_fallback_without_vmm() {
-    let dev = Arc::new(SimDevice::with_config(SimConfig::default().vmm(false)).unwrap());
+    let sim = Arc::new(SimDevice::with_config(SimConfig::default().vmm(false)).unwrap());
+    let dev: Arc<dyn Device> = sim.clone();
     assert!(VmmSource::new(dev.clone(), 64 * MIB).is_err());
-    blocks_hold_their_own_bytes(dev.clone(), true);
-    assert_eq!(dev.live().mappings, 0);
+    blocks_hold_their_own_bytes(&dev, LinearSource::new(dev.clone(), 256 * MIB));
+    assert_eq!(sim.live().mappings, 0);
 }
 
 #[test]
@@ -204,6 +176,6 @@ fn cuda_evict_then_restore_returns_the_same_bytes() {
 #[ignore = "needs a CUDA GPU"]
 fn cuda_blocks_hold_their_own_bytes() {
     let dev: Arc<dyn Device> = Arc::new(CudaDevice::new(0).expect("a CUDA GPU"));
-    blocks_hold_their_own_bytes(dev.clone(), false);
-    blocks_hold_their_own_bytes(dev, true);
+    blocks_hold_their_own_bytes(&dev, VmmSource::new(dev.clone(), 256 * MIB).unwrap());
+    blocks_hold_their_own_bytes(&dev, LinearSource::new(dev.clone(), 256 * MIB));
 }

@@ -553,6 +553,19 @@ impl<S: ChunkSource> Pool<S> {
         self.alloc_slow(owner, size, align, stream)
     }
 
+    /// A request's size rounded to the allocation unit, or why it cannot be served.
+    fn round_request(&self, size: u64) -> Result<u64, PoolError> {
+        if size == 0 {
+            return Err(PoolError::ZeroSize);
+        }
+        size.checked_next_multiple_of(UNIT)
+            .filter(|&c| c <= self.limit)
+            .ok_or_else(|| PoolError::TooLarge {
+                requested: size,
+                capacity: self.limit,
+            })
+    }
+
     #[cold]
     #[inline(never)]
     fn alloc_slow(
@@ -573,13 +586,7 @@ impl<S: ChunkSource> Pool<S> {
             });
         }
         let align = align.max(UNIT);
-        let csize = size
-            .checked_next_multiple_of(UNIT)
-            .filter(|&c| c <= self.limit)
-            .ok_or_else(|| PoolError::TooLarge {
-                requested: size,
-                capacity: self.limit,
-            })?;
+        let csize = self.round_request(size)?;
         let class = floor_class(csize);
         if align > UNIT && csize <= self.cfg.cache_max_block {
             // Aligned requests skip the fast path; a cached block may still be aligned.
@@ -1125,16 +1132,7 @@ impl<S: ChunkSource> Pool<S> {
         stream: StreamId,
     ) -> Result<(EvictableId, Pinned), PoolError> {
         self.slot(owner)?;
-        if size == 0 {
-            return Err(PoolError::ZeroSize);
-        }
-        let csize = size
-            .checked_next_multiple_of(UNIT)
-            .filter(|&c| c <= self.limit)
-            .ok_or_else(|| PoolError::TooLarge {
-                requested: size,
-                capacity: self.limit,
-            })?;
+        let csize = self.round_request(size)?;
         let mut c = self.central.lock();
         let tier = c.owners[owner.slot as usize]
             .as_ref()
