@@ -21,11 +21,13 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod partitions;
 
 pub use config::Config;
 pub use gpushare_device as device;
 pub use gpushare_pool as pool;
 pub use gpushare_qos as qos;
+pub use partitions::DeviceSms;
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]

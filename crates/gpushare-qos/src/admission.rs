@@ -1,0 +1,595 @@
+//! Atomic admission: evaluate and reserve in one step, and wait in tier order.
+
+use crate::spec::{ContextSpec, Resolved, Tier};
+use crate::sync::{Arc, Mutex};
+use crate::QosError;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Settings of an [`AdmissionEvaluator`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdmissionConfig {
+    /// Fraction of the device's memory that admission hands out (the rest is headroom for
+    /// the driver and fragmentation).
+    pub usable_fraction: f64,
+    /// How far the sum of every context's maximum may exceed the usable memory: 1.0 (the
+    /// default) admits only what could all be resident at once; 1.5 lets BestEffort and
+    /// bursting Burstable contexts promise half as much again, to be met by eviction.
+    pub overcommit: f64,
+    /// A waiter rises by one tier for every `aging` it has waited, so nothing starves.
+    pub aging: Duration,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            usable_fraction: 0.95,
+            overcommit: 1.0,
+            aging: Duration::from_secs(1),
+        }
+    }
+}
+
+impl AdmissionConfig {
+    /// Set the usable fraction, in (0, 1].
+    pub fn usable_fraction(mut self, f: f64) -> Self {
+        self.usable_fraction = f;
+        self
+    }
+    /// Set the overcommit ratio (1.0 is off).
+    pub fn overcommit(mut self, ratio: f64) -> Self {
+        self.overcommit = ratio;
+        self
+    }
+    /// Set the aging period.
+    pub fn aging(mut self, d: Duration) -> Self {
+        self.aging = d;
+        self
+    }
+}
+
+/// The priority admission granted: the tier's rank, mapped onto a device's stream
+/// priorities by [`Priority::stream_priority`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Priority {
+    /// The tier it follows.
+    pub tier: Tier,
+}
+
+impl Priority {
+    /// The stream priority for a device whose range is `greatest..=least` (as in CUDA,
+    /// numerically lower is higher): Guaranteed gets the highest, BestEffort the lowest,
+    /// Burstable the middle.
+    pub fn stream_priority(&self, greatest: i32, least: i32) -> i32 {
+        match self.tier {
+            Tier::Guaranteed => greatest,
+            Tier::Burstable => greatest + (least - greatest) / 2,
+            Tier::BestEffort => least,
+        }
+    }
+}
+
+/// Why admission said no, with the numbers.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// The spec itself is wrong.
+    #[error(transparent)]
+    Invalid(#[from] QosError),
+    /// Not enough unreserved memory.
+    #[error("{name:?} would reserve {requested} B but only {free} B of {capacity} B are unreserved; wait, free a context, or lower its base")]
+    Memory {
+        /// The context.
+        name: String,
+        /// Bytes it reserves.
+        requested: u64,
+        /// Bytes still unreserved.
+        free: u64,
+        /// Usable bytes in all.
+        capacity: u64,
+    },
+    /// The sum of maxima would exceed what overcommit allows.
+    #[error("{name:?} would raise the sum of context maxima to {potential} B, above {allowed} B ({capacity} B × overcommit {ratio}); lower its max_vram or enable overcommit")]
+    Overcommit {
+        /// The context.
+        name: String,
+        /// Sum of maxima with it.
+        potential: u64,
+        /// What is allowed.
+        allowed: u64,
+        /// Usable bytes.
+        capacity: u64,
+        /// The ratio.
+        ratio: f64,
+    },
+    /// Shares would add up to more than the whole.
+    #[error("{name:?} asks for a {what} share of {requested}, but {taken} is already reserved")]
+    Share {
+        /// The context.
+        name: String,
+        /// Compute or bandwidth.
+        what: &'static str,
+        /// Share asked.
+        requested: f64,
+        /// Share already reserved.
+        taken: f64,
+    },
+    /// Contexts of the same or a higher tier are waiting first.
+    #[error("{name:?} is behind {waiting} waiting context(s) of the same or a higher tier; use admit().await to queue")]
+    QueuedAhead {
+        /// The context.
+        name: String,
+        /// Waiters ahead of it.
+        waiting: usize,
+    },
+    /// The future was polled again after it completed.
+    #[error("this admission already completed")]
+    Finished,
+}
+
+impl Rejection {
+    /// Whether waiting could ever help: false when the request cannot fit even an empty
+    /// device.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Rejection::Invalid(_) | Rejection::Finished)
+    }
+}
+
+/// What one admission holds.
+#[derive(Clone, Debug, PartialEq)]
+struct Grant {
+    reserve: u64,
+    max: u64,
+    compute: f64,
+    bandwidth: f64,
+}
+
+impl Grant {
+    fn of(r: &Resolved) -> Self {
+        Grant {
+            reserve: r.reserve,
+            max: r.max,
+            compute: r.compute,
+            bandwidth: r.bandwidth,
+        }
+    }
+}
+
+struct Waiter {
+    id: u64,
+    spec: Resolved,
+    since: Instant,
+    waker: Option<Waker>,
+    granted: bool,
+}
+
+#[derive(Default)]
+struct State {
+    reserved: u64,
+    potential: u64,
+    compute: f64,
+    bandwidth: f64,
+    admitted: usize,
+    waiters: Vec<Waiter>,
+    next_id: u64,
+}
+
+struct Inner {
+    cfg: AdmissionConfig,
+    capacity: u64,
+    state: Mutex<State>,
+}
+
+/// Shares are fractions; allow for rounding when they add up to exactly 1.
+const SHARE_EPS: f64 = 1e-9;
+
+impl Inner {
+    fn allowed(&self) -> u64 {
+        (self.capacity as f64 * self.cfg.overcommit) as u64
+    }
+
+    /// Whether `r` fits now.
+    fn check(&self, st: &State, r: &Resolved) -> Result<(), Rejection> {
+        if st.reserved + r.reserve > self.capacity {
+            return Err(Rejection::Memory {
+                name: r.name.clone(),
+                requested: r.reserve,
+                free: self.capacity - st.reserved,
+                capacity: self.capacity,
+            });
+        }
+        if st.potential + r.max > self.allowed() {
+            return Err(Rejection::Overcommit {
+                name: r.name.clone(),
+                potential: st.potential + r.max,
+                allowed: self.allowed(),
+                capacity: self.capacity,
+                ratio: self.cfg.overcommit,
+            });
+        }
+        for (what, have, want) in [
+            ("compute", st.compute, r.compute),
+            ("bandwidth", st.bandwidth, r.bandwidth),
+        ] {
+            if want > 0.0 && have + want > 1.0 + SHARE_EPS {
+                return Err(Rejection::Share {
+                    name: r.name.clone(),
+                    what,
+                    requested: want,
+                    taken: have,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `r` could fit an empty evaluator; if not, waiting is pointless.
+    fn check_empty(&self, r: &Resolved) -> Result<(), Rejection> {
+        self.check(&State::default(), r).map_err(|e| {
+            Rejection::Invalid(QosError::BadConfig {
+                what: "context size",
+                value: e.to_string(),
+                expected: "a request that fits the device when nothing else is admitted",
+            })
+        })
+    }
+
+    fn apply(st: &mut State, g: &Grant) {
+        st.reserved += g.reserve;
+        st.potential += g.max;
+        st.compute += g.compute;
+        st.bandwidth += g.bandwidth;
+        st.admitted += 1;
+    }
+
+    fn release(st: &mut State, g: &Grant) {
+        st.reserved -= g.reserve;
+        st.potential -= g.max;
+        st.compute = (st.compute - g.compute).max(0.0);
+        st.bandwidth = (st.bandwidth - g.bandwidth).max(0.0);
+        st.admitted -= 1;
+    }
+
+    /// A waiter's place in line: its tier rank lowered by one per aging period waited,
+    /// then arrival order.
+    fn key(&self, w: &Waiter, now: Instant) -> (f64, u64) {
+        let aging = self.cfg.aging.as_secs_f64().max(1e-6);
+        let waited = now.saturating_duration_since(w.since).as_secs_f64();
+        (f64::from(w.spec.tier.rank()) - waited / aging, w.id)
+    }
+
+    /// The waiter first in line that has not been granted.
+    fn head(&self, st: &State, now: Instant) -> Option<usize> {
+        st.waiters
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| !w.granted)
+            .min_by(|(_, a), (_, b)| {
+                self.key(a, now)
+                    .partial_cmp(&self.key(b, now))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+            .map(|(i, _)| i)
+    }
+
+    /// Grant waiters in line while the first one fits; return the wakers to call.
+    fn pump(&self, st: &mut State) -> Vec<Waker> {
+        let now = Instant::now();
+        let mut wake = Vec::new();
+        while let Some(i) = self.head(st, now) {
+            if self.check(st, &st.waiters[i].spec).is_err() {
+                break;
+            }
+            let g = Grant::of(&st.waiters[i].spec);
+            Self::apply(st, &g);
+            let w = &mut st.waiters[i];
+            w.granted = true;
+            if let Some(k) = w.waker.take() {
+                wake.push(k);
+            }
+        }
+        wake
+    }
+}
+
+/// Decides whether contexts fit, and reserves what they need atomically.
+///
+/// Guaranteed contexts reserve their whole budget, Burstable ones their base, BestEffort
+/// nothing. The sum of every admitted context's maximum may exceed usable memory only by
+/// the overcommit ratio. Cheap to clone; clones share the state.
+#[derive(Clone)]
+pub struct AdmissionEvaluator {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AdmissionEvaluator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdmissionEvaluator")
+            .field("capacity", &self.inner.capacity)
+            .field("config", &self.inner.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What admission has handed out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdmissionUsage {
+    /// Usable bytes.
+    pub capacity: u64,
+    /// Bytes reserved.
+    pub reserved: u64,
+    /// Sum of admitted maxima.
+    pub potential: u64,
+    /// Compute share reserved.
+    pub compute: f64,
+    /// Bandwidth share reserved.
+    pub bandwidth: f64,
+    /// Contexts admitted.
+    pub admitted: usize,
+    /// Contexts waiting.
+    pub waiting: usize,
+}
+
+impl AdmissionEvaluator {
+    /// An evaluator over a device with `total_memory` bytes.
+    pub fn new(total_memory: u64, cfg: AdmissionConfig) -> Result<Self, QosError> {
+        let bad = |what, value: String, expected| QosError::BadConfig {
+            what,
+            value,
+            expected,
+        };
+        if total_memory == 0 {
+            return Err(bad("total_memory", "0".into(), "a positive byte count"));
+        }
+        if !(cfg.usable_fraction.is_finite()
+            && cfg.usable_fraction > 0.0
+            && cfg.usable_fraction <= 1.0)
+        {
+            return Err(bad(
+                "usable_fraction",
+                cfg.usable_fraction.to_string(),
+                "a fraction in (0, 1]",
+            ));
+        }
+        if !(cfg.overcommit.is_finite() && cfg.overcommit >= 1.0) {
+            return Err(bad(
+                "overcommit",
+                cfg.overcommit.to_string(),
+                "a ratio of at least 1.0 (1.0 is off)",
+            ));
+        }
+        if cfg.aging.is_zero() {
+            return Err(bad("aging", "0s".into(), "a positive duration"));
+        }
+        let capacity = (total_memory as f64 * cfg.usable_fraction) as u64;
+        Ok(AdmissionEvaluator {
+            inner: Arc::new(Inner {
+                cfg,
+                capacity,
+                state: Mutex::new(State::default()),
+            }),
+        })
+    }
+
+    /// Usable bytes.
+    pub fn capacity(&self) -> u64 {
+        self.inner.capacity
+    }
+
+    /// What has been handed out.
+    pub fn usage(&self) -> AdmissionUsage {
+        let st = self.inner.state.lock();
+        AdmissionUsage {
+            capacity: self.inner.capacity,
+            reserved: st.reserved,
+            potential: st.potential,
+            compute: st.compute,
+            bandwidth: st.bandwidth,
+            admitted: st.admitted,
+            waiting: st.waiters.iter().filter(|w| !w.granted).count(),
+        }
+    }
+
+    /// Evaluate and reserve in one step. Waiting contexts of the same or a higher tier go
+    /// first, so this never overtakes them.
+    pub fn try_admit(&self, spec: &ContextSpec) -> Result<Admission, Rejection> {
+        let r = spec.resolve()?;
+        self.inner.check_empty(&r)?;
+        let mut st = self.inner.state.lock();
+        let ahead = st
+            .waiters
+            .iter()
+            .filter(|w| !w.granted && w.spec.tier.rank() <= r.tier.rank())
+            .count();
+        if ahead > 0 {
+            return Err(Rejection::QueuedAhead {
+                name: r.name,
+                waiting: ahead,
+            });
+        }
+        self.inner.check(&st, &r)?;
+        let g = Grant::of(&r);
+        Inner::apply(&mut st, &g);
+        drop(st);
+        Ok(self.admission(r, g))
+    }
+
+    fn admission(&self, r: Resolved, grant: Grant) -> Admission {
+        Admission {
+            priority: Priority { tier: r.tier },
+            reservation: Reservation {
+                inner: self.inner.clone(),
+                grant,
+                spec: r,
+            },
+        }
+    }
+
+    /// Wait until the context can be admitted, then reserve. Waiters are served in tier
+    /// order, with aging; a request that could never fit fails at once. Dropping the future
+    /// leaves nothing reserved.
+    pub fn admit(&self, spec: ContextSpec) -> Admit {
+        Admit {
+            eval: self.clone(),
+            spec: Some(spec),
+            id: None,
+            done: false,
+        }
+    }
+}
+
+/// A successful admission.
+#[derive(Debug)]
+pub struct Admission {
+    /// What is reserved; released on drop.
+    pub reservation: Reservation,
+    /// The priority granted.
+    pub priority: Priority,
+}
+
+/// Memory and shares reserved for one context. Released when dropped, which may admit
+/// waiting contexts.
+pub struct Reservation {
+    inner: Arc<Inner>,
+    grant: Grant,
+    spec: Resolved,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reservation {
+    /// The checked spec it was made for.
+    pub fn spec(&self) -> &Resolved {
+        &self.spec
+    }
+    /// The tier.
+    pub fn tier(&self) -> Tier {
+        self.spec.tier
+    }
+    /// Bytes reserved.
+    pub fn reserved(&self) -> u64 {
+        self.grant.reserve
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let wake = {
+            let mut st = self.inner.state.lock();
+            Inner::release(&mut st, &self.grant);
+            self.inner.pump(&mut st)
+        };
+        wake.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// The future of [`AdmissionEvaluator::admit`]. Cancellation-safe: dropping it removes it
+/// from the queue and releases anything granted to it.
+pub struct Admit {
+    eval: AdmissionEvaluator,
+    spec: Option<ContextSpec>,
+    id: Option<u64>,
+    done: bool,
+}
+
+impl Future for Admit {
+    type Output = Result<Admission, Rejection>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(Err(Rejection::Finished));
+        }
+        let inner = &this.eval.inner;
+        match this.id {
+            None => {
+                let Some(spec) = this.spec.take() else {
+                    this.done = true;
+                    return Poll::Ready(Err(Rejection::Finished));
+                };
+                let r = match spec.resolve().map_err(Rejection::from).and_then(|r| {
+                    inner.check_empty(&r)?;
+                    Ok(r)
+                }) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        this.done = true;
+                        return Poll::Ready(Err(e));
+                    }
+                };
+                let mut st = inner.state.lock();
+                let now = Instant::now();
+                let rank = f64::from(r.tier.rank());
+                let ahead = st
+                    .waiters
+                    .iter()
+                    .any(|w| !w.granted && inner.key(w, now).0 <= rank);
+                if !ahead && inner.check(&st, &r).is_ok() {
+                    let g = Grant::of(&r);
+                    Inner::apply(&mut st, &g);
+                    drop(st);
+                    this.done = true;
+                    return Poll::Ready(Ok(this.eval.admission(r, g)));
+                }
+                let id = st.next_id;
+                st.next_id += 1;
+                st.waiters.push(Waiter {
+                    id,
+                    spec: r,
+                    since: now,
+                    waker: Some(cx.waker().clone()),
+                    granted: false,
+                });
+                this.id = Some(id);
+                Poll::Pending
+            }
+            Some(id) => {
+                let mut st = inner.state.lock();
+                let Some(i) = st.waiters.iter().position(|w| w.id == id) else {
+                    this.done = true;
+                    return Poll::Ready(Err(Rejection::Finished));
+                };
+                if st.waiters[i].granted {
+                    let w = st.waiters.swap_remove(i);
+                    drop(st);
+                    this.done = true;
+                    this.id = None;
+                    let g = Grant::of(&w.spec);
+                    return Poll::Ready(Ok(this.eval.admission(w.spec, g)));
+                }
+                st.waiters[i].waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Admit {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        let inner = &self.eval.inner;
+        let wake = {
+            let mut st = inner.state.lock();
+            match st.waiters.iter().position(|w| w.id == id) {
+                Some(i) => {
+                    let w = st.waiters.swap_remove(i);
+                    if w.granted {
+                        Inner::release(&mut st, &Grant::of(&w.spec));
+                    }
+                    // Whether it held a grant or blocked the line, others may go now.
+                    inner.pump(&mut st)
+                }
+                None => Vec::new(),
+            }
+        };
+        wake.into_iter().for_each(Waker::wake);
+    }
+}

@@ -1,0 +1,96 @@
+//! Typed errors of the QoS layer.
+
+/// Invalid input to the QoS layer. Each says how to fix it.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum QosError {
+    /// A context or partition without a name.
+    #[error("a name is required; give the context or partition a non-empty name")]
+    EmptyName,
+    /// A zero VRAM budget.
+    #[error("context {name:?} has a zero VRAM budget; give it a positive max_vram")]
+    ZeroBudget {
+        /// The context.
+        name: String,
+    },
+    /// A base above the maximum.
+    #[error("context {name:?} reserves {base} B but may use only {max} B; lower the base or raise the maximum")]
+    BaseAboveMax {
+        /// The context.
+        name: String,
+        /// Base given.
+        base: u64,
+        /// Maximum given.
+        max: u64,
+    },
+    /// An explicit tier that contradicts the budget.
+    #[error("context {name:?}: {why}")]
+    Contradiction {
+        /// The context.
+        name: String,
+        /// What contradicts what.
+        why: String,
+    },
+    /// A share outside (0, 1].
+    #[error("{name:?}: a {what} share of {share} is invalid; use a fraction in (0, 1]")]
+    BadShare {
+        /// The context or partition.
+        name: String,
+        /// Compute or bandwidth.
+        what: &'static str,
+        /// The share.
+        share: f64,
+    },
+    /// A bad evaluator or manager setting.
+    #[error("invalid setting {what} = {value}: {expected}")]
+    BadConfig {
+        /// The setting.
+        what: &'static str,
+        /// Its value.
+        value: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+    /// A partition name used twice.
+    #[error("a partition named {0:?} already exists; choose another name")]
+    DuplicatePartition(String),
+    /// A partition that does not exist.
+    #[error("no partition is named {0:?}; create it first")]
+    UnknownPartition(String),
+    /// Shares or memory limits that do not fit.
+    #[error("partitions would take {total} of the {what} (at most {limit}); lower the shares or enable overcommit")]
+    PartitionsOverfull {
+        /// Compute or memory.
+        what: &'static str,
+        /// What they would add up to.
+        total: f64,
+        /// The limit.
+        limit: f64,
+    },
+    /// A partition with contexts still placed in it.
+    #[error("partition {name:?} still holds {contexts} context(s); remove them first")]
+    PartitionBusy {
+        /// The partition.
+        name: String,
+        /// Contexts placed.
+        contexts: usize,
+    },
+    /// A context that does not fit its partition's memory limit.
+    #[error("context {context:?} reserves {reserve} B but partition {partition:?} has only {free} B of its limit left")]
+    PartitionFull {
+        /// The context.
+        context: String,
+        /// The partition.
+        partition: String,
+        /// Bytes the context reserves.
+        reserve: u64,
+        /// Bytes left in the partition.
+        free: u64,
+    },
+    /// A context name placed twice.
+    #[error("context {0:?} is already placed; remove it first")]
+    AlreadyPlaced(String),
+    /// A context that was never placed.
+    #[error("context {0:?} is not placed in any partition")]
+    NotPlaced(String),
+}

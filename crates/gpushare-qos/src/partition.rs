@@ -1,0 +1,361 @@
+//! Partitions: memory limits and compute shares, contexts placed in them, and the SM split
+//! that makes a compute share real.
+
+use crate::spec::Resolved;
+use crate::QosError;
+use std::collections::BTreeMap;
+
+/// Splits a device's SMs. Implemented over the device layer (green contexts on CUDA); the
+/// QoS logic itself never touches a device.
+pub trait SmBackend {
+    /// SMs on the device.
+    fn sm_count(&self) -> u32;
+    /// The smallest group and the step between group sizes the hardware allows (8 and 8
+    /// on Hopper).
+    fn sm_granularity(&self) -> (u32, u32) {
+        (1, 1)
+    }
+    /// Split off disjoint groups of (at least) these many SMs; returns the SMs each got,
+    /// after the hardware's rounding.
+    fn split(&self, sm_counts: &[u32]) -> Result<Vec<u32>, SplitError>;
+}
+
+/// Why a split did not happen.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SplitError {
+    /// The driver or device cannot split SMs; partitions fall back to stream priorities.
+    #[error("SM partitions are unsupported: {0}")]
+    Unsupported(String),
+    /// The split was attempted and failed.
+    #[error("splitting SMs failed: {0}")]
+    Failed(String),
+}
+
+/// Settings of a [`PartitionManager`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartitionConfig {
+    /// Device memory the partitions' limits are checked against.
+    pub total_memory: u64,
+    /// Allow compute shares to add up to more than 1 and memory limits to more than the
+    /// device has.
+    pub allow_overcommit: bool,
+}
+
+impl PartitionConfig {
+    /// Partitions of a device with `total_memory` bytes, overcommit off.
+    pub fn new(total_memory: u64) -> Self {
+        PartitionConfig {
+            total_memory,
+            allow_overcommit: false,
+        }
+    }
+    /// Allow overcommit.
+    pub fn overcommit(mut self, on: bool) -> Self {
+        self.allow_overcommit = on;
+        self
+    }
+}
+
+/// Limits of one partition. Unset limits stay unset: they do not silently become the
+/// whole GPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PartitionLimits {
+    /// Bytes its contexts may reserve in all.
+    pub memory: Option<u64>,
+    /// Fraction of the SMs, in (0, 1].
+    pub compute: Option<f64>,
+}
+
+impl PartitionLimits {
+    /// Limit memory.
+    pub fn memory(mut self, bytes: u64) -> Self {
+        self.memory = Some(bytes);
+        self
+    }
+    /// Ask for a compute share.
+    pub fn compute(mut self, share: f64) -> Self {
+        self.compute = Some(share);
+        self
+    }
+}
+
+/// How a partition's compute is isolated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    /// No compute share was asked for.
+    None,
+    /// Not split yet: call [`PartitionManager::realize`].
+    Pending,
+    /// Its own SMs (a green context on CUDA).
+    SmPartition {
+        /// SMs the share asked for.
+        requested: u32,
+        /// SMs it really got.
+        granted: u32,
+    },
+    /// The backend cannot split SMs; only stream priorities separate it.
+    StreamPriority {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A partition and the contexts placed in it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Partition {
+    name: String,
+    limits: PartitionLimits,
+    contexts: BTreeMap<String, u64>,
+    isolation: Isolation,
+}
+
+impl Partition {
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Its limits.
+    pub fn limits(&self) -> PartitionLimits {
+        self.limits
+    }
+    /// How its compute is isolated.
+    pub fn isolation(&self) -> &Isolation {
+        &self.isolation
+    }
+    /// Contexts placed in it, with the bytes each reserves.
+    pub fn contexts(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.contexts.iter().map(|(n, &b)| (n.as_str(), b))
+    }
+    /// Bytes its contexts reserve.
+    pub fn reserved(&self) -> u64 {
+        self.contexts.values().sum()
+    }
+}
+
+/// Keeps partitions consistent: shares and limits that fit, unique names, contexts within
+/// their partition's memory limit, and the SM split behind each compute share.
+#[derive(Clone, Debug)]
+pub struct PartitionManager {
+    cfg: PartitionConfig,
+    partitions: Vec<Partition>,
+}
+
+impl PartitionManager {
+    /// A manager with no partitions.
+    pub fn new(cfg: PartitionConfig) -> Result<Self, QosError> {
+        if cfg.total_memory == 0 {
+            return Err(QosError::BadConfig {
+                what: "total_memory",
+                value: "0".into(),
+                expected: "a positive byte count",
+            });
+        }
+        Ok(PartitionManager {
+            cfg,
+            partitions: Vec::new(),
+        })
+    }
+
+    /// Create a partition.
+    pub fn create_partition(
+        &mut self,
+        name: &str,
+        limits: PartitionLimits,
+    ) -> Result<(), QosError> {
+        if name.is_empty() {
+            return Err(QosError::EmptyName);
+        }
+        if self.partitions.iter().any(|p| p.name == name) {
+            return Err(QosError::DuplicatePartition(name.to_string()));
+        }
+        if let Some(s) = limits.compute {
+            if !(s.is_finite() && s > 0.0 && s <= 1.0) {
+                return Err(QosError::BadShare {
+                    name: name.to_string(),
+                    what: "compute",
+                    share: s,
+                });
+            }
+        }
+        if limits.memory == Some(0) {
+            return Err(QosError::ZeroBudget {
+                name: name.to_string(),
+            });
+        }
+        if !self.cfg.allow_overcommit {
+            let compute: f64 = self
+                .partitions
+                .iter()
+                .filter_map(|p| p.limits.compute)
+                .chain(limits.compute)
+                .sum();
+            if compute > 1.0 + 1e-9 {
+                return Err(QosError::PartitionsOverfull {
+                    what: "SMs",
+                    total: compute,
+                    limit: 1.0,
+                });
+            }
+            let memory: u64 = self
+                .partitions
+                .iter()
+                .filter_map(|p| p.limits.memory)
+                .chain(limits.memory)
+                .sum();
+            if memory > self.cfg.total_memory {
+                return Err(QosError::PartitionsOverfull {
+                    what: "memory",
+                    total: memory as f64,
+                    limit: self.cfg.total_memory as f64,
+                });
+            }
+        }
+        self.partitions.push(Partition {
+            name: name.to_string(),
+            limits,
+            contexts: BTreeMap::new(),
+            isolation: if limits.compute.is_some() {
+                Isolation::Pending
+            } else {
+                Isolation::None
+            },
+        });
+        Ok(())
+    }
+
+    /// Remove an empty partition.
+    pub fn remove_partition(&mut self, name: &str) -> Result<Partition, QosError> {
+        let i = self.index(name)?;
+        let n = self.partitions[i].contexts.len();
+        if n > 0 {
+            return Err(QosError::PartitionBusy {
+                name: name.to_string(),
+                contexts: n,
+            });
+        }
+        Ok(self.partitions.remove(i))
+    }
+
+    fn index(&self, name: &str) -> Result<usize, QosError> {
+        self.partitions
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| QosError::UnknownPartition(name.to_string()))
+    }
+
+    /// A partition by name.
+    pub fn partition(&self, name: &str) -> Option<&Partition> {
+        self.partitions.iter().find(|p| p.name == name)
+    }
+
+    /// All partitions, in creation order.
+    pub fn partitions(&self) -> impl Iterator<Item = &Partition> {
+        self.partitions.iter()
+    }
+
+    /// Place an admitted context in a partition, within its memory limit.
+    pub fn place(&mut self, context: &Resolved, partition: &str) -> Result<(), QosError> {
+        let i = self.index(partition)?;
+        if self
+            .partitions
+            .iter()
+            .any(|p| p.contexts.contains_key(&context.name))
+        {
+            return Err(QosError::AlreadyPlaced(context.name.clone()));
+        }
+        let p = &mut self.partitions[i];
+        if let Some(limit) = p.limits.memory {
+            let used = p.reserved();
+            if used + context.reserve > limit {
+                return Err(QosError::PartitionFull {
+                    context: context.name.clone(),
+                    partition: partition.to_string(),
+                    reserve: context.reserve,
+                    free: limit.saturating_sub(used),
+                });
+            }
+        }
+        p.contexts.insert(context.name.clone(), context.reserve);
+        Ok(())
+    }
+
+    /// Take a context out of its partition.
+    pub fn unplace(&mut self, context: &str) -> Result<(), QosError> {
+        for p in &mut self.partitions {
+            if p.contexts.remove(context).is_some() {
+                return Ok(());
+            }
+        }
+        Err(QosError::NotPlaced(context.to_string()))
+    }
+
+    /// The SMs each compute share asks for on a device with `sm_count` SMs whose groups
+    /// are at least `min` SMs in steps of `step`: each share rounded to the nearest allowed
+    /// size, then the largest groups trimmed a step at a time until the plan fits the device
+    /// (shares that add up to 1 could otherwise round past it).
+    pub fn sm_plan(&self, sm_count: u32, min: u32, step: u32) -> Vec<(String, u32)> {
+        let (min, step) = (min.max(1), step.max(1));
+        let mut plan: Vec<(String, u32)> = self
+            .partitions
+            .iter()
+            .filter_map(|p| {
+                let want = p.limits.compute? * f64::from(sm_count);
+                let n = ((want / f64::from(step)).round() as u32 * step).max(min);
+                Some((p.name.clone(), n))
+            })
+            .collect();
+        while plan.iter().map(|(_, n)| u64::from(*n)).sum::<u64>() > u64::from(sm_count) {
+            match plan
+                .iter_mut()
+                .filter(|(_, n)| *n >= min + step)
+                .max_by_key(|(_, n)| *n)
+            {
+                Some((_, n)) => *n -= step,
+                None => break,
+            }
+        }
+        plan
+    }
+
+    /// Make the compute shares real: split the SMs through `backend`. Where the backend
+    /// cannot split, each partition records that it falls back to stream priorities.
+    pub fn realize(&mut self, backend: &dyn SmBackend) -> Result<(), QosError> {
+        let (min, step) = backend.sm_granularity();
+        let plan = self.sm_plan(backend.sm_count(), min, step);
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let counts: Vec<u32> = plan.iter().map(|(_, n)| *n).collect();
+        match backend.split(&counts) {
+            Ok(granted) if granted.len() == plan.len() => {
+                for ((name, requested), got) in plan.into_iter().zip(granted) {
+                    let i = self.index(&name)?;
+                    self.partitions[i].isolation = Isolation::SmPartition {
+                        requested,
+                        granted: got,
+                    };
+                }
+                Ok(())
+            }
+            Ok(granted) => Err(QosError::BadConfig {
+                what: "SM split",
+                value: format!("{} groups for {} partitions", granted.len(), plan.len()),
+                expected: "one group per partition with a compute share",
+            }),
+            Err(SplitError::Unsupported(reason)) => {
+                for (name, _) in plan {
+                    let i = self.index(&name)?;
+                    self.partitions[i].isolation = Isolation::StreamPriority {
+                        reason: reason.clone(),
+                    };
+                }
+                Ok(())
+            }
+            Err(SplitError::Failed(msg)) => Err(QosError::BadConfig {
+                what: "SM split",
+                value: msg,
+                expected: "shares the device can split; lower them or check the driver",
+            }),
+        }
+    }
+}

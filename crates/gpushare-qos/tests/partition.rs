@@ -1,0 +1,216 @@
+//! Partitions: validation, placement, and realising compute shares as SM splits.
+
+use gpushare_qos::{
+    ContextSpec, Isolation, PartitionConfig, PartitionLimits, PartitionManager, QosError,
+    SmBackend, SplitError,
+};
+use std::cell::RefCell;
+
+const GIB: u64 = 1 << 30;
+
+/// A backend that rounds like Hopper (at least 8 SMs, in steps of 8) and remembers calls.
+struct Hopper {
+    sms: u32,
+    calls: RefCell<Vec<Vec<u32>>>,
+    unsupported: bool,
+}
+
+impl SmBackend for Hopper {
+    fn sm_count(&self) -> u32 {
+        self.sms
+    }
+    fn sm_granularity(&self) -> (u32, u32) {
+        (8, 8)
+    }
+    fn split(&self, counts: &[u32]) -> Result<Vec<u32>, SplitError> {
+        self.calls.borrow_mut().push(counts.to_vec());
+        if self.unsupported {
+            return Err(SplitError::Unsupported(
+                "driver 12.2 has no green contexts".into(),
+            ));
+        }
+        let got: Vec<u32> = counts.iter().map(|&c| c.max(8).div_ceil(8) * 8).collect();
+        if got.iter().sum::<u32>() > self.sms {
+            return Err(SplitError::Failed("not enough SMs".into()));
+        }
+        Ok(got)
+    }
+}
+
+fn hopper(unsupported: bool) -> Hopper {
+    Hopper {
+        sms: 132,
+        calls: RefCell::new(vec![]),
+        unsupported,
+    }
+}
+
+fn manager() -> PartitionManager {
+    PartitionManager::new(PartitionConfig::new(80 * GIB)).unwrap()
+}
+
+#[test]
+fn bad_partitions_are_typed() {
+    let mut m = manager();
+    m.create_partition("a", PartitionLimits::default().compute(0.6))
+        .unwrap();
+    assert!(matches!(
+        m.create_partition("a", PartitionLimits::default()),
+        Err(QosError::DuplicatePartition(_))
+    ));
+    assert!(matches!(
+        m.create_partition("b", PartitionLimits::default().compute(0.5)),
+        Err(QosError::PartitionsOverfull { what: "SMs", .. })
+    ));
+    assert!(matches!(
+        m.create_partition("b", PartitionLimits::default().compute(1.5)),
+        Err(QosError::BadShare { .. })
+    ));
+    assert!(matches!(
+        m.create_partition("b", PartitionLimits::default().memory(81 * GIB)),
+        Err(QosError::PartitionsOverfull { what: "memory", .. })
+    ));
+    assert!(matches!(
+        m.create_partition("", PartitionLimits::default()),
+        Err(QosError::EmptyName)
+    ));
+    assert!(matches!(
+        m.create_partition("z", PartitionLimits::default().memory(0)),
+        Err(QosError::ZeroBudget { .. })
+    ));
+    let ctx = ContextSpec::new("c", GIB).resolve().unwrap();
+    assert!(matches!(
+        m.place(&ctx, "nope"),
+        Err(QosError::UnknownPartition(_))
+    ));
+    assert!(matches!(
+        m.remove_partition("nope"),
+        Err(QosError::UnknownPartition(_))
+    ));
+    assert!(matches!(m.unplace("c"), Err(QosError::NotPlaced(_))));
+    assert!(PartitionManager::new(PartitionConfig::new(0)).is_err());
+}
+
+#[test]
+fn overcommit_allows_shares_above_one() {
+    let mut m = PartitionManager::new(PartitionConfig::new(80 * GIB).overcommit(true)).unwrap();
+    m.create_partition(
+        "a",
+        PartitionLimits::default().compute(0.8).memory(60 * GIB),
+    )
+    .unwrap();
+    m.create_partition(
+        "b",
+        PartitionLimits::default().compute(0.8).memory(60 * GIB),
+    )
+    .unwrap();
+}
+
+#[test]
+fn contexts_are_placed_within_memory_limits() {
+    let mut m = manager();
+    m.create_partition("serving", PartitionLimits::default().memory(10 * GIB))
+        .unwrap();
+    m.create_partition("open", PartitionLimits::default())
+        .unwrap();
+    let llm = ContextSpec::new("llm", 8 * GIB)
+        .base(8 * GIB)
+        .resolve()
+        .unwrap();
+    let tts = ContextSpec::new("tts", 6 * GIB)
+        .base(3 * GIB)
+        .resolve()
+        .unwrap();
+    m.place(&llm, "serving").unwrap();
+    match m.place(&tts, "serving") {
+        Err(QosError::PartitionFull { reserve, free, .. }) => {
+            assert_eq!((reserve, free), (3 * GIB, 2 * GIB))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        m.place(&llm, "open"),
+        Err(QosError::AlreadyPlaced(_))
+    ));
+    // An unset limit stays unset: any reservation fits, and nothing became the whole GPU.
+    m.place(&tts, "open").unwrap();
+    assert_eq!(m.partition("open").unwrap().limits().memory, None);
+    assert_eq!(m.partition("serving").unwrap().reserved(), 8 * GIB);
+    assert!(matches!(
+        m.remove_partition("serving"),
+        Err(QosError::PartitionBusy { contexts: 1, .. })
+    ));
+    m.unplace("llm").unwrap();
+    m.remove_partition("serving").unwrap();
+}
+
+#[test]
+fn compute_shares_become_sm_splits() {
+    let mut m = manager();
+    m.create_partition("victim", PartitionLimits::default().compute(0.12))
+        .unwrap();
+    m.create_partition("rest", PartitionLimits::default().compute(0.88))
+        .unwrap();
+    m.create_partition("mem-only", PartitionLimits::default().memory(GIB))
+        .unwrap();
+    assert_eq!(
+        m.partition("victim").unwrap().isolation(),
+        &Isolation::Pending
+    );
+    assert_eq!(
+        m.partition("mem-only").unwrap().isolation(),
+        &Isolation::None
+    );
+    let b = hopper(false);
+    m.realize(&b).unwrap();
+    // 0.12 x 132 = 15.8 -> 16; 0.88 x 132 = 116.2 -> 120, trimmed to 112 to fit 132.
+    assert_eq!(b.calls.borrow()[0], vec![16, 112]);
+    assert_eq!(
+        m.partition("victim").unwrap().isolation(),
+        &Isolation::SmPartition {
+            requested: 16,
+            granted: 16
+        }
+    );
+    assert_eq!(
+        m.partition("rest").unwrap().isolation(),
+        &Isolation::SmPartition {
+            requested: 112,
+            granted: 112
+        }
+    );
+    assert_eq!(
+        m.sm_plan(132, 1, 1),
+        vec![("victim".to_string(), 16), ("rest".to_string(), 116)]
+    );
+    assert_eq!(
+        m.partition("mem-only").unwrap().isolation(),
+        &Isolation::None
+    );
+}
+
+#[test]
+fn without_green_contexts_partitions_fall_back_to_priorities() {
+    let mut m = manager();
+    m.create_partition("victim", PartitionLimits::default().compute(0.1))
+        .unwrap();
+    m.realize(&hopper(true)).unwrap();
+    match m.partition("victim").unwrap().isolation() {
+        Isolation::StreamPriority { reason } => assert!(reason.contains("green")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_failed_split_is_an_error() {
+    // 20 partitions of 5% each: at least 8 SMs apiece is 160 SMs, more than 132.
+    let mut m = manager();
+    for i in 0..20 {
+        m.create_partition(&format!("p{i}"), PartitionLimits::default().compute(0.05))
+            .unwrap();
+    }
+    assert!(matches!(
+        m.realize(&hopper(false)),
+        Err(QosError::BadConfig { .. })
+    ));
+}
