@@ -34,6 +34,7 @@
 mod cuda;
 mod error;
 mod handles;
+pub mod load;
 mod open;
 pub mod sim;
 mod source;
@@ -45,6 +46,7 @@ pub use handles::{
     Event, LinearAlloc, Mapping, PhysChunk, PinnedBuffer, PinnedSlice, SmPartition, SmSplit,
     Stream, VaRange,
 };
+pub use load::SpinLoad;
 pub use open::{open, open_cuda, BackendChoice};
 pub use sim::{SimConfig, SimDevice};
 pub use source::{LinearSource, VmmSource};

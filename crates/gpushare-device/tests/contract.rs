@@ -410,6 +410,41 @@ mod contract {
         assert_eq!(out, data);
     }
 
+    pub fn spin_load_runs_in_stream_order(open: Open) {
+        let dev = open();
+        let load = gpushare_device::SpinLoad::new(dev.clone()).unwrap();
+        let s = low(&*dev);
+        let (t0, t1) = (
+            dev.create_event(EventFlags::timing()).unwrap(),
+            dev.create_event(EventFlags::timing()).unwrap(),
+        );
+        dev.record_event(&t0, &s).unwrap();
+        // 15M cycles: 10 ms at 1.5 GHz, several ms at any GPU clock.
+        load.launch(&s, 4, 64, 15_000_000).unwrap();
+        dev.record_event(&t1, &s).unwrap();
+        let dt = dev.elapsed(&t0, &t1).unwrap();
+        assert!(
+            dt >= Duration::from_millis(3),
+            "the load did not spin: {dt:?}"
+        );
+        assert!(matches!(
+            load.launch(&s, 0, 64, 1),
+            Err(DeviceError::ZeroSize { .. })
+        ));
+        assert!(matches!(
+            load.launch(&s, 1, 4096, 1),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        if dev.info().green_contexts {
+            let split = dev.split_sms(&[8]).unwrap();
+            let ps = dev
+                .create_stream_in(&split.partitions[0], dev.info().priority_range.least)
+                .unwrap();
+            load.launch(&ps, 1, 32, 1000).unwrap();
+            dev.synchronize_stream(&ps).unwrap();
+        }
+    }
+
     pub fn memory_is_accounted(open: Open) {
         let dev = open();
         let g = dev.info().granularity;
@@ -459,6 +494,7 @@ suite!(
     linear_fallback_allocation,
     mappings_outlive_dropped_handles,
     memory_is_accounted,
+    spin_load_runs_in_stream_order,
 );
 
 /// Opening CUDA where there is none is a typed error, never a panic.
