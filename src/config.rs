@@ -5,12 +5,25 @@ use gpushare_device::{BackendChoice, DeviceError};
 
 /// The environment variable that picks the backend: `auto` (default), `cuda` or `sim`.
 pub const ENV_DEVICE: &str = "GPUSHARE_DEVICE";
+/// Fraction of device memory the runtime uses, in (0, 1].
+pub const ENV_MEMORY_FRACTION: &str = "GPUSHARE_MEMORY_FRACTION";
+/// Default eviction policy of persistent buffers: `offload` or `discard`.
+pub const ENV_OFFLOAD: &str = "GPUSHARE_OFFLOAD";
+/// Overcommit ratio for admission (1.0 is off).
+pub const ENV_OVERCOMMIT: &str = "GPUSHARE_OVERCOMMIT";
 
-/// Settings taken from the environment.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Settings taken from the environment. Unset variables are `None` (or `Auto`), so that
+/// builders can tell them from explicit settings.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Config {
     /// Which device backend to open (`GPUSHARE_DEVICE`).
     pub device: BackendChoice,
+    /// Usable memory fraction (`GPUSHARE_MEMORY_FRACTION`).
+    pub memory_fraction: Option<f64>,
+    /// Default eviction policy (`GPUSHARE_OFFLOAD`).
+    pub evict_policy: Option<crate::EvictPolicy>,
+    /// Overcommit ratio (`GPUSHARE_OVERCOMMIT`).
+    pub overcommit: Option<f64>,
 }
 
 impl Config {
@@ -25,7 +38,51 @@ impl Config {
             Some(v) => v.parse()?,
             None => BackendChoice::Auto,
         };
-        Ok(Config { device })
+        let number = |key: &'static str, ok: fn(f64) -> bool, expected: &'static str| {
+            lookup(key)
+                .map(|v| {
+                    v.trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|&x| ok(x))
+                        .ok_or(DeviceError::Config {
+                            key,
+                            value: v.clone(),
+                            expected,
+                        })
+                })
+                .transpose()
+        };
+        let memory_fraction = number(
+            ENV_MEMORY_FRACTION,
+            |x| x > 0.0 && x <= 1.0,
+            "a fraction in (0, 1]",
+        )?;
+        let overcommit = number(
+            ENV_OVERCOMMIT,
+            |x| x.is_finite() && x >= 1.0,
+            "a ratio of at least 1.0 (1.0 is off)",
+        )?;
+        let evict_policy = match lookup(ENV_OFFLOAD) {
+            None => None,
+            Some(v) => Some(match v.trim().to_ascii_lowercase().as_str() {
+                "offload" => crate::EvictPolicy::Offload,
+                "discard" => crate::EvictPolicy::Discard,
+                _ => {
+                    return Err(DeviceError::Config {
+                        key: ENV_OFFLOAD,
+                        value: v,
+                        expected: "offload or discard",
+                    })
+                }
+            }),
+        };
+        Ok(Config {
+            device,
+            memory_fraction,
+            evict_policy,
+            overcommit,
+        })
     }
 }
 
@@ -35,9 +92,42 @@ mod tests {
 
     fn with(v: Option<&str>) -> Result<Config, DeviceError> {
         Config::from_lookup(|k| {
-            assert_eq!(k, ENV_DEVICE);
-            v.map(str::to_string)
+            if k == ENV_DEVICE {
+                v.map(str::to_string)
+            } else {
+                None
+            }
         })
+    }
+
+    #[test]
+    fn runtime_settings_are_parsed_and_checked() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            Config::from_lookup(move |k| {
+                pairs
+                    .iter()
+                    .find(|(key, _)| *key == k)
+                    .map(|(_, v)| v.to_string())
+            })
+        };
+        let c = env(&[
+            (ENV_MEMORY_FRACTION, "0.8"),
+            (ENV_OFFLOAD, "Discard"),
+            (ENV_OVERCOMMIT, "1.5"),
+        ])
+        .unwrap();
+        assert_eq!(c.memory_fraction, Some(0.8));
+        assert_eq!(c.evict_policy, Some(crate::EvictPolicy::Discard));
+        assert_eq!(c.overcommit, Some(1.5));
+        for bad in [
+            &[(ENV_MEMORY_FRACTION, "1.5")][..],
+            &[(ENV_MEMORY_FRACTION, "x")][..],
+            &[(ENV_OVERCOMMIT, "0.5")][..],
+            &[(ENV_OFFLOAD, "swap")][..],
+        ] {
+            assert!(matches!(env(bad), Err(DeviceError::Config { .. })));
+        }
+        assert_eq!(env(&[]).unwrap(), Config::default());
     }
 
     #[test]

@@ -21,13 +21,34 @@
 #![deny(missing_docs)]
 
 pub mod config;
+mod context;
+mod error;
+mod event;
 pub mod partitions;
+mod runtime;
+mod session;
 
 pub use config::Config;
+pub use context::{Buffer, Context, Usage};
+pub use error::{Result, RuntimeError};
+pub use event::{Event, EventWait};
 pub use gpushare_device as device;
 pub use gpushare_pool as pool;
 pub use gpushare_qos as qos;
 pub use partitions::DeviceSms;
+pub use runtime::{
+    ContextRow, Pressure, PressureHandler, PressureInfo, Runtime, RuntimeBuilder, Snapshot,
+};
+pub use session::{Scratch, Session, SessionFuture};
+
+/// What happens to a persistent buffer when it is evicted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum EvictPolicy {
+    /// Copy it to pinned host memory; the next session restores it bit-exact.
+    Offload,
+    /// Drop its contents; the owner sees [`Buffer::take_discarded`] and reloads.
+    Discard,
+}
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]

@@ -44,6 +44,8 @@ pub struct OomReport {
     pub largest_free: u64,
     /// Per-owner holdings, largest first.
     pub holdings: Vec<Holding>,
+    /// Evictions the evictor refused or failed during this request, with its reasons.
+    pub eviction_failures: Vec<String>,
 }
 
 impl std::fmt::Display for OomReport {
@@ -57,6 +59,9 @@ impl std::fmt::Display for OomReport {
             self.free,
             self.largest_free
         )?;
+        for e in &self.eviction_failures {
+            write!(f, "; eviction failed: {e}")?;
+        }
         for h in &self.holdings {
             write!(
                 f,

@@ -270,6 +270,10 @@ pub(crate) struct Central {
     peak_in_use: u64,
     pub ev: EvState,
     evictor: Option<Arc<dyn Evictor>>,
+    /// Evictor failures of the request in progress, for its error report.
+    evict_failures: Vec<String>,
+    /// Cache hits of removed owners, so that pool-wide counts never go down.
+    retired_hits: u64,
     allocs: u64,
     frees: u64,
     evictions: u64,
@@ -347,8 +351,15 @@ impl<S: ChunkSource> Pool<S> {
             n => n.min(256),
         }
         .next_power_of_two();
-        let cache_classes =
-            ceil_class(cfg.cache_max_block.max(UNIT).next_multiple_of(UNIT)).map_or(0, |c| c + 1);
+        // Nothing larger than the pool can be cached, whatever the setting says.
+        let mut cfg = cfg;
+        cfg.cache_max_block = cfg.cache_max_block.min(limit);
+        let cache_classes = cfg
+            .cache_max_block
+            .max(UNIT)
+            .checked_next_multiple_of(UNIT)
+            .and_then(ceil_class)
+            .map_or(0, |c| c + 1);
         let slots = (0..cfg.max_owners)
             .map(|_| OwnerSlot {
                 gen: AtomicU32::new(0),
@@ -380,6 +391,8 @@ impl<S: ChunkSource> Pool<S> {
                 peak_in_use: 0,
                 ev: EvState::default(),
                 evictor: None,
+                evict_failures: Vec::new(),
+                retired_hits: 0,
                 allocs: 0,
                 frees: 0,
                 evictions: 0,
@@ -426,19 +439,24 @@ impl<S: ChunkSource> Pool<S> {
             )));
         }
         let mut c = self.central.lock();
-        if spec.base > 0 && c.committed + spec.base > self.limit {
+        // Bases are checked against other bases only: memory that unreserved owners use now
+        // is reclaimed (evicted, or waited for) when the new owner needs it.
+        let bases: u64 = c.owners.iter().flatten().map(|a| a.spec.base).sum();
+        if spec.base > 0 && spec.base > self.limit.saturating_sub(bases) {
             return Err(PoolError::BadOwner(format!(
-                "owner {:?} asks to reserve {} B but only {} B of the pool's {} B are unreserved",
+                "owner {:?} asks to reserve {} B but only {} B of the pool's {} B are not reserved by others",
                 spec.name,
                 spec.base,
-                self.limit.saturating_sub(c.committed),
+                self.limit.saturating_sub(bases),
                 self.limit
             )));
         }
         let Some(slot) = c.owners.iter().position(Option::is_none) else {
             return Err(PoolError::TooManyOwners(self.cfg.max_owners));
         };
-        c.committed += spec.base;
+        // Its base is committed from now on, on top of what others use: the sum may exceed
+        // the capacity for a while, until usage above bases is reclaimed.
+        c.committed = c.committed.saturating_add(spec.base);
         c.owners[slot] = Some(OwnerAcct {
             spec,
             charged: 0,
@@ -464,8 +482,8 @@ impl<S: ChunkSource> Pool<S> {
 
     /// Remove an owner that holds nothing (its cache is returned first).
     pub fn remove_owner(&self, owner: OwnerId) -> Result<(), PoolError> {
-        let slot = self.slot(owner)?;
         let mut c = self.central.lock();
+        let slot = self.slot(owner)?;
         self.flush_owner(&mut c, owner.slot as usize);
         let acct = c.owners[owner.slot as usize]
             .as_ref()
@@ -478,7 +496,11 @@ impl<S: ChunkSource> Pool<S> {
         c.committed -= base;
         c.owners[owner.slot as usize] = None;
         for cell in slot.shards.iter() {
-            *cell.lock.lock() = Shard::default();
+            let mut sh = cell.lock.lock();
+            c.allocs += sh.hits;
+            c.frees += sh.frees;
+            c.retired_hits += sh.hits;
+            *sh = Shard::default();
             cell.publish_empty();
         }
         slot.gen.store(owner.gen + 1, Ordering::Release);
@@ -603,7 +625,10 @@ impl<S: ChunkSource> Pool<S> {
             }
         }
         let mut c = self.central.lock();
-        let (node, offset) = self.alloc_central(&mut c, owner, csize, align, stream)?;
+        // The owner may have been removed (and its slot reused) since the check above;
+        // generations only change under this lock.
+        self.slot(owner)?;
+        let (node, offset) = self.alloc_central(&mut c, owner, csize, align, stream, false)?;
         let acct = c.owners[owner.slot as usize]
             .as_mut()
             .ok_or_else(|| PoolError::UnknownOwner(owner))?;
@@ -677,6 +702,7 @@ impl<S: ChunkSource> Pool<S> {
         let slot = &self.slots[block.owner.slot as usize];
         let cell = self.cell(slot);
         if block.size <= self.cfg.cache_max_block
+            && (block.class as usize) < self.cache_classes
             && cell.hint_bytes.load(Ordering::Relaxed) + block.size
                 <= self.cfg.cache_bytes_per_shard
         {
@@ -744,7 +770,17 @@ impl<S: ChunkSource> Pool<S> {
     /// Charge `size` to the owner, reclaiming committed memory (caches, then evictable
     /// blocks of other tiers) if the pool's capacity is spoken for. On failure nothing is
     /// charged.
-    fn charge(&self, c: &mut Central, owner: OwnerId, size: u64) -> Result<(), PoolError> {
+    ///
+    /// An evictable block may borrow memory that other owners reserved but do not use: it
+    /// is evicted when they need it, so it skips the reservation check (the hard limit
+    /// still applies).
+    fn charge(
+        &self,
+        c: &mut Central,
+        owner: OwnerId,
+        size: u64,
+        evictable: bool,
+    ) -> Result<(), PoolError> {
         let i = owner.slot as usize;
         let mut flushed = false;
         loop {
@@ -767,7 +803,7 @@ impl<S: ChunkSource> Pool<S> {
                 });
             }
             let delta = (charged + size).max(base) - before;
-            if delta == 0 || c.committed + delta <= self.limit {
+            if delta == 0 || evictable || c.committed + delta <= self.limit {
                 c.committed += delta;
                 let a = c.owners[i]
                     .as_mut()
@@ -820,8 +856,10 @@ impl<S: ChunkSource> Pool<S> {
         size: u64,
         align: u64,
         stream: StreamId,
+        evictable: bool,
     ) -> Result<(u32, u64), PoolError> {
-        match self.charge(c, owner, size) {
+        c.evict_failures.clear();
+        match self.charge(c, owner, size, evictable) {
             Err(PoolError::OutOfMemory {
                 requested,
                 owner,
@@ -867,6 +905,7 @@ impl<S: ChunkSource> Pool<S> {
         }) {
             let p = c.pending.swap_remove(i);
             if p.size == size {
+                c.tlsf.set_owner(p.node, slot);
                 return Ok((p.node, c.tlsf.node(p.node).offset));
             }
             c.pending.push(p);
@@ -881,12 +920,17 @@ impl<S: ChunkSource> Pool<S> {
                 return Ok(r);
             }
         }
-        while let Grow::Grew = self.grow(c, size + align - UNIT)? {
-            if let Some(r) = c.tlsf.alloc(size, align, slot) {
-                return Ok(r);
+        // Grow while the capacity allows; then evict, and after each eviction try growing
+        // again: a victim at the end of the range turns into a free tail that a smaller
+        // mapping can extend.
+        loop {
+            let progressed = match self.grow(c, size + align - UNIT)? {
+                Grow::Grew => true,
+                Grow::Full => self.evict_one(c, owner)?,
+            };
+            if !progressed {
+                break;
             }
-        }
-        while self.evict_one(c, owner)? {
             if let Some(r) = c.tlsf.alloc(size, align, slot) {
                 return Ok(r);
             }
@@ -1036,6 +1080,9 @@ impl<S: ChunkSource> Pool<S> {
                 };
                 if let Err(err) = evictor.evict(&info) {
                     tracing::warn!(error = %err, "evicting a block failed; trying the next one");
+                    if c.evict_failures.len() < 8 {
+                        c.evict_failures.push(err.to_string());
+                    }
                     continue;
                 }
                 c.ev.mark_evicted(idx);
@@ -1081,6 +1128,7 @@ impl<S: ChunkSource> Pool<S> {
             free: c.tlsf.free_bytes(),
             largest_free: c.tlsf.largest_free(),
             holdings,
+            eviction_failures: c.evict_failures.clone(),
         }
     }
 
@@ -1098,13 +1146,20 @@ impl<S: ChunkSource> Pool<S> {
             }
             if let Err(e) = self.source.unmap(o, s) {
                 c.tlsf.add_region(o, o + s);
+                self.recompute_holes(&mut c);
                 return Err(e.into());
             }
             c.chunks.remove(&o);
             c.mapped -= s;
             released += s;
         }
-        // Any gap between chunks (or before the first) is a hole growth may refill.
+        self.recompute_holes(&mut c);
+        Ok(released)
+    }
+
+    /// Whether any gap lies between chunks (or before the first): growth then looks for a
+    /// hole to refill.
+    fn recompute_holes(&self, c: &mut Central) {
         let mut expect = 0;
         c.holes = false;
         let gap = if self.source.contiguous() {
@@ -1119,7 +1174,6 @@ impl<S: ChunkSource> Pool<S> {
             }
             expect = o + s + gap;
         }
-        Ok(released)
     }
 
     /// Allocate an evictable block for `owner` on `stream`. It starts resident and pinned
@@ -1134,12 +1188,13 @@ impl<S: ChunkSource> Pool<S> {
         self.slot(owner)?;
         let csize = self.round_request(size)?;
         let mut c = self.central.lock();
+        self.slot(owner)?;
         let tier = c.owners[owner.slot as usize]
             .as_ref()
             .ok_or_else(|| PoolError::UnknownOwner(owner))?
             .spec
             .tier;
-        let (node, offset) = self.alloc_central(&mut c, owner, csize, UNIT, stream)?;
+        let (node, offset) = self.alloc_central(&mut c, owner, csize, UNIT, stream, true)?;
         let idx = c.ev.insert(owner, tier, csize, tag, node, offset);
         let a = c.owners[owner.slot as usize]
             .as_mut()
@@ -1184,7 +1239,7 @@ impl<S: ChunkSource> Pool<S> {
                 let evictor = c.evictor.clone().ok_or_else(|| {
                     PoolError::RestoreFailed("the block was evicted but no evictor is set".into())
                 })?;
-                let (node, offset) = self.alloc_central(&mut c, owner, size, UNIT, stream)?;
+                let (node, offset) = self.alloc_central(&mut c, owner, size, UNIT, stream, true)?;
                 let addr = self.source.addr(offset);
                 let info = RestoreInfo {
                     id: c.ev.public_id(self.id, idx).key(),
@@ -1284,7 +1339,7 @@ impl<S: ChunkSource> Pool<S> {
         let mut c = self.central.lock();
         let mut owners = Vec::new();
         let (mut live, mut cached) = (0u64, 0u64);
-        let (mut allocs, mut frees, mut hits) = (c.allocs, c.frees, 0);
+        let (mut allocs, mut frees, mut hits) = (c.allocs, c.frees, c.retired_hits);
         for (i, a) in c.owners.iter().enumerate() {
             let Some(a) = a else { continue };
             let mut o_cached = 0;

@@ -34,6 +34,30 @@ pub trait ChunkSource: Send + Sync {
     }
 }
 
+impl<S: ChunkSource + ?Sized> ChunkSource for Box<S> {
+    fn granularity(&self) -> u64 {
+        (**self).granularity()
+    }
+    fn va_size(&self) -> u64 {
+        (**self).va_size()
+    }
+    fn base(&self) -> u64 {
+        (**self).base()
+    }
+    fn map(&self, offset: u64, size: u64) -> Result<(), SourceError> {
+        (**self).map(offset, size)
+    }
+    fn unmap(&self, offset: u64, size: u64) -> Result<(), SourceError> {
+        (**self).unmap(offset, size)
+    }
+    fn contiguous(&self) -> bool {
+        (**self).contiguous()
+    }
+    fn addr(&self, offset: u64) -> u64 {
+        (**self).addr(offset)
+    }
+}
+
 /// Host memory as a chunk source: each mapped chunk is a real host allocation, freed on
 /// unmap. Addresses are offsets from a fixed base. The pool never touches the memory it
 /// manages, so chunks are left uninitialised: zeroing them would make growth cost a memset

@@ -113,6 +113,11 @@ impl Tlsf {
         &self.nodes[n as usize]
     }
 
+    /// Record the owner slot of a used block.
+    pub fn set_owner(&mut self, n: u32, owner: u32) {
+        self.nodes[n as usize].owner = owner;
+    }
+
     pub fn free_bytes(&self) -> u64 {
         self.free_bytes
     }

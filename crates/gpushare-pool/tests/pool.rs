@@ -141,12 +141,22 @@ fn reserved_bases_are_kept_for_their_owners() {
         other => panic!("{other:?}"),
     }
     let y = p.alloc(g, 16 * MIB, S1).unwrap();
+    // Bases are checked against bases: 16 of 32 MiB are reserved, so a base of 17 MiB
+    // cannot be promised, while one of 16 MiB can be, even though the BestEffort owner's
+    // memory is in use now.
     assert!(matches!(
-        p.add_owner(OwnerSpec::new("late", MIB).base(MIB)),
+        p.add_owner(OwnerSpec::new("late", 17 * MIB).base(17 * MIB)),
         Err(PoolError::BadOwner(_))
     ));
+    let late = p
+        .add_owner(OwnerSpec::new("late", 16 * MIB).base(16 * MIB))
+        .unwrap();
+    // Its base is spoken for, but the memory is not free until the BestEffort owner's is.
+    assert!(p.alloc(late, MIB, S1).is_err());
     p.free(x).unwrap();
+    let z = p.alloc(late, 16 * MIB, S1).unwrap();
     p.free(y).unwrap();
+    p.free(z).unwrap();
 }
 
 #[test]
@@ -497,4 +507,21 @@ fn owners_are_removed_only_when_empty() {
     ));
     let c = p.add_owner(OwnerSpec::new("c", MIB)).unwrap();
     assert_ne!(a, c, "a reused slot gets a new identity");
+}
+
+#[test]
+fn caching_everything_is_a_valid_setting() {
+    let p = pool(PoolConfig {
+        cache_max_block: u64::MAX,
+        ..PoolConfig::default()
+    });
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    for size in [256, 4096, 3 * MIB, 300 * MIB] {
+        let b = p.alloc(o, size, S1).unwrap();
+        p.free(b).unwrap();
+    }
+    assert!(matches!(
+        p.add_owner(OwnerSpec::new("huge", u64::MAX).base(u64::MAX)),
+        Err(PoolError::BadOwner(_))
+    ));
 }

@@ -192,7 +192,7 @@ impl Inner {
 
     /// Whether `r` fits now.
     fn check(&self, st: &State, r: &Resolved) -> Result<(), Rejection> {
-        if st.reserved + r.reserve > self.capacity {
+        if st.reserved.saturating_add(r.reserve) > self.capacity {
             return Err(Rejection::Memory {
                 name: r.name.clone(),
                 requested: r.reserve,
@@ -200,10 +200,11 @@ impl Inner {
                 capacity: self.capacity,
             });
         }
-        if st.potential + r.max > self.allowed() {
+        let potential = st.potential.saturating_add(r.max);
+        if potential > self.allowed() {
             return Err(Rejection::Overcommit {
                 name: r.name.clone(),
-                potential: st.potential + r.max,
+                potential,
                 allowed: self.allowed(),
                 capacity: self.capacity,
                 ratio: self.cfg.overcommit,
@@ -398,10 +399,13 @@ impl AdmissionEvaluator {
         let r = spec.resolve()?;
         self.inner.check_empty(&r)?;
         let mut st = self.inner.state.lock();
+        // Waiters rise with age exactly as in `admit`, so repeated tries cannot starve them.
+        let now = Instant::now();
+        let rank = f64::from(r.tier.rank());
         let ahead = st
             .waiters
             .iter()
-            .filter(|w| !w.granted && w.spec.tier.rank() <= r.tier.rank())
+            .filter(|w| !w.granted && self.inner.key(w, now).0 <= rank)
             .count();
         if ahead > 0 {
             return Err(Rejection::QueuedAhead {

@@ -128,7 +128,9 @@ impl Partition {
     }
     /// Bytes its contexts reserve.
     pub fn reserved(&self) -> u64 {
-        self.contexts.values().sum()
+        self.contexts
+            .values()
+            .fold(0u64, |a, &b| a.saturating_add(b))
     }
 }
 
@@ -201,7 +203,7 @@ impl PartitionManager {
                 .iter()
                 .filter_map(|p| p.limits.memory)
                 .chain(limits.memory)
-                .sum();
+                .fold(0u64, u64::saturating_add);
             if memory > self.cfg.total_memory {
                 return Err(QosError::PartitionsOverfull {
                     what: "memory",
@@ -266,7 +268,7 @@ impl PartitionManager {
         let p = &mut self.partitions[i];
         if let Some(limit) = p.limits.memory {
             let used = p.reserved();
-            if used + context.reserve > limit {
+            if used.saturating_add(context.reserve) > limit {
                 return Err(QosError::PartitionFull {
                     context: context.name.clone(),
                     partition: partition.to_string(),

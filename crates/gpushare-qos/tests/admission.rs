@@ -315,3 +315,32 @@ fn many_threads_admit_and_release() {
     let u = ev.usage();
     assert_eq!((u.reserved, u.potential, u.admitted), (0, 0, 0));
 }
+
+#[test]
+fn try_admit_respects_aged_waiters() {
+    let ev = AdmissionEvaluator::new(
+        10 * GIB,
+        AdmissionConfig::default()
+            .usable_fraction(1.0)
+            .aging(Duration::from_millis(10)),
+    )
+    .unwrap();
+    let hog = ev
+        .try_admit(&ContextSpec::new("hog", 9 * GIB).base(9 * GIB))
+        .unwrap();
+    let w = Arc::new(Count::default());
+    let mut be = ev.admit(ContextSpec::new("be", 5 * GIB));
+    assert!(poll(&mut be, &w).is_pending());
+    // A fresh Burstable request outranks the BestEffort waiter at first...
+    let first = ev
+        .try_admit(&ContextSpec::new("b1", GIB).base(GIB / 2))
+        .unwrap();
+    drop(first);
+    // ...but not once the waiter has aged past it.
+    std::thread::sleep(Duration::from_millis(40));
+    assert!(matches!(
+        ev.try_admit(&ContextSpec::new("b2", GIB).base(GIB / 2)),
+        Err(Rejection::QueuedAhead { .. })
+    ));
+    drop(hog);
+}

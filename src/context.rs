@@ -1,0 +1,379 @@
+//! Contexts (one per model) and their persistent buffers.
+
+use crate::error::{Result, RuntimeError};
+use crate::runtime::{Pressure, PressureHandler, PressureInfo, RtInner};
+use crate::session::{block_on, SessionFuture};
+use crate::{EvictPolicy, Session};
+use gpushare_device::{PinnedBuffer, Stream};
+use gpushare_pool::{EvictableId, EvictableKey, OwnerId, OwnerSpec, StreamId};
+use gpushare_qos::{Admission, ContextSpec, Isolation, PartitionLimits, Tier};
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// What the evictor knows of a buffer.
+pub(crate) struct BufMeta {
+    pub policy: EvictPolicy,
+    pub discarded: Arc<AtomicBool>,
+    /// Pinned host staging, allocated at the first offload and reused.
+    pub host: Option<PinnedBuffer>,
+}
+
+pub(crate) struct BufSlot {
+    pub key: EvictableKey,
+    pub id: EvictableId,
+    pub size: u64,
+    /// Dropped by its owner while a session had it pinned: freed when unpinned.
+    pub doomed: bool,
+}
+
+pub(crate) struct CtxInner {
+    pub rt: Arc<RtInner>,
+    pub name: String,
+    pub tier: Tier,
+    pub max: u64,
+    pub owner: OwnerId,
+    pub admission: Admission,
+    pub stream: Stream,
+    pub stream_id: StreamId,
+    pub isolation: Isolation,
+    pub buffers: Mutex<Vec<BufSlot>>,
+    pub handlers: Mutex<Vec<PressureHandler>>,
+    pub sessions: AtomicU64,
+}
+
+impl CtxInner {
+    /// Free a buffer slot's memory now (no session may hold it pinned).
+    pub fn free_slot(&self, slot: BufSlot) {
+        let key = slot.key;
+        if let Err((_, e)) = self.rt.pool.free_evictable(slot.id) {
+            tracing::error!(context = %self.name, error = %e, "freeing a buffer failed");
+        }
+        self.rt.buffers.lock().remove(&key);
+        self.rt.wake_waiters();
+    }
+}
+
+impl Drop for CtxInner {
+    fn drop(&mut self) {
+        // No session and no buffer can be alive: each holds the context.
+        let slots = std::mem::take(&mut *self.buffers.lock());
+        for s in slots {
+            let key = s.key;
+            let _ = self.rt.pool.free_evictable(s.id);
+            self.rt.buffers.lock().remove(&key);
+        }
+        if let Err(e) = self.rt.pool.remove_owner(self.owner) {
+            tracing::error!(context = %self.name, error = %e, "removing the context's pool owner failed");
+        }
+        let _ = self.rt.parts.lock().unplace(&self.name);
+        self.rt.wake_waiters();
+    }
+}
+
+/// A context: one model's budget, tier, stream and buffers. Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct Context {
+    pub(crate) inner: Arc<CtxInner>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("name", &self.inner.name)
+            .field("tier", &self.inner.tier)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A context's memory use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes in use (buffers resident, scratch live, cached).
+    pub used: u64,
+    /// Bytes reserved by admission.
+    pub reserved: u64,
+    /// The budget.
+    pub max: u64,
+    /// Peak of `used`.
+    pub peak: u64,
+    /// Bytes of its buffers on the device.
+    pub resident: u64,
+    /// Bytes of its buffers evicted.
+    pub evicted: u64,
+}
+
+impl Context {
+    pub(crate) fn create(rt: Arc<RtInner>, spec: ContextSpec) -> Result<Context> {
+        let name = spec.name.clone();
+        {
+            let live = rt.contexts.lock();
+            if live
+                .iter()
+                .filter_map(|w| w.upgrade())
+                .any(|c| c.name == name)
+            {
+                return Err(RuntimeError::DuplicateContext(name));
+            }
+        }
+        let admission =
+            rt.admission
+                .try_admit(&spec)
+                .map_err(|rejection| RuntimeError::Rejected {
+                    name: name.clone(),
+                    rejection,
+                })?;
+        let r = admission.reservation.spec().clone();
+        let tier = r.tier;
+        let owner = rt
+            .pool
+            .add_owner(
+                OwnerSpec::new(name.clone(), r.max)
+                    .base(r.reserve)
+                    .tier(match tier {
+                        Tier::Guaranteed => gpushare_pool::Tier::Guaranteed,
+                        Tier::Burstable => gpushare_pool::Tier::Burstable,
+                        Tier::BestEffort => gpushare_pool::Tier::BestEffort,
+                    }),
+            )
+            .map_err(|e| RuntimeError::from_pool(e, &name))?;
+        let undo_owner = |e: RuntimeError| {
+            let _ = rt.pool.remove_owner(owner);
+            e
+        };
+        let range = rt.dev.info().priority_range;
+        let prio = admission
+            .priority
+            .stream_priority(range.greatest, range.least);
+        // Place it in its partition (its own, if it asks for a compute share alone).
+        let (stream, isolation) = (|| -> Result<(Stream, Isolation)> {
+            let part = match (&spec.partition, r.compute > 0.0) {
+                (Some(p), _) => Some(p.clone()),
+                (None, true) => {
+                    let mut parts = rt.parts.lock();
+                    parts.create_partition(&name, PartitionLimits::default().compute(r.compute))?;
+                    parts.realize(&rt.sms)?;
+                    Some(name.clone())
+                }
+                (None, false) => None,
+            };
+            let Some(p) = part else {
+                return Ok((rt.dev.create_stream(prio)?, Isolation::None));
+            };
+            let mut parts = rt.parts.lock();
+            parts.place(&r, &p)?;
+            let index = parts
+                .partitions()
+                .filter(|q| q.limits().compute.is_some())
+                .position(|q| q.name() == p);
+            let iso = parts
+                .partition(&p)
+                .map(|q| q.isolation().clone())
+                .unwrap_or(Isolation::None);
+            drop(parts);
+            let made = rt.sms.partitions();
+            let stream = match (&iso, index.and_then(|i| made.get(i))) {
+                (Isolation::SmPartition { .. }, Some(sm)) => rt.dev.create_stream_in(sm, prio)?,
+                _ => rt.dev.create_stream(prio)?,
+            };
+            Ok((stream, iso))
+        })()
+        .map_err(undo_owner)?;
+        let inner = Arc::new(CtxInner {
+            stream_id: StreamId(rt.next_stream.fetch_add(1, Ordering::Relaxed)),
+            rt: rt.clone(),
+            name,
+            tier,
+            max: r.max,
+            owner,
+            admission,
+            stream,
+            isolation,
+            buffers: Mutex::new(Vec::new()),
+            handlers: Mutex::new(Vec::new()),
+            sessions: AtomicU64::new(0),
+        });
+        let mut live = rt.contexts.lock();
+        live.retain(|w| w.strong_count() > 0);
+        live.push(Arc::downgrade(&inner));
+        Ok(Context { inner })
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Its tier.
+    pub fn tier(&self) -> Tier {
+        self.inner.tier
+    }
+
+    /// Its stream's priority.
+    pub fn stream_priority(&self) -> i32 {
+        self.inner.stream.priority()
+    }
+
+    /// How its compute is isolated.
+    pub fn isolation(&self) -> &Isolation {
+        &self.inner.isolation
+    }
+
+    /// Register a handler called when memory runs short; contexts' handlers run in
+    /// reclaim order, BestEffort first.
+    pub fn on_memory_pressure(
+        &self,
+        handler: impl Fn(&PressureInfo<'_>) -> Pressure + Send + Sync + 'static,
+    ) {
+        self.inner.handlers.lock().push(Arc::new(handler));
+    }
+
+    /// Its memory use.
+    pub fn usage(&self) -> Usage {
+        let stats = self.inner.rt.pool.stats();
+        let o = stats.owners.iter().find(|o| o.id == self.inner.owner);
+        Usage {
+            used: o.map_or(0, |o| o.in_use_bytes),
+            reserved: self.inner.admission.reservation.reserved(),
+            max: self.inner.max,
+            peak: o.map_or(0, |o| o.peak_in_use_bytes),
+            resident: o.map_or(0, |o| o.evictable_resident_bytes),
+            evicted: o.map_or(0, |o| o.evicted_bytes),
+        }
+    }
+
+    /// A persistent buffer of `size` bytes with the runtime's default eviction policy.
+    pub fn create_buffer(&self, size: u64) -> Result<Buffer> {
+        self.create_buffer_with(size, self.inner.rt.policy)
+    }
+
+    /// A persistent buffer of `size` bytes that is evicted per `policy` under pressure.
+    pub fn create_buffer_with(&self, size: u64, policy: EvictPolicy) -> Result<Buffer> {
+        let c = &self.inner;
+        let (id, _) = self.with_relief(size, || {
+            c.rt.pool
+                .alloc_evictable(c.owner, size, 0, c.stream_id)
+                .map_err(|e| RuntimeError::from_pool(e, &c.name))
+        })?;
+        let key = id.key();
+        let discarded = Arc::new(AtomicBool::new(false));
+        c.rt.buffers.lock().insert(
+            key,
+            BufMeta {
+                policy,
+                discarded: discarded.clone(),
+                host: None,
+            },
+        );
+        // Allocated pinned once: sessions pin it when they use it.
+        if let Err(e) = c.rt.pool.unpin(&id) {
+            tracing::error!(error = %e, "unpinning a new buffer failed");
+        }
+        c.buffers.lock().push(BufSlot {
+            key,
+            id,
+            size,
+            doomed: false,
+        });
+        Ok(Buffer {
+            ctx: self.inner.clone(),
+            key,
+            size,
+            policy,
+            discarded,
+        })
+    }
+
+    /// Run `f`; if memory ran short, run the pressure handlers and retry once.
+    pub(crate) fn with_relief<T>(&self, requested: u64, f: impl Fn() -> Result<T>) -> Result<T> {
+        match f() {
+            Err(e) if e.is_oom() => match self.inner.rt.relieve(self, requested) {
+                None => Err(e),
+                Some(Pressure::Allow) => f(),
+                Some(Pressure::Deny) => Err(match e {
+                    RuntimeError::OutOfMemory { .. } => RuntimeError::PressureDenied {
+                        context: self.inner.name.clone(),
+                        requested,
+                        available: self.inner.rt.available(),
+                    },
+                    e => e,
+                }),
+            },
+            r => r,
+        }
+    }
+
+    /// Wait (blocking the thread) until the context's buffers are resident, and open a
+    /// session on it.
+    pub fn session(&self) -> Result<Session> {
+        block_on(self.session_async())
+    }
+
+    /// Wait until the context's buffers are resident, and open a session on it.
+    /// Cancellation-safe: dropping the future leaves nothing pinned or queued.
+    pub fn session_async(&self) -> SessionFuture {
+        SessionFuture::new(self.clone())
+    }
+}
+
+/// A persistent buffer (weights, a cache) of a context. It is evictable: between sessions
+/// the runtime may offload it to pinned host memory (restored bit-exact, perhaps at a new
+/// address) or discard it (see [`Buffer::take_discarded`]). Freed when dropped.
+pub struct Buffer {
+    pub(crate) ctx: Arc<CtxInner>,
+    pub(crate) key: EvictableKey,
+    size: u64,
+    policy: EvictPolicy,
+    discarded: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer")
+            .field("context", &self.ctx.name)
+            .field("size", &self.size)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl Buffer {
+    /// Its size in bytes (as requested).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// Its eviction policy.
+    pub fn policy(&self) -> EvictPolicy {
+        self.policy
+    }
+    /// Whether its contents were discarded by an eviction since the last call; if so the
+    /// owner must write them again (a cold restart).
+    pub fn take_discarded(&self) -> bool {
+        self.discarded.swap(false, Ordering::AcqRel)
+    }
+    /// Whether it is on the device now.
+    pub fn is_resident(&self) -> bool {
+        let slots = self.ctx.buffers.lock();
+        slots
+            .iter()
+            .find(|s| s.key == self.key)
+            .is_some_and(|s| self.ctx.rt.pool.is_resident(&s.id).unwrap_or(false))
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let mut slots = self.ctx.buffers.lock();
+        let Some(i) = slots.iter().position(|s| s.key == self.key) else {
+            return;
+        };
+        if self.ctx.sessions.load(Ordering::Acquire) > 0 {
+            // A live session may have it pinned; the session frees it when it ends.
+            slots[i].doomed = true;
+            return;
+        }
+        let slot = slots.swap_remove(i);
+        drop(slots);
+        self.ctx.free_slot(slot);
+    }
+}

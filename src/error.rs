@@ -1,0 +1,132 @@
+//! Typed errors of the runtime.
+
+use gpushare_device::DeviceError;
+use gpushare_pool::{OomReport, PoolError};
+use gpushare_qos::{QosError, Rejection};
+
+/// Errors of the runtime. Each says what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// The device failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The pool refused for a reason other than memory.
+    #[error(transparent)]
+    Pool(PoolError),
+    /// Bad QoS input.
+    #[error(transparent)]
+    Qos(#[from] QosError),
+    /// Admission said no.
+    #[error("admission of context {name:?} was rejected: {rejection}")]
+    Rejected {
+        /// The context.
+        name: String,
+        /// Why, with the numbers.
+        rejection: Rejection,
+    },
+    /// A context name in use.
+    #[error("a context named {0:?} already exists; choose another name")]
+    DuplicateContext(String),
+    /// A context would exceed its budget.
+    #[error("context {context:?} would exceed its budget: {used} B in use + {requested} B > {limit} B; free buffers or raise max_vram")]
+    BudgetExceeded {
+        /// The context.
+        context: String,
+        /// Bytes requested.
+        requested: u64,
+        /// Bytes in use.
+        used: u64,
+        /// Its budget.
+        limit: u64,
+    },
+    /// Nothing could be reclaimed; the report says who holds what.
+    #[error("out of memory for {requested} B requested by {context:?}: {report}")]
+    OutOfMemory {
+        /// The context.
+        context: String,
+        /// Bytes requested.
+        requested: u64,
+        /// Who holds what.
+        report: Box<OomReport>,
+    },
+    /// A memory-pressure handler denied the allocation.
+    #[error(
+        "a memory-pressure handler denied {requested} B for {context:?} ({available} B available)"
+    )]
+    PressureDenied {
+        /// The context.
+        context: String,
+        /// Bytes requested.
+        requested: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// A context's persistent buffers can never all be resident.
+    #[error("the buffers of {context:?} take {bytes} B but the runtime holds only {capacity} B; free some or raise the memory fraction")]
+    WorkingSetTooLarge {
+        /// The context.
+        context: String,
+        /// Bytes of its buffers.
+        bytes: u64,
+        /// Runtime capacity.
+        capacity: u64,
+    },
+    /// A handle of another runtime or context.
+    #[error(
+        "the {what} belongs to another {owner}; use it with the runtime and context that made it"
+    )]
+    Foreign {
+        /// Event or buffer.
+        what: &'static str,
+        /// Runtime or context.
+        owner: &'static str,
+    },
+    /// A range outside a buffer.
+    #[error("bytes {offset}..{end} lie outside the buffer of {len} B")]
+    OutOfRange {
+        /// Start.
+        offset: u64,
+        /// End.
+        end: u64,
+        /// Buffer length.
+        len: u64,
+    },
+}
+
+impl RuntimeError {
+    pub(crate) fn from_pool(e: PoolError, context: &str) -> Self {
+        match e {
+            PoolError::QuotaExceeded {
+                requested,
+                used,
+                limit,
+                ..
+            } => RuntimeError::BudgetExceeded {
+                context: context.to_string(),
+                requested,
+                used,
+                limit,
+            },
+            PoolError::OutOfMemory {
+                requested, report, ..
+            } => RuntimeError::OutOfMemory {
+                context: context.to_string(),
+                requested,
+                report,
+            },
+            e => RuntimeError::Pool(e),
+        }
+    }
+
+    pub(crate) fn is_oom(&self) -> bool {
+        matches!(
+            self,
+            RuntimeError::OutOfMemory { .. }
+                | RuntimeError::Pool(PoolError::ReservedElsewhere { .. })
+        )
+    }
+}
+
+/// Result type of the runtime.
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

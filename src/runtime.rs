@@ -1,0 +1,543 @@
+//! The runtime: one device, one pool, admission, partitions, and the contexts on them.
+
+use crate::context::{BufMeta, Context, CtxInner};
+use crate::error::{Result, RuntimeError};
+use crate::partitions::DeviceSms;
+use crate::{Config, EvictPolicy};
+use gpushare_device::{
+    open, BackendChoice, Device, DevicePtr, DeviceRange, LinearSource, Stream, VmmSource,
+};
+use gpushare_pool::{
+    ChunkSource, EvictError, EvictableKey, Evictor, Pool, PoolConfig, RestoreInfo, VictimInfo,
+};
+use gpushare_qos::{
+    AdmissionConfig, AdmissionEvaluator, ContextSpec, PartitionConfig, PartitionLimits,
+    PartitionManager, Tier,
+};
+use parking_lot::Mutex;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+/// The pool type the runtime uses: VMM where the device has it, plain chunks otherwise.
+pub(crate) type DevPool = Pool<Box<dyn ChunkSource>>;
+
+/// What a memory-pressure handler decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pressure {
+    /// It freed what it could; retry the allocation.
+    Allow,
+    /// Refuse the allocation.
+    Deny,
+}
+
+/// What a memory-pressure handler is told.
+#[derive(Debug)]
+pub struct PressureInfo<'a> {
+    /// The context whose request ran short.
+    pub context: &'a Context,
+    /// Bytes it asked for.
+    pub requested: u64,
+    /// Bytes the runtime could still hand out.
+    pub available: u64,
+}
+
+/// A memory-pressure handler: it may free memory (drop buffers, shrink a KV cache) and
+/// returns whether the allocation should be retried.
+pub type PressureHandler = Arc<dyn Fn(&PressureInfo<'_>) -> Pressure + Send + Sync>;
+
+/// Builds a [`Runtime`]. Explicit settings win over `GPUSHARE_*` variables, which win over
+/// the defaults.
+#[derive(Default)]
+pub struct RuntimeBuilder {
+    device: Option<Arc<dyn Device>>,
+    choice: Option<BackendChoice>,
+    memory_fraction: Option<f64>,
+    overcommit: Option<f64>,
+    policy: Option<EvictPolicy>,
+    partitions: Vec<(String, PartitionLimits)>,
+    aging: Option<Duration>,
+}
+
+impl RuntimeBuilder {
+    /// Pick the backend (default: `GPUSHARE_DEVICE`, else auto).
+    pub fn device(mut self, choice: BackendChoice) -> Self {
+        self.choice = Some(choice);
+        self
+    }
+    /// Use this device.
+    pub fn with_device(mut self, dev: Arc<dyn Device>) -> Self {
+        self.device = Some(dev);
+        self
+    }
+    /// Fraction of device memory the runtime uses (default 0.9).
+    pub fn memory_fraction(mut self, f: f64) -> Self {
+        self.memory_fraction = Some(f);
+        self
+    }
+    /// Admission overcommit ratio (default 1.0, off).
+    pub fn overcommit(mut self, ratio: f64) -> Self {
+        self.overcommit = Some(ratio);
+        self
+    }
+    /// Default eviction policy of buffers (default offload).
+    pub fn evict_policy(mut self, p: EvictPolicy) -> Self {
+        self.policy = Some(p);
+        self
+    }
+    /// Declare a partition up front; its compute share becomes an SM split at build time.
+    pub fn partition(mut self, name: impl Into<String>, limits: PartitionLimits) -> Self {
+        self.partitions.push((name.into(), limits));
+        self
+    }
+    /// How fast waiting sessions and admissions rise a tier (default 1 s).
+    pub fn aging(mut self, d: Duration) -> Self {
+        self.aging = Some(d);
+        self
+    }
+
+    /// Open the device and set everything up.
+    pub fn build(self) -> Result<Runtime> {
+        let env = Config::from_env()?;
+        let dev = match self.device {
+            Some(d) => d,
+            None => open(self.choice.unwrap_or(env.device))?,
+        };
+        let fraction = self.memory_fraction.or(env.memory_fraction).unwrap_or(0.9);
+        let overcommit = self.overcommit.or(env.overcommit).unwrap_or(1.0);
+        let policy = self
+            .policy
+            .or(env.evict_policy)
+            .unwrap_or(EvictPolicy::Offload);
+        let aging = self.aging.unwrap_or(Duration::from_secs(1));
+        let info = dev.info().clone();
+        let admission = AdmissionEvaluator::new(
+            info.total_memory,
+            AdmissionConfig::default()
+                .usable_fraction(fraction)
+                .overcommit(overcommit)
+                .aging(aging),
+        )?;
+        let g = info.granularity;
+        let capacity = (admission.capacity() / g * g).max(g);
+        let source: Box<dyn ChunkSource> = if info.vmm_supported {
+            Box::new(VmmSource::new(dev.clone(), capacity)?)
+        } else {
+            Box::new(LinearSource::new(dev.clone(), capacity * 2))
+        };
+        let pool = Pool::new(source, PoolConfig::default().capacity(capacity))
+            .map_err(|e| RuntimeError::from_pool(e, "runtime"))?;
+        let mut parts = PartitionManager::new(PartitionConfig::new(info.total_memory))?;
+        for (name, limits) in &self.partitions {
+            parts.create_partition(name, *limits)?;
+        }
+        let sms = DeviceSms::new(dev.clone());
+        parts.realize(&sms)?;
+        let copy_stream = dev.create_stream(info.priority_range.greatest)?;
+        let buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>> = Arc::default();
+        let pool = Arc::new(pool);
+        pool.set_evictor(Arc::new(Offloader {
+            dev: dev.clone(),
+            stream: copy_stream,
+            buffers: buffers.clone(),
+        }));
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Ok(Runtime {
+            inner: Arc::new(RtInner {
+                id: NEXT.fetch_add(1, Ordering::Relaxed),
+                dev,
+                pool,
+                admission,
+                parts: Mutex::new(parts),
+                sms,
+                capacity,
+                policy,
+                aging,
+                buffers,
+                contexts: Mutex::new(Vec::new()),
+                handlers: Mutex::new(Vec::new()),
+                queue: Mutex::new(SessionQueue::default()),
+                next_stream: AtomicU64::new(1),
+            }),
+        })
+    }
+}
+
+/// Sessions waiting for their working set to fit.
+#[derive(Default)]
+pub(crate) struct SessionQueue {
+    next: u64,
+    waiters: Vec<SessionWaiter>,
+}
+
+struct SessionWaiter {
+    id: u64,
+    tier: Tier,
+    since: Instant,
+    waker: Option<Waker>,
+}
+
+pub(crate) struct RtInner {
+    pub id: u64,
+    pub dev: Arc<dyn Device>,
+    pub pool: Arc<DevPool>,
+    pub admission: AdmissionEvaluator,
+    pub parts: Mutex<PartitionManager>,
+    pub sms: DeviceSms,
+    pub capacity: u64,
+    pub policy: EvictPolicy,
+    pub aging: Duration,
+    pub buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>>,
+    pub contexts: Mutex<Vec<Weak<CtxInner>>>,
+    pub handlers: Mutex<Vec<PressureHandler>>,
+    pub queue: Mutex<SessionQueue>,
+    pub next_stream: AtomicU64,
+}
+
+impl RtInner {
+    /// Bytes the runtime could still hand out.
+    pub fn available(&self) -> u64 {
+        self.capacity.saturating_sub(self.pool.stats().in_use_bytes)
+    }
+
+    /// Run pressure handlers in reclaim order: contexts from BestEffort to Guaranteed,
+    /// then the runtime's. A panicking handler is logged and counts as a denial. `None`
+    /// when no handler is registered.
+    pub fn relieve(&self, requester: &Context, requested: u64) -> Option<Pressure> {
+        let mut ctxs: Vec<Arc<CtxInner>> = self
+            .contexts
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        ctxs.sort_by_key(|c| std::cmp::Reverse(c.tier.rank()));
+        let mut handlers: Vec<PressureHandler> = ctxs
+            .iter()
+            .flat_map(|c| c.handlers.lock().clone())
+            .collect();
+        handlers.extend(self.handlers.lock().iter().cloned());
+        if handlers.is_empty() {
+            return None;
+        }
+        for h in handlers {
+            let info = PressureInfo {
+                context: requester,
+                requested,
+                available: self.available(),
+            };
+            match catch_unwind(AssertUnwindSafe(|| h(&info))) {
+                Ok(Pressure::Allow) => {}
+                Ok(Pressure::Deny) => return Some(Pressure::Deny),
+                Err(_) => {
+                    tracing::error!(context = %requester.name(), "a memory-pressure handler panicked; treating it as a denial");
+                    return Some(Pressure::Deny);
+                }
+            }
+        }
+        Some(Pressure::Allow)
+    }
+
+    /// Join the session queue.
+    pub fn enqueue(&self, tier: Tier, waker: &Waker) -> u64 {
+        let mut q = self.queue.lock();
+        let id = q.next;
+        q.next += 1;
+        q.waiters.push(SessionWaiter {
+            id,
+            tier,
+            since: Instant::now(),
+            waker: Some(waker.clone()),
+        });
+        id
+    }
+
+    /// Whether waiter `id` is first in line (tier order, aged, then arrival).
+    pub fn is_head(&self, id: u64, waker: &Waker) -> bool {
+        let mut q = self.queue.lock();
+        let now = Instant::now();
+        let aging = self.aging.as_secs_f64().max(1e-6);
+        let key = |w: &SessionWaiter| {
+            (
+                f64::from(w.tier.rank())
+                    - now.saturating_duration_since(w.since).as_secs_f64() / aging,
+                w.id,
+            )
+        };
+        let head = q
+            .waiters
+            .iter()
+            .min_by(|a, b| {
+                key(a)
+                    .partial_cmp(&key(b))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+            .map(|w| w.id);
+        if let Some(w) = q.waiters.iter_mut().find(|w| w.id == id) {
+            w.waker = Some(waker.clone());
+        }
+        head == Some(id)
+    }
+
+    /// Leave the queue (served or cancelled) and wake the next in line.
+    pub fn dequeue(&self, id: u64) {
+        let mut q = self.queue.lock();
+        q.waiters.retain(|w| w.id != id);
+        drop(q);
+        self.wake_waiters();
+    }
+
+    /// Memory was released: let waiting sessions try again.
+    pub fn wake_waiters(&self) {
+        let wakers: Vec<Waker> = self
+            .queue
+            .lock()
+            .waiters
+            .iter_mut()
+            .filter_map(|w| w.waker.take())
+            .collect();
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// Moves evicted buffers out to pinned host memory (or drops them) and back.
+struct Offloader {
+    dev: Arc<dyn Device>,
+    stream: Stream,
+    buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>>,
+}
+
+impl Evictor for Offloader {
+    fn evict(&self, v: &VictimInfo) -> std::result::Result<(), EvictError> {
+        let e = |e: gpushare_device::DeviceError| EvictError(format!("offloading failed: {e}"));
+        let mut bufs = self.buffers.lock();
+        let Some(meta) = bufs.get_mut(&v.id) else {
+            return Err(EvictError("unknown buffer".into()));
+        };
+        match meta.policy {
+            EvictPolicy::Discard => {
+                meta.discarded.store(true, Ordering::Release);
+                Ok(())
+            }
+            EvictPolicy::Offload => {
+                if meta.host.is_none() {
+                    // Pinned once per buffer and reused for every later eviction.
+                    meta.host = Some(self.dev.alloc_pinned(v.size).map_err(e)?);
+                }
+                let host = meta
+                    .host
+                    .as_ref()
+                    .ok_or_else(|| EvictError("no staging".into()))?;
+                let src = DeviceRange::new(DevicePtr(v.addr), v.size);
+                self.dev
+                    .copy_dtoh(host.full(), src, &self.stream)
+                    .map_err(e)?;
+                self.dev.synchronize_stream(&self.stream).map_err(e)?;
+                Ok(())
+            }
+        }
+    }
+
+    fn restore(&self, r: &RestoreInfo) -> std::result::Result<(), EvictError> {
+        let e = |e: gpushare_device::DeviceError| EvictError(format!("restoring failed: {e}"));
+        let bufs = self.buffers.lock();
+        let Some(meta) = bufs.get(&r.id) else {
+            return Err(EvictError("unknown buffer".into()));
+        };
+        match (&meta.policy, &meta.host) {
+            (EvictPolicy::Offload, Some(host)) => {
+                let dst = DeviceRange::new(DevicePtr(r.addr), r.size);
+                self.dev
+                    .copy_htod(dst, host.full(), &self.stream)
+                    .map_err(e)?;
+                self.dev.synchronize_stream(&self.stream).map_err(e)
+            }
+            // Discarded contents are gone; the owner sees the flag and reloads.
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The runtime: contexts on one device sharing one pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    pub(crate) inner: Arc<RtInner>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("device", &self.inner.dev.info().name)
+            .field("capacity", &self.inner.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One row of a [`Snapshot`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ContextRow {
+    /// Name.
+    pub name: String,
+    /// Tier.
+    pub tier: String,
+    /// Budget.
+    pub max_bytes: u64,
+    /// Reserved by admission.
+    pub reserved_bytes: u64,
+    /// In use now (live and cached).
+    pub used_bytes: u64,
+    /// Peak of `used_bytes`.
+    pub peak_bytes: u64,
+    /// Bytes of its buffers on the device.
+    pub resident_bytes: u64,
+    /// Bytes of its buffers evicted.
+    pub evicted_bytes: u64,
+    /// Live sessions.
+    pub sessions: u64,
+    /// Evictions of its buffers.
+    pub evictions: u64,
+    /// Restores of its buffers.
+    pub restores: u64,
+}
+
+/// The runtime at one moment: device, memory and a row per context.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    /// Device name.
+    pub device: String,
+    /// Backend.
+    pub backend: String,
+    /// Device memory.
+    pub total_bytes: u64,
+    /// Memory the runtime manages.
+    pub capacity_bytes: u64,
+    /// Memory it could still hand out.
+    pub available_bytes: u64,
+    /// Contexts.
+    pub contexts: Vec<ContextRow>,
+}
+
+impl Snapshot {
+    /// As JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    }
+}
+
+impl std::fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        writeln!(
+            f,
+            "{} ({}): {:.0} MiB managed of {:.0} MiB, {:.0} MiB available",
+            self.device,
+            self.backend,
+            mib(self.capacity_bytes),
+            mib(self.total_bytes),
+            mib(self.available_bytes)
+        )?;
+        writeln!(f, "| context | tier | max MiB | reserved MiB | used MiB | peak MiB | resident MiB | evicted MiB | sessions | evictions | restores |")?;
+        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+        for c in &self.contexts {
+            writeln!(
+                f,
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+                c.name,
+                c.tier,
+                mib(c.max_bytes),
+                mib(c.reserved_bytes),
+                mib(c.used_bytes),
+                mib(c.peak_bytes),
+                mib(c.resident_bytes),
+                mib(c.evicted_bytes),
+                c.sessions,
+                c.evictions,
+                c.restores
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Runtime {
+    /// Start building a runtime.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::default()
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<dyn Device> {
+        &self.inner.dev
+    }
+
+    /// The pool, for statistics.
+    pub fn pool_stats(&self) -> gpushare_pool::PoolStats {
+        self.inner.pool.stats()
+    }
+
+    /// Bytes the runtime manages.
+    pub fn capacity(&self) -> u64 {
+        self.inner.capacity
+    }
+
+    /// Bytes the runtime could still hand out.
+    pub fn available_vram(&self) -> u64 {
+        self.inner.available()
+    }
+
+    /// Admit a context and set up its budget, stream and partition.
+    pub fn create_context(&self, spec: ContextSpec) -> Result<Context> {
+        Context::create(self.inner.clone(), spec)
+    }
+
+    /// Register a handler called when any context runs short of memory.
+    pub fn on_memory_pressure(
+        &self,
+        handler: impl Fn(&PressureInfo<'_>) -> Pressure + Send + Sync + 'static,
+    ) {
+        self.inner.handlers.lock().push(Arc::new(handler));
+    }
+
+    /// A per-context table of memory use.
+    pub fn snapshot(&self) -> Snapshot {
+        let info = self.inner.dev.info();
+        let stats = self.inner.pool.stats();
+        let ctxs: Vec<Arc<CtxInner>> = self
+            .inner
+            .contexts
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let contexts = ctxs
+            .iter()
+            .map(|c| {
+                let o = stats.owners.iter().find(|o| o.id == c.owner);
+                ContextRow {
+                    name: c.name.clone(),
+                    tier: c.tier.to_string(),
+                    max_bytes: c.max,
+                    reserved_bytes: c.admission.reservation.reserved(),
+                    used_bytes: o.map_or(0, |o| o.in_use_bytes),
+                    peak_bytes: o.map_or(0, |o| o.peak_in_use_bytes),
+                    resident_bytes: o.map_or(0, |o| o.evictable_resident_bytes),
+                    evicted_bytes: o.map_or(0, |o| o.evicted_bytes),
+                    sessions: c.sessions.load(Ordering::Relaxed),
+                    evictions: o.map_or(0, |o| o.evictions),
+                    restores: o.map_or(0, |o| o.restores),
+                }
+            })
+            .collect();
+        Snapshot {
+            device: info.name.clone(),
+            backend: info.backend.to_string(),
+            total_bytes: info.total_memory,
+            capacity_bytes: self.inner.capacity,
+            available_bytes: self.inner.capacity.saturating_sub(stats.in_use_bytes),
+            contexts,
+        }
+    }
+}

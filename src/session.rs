@@ -1,0 +1,354 @@
+//! Sessions: a context's turn on the GPU, with its buffers resident.
+
+use crate::context::{BufSlot, Context, CtxInner};
+use crate::error::{Result, RuntimeError};
+use crate::event::Event;
+use crate::runtime::Pressure;
+use crate::Buffer;
+use gpushare_device::{DevicePtr, DeviceRange, Stream};
+use gpushare_pool::{Block, EvictableKey, FreeEvent};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context as TaskCx, Poll, Wake, Waker};
+
+/// Run a future to completion on this thread, parking between polls.
+pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = TaskCx::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+/// Pin every buffer of the context, or none. On success the session count is raised
+/// under the same lock, so no buffer is freed under the new session.
+fn pin_all(ctx: &Arc<CtxInner>) -> Result<Vec<EvictableKey>> {
+    let slots = ctx.buffers.lock();
+    let total: u64 = slots.iter().map(|s| s.size).sum();
+    if total > ctx.rt.capacity {
+        return Err(RuntimeError::WorkingSetTooLarge {
+            context: ctx.name.clone(),
+            bytes: total,
+            capacity: ctx.rt.capacity,
+        });
+    }
+    let mut pinned = Vec::with_capacity(slots.len());
+    for s in slots.iter() {
+        match ctx.rt.pool.pin(&s.id, ctx.stream_id) {
+            Ok(_) => pinned.push(s.key),
+            Err(e) => {
+                for k in &pinned {
+                    if let Some(p) = slots.iter().find(|s| s.key == *k) {
+                        let _ = ctx.rt.pool.unpin(&p.id);
+                    }
+                }
+                return Err(RuntimeError::from_pool(e, &ctx.name));
+            }
+        }
+    }
+    ctx.sessions.fetch_add(1, Ordering::AcqRel);
+    Ok(pinned)
+}
+
+enum State {
+    Start,
+    Waiting(u64),
+    Done,
+}
+
+/// The future of [`Context::session_async`]. Sessions that cannot get their buffers
+/// resident wait in line, in tier order with aging.
+pub struct SessionFuture {
+    ctx: Context,
+    state: State,
+}
+
+impl SessionFuture {
+    pub(crate) fn new(ctx: Context) -> Self {
+        SessionFuture {
+            ctx,
+            state: State::Start,
+        }
+    }
+
+    fn attempt(&self) -> Result<Vec<EvictableKey>> {
+        let c = &self.ctx.inner;
+        match pin_all(c) {
+            Err(e) if e.is_oom() => match c.rt.relieve(&self.ctx, 0) {
+                Some(Pressure::Allow) => pin_all(c),
+                _ => Err(e),
+            },
+            r => r,
+        }
+    }
+}
+
+impl Future for SessionFuture {
+    type Output = Result<Session>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<Self::Output> {
+        let rt = self.ctx.inner.rt.clone();
+        match self.state {
+            State::Done => Poll::Ready(Err(RuntimeError::Foreign {
+                what: "session future",
+                owner: "completed poll",
+            })),
+            State::Start => match self.attempt() {
+                Ok(pinned) => {
+                    self.state = State::Done;
+                    Poll::Ready(Ok(Session::new(self.ctx.inner.clone(), pinned)))
+                }
+                Err(e) if e.is_oom() => {
+                    let id = rt.enqueue(self.ctx.inner.tier, cx.waker());
+                    self.state = State::Waiting(id);
+                    // Memory may have been freed between the attempt and joining the line.
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                Err(e) => {
+                    self.state = State::Done;
+                    Poll::Ready(Err(e))
+                }
+            },
+            State::Waiting(id) => {
+                if !rt.is_head(id, cx.waker()) {
+                    return Poll::Pending;
+                }
+                match self.attempt() {
+                    Ok(pinned) => {
+                        self.state = State::Done;
+                        rt.dequeue(id);
+                        Poll::Ready(Ok(Session::new(self.ctx.inner.clone(), pinned)))
+                    }
+                    Err(e) if e.is_oom() => Poll::Pending,
+                    Err(e) => {
+                        self.state = State::Done;
+                        rt.dequeue(id);
+                        Poll::Ready(Err(e))
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SessionFuture {
+    fn drop(&mut self) {
+        if let State::Waiting(id) = self.state {
+            self.ctx.inner.rt.dequeue(id);
+        }
+    }
+}
+
+/// A memory range a session allocated; freed in stream order when the session ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scratch {
+    /// The memory.
+    pub range: DeviceRange,
+}
+
+/// Completion of the session's last work, for stream-ordered frees.
+struct Done(Event);
+
+impl FreeEvent for Done {
+    fn is_complete(&self) -> bool {
+        self.0.is_complete().unwrap_or(false)
+    }
+}
+
+/// A context's turn on the GPU: its buffers stay resident and pinned until the session
+/// ends. Ending it (dropping it) frees its scratch memory in stream order and unpins.
+pub struct Session {
+    ctx: Arc<CtxInner>,
+    pinned: Vec<EvictableKey>,
+    scratch: Vec<Block>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("context", &self.ctx.name)
+            .field("pinned", &self.pinned.len())
+            .field("scratch", &self.scratch.len())
+            .finish()
+    }
+}
+
+impl Session {
+    fn new(ctx: Arc<CtxInner>, pinned: Vec<EvictableKey>) -> Self {
+        Session {
+            ctx,
+            pinned,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The context's stream. On CUDA, `stream().cuda_stream()` is the cudarc stream to
+    /// launch kernels and cuBLAS calls on.
+    pub fn stream(&self) -> &Stream {
+        &self.ctx.stream
+    }
+
+    /// The context.
+    pub fn context(&self) -> Context {
+        Context {
+            inner: self.ctx.clone(),
+        }
+    }
+
+    /// Allocate scratch memory, freed in stream order when the session ends.
+    pub fn alloc(&mut self, size: u64) -> Result<Scratch> {
+        let ctx = self.context();
+        let c = &self.ctx;
+        let b = ctx.with_relief(size, || {
+            c.rt.pool
+                .alloc(c.owner, size, c.stream_id)
+                .map_err(|e| RuntimeError::from_pool(e, &c.name))
+        })?;
+        let range = DeviceRange::new(DevicePtr(c.rt.pool.addr(&b)), size);
+        self.scratch.push(b);
+        Ok(Scratch { range })
+    }
+
+    fn check(&self, buf: &Buffer) -> Result<()> {
+        if !Arc::ptr_eq(&buf.ctx, &self.ctx) {
+            return Err(RuntimeError::Foreign {
+                what: "buffer",
+                owner: "context",
+            });
+        }
+        Ok(())
+    }
+
+    /// Where `buf` is for the rest of the session (pinning it if it was created after the
+    /// session started).
+    pub fn range(&mut self, buf: &Buffer) -> Result<DeviceRange> {
+        self.check(buf)?;
+        let slots = self.ctx.buffers.lock();
+        let slot = slots
+            .iter()
+            .find(|s| s.key == buf.key)
+            .ok_or(RuntimeError::Foreign {
+                what: "buffer",
+                owner: "context",
+            })?;
+        let p = self
+            .ctx
+            .rt
+            .pool
+            .pin(&slot.id, self.ctx.stream_id)
+            .map_err(|e| RuntimeError::from_pool(e, &self.ctx.name))?;
+        if self.pinned.contains(&buf.key) {
+            // Already pinned by this session: drop the extra pin.
+            let _ = self.ctx.rt.pool.unpin(&slot.id);
+        } else {
+            self.pinned.push(buf.key);
+        }
+        Ok(DeviceRange::new(DevicePtr(p.addr), buf.size()))
+    }
+
+    /// Write bytes into a buffer at `offset`, in stream order, and wait for the copy.
+    pub fn write(&mut self, buf: &Buffer, offset: u64, bytes: &[u8]) -> Result<()> {
+        let r = self.sub(buf, offset, bytes.len() as u64)?;
+        Ok(self.ctx.rt.dev.write_sync(r, bytes, &self.ctx.stream)?)
+    }
+
+    /// Read bytes from a buffer at `offset`, in stream order.
+    pub fn read(&mut self, buf: &Buffer, offset: u64, out: &mut [u8]) -> Result<()> {
+        let r = self.sub(buf, offset, out.len() as u64)?;
+        Ok(self.ctx.rt.dev.read_sync(out, r, &self.ctx.stream)?)
+    }
+
+    fn sub(&mut self, buf: &Buffer, offset: u64, len: u64) -> Result<DeviceRange> {
+        let r = self.range(buf)?;
+        let end = offset.checked_add(len).filter(|&e| e <= r.len);
+        match end {
+            Some(_) => Ok(DeviceRange::new(DevicePtr(r.ptr.0 + offset), len)),
+            None => Err(RuntimeError::OutOfRange {
+                offset,
+                end: offset.saturating_add(len),
+                len: r.len,
+            }),
+        }
+    }
+
+    /// Record an event at the current end of the session's work.
+    pub fn record_event(&self) -> Result<Event> {
+        Event::record(&self.ctx.rt, &self.ctx.stream)
+    }
+
+    /// Make this session's later work wait, on the GPU, for `event`. Never blocks the host.
+    pub fn wait_event(&self, event: &Event) -> Result<()> {
+        event.check(&self.ctx.rt)?;
+        Ok(self
+            .ctx
+            .rt
+            .dev
+            .wait_event(&self.ctx.stream, event.device_event())?)
+    }
+
+    /// Block until the session's work is done.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.ctx.rt.dev.synchronize_stream(&self.ctx.stream)?)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let rt = self.ctx.rt.clone();
+        // Scratch is freed in stream order: reusable at once on this stream, elsewhere
+        // once the work recorded here has completed.
+        if !self.scratch.is_empty() {
+            match Event::record(&rt, &self.ctx.stream) {
+                Ok(ev) => {
+                    let done: Arc<dyn FreeEvent> = Arc::new(Done(ev));
+                    for b in self.scratch.drain(..) {
+                        if let Err(e) = rt.pool.free_after(b, self.ctx.stream_id, done.clone()) {
+                            tracing::error!(error = %e, "freeing scratch failed");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "recording the end of a session failed; waiting for its stream");
+                    let _ = rt.dev.synchronize_stream(&self.ctx.stream);
+                    for b in self.scratch.drain(..) {
+                        let _ = rt.pool.free(b);
+                    }
+                }
+            }
+        }
+        let mut slots = self.ctx.buffers.lock();
+        for k in self.pinned.drain(..) {
+            if let Some(s) = slots.iter().find(|s| s.key == k) {
+                let _ = rt.pool.unpin(&s.id);
+            }
+        }
+        let last = self.ctx.sessions.fetch_sub(1, Ordering::AcqRel) == 1;
+        let doomed: Vec<BufSlot> = if last {
+            let (d, keep): (Vec<BufSlot>, Vec<BufSlot>) = std::mem::take(&mut *slots)
+                .into_iter()
+                .partition(|s| s.doomed);
+            *slots = keep;
+            d
+        } else {
+            Vec::new()
+        };
+        drop(slots);
+        for s in doomed {
+            self.ctx.free_slot(s);
+        }
+        rt.wake_waiters();
+    }
+}
