@@ -204,6 +204,11 @@ impl Context {
         &self.inner.name
     }
 
+    /// The device it runs on.
+    pub fn session_device(&self) -> &Arc<dyn gpushare_device::Device> {
+        &self.inner.rt.dev
+    }
+
     /// Its tier.
     pub fn tier(&self) -> Tier {
         self.inner.tier

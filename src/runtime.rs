@@ -162,6 +162,7 @@ impl RuntimeBuilder {
                 handlers: Mutex::new(Vec::new()),
                 queue: Mutex::new(SessionQueue::default()),
                 next_stream: AtomicU64::new(1),
+                live_sessions: AtomicU64::new(0),
             }),
         })
     }
@@ -196,6 +197,9 @@ pub(crate) struct RtInner {
     pub handlers: Mutex<Vec<PressureHandler>>,
     pub queue: Mutex<SessionQueue>,
     pub next_stream: AtomicU64,
+    /// Live sessions of all contexts: a session that cannot fit while none is live would
+    /// wait for nothing, so it fails instead.
+    pub live_sessions: AtomicU64,
 }
 
 impl RtInner {

@@ -45,7 +45,19 @@ fn pin_all(ctx: &Arc<CtxInner>) -> Result<Vec<EvictableKey>> {
         });
     }
     let mut pinned = Vec::with_capacity(slots.len());
-    for s in slots.iter() {
+    // Resident buffers first: pinning them allocates nothing, and once pinned they cannot be
+    // chosen as victims while the evicted ones are restored.
+    let resident: Vec<bool> = slots
+        .iter()
+        .map(|s| ctx.rt.pool.is_resident(&s.id).unwrap_or(false))
+        .collect();
+    let order = slots
+        .iter()
+        .zip(&resident)
+        .filter(|(_, &r)| r)
+        .chain(slots.iter().zip(&resident).filter(|(_, &r)| !r))
+        .map(|(s, _)| s);
+    for s in order {
         match ctx.rt.pool.pin(&s.id, ctx.stream_id) {
             Ok(_) => pinned.push(s.key),
             Err(e) => {
@@ -59,6 +71,7 @@ fn pin_all(ctx: &Arc<CtxInner>) -> Result<Vec<EvictableKey>> {
         }
     }
     ctx.sessions.fetch_add(1, Ordering::AcqRel);
+    ctx.rt.live_sessions.fetch_add(1, Ordering::AcqRel);
     Ok(pinned)
 }
 
@@ -110,6 +123,12 @@ impl Future for SessionFuture {
                     self.state = State::Done;
                     Poll::Ready(Ok(Session::new(self.ctx.inner.clone(), pinned)))
                 }
+                // Only a live session can free what this one needs; with none, waiting
+                // would be forever.
+                Err(e) if e.is_oom() && rt.live_sessions.load(Ordering::Acquire) == 0 => {
+                    self.state = State::Done;
+                    Poll::Ready(Err(e))
+                }
                 Err(e) if e.is_oom() => {
                     let id = rt.enqueue(self.ctx.inner.tier, cx.waker());
                     self.state = State::Waiting(id);
@@ -132,7 +151,9 @@ impl Future for SessionFuture {
                         rt.dequeue(id);
                         Poll::Ready(Ok(Session::new(self.ctx.inner.clone(), pinned)))
                     }
-                    Err(e) if e.is_oom() => Poll::Pending,
+                    Err(e) if e.is_oom() && rt.live_sessions.load(Ordering::Acquire) > 0 => {
+                        Poll::Pending
+                    }
                     Err(e) => {
                         self.state = State::Done;
                         rt.dequeue(id);
@@ -336,6 +357,7 @@ impl Drop for Session {
             }
         }
         let last = self.ctx.sessions.fetch_sub(1, Ordering::AcqRel) == 1;
+        rt.live_sessions.fetch_sub(1, Ordering::AcqRel);
         let doomed: Vec<BufSlot> = if last {
             let (d, keep): (Vec<BufSlot>, Vec<BufSlot>) = std::mem::take(&mut *slots)
                 .into_iter()

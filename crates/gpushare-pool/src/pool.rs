@@ -1064,7 +1064,9 @@ impl<S: ChunkSource> Pool<S> {
                 let Some(a) = c.owners[oslot].as_ref() else {
                     continue;
                 };
-                if tier == Tier::Burstable && a.charged <= a.spec.base {
+                // A Burstable owner keeps its base: only blocks whose eviction leaves it at or
+                // above its base may go.
+                if tier == Tier::Burstable && a.charged < a.spec.base.saturating_add(e_size) {
                     continue;
                 }
                 let Residency::Resident { node, offset } = e_res else {
