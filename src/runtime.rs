@@ -492,6 +492,11 @@ impl Runtime {
         self.inner.available()
     }
 
+    /// Sessions waiting for their buffers to fit (the queue depth).
+    pub fn waiting_sessions(&self) -> usize {
+        self.inner.queue.lock().waiters.len()
+    }
+
     /// Admit a context and set up its budget, stream and partition.
     pub fn create_context(&self, spec: ContextSpec) -> Result<Context> {
         Context::create(self.inner.clone(), spec)

@@ -186,21 +186,26 @@ async fn events_order_work_across_contexts() {
 async fn waiting_sessions_are_served_in_tier_order() {
     let (rt, _) = runtime(64 * MIB, 4.0);
     let hog = rt
-        .create_context(ContextSpec::new("hog", 64 * MIB))
+        .create_context(ContextSpec::new("hog", 48 * MIB))
         .unwrap();
     let be = rt.create_context(ContextSpec::new("be", 32 * MIB)).unwrap();
     let bu = rt
         .create_context(ContextSpec::new("bu", 64 * MIB).base(8 * MIB))
         .unwrap();
     assert_eq!(bu.tier(), Tier::Burstable);
-    // Buffers are evictable, so all three exist at once though they add up to 128 MiB.
-    let hb = hog.create_buffer(64 * MIB).unwrap();
+    // Buffers are evictable, so all of them exist at once though they add up to 104 MiB.
+    let hb = hog.create_buffer(48 * MIB).unwrap();
     let bb = be.create_buffer(32 * MIB).unwrap();
-    let ub = bu.create_buffer(32 * MIB).unwrap();
-    // The hog's session needs the whole device: both other buffers are evicted, BestEffort
-    // first, then the Burstable one above its base.
+    let ub: Vec<_> = (0..3).map(|_| bu.create_buffer(8 * MIB).unwrap()).collect();
+    // The hog's session needs 48 of 64 MiB: the BestEffort buffer goes first, then the
+    // Burstable ones down to (never below) the 8 MiB base.
     let held = hog.session_async().await.unwrap();
-    assert!(!bb.is_resident() && !ub.is_resident());
+    assert!(!bb.is_resident());
+    assert_eq!(
+        ub.iter().filter(|b| b.is_resident()).count(),
+        1,
+        "the base stays"
+    );
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let spawn = |ctx: gpushare::Context, name: &'static str| {
         let order = order.clone();
@@ -211,10 +216,25 @@ async fn waiting_sessions_are_served_in_tier_order() {
             drop(s);
         })
     };
+    let queued = |n: usize| {
+        let rt = rt.clone();
+        async move {
+            for _ in 0..500 {
+                if rt.waiting_sessions() == n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            panic!(
+                "expected {n} waiting sessions, found {}",
+                rt.waiting_sessions()
+            );
+        }
+    };
     let t1 = spawn(be.clone(), "be");
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    queued(1).await;
     let t2 = spawn(bu.clone(), "bu");
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    queued(2).await;
     assert!(
         order.lock().unwrap().is_empty(),
         "both wait while the hog is pinned"
