@@ -7,14 +7,29 @@ use parking_lot::Mutex;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 
 struct Inner {
     rt: u64,
     dev: Arc<dyn Device>,
-    ev: gpushare_device::Event,
+    /// Always `Some` until dropped, when it goes back to the runtime's spares.
+    ev: Option<gpushare_device::Event>,
     stream: Stream,
+    spares: Weak<RtInner>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Recording a device event again is safe once no handle refers to it: waits
+        // already queued captured the earlier record.
+        if let (Some(ev), Some(rt)) = (self.ev.take(), self.spares.upgrade()) {
+            let mut spares = rt.spare_events.lock();
+            if spares.len() < 256 {
+                spares.push(ev);
+            }
+        }
+    }
 }
 
 /// A recorded point in a context's work. `Send + Sync`, cheap to clone.
@@ -32,15 +47,20 @@ impl std::fmt::Debug for Event {
 }
 
 impl Event {
-    pub(crate) fn record(rt: &RtInner, stream: &Stream) -> Result<Event> {
-        let ev = rt.dev.create_event(EventFlags::default())?;
+    pub(crate) fn record(rt: &Arc<RtInner>, stream: &Stream) -> Result<Event> {
+        let spare = rt.spare_events.lock().pop();
+        let ev = match spare {
+            Some(e) => e,
+            None => rt.dev.create_event(EventFlags::default())?,
+        };
         rt.dev.record_event(&ev, stream)?;
         Ok(Event {
             inner: Arc::new(Inner {
                 rt: rt.id,
                 dev: rt.dev.clone(),
-                ev,
+                ev: Some(ev),
                 stream: stream.clone(),
+                spares: Arc::downgrade(rt),
             }),
         })
     }
@@ -56,18 +76,21 @@ impl Event {
         }
     }
 
-    pub(crate) fn device_event(&self) -> &gpushare_device::Event {
-        &self.inner.ev
+    pub(crate) fn device_event(&self) -> Result<&gpushare_device::Event> {
+        self.inner.ev.as_ref().ok_or(RuntimeError::Foreign {
+            what: "event",
+            owner: "dropped runtime",
+        })
     }
 
     /// Whether the recorded work has completed.
     pub fn is_complete(&self) -> Result<bool> {
-        Ok(self.inner.dev.query_event(&self.inner.ev)?)
+        Ok(self.inner.dev.query_event(self.device_event()?)?)
     }
 
     /// Block until the recorded work has completed.
     pub fn synchronize(&self) -> Result<()> {
-        Ok(self.inner.dev.synchronize_event(&self.inner.ev)?)
+        Ok(self.inner.dev.synchronize_event(self.device_event()?)?)
     }
 
     /// Wait for the recorded work without blocking a thread: a host callback queued on the

@@ -163,6 +163,7 @@ impl RuntimeBuilder {
                 queue: Mutex::new(SessionQueue::default()),
                 next_stream: AtomicU64::new(1),
                 live_sessions: AtomicU64::new(0),
+                spare_events: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -200,6 +201,8 @@ pub(crate) struct RtInner {
     /// Live sessions of all contexts: a session that cannot fit while none is live would
     /// wait for nothing, so it fails instead.
     pub live_sessions: AtomicU64,
+    /// Device events no handle uses any more, recorded again rather than created anew.
+    pub spare_events: Mutex<Vec<gpushare_device::Event>>,
 }
 
 impl RtInner {
