@@ -164,6 +164,8 @@ impl RuntimeBuilder {
                 next_stream: AtomicU64::new(1),
                 live_sessions: AtomicU64::new(0),
                 spare_events: Mutex::new(Vec::new()),
+                release_gen: AtomicU64::new(0),
+                pin_lock: Mutex::new(()),
             }),
         })
     }
@@ -201,6 +203,12 @@ pub(crate) struct RtInner {
     /// Live sessions of all contexts: a session that cannot fit while none is live would
     /// wait for nothing, so it fails instead.
     pub live_sessions: AtomicU64,
+    /// Held while a session pins its working set, so that two sessions never each hold
+    /// part of what they need while waiting for the rest (hold and wait).
+    pub pin_lock: Mutex<()>,
+    /// Bumped whenever memory is released (a session ends, a buffer is freed), so a waiter
+    /// can tell whether anything changed since its last attempt.
+    pub release_gen: AtomicU64,
     /// Device events no handle uses any more, recorded again rather than created anew.
     pub spare_events: Mutex<Vec<gpushare_device::Event>>,
 }
@@ -299,6 +307,7 @@ impl RtInner {
 
     /// Memory was released: let waiting sessions try again.
     pub fn wake_waiters(&self) {
+        self.release_gen.fetch_add(1, Ordering::AcqRel);
         let wakers: Vec<Waker> = self
             .queue
             .lock()

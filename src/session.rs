@@ -35,6 +35,7 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
 /// Pin every buffer of the context, or none. On success the session count is raised
 /// under the same lock, so no buffer is freed under the new session.
 fn pin_all(ctx: &Arc<CtxInner>) -> Result<Vec<EvictableKey>> {
+    let _one_at_a_time = ctx.rt.pin_lock.lock();
     let slots = ctx.buffers.lock();
     let total: u64 = slots.iter().map(|s| s.size).sum();
     if total > ctx.rt.capacity {
@@ -106,6 +107,33 @@ impl SessionFuture {
             r => r,
         }
     }
+
+    /// Try until it succeeds, fails for good, or has to wait: it waits while another
+    /// session is live (its end may free the memory), retries if memory was released
+    /// during the attempt, and fails with the out-of-memory error otherwise.
+    fn try_now(&self) -> Step {
+        let rt = &self.ctx.inner.rt;
+        loop {
+            let gen = rt.release_gen.load(Ordering::Acquire);
+            match self.attempt() {
+                Ok(p) => return Step::Done(Ok(p)),
+                Err(e) if e.is_oom() => {
+                    if rt.live_sessions.load(Ordering::Acquire) > 0 {
+                        return Step::Wait;
+                    }
+                    if rt.release_gen.load(Ordering::Acquire) == gen {
+                        return Step::Done(Err(e));
+                    }
+                }
+                Err(e) => return Step::Done(Err(e)),
+            }
+        }
+    }
+}
+
+enum Step {
+    Done(Result<Vec<EvictableKey>>),
+    Wait,
 }
 
 impl Future for SessionFuture {
@@ -118,46 +146,29 @@ impl Future for SessionFuture {
                 what: "session future",
                 owner: "completed poll",
             })),
-            State::Start => match self.attempt() {
-                Ok(pinned) => {
+            State::Start => match self.try_now() {
+                Step::Done(r) => {
                     self.state = State::Done;
-                    Poll::Ready(Ok(Session::new(self.ctx.inner.clone(), pinned)))
+                    Poll::Ready(r.map(|pinned| Session::new(self.ctx.inner.clone(), pinned)))
                 }
-                // Only a live session can free what this one needs; with none, waiting
-                // would be forever.
-                Err(e) if e.is_oom() && rt.live_sessions.load(Ordering::Acquire) == 0 => {
-                    self.state = State::Done;
-                    Poll::Ready(Err(e))
-                }
-                Err(e) if e.is_oom() => {
+                Step::Wait => {
                     let id = rt.enqueue(self.ctx.inner.tier, cx.waker());
                     self.state = State::Waiting(id);
                     // Memory may have been freed between the attempt and joining the line.
                     cx.waker().wake_by_ref();
                     Poll::Pending
                 }
-                Err(e) => {
-                    self.state = State::Done;
-                    Poll::Ready(Err(e))
-                }
             },
             State::Waiting(id) => {
                 if !rt.is_head(id, cx.waker()) {
                     return Poll::Pending;
                 }
-                match self.attempt() {
-                    Ok(pinned) => {
+                match self.try_now() {
+                    Step::Wait => Poll::Pending,
+                    Step::Done(r) => {
                         self.state = State::Done;
                         rt.dequeue(id);
-                        Poll::Ready(Ok(Session::new(self.ctx.inner.clone(), pinned)))
-                    }
-                    Err(e) if e.is_oom() && rt.live_sessions.load(Ordering::Acquire) > 0 => {
-                        Poll::Pending
-                    }
-                    Err(e) => {
-                        self.state = State::Done;
-                        rt.dequeue(id);
-                        Poll::Ready(Err(e))
+                        Poll::Ready(r.map(|pinned| Session::new(self.ctx.inner.clone(), pinned)))
                     }
                 }
             }
