@@ -3,6 +3,7 @@
 use crate::context::{BufMeta, Context, CtxInner};
 use crate::error::{Result, RuntimeError};
 use crate::partitions::DeviceSms;
+use crate::queue::WaitQueue;
 use crate::{Config, EvictPolicy};
 use gpushare_device::{
     open, BackendChoice, Device, DevicePtr, DeviceRange, LinearSource, Stream, VmmSource,
@@ -21,7 +22,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::Waker;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The pool type the runtime uses: VMM where the device has it, plain chunks otherwise.
 pub(crate) type DevPool = Pool<Box<dyn ChunkSource>>;
@@ -156,11 +157,10 @@ impl RuntimeBuilder {
                 sms,
                 capacity,
                 policy,
-                aging,
                 buffers,
                 contexts: Mutex::new(Vec::new()),
                 handlers: Mutex::new(Vec::new()),
-                queue: Mutex::new(SessionQueue::default()),
+                queue: WaitQueue::new(aging),
                 next_stream: AtomicU64::new(1),
                 live_sessions: AtomicU64::new(0),
                 spare_events: Mutex::new(Vec::new()),
@@ -169,20 +169,6 @@ impl RuntimeBuilder {
             }),
         })
     }
-}
-
-/// Sessions waiting for their working set to fit.
-#[derive(Default)]
-pub(crate) struct SessionQueue {
-    next: u64,
-    waiters: Vec<SessionWaiter>,
-}
-
-struct SessionWaiter {
-    id: u64,
-    tier: Tier,
-    since: Instant,
-    waker: Option<Waker>,
 }
 
 pub(crate) struct RtInner {
@@ -194,11 +180,10 @@ pub(crate) struct RtInner {
     pub sms: DeviceSms,
     pub capacity: u64,
     pub policy: EvictPolicy,
-    pub aging: Duration,
     pub buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>>,
     pub contexts: Mutex<Vec<Weak<CtxInner>>>,
     pub handlers: Mutex<Vec<PressureHandler>>,
-    pub queue: Mutex<SessionQueue>,
+    pub queue: WaitQueue,
     pub next_stream: AtomicU64,
     /// Live sessions of all contexts: a session that cannot fit while none is live would
     /// wait for nothing, so it fails instead.
@@ -258,64 +243,23 @@ impl RtInner {
 
     /// Join the session queue.
     pub fn enqueue(&self, tier: Tier, waker: &Waker) -> u64 {
-        let mut q = self.queue.lock();
-        let id = q.next;
-        q.next += 1;
-        q.waiters.push(SessionWaiter {
-            id,
-            tier,
-            since: Instant::now(),
-            waker: Some(waker.clone()),
-        });
-        id
+        self.queue.enqueue(tier.rank(), waker)
     }
 
-    /// Whether waiter `id` is first in line (tier order, aged, then arrival).
+    /// Whether waiter `id` is first in line (registering its waker).
     pub fn is_head(&self, id: u64, waker: &Waker) -> bool {
-        let mut q = self.queue.lock();
-        let now = Instant::now();
-        let aging = self.aging.as_secs_f64().max(1e-6);
-        let key = |w: &SessionWaiter| {
-            (
-                f64::from(w.tier.rank())
-                    - now.saturating_duration_since(w.since).as_secs_f64() / aging,
-                w.id,
-            )
-        };
-        let head = q
-            .waiters
-            .iter()
-            .min_by(|a, b| {
-                key(a)
-                    .partial_cmp(&key(b))
-                    .unwrap_or(std::cmp::Ordering::Equal)
-            })
-            .map(|w| w.id);
-        if let Some(w) = q.waiters.iter_mut().find(|w| w.id == id) {
-            w.waker = Some(waker.clone());
-        }
-        head == Some(id)
+        self.queue.is_head(id, waker)
     }
 
     /// Leave the queue (served or cancelled) and wake the next in line.
     pub fn dequeue(&self, id: u64) {
-        let mut q = self.queue.lock();
-        q.waiters.retain(|w| w.id != id);
-        drop(q);
-        self.wake_waiters();
+        self.queue.remove(id);
     }
 
     /// Memory was released: let waiting sessions try again.
     pub fn wake_waiters(&self) {
         self.release_gen.fetch_add(1, Ordering::AcqRel);
-        let wakers: Vec<Waker> = self
-            .queue
-            .lock()
-            .waiters
-            .iter_mut()
-            .filter_map(|w| w.waker.take())
-            .collect();
-        wakers.into_iter().for_each(Waker::wake);
+        self.queue.wake_all();
     }
 }
 
@@ -506,7 +450,7 @@ impl Runtime {
 
     /// Sessions waiting for their buffers to fit (the queue depth).
     pub fn waiting_sessions(&self) -> usize {
-        self.inner.queue.lock().waiters.len()
+        self.inner.queue.len()
     }
 
     /// Admit a context and set up its budget, stream and partition.

@@ -1,0 +1,102 @@
+//! loom models of the session wait queue: no lost wake-up between a waiter's check and a
+//! release, and the first in line goes first.
+//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom_session_queue`.
+#![cfg(loom)]
+
+use gpushare::queue::WaitQueue;
+use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use loom::sync::Arc;
+use loom::thread;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// Waits in the queue until `free` is set, as a session waits for memory: it registers
+/// its waker before it checks, then checks.
+struct Wait {
+    q: Arc<WaitQueue>,
+    free: Arc<AtomicBool>,
+    rank: u32,
+    id: Option<u64>,
+}
+
+impl Future for Wait {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let head = match self.id {
+            None => {
+                let id = self.q.enqueue(self.rank, cx.waker());
+                self.id = Some(id);
+                self.q.is_head(id, cx.waker())
+            }
+            Some(id) => self.q.is_head(id, cx.waker()),
+        };
+        if head && self.free.load(Ordering::SeqCst) {
+            if let Some(id) = self.id.take() {
+                self.q.remove(id);
+            }
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+#[test]
+fn a_release_after_the_check_still_wakes_the_waiter() {
+    loom::model(|| {
+        let q = Arc::new(WaitQueue::new(Duration::from_secs(3600)));
+        let free = Arc::new(AtomicBool::new(false));
+        let (q2, f2) = (q.clone(), free.clone());
+        let releaser = thread::spawn(move || {
+            f2.store(true, Ordering::SeqCst);
+            q2.wake_all();
+        });
+        loom::future::block_on(Wait {
+            q: q.clone(),
+            free,
+            rank: 2,
+            id: None,
+        });
+        releaser.join().unwrap();
+        assert!(q.is_empty());
+    });
+}
+
+#[test]
+fn the_first_in_line_goes_first() {
+    loom::model(|| {
+        let q = Arc::new(WaitQueue::new(Duration::from_secs(3600)));
+        let free = Arc::new(AtomicBool::new(false));
+        let order = Arc::new(AtomicUsize::new(0));
+        // A low-rank (important) waiter joins first, then the releaser and a high-rank one
+        // race; the important one must finish first whenever both were queued.
+        let important = {
+            let (q, free, order) = (q.clone(), free.clone(), order.clone());
+            thread::spawn(move || {
+                loom::future::block_on(Wait {
+                    q,
+                    free,
+                    rank: 0,
+                    id: None,
+                });
+                order.fetch_add(1, Ordering::SeqCst)
+            })
+        };
+        let (q2, f2) = (q.clone(), free.clone());
+        let releaser = thread::spawn(move || {
+            f2.store(true, Ordering::SeqCst);
+            q2.wake_all();
+        });
+        let first = important.join().unwrap();
+        releaser.join().unwrap();
+        loom::future::block_on(Wait {
+            q: q.clone(),
+            free,
+            rank: 2,
+            id: None,
+        });
+        assert_eq!(first, 0);
+        assert!(q.is_empty());
+    });
+}
