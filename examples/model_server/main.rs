@@ -1,0 +1,71 @@
+//! An HTTP model server over one gpushare runtime, hosting more models than fit at once.
+//!
+//! - `POST /v1/models/{name}/infer` with `{"input": [numbers]}` awaits a session on the
+//!   model's context (restoring its weights if they were evicted) and answers
+//!   `{"model": .., "output": ..}`;
+//! - `GET /v1/status`: the runtime's snapshot as JSON;
+//! - `GET /metrics`: Prometheus text (memory per context, queue depth, evictions, latency
+//!   histograms).
+//!
+//! Unknown models get 404, malformed bodies 400, and requests that cannot get memory 503
+//! with the reason. Ctrl-C shuts it down gracefully.
+//!
+//! ```text
+//! cargo run --release --example model_server -- [--addr 127.0.0.1:8080] [--mib 512]
+//! curl -s localhost:8080/v1/models/llm/infer -d '{"input": [1, 2, 3]}'
+//! ```
+
+mod app;
+
+use std::sync::Arc;
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let addr = flag("--addr").unwrap_or_else(|| "127.0.0.1:8080".into());
+    let mib: u64 = match flag("--mib").map(|v| v.parse::<u64>()) {
+        None => 512,
+        Some(Ok(v)) if v >= 64 => v,
+        Some(_) => {
+            eprintln!("--mib needs a number of at least 64");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&addr, mib).await {
+        eprintln!("model_server failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(addr: &str, mib: u64) -> Result<(), Box<dyn std::error::Error>> {
+    let dev = gpushare::device::open(gpushare::Config::from_env()?.device)?;
+    let fraction = ((mib << 20) as f64 / dev.info().total_memory as f64).min(1.0);
+    let rt = gpushare::Runtime::builder()
+        .with_device(dev)
+        .memory_fraction(fraction)
+        .overcommit(4.0)
+        .build()?;
+    let models = app::default_models(rt.capacity());
+    let app = Arc::new(app::App::new(rt, &models)?);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, models = models.len(), "model server listening");
+    axum::serve(listener, app::router(app))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        })
+        .await?;
+    Ok(())
+}

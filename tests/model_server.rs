@@ -1,0 +1,154 @@
+//! The model server on 127.0.0.1 over the simulated device, under a bounded concurrent load
+//! of 2,400 requests across four models whose weights do not all fit.
+
+#[path = "../examples/model_server/app.rs"]
+mod app;
+
+use gpushare::device::{SimConfig, SimDevice};
+use gpushare::Runtime;
+use std::collections::HashMap;
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_answers_correctly_under_load() {
+    let sim =
+        Arc::new(SimDevice::with_config(SimConfig::default().total_memory(256 * MIB)).unwrap());
+    let rt = Runtime::builder()
+        .with_device(sim)
+        .memory_fraction(1.0)
+        .overcommit(4.0)
+        .build()
+        .unwrap();
+    let models = app::default_models(rt.capacity());
+    let total: u64 = models.iter().map(|m| m.weights).sum();
+    assert!(total > rt.capacity(), "the models must not all fit");
+    let app = Arc::new(app::App::new(rt, &models).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        axum::serve(listener, app::router(app.clone()))
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .into_future(),
+    );
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+
+    // Bad requests get the error they deserve.
+    let r = client
+        .post(format!("{base}/v1/models/nope/infer"))
+        .body(r#"{"input": [1]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = client
+        .post(format!("{base}/v1/models/llm/infer"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = client
+        .post(format!("{base}/v1/models/llm/infer"))
+        .body(r#"{"input": []}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // A bounded concurrent load across all models.
+    let seeds: HashMap<String, (u8, u64)> = models
+        .iter()
+        .map(|m| (m.name.clone(), (m.seed, m.weights)))
+        .collect();
+    let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
+    let limit = Arc::new(Semaphore::new(16));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..2400u64 {
+        let permit = limit.clone().acquire_owned().await.unwrap();
+        let (client, base) = (client.clone(), base.clone());
+        let name = names[(i as usize * 7 + i as usize / 5) % names.len()].clone();
+        let (seed, size) = seeds[&name];
+        tasks.spawn(async move {
+            let _permit = permit;
+            let input: Vec<f64> = (0..(1 + i % 97)).map(|k| (k as f64) - 3.5).collect();
+            let r = client
+                .post(format!("{base}/v1/models/{name}/infer"))
+                .json(&serde_json::json!({ "input": input }))
+                .send()
+                .await
+                .expect("request");
+            let status = r.status().as_u16();
+            if status == 200 {
+                let body: app::InferResponse = r.json().await.expect("json");
+                let want = app::expected(seed, size, &input);
+                assert!(
+                    (body.output - want).abs() < 1e-6,
+                    "{name}: {} != {want}",
+                    body.output
+                );
+            }
+            status
+        });
+    }
+    let mut by_status: HashMap<u16, u32> = HashMap::new();
+    while let Some(r) = tasks.join_next().await {
+        *by_status.entry(r.unwrap()).or_default() += 1;
+    }
+    let ok = by_status.get(&200).copied().unwrap_or(0);
+    let unexpected: u32 = by_status
+        .iter()
+        .filter(|(&s, _)| s >= 500 && s != 503)
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(unexpected, 0, "{by_status:?}");
+    assert!(ok >= 2000, "{by_status:?}");
+
+    // Evictions happened, and no budget was ever exceeded.
+    let status: serde_json::Value = client
+        .get(format!("{base}/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let contexts = status["snapshot"]["contexts"].as_array().unwrap();
+    let evictions: u64 = contexts
+        .iter()
+        .map(|c| c["evictions"].as_u64().unwrap())
+        .sum();
+    assert!(evictions > 0, "{status}");
+    for c in contexts {
+        assert!(
+            c["peak_bytes"].as_u64().unwrap() <= c["max_bytes"].as_u64().unwrap(),
+            "{c}"
+        );
+    }
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("gpushare_context_evictions_total{context=\"vision\"}"));
+    assert!(metrics.contains("gpushare_request_duration_ms_bucket{model=\"llm\",le=\"+Inf\"}"));
+    assert!(metrics.contains("gpushare_waiting_sessions"));
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    println!("{by_status:?}, {evictions} evictions");
+}
