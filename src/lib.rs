@@ -25,10 +25,8 @@ mod context;
 mod error;
 mod event;
 pub mod partitions;
-pub mod queue;
 mod runtime;
 mod session;
-mod sync;
 
 pub use config::Config;
 pub use context::{Buffer, Context, Usage};

@@ -3,7 +3,6 @@
 use crate::context::{BufMeta, Context, CtxInner};
 use crate::error::{Result, RuntimeError};
 use crate::partitions::DeviceSms;
-use crate::queue::WaitQueue;
 use crate::{Config, EvictPolicy};
 use gpushare_device::{
     open, BackendChoice, Device, DevicePtr, DeviceRange, LinearSource, Stream, VmmSource,
@@ -13,7 +12,7 @@ use gpushare_pool::{
 };
 use gpushare_qos::{
     AdmissionConfig, AdmissionEvaluator, ContextSpec, PartitionConfig, PartitionLimits,
-    PartitionManager, Tier,
+    PartitionManager, Tier, WaitQueue,
 };
 use parking_lot::Mutex;
 use serde::Serialize;

@@ -30,6 +30,7 @@
 mod admission;
 mod error;
 mod partition;
+pub mod queue;
 mod spec;
 mod sync;
 
@@ -41,4 +42,5 @@ pub use error::QosError;
 pub use partition::{
     Isolation, Partition, PartitionConfig, PartitionLimits, PartitionManager, SmBackend, SplitError,
 };
+pub use queue::WaitQueue;
 pub use spec::{ContextSpec, Resolved, Tier};

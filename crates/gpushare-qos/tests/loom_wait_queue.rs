@@ -1,9 +1,9 @@
-//! loom models of the session wait queue: no lost wake-up between a waiter's check and a
+//! loom models of the wait queue sessions wait in: no lost wake-up between a waiter's check and a
 //! release, and the first in line goes first.
-//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom_session_queue`.
+//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom_wait_queue`.
 #![cfg(loom)]
 
-use gpushare::queue::WaitQueue;
+use gpushare_qos::WaitQueue;
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
