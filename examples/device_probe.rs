@@ -11,34 +11,11 @@
 use gpushare::device::{open, DeviceError, EventFlags};
 use std::time::{Duration, Instant};
 
+mod common;
+
 struct Args {
     iters: usize,
     copy_mib: Option<u64>,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        iters: 200,
-        copy_mib: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = |name: &str| -> Result<u64, String> {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .filter(|&v: &u64| v > 0)
-                .ok_or_else(|| format!("{name} needs a positive number"))
-        };
-        match flag.as_str() {
-            "--iters" => a.iters = val("--iters")? as usize,
-            "--copy-mib" => a.copy_mib = Some(val("--copy-mib")?),
-            "-h" | "--help" => {
-                return Err("usage: device_probe [--iters N] [--copy-mib N]".into());
-            }
-            other => return Err(format!("unknown flag {other}; try --help")),
-        }
-    }
-    Ok(a)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -72,18 +49,14 @@ fn per_call(
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
+    common::init_tracing("info");
+    let f = common::Flags::parse(
+        &["--iters", "--copy-mib"],
+        "usage: device_probe [--iters N] [--copy-mib N]",
+    );
+    let args = Args {
+        iters: f.positive("--iters", 200.0) as usize,
+        copy_mib: Some(f.positive("--copy-mib", 0.0) as u64).filter(|&m| m > 0),
     };
     if let Err(e) = run(&args) {
         eprintln!("device_probe failed: {e}");

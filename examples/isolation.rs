@@ -25,56 +25,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 struct Args {
     iters: usize,
     victim_us: f64,
     share: f64,
 }
 
-fn parse() -> Result<Args, String> {
-    let mut a = Args {
-        iters: 300,
-        victim_us: 50.0,
-        share: 0.12,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(f) = it.next() {
-        let mut num = |name: &str| -> Result<f64, String> {
-            it.next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .filter(|v| v.is_finite() && *v > 0.0)
-                .ok_or_else(|| format!("{name} needs a positive number"))
-        };
-        match f.as_str() {
-            "--iters" => a.iters = num("--iters")? as usize,
-            "--victim-us" => a.victim_us = num("--victim-us")?,
-            "--share" => a.share = num("--share")?,
-            "-h" | "--help" => {
-                return Err("usage: isolation [--iters N] [--victim-us US] [--share F]".into())
-            }
-            other => return Err(format!("unknown flag {other}; try --help")),
-        }
-    }
-    if a.share >= 1.0 {
-        return Err("--share must be below 1, leaving SMs for the neighbour".into());
-    }
-    Ok(a)
-}
-
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let args = match parse() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
+    common::init_tracing("warn");
+    let f = common::Flags::parse(
+        &["--iters", "--victim-us", "--share"],
+        "usage: isolation [--iters N] [--victim-us US] [--share F]",
+    );
+    let args = Args {
+        iters: f.positive("--iters", 300.0) as usize,
+        victim_us: f.positive("--victim-us", 50.0),
+        share: f.positive("--share", 0.12),
     };
+    if args.share >= 1.0 {
+        common::fail("--share must be below 1, leaving SMs for the neighbour");
+    }
     if let Err(e) = run(&args) {
         eprintln!("isolation failed: {e}");
         std::process::exit(1);

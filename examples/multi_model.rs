@@ -26,35 +26,11 @@ use tokio::sync::mpsc;
 
 const MIB: u64 = 1 << 20;
 
+mod common;
+
 struct Args {
     seconds: f64,
     mib: u64,
-}
-
-fn parse() -> Result<Args, String> {
-    let mut a = Args {
-        seconds: 5.0,
-        mib: 512,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(f) = it.next() {
-        let mut num = |name: &str| -> Result<f64, String> {
-            it.next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .filter(|v| v.is_finite() && *v > 0.0)
-                .ok_or_else(|| format!("{name} needs a positive number"))
-        };
-        match f.as_str() {
-            "--seconds" => a.seconds = num("--seconds")?.min(600.0),
-            "--mib" => a.mib = num("--mib")? as u64,
-            "-h" | "--help" => return Err("usage: multi_model [--seconds S] [--mib M]".into()),
-            other => return Err(format!("unknown flag {other}; try --help")),
-        }
-    }
-    if a.mib < 256 {
-        return Err("--mib must be at least 256".into());
-    }
-    Ok(a)
 }
 
 fn byte(seed: u8, i: u64) -> u8 {
@@ -137,19 +113,18 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let args = match parse() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
+    common::init_tracing("warn");
+    let f = common::Flags::parse(
+        &["--seconds", "--mib"],
+        "usage: multi_model [--seconds S] [--mib M]",
+    );
+    let args = Args {
+        seconds: f.positive("--seconds", 5.0).min(600.0),
+        mib: f.positive("--mib", 512.0) as u64,
     };
+    if args.mib < 256 {
+        common::fail("--mib must be at least 256");
+    }
     if let Err(e) = run(args).await {
         eprintln!("multi_model failed: {e}");
         std::process::exit(1);

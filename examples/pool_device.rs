@@ -17,28 +17,12 @@ fn median_ns(mut v: Vec<Duration>) -> f64 {
     v[v.len() / 2].as_nanos() as f64
 }
 
+mod common;
+
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let iters = match args.iter().position(|a| a == "--iters") {
-        Some(i) => match args
-            .get(i + 1)
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-        {
-            Some(n) => n,
-            None => {
-                eprintln!("--iters needs a positive number");
-                std::process::exit(2);
-            }
-        },
-        None => 2000,
-    };
+    common::init_tracing("warn");
+    let f = common::Flags::parse(&["--iters"], "usage: pool_device [--iters N]");
+    let iters = f.positive("--iters", 2000.0) as usize;
     if let Err(e) = run(iters) {
         eprintln!("pool_device failed: {e}");
         std::process::exit(1);

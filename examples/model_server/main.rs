@@ -16,33 +16,23 @@
 //! ```
 
 mod app;
+#[path = "../common/mod.rs"]
+mod common;
 
 use std::sync::Arc;
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let addr = flag("--addr").unwrap_or_else(|| "127.0.0.1:8080".into());
-    let mib: u64 = match flag("--mib").map(|v| v.parse::<u64>()) {
-        None => 512,
-        Some(Ok(v)) if v >= 64 => v,
-        Some(_) => {
-            eprintln!("--mib needs a number of at least 64");
-            std::process::exit(2);
-        }
-    };
+    common::init_tracing("info");
+    let f = common::Flags::parse(
+        &["--addr", "--mib"],
+        "usage: model_server [--addr HOST:PORT] [--mib M]",
+    );
+    let addr = f.text("--addr", "127.0.0.1:8080");
+    let mib = f.positive("--mib", 512.0) as u64;
+    if mib < 64 {
+        common::fail("--mib must be at least 64");
+    }
     if let Err(e) = run(&addr, mib).await {
         eprintln!("model_server failed: {e}");
         std::process::exit(1);
