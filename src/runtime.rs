@@ -159,11 +159,14 @@ impl RuntimeBuilder {
                 buffers,
                 contexts: Mutex::new(Vec::new()),
                 handlers: Mutex::new(Vec::new()),
-                queue: WaitQueue::new(aging),
+                waits: Arc::new(Waits {
+                    queue: WaitQueue::new(aging),
+                    release_gen: AtomicU64::new(0),
+                    pending_releases: AtomicU64::new(0),
+                }),
                 next_stream: AtomicU64::new(1),
                 live_sessions: AtomicU64::new(0),
                 spare_events: Mutex::new(Vec::new()),
-                release_gen: AtomicU64::new(0),
                 pin_lock: Mutex::new(()),
             }),
         })
@@ -182,7 +185,9 @@ pub(crate) struct RtInner {
     pub buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>>,
     pub contexts: Mutex<Vec<Weak<CtxInner>>>,
     pub handlers: Mutex<Vec<PressureHandler>>,
-    pub queue: WaitQueue,
+    /// Waiting sessions and what may wake them. Shared with host callbacks, which must not
+    /// hold anything whose release is a device call.
+    pub waits: Arc<Waits>,
     pub next_stream: AtomicU64,
     /// Live sessions of all contexts: a session that cannot fit while none is live would
     /// wait for nothing, so it fails instead.
@@ -190,9 +195,6 @@ pub(crate) struct RtInner {
     /// Held while a session pins its working set, so that two sessions never each hold
     /// part of what they need while waiting for the rest (hold and wait).
     pub pin_lock: Mutex<()>,
-    /// Bumped whenever memory is released (a session ends, a buffer is freed), so a waiter
-    /// can tell whether anything changed since its last attempt.
-    pub release_gen: AtomicU64,
     /// Device events no handle uses any more, recorded again rather than created anew.
     pub spare_events: Mutex<Vec<gpushare_device::Event>>,
 }
@@ -242,21 +244,38 @@ impl RtInner {
 
     /// Join the session queue.
     pub fn enqueue(&self, tier: Tier, waker: &Waker) -> u64 {
-        self.queue.enqueue(tier.rank(), waker)
+        self.waits.queue.enqueue(tier.rank(), waker)
     }
 
     /// Whether waiter `id` is first in line (registering its waker).
     pub fn is_head(&self, id: u64, waker: &Waker) -> bool {
-        self.queue.is_head(id, waker)
+        self.waits.queue.is_head(id, waker)
     }
 
     /// Leave the queue (served or cancelled) and wake the next in line.
     pub fn dequeue(&self, id: u64) {
-        self.queue.remove(id);
+        self.waits.queue.remove(id);
     }
 
     /// Memory was released: let waiting sessions try again.
     pub fn wake_waiters(&self) {
+        self.waits.released();
+    }
+}
+
+/// What waiting sessions wait on.
+pub(crate) struct Waits {
+    pub queue: WaitQueue,
+    /// Bumped whenever memory is released, so a waiter can tell whether anything changed
+    /// since its last attempt.
+    pub release_gen: AtomicU64,
+    /// Stream-ordered frees whose work has not completed yet: each will wake the waiters.
+    pub pending_releases: AtomicU64,
+}
+
+impl Waits {
+    /// Memory was released: let waiting sessions try again.
+    pub fn released(&self) {
         self.release_gen.fetch_add(1, Ordering::AcqRel);
         self.queue.wake_all();
     }
@@ -449,7 +468,7 @@ impl Runtime {
 
     /// Sessions waiting for their buffers to fit (the queue depth).
     pub fn waiting_sessions(&self) -> usize {
-        self.inner.queue.len()
+        self.inner.waits.queue.len()
     }
 
     /// Admit a context and set up its budget, stream and partition.

@@ -114,14 +114,18 @@ impl SessionFuture {
     fn try_now(&self) -> Step {
         let rt = &self.ctx.inner.rt;
         loop {
-            let gen = rt.release_gen.load(Ordering::Acquire);
+            let gen = rt.waits.release_gen.load(Ordering::Acquire);
             match self.attempt() {
                 Ok(p) => return Step::Done(Ok(p)),
                 Err(e) if e.is_oom() => {
-                    if rt.live_sessions.load(Ordering::Acquire) > 0 {
+                    // A live session, or scratch whose stream-ordered free is still pending,
+                    // will release memory and wake the queue.
+                    if rt.live_sessions.load(Ordering::Acquire) > 0
+                        || rt.waits.pending_releases.load(Ordering::Acquire) > 0
+                    {
                         return Step::Wait;
                     }
-                    if rt.release_gen.load(Ordering::Acquire) == gen {
+                    if rt.waits.release_gen.load(Ordering::Acquire) == gen {
                         return Step::Done(Err(e));
                     }
                 }
@@ -350,6 +354,22 @@ impl Drop for Session {
                         if let Err(e) = rt.pool.free_after(b, self.ctx.stream_id, done.clone()) {
                             tracing::error!(error = %e, "freeing scratch failed");
                         }
+                    }
+                    // Other streams may reuse the scratch once this stream's work is done:
+                    // wake the waiters then. The callback holds only the wait state, whose
+                    // release makes no device call.
+                    let waits = rt.waits.clone();
+                    waits.pending_releases.fetch_add(1, Ordering::AcqRel);
+                    let w2 = waits.clone();
+                    let queued = rt.dev.host_callback(
+                        &self.ctx.stream,
+                        Box::new(move || {
+                            w2.pending_releases.fetch_sub(1, Ordering::AcqRel);
+                            w2.released();
+                        }),
+                    );
+                    if queued.is_err() {
+                        waits.pending_releases.fetch_sub(1, Ordering::AcqRel);
                     }
                 }
                 Err(e) => {
