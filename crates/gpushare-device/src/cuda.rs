@@ -796,20 +796,16 @@ impl Device for CudaDevice {
             what: "elapsed time",
             reason: "both events must have been recorded".into(),
         };
-        let ea = a
-            .with_last(|e| {
+        // The last recorded CUDA event of each, once complete.
+        let synced = |set: &CudaEventSet| {
+            set.with_last(|e| {
                 e.synchronize()
                     .call("cuEventSynchronize")
                     .map(|()| e.cu_event())
             })?
-            .ok_or_else(never)?;
-        let eb = b
-            .with_last(|e| {
-                e.synchronize()
-                    .call("cuEventSynchronize")
-                    .map(|()| e.cu_event())
-            })?
-            .ok_or_else(never)?;
+            .ok_or_else(never)
+        };
+        let (ea, eb) = (synced(a)?, synced(b)?);
         self.bind()?;
         // SAFETY: both events are alive (held by the Event handles borrowed here) and
         // complete.

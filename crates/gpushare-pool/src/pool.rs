@@ -598,9 +598,7 @@ impl<S: ChunkSource> Pool<S> {
         stream: StreamId,
     ) -> Result<Block, PoolError> {
         let slot = self.slot(owner)?;
-        if size == 0 {
-            return Err(PoolError::ZeroSize);
-        }
+        let csize = self.round_request(size)?;
         if !align.is_power_of_two() || align > self.granularity {
             return Err(PoolError::BadAlignment {
                 align,
@@ -608,7 +606,6 @@ impl<S: ChunkSource> Pool<S> {
             });
         }
         let align = align.max(UNIT);
-        let csize = self.round_request(size)?;
         let class = floor_class(csize);
         if align > UNIT && csize <= self.cfg.cache_max_block {
             // Aligned requests skip the fast path; a cached block may still be aligned.
