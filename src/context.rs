@@ -37,6 +37,8 @@ pub(crate) struct CtxInner {
     pub stream: Stream,
     pub stream_id: StreamId,
     pub isolation: Isolation,
+    /// Whether the context's partition is its own, to be removed with it.
+    pub own_partition: bool,
     pub buffers: Mutex<Vec<BufSlot>>,
     pub handlers: Mutex<Vec<PressureHandler>>,
     pub sessions: AtomicU64,
@@ -66,7 +68,12 @@ impl Drop for CtxInner {
         if let Err(e) = self.rt.pool.remove_owner(self.owner) {
             tracing::error!(context = %self.name, error = %e, "removing the context's pool owner failed");
         }
-        let _ = self.rt.parts.lock().unplace(&self.name);
+        let mut parts = self.rt.parts.lock();
+        let _ = parts.unplace(&self.name);
+        if self.own_partition {
+            let _ = parts.remove_partition(&self.name);
+        }
+        drop(parts);
         self.rt.wake_waiters();
     }
 }
@@ -146,13 +153,29 @@ impl Context {
             .priority
             .stream_priority(range.greatest, range.least);
         // Place it in its partition (its own, if it asks for a compute share alone).
+        // A compute share without a named partition gets a partition of its own, removed
+        // with the context (or at once if setting up fails).
+        let own_partition = spec.partition.is_none() && r.compute > 0.0;
+        let undo_partition = |placed: bool| {
+            let mut parts = rt.parts.lock();
+            if placed {
+                let _ = parts.unplace(&name);
+            }
+            if own_partition {
+                let _ = parts.remove_partition(&name);
+            }
+        };
         let (stream, isolation) = (|| -> Result<(Stream, Isolation)> {
-            let part = match (&spec.partition, r.compute > 0.0) {
+            let part = match (&spec.partition, own_partition) {
                 (Some(p), _) => Some(p.clone()),
                 (None, true) => {
                     let mut parts = rt.parts.lock();
                     parts.create_partition(&name, PartitionLimits::default().compute(r.compute))?;
-                    parts.realize(&rt.sms)?;
+                    if let Err(e) = parts.realize(&rt.sms) {
+                        drop(parts);
+                        undo_partition(false);
+                        return Err(e.into());
+                    }
                     Some(name.clone())
                 }
                 (None, false) => None,
@@ -161,7 +184,11 @@ impl Context {
                 return Ok((rt.dev.create_stream(prio)?, Isolation::None));
             };
             let mut parts = rt.parts.lock();
-            parts.place(&r, &p)?;
+            if let Err(e) = parts.place(&r, &p) {
+                drop(parts);
+                undo_partition(false);
+                return Err(e.into());
+            }
             let index = parts
                 .partitions()
                 .filter(|q| q.limits().compute.is_some())
@@ -173,10 +200,16 @@ impl Context {
             drop(parts);
             let made = rt.sms.partitions();
             let stream = match (&iso, index.and_then(|i| made.get(i))) {
-                (Isolation::SmPartition { .. }, Some(sm)) => rt.dev.create_stream_in(sm, prio)?,
-                _ => rt.dev.create_stream(prio)?,
+                (Isolation::SmPartition { .. }, Some(sm)) => rt.dev.create_stream_in(sm, prio),
+                _ => rt.dev.create_stream(prio),
             };
-            Ok((stream, iso))
+            match stream {
+                Ok(s) => Ok((s, iso)),
+                Err(e) => {
+                    undo_partition(true);
+                    Err(e.into())
+                }
+            }
         })()
         .map_err(undo_owner)?;
         let inner = Arc::new(CtxInner {
@@ -189,6 +222,7 @@ impl Context {
             admission,
             stream,
             isolation,
+            own_partition,
             buffers: Mutex::new(Vec::new()),
             handlers: Mutex::new(Vec::new()),
             sessions: AtomicU64::new(0),

@@ -369,3 +369,20 @@ fn a_context_outlives_its_handles_while_a_session_lives() {
     rt.create_context(ContextSpec::new("m", 64 * MIB).base(64 * MIB))
         .unwrap();
 }
+
+#[test]
+fn a_context_with_its_own_compute_share_gives_it_back() {
+    let (rt, _) = runtime(256 * MIB, 1.0);
+    // Each context takes 60% of the SMs; without giving the share back on drop the second
+    // round could not be placed.
+    for round in 0..3 {
+        let c = rt
+            .create_context(ContextSpec::new(format!("c{round}"), MIB).compute(0.6))
+            .unwrap();
+        assert!(
+            matches!(c.isolation(), gpushare::qos::Isolation::SmPartition { .. }),
+            "{:?}",
+            c.isolation()
+        );
+    }
+}
