@@ -15,7 +15,7 @@ use std::sync::Arc;
 pub(crate) struct BufMeta {
     pub policy: EvictPolicy,
     pub discarded: Arc<AtomicBool>,
-    /// Pinned host staging, allocated at the first offload and reused.
+    /// Pinned host staging of an Offload buffer, allocated with the buffer and reused.
     pub host: Option<PinnedBuffer>,
 }
 
@@ -296,12 +296,27 @@ impl Context {
         })?;
         let key = id.key();
         let discarded = Arc::new(AtomicBool::new(false));
+        // Pinned staging for offloading is allocated now, once: pinning is slow (about 0.6 s
+        // per GiB on an H100) and eviction runs on the path of another context's request.
+        let host = match policy {
+            EvictPolicy::Offload => match c.rt.dev.alloc_pinned(size) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    let _ = c.rt.pool.unpin(&id);
+                    if let Err((_, fe)) = c.rt.pool.free_evictable(id) {
+                        tracing::error!(error = %fe, "freeing a buffer after a failed pin failed");
+                    }
+                    return Err(e.into());
+                }
+            },
+            EvictPolicy::Discard => None,
+        };
         c.rt.buffers.lock().insert(
             key,
             BufMeta {
                 policy,
                 discarded: discarded.clone(),
-                host: None,
+                host,
             },
         );
         // Allocated pinned once: sessions pin it when they use it.

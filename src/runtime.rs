@@ -301,14 +301,11 @@ impl Evictor for Offloader {
                 Ok(())
             }
             EvictPolicy::Offload => {
-                if meta.host.is_none() {
-                    // Pinned once per buffer and reused for every later eviction.
-                    meta.host = Some(self.dev.alloc_pinned(v.size).map_err(e)?);
-                }
+                // Staging was pinned with the buffer, so eviction only copies.
                 let host = meta
                     .host
                     .as_ref()
-                    .ok_or_else(|| EvictError("no staging".into()))?;
+                    .ok_or_else(|| EvictError("the buffer has no pinned staging".into()))?;
                 let src = DeviceRange::new(DevicePtr(v.addr), v.size);
                 self.dev
                     .copy_dtoh(host.full(), src, &self.stream)

@@ -386,3 +386,27 @@ fn a_context_with_its_own_compute_share_gives_it_back() {
         );
     }
 }
+
+#[test]
+fn a_failed_staging_pin_leaves_nothing_behind() {
+    let (rt, sim) = runtime(64 * MIB, 1.0);
+    let c = rt.create_context(ContextSpec::new("c", 32 * MIB)).unwrap();
+    sim.fail_nth(FaultOp::PinnedAlloc, 1);
+    assert!(matches!(
+        c.create_buffer(8 * MIB),
+        Err(RuntimeError::Device(_))
+    ));
+    assert_eq!(c.usage().used, 0, "the device memory went back");
+    // Discard buffers need no staging.
+    sim.fail_nth(FaultOp::PinnedAlloc, 1);
+    let d = c.create_buffer_with(8 * MIB, EvictPolicy::Discard).unwrap();
+    assert_eq!(
+        sim.op_count(FaultOp::PinnedAlloc),
+        1,
+        "only the failed Offload buffer pinned"
+    );
+    sim.clear_faults();
+    let o = c.create_buffer(8 * MIB).unwrap();
+    drop((d, o));
+    assert_eq!(c.usage().used, 0);
+}
