@@ -339,31 +339,30 @@ impl Tlsf {
         self.coalesce_insert(n);
     }
 
+    /// Merge the physical successor of `left` into it; both are out of the free lists.
+    fn absorb_next(&mut self, left: u32) {
+        let right = self.nodes[left as usize].next_phys;
+        let r = self.nodes.remove(right as usize);
+        let l = &mut self.nodes[left as usize];
+        l.size += r.size;
+        l.next_phys = r.next_phys;
+        if r.next_phys != NONE {
+            self.nodes[r.next_phys as usize].prev_phys = left;
+        }
+        self.replace_boundary(right, left);
+    }
+
     fn coalesce_insert(&mut self, mut n: u32) {
         let prev = self.nodes[n as usize].prev_phys;
         if prev != NONE && self.nodes[prev as usize].free {
             self.remove_free(prev);
-            let node = self.nodes.remove(n as usize);
-            let p = &mut self.nodes[prev as usize];
-            p.size += node.size;
-            p.next_phys = node.next_phys;
-            if node.next_phys != NONE {
-                self.nodes[node.next_phys as usize].prev_phys = prev;
-            }
-            self.replace_boundary(n, prev);
+            self.absorb_next(prev);
             n = prev;
         }
         let next = self.nodes[n as usize].next_phys;
         if next != NONE && self.nodes[next as usize].free {
             self.remove_free(next);
-            let nn = self.nodes.remove(next as usize);
-            let node = &mut self.nodes[n as usize];
-            node.size += nn.size;
-            node.next_phys = nn.next_phys;
-            if nn.next_phys != NONE {
-                self.nodes[nn.next_phys as usize].prev_phys = n;
-            }
-            self.replace_boundary(next, n);
+            self.absorb_next(n);
         }
         self.insert_free(n);
     }
