@@ -342,9 +342,16 @@ fn run(iters: usize) -> Res<String> {
         drop(victim.session()?);
         let cap = rt.capacity();
         let hog = rt.create_context(ContextSpec::new("hog", cap).base(cap))?;
+        // Map the whole pool first, beside the victim, so that the timed allocation below
+        // costs the eviction and not the growth. The hog's buffers are Discard: an Offload
+        // buffer would pin host staging of its own size when made.
+        drop(hog.create_buffer_with(cap - size - (64 << 20), EvictPolicy::Discard)?);
         let t = Instant::now();
-        let big = hog.create_buffer(cap - (64 << 20))?;
+        let big = hog.create_buffer_with(cap - (64 << 20), EvictPolicy::Discard)?;
         let offload = t.elapsed();
+        if buf.is_resident() {
+            return Err("the victim's buffer was not evicted".into());
+        }
         drop(big);
         let t = Instant::now();
         drop(victim.session()?);

@@ -48,28 +48,59 @@ strip "$out"/tests/* "$out"/examples/*
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the bundled tests (--ignored: the CUDA suites) and figure examples on a GPU machine.
-# Logs go to $OUT (default ./gpu-out). Exits non-zero if any test binary failed.
+# Logs go to $OUT/results.tar.gz (default ./gpu-out). Exits non-zero if anything failed or timed out.
+#   ONLY="tests"                 only the test binaries
+#   ONLY="examples"              only the figure examples
+#   ONLY="gpu_report isolation"  only the named binaries (tests or examples)
+#   TEST_TIMEOUT / EXAMPLE_TIMEOUT  seconds per binary (default 120 / 150)
+#   EXAMPLE_ARGS_<name>          extra flags for one example, e.g. EXAMPLE_ARGS_pool_bench=--quick
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-OUT=${OUT:-$PWD/gpu-out}
+# Everything is written under $OUT/results and packed into $OUT/results.tar.gz at the end
+# (the device tool brings back only a few files).
+FINAL=${OUT:-$PWD/gpu-out}
+OUT=$FINAL/results
+ONLY=${ONLY:-}
+TEST_TIMEOUT=${TEST_TIMEOUT:-120}
+EXAMPLE_TIMEOUT=${EXAMPLE_TIMEOUT:-150}
 mkdir -p "$OUT/tests" "$OUT/examples"
 export GPUSHARE_DEVICE=cuda
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+wanted() { # kind name
+  [ -z "$ONLY" ] && return 0
+  for w in $ONLY; do
+    if [ "$w" = "$1" ] || [ "$w" = "$2" ] || [ "${2%-*}" = "$w" ]; then return 0; fi
+  done
+  return 1
+}
 failed=0
 for t in "$here"/tests/*; do
   n=$(basename "$t")
+  wanted tests "$n" || continue
   echo "== test $n" >&2
-  if ! "$t" --ignored --test-threads=1 > "$OUT/tests/$n.txt" 2>&1; then
-    echo "   FAILED (see tests/$n.txt)" >&2
+  start=$SECONDS
+  timeout "$TEST_TIMEOUT" "$t" --ignored --test-threads=1 > "$OUT/tests/$n.txt" 2>&1
+  rc=$?
+  if [ $rc -ne 0 ]; then
+    echo "   FAILED rc=$rc after $((SECONDS - start)) s (see tests/$n.txt)" >&2
     failed=1
   fi
   grep -E "^test result" "$OUT/tests/$n.txt" >&2 || true
 done
 for e in "$here"/examples/*; do
   n=$(basename "$e")
+  wanted examples "$n" || continue
   echo "== example $n" >&2
-  "$e" > "$OUT/examples/$n.md" 2> "$OUT/examples/$n.log" || { echo "   FAILED (see examples/$n.log)" >&2; failed=1; }
+  var="EXAMPLE_ARGS_$n"
+  start=$SECONDS
+  # shellcheck disable=SC2086
+  timeout "$EXAMPLE_TIMEOUT" "$e" ${!var:-} > "$OUT/examples/$n.md" 2> "$OUT/examples/$n.log"
+  rc=$?
+  echo "   rc=$rc in $((SECONDS - start)) s" >&2
+  [ $rc -ne 0 ] && failed=1
 done
+tar czf "$FINAL/results.tar.gz" -C "$FINAL" results && rm -rf "$OUT"
+echo "results in $FINAL/results.tar.gz" >&2
 exit $failed
 RUN
 chmod +x "$out/run.sh"

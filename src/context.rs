@@ -360,7 +360,12 @@ impl Context {
     /// Wait (blocking the thread) until the context's buffers are resident, and open a
     /// session on it.
     pub fn session(&self) -> Result<Session> {
-        block_on(self.session_async())
+        let mut fut = self.session_async();
+        // Most sessions are granted at once: try before building a waker to park on.
+        match fut.try_start() {
+            Some(r) => r,
+            None => block_on(fut),
+        }
     }
 
     /// Wait until the context's buffers are resident, and open a session on it.

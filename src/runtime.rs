@@ -57,6 +57,7 @@ pub struct RuntimeBuilder {
     device: Option<Arc<dyn Device>>,
     choice: Option<BackendChoice>,
     memory_fraction: Option<f64>,
+    memory_limit: Option<u64>,
     overcommit: Option<f64>,
     policy: Option<EvictPolicy>,
     partitions: Vec<(String, PartitionLimits)>,
@@ -77,6 +78,13 @@ impl RuntimeBuilder {
     /// Fraction of device memory the runtime uses (default 0.9).
     pub fn memory_fraction(mut self, f: f64) -> Self {
         self.memory_fraction = Some(f);
+        self
+    }
+    /// Cap the memory the runtime uses at `bytes`, whatever the fraction allows (default: no
+    /// cap). Useful on a GPU shared with other processes, and for a small runtime on a large
+    /// device, as in tests.
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
         self
     }
     /// Admission overcommit ratio (default 1.0, off).
@@ -117,10 +125,13 @@ impl RuntimeBuilder {
         let info = dev.info().clone();
         let admission = AdmissionEvaluator::new(
             info.total_memory,
-            AdmissionConfig::default()
-                .usable_fraction(fraction)
-                .overcommit(overcommit)
-                .aging(aging),
+            AdmissionConfig {
+                usable_limit: self.memory_limit,
+                ..AdmissionConfig::default()
+            }
+            .usable_fraction(fraction)
+            .overcommit(overcommit)
+            .aging(aging),
         )?;
         let g = info.granularity;
         let capacity = (admission.capacity() / g * g).max(g);

@@ -35,6 +35,24 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
 /// Pin every buffer of the context, or none. On success the session count is raised
 /// under the same lock, so no buffer is freed under the new session.
 fn pin_all(ctx: &Arc<CtxInner>) -> Result<Vec<EvictableKey>> {
+    let raise = || {
+        ctx.sessions.fetch_add(1, Ordering::AcqRel);
+        ctx.rt.live_sessions.fetch_add(1, Ordering::AcqRel);
+    };
+    // Fast path: the whole working set is resident, so pinning it takes one pool lock and
+    // waits for nothing; it holds nothing partly, so it needs no `pin_lock`.
+    {
+        let slots = ctx.buffers.lock();
+        let all = ctx
+            .rt
+            .pool
+            .pin_all_resident(slots.iter().map(|s| &s.id))
+            .map_err(|e| RuntimeError::from_pool(e, &ctx.name))?;
+        if all {
+            raise();
+            return Ok(slots.iter().map(|s| s.key).collect());
+        }
+    }
     let _one_at_a_time = ctx.rt.pin_lock.lock();
     let slots = ctx.buffers.lock();
     let total: u64 = slots.iter().map(|s| s.size).sum();
@@ -62,17 +80,17 @@ fn pin_all(ctx: &Arc<CtxInner>) -> Result<Vec<EvictableKey>> {
         match ctx.rt.pool.pin(&s.id, ctx.stream_id) {
             Ok(_) => pinned.push(s.key),
             Err(e) => {
-                for k in &pinned {
-                    if let Some(p) = slots.iter().find(|s| s.key == *k) {
-                        let _ = ctx.rt.pool.unpin(&p.id);
-                    }
-                }
+                let _ = ctx.rt.pool.unpin_all(
+                    slots
+                        .iter()
+                        .filter(|s| pinned.contains(&s.key))
+                        .map(|s| &s.id),
+                );
                 return Err(RuntimeError::from_pool(e, &ctx.name));
             }
         }
     }
-    ctx.sessions.fetch_add(1, Ordering::AcqRel);
-    ctx.rt.live_sessions.fetch_add(1, Ordering::AcqRel);
+    raise();
     Ok(pinned)
 }
 
@@ -135,6 +153,23 @@ impl SessionFuture {
     }
 }
 
+impl SessionFuture {
+    /// The first attempt without a waker, for callers that block: `None` if the session
+    /// has to wait (the future is then polled as usual and joins the line).
+    pub(crate) fn try_start(&mut self) -> Option<Result<Session>> {
+        if !matches!(self.state, State::Start) {
+            return None;
+        }
+        match self.try_now() {
+            Step::Done(r) => {
+                self.state = State::Done;
+                Some(r.map(|pinned| Session::new(self.ctx.inner.clone(), pinned)))
+            }
+            Step::Wait => None,
+        }
+    }
+}
+
 enum Step {
     Done(Result<Vec<EvictableKey>>),
     Wait,
@@ -144,20 +179,21 @@ impl Future for SessionFuture {
     type Output = Result<Session>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<Self::Output> {
-        let rt = self.ctx.inner.rt.clone();
-        match self.state {
+        let this = &mut *self;
+        let rt = &this.ctx.inner.rt;
+        match this.state {
             State::Done => Poll::Ready(Err(RuntimeError::Foreign {
                 what: "session future",
                 owner: "completed poll",
             })),
-            State::Start => match self.try_now() {
+            State::Start => match this.try_now() {
                 Step::Done(r) => {
-                    self.state = State::Done;
-                    Poll::Ready(r.map(|pinned| Session::new(self.ctx.inner.clone(), pinned)))
+                    this.state = State::Done;
+                    Poll::Ready(r.map(|pinned| Session::new(this.ctx.inner.clone(), pinned)))
                 }
                 Step::Wait => {
-                    let id = rt.enqueue(self.ctx.inner.tier, cx.waker());
-                    self.state = State::Waiting(id);
+                    let id = rt.enqueue(this.ctx.inner.tier, cx.waker());
+                    this.state = State::Waiting(id);
                     // Memory may have been freed between the attempt and joining the line.
                     cx.waker().wake_by_ref();
                     Poll::Pending
@@ -167,12 +203,12 @@ impl Future for SessionFuture {
                 if !rt.is_head(id, cx.waker()) {
                     return Poll::Pending;
                 }
-                match self.try_now() {
+                match this.try_now() {
                     Step::Wait => Poll::Pending,
                     Step::Done(r) => {
-                        self.state = State::Done;
+                        this.state = State::Done;
                         rt.dequeue(id);
-                        Poll::Ready(r.map(|pinned| Session::new(self.ctx.inner.clone(), pinned)))
+                        Poll::Ready(r.map(|pinned| Session::new(this.ctx.inner.clone(), pinned)))
                     }
                 }
             }
@@ -382,10 +418,14 @@ impl Drop for Session {
             }
         }
         let mut slots = self.ctx.buffers.lock();
-        for k in self.pinned.drain(..) {
-            if let Some(s) = slots.iter().find(|s| s.key == k) {
-                let _ = rt.pool.unpin(&s.id);
-            }
+        let pinned = std::mem::take(&mut self.pinned);
+        if let Err(e) = rt.pool.unpin_all(
+            slots
+                .iter()
+                .filter(|s| pinned.contains(&s.key))
+                .map(|s| &s.id),
+        ) {
+            tracing::error!(error = %e, "unpinning a session's buffers failed");
         }
         let last = self.ctx.sessions.fetch_sub(1, Ordering::AcqRel) == 1;
         rt.live_sessions.fetch_sub(1, Ordering::AcqRel);

@@ -5,7 +5,7 @@
 //! while a BestEffort context's working set fills all unreserved memory; that is an error
 //! returned to the caller, counted, not a failure.
 
-use gpushare::device::{SimConfig, SimDevice};
+use gpushare::device::{CudaDevice, Device, SimConfig, SimDevice};
 use gpushare::qos::ContextSpec;
 use gpushare::{Buffer, Context, Runtime, RuntimeError};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,11 +30,25 @@ struct Model {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_tasks_ten_thousand_sessions() {
-    let sim =
-        Arc::new(SimDevice::with_config(SimConfig::default().total_memory(264 * MIB)).unwrap());
+    let sim = SimDevice::with_config(SimConfig::default().total_memory(264 * MIB)).unwrap();
+    stress(Arc::new(sim)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a CUDA GPU"]
+async fn sixty_four_tasks_ten_thousand_sessions_cuda() {
+    stress(Arc::new(
+        CudaDevice::new(0).expect("this test needs a CUDA GPU"),
+    ))
+    .await
+}
+
+/// The runtime uses 264 MiB of `dev`.
+async fn stress(dev: Arc<dyn Device>) {
     let rt = Runtime::builder()
-        .with_device(sim)
+        .with_device(dev)
         .memory_fraction(1.0)
+        .memory_limit(264 * MIB)
         .overcommit(4.0)
         .aging(Duration::from_millis(20))
         .build()

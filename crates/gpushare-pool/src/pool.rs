@@ -1271,20 +1271,67 @@ impl<S: ChunkSource> Pool<S> {
         }
     }
 
-    /// Drop one pin. At zero pins the block joins its tier's LRU as most recently used.
-    pub fn unpin(&self, id: &EvictableId) -> Result<(), PoolError> {
+    /// Pin every block of `ids` if all of them are resident, under one lock, and return
+    /// true; if any is evicted, pin none and return false (then [`Pool::pin`] each one,
+    /// which restores). This is the fast path of a working set that is already in place:
+    /// one lock for the whole set instead of one per block, and nothing is held partly.
+    pub fn pin_all_resident<'a, I>(&self, ids: I) -> Result<bool, PoolError>
+    where
+        I: IntoIterator<Item = &'a EvictableId> + Clone,
+    {
         let mut c = self.central.lock();
-        let idx = c.ev.lookup(self.id, id)?;
-        let (owner, size) = {
-            let e = c.ev.get(idx);
-            (e.owner, e.size)
-        };
-        if c.ev.unpin(idx)? {
-            if let Some(a) = c.owners[owner.slot as usize].as_mut() {
-                a.evictable_pinned -= size;
+        for id in ids.clone() {
+            let idx = c.ev.lookup(self.id, id)?;
+            if !matches!(c.ev.get(idx).residency, Residency::Resident { .. }) {
+                return Ok(false);
             }
         }
-        Ok(())
+        for id in ids {
+            // Looked up above under the same lock, so this cannot fail.
+            let idx = c.ev.lookup(self.id, id)?;
+            let e = c.ev.get(idx);
+            let (owner, size, first) = (e.owner, e.size, e.pins == 0);
+            c.ev.pin(idx);
+            if first {
+                if let Some(a) = c.owners[owner.slot as usize].as_mut() {
+                    a.evictable_pinned += size;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Drop one pin. At zero pins the block joins its tier's LRU as most recently used.
+    pub fn unpin(&self, id: &EvictableId) -> Result<(), PoolError> {
+        self.unpin_all(std::iter::once(id))
+    }
+
+    /// Drop one pin of each block of `ids` under one lock. Every block is unpinned even if
+    /// one of them fails; the first error is returned.
+    pub fn unpin_all<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a EvictableId>,
+    ) -> Result<(), PoolError> {
+        let mut c = self.central.lock();
+        let mut first_err = None;
+        for id in ids {
+            let r = c.ev.lookup(self.id, id).and_then(|idx| {
+                let (owner, size) = {
+                    let e = c.ev.get(idx);
+                    (e.owner, e.size)
+                };
+                if c.ev.unpin(idx)? {
+                    if let Some(a) = c.owners[owner.slot as usize].as_mut() {
+                        a.evictable_pinned -= size;
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Whether an evictable block is resident now.

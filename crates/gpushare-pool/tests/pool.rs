@@ -364,6 +364,47 @@ fn eviction_takes_best_effort_lru_first_and_restore_brings_it_back() {
 }
 
 #[test]
+fn a_resident_set_is_pinned_whole_or_not_at_all() {
+    let (p, _rec) = evicting_pool(4 * MIB);
+    let g = p
+        .add_owner(OwnerSpec::new("g", 4 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    let be = p.add_owner(OwnerSpec::new("be", 4 * MIB)).unwrap();
+    let (a, _) = p.alloc_evictable(be, MIB, 0, S1).unwrap();
+    let (b, _) = p.alloc_evictable(be, MIB, 1, S1).unwrap();
+    p.unpin_all([&a, &b]).unwrap();
+    assert_eq!(p.stats().owners[1].evictable_pinned_bytes, 0);
+    // Both resident: both pinned under one call, counted once each.
+    assert!(p.pin_all_resident([&a, &b]).unwrap());
+    assert_eq!(p.stats().owners[1].evictable_pinned_bytes, 2 * MIB);
+    p.unpin_all([&a, &b]).unwrap();
+    // Evict `a` (least recently used); the set is no longer whole, so nothing is pinned.
+    let x = p.alloc(g, 2 * MIB, S1).unwrap();
+    let x1 = p.alloc(g, MIB, S1).unwrap();
+    assert!(!p.is_resident(&a).unwrap() && p.is_resident(&b).unwrap());
+    assert!(!p.pin_all_resident([&a, &b]).unwrap());
+    assert_eq!(
+        p.stats().owners[1].evictable_pinned_bytes,
+        0,
+        "nothing held partly"
+    );
+    // So `b` can still be evicted.
+    let y = p.alloc(g, MIB, S1).unwrap();
+    assert!(!p.is_resident(&b).unwrap());
+    // Unpinning what is not pinned is an error, but every other block is still unpinned.
+    p.free(y).unwrap();
+    let (c, _) = p.alloc_evictable(be, MIB, 2, S1).unwrap();
+    assert!(matches!(p.unpin_all([&a, &c]), Err(PoolError::NotPinned)));
+    assert_eq!(p.stats().owners[1].evictable_pinned_bytes, 0);
+    p.free(x).unwrap();
+    p.free(x1).unwrap();
+    for id in [a, b, c] {
+        p.free_evictable(id).unwrap();
+    }
+    assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+#[test]
 fn pinned_and_guaranteed_blocks_are_never_evicted() {
     let (p, rec) = evicting_pool(4 * MIB);
     let g = p

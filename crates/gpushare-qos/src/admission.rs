@@ -14,6 +14,8 @@ pub struct AdmissionConfig {
     /// Fraction of the device's memory that admission hands out (the rest is headroom for
     /// the driver and fragmentation).
     pub usable_fraction: f64,
+    /// An absolute cap on usable bytes, applied after the fraction (`None`: no cap).
+    pub usable_limit: Option<u64>,
     /// How far the sum of every context's maximum may exceed the usable memory: 1.0 (the
     /// default) admits only what could all be resident at once; 1.5 lets BestEffort and
     /// bursting Burstable contexts promise half as much again, to be met by eviction.
@@ -26,6 +28,7 @@ impl Default for AdmissionConfig {
     fn default() -> Self {
         AdmissionConfig {
             usable_fraction: 0.95,
+            usable_limit: None,
             overcommit: 1.0,
             aging: Duration::from_secs(1),
         }
@@ -36,6 +39,11 @@ impl AdmissionConfig {
     /// Set the usable fraction, in (0, 1].
     pub fn usable_fraction(mut self, f: f64) -> Self {
         self.usable_fraction = f;
+        self
+    }
+    /// Cap usable memory at `bytes` (positive), whatever the fraction gives.
+    pub fn usable_limit(mut self, bytes: u64) -> Self {
+        self.usable_limit = Some(bytes);
         self
     }
     /// Set the overcommit ratio (1.0 is off).
@@ -354,6 +362,9 @@ impl AdmissionEvaluator {
                 "a fraction in (0, 1]",
             ));
         }
+        if cfg.usable_limit == Some(0) {
+            return Err(bad("usable_limit", "0".into(), "a positive byte count"));
+        }
         if !(cfg.overcommit.is_finite() && cfg.overcommit >= 1.0) {
             return Err(bad(
                 "overcommit",
@@ -364,7 +375,8 @@ impl AdmissionEvaluator {
         if cfg.aging.is_zero() {
             return Err(bad("aging", "0s".into(), "a positive duration"));
         }
-        let capacity = (total_memory as f64 * cfg.usable_fraction) as u64;
+        let capacity = ((total_memory as f64 * cfg.usable_fraction) as u64)
+            .min(cfg.usable_limit.unwrap_or(u64::MAX));
         Ok(AdmissionEvaluator {
             inner: Arc::new(Inner {
                 cfg,

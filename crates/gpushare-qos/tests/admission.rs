@@ -93,10 +93,25 @@ fn bad_specs_are_typed() {
         AdmissionConfig::default().usable_fraction(1.5),
         AdmissionConfig::default().overcommit(0.5),
         AdmissionConfig::default().aging(Duration::ZERO),
+        AdmissionConfig::default().usable_limit(0),
     ] {
         assert!(AdmissionEvaluator::new(GIB, cfg).is_err());
     }
     assert!(AdmissionEvaluator::new(0, AdmissionConfig::default()).is_err());
+    // A limit caps what the fraction gives, and only that.
+    let capped = AdmissionConfig::default()
+        .usable_fraction(0.5)
+        .usable_limit(GIB);
+    assert_eq!(
+        AdmissionEvaluator::new(8 * GIB, capped.clone())
+            .unwrap()
+            .capacity(),
+        GIB
+    );
+    assert_eq!(
+        AdmissionEvaluator::new(GIB, capped).unwrap().capacity(),
+        GIB / 2
+    );
 }
 
 #[test]
