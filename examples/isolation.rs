@@ -40,7 +40,7 @@ fn main() {
         "usage: isolation [--iters N] [--victim-us US] [--share F]",
     );
     let args = Args {
-        iters: f.positive("--iters", 300.0) as usize,
+        iters: f.positive("--iters", 3000.0) as usize,
         victim_us: f.positive("--victim-us", 50.0),
         share: f.positive("--share", 0.12),
     };
@@ -217,5 +217,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             "\nSimulated device: kernels are host spin loops and SM contention is not modelled."
         );
     }
+    // The kernel loaded into each partition's context holds that context: let it go
+    // before the partitions, so that they are destroyed rather than left to the process.
+    drop(load);
+    drop(sms);
     Ok(())
 }

@@ -71,6 +71,9 @@ impl Drop for CtxInner {
         let mut parts = self.rt.parts.lock();
         let _ = parts.unplace(&self.name);
         if self.own_partition {
+            // Spare device events may have been recorded on this context's stream, and so
+            // made in its partition's green context, which they would keep alive: drop them.
+            self.rt.spare_events.lock().clear();
             let _ = parts.remove_partition(&self.name);
         }
         drop(parts);
