@@ -7,6 +7,8 @@
 //! ```
 
 mod common;
+#[path = "common/isolation.rs"]
+mod experiment;
 #[path = "../crates/gpushare-pool/benches/support/peers.rs"]
 mod peers;
 
@@ -384,12 +386,25 @@ fn run(iters: usize) -> Res<String> {
         );
         drop(buf);
     }
-    row(
-        &mut rows,
-        "victim p99 ratio with / without partitions",
-        "see the `isolation` example",
-        na(),
-    );
+    {
+        // The `isolation` experiment: a victim on 12% of the SMs next to a saturating
+        // neighbour, 3000 kernels of ~50 µs per setting.
+        let out = experiment::measure(dev.clone(), 0.12, 3000, 50.0)?;
+        let solo = experiment::pct(&out.solo, 0.99);
+        let ratio = |v: &[f64]| experiment::pct(v, 0.99) / solo;
+        let with = match (&out.partitioned, &out.isolation) {
+            (Some(v), Some(gpushare::qos::Isolation::SmPartition { granted, .. })) => {
+                format!("{:.2}× with partitions (victim on {granted} SMs)", ratio(v))
+            }
+            _ => "n/a: no SM partitions here".into(),
+        };
+        row(
+            &mut rows,
+            "victim p99 ÷ solo p99 next to a saturating neighbour",
+            format!("{with}, {:.2}× without", ratio(&out.shared)),
+            na(),
+        );
+    }
 
     let mut md = format!(
         "# gpu_report\n\n{} ({}), {} SMs, driver {}; {}\n\n| figure | gpushare | raw, same run |\n|---|---|---|\n",
