@@ -17,6 +17,9 @@ pub(crate) struct BufMeta {
     pub discarded: Arc<AtomicBool>,
     /// Pinned host staging of an Offload buffer, allocated with the buffer and reused.
     pub host: Option<PinnedBuffer>,
+    /// The owner's stream. Work on the buffer is ordered on it (a session's work runs on
+    /// it), so eviction and restore wait for its tail before they touch the memory.
+    pub stream: Stream,
 }
 
 pub(crate) struct BufSlot {
@@ -45,6 +48,34 @@ pub(crate) struct CtxInner {
 }
 
 impl CtxInner {
+    /// A session (or a borrow by another context's session) stops using the buffers of
+    /// `keys`: unpin them, and if it was the last use, free the buffers dropped meanwhile.
+    pub fn end_use(&self, keys: &[EvictableKey]) {
+        let mut slots = self.buffers.lock();
+        if let Err(e) = self.rt.pool.unpin_all(
+            slots
+                .iter()
+                .filter(|s| keys.contains(&s.key))
+                .map(|s| &s.id),
+        ) {
+            tracing::error!(context = %self.name, error = %e, "unpinning buffers failed");
+        }
+        let last = self.sessions.fetch_sub(1, Ordering::AcqRel) == 1;
+        let doomed: Vec<BufSlot> = if last {
+            let (d, keep): (Vec<BufSlot>, Vec<BufSlot>) = std::mem::take(&mut *slots)
+                .into_iter()
+                .partition(|s| s.doomed);
+            *slots = keep;
+            d
+        } else {
+            Vec::new()
+        };
+        drop(slots);
+        for s in doomed {
+            self.free_slot(s);
+        }
+    }
+
     /// Free a buffer slot's memory now (no session may hold it pinned).
     pub fn free_slot(&self, slot: BufSlot) {
         let key = slot.key;
@@ -320,6 +351,7 @@ impl Context {
                 policy,
                 discarded: discarded.clone(),
                 host,
+                stream: c.stream.clone(),
             },
         );
         // Allocated pinned once: sessions pin it when they use it.

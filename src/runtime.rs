@@ -5,7 +5,8 @@ use crate::error::{Result, RuntimeError};
 use crate::partitions::DeviceSms;
 use crate::{Config, EvictPolicy};
 use gpushare_device::{
-    open, BackendChoice, Device, DevicePtr, DeviceRange, LinearSource, Stream, VmmSource,
+    open, BackendChoice, Device, DevicePtr, DeviceRange, EventFlags, LinearSource, Stream,
+    VmmSource,
 };
 use gpushare_pool::{
     ChunkSource, EvictError, EvictableKey, Evictor, Pool, PoolConfig, RestoreInfo, VictimInfo,
@@ -293,10 +294,34 @@ impl Waits {
 }
 
 /// Moves evicted buffers out to pinned host memory (or drops them) and back.
+///
+/// A session's work on a buffer may still be running on its context's stream after the
+/// session has ended (ending one does not wait for the GPU). So before it touches a
+/// buffer's memory, the offloader fences on the tail of the owner's stream: an offload
+/// copies what that work wrote, a discard hands the memory on only once that work is done,
+/// and a restore writes only after whatever that stream was still doing with the memory
+/// it reuses. The cost, one event record and wait, falls on eviction and restore only.
 struct Offloader {
     dev: Arc<dyn Device>,
     stream: Stream,
     buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>>,
+}
+
+impl Offloader {
+    /// An event at the current tail of `owner`. A fresh one each time: an event recorded
+    /// on a partition's stream holds the partition's context, which must be able to go
+    /// with its runtime context.
+    fn fence(&self, owner: &Stream) -> gpushare_device::Result<gpushare_device::Event> {
+        let fence = self.dev.create_event(EventFlags::default())?;
+        self.dev.record_event(&fence, owner)?;
+        Ok(fence)
+    }
+
+    /// Make the copy stream wait, on the GPU, for everything queued on `owner` so far.
+    fn after_owner(&self, owner: &Stream) -> gpushare_device::Result<()> {
+        let fence = self.fence(owner)?;
+        self.dev.wait_event(&self.stream, &fence)
+    }
 }
 
 impl Evictor for Offloader {
@@ -308,6 +333,9 @@ impl Evictor for Offloader {
         };
         match meta.policy {
             EvictPolicy::Discard => {
+                // The memory is handed on when this returns: the owner's work must be done.
+                let fence = self.fence(&meta.stream).map_err(e)?;
+                self.dev.synchronize_event(&fence).map_err(e)?;
                 meta.discarded.store(true, Ordering::Release);
                 Ok(())
             }
@@ -318,6 +346,7 @@ impl Evictor for Offloader {
                     .as_ref()
                     .ok_or_else(|| EvictError("the buffer has no pinned staging".into()))?;
                 let src = DeviceRange::new(DevicePtr(v.addr), v.size);
+                self.after_owner(&meta.stream).map_err(e)?;
                 self.dev
                     .copy_dtoh(host.full(), src, &self.stream)
                     .map_err(e)?;
@@ -336,6 +365,8 @@ impl Evictor for Offloader {
         match (&meta.policy, &meta.host) {
             (EvictPolicy::Offload, Some(host)) => {
                 let dst = DeviceRange::new(DevicePtr(r.addr), r.size);
+                // The pool may reuse memory freed in order on the owner's stream.
+                self.after_owner(&meta.stream).map_err(e)?;
                 self.dev
                     .copy_htod(dst, host.full(), &self.stream)
                     .map_err(e)?;

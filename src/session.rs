@@ -1,6 +1,6 @@
 //! Sessions: a context's turn on the GPU, with its buffers resident.
 
-use crate::context::{BufSlot, Context, CtxInner};
+use crate::context::{Context, CtxInner};
 use crate::error::{Result, RuntimeError};
 use crate::event::Event;
 use crate::runtime::Pressure;
@@ -246,6 +246,8 @@ pub struct Session {
     ctx: Arc<CtxInner>,
     pinned: Vec<EvictableKey>,
     scratch: Vec<Block>,
+    /// Buffers of other contexts this session uses (see [`Session::borrow`]).
+    borrowed: Vec<(Arc<CtxInner>, EvictableKey)>,
 }
 
 impl std::fmt::Debug for Session {
@@ -264,6 +266,7 @@ impl Session {
             ctx,
             pinned,
             scratch: Vec::new(),
+            borrowed: Vec::new(),
         }
     }
 
@@ -329,6 +332,84 @@ impl Session {
             self.pinned.push(buf.key);
         }
         Ok(DeviceRange::new(DevicePtr(p.addr), buf.size()))
+    }
+
+    /// Use a buffer of another context of the same runtime in this session, as a pipeline
+    /// stage reads the output of the stage before it. The buffer is pinned (restored first
+    /// if it was evicted, charged to its owner) until this session ends, and counts as in
+    /// use by its owner until then, so dropping its handle meanwhile frees it only after.
+    ///
+    /// Ordering stays with events, as on a GPU: wait on an event the owner recorded after
+    /// writing the buffer ([`Session::wait_event`]) before reading it. When this session
+    /// ends, the owner's stream waits (on the GPU) for this session's work, so the owner's
+    /// later writes, and any eviction of the buffer, come after this session's reads.
+    /// A buffer of this session's own context is simply [`Session::range`].
+    pub fn borrow(&mut self, buf: &Buffer) -> Result<DeviceRange> {
+        if Arc::ptr_eq(&buf.ctx, &self.ctx) {
+            return self.range(buf);
+        }
+        if !Arc::ptr_eq(&buf.ctx.rt, &self.ctx.rt) {
+            return Err(RuntimeError::Foreign {
+                what: "buffer",
+                owner: "runtime",
+            });
+        }
+        let owner = &buf.ctx;
+        let slots = owner.buffers.lock();
+        let slot =
+            slots
+                .iter()
+                .find(|s| s.key == buf.key && !s.doomed)
+                .ok_or(RuntimeError::Foreign {
+                    what: "buffer",
+                    owner: "context",
+                })?;
+        // Pinned for use on the owner's stream: a restore is ordered after the owner's
+        // work, and this session orders its own work with events.
+        let p = owner
+            .rt
+            .pool
+            .pin(&slot.id, owner.stream_id)
+            .map_err(|e| RuntimeError::from_pool(e, &owner.name))?;
+        let already = self
+            .borrowed
+            .iter()
+            .any(|(c, k)| Arc::ptr_eq(c, owner) && *k == buf.key);
+        if already {
+            let _ = owner.rt.pool.unpin(&slot.id);
+        } else {
+            owner.sessions.fetch_add(1, Ordering::AcqRel);
+            self.borrowed.push((owner.clone(), buf.key));
+        }
+        Ok(DeviceRange::new(DevicePtr(p.addr), buf.size()))
+    }
+
+    /// End this session's borrows: each owner's stream waits for this session's work, then
+    /// the buffers are unpinned.
+    fn end_borrows(&mut self) {
+        let rt = self.ctx.rt.clone();
+        let fence = rt
+            .dev
+            .create_event(gpushare_device::EventFlags::default())
+            .and_then(|ev| rt.dev.record_event(&ev, &self.ctx.stream).map(|_| ev));
+        let borrowed = std::mem::take(&mut self.borrowed);
+        for (i, (owner, key)) in borrowed.iter().enumerate() {
+            let first = borrowed[..i].iter().all(|(c, _)| !Arc::ptr_eq(c, owner));
+            if first {
+                let ordered = match &fence {
+                    Ok(ev) => rt
+                        .dev
+                        .wait_event(&owner.stream, ev)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = ordered {
+                    tracing::warn!(error = %e, "ordering a borrow's end failed; waiting for the stream");
+                    let _ = rt.dev.synchronize_stream(&self.ctx.stream);
+                }
+            }
+            owner.end_use(std::slice::from_ref(key));
+        }
     }
 
     /// Write bytes into a buffer at `offset`, in stream order, and wait for the copy.
@@ -417,31 +498,11 @@ impl Drop for Session {
                 }
             }
         }
-        let mut slots = self.ctx.buffers.lock();
-        let pinned = std::mem::take(&mut self.pinned);
-        if let Err(e) = rt.pool.unpin_all(
-            slots
-                .iter()
-                .filter(|s| pinned.contains(&s.key))
-                .map(|s| &s.id),
-        ) {
-            tracing::error!(error = %e, "unpinning a session's buffers failed");
+        if !self.borrowed.is_empty() {
+            self.end_borrows();
         }
-        let last = self.ctx.sessions.fetch_sub(1, Ordering::AcqRel) == 1;
+        self.ctx.end_use(&std::mem::take(&mut self.pinned));
         rt.live_sessions.fetch_sub(1, Ordering::AcqRel);
-        let doomed: Vec<BufSlot> = if last {
-            let (d, keep): (Vec<BufSlot>, Vec<BufSlot>) = std::mem::take(&mut *slots)
-                .into_iter()
-                .partition(|s| s.doomed);
-            *slots = keep;
-            d
-        } else {
-            Vec::new()
-        };
-        drop(slots);
-        for s in doomed {
-            self.ctx.free_slot(s);
-        }
         rt.wake_waiters();
     }
 }

@@ -2,7 +2,7 @@
 //! The suite runs on the simulated device, and on CUDA with `--ignored`; the fault-injection
 //! tests at the end need the simulated device.
 
-use gpushare::device::{CudaDevice, Device, FaultOp, SimConfig, SimDevice};
+use gpushare::device::{CudaDevice, Device, FaultOp, SimConfig, SimDevice, SpinLoad};
 use gpushare::qos::{ContextSpec, Tier};
 use gpushare::{EvictPolicy, Pressure, Runtime, RuntimeError};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,13 +67,124 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_context_with_its_own_compute_share_gives_it_back],
+    sync: [eviction_waits_for_work_still_running_on_the_owner_stream, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_context_with_its_own_compute_share_gives_it_back],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
 /// The backend-generic tests.
 mod tests {
     use super::*;
+
+    pub fn a_session_borrows_another_contexts_buffer(open: Open) {
+        let rt = runtime(open, 64 * MIB, 4.0);
+        let llm = rt
+            .create_context(ContextSpec::new("llm", 16 * MIB).base(16 * MIB))
+            .unwrap();
+        let tts = rt
+            .create_context(ContextSpec::new("tts", 16 * MIB).base(16 * MIB))
+            .unwrap();
+        let hog = rt
+            .create_context(ContextSpec::new("hog", 64 * MIB))
+            .unwrap();
+        let be = rt.create_context(ContextSpec::new("be", 64 * MIB)).unwrap();
+        let out = be.create_buffer(8 * MIB).unwrap(); // BestEffort: evictable
+        let heard = tts.create_buffer(8 * MIB).unwrap();
+        let old = pattern(out.size() as usize, 1);
+        let new = pattern(out.size() as usize, 2);
+        let step = {
+            let mut s = be.session().unwrap();
+            s.write(&out, 0, &old).unwrap();
+            s.record_event().unwrap()
+        };
+        let load = SpinLoad::new(rt.device().clone()).unwrap();
+        {
+            let mut s = tts.session().unwrap();
+            s.wait_event(&step).unwrap();
+            let src = s.borrow(&out).unwrap();
+            assert_eq!(
+                s.borrow(&out).unwrap(),
+                src,
+                "borrowing twice is one borrow"
+            );
+            // While borrowed, the buffer is pinned: a hog cannot evict it.
+            assert!(hog.create_buffer(56 * MIB).is_err());
+            assert!(out.is_resident());
+            // Read it late: after a long kernel (about 50 ms) on this stream.
+            let dst = s.range(&heard).unwrap();
+            load.launch(s.stream(), 1, 32, 75_000_000).unwrap();
+            rt.device().copy_dtod(dst, src, s.stream()).unwrap();
+            assert_eq!(be.usage().used, 8 * MIB);
+        }
+        // The owner writes new bytes at once; its stream waits for the borrower's reads.
+        be.session().unwrap().write(&out, 0, &new).unwrap();
+        let mut got = vec![0u8; heard.size() as usize];
+        tts.session().unwrap().read(&heard, 0, &mut got).unwrap();
+        assert!(
+            got == old,
+            "the owner overwrote the buffer before the borrower read it"
+        );
+        // Dropping the owner's handle while a borrow lives frees the buffer after it.
+        {
+            let mut s = tts.session().unwrap();
+            s.borrow(&out).unwrap();
+            drop(out);
+            assert_eq!(be.usage().used, 8 * MIB, "still in use by the borrower");
+        }
+        assert_eq!(be.usage().used, 0, "freed when the borrow ended");
+        // A buffer of another runtime is refused.
+        let rt2 = runtime(open, 16 * MIB, 1.0);
+        let other = rt2.create_context(ContextSpec::new("x", 8 * MIB)).unwrap();
+        let ob = other.create_buffer(MIB).unwrap();
+        assert!(matches!(
+            tts.session().unwrap().borrow(&ob),
+            Err(RuntimeError::Foreign { what: "buffer", .. })
+        ));
+        drop((llm, heard));
+    }
+
+    pub fn eviction_waits_for_work_still_running_on_the_owner_stream(open: Open) {
+        let rt = runtime(open, 64 * MIB, 4.0);
+        let be = rt.create_context(ContextSpec::new("be", 64 * MIB)).unwrap();
+        let g = rt
+            .create_context(ContextSpec::new("g", 48 * MIB).base(48 * MIB))
+            .unwrap();
+        let buf = be.create_buffer(32 * MIB).unwrap();
+        let load = SpinLoad::new(rt.device().clone()).unwrap();
+        {
+            let mut s = be.session().unwrap();
+            s.write(&buf, 0, &vec![1u8; buf.size() as usize]).unwrap();
+            // Work that is still running when the session ends: a long kernel (about
+            // 50 ms), then a write of the whole buffer.
+            let r = s.range(&buf).unwrap();
+            load.launch(s.stream(), 1, 32, 75_000_000).unwrap();
+            rt.device().memset(r, 0xAB, s.stream()).unwrap();
+        }
+        // Evict it at once: the offload must copy what the stream wrote, not what was
+        // there when the session ended, and the memory must not be handed on while the
+        // owner's work can still write it.
+        let big = g.create_buffer(48 * MIB).unwrap();
+        assert!(!buf.is_resident(), "evicted");
+        g.session()
+            .unwrap()
+            .write(&big, 0, &vec![0x11u8; big.size() as usize])
+            .unwrap();
+        // Whatever was queued on the owner's stream has run by now.
+        std::thread::sleep(Duration::from_millis(150));
+        let mut other = vec![0u8; big.size() as usize];
+        g.session().unwrap().read(&big, 0, &mut other).unwrap();
+        assert!(
+            other.iter().all(|&b| b == 0x11),
+            "work queued before the eviction wrote into memory handed to another context"
+        );
+        drop(big);
+        let mut s = be.session().unwrap();
+        let mut back = vec![0u8; buf.size() as usize];
+        s.read(&buf, 0, &mut back).unwrap();
+        assert!(
+            back.iter().all(|&b| b == 0xAB),
+            "the eviction copied the buffer before the owner's work on it had finished"
+        );
+    }
 
     pub fn contexts_are_admitted_with_tier_priorities(open: Open) {
         let rt = runtime(open, 256 * MIB, 1.0);
