@@ -89,7 +89,12 @@ impl CtxInner {
 
 impl Drop for CtxInner {
     fn drop(&mut self) {
-        // No session and no buffer can be alive: each holds the context.
+        // No session and no buffer can be alive: each holds the context. Its stream's work
+        // is waited for, so that its stream-ordered frees complete and release the events
+        // they hold (on a partition's stream, these hold the partition's context).
+        if let Err(e) = self.rt.dev.synchronize_stream(&self.stream) {
+            tracing::warn!(context = %self.name, error = %e, "waiting for a dropped context's stream failed");
+        }
         let slots = std::mem::take(&mut *self.buffers.lock());
         for s in slots {
             let key = s.key;

@@ -37,6 +37,10 @@ fn victim_latencies(
     );
     let mut v = Vec::with_capacity(iters);
     for _ in 0..iters {
+        // A gate kernel of about the victim's length first, on one block: by the time the
+        // GPU reaches the first event, the host has queued the kernel and the second event,
+        // so the interval measures the GPU, not how promptly this thread was scheduled.
+        load.launch(s, 1, 32, cycles)?;
         dev.record_event(&a, s)?;
         load.launch(s, 16, 128, cycles)?;
         dev.record_event(&b, s)?;

@@ -485,6 +485,9 @@ impl<S: ChunkSource> Pool<S> {
         let mut c = self.central.lock();
         let slot = self.slot(owner)?;
         self.flush_owner(&mut c, owner.slot as usize);
+        // Completed stream-ordered frees go back now, releasing their events: an owner's
+        // departure is when their holder (a stream, a context) is likely to go too.
+        self.retire_pending(&mut c);
         let acct = c.owners[owner.slot as usize]
             .as_ref()
             .ok_or_else(|| PoolError::UnknownOwner(owner))?;

@@ -309,6 +309,26 @@ fn stream_ordered_reuse_through_the_central_allocator() {
     p.free(c).unwrap();
 }
 
+#[test]
+fn removing_an_owner_retires_its_completed_pending_frees() {
+    let p = pool(
+        PoolConfig::default()
+            .cache_bytes_per_shard(0)
+            .capacity(8 * MIB),
+    );
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let ev = Flag::new();
+    p.free_after(p.alloc(o, MIB, S1).unwrap(), S1, ev.clone())
+        .unwrap();
+    assert_eq!(p.stats().pending_bytes, MIB);
+    ev.set();
+    // The pool held the event; removing the owner lets it go with the block.
+    let held = Arc::strong_count(&ev);
+    p.remove_owner(o).unwrap();
+    assert_eq!(p.stats().pending_bytes, 0);
+    assert_eq!(Arc::strong_count(&ev), held - 1, "the event was released");
+}
+
 fn evicting_pool(cap: u64) -> (Pool<HostSource>, Arc<Recorder>) {
     let p = pool(PoolConfig::default().capacity(cap).cache_bytes_per_shard(0));
     let r = Arc::new(Recorder::default());
