@@ -45,23 +45,30 @@ pub(crate) struct CtxInner {
     pub buffers: Mutex<Vec<BufSlot>>,
     pub handlers: Mutex<Vec<PressureHandler>>,
     pub sessions: AtomicU64,
+    /// Device events no handle uses any more, recorded again on this context's stream
+    /// rather than created anew.
+    pub spare_events: Mutex<Vec<gpushare_device::Event>>,
 }
 
 impl CtxInner {
-    /// A session (or a borrow by another context's session) stops using the buffers of
-    /// `keys`: unpin them, and if it was the last use, free the buffers dropped meanwhile.
-    pub fn end_use(&self, keys: &[EvictableKey]) {
+    /// A session (or a borrow by another context's session) stops using buffers: the first
+    /// `prefix` slots and those of `extra`. Unpin them, and if it was the last use, free
+    /// the buffers dropped meanwhile. (While any use is live, slots are only appended, never
+    /// removed or reordered, so a prefix of them stays the same buffers.)
+    pub fn end_use(&self, prefix: usize, extra: &[EvictableKey]) {
         let mut slots = self.buffers.lock();
-        if let Err(e) = self.rt.pool.unpin_all(
+        let unpinned = self.rt.pool.unpin_all(
             slots
                 .iter()
-                .filter(|s| keys.contains(&s.key))
-                .map(|s| &s.id),
-        ) {
+                .enumerate()
+                .filter(|(i, s)| *i < prefix || extra.contains(&s.key))
+                .map(|(_, s)| &s.id),
+        );
+        if let Err(e) = unpinned {
             tracing::error!(context = %self.name, error = %e, "unpinning buffers failed");
         }
         let last = self.sessions.fetch_sub(1, Ordering::AcqRel) == 1;
-        let doomed: Vec<BufSlot> = if last {
+        let doomed: Vec<BufSlot> = if last && slots.iter().any(|s| s.doomed) {
             let (d, keep): (Vec<BufSlot>, Vec<BufSlot>) = std::mem::take(&mut *slots)
                 .into_iter()
                 .partition(|s| s.doomed);
@@ -107,9 +114,9 @@ impl Drop for CtxInner {
         let mut parts = self.rt.parts.lock();
         let _ = parts.unplace(&self.name);
         if self.own_partition {
-            // Spare device events may have been recorded on this context's stream, and so
-            // made in its partition's green context, which they would keep alive: drop them.
-            self.rt.spare_events.lock().clear();
+            // Spare device events were recorded on this context's stream, and so made in
+            // its partition's green context, which they would keep alive: drop them.
+            self.spare_events.lock().clear();
             let _ = parts.remove_partition(&self.name);
         }
         drop(parts);
@@ -265,6 +272,7 @@ impl Context {
             buffers: Mutex::new(Vec::new()),
             handlers: Mutex::new(Vec::new()),
             sessions: AtomicU64::new(0),
+            spare_events: Mutex::new(Vec::new()),
         });
         let mut live = rt.contexts.lock();
         live.retain(|w| w.strong_count() > 0);
@@ -400,11 +408,11 @@ impl Context {
     /// Wait (blocking the thread) until the context's buffers are resident, and open a
     /// session on it.
     pub fn session(&self) -> Result<Session> {
-        let mut fut = self.session_async();
-        // Most sessions are granted at once: try before building a waker to park on.
-        match fut.try_start() {
-            Some(r) => r,
-            None => block_on(fut),
+        // Most sessions are granted at once: try before building a future and a waker.
+        match crate::session::pin_all(&self.inner) {
+            Ok(n) => Ok(Session::new(self.inner.clone(), n)),
+            Err(e) if !e.is_oom() => Err(e),
+            Err(_) => block_on(self.session_async()),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Events: points in a context's work that other contexts can wait for.
 
+use crate::context::CtxInner;
 use crate::error::{Result, RuntimeError};
 use crate::runtime::RtInner;
 use gpushare_device::{Device, EventFlags, Stream};
@@ -13,18 +14,21 @@ use std::task::{Context, Poll, Waker};
 struct Inner {
     rt: u64,
     dev: Arc<dyn Device>,
-    /// Always `Some` until dropped, when it goes back to the runtime's spares.
+    /// Always `Some` until dropped, when it goes back to its context's spares.
     ev: Option<gpushare_device::Event>,
     stream: Stream,
-    spares: Weak<RtInner>,
+    /// The context whose stream it was recorded on. Device events are reused only within
+    /// one context: one recorded on a partition's stream is made in that partition's green
+    /// context and must not outlive the partition in another context's hands.
+    spares: Weak<CtxInner>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         // Recording a device event again is safe once no handle refers to it: waits
         // already queued captured the earlier record.
-        if let (Some(ev), Some(rt)) = (self.ev.take(), self.spares.upgrade()) {
-            let mut spares = rt.spare_events.lock();
+        if let (Some(ev), Some(ctx)) = (self.ev.take(), self.spares.upgrade()) {
+            let mut spares = ctx.spare_events.lock();
             if spares.len() < 256 {
                 spares.push(ev);
             }
@@ -47,20 +51,22 @@ impl std::fmt::Debug for Event {
 }
 
 impl Event {
-    pub(crate) fn record(rt: &Arc<RtInner>, stream: &Stream) -> Result<Event> {
-        let spare = rt.spare_events.lock().pop();
+    /// Record an event at the current end of `ctx`'s stream.
+    pub(crate) fn record(ctx: &Arc<CtxInner>) -> Result<Event> {
+        let rt = &ctx.rt;
+        let spare = ctx.spare_events.lock().pop();
         let ev = match spare {
             Some(e) => e,
             None => rt.dev.create_event(EventFlags::default())?,
         };
-        rt.dev.record_event(&ev, stream)?;
+        rt.dev.record_event(&ev, &ctx.stream)?;
         Ok(Event {
             inner: Arc::new(Inner {
                 rt: rt.id,
                 dev: rt.dev.clone(),
                 ev: Some(ev),
-                stream: stream.clone(),
-                spares: Arc::downgrade(rt),
+                stream: ctx.stream.clone(),
+                spares: Arc::downgrade(ctx),
             }),
         })
     }

@@ -178,7 +178,6 @@ impl RuntimeBuilder {
                 }),
                 next_stream: AtomicU64::new(1),
                 live_sessions: AtomicU64::new(0),
-                spare_events: Mutex::new(Vec::new()),
                 pin_lock: Mutex::new(()),
             }),
         })
@@ -207,8 +206,6 @@ pub(crate) struct RtInner {
     /// Held while a session pins its working set, so that two sessions never each hold
     /// part of what they need while waiting for the rest (hold and wait).
     pub pin_lock: Mutex<()>,
-    /// Device events no handle uses any more, recorded again rather than created anew.
-    pub spare_events: Mutex<Vec<gpushare_device::Event>>,
 }
 
 impl RtInner {

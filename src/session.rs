@@ -32,9 +32,10 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
     }
 }
 
-/// Pin every buffer of the context, or none. On success the session count is raised
-/// under the same lock, so no buffer is freed under the new session.
-fn pin_all(ctx: &Arc<CtxInner>) -> Result<Vec<EvictableKey>> {
+/// Pin every buffer of the context, or none, and return how many: the session holds the
+/// first that many slots (see [`CtxInner::end_use`]). On success the session count is
+/// raised under the same lock, so no buffer is freed or moved under the new session.
+pub(crate) fn pin_all(ctx: &Arc<CtxInner>) -> Result<usize> {
     let raise = || {
         ctx.sessions.fetch_add(1, Ordering::AcqRel);
         ctx.rt.live_sessions.fetch_add(1, Ordering::AcqRel);
@@ -50,7 +51,7 @@ fn pin_all(ctx: &Arc<CtxInner>) -> Result<Vec<EvictableKey>> {
             .map_err(|e| RuntimeError::from_pool(e, &ctx.name))?;
         if all {
             raise();
-            return Ok(slots.iter().map(|s| s.key).collect());
+            return Ok(slots.len());
         }
     }
     let _one_at_a_time = ctx.rt.pin_lock.lock();
@@ -78,20 +79,15 @@ fn pin_all(ctx: &Arc<CtxInner>) -> Result<Vec<EvictableKey>> {
         .map(|(s, _)| s);
     for s in order {
         match ctx.rt.pool.pin(&s.id, ctx.stream_id) {
-            Ok(_) => pinned.push(s.key),
+            Ok(_) => pinned.push(&s.id),
             Err(e) => {
-                let _ = ctx.rt.pool.unpin_all(
-                    slots
-                        .iter()
-                        .filter(|s| pinned.contains(&s.key))
-                        .map(|s| &s.id),
-                );
+                let _ = ctx.rt.pool.unpin_all(pinned);
                 return Err(RuntimeError::from_pool(e, &ctx.name));
             }
         }
     }
     raise();
-    Ok(pinned)
+    Ok(slots.len())
 }
 
 enum State {
@@ -115,7 +111,7 @@ impl SessionFuture {
         }
     }
 
-    fn attempt(&self) -> Result<Vec<EvictableKey>> {
+    fn attempt(&self) -> Result<usize> {
         let c = &self.ctx.inner;
         match pin_all(c) {
             Err(e) if e.is_oom() => match c.rt.relieve(&self.ctx, 0) {
@@ -153,25 +149,8 @@ impl SessionFuture {
     }
 }
 
-impl SessionFuture {
-    /// The first attempt without a waker, for callers that block: `None` if the session
-    /// has to wait (the future is then polled as usual and joins the line).
-    pub(crate) fn try_start(&mut self) -> Option<Result<Session>> {
-        if !matches!(self.state, State::Start) {
-            return None;
-        }
-        match self.try_now() {
-            Step::Done(r) => {
-                self.state = State::Done;
-                Some(r.map(|pinned| Session::new(self.ctx.inner.clone(), pinned)))
-            }
-            Step::Wait => None,
-        }
-    }
-}
-
 enum Step {
-    Done(Result<Vec<EvictableKey>>),
+    Done(Result<usize>),
     Wait,
 }
 
@@ -244,7 +223,10 @@ impl FreeEvent for Done {
 /// ends. Ending it (dropping it) frees its scratch memory in stream order and unpins.
 pub struct Session {
     ctx: Arc<CtxInner>,
-    pinned: Vec<EvictableKey>,
+    /// The first `pinned` slots of the context's buffers are pinned by this session...
+    pinned: usize,
+    /// ...and so are these, made after the session started and used through it.
+    extra: Vec<EvictableKey>,
     scratch: Vec<Block>,
     /// Buffers of other contexts this session uses (see [`Session::borrow`]).
     borrowed: Vec<(Arc<CtxInner>, EvictableKey)>,
@@ -254,17 +236,18 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("context", &self.ctx.name)
-            .field("pinned", &self.pinned.len())
+            .field("pinned", &(self.pinned + self.extra.len()))
             .field("scratch", &self.scratch.len())
             .finish()
     }
 }
 
 impl Session {
-    fn new(ctx: Arc<CtxInner>, pinned: Vec<EvictableKey>) -> Self {
+    pub(crate) fn new(ctx: Arc<CtxInner>, pinned: usize) -> Self {
         Session {
             ctx,
             pinned,
+            extra: Vec::new(),
             scratch: Vec::new(),
             borrowed: Vec::new(),
         }
@@ -312,9 +295,10 @@ impl Session {
     pub fn range(&mut self, buf: &Buffer) -> Result<DeviceRange> {
         self.check(buf)?;
         let slots = self.ctx.buffers.lock();
-        let slot = slots
+        let (i, slot) = slots
             .iter()
-            .find(|s| s.key == buf.key)
+            .enumerate()
+            .find(|(_, s)| s.key == buf.key)
             .ok_or(RuntimeError::Foreign {
                 what: "buffer",
                 owner: "context",
@@ -325,11 +309,11 @@ impl Session {
             .pool
             .pin(&slot.id, self.ctx.stream_id)
             .map_err(|e| RuntimeError::from_pool(e, &self.ctx.name))?;
-        if self.pinned.contains(&buf.key) {
+        if i < self.pinned || self.extra.contains(&buf.key) {
             // Already pinned by this session: drop the extra pin.
             let _ = self.ctx.rt.pool.unpin(&slot.id);
         } else {
-            self.pinned.push(buf.key);
+            self.extra.push(buf.key);
         }
         Ok(DeviceRange::new(DevicePtr(p.addr), buf.size()))
     }
@@ -408,7 +392,7 @@ impl Session {
                     let _ = rt.dev.synchronize_stream(&self.ctx.stream);
                 }
             }
-            owner.end_use(std::slice::from_ref(key));
+            owner.end_use(0, std::slice::from_ref(key));
         }
     }
 
@@ -439,7 +423,7 @@ impl Session {
 
     /// Record an event at the current end of the session's work.
     pub fn record_event(&self) -> Result<Event> {
-        Event::record(&self.ctx.rt, &self.ctx.stream)
+        Event::record(&self.ctx)
     }
 
     /// Make this session's later work wait, on the GPU, for `event`. Never blocks the host.
@@ -464,7 +448,7 @@ impl Drop for Session {
         // Scratch is freed in stream order: reusable at once on this stream, elsewhere
         // once the work recorded here has completed.
         if !self.scratch.is_empty() {
-            match Event::record(&rt, &self.ctx.stream) {
+            match Event::record(&self.ctx) {
                 Ok(ev) => {
                     let done: Arc<dyn FreeEvent> = Arc::new(Done(ev));
                     for b in self.scratch.drain(..) {
@@ -501,7 +485,10 @@ impl Drop for Session {
         if !self.borrowed.is_empty() {
             self.end_borrows();
         }
-        self.ctx.end_use(&std::mem::take(&mut self.pinned));
+        self.ctx.end_use(
+            std::mem::take(&mut self.pinned),
+            &std::mem::take(&mut self.extra),
+        );
         rt.live_sessions.fetch_sub(1, Ordering::AcqRel);
         rt.wake_waiters();
     }
