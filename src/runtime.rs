@@ -13,7 +13,7 @@ use gpushare_pool::{
 };
 use gpushare_qos::{
     AdmissionConfig, AdmissionEvaluator, ContextSpec, PartitionConfig, PartitionLimits,
-    PartitionManager, Tier, WaitQueue,
+    PartitionManager, SessionGate, Tier,
 };
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -171,13 +171,8 @@ impl RuntimeBuilder {
                 buffers,
                 contexts: Mutex::new(Vec::new()),
                 handlers: Mutex::new(Vec::new()),
-                waits: Arc::new(Waits {
-                    queue: WaitQueue::new(aging),
-                    release_gen: AtomicU64::new(0),
-                    pending_releases: AtomicU64::new(0),
-                }),
+                waits: Arc::new(SessionGate::new(aging)),
                 next_stream: AtomicU64::new(1),
-                live_sessions: AtomicU64::new(0),
                 pin_lock: Mutex::new(()),
             }),
         })
@@ -196,13 +191,11 @@ pub(crate) struct RtInner {
     pub buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>>,
     pub contexts: Mutex<Vec<Weak<CtxInner>>>,
     pub handlers: Mutex<Vec<PressureHandler>>,
-    /// Waiting sessions and what may wake them. Shared with host callbacks, which must not
-    /// hold anything whose release is a device call.
-    pub waits: Arc<Waits>,
+    /// Waiting sessions, live sessions and pending frees: the protocol sessions wait under.
+    /// Shared with host callbacks, which must not hold anything whose release is a device
+    /// call.
+    pub waits: Arc<SessionGate>,
     pub next_stream: AtomicU64,
-    /// Live sessions of all contexts: a session that cannot fit while none is live would
-    /// wait for nothing, so it fails instead.
-    pub live_sessions: AtomicU64,
     /// Held while a session pins its working set, so that two sessions never each hold
     /// part of what they need while waiting for the rest (hold and wait).
     pub pin_lock: Mutex<()>,
@@ -253,40 +246,22 @@ impl RtInner {
 
     /// Join the session queue.
     pub fn enqueue(&self, tier: Tier, waker: &Waker) -> u64 {
-        self.waits.queue.enqueue(tier.rank(), waker)
+        self.waits.enqueue(tier.rank(), waker)
     }
 
     /// Whether waiter `id` is first in line (registering its waker).
     pub fn is_head(&self, id: u64, waker: &Waker) -> bool {
-        self.waits.queue.is_head(id, waker)
+        self.waits.is_head(id, waker)
     }
 
     /// Leave the queue (served or cancelled) and wake the next in line.
     pub fn dequeue(&self, id: u64) {
-        self.waits.queue.remove(id);
+        self.waits.remove(id);
     }
 
     /// Memory was released: let waiting sessions try again.
     pub fn wake_waiters(&self) {
         self.waits.released();
-    }
-}
-
-/// What waiting sessions wait on.
-pub(crate) struct Waits {
-    pub queue: WaitQueue,
-    /// Bumped whenever memory is released, so a waiter can tell whether anything changed
-    /// since its last attempt.
-    pub release_gen: AtomicU64,
-    /// Stream-ordered frees whose work has not completed yet: each will wake the waiters.
-    pub pending_releases: AtomicU64,
-}
-
-impl Waits {
-    /// Memory was released: let waiting sessions try again.
-    pub fn released(&self) {
-        self.release_gen.fetch_add(1, Ordering::AcqRel);
-        self.queue.wake_all();
     }
 }
 
@@ -504,7 +479,7 @@ impl Runtime {
 
     /// Sessions waiting for their buffers to fit (the queue depth).
     pub fn waiting_sessions(&self) -> usize {
-        self.inner.waits.queue.len()
+        self.inner.waits.waiting()
     }
 
     /// Admit a context and set up its budget, stream and partition.

@@ -7,6 +7,7 @@ use crate::runtime::Pressure;
 use crate::Buffer;
 use gpushare_device::{DevicePtr, DeviceRange, Stream};
 use gpushare_pool::{Block, EvictableKey, FreeEvent};
+use gpushare_qos::Attempt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -38,7 +39,7 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
 pub(crate) fn pin_all(ctx: &Arc<CtxInner>) -> Result<usize> {
     let raise = || {
         ctx.sessions.fetch_add(1, Ordering::AcqRel);
-        ctx.rt.live_sessions.fetch_add(1, Ordering::AcqRel);
+        ctx.rt.waits.started();
     };
     // Fast path: the whole working set is resident, so pinning it takes one pool lock and
     // waits for nothing; it holds nothing partly, so it needs no `pin_lock`.
@@ -122,29 +123,18 @@ impl SessionFuture {
         }
     }
 
-    /// Try until it succeeds, fails for good, or has to wait: it waits while another
-    /// session is live (its end may free the memory), retries if memory was released
-    /// during the attempt, and fails with the out-of-memory error otherwise.
+    /// Try until it succeeds, fails for good, or has to wait (see
+    /// [`gpushare_qos::gate`]).
     fn try_now(&self) -> Step {
-        let rt = &self.ctx.inner.rt;
-        loop {
-            let gen = rt.waits.release_gen.load(Ordering::Acquire);
-            match self.attempt() {
-                Ok(p) => return Step::Done(Ok(p)),
-                Err(e) if e.is_oom() => {
-                    // A live session, or scratch whose stream-ordered free is still pending,
-                    // will release memory and wake the queue.
-                    if rt.live_sessions.load(Ordering::Acquire) > 0
-                        || rt.waits.pending_releases.load(Ordering::Acquire) > 0
-                    {
-                        return Step::Wait;
-                    }
-                    if rt.waits.release_gen.load(Ordering::Acquire) == gen {
-                        return Step::Done(Err(e));
-                    }
-                }
-                Err(e) => return Step::Done(Err(e)),
-            }
+        match self
+            .ctx
+            .inner
+            .rt
+            .waits
+            .attempt(|| self.attempt(), RuntimeError::is_oom)
+        {
+            Attempt::Done(r) => Step::Done(r),
+            Attempt::Wait => Step::Wait,
         }
     }
 }
@@ -460,17 +450,13 @@ impl Drop for Session {
                     // wake the waiters then. The callback holds only the wait state, whose
                     // release makes no device call.
                     let waits = rt.waits.clone();
-                    waits.pending_releases.fetch_add(1, Ordering::AcqRel);
+                    waits.pending_added();
                     let w2 = waits.clone();
-                    let queued = rt.dev.host_callback(
-                        &self.ctx.stream,
-                        Box::new(move || {
-                            w2.pending_releases.fetch_sub(1, Ordering::AcqRel);
-                            w2.released();
-                        }),
-                    );
+                    let queued = rt
+                        .dev
+                        .host_callback(&self.ctx.stream, Box::new(move || w2.pending_done()));
                     if queued.is_err() {
-                        waits.pending_releases.fetch_sub(1, Ordering::AcqRel);
+                        waits.pending_cancelled();
                     }
                 }
                 Err(e) => {
@@ -489,7 +475,6 @@ impl Drop for Session {
             std::mem::take(&mut self.pinned),
             &std::mem::take(&mut self.extra),
         );
-        rt.live_sessions.fetch_sub(1, Ordering::AcqRel);
-        rt.wake_waiters();
+        rt.waits.ended();
     }
 }

@@ -29,6 +29,7 @@
 
 mod admission;
 mod error;
+pub mod gate;
 mod partition;
 pub mod queue;
 mod spec;
@@ -39,6 +40,7 @@ pub use admission::{
     Reservation,
 };
 pub use error::QosError;
+pub use gate::{Attempt, SessionGate};
 pub use partition::{
     Isolation, Partition, PartitionConfig, PartitionLimits, PartitionManager, SmBackend, SplitError,
 };

@@ -3,10 +3,10 @@
 #[cfg(not(loom))]
 pub(crate) use parking_lot::Mutex;
 #[cfg(not(loom))]
-pub(crate) use std::sync::Arc;
+pub(crate) use std::sync::{atomic::AtomicU64, Arc};
 
 #[cfg(loom)]
-pub(crate) use loom::sync::Arc;
+pub(crate) use loom::sync::{atomic::AtomicU64, Arc};
 
 /// A loom mutex with parking_lot's interface (no poisoning).
 #[cfg(loom)]

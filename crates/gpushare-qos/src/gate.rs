@@ -1,0 +1,146 @@
+//! The protocol a session waits under for memory: when a failed attempt waits, when it
+//! fails for good, and who wakes it.
+//!
+//! A session's attempt to get its working set resident can fail for lack of memory. Then:
+//! - if a session is live, or a stream-ordered free is still pending, that release will
+//!   come and wake the queue: the attempt waits in the [`WaitQueue`], in tier order;
+//! - if memory was released during the attempt (the release generation moved), it retries;
+//! - otherwise nothing can free memory, and waiting would be forever: it fails.
+//!
+//! Every release ([`SessionGate::ended`], [`SessionGate::pending_done`],
+//! [`SessionGate::released`]) bumps the generation and wakes every waiter, so the first
+//! in line tries again. A waiter registers its waker ([`SessionGate::enqueue`] or
+//! [`SessionGate::is_head`]) before each attempt, so a release after the attempt's check
+//! finds it.
+
+use crate::queue::WaitQueue;
+use crate::sync::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::task::Waker;
+use std::time::Duration;
+
+/// What one round of attempts ended in.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attempt<T, E> {
+    /// Success, or a failure that waiting cannot cure.
+    Done(Result<T, E>),
+    /// Short of memory that a live session or a pending free will release: wait.
+    Wait,
+}
+
+/// Waiting sessions, and what releases memory for them. See the module docs.
+#[derive(Debug)]
+pub struct SessionGate {
+    queue: WaitQueue,
+    /// Bumped on every release, so that an attempt can tell whether anything changed.
+    release_gen: AtomicU64,
+    /// Live sessions: each will release memory when it ends.
+    live: AtomicU64,
+    /// Stream-ordered frees whose work has not completed: each will release memory.
+    pending: AtomicU64,
+}
+
+impl SessionGate {
+    /// A gate whose waiters rise one tier per `aging` waited.
+    pub fn new(aging: Duration) -> Self {
+        SessionGate {
+            queue: WaitQueue::new(aging),
+            release_gen: AtomicU64::new(0),
+            live: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+        }
+    }
+
+    /// Run `attempt` until it succeeds, fails with an error `is_shortage` does not accept,
+    /// or must wait (see the module docs).
+    pub fn attempt<T, E>(
+        &self,
+        mut attempt: impl FnMut() -> Result<T, E>,
+        is_shortage: impl Fn(&E) -> bool,
+    ) -> Attempt<T, E> {
+        loop {
+            let gen = self.release_gen.load(Ordering::Acquire);
+            match attempt() {
+                Ok(t) => return Attempt::Done(Ok(t)),
+                Err(e) if is_shortage(&e) => {
+                    if self.live.load(Ordering::Acquire) > 0
+                        || self.pending.load(Ordering::Acquire) > 0
+                    {
+                        return Attempt::Wait;
+                    }
+                    if self.release_gen.load(Ordering::Acquire) == gen {
+                        return Attempt::Done(Err(e));
+                    }
+                }
+                Err(e) => return Attempt::Done(Err(e)),
+            }
+        }
+    }
+
+    /// A session started (it will release when it ends).
+    pub fn started(&self) {
+        self.live.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A session ended: it released memory.
+    ///
+    /// The generation moves *before* the count drops: an attempt that sees no live session
+    /// then also sees the new generation and retries. The other order lets an attempt see
+    /// neither the memory nor a live session nor a change, and fail for nothing (loom
+    /// found this: `a_session_ending_wakes_a_waiter_and_it_gets_the_memory`).
+    pub fn ended(&self) {
+        self.release_gen.fetch_add(1, Ordering::AcqRel);
+        self.live.fetch_sub(1, Ordering::AcqRel);
+        self.queue.wake_all();
+    }
+
+    /// A stream-ordered free was queued; [`SessionGate::pending_done`] follows when its
+    /// work completes (or [`SessionGate::pending_cancelled`] if it never will).
+    pub fn pending_added(&self) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A pending free's work completed: its memory is released. As in
+    /// [`SessionGate::ended`], the generation moves before the count drops.
+    pub fn pending_done(&self) {
+        self.release_gen.fetch_add(1, Ordering::AcqRel);
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.queue.wake_all();
+    }
+
+    /// A pending free will not be signalled after all.
+    pub fn pending_cancelled(&self) {
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Memory was released: let waiting sessions try again.
+    pub fn released(&self) {
+        self.release_gen.fetch_add(1, Ordering::AcqRel);
+        self.queue.wake_all();
+    }
+
+    /// Join the line with the tier rank `rank`; returns the ticket.
+    pub fn enqueue(&self, rank: u32, waker: &Waker) -> u64 {
+        self.queue.enqueue(rank, waker)
+    }
+
+    /// Register `waker` for ticket `id`, and say whether it is first in line.
+    pub fn is_head(&self, id: u64, waker: &Waker) -> bool {
+        self.queue.is_head(id, waker)
+    }
+
+    /// Leave the line (served or cancelled).
+    pub fn remove(&self, id: u64) {
+        self.queue.remove(id)
+    }
+
+    /// Sessions waiting.
+    pub fn waiting(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Live sessions.
+    pub fn live(&self) -> u64 {
+        self.live.load(Ordering::Acquire)
+    }
+}
