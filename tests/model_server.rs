@@ -1,10 +1,11 @@
-//! The model server on 127.0.0.1 over the simulated device, under a bounded concurrent load
-//! of 2,400 requests across four models whose weights do not all fit.
+//! The model server on 127.0.0.1 under a bounded concurrent load of 2,400 requests across
+//! four models whose weights do not all fit: over the simulated device, and over CUDA with
+//! `--ignored`.
 
 #[path = "../examples/model_server/app.rs"]
 mod app;
 
-use gpushare::device::{SimConfig, SimDevice};
+use gpushare::device::{CudaDevice, Device, SimConfig, SimDevice};
 use gpushare::Runtime;
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -16,11 +17,25 @@ const MIB: u64 = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_answers_correctly_under_load() {
-    let sim =
-        Arc::new(SimDevice::with_config(SimConfig::default().total_memory(256 * MIB)).unwrap());
+    let sim = SimDevice::with_config(SimConfig::default().total_memory(256 * MIB)).unwrap();
+    serve_under_load(Arc::new(sim)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a CUDA GPU"]
+async fn the_server_answers_correctly_under_load_cuda() {
+    serve_under_load(Arc::new(
+        CudaDevice::new(0).expect("this test needs a CUDA GPU"),
+    ))
+    .await
+}
+
+/// The server over a runtime that uses 256 MiB of `dev`.
+async fn serve_under_load(dev: Arc<dyn Device>) {
     let rt = Runtime::builder()
-        .with_device(sim)
+        .with_device(dev)
         .memory_fraction(1.0)
+        .memory_limit(256 * MIB)
         .overcommit(4.0)
         .build()
         .unwrap();

@@ -12,9 +12,20 @@
 //! in line tries again. A waiter registers its waker ([`SessionGate::enqueue`] or
 //! [`SessionGate::is_head`]) before each attempt, so a release after the attempt's check
 //! finds it.
+//!
+//! The generation and the number of waiters share one atomic word, so a release learns
+//! whether anyone waits from the same read-modify-write that bumps the generation, and
+//! skips the queue's lock when nobody does (the common case: a session ending with no
+//! one in line). Both orders are safe: if the release's bump comes first, the waiter's
+//! own increment reads it, and its next attempt sees the released memory; if the
+//! waiter's increment comes first, the release sees it and wakes the queue.
 
 use crate::queue::WaitQueue;
 use crate::sync::AtomicU64;
+
+/// The low bits of [`SessionGate::state`] count waiters; the rest is the generation.
+const WAITERS: u64 = (1 << 24) - 1;
+const GEN: u64 = 1 << 24;
 use std::sync::atomic::Ordering;
 use std::task::Waker;
 use std::time::Duration;
@@ -32,8 +43,9 @@ pub enum Attempt<T, E> {
 #[derive(Debug)]
 pub struct SessionGate {
     queue: WaitQueue,
-    /// Bumped on every release, so that an attempt can tell whether anything changed.
-    release_gen: AtomicU64,
+    /// The release generation (bumped on every release, so that an attempt can tell
+    /// whether anything changed) times [`GEN`], plus the number of waiters.
+    state: AtomicU64,
     /// Live sessions: each will release memory when it ends.
     live: AtomicU64,
     /// Stream-ordered frees whose work has not completed: each will release memory.
@@ -45,7 +57,7 @@ impl SessionGate {
     pub fn new(aging: Duration) -> Self {
         SessionGate {
             queue: WaitQueue::new(aging),
-            release_gen: AtomicU64::new(0),
+            state: AtomicU64::new(0),
             live: AtomicU64::new(0),
             pending: AtomicU64::new(0),
         }
@@ -59,7 +71,7 @@ impl SessionGate {
         is_shortage: impl Fn(&E) -> bool,
     ) -> Attempt<T, E> {
         loop {
-            let gen = self.release_gen.load(Ordering::Acquire);
+            let gen = self.state.load(Ordering::Acquire) & !WAITERS;
             match attempt() {
                 Ok(t) => return Attempt::Done(Ok(t)),
                 Err(e) if is_shortage(&e) => {
@@ -68,7 +80,7 @@ impl SessionGate {
                     {
                         return Attempt::Wait;
                     }
-                    if self.release_gen.load(Ordering::Acquire) == gen {
+                    if self.state.load(Ordering::Acquire) & !WAITERS == gen {
                         return Attempt::Done(Err(e));
                     }
                 }
@@ -89,9 +101,9 @@ impl SessionGate {
     /// neither the memory nor a live session nor a change, and fail for nothing (loom
     /// found this: `a_session_ending_wakes_a_waiter_and_it_gets_the_memory`).
     pub fn ended(&self) {
-        self.release_gen.fetch_add(1, Ordering::AcqRel);
+        let waiters = self.bump();
         self.live.fetch_sub(1, Ordering::AcqRel);
-        self.queue.wake_all();
+        self.wake(waiters);
     }
 
     /// A stream-ordered free was queued; [`SessionGate::pending_done`] follows when its
@@ -103,9 +115,9 @@ impl SessionGate {
     /// A pending free's work completed: its memory is released. As in
     /// [`SessionGate::ended`], the generation moves before the count drops.
     pub fn pending_done(&self) {
-        self.release_gen.fetch_add(1, Ordering::AcqRel);
+        let waiters = self.bump();
         self.pending.fetch_sub(1, Ordering::AcqRel);
-        self.queue.wake_all();
+        self.wake(waiters);
     }
 
     /// A pending free will not be signalled after all.
@@ -115,13 +127,27 @@ impl SessionGate {
 
     /// Memory was released: let waiting sessions try again.
     pub fn released(&self) {
-        self.release_gen.fetch_add(1, Ordering::AcqRel);
-        self.queue.wake_all();
+        let waiters = self.bump();
+        self.wake(waiters);
+    }
+
+    /// Bump the generation; returns how many waited just before.
+    fn bump(&self) -> u64 {
+        self.state.fetch_add(GEN, Ordering::AcqRel) & WAITERS
+    }
+
+    fn wake(&self, waiters: u64) {
+        if waiters > 0 {
+            self.queue.wake_all();
+        }
     }
 
     /// Join the line with the tier rank `rank`; returns the ticket.
     pub fn enqueue(&self, rank: u32, waker: &Waker) -> u64 {
-        self.queue.enqueue(rank, waker)
+        let id = self.queue.enqueue(rank, waker);
+        // After the waker is in the queue: a release that reads this sees it there.
+        self.state.fetch_add(1, Ordering::AcqRel);
+        id
     }
 
     /// Register `waker` for ticket `id`, and say whether it is first in line.
@@ -131,7 +157,8 @@ impl SessionGate {
 
     /// Leave the line (served or cancelled).
     pub fn remove(&self, id: u64) {
-        self.queue.remove(id)
+        self.queue.remove(id);
+        self.state.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Sessions waiting.
