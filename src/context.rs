@@ -44,6 +44,8 @@ pub(crate) struct CtxInner {
     pub own_partition: bool,
     pub buffers: Mutex<Vec<BufSlot>>,
     pub handlers: Mutex<Vec<PressureHandler>>,
+    /// Live sessions and borrows of its buffers. Written only with `buffers` locked (so a
+    /// plain load and store, no read-modify-write); read without it for snapshots.
     pub sessions: AtomicU64,
     /// Device events no handle uses any more, recorded again on this context's stream
     /// rather than created anew.
@@ -51,6 +53,12 @@ pub(crate) struct CtxInner {
 }
 
 impl CtxInner {
+    /// One more session or borrow; `buffers` must be locked, and its guard is asked for.
+    pub fn add_use(&self, _locked: &parking_lot::MutexGuard<'_, Vec<BufSlot>>) {
+        let n = self.sessions.load(Ordering::Relaxed);
+        self.sessions.store(n + 1, Ordering::Relaxed);
+    }
+
     /// A session (or a borrow by another context's session) stops using buffers: the first
     /// `prefix` slots and those of `extra`. Unpin them, and if it was the last use, free
     /// the buffers dropped meanwhile. (While any use is live, slots are only appended, never
@@ -67,7 +75,9 @@ impl CtxInner {
         if let Err(e) = unpinned {
             tracing::error!(context = %self.name, error = %e, "unpinning buffers failed");
         }
-        let last = self.sessions.fetch_sub(1, Ordering::AcqRel) == 1;
+        let left = self.sessions.load(Ordering::Relaxed) - 1;
+        self.sessions.store(left, Ordering::Relaxed);
+        let last = left == 0;
         let doomed: Vec<BufSlot> = if last && slots.iter().any(|s| s.doomed) {
             let (d, keep): (Vec<BufSlot>, Vec<BufSlot>) = std::mem::take(&mut *slots)
                 .into_iter()
@@ -474,7 +484,7 @@ impl Drop for Buffer {
         let Some(i) = slots.iter().position(|s| s.key == self.key) else {
             return;
         };
-        if self.ctx.sessions.load(Ordering::Acquire) > 0 {
+        if self.ctx.sessions.load(Ordering::Relaxed) > 0 {
             // A live session may have it pinned; the session frees it when it ends.
             slots[i].doomed = true;
             return;

@@ -10,7 +10,6 @@ use gpushare_pool::{Block, EvictableKey, FreeEvent};
 use gpushare_qos::Attempt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context as TaskCx, Poll, Wake, Waker};
 
@@ -37,8 +36,8 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
 /// first that many slots (see [`CtxInner::end_use`]). On success the session count is
 /// raised under the same lock, so no buffer is freed or moved under the new session.
 pub(crate) fn pin_all(ctx: &Arc<CtxInner>) -> Result<usize> {
-    let raise = || {
-        ctx.sessions.fetch_add(1, Ordering::AcqRel);
+    let raise = |slots: &parking_lot::MutexGuard<'_, Vec<crate::context::BufSlot>>| {
+        ctx.add_use(slots);
         ctx.rt.waits.started();
     };
     // Fast path: the whole working set is resident, so pinning it takes one pool lock and
@@ -51,7 +50,7 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>) -> Result<usize> {
             .pin_all_resident(slots.iter().map(|s| &s.id))
             .map_err(|e| RuntimeError::from_pool(e, &ctx.name))?;
         if all {
-            raise();
+            raise(&slots);
             return Ok(slots.len());
         }
     }
@@ -87,7 +86,7 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>) -> Result<usize> {
             }
         }
     }
-    raise();
+    raise(&slots);
     Ok(slots.len())
 }
 
@@ -352,7 +351,7 @@ impl Session {
         if already {
             let _ = owner.rt.pool.unpin(&slot.id);
         } else {
-            owner.sessions.fetch_add(1, Ordering::AcqRel);
+            owner.add_use(&slots);
             self.borrowed.push((owner.clone(), buf.key));
         }
         Ok(DeviceRange::new(DevicePtr(p.addr), buf.size()))
