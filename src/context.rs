@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// What the evictor knows of a buffer.
+/// A context's spare device events (see [`CtxInner::spare_events`]).
+pub(crate) type Spares = Mutex<Vec<gpushare_device::Event>>;
+
 pub(crate) struct BufMeta {
     pub policy: EvictPolicy,
     pub discarded: Arc<AtomicBool>,
@@ -49,7 +52,7 @@ pub(crate) struct CtxInner {
     pub sessions: AtomicU64,
     /// Device events no handle uses any more, recorded again on this context's stream
     /// rather than created anew.
-    pub spare_events: Mutex<Vec<gpushare_device::Event>>,
+    pub spare_events: Arc<Spares>,
 }
 
 impl CtxInner {
@@ -93,14 +96,84 @@ impl CtxInner {
         }
     }
 
-    /// Free a buffer slot's memory now (no session may hold it pinned).
+    /// Free a buffer slot (no session may hold it pinned), in stream order: work queued on
+    /// this context's stream may still use the buffer (a session ends without waiting for
+    /// the GPU, and a borrower's reads are ordered before this stream's tail), so the
+    /// memory is reusable elsewhere only once that work is done. Waiting sessions are woken
+    /// then.
     pub fn free_slot(&self, slot: BufSlot) {
         let key = slot.key;
-        if let Err((_, e)) = self.rt.pool.free_evictable(slot.id) {
+        let dev = &self.rt.dev;
+        let tail = dev
+            .create_event(gpushare_device::EventFlags::default())
+            .and_then(|ev| dev.record_event(&ev, &self.stream).map(|_| ev));
+        let freed = match tail {
+            Ok(ev) => {
+                let done = Arc::new(StreamTail {
+                    dev: dev.clone(),
+                    ev,
+                });
+                let r = self
+                    .rt
+                    .pool
+                    .free_evictable_after(slot.id, self.stream_id, done);
+                if r.is_ok() {
+                    let waits = self.rt.waits.clone();
+                    waits.pending_added();
+                    let w2 = waits.clone();
+                    let queued =
+                        dev.host_callback(&self.stream, Box::new(move || w2.pending_done()));
+                    if queued.is_err() {
+                        waits.pending_cancelled();
+                    }
+                }
+                r
+            }
+            Err(e) => {
+                tracing::warn!(context = %self.name, error = %e, "recording a buffer's last use failed; waiting for its stream");
+                let _ = dev.synchronize_stream(&self.stream);
+                self.rt.pool.free_evictable(slot.id)
+            }
+        };
+        if let Err((_, e)) = freed {
             tracing::error!(context = %self.name, error = %e, "freeing a buffer failed");
         }
         self.rt.buffers.lock().remove(&key);
         self.rt.wake_waiters();
+    }
+}
+
+/// A live use of memory that will be released (see [`gpushare_qos::SessionGate`]), ended
+/// when dropped.
+struct LiveUse<'a>(&'a gpushare_qos::SessionGate);
+
+impl<'a> LiveUse<'a> {
+    fn start(gate: &'a gpushare_qos::SessionGate) -> Self {
+        gate.started();
+        LiveUse(gate)
+    }
+}
+
+impl Drop for LiveUse<'_> {
+    fn drop(&mut self) {
+        self.0.ended();
+    }
+}
+
+/// The tail of a context's stream when one of its buffers was freed.
+struct StreamTail {
+    dev: Arc<dyn gpushare_device::Device>,
+    ev: gpushare_device::Event,
+}
+
+impl gpushare_pool::FreeEvent for StreamTail {
+    fn is_complete(&self) -> bool {
+        self.dev.query_event(&self.ev).unwrap_or(false)
+    }
+    fn wait(&self) {
+        if let Err(e) = self.dev.synchronize_event(&self.ev) {
+            tracing::warn!(error = %e, "waiting for a freed buffer's last use failed");
+        }
     }
 }
 
@@ -282,7 +355,7 @@ impl Context {
             buffers: Mutex::new(Vec::new()),
             handlers: Mutex::new(Vec::new()),
             sessions: AtomicU64::new(0),
-            spare_events: Mutex::new(Vec::new()),
+            spare_events: Arc::default(),
         });
         let mut live = rt.contexts.lock();
         live.retain(|w| w.strong_count() > 0);
@@ -346,6 +419,10 @@ impl Context {
     /// A persistent buffer of `size` bytes that is evicted per `policy` under pressure.
     pub fn create_buffer_with(&self, size: u64, policy: EvictPolicy) -> Result<Buffer> {
         let c = &self.inner;
+        // The new block stays pinned while its staging is allocated (slow): until then it
+        // counts as a live use, so a session short of memory meanwhile waits rather than
+        // failing, and is woken when it ends.
+        let _live = LiveUse::start(&c.rt.waits);
         let (id, _) = self.with_relief(size, || {
             c.rt.pool
                 .alloc_evictable(c.owner, size, 0, c.stream_id)
@@ -398,7 +475,13 @@ impl Context {
 
     /// Run `f`; if memory ran short, run the pressure handlers and retry once.
     pub(crate) fn with_relief<T>(&self, requested: u64, f: impl Fn() -> Result<T>) -> Result<T> {
-        match f() {
+        let first = match f() {
+            // Memory freed in stream order whose work is still queued comes back once that
+            // work is done: wait for it rather than fail (the caller blocks anyway).
+            Err(e) if e.is_oom() && self.inner.rt.pool.wait_pending() > 0 => f(),
+            r => r,
+        };
+        match first {
             Err(e) if e.is_oom() => match self.inner.rt.relieve(self, requested) {
                 None => Err(e),
                 Some(Pressure::Allow) => f(),
@@ -419,7 +502,7 @@ impl Context {
     /// session on it.
     pub fn session(&self) -> Result<Session> {
         // Most sessions are granted at once: try before building a future and a waker.
-        match crate::session::pin_all(&self.inner) {
+        match crate::session::pin_all(&self.inner, true) {
             Ok(n) => Ok(Session::new(self.inner.clone(), n)),
             Err(e) if !e.is_oom() => Err(e),
             Err(_) => block_on(self.session_async()),

@@ -1,6 +1,6 @@
 //! Events: points in a context's work that other contexts can wait for.
 
-use crate::context::CtxInner;
+use crate::context::{CtxInner, Spares};
 use crate::error::{Result, RuntimeError};
 use crate::runtime::RtInner;
 use gpushare_device::{Device, EventFlags, Stream};
@@ -17,18 +17,20 @@ struct Inner {
     /// Always `Some` until dropped, when it goes back to its context's spares.
     ev: Option<gpushare_device::Event>,
     stream: Stream,
-    /// The context whose stream it was recorded on. Device events are reused only within
-    /// one context: one recorded on a partition's stream is made in that partition's green
-    /// context and must not outlive the partition in another context's hands.
-    spares: Weak<CtxInner>,
+    /// The spare list of the context whose stream it was recorded on. Device events are
+    /// reused only within one context: one recorded on a partition's stream is made in that
+    /// partition's green context and must not outlive the partition in another context's
+    /// hands. A `Weak` to the list, not to the context: this is dropped in places (the
+    /// pool's pending frees, under its lock) where ending a context would deadlock.
+    spares: Weak<Spares>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         // Recording a device event again is safe once no handle refers to it: waits
         // already queued captured the earlier record.
-        if let (Some(ev), Some(ctx)) = (self.ev.take(), self.spares.upgrade()) {
-            let mut spares = ctx.spare_events.lock();
+        if let (Some(ev), Some(list)) = (self.ev.take(), self.spares.upgrade()) {
+            let mut spares = list.lock();
             if spares.len() < 256 {
                 spares.push(ev);
             }
@@ -66,7 +68,7 @@ impl Event {
                 dev: rt.dev.clone(),
                 ev: Some(ev),
                 stream: ctx.stream.clone(),
-                spares: Arc::downgrade(ctx),
+                spares: Arc::downgrade(&ctx.spare_events),
             }),
         })
     }

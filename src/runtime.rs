@@ -344,8 +344,16 @@ impl Evictor for Offloader {
                     .map_err(e)?;
                 self.dev.synchronize_stream(&self.stream).map_err(e)
             }
-            // Discarded contents are gone; the owner sees the flag and reloads.
-            _ => Ok(()),
+            // Discarded contents are gone; the owner sees the flag and reloads. The memory
+            // may have been freed in order on the owner's stream, and a borrower uses it on
+            // another: wait for the owner's tail.
+            (EvictPolicy::Discard, _) => {
+                let fence = self.fence(&meta.stream).map_err(e)?;
+                self.dev.synchronize_event(&fence).map_err(e)
+            }
+            (EvictPolicy::Offload, None) => {
+                Err(EvictError("the buffer has no pinned staging".into()))
+            }
         }
     }
 }

@@ -35,23 +35,39 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
 /// Pin every buffer of the context, or none, and return how many: the session holds the
 /// first that many slots (see [`CtxInner::end_use`]). On success the session count is
 /// raised under the same lock, so no buffer is freed or moved under the new session.
-pub(crate) fn pin_all(ctx: &Arc<CtxInner>) -> Result<usize> {
+///
+/// `fast` tries the lock-free-of-`pin_lock` path first; a session already waiting in line
+/// skips it (see below), so that its failed tries never wake the line.
+pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<usize> {
     let raise = |slots: &parking_lot::MutexGuard<'_, Vec<crate::context::BufSlot>>| {
         ctx.add_use(slots);
         ctx.rt.waits.started();
     };
     // Fast path: the whole working set is resident, so pinning it takes one pool lock and
-    // waits for nothing; it holds nothing partly, so it needs no `pin_lock`.
-    {
+    // waits for nothing; it holds nothing partly, so it needs no `pin_lock`. The session
+    // counts as live from before it pins: a session short of memory meanwhile then waits
+    // for this one instead of failing. If this path gives up, `ended` moves the release
+    // generation and wakes the line, so that such a session tries again. Only sessions not
+    // yet in line take it: a waiter whose failed try woke the line would wake itself, and
+    // the line would spin.
+    if fast {
+        ctx.rt.waits.started();
         let slots = ctx.buffers.lock();
-        let all = ctx
-            .rt
-            .pool
-            .pin_all_resident(slots.iter().map(|s| &s.id))
-            .map_err(|e| RuntimeError::from_pool(e, &ctx.name))?;
-        if all {
-            raise(&slots);
-            return Ok(slots.len());
+        let all = ctx.rt.pool.pin_all_resident(slots.iter().map(|s| &s.id));
+        match all {
+            Ok(true) => {
+                ctx.add_use(&slots);
+                return Ok(slots.len());
+            }
+            Ok(false) => {
+                drop(slots);
+                ctx.rt.waits.ended();
+            }
+            Err(e) => {
+                drop(slots);
+                ctx.rt.waits.ended();
+                return Err(RuntimeError::from_pool(e, &ctx.name));
+            }
         }
     }
     let _one_at_a_time = ctx.rt.pin_lock.lock();
@@ -113,9 +129,10 @@ impl SessionFuture {
 
     fn attempt(&self) -> Result<usize> {
         let c = &self.ctx.inner;
-        match pin_all(c) {
+        let fast = matches!(self.state, State::Start);
+        match pin_all(c, fast) {
             Err(e) if e.is_oom() => match c.rt.relieve(&self.ctx, 0) {
-                Some(Pressure::Allow) => pin_all(c),
+                Some(Pressure::Allow) => pin_all(c, false),
                 _ => Err(e),
             },
             r => r,
@@ -205,6 +222,11 @@ struct Done(Event);
 impl FreeEvent for Done {
     fn is_complete(&self) -> bool {
         self.0.is_complete().unwrap_or(false)
+    }
+    fn wait(&self) {
+        if let Err(e) = self.0.synchronize() {
+            tracing::warn!(error = %e, "waiting for a session's scratch to be released failed");
+        }
     }
 }
 

@@ -67,13 +67,51 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [eviction_waits_for_work_still_running_on_the_owner_stream, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_context_with_its_own_compute_share_gives_it_back],
+    sync: [eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_context_with_its_own_compute_share_gives_it_back],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
 /// The backend-generic tests.
 mod tests {
     use super::*;
+
+    pub fn a_dropped_buffer_is_reused_only_after_work_queued_on_it(open: Open) {
+        let rt = runtime(open, 48 * MIB, 4.0);
+        let a = rt.create_context(ContextSpec::new("a", 32 * MIB)).unwrap();
+        let b = rt.create_context(ContextSpec::new("b", 32 * MIB)).unwrap();
+        let x = a.create_buffer(32 * MIB).unwrap();
+        let load = SpinLoad::new(rt.device().clone()).unwrap();
+        {
+            let mut s = a.session().unwrap();
+            let r = s.range(&x).unwrap();
+            // Still running when the session ends and the buffer is dropped: a long kernel
+            // (about 50 ms), then a write of the whole buffer.
+            load.launch(s.stream(), 1, 32, 75_000_000).unwrap();
+            rt.device().memset(r, 0xAB, s.stream()).unwrap();
+        }
+        drop(x);
+        // Another context's buffer can have that memory only once the work is done.
+        let fill = vec![0x11u8; (32 * MIB) as usize];
+        let mut tries = 0;
+        let y = loop {
+            match b.create_buffer(32 * MIB) {
+                Ok(y) => break y,
+                Err(RuntimeError::OutOfMemory { .. }) if tries < 500 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        b.session().unwrap().write(&y, 0, &fill).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        let mut got = vec![0u8; fill.len()];
+        b.session().unwrap().read(&y, 0, &mut got).unwrap();
+        assert!(
+            got == fill,
+            "work queued on a dropped buffer wrote into memory another context now holds"
+        );
+    }
 
     pub fn a_session_borrows_another_contexts_buffer(open: Open) {
         let rt = runtime(open, 64 * MIB, 4.0);
@@ -339,18 +377,20 @@ mod tests {
     pub async fn waiting_sessions_are_served_in_tier_order(open: Open) {
         let rt = runtime(open, 64 * MIB, 4.0);
         let hog = rt
-            .create_context(ContextSpec::new("hog", 48 * MIB))
+            .create_context(ContextSpec::new("hog", 56 * MIB))
             .unwrap();
-        let be = rt.create_context(ContextSpec::new("be", 32 * MIB)).unwrap();
+        // The BestEffort context needs 48 MiB, so it cannot be resident beside the
+        // Burstable one's 24: the two are granted one after the other, in tier order.
+        let be = rt.create_context(ContextSpec::new("be", 48 * MIB)).unwrap();
         let bu = rt
             .create_context(ContextSpec::new("bu", 64 * MIB).base(8 * MIB))
             .unwrap();
         assert_eq!(bu.tier(), Tier::Burstable);
-        // Buffers are evictable, so all of them exist at once though they add up to 104 MiB.
-        let hb = hog.create_buffer(48 * MIB).unwrap();
-        let bb = be.create_buffer(32 * MIB).unwrap();
+        // Buffers are evictable, so all of them exist at once though they add up to 128 MiB.
+        let hb = hog.create_buffer(56 * MIB).unwrap();
+        let bb = be.create_buffer(48 * MIB).unwrap();
         let ub: Vec<_> = (0..3).map(|_| bu.create_buffer(8 * MIB).unwrap()).collect();
-        // The hog's session needs 48 of 64 MiB: the BestEffort buffer goes first, then the
+        // The hog's session needs 56 of 64 MiB: the BestEffort buffer goes first, then the
         // Burstable ones down to (never below) the 8 MiB base.
         let held = hog.session_async().await.unwrap();
         assert!(!bb.is_resident());

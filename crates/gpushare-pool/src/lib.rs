@@ -60,6 +60,15 @@ impl std::fmt::Display for StreamId {
 pub trait FreeEvent: Send + Sync {
     /// Whether that work has completed.
     fn is_complete(&self) -> bool;
+
+    /// Block until that work has completed ([`Pool::wait_pending`]). The default polls
+    /// [`FreeEvent::is_complete`], yielding the thread in between; implement it with a
+    /// real wait (an event synchronization) where there is one.
+    fn wait(&self) {
+        while !self.is_complete() {
+            std::thread::yield_now();
+        }
+    }
 }
 
 /// QoS tier of an owner, which decides the order of eviction: BestEffort blocks go first,

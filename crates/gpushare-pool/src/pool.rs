@@ -943,6 +943,30 @@ impl<S: ChunkSource> Pool<S> {
         })
     }
 
+    /// Wait for every stream-ordered free pending now to complete, then return those blocks
+    /// to the free lists; returns their bytes. For a caller that would rather block than
+    /// fail when the only memory left is still in use by queued work. The pool's lock is
+    /// not held while waiting.
+    pub fn wait_pending(&self) -> u64 {
+        let events: Vec<(Arc<dyn FreeEvent>, u64)> = {
+            let c = self.central.lock();
+            c.pending
+                .iter()
+                .map(|p| (p.event.clone(), p.size))
+                .collect()
+        };
+        let mut bytes = 0;
+        for (e, size) in &events {
+            e.wait();
+            bytes += size;
+        }
+        if !events.is_empty() {
+            let mut c = self.central.lock();
+            self.retire_pending(&mut c);
+        }
+        bytes
+    }
+
     /// Move completed pending blocks to the free lists. Returns how many.
     fn retire_pending(&self, c: &mut Central) -> usize {
         let mut n = 0;
@@ -1349,6 +1373,27 @@ impl<S: ChunkSource> Pool<S> {
 
     /// Free an evictable block. It must not be pinned; on error the handle comes back.
     pub fn free_evictable(&self, id: EvictableId) -> Result<(), (EvictableId, PoolError)> {
+        self.free_evictable_inner(id, None)
+    }
+
+    /// Free an evictable block in stream order, as [`Pool::free_after`] frees a block: its
+    /// memory is reusable at once on `stream`, and elsewhere once `event` has completed.
+    /// For a block whose last users' work may still be queued (a session ends without
+    /// waiting for the GPU). It must not be pinned; on error the handle comes back.
+    pub fn free_evictable_after(
+        &self,
+        id: EvictableId,
+        stream: StreamId,
+        event: Arc<dyn FreeEvent>,
+    ) -> Result<(), (EvictableId, PoolError)> {
+        self.free_evictable_inner(id, Some((stream, event)))
+    }
+
+    fn free_evictable_inner(
+        &self,
+        id: EvictableId,
+        after: Option<(StreamId, Arc<dyn FreeEvent>)>,
+    ) -> Result<(), (EvictableId, PoolError)> {
         let mut c = self.central.lock();
         let idx = match c.ev.lookup(self.id, &id) {
             Ok(i) => i,
@@ -1365,7 +1410,15 @@ impl<S: ChunkSource> Pool<S> {
         match res {
             Residency::Resident { node, .. } => {
                 Self::uncharge(&mut c, slot, size);
-                c.tlsf.free(node);
+                match after {
+                    Some((stream, event)) if !event.is_complete() => c.pending.push(Pending {
+                        node,
+                        size,
+                        stream,
+                        event,
+                    }),
+                    _ => c.tlsf.free(node),
+                }
                 if let Some(a) = c.owners[slot].as_mut() {
                     a.evictable_resident -= size;
                 }

@@ -329,6 +329,36 @@ fn removing_an_owner_retires_its_completed_pending_frees() {
     assert_eq!(Arc::strong_count(&ev), held - 1, "the event was released");
 }
 
+#[test]
+fn an_evictable_block_freed_in_stream_order_waits_for_its_event() {
+    let (p, _rec) = evicting_pool(8 * MIB);
+    let o = p.add_owner(OwnerSpec::new("o", 8 * MIB)).unwrap();
+    let (id, _) = p.alloc_evictable(o, 6 * MIB, 0, S1).unwrap();
+    p.unpin(&id).unwrap();
+    let ev = Flag::new();
+    p.free_evictable_after(id, S1, ev.clone()).unwrap();
+    let s = p.stats();
+    assert_eq!((s.owners[0].live_bytes, s.pending_bytes), (0, 6 * MIB));
+    // Another stream cannot have the memory while the work is queued...
+    assert!(matches!(
+        p.alloc(o, 6 * MIB, S2),
+        Err(PoolError::OutOfMemory { .. })
+    ));
+    // ...and gets it once the caller waits for that work.
+    let waiter = {
+        let ev = ev.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            ev.set();
+        })
+    };
+    assert_eq!(p.wait_pending(), 6 * MIB);
+    waiter.join().unwrap();
+    let b = p.alloc(o, 6 * MIB, S2).unwrap();
+    p.free(b).unwrap();
+    assert_eq!(p.stats().pending_bytes, 0);
+}
+
 fn evicting_pool(cap: u64) -> (Pool<HostSource>, Arc<Recorder>) {
     let p = pool(PoolConfig::default().capacity(cap).cache_bytes_per_shard(0));
     let r = Arc::new(Recorder::default());
