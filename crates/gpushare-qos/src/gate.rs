@@ -90,6 +90,7 @@ impl SessionGate {
     }
 
     /// A session started (it will release when it ends).
+    #[inline]
     pub fn started(&self) {
         self.live.fetch_add(1, Ordering::AcqRel);
     }
@@ -100,6 +101,7 @@ impl SessionGate {
     /// then also sees the new generation and retries. The other order lets an attempt see
     /// neither the memory nor a live session nor a change, and fail for nothing (loom
     /// found this: `a_session_ending_wakes_a_waiter_and_it_gets_the_memory`).
+    #[inline]
     pub fn ended(&self) {
         let waiters = self.bump();
         self.live.fetch_sub(1, Ordering::AcqRel);
@@ -108,12 +110,14 @@ impl SessionGate {
 
     /// A stream-ordered free was queued; [`SessionGate::pending_done`] follows when its
     /// work completes (or [`SessionGate::pending_cancelled`] if it never will).
+    #[inline]
     pub fn pending_added(&self) {
         self.pending.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A pending free's work completed: its memory is released. As in
     /// [`SessionGate::ended`], the generation moves before the count drops.
+    #[inline]
     pub fn pending_done(&self) {
         let waiters = self.bump();
         self.pending.fetch_sub(1, Ordering::AcqRel);
@@ -121,21 +125,25 @@ impl SessionGate {
     }
 
     /// A pending free will not be signalled after all.
+    #[inline]
     pub fn pending_cancelled(&self) {
         self.pending.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Memory was released: let waiting sessions try again.
+    #[inline]
     pub fn released(&self) {
         let waiters = self.bump();
         self.wake(waiters);
     }
 
     /// Bump the generation; returns how many waited just before.
+    #[inline]
     fn bump(&self) -> u64 {
         self.state.fetch_add(GEN, Ordering::AcqRel) & WAITERS
     }
 
+    #[inline]
     fn wake(&self, waiters: u64) {
         if waiters > 0 {
             self.queue.wake_all();
