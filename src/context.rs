@@ -12,9 +12,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// What the evictor knows of a buffer.
-/// A context's spare device events (see [`CtxInner::spare_events`]).
-pub(crate) type Spares = Mutex<Vec<gpushare_device::Event>>;
-
 pub(crate) struct BufMeta {
     pub policy: EvictPolicy,
     pub discarded: Arc<AtomicBool>,
@@ -50,9 +47,8 @@ pub(crate) struct CtxInner {
     /// Live sessions and borrows of its buffers. Written only with `buffers` locked (so a
     /// plain load and store, no read-modify-write); read without it for snapshots.
     pub sessions: AtomicU64,
-    /// Device events no handle uses any more, recorded again on this context's stream
-    /// rather than created anew.
-    pub spare_events: Arc<Spares>,
+    /// What its events share: the device, its stream and the spare device events.
+    pub events: Arc<crate::event::EventHome>,
 }
 
 impl CtxInner {
@@ -199,7 +195,7 @@ impl Drop for CtxInner {
         if self.own_partition {
             // Spare device events were recorded on this context's stream, and so made in
             // its partition's green context, which they would keep alive: drop them.
-            self.spare_events.lock().clear();
+            self.events.spares.lock().clear();
             let _ = parts.remove_partition(&self.name);
         }
         drop(parts);
@@ -349,13 +345,17 @@ impl Context {
             max: r.max,
             owner,
             admission,
+            events: Arc::new(crate::event::EventHome {
+                dev: rt.dev.clone(),
+                spares: Mutex::new(Vec::new()),
+                stream: stream.clone(),
+            }),
             stream,
             isolation,
             own_partition,
             buffers: Mutex::new(Vec::new()),
             handlers: Mutex::new(Vec::new()),
             sessions: AtomicU64::new(0),
-            spare_events: Arc::default(),
         });
         let mut live = rt.contexts.lock();
         live.retain(|w| w.strong_count() > 0);

@@ -1,6 +1,6 @@
 //! Events: points in a context's work that other contexts can wait for.
 
-use crate::context::{CtxInner, Spares};
+use crate::context::CtxInner;
 use crate::error::{Result, RuntimeError};
 use crate::runtime::RtInner;
 use gpushare_device::{Device, EventFlags, Stream};
@@ -8,29 +8,37 @@ use parking_lot::Mutex;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+
+/// What the events of one context share: one reference per event instead of three.
+pub(crate) struct EventHome {
+    pub dev: Arc<dyn Device>,
+    /// Device events no handle uses any more, recorded again on this context's stream
+    /// rather than created anew. Device events are reused only within one context: one
+    /// recorded on a partition's stream is made in that partition's green context, and
+    /// must not outlive the partition in another context's hands. Declared before
+    /// `stream` so that, when the last event of a dropped context goes, they are destroyed
+    /// before the stream (and with it the partition).
+    pub spares: Mutex<Vec<gpushare_device::Event>>,
+    pub stream: Stream,
+}
 
 struct Inner {
     rt: u64,
-    dev: Arc<dyn Device>,
     /// Always `Some` until dropped, when it goes back to its context's spares.
     ev: Option<gpushare_device::Event>,
-    stream: Stream,
-    /// The spare list of the context whose stream it was recorded on. Device events are
-    /// reused only within one context: one recorded on a partition's stream is made in that
-    /// partition's green context and must not outlive the partition in another context's
-    /// hands. A `Weak` to the list, not to the context: this is dropped in places (the
-    /// pool's pending frees, under its lock) where ending a context would deadlock.
-    spares: Weak<Spares>,
+    /// Not the context itself: events are dropped in places (the pool's pending frees,
+    /// under its lock) where ending a context would deadlock.
+    home: Arc<EventHome>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         // Recording a device event again is safe once no handle refers to it: waits
         // already queued captured the earlier record.
-        if let (Some(ev), Some(list)) = (self.ev.take(), self.spares.upgrade()) {
-            let mut spares = list.lock();
+        if let Some(ev) = self.ev.take() {
+            let mut spares = self.home.spares.lock();
             if spares.len() < 256 {
                 spares.push(ev);
             }
@@ -55,20 +63,18 @@ impl std::fmt::Debug for Event {
 impl Event {
     /// Record an event at the current end of `ctx`'s stream.
     pub(crate) fn record(ctx: &Arc<CtxInner>) -> Result<Event> {
-        let rt = &ctx.rt;
-        let spare = ctx.spare_events.lock().pop();
+        let home = &ctx.events;
+        let spare = home.spares.lock().pop();
         let ev = match spare {
             Some(e) => e,
-            None => rt.dev.create_event(EventFlags::default())?,
+            None => home.dev.create_event(EventFlags::default())?,
         };
-        rt.dev.record_event(&ev, &ctx.stream)?;
+        home.dev.record_event(&ev, &home.stream)?;
         Ok(Event {
             inner: Arc::new(Inner {
-                rt: rt.id,
-                dev: rt.dev.clone(),
+                rt: ctx.rt.id,
                 ev: Some(ev),
-                stream: ctx.stream.clone(),
-                spares: Arc::downgrade(&ctx.spare_events),
+                home: home.clone(),
             }),
         })
     }
@@ -93,12 +99,16 @@ impl Event {
 
     /// Whether the recorded work has completed.
     pub fn is_complete(&self) -> Result<bool> {
-        Ok(self.inner.dev.query_event(self.device_event()?)?)
+        Ok(self.inner.home.dev.query_event(self.device_event()?)?)
     }
 
     /// Block until the recorded work has completed.
     pub fn synchronize(&self) -> Result<()> {
-        Ok(self.inner.dev.synchronize_event(self.device_event()?)?)
+        Ok(self
+            .inner
+            .home
+            .dev
+            .synchronize_event(self.device_event()?)?)
     }
 
     /// Wait for the recorded work without blocking a thread: a host callback queued on the
@@ -150,8 +160,8 @@ impl Future for EventWait {
         let i = &self.ev.inner;
         // Runs after everything queued on the stream so far, which includes the recorded
         // work. It only sets a flag and wakes a task, which is allowed in a driver callback.
-        let r = i.dev.host_callback(
-            &i.stream,
+        let r = i.home.dev.host_callback(
+            &i.home.stream,
             Box::new(move || {
                 s2.done.store(true, Ordering::Release);
                 if let Some(w) = s2.waker.lock().take() {
