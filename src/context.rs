@@ -92,6 +92,22 @@ impl CtxInner {
         }
     }
 
+    /// Memory was freed in order on this context's stream: wake waiting sessions once the
+    /// work queued so far has completed. The callback holds only the wait state, whose
+    /// release makes no device call.
+    pub fn wake_waiters_when_stream_done(&self) {
+        let waits = self.rt.waits.clone();
+        waits.pending_added();
+        let w2 = waits.clone();
+        let queued = self
+            .rt
+            .dev
+            .host_callback(&self.stream, Box::new(move || w2.pending_done()));
+        if queued.is_err() {
+            waits.pending_cancelled();
+        }
+    }
+
     /// Free a buffer slot (no session may hold it pinned), in stream order: work queued on
     /// this context's stream may still use the buffer (a session ends without waiting for
     /// the GPU, and a borrower's reads are ordered before this stream's tail), so the
@@ -114,14 +130,7 @@ impl CtxInner {
                     .pool
                     .free_evictable_after(slot.id, self.stream_id, done);
                 if r.is_ok() {
-                    let waits = self.rt.waits.clone();
-                    waits.pending_added();
-                    let w2 = waits.clone();
-                    let queued =
-                        dev.host_callback(&self.stream, Box::new(move || w2.pending_done()));
-                    if queued.is_err() {
-                        waits.pending_cancelled();
-                    }
+                    self.wake_waiters_when_stream_done();
                 }
                 r
             }

@@ -36,13 +36,9 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
 /// first that many slots (see [`CtxInner::end_use`]). On success the session count is
 /// raised under the same lock, so no buffer is freed or moved under the new session.
 ///
-/// `fast` tries the lock-free-of-`pin_lock` path first; a session already waiting in line
-/// skips it (see below), so that its failed tries never wake the line.
+/// With `fast`, a path that does not take `pin_lock` is tried first; a session already
+/// waiting in line skips it (see below), so that its failed tries never wake the line.
 pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<usize> {
-    let raise = |slots: &parking_lot::MutexGuard<'_, Vec<crate::context::BufSlot>>| {
-        ctx.add_use(slots);
-        ctx.rt.waits.started();
-    };
     // Fast path: the whole working set is resident, so pinning it takes one pool lock and
     // waits for nothing; it holds nothing partly, so it needs no `pin_lock`. The session
     // counts as live from before it pins: a session short of memory meanwhile then waits
@@ -53,20 +49,15 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<usize> {
     if fast {
         ctx.rt.waits.started();
         let slots = ctx.buffers.lock();
-        let all = ctx.rt.pool.pin_all_resident(slots.iter().map(|s| &s.id));
-        match all {
+        match ctx.rt.pool.pin_all_resident(slots.iter().map(|s| &s.id)) {
             Ok(true) => {
                 ctx.add_use(&slots);
                 return Ok(slots.len());
             }
-            Ok(false) => {
+            not_all => {
                 drop(slots);
                 ctx.rt.waits.ended();
-            }
-            Err(e) => {
-                drop(slots);
-                ctx.rt.waits.ended();
-                return Err(RuntimeError::from_pool(e, &ctx.name));
+                not_all.map_err(|e| RuntimeError::from_pool(e, &ctx.name))?;
             }
         }
     }
@@ -102,7 +93,8 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<usize> {
             }
         }
     }
-    raise(&slots);
+    ctx.add_use(&slots);
+    ctx.rt.waits.started();
     Ok(slots.len())
 }
 
@@ -468,17 +460,8 @@ impl Drop for Session {
                         }
                     }
                     // Other streams may reuse the scratch once this stream's work is done:
-                    // wake the waiters then. The callback holds only the wait state, whose
-                    // release makes no device call.
-                    let waits = rt.waits.clone();
-                    waits.pending_added();
-                    let w2 = waits.clone();
-                    let queued = rt
-                        .dev
-                        .host_callback(&self.ctx.stream, Box::new(move || w2.pending_done()));
-                    if queued.is_err() {
-                        waits.pending_cancelled();
-                    }
+                    // wake the waiters then.
+                    self.ctx.wake_waiters_when_stream_done();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "recording the end of a session failed; waiting for its stream");
