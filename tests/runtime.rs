@@ -115,9 +115,6 @@ mod tests {
 
     pub fn a_session_borrows_another_contexts_buffer(open: Open) {
         let rt = runtime(open, 64 * MIB, 4.0);
-        let llm = rt
-            .create_context(ContextSpec::new("llm", 16 * MIB).base(16 * MIB))
-            .unwrap();
         let tts = rt
             .create_context(ContextSpec::new("tts", 16 * MIB).base(16 * MIB))
             .unwrap();
@@ -177,7 +174,7 @@ mod tests {
             tts.session().unwrap().borrow(&ob),
             Err(RuntimeError::Foreign { what: "buffer", .. })
         ));
-        drop((llm, heard));
+        drop(heard);
     }
 
     pub fn eviction_waits_for_work_still_running_on_the_owner_stream(open: Open) {
