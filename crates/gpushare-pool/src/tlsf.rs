@@ -94,6 +94,9 @@ pub(crate) struct Tlsf {
     runs: Vec<Run>,
     free_bytes: u64,
     free_blocks: u64,
+    /// Requests of at most this many bytes are cut from the end of the free block that
+    /// serves them, larger ones from its start (see [`Tlsf::alloc`]).
+    back_max: u64,
 }
 
 impl Tlsf {
@@ -106,7 +109,13 @@ impl Tlsf {
             runs: Vec::new(),
             free_bytes: 0,
             free_blocks: 0,
+            back_max: 0,
         }
+    }
+
+    /// Cut requests of at most `bytes` from the end of free blocks (0: never).
+    pub fn set_back_max(&mut self, bytes: u64) {
+        self.back_max = bytes;
     }
 
     pub fn node(&self, n: u32) -> &Node {
@@ -301,36 +310,68 @@ impl Tlsf {
                 self.insert_free(front);
             }
         }
-        self.split_back(n, size);
+        // Small requests come from the end of the block, large ones from its start. Small
+        // blocks then gather at the top of free ranges and large ones at the bottom, so a
+        // short-lived small block does not sit in the middle of a range that a large
+        // request could otherwise use whole when its neighbours go. Over six seeds of the
+        // serving replay this took peak mapped ÷ peak live from 1.050 to 1.046 (without
+        // the owner caches); offset-allocator measured 1.057 and a best-fit 1.050.
+        let n = if align == UNIT && size <= self.back_max && self.nodes[n as usize].size > size {
+            self.take_back(n, size)
+        } else {
+            self.split_back(n, size);
+            n
+        };
         let node = &mut self.nodes[n as usize];
         node.owner = owner;
         Some((n, node.offset))
     }
 
+    /// Allocate `size` bytes from the end of the free block `n` (out of the free lists, and
+    /// larger than `size`); `n` keeps the front and goes back to the free lists.
+    fn take_back(&mut self, n: u32, size: u64) -> u32 {
+        let (off, nsize) = {
+            let node = &self.nodes[n as usize];
+            (node.offset, node.size)
+        };
+        let back = self.insert_after(n, off + nsize - size, size);
+        self.insert_free(n);
+        back
+    }
+
     /// Allocate exactly `size` bytes from the block `n`, which must be free and large enough
     /// (used to serve a request from a specific block).
     fn split_back(&mut self, n: u32, size: u64) {
-        let (off, nsize, next) = {
+        let (off, nsize) = {
             let node = &self.nodes[n as usize];
-            (node.offset, node.size, node.next_phys)
+            (node.offset, node.size)
         };
         debug_assert!(nsize >= size);
         if nsize - size >= UNIT {
-            let back = self.new_node(off + size, nsize - size, n, next);
-            if next != NONE {
-                self.nodes[next as usize].prev_phys = back;
-            } else {
-                for r in &mut self.runs {
-                    if r.last == n {
-                        r.last = back;
-                    }
-                }
-            }
-            let node = &mut self.nodes[n as usize];
-            node.size = size;
-            node.next_phys = back;
+            let back = self.insert_after(n, off + size, nsize - size);
             self.insert_free(back);
         }
+    }
+
+    /// Cut the last `size` bytes (starting at `offset`) off block `n` into a new block that
+    /// follows it, linked in its place among the physical neighbours; returns the new block,
+    /// which is in no free list.
+    fn insert_after(&mut self, n: u32, offset: u64, size: u64) -> u32 {
+        let next = self.nodes[n as usize].next_phys;
+        let back = self.new_node(offset, size, n, next);
+        if next != NONE {
+            self.nodes[next as usize].prev_phys = back;
+        } else {
+            for r in &mut self.runs {
+                if r.last == n {
+                    r.last = back;
+                }
+            }
+        }
+        let node = &mut self.nodes[n as usize];
+        node.size -= size;
+        node.next_phys = back;
+        back
     }
 
     /// Free a used block, coalescing with free neighbours.
@@ -348,8 +389,10 @@ impl Tlsf {
         l.next_phys = r.next_phys;
         if r.next_phys != NONE {
             self.nodes[r.next_phys as usize].prev_phys = left;
+        } else {
+            // `right` ended its run (it cannot have started one: `left` precedes it).
+            self.replace_boundary(right, left);
         }
-        self.replace_boundary(right, left);
     }
 
     fn coalesce_insert(&mut self, mut n: u32) {
@@ -599,6 +642,32 @@ mod tests {
     }
 
     #[test]
+    fn small_requests_come_from_the_end_of_a_free_block() {
+        let mut t = Tlsf::new();
+        t.set_back_max(4096);
+        t.add_region(0, 1 << 20);
+        // Small: cut from the end; large: from the start.
+        let (a, oa) = t.alloc(1024, UNIT, 0).unwrap();
+        assert_eq!(oa, (1 << 20) - 1024);
+        let (b, ob) = t.alloc(8192, UNIT, 0).unwrap();
+        assert_eq!(ob, 0);
+        let (c, oc) = t.alloc(4096, UNIT, 0).unwrap();
+        assert_eq!(oc, (1 << 20) - 1024 - 4096);
+        t.check();
+        t.free(a);
+        t.check();
+        assert_eq!(t.largest_free(), (1 << 20) - 8192 - 4096 - 1024);
+        // Freeing the small block between them joins the whole top.
+        t.free(c);
+        t.check();
+        assert_eq!(t.largest_free(), (1 << 20) - 8192);
+        t.free(b);
+        t.check();
+        assert_eq!(t.largest_free(), 1 << 20);
+        assert_eq!(t.nodes.len(), 1);
+    }
+
+    #[test]
     fn alignment_is_honoured() {
         let mut t = Tlsf::new();
         t.add_region(0, 1 << 22);
@@ -642,8 +711,12 @@ mod tests {
 
     proptest! {
         #[test]
-        fn random_ops_keep_invariants(ops in proptest::collection::vec((0u8..4, 1u64..20_000, 0u32..4), 1..200)) {
+        fn random_ops_keep_invariants(
+            ops in proptest::collection::vec((0u8..4, 1u64..20_000, 0u32..4), 1..200),
+            back_max in prop_oneof![Just(0u64), Just(4096), Just(u64::MAX)],
+        ) {
             let mut t = Tlsf::new();
+            t.set_back_max(back_max);
             t.add_region(0, 8 << 20);
             let mut live: Vec<(u32, u64, u64)> = vec![];
             let mut mapped_end = 8u64 << 20;

@@ -281,6 +281,41 @@ fn stream_ordered_reuse_through_the_cache() {
 }
 
 #[test]
+fn a_cache_whose_blocks_are_not_reused_turns_itself_off_and_back_on() {
+    let p = pool(PoolConfig::default().shards(1));
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    // 200 blocks of sizes that never come back: 20 MiB, well within the cache's budget.
+    let blocks: Vec<_> = (0..200u64)
+        .map(|i| p.alloc(o, 64 * 1024 + i * 4096, S1).unwrap())
+        .collect();
+    let biggest = blocks.iter().map(|b| b.size()).max().unwrap();
+    for b in blocks {
+        p.free(b).unwrap();
+    }
+    // The cache kept only the first few, then went back to probing.
+    let s = p.stats();
+    assert!(
+        s.owners[0].cached_bytes <= 10 * biggest,
+        "{} B cached",
+        s.owners[0].cached_bytes
+    );
+    // A size that repeats brings it back: most later pairs hit.
+    let hits = s.cache_hits;
+    for _ in 0..1000 {
+        let b = p.alloc(o, 100_000, S1).unwrap();
+        p.free(b).unwrap();
+    }
+    let s = p.stats();
+    assert!(s.cache_hits - hits >= 500, "{} hits", s.cache_hits - hits);
+    assert_eq!(s.owners[0].live_bytes, 0);
+    assert_eq!(s.allocs, s.frees);
+    assert_eq!(
+        s.mapped_bytes,
+        s.free_bytes + s.pending_bytes + s.in_use_bytes
+    );
+}
+
+#[test]
 fn stream_ordered_reuse_through_the_central_allocator() {
     // Caching off: frees go straight to the central allocator.
     let p = pool(

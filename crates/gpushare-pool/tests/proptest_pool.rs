@@ -68,11 +68,15 @@ struct Model {
     live: Vec<Block>,
     evictable: Vec<(EvictableId, usize, u32)>,
     events: Vec<Arc<Flag>>,
+    /// Successful allocations and frees so far, of every kind.
+    allocs: u64,
+    frees: u64,
 }
 
 impl Model {
     fn check(&self) -> Result<(), TestCaseError> {
         let s = self.pool.stats();
+        prop_assert_eq!((s.allocs, s.frees), (self.allocs, self.frees));
         // No overlap among live blocks and resident evictable blocks.
         let mut spans: Vec<(u64, u64)> = self
             .live
@@ -133,7 +137,9 @@ proptest! {
             OwnerSpec::new("e", 32 * MIB).tier(Tier::BestEffort),
         ];
         let owners = specs.iter().map(|s| (pool.add_owner(s.clone()).unwrap(), s.limit)).collect();
-        let mut m = Model { pool, owners, live: vec![], evictable: vec![], events: vec![] };
+        let mut m = Model {
+            pool, owners, live: vec![], evictable: vec![], events: vec![], allocs: 0, frees: 0,
+        };
         for op in ops {
             match op {
                 Op::Alloc { owner, size, stream, align_log } => {
@@ -142,23 +148,27 @@ proptest! {
                         prop_assert!(b.size() >= size);
                         prop_assert_eq!(m.pool.addr(&b) % (1 << align_log), 0);
                         m.live.push(b);
+                        m.allocs += 1;
                     }
                 }
                 Op::Free { pick } if !m.live.is_empty() => {
                     let b = m.live.swap_remove(pick % m.live.len());
                     m.pool.free(b).unwrap();
+                    m.frees += 1;
                 }
                 Op::FreeAfter { pick, stream } if !m.live.is_empty() => {
                     let b = m.live.swap_remove(pick % m.live.len());
                     let e = Flag::new();
                     m.events.push(e.clone());
                     m.pool.free_after(b, StreamId(stream), e).unwrap();
+                    m.frees += 1;
                 }
                 Op::CompleteEvents => m.events.drain(..).for_each(|e| e.set()),
                 Op::AllocEvictable { owner, size } => {
                     let (id, _) = m.owners[owner];
                     if let Ok((e, _)) = m.pool.alloc_evictable(id, size, 0, StreamId(0)) {
                         m.evictable.push((e, owner, 1));
+                        m.allocs += 1;
                     }
                 }
                 Op::Pin { pick } if !m.evictable.is_empty() => {
@@ -177,7 +187,10 @@ proptest! {
                     let i = pick % m.evictable.len();
                     let (e, o, pins) = m.evictable.swap_remove(i);
                     match m.pool.free_evictable(e) {
-                        Ok(()) => prop_assert_eq!(pins, 0),
+                        Ok(()) => {
+                            prop_assert_eq!(pins, 0);
+                            m.frees += 1;
+                        }
                         Err((e, _)) => { prop_assert!(pins > 0); m.evictable.push((e, o, pins)); }
                     }
                 }

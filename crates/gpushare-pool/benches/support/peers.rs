@@ -98,6 +98,37 @@ impl Alloc for OffsetAlloc {
     }
 }
 
+/// A peer behind a mutex, locked once per call, as an allocator shared between threads
+/// must be: the like-for-like comparison for the pool, which is `Send + Sync`.
+pub struct Locked<A>(pub Mutex<A>, &'static str);
+
+impl<A> Locked<A> {
+    pub fn new(a: A, name: &'static str) -> Self {
+        Locked(Mutex::new(a), name)
+    }
+}
+
+impl<A: Alloc> Alloc for Locked<A> {
+    type H = A::H;
+    fn name(&self) -> &'static str {
+        self.1
+    }
+    #[inline]
+    fn alloc(&mut self, size: u64) -> Option<Self::H> {
+        // Through a shared reference, as other threads would.
+        let m: &Mutex<A> = std::hint::black_box(&self.0);
+        m.lock().alloc(size)
+    }
+    #[inline]
+    fn free(&mut self, h: Self::H) {
+        let m: &Mutex<A> = std::hint::black_box(&self.0);
+        m.lock().free(h);
+    }
+    fn peak_footprint(&self) -> u64 {
+        self.0.lock().peak_footprint()
+    }
+}
+
 /// A plain best-fit allocator: free blocks in ordered sets, coalescing, behind a mutex.
 pub struct BestFit {
     inner: Mutex<BestFitInner>,
