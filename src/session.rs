@@ -447,7 +447,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let rt = self.ctx.rt.clone();
+        let rt = &self.ctx.rt;
         // Scratch is freed in stream order: reusable at once on this stream, elsewhere
         // once the work recorded here has completed.
         if !self.scratch.is_empty() {
@@ -479,6 +479,6 @@ impl Drop for Session {
             std::mem::take(&mut self.pinned),
             &std::mem::take(&mut self.extra),
         );
-        rt.waits.ended();
+        self.ctx.rt.waits.ended();
     }
 }

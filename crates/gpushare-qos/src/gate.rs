@@ -13,19 +13,27 @@
 //! [`SessionGate::is_head`]) before each attempt, so a release after the attempt's check
 //! finds it.
 //!
-//! The generation and the number of waiters share one atomic word, so a release learns
-//! whether anyone waits from the same read-modify-write that bumps the generation, and
-//! skips the queue's lock when nobody does (the common case: a session ending with no
-//! one in line). Both orders are safe: if the release's bump comes first, the waiter's
-//! own increment reads it, and its next attempt sees the released memory; if the
-//! waiter's increment comes first, the release sees it and wakes the queue.
+//! The generation, the number of live sessions and the number of waiters share one atomic
+//! word. A session's start is one read-modify-write of it, and its end is one more that
+//! bumps the generation and drops the live count together, and learns from the value it
+//! read whether anyone waits; it skips the queue's lock when nobody does (the common case:
+//! a session ending with no one in line). Both orders are safe: if the release's bump
+//! comes first, the waiter's own increment reads it, and its next attempt sees the
+//! released memory; if the waiter's increment comes first, the release sees it and wakes
+//! the queue.
 
 use crate::queue::WaitQueue;
 use crate::sync::AtomicU64;
 
-/// The low bits of [`SessionGate::state`] count waiters; the rest is the generation.
-const WAITERS: u64 = (1 << 24) - 1;
-const GEN: u64 = 1 << 24;
+/// The fields of [`SessionGate::state`], low to high: waiters (20 bits), live sessions
+/// (20 bits: a million sessions at once), and the release generation (24 bits). The generation only tells an attempt
+/// whether anything was released while it ran; it would take 2^24 releases during one
+/// attempt for a wrap to hide one.
+const WAITERS: u64 = (1 << 20) - 1;
+const LIVE: u64 = 1 << 20;
+const LIVE_MASK: u64 = WAITERS * LIVE;
+const GEN: u64 = 1 << 40;
+const GEN_MASK: u64 = !(WAITERS | LIVE_MASK);
 use std::sync::atomic::Ordering;
 use std::task::Waker;
 use std::time::Duration;
@@ -44,10 +52,9 @@ pub enum Attempt<T, E> {
 pub struct SessionGate {
     queue: WaitQueue,
     /// The release generation (bumped on every release, so that an attempt can tell
-    /// whether anything changed) times [`GEN`], plus the number of waiters.
+    /// whether anything changed), the live sessions (each will release memory when it
+    /// ends), and the waiters; see [`GEN`], [`LIVE`] and [`WAITERS`].
     state: AtomicU64,
-    /// Live sessions: each will release memory when it ends.
-    live: AtomicU64,
     /// Stream-ordered frees whose work has not completed: each will release memory.
     pending: AtomicU64,
 }
@@ -58,7 +65,6 @@ impl SessionGate {
         SessionGate {
             queue: WaitQueue::new(aging),
             state: AtomicU64::new(0),
-            live: AtomicU64::new(0),
             pending: AtomicU64::new(0),
         }
     }
@@ -71,16 +77,17 @@ impl SessionGate {
         is_shortage: impl Fn(&E) -> bool,
     ) -> Attempt<T, E> {
         loop {
-            let gen = self.state.load(Ordering::Acquire) & !WAITERS;
+            let gen = self.state.load(Ordering::Acquire) & GEN_MASK;
             match attempt() {
                 Ok(t) => return Attempt::Done(Ok(t)),
                 Err(e) if is_shortage(&e) => {
-                    if self.live.load(Ordering::Acquire) > 0
-                        || self.pending.load(Ordering::Acquire) > 0
-                    {
+                    let now = self.state.load(Ordering::Acquire);
+                    if now & LIVE_MASK != 0 || self.pending.load(Ordering::Acquire) > 0 {
                         return Attempt::Wait;
                     }
-                    if self.state.load(Ordering::Acquire) & !WAITERS == gen {
+                    // Read again after `pending`: a free that completed in between moved
+                    // the generation before it dropped its count.
+                    if self.state.load(Ordering::Acquire) & GEN_MASK == gen {
                         return Attempt::Done(Err(e));
                     }
                 }
@@ -92,7 +99,8 @@ impl SessionGate {
     /// A session started (it will release when it ends).
     #[inline]
     pub fn started(&self) {
-        self.live.fetch_add(1, Ordering::AcqRel);
+        let before = self.state.fetch_add(LIVE, Ordering::AcqRel);
+        debug_assert!(before & LIVE_MASK != LIVE_MASK, "too many live sessions");
     }
 
     /// A session ended: it released memory.
@@ -103,9 +111,14 @@ impl SessionGate {
     /// found this: `a_session_ending_wakes_a_waiter_and_it_gets_the_memory`).
     #[inline]
     pub fn ended(&self) {
-        let waiters = self.bump();
-        self.live.fetch_sub(1, Ordering::AcqRel);
-        self.wake(waiters);
+        // One step: the generation moves and the count drops together. `GEN - LIVE` is
+        // positive, and the live field is at least 1, so nothing borrows across fields.
+        let before = self.state.fetch_add(GEN - LIVE, Ordering::AcqRel);
+        debug_assert!(
+            before & LIVE_MASK != 0,
+            "a session ended that never started"
+        );
+        self.wake(before & WAITERS);
     }
 
     /// A stream-ordered free was queued; [`SessionGate::pending_done`] follows when its
@@ -176,6 +189,6 @@ impl SessionGate {
 
     /// Live sessions.
     pub fn live(&self) -> u64 {
-        self.live.load(Ordering::Acquire)
+        (self.state.load(Ordering::Acquire) & LIVE_MASK) / LIVE
     }
 }
