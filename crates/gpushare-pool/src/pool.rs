@@ -94,13 +94,12 @@ impl Cached {
     }
 }
 
-/// Each block cached adds one to a shard's debt; each block reused from it pays back this
-/// much. A cache earns its keep only if at least a third of what it holds is reused.
+/// Each cached large block that goes back to the central allocator unused adds one to its
+/// shard's debt; each large block reused from the cache pays back this much.
 const HIT_CREDIT: i32 = 2;
 /// While a shard's debt is at or above this, it admits no more blocks (see [`Shard::debt`]).
 const DEBT_LIMIT: i32 = 32;
-/// The debt of a new shard: it admits frees, and turns to probing after this many fewer
-/// blocks than the limit go unused.
+/// The debt of a new shard: it admits large blocks until a few go back unused.
 const INITIAL_DEBT: i32 = DEBT_LIMIT - 8;
 /// A shard that admits no frees still takes one in this many, as a probe.
 const PROBE_EVERY: u32 = 16;
@@ -118,22 +117,28 @@ struct Shard {
     hits: u64,
     /// Frees into this shard.
     frees: u64,
-    /// Admission control. A cached block is invisible to the central allocator: it cannot
-    /// coalesce with its free neighbours, and requests of other sizes are placed around it.
-    /// That is worth it only when the sizes freed come back, as with repeated activations or
-    /// hot allocate+free pairs. When they do not (sizes drawn from a wide range, say), the
-    /// cache fills with blocks nobody asks for, which spreads the heap (peak mapped ÷ peak
-    /// live went from 1.054 to 1.065 on the serving replay) and saves no time. So the
-    /// shard keeps score: caching a block costs 1, a hit earns [`HIT_CREDIT`]. At
-    /// [`DEBT_LIMIT`] the shard stops admitting blocks and holds only the most recent
-    /// freed block as a probe (see [`Pool::probe_cache`]); hits on probes bring it back.
+    /// Admission control for large blocks (above `small`). A cached block is invisible to
+    /// the central allocator: it cannot coalesce with its free neighbours, and requests of
+    /// other sizes are placed around it. For small blocks that costs little, and they are
+    /// the ones that repeat, so they are always admitted. A large block is worth caching
+    /// only when its size comes back, as with repeated activations or hot allocate+free
+    /// pairs. When sizes are drawn from a wide range and seldom seen again, the cache fills
+    /// with large blocks nobody asks for, which spreads the heap (peak mapped ÷ peak live
+    /// went from 1.054 to 1.065 on the serving replay) and saves no time. The waste shows
+    /// when those blocks go back to the central allocator unused, as they all do before
+    /// the pool grows. So the shard keeps score: each large block returned unused costs 1,
+    /// each large hit earns [`HIT_CREDIT`]. At [`DEBT_LIMIT`] the shard stops admitting
+    /// large blocks and holds at most one, a probe (see [`Pool::probe_cache`]); hits on
+    /// probes bring it back.
     debt: i32,
+    /// Blocks of at most this many bytes are small (see `debt`).
+    small: u64,
+    /// The probe, if one is held: its class and node.
+    probe: Option<(u32, u32)>,
 }
 
-impl Default for Shard {
-    /// An empty shard that admits frees, but starts with some debt, so a workload
-    /// whose sizes do not repeat soon turns its cache off.
-    fn default() -> Self {
+impl Shard {
+    fn new(small: u64) -> Self {
         Shard {
             bins: Vec::new(),
             nonempty: Vec::new(),
@@ -141,17 +146,45 @@ impl Default for Shard {
             hits: 0,
             frees: 0,
             debt: INITIAL_DEBT,
+            small,
+            probe: None,
         }
     }
-}
 
-impl Shard {
     /// Put a block taken by mistake back where it came from.
     fn put(&mut self, c: Cached) {
         self.hits -= 1;
         self.frees -= 1;
-        self.debt = (self.debt + HIT_CREDIT - 1).min(DEBT_CAP);
+        if c.size > self.small {
+            self.debt = (self.debt + HIT_CREDIT).min(DEBT_CAP);
+        }
         self.push(c);
+    }
+
+    /// Whether a freed block of `size` bytes may be cached here (room aside).
+    #[inline]
+    fn admits_size(&self, size: u64) -> bool {
+        size <= self.small || self.admits()
+    }
+
+    /// Count a cached block going back to the central allocator unused.
+    fn returned_unused(&mut self, size: u64) {
+        if size > self.small {
+            self.debt = (self.debt + 1).min(DEBT_CAP);
+        }
+    }
+
+    /// Take the probe out, if one is held.
+    fn take_probe(&mut self) -> Option<Cached> {
+        let (class, node) = self.probe.take()?;
+        let bin = self.bins.get_mut(class as usize)?;
+        let i = bin.iter().position(|e| e.node == node)?;
+        let e = bin.swap_remove(i);
+        if bin.is_empty() {
+            self.nonempty[class as usize / 64] &= !(1 << (class % 64));
+        }
+        self.bytes -= e.size;
+        Some(e)
     }
 
     /// Whether frees may be cached here.
@@ -190,7 +223,12 @@ impl Shard {
         }
         self.bytes -= c.size;
         self.hits += 1;
-        self.debt = (self.debt - HIT_CREDIT).max(-DEBT_CAP);
+        if c.size > self.small {
+            self.debt = (self.debt - HIT_CREDIT).max(-DEBT_CAP);
+            if self.probe.is_some_and(|(_, n)| n == c.node) {
+                self.probe = None;
+            }
+        }
         Some(c)
     }
 
@@ -209,7 +247,6 @@ impl Shard {
         let class = c.class as usize;
         self.bytes += c.size;
         self.frees += 1;
-        self.debt = (self.debt + 1).min(DEBT_CAP);
         self.nonempty[class / 64] |= 1 << (class % 64);
         self.bins[class].push(c);
     }
@@ -223,21 +260,28 @@ struct ShardCell {
     /// sends a request down the slower path.
     hint_nonempty: Box<[AtomicU64]>,
     hint_bytes: AtomicU64,
-    /// Mirror of [`Shard::admits`]: 1 when the shard admits frees.
+    /// Mirror of [`Shard::admits`]: 1 when the shard admits large frees.
     hint_admits: AtomicU32,
+    /// 1 when the shard may hold a probe (set with it, cleared when it is returned; a
+    /// hit leaves it set, which costs one needless look).
+    hint_probe: AtomicU32,
+    /// Mirror of [`Shard::small`].
+    small: u64,
     /// Frees the shard refused, to pick which ones probe it.
     frees_refused: AtomicU32,
 }
 
 impl ShardCell {
-    fn new(classes: usize) -> Self {
+    fn new(classes: usize, small: u64) -> Self {
         ShardCell {
-            lock: ShardLock::new(Shard::default()),
+            lock: ShardLock::new(Shard::new(small)),
             hint_nonempty: (0..classes.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             hint_bytes: AtomicU64::new(0),
             hint_admits: AtomicU32::new(1),
+            hint_probe: AtomicU32::new(0),
+            small,
             frees_refused: AtomicU32::new(0),
         }
     }
@@ -245,7 +289,7 @@ impl ShardCell {
     /// Whether a free of `size` bytes may find room in this shard, judging by the hints.
     #[inline]
     fn may_admit(&self, size: u64, budget: u64) -> bool {
-        self.hint_admits.load(Ordering::Relaxed) != 0
+        (size <= self.small || self.hint_admits.load(Ordering::Relaxed) != 0)
             && self.hint_bytes.load(Ordering::Relaxed) + size <= budget
     }
 
@@ -264,6 +308,16 @@ impl ShardCell {
             self.hint_nonempty.get(class / 64),
             sh.nonempty.get(class / 64),
         ) {
+            h.store(w, Ordering::Relaxed);
+        }
+        self.hint_bytes.store(sh.bytes, Ordering::Relaxed);
+        self.hint_admits
+            .store(u32::from(sh.admits()), Ordering::Relaxed);
+    }
+
+    /// Publish the whole state of a shard (call with the lock held).
+    fn publish_all(&self, sh: &Shard) {
+        for (h, &w) in self.hint_nonempty.iter().zip(&sh.nonempty) {
             h.store(w, Ordering::Relaxed);
         }
         self.hint_bytes.store(sh.bytes, Ordering::Relaxed);
@@ -428,7 +482,7 @@ impl<S: ChunkSource> Pool<S> {
             .map(|_| OwnerSlot {
                 gen: AtomicU32::new(0),
                 shards: (0..shards)
-                    .map(|_| CachePadded::new(ShardCell::new(cache_classes)))
+                    .map(|_| CachePadded::new(ShardCell::new(cache_classes, g / 16)))
                     .collect(),
             })
             .collect();
@@ -572,7 +626,7 @@ impl<S: ChunkSource> Pool<S> {
             c.allocs += sh.hits;
             c.frees += sh.frees;
             c.retired_hits += sh.hits;
-            *sh = Shard::default();
+            *sh = Shard::new(cell.small);
             cell.publish_empty(&sh);
         }
         slot.gen.store(owner.gen + 1, Ordering::Release);
@@ -697,13 +751,11 @@ impl<S: ChunkSource> Pool<S> {
         // The owner may have been removed (and its slot reused) since the check above;
         // generations only change under this lock.
         self.slot(owner)?;
-        // A probe block this request did not reuse goes back first, so that it can
-        // coalesce and serve this request (see `probe_cache`).
+        // A probe this request did not reuse goes back first, so that it can coalesce
+        // and serve this request (see `probe_cache`).
         let cell = self.cell(slot);
-        if cell.hint_admits.load(Ordering::Relaxed) == 0
-            && cell.hint_bytes.load(Ordering::Relaxed) != 0
-        {
-            self.flush_cell(&mut c, owner.slot as usize, cell, None);
+        if cell.hint_probe.load(Ordering::Relaxed) != 0 {
+            let _none = self.return_probe(&mut c, owner.slot as usize, cell, None);
         }
         let (node, offset) = self.alloc_central(&mut c, owner, csize, align, stream, false)?;
         let acct = c.owners[owner.slot as usize]
@@ -731,7 +783,7 @@ impl<S: ChunkSource> Pool<S> {
                     && cell.may_admit(block.size, self.cfg.cache_bytes_per_shard)
                 {
                     let mut sh = cell.lock.lock();
-                    if sh.admits()
+                    if sh.admits_size(block.size)
                         && sh.bytes + block.size <= self.cfg.cache_bytes_per_shard
                         && (block.class as usize) < sh.bins.len()
                     {
@@ -788,18 +840,18 @@ impl<S: ChunkSource> Pool<S> {
             event,
         };
         if block.size <= self.cfg.cache_max_block && (block.class as usize) < self.cache_classes {
-            if cell.hint_admits.load(Ordering::Relaxed) == 0 {
+            if block.size > cell.small && cell.hint_admits.load(Ordering::Relaxed) == 0 {
                 // A plain counter: a lost update only moves a probe.
                 let n = cell.frees_refused.load(Ordering::Relaxed).wrapping_add(1);
                 cell.frees_refused.store(n, Ordering::Relaxed);
-                if n.is_multiple_of(PROBE_EVERY) && block.size <= self.cfg.cache_bytes_per_shard {
-                    self.probe_cache(i, cell, cached);
-                    return Ok(());
+                if n.is_multiple_of(PROBE_EVERY) {
+                    return self.probe_cache(i, cell, cached);
                 }
-            }
-            if cell.may_admit(block.size, self.cfg.cache_bytes_per_shard) {
+            } else if cell.may_admit(block.size, self.cfg.cache_bytes_per_shard) {
                 let mut sh = cell.lock.lock();
-                if sh.admits() && sh.bytes + block.size <= self.cfg.cache_bytes_per_shard {
+                if sh.admits_size(block.size)
+                    && sh.bytes + block.size <= self.cfg.cache_bytes_per_shard
+                {
                     Self::push_growing(&mut sh, self.cache_classes, cached);
                     cell.publish(&sh, block.class as usize);
                     return Ok(());
@@ -824,16 +876,53 @@ impl<S: ChunkSource> Pool<S> {
         sh.push(e);
     }
 
-    /// Free into a shard that admits nothing (see [`Shard::debt`]), one free in
-    /// [`PROBE_EVERY`]: the block becomes the shard's only one, and what it held goes back
-    /// to the central allocator. The next allocation that misses the cache returns it too
-    /// (in `alloc_slow`), so a probe never sits in the way. A hit on it counts towards
-    /// admitting frees again, so the cache comes back when the sizes freed start to repeat.
+    /// Free a large block into a shard that admits none (see [`Shard::debt`]), one free in
+    /// [`PROBE_EVERY`]: the block becomes the shard's probe, and the previous probe goes
+    /// back to the central allocator. The next allocation that misses the cache returns
+    /// it too (in `alloc_slow`), so a probe never sits in the way. A hit on it counts
+    /// towards admitting large frees again, so the cache takes them again when their sizes
+    /// start to repeat.
     #[cold]
-    fn probe_cache(&self, i: usize, cell: &ShardCell, e: Cached) {
-        // The shard counts this free, as for any block it takes.
+    fn probe_cache(&self, i: usize, cell: &ShardCell, e: Cached) -> Result<(), FreeError> {
         let mut c = self.central.lock();
-        self.flush_cell(&mut c, i, cell, Some(e));
+        if let Some(e) = self.return_probe(&mut c, i, cell, Some(e)) {
+            // No room for it: an ordinary free.
+            if let Some(a) = c.owners[i].as_mut() {
+                a.frees += 1;
+            }
+            c.frees += 1;
+            self.release_node(&mut c, i, e.node, e.size, e.stream, e.event);
+        }
+        Ok(())
+    }
+
+    /// Return the probe of a shard of owner `i` to the central allocator, if it holds one,
+    /// and make `next` (a block being freed) the new probe if the shard has room for it;
+    /// if not, `next` comes back.
+    fn return_probe(
+        &self,
+        c: &mut Central,
+        i: usize,
+        cell: &ShardCell,
+        next: Option<Cached>,
+    ) -> Option<Cached> {
+        let mut sh = cell.lock.lock();
+        if let Some(old) = sh.take_probe() {
+            sh.returned_unused(old.size);
+            self.release_node(c, i, old.node, old.size, old.stream, old.event);
+        }
+        cell.hint_probe.store(0, Ordering::Relaxed);
+        let left = match next {
+            Some(e) if sh.bytes + e.size <= self.cfg.cache_bytes_per_shard => {
+                sh.probe = Some((e.class, e.node));
+                Self::push_growing(&mut sh, self.cache_classes, e);
+                cell.hint_probe.store(1, Ordering::Relaxed);
+                None
+            }
+            other => other,
+        };
+        cell.publish_all(&sh);
+        left
     }
 
     /// Give a block's node back to the central allocator and uncharge its owner.
@@ -1097,14 +1186,13 @@ impl<S: ChunkSource> Pool<S> {
             .shards
             .iter()
             .filter(|cell| cell.hint_bytes.load(Ordering::Relaxed) != 0)
-            .map(|cell| self.flush_cell(c, i, cell, None))
+            .map(|cell| self.flush_cell(c, i, cell))
             .sum()
     }
 
-    /// Return the blocks of one shard of owner `i` to the central allocator, leaving `keep`
-    /// (a block being freed, counted as a free into the shard) as its only one. Returns
-    /// the bytes returned.
-    fn flush_cell(&self, c: &mut Central, i: usize, cell: &ShardCell, keep: Option<Cached>) -> u64 {
+    /// Return the blocks of one shard of owner `i` to the central allocator. Returns the
+    /// bytes returned.
+    fn flush_cell(&self, c: &mut Central, i: usize, cell: &ShardCell) -> u64 {
         let mut sh = cell.lock.lock();
         let mut total = 0;
         // Blocks go back with the shard's lock held (the central lock is taken first, as
@@ -1116,20 +1204,17 @@ impl<S: ChunkSource> Pool<S> {
                 *word &= *word - 1;
                 for e in shr.bins[w * 64 + b].drain(..) {
                     total += e.size;
+                    if e.size > shr.small {
+                        shr.debt = (shr.debt + 1).min(DEBT_CAP);
+                    }
                     self.release_node(c, i, e.node, e.size, e.stream, e.event);
                 }
             }
         }
         sh.bytes = 0;
-        match keep {
-            Some(e) => {
-                let class = e.class as usize;
-                Self::push_growing(&mut sh, self.cache_classes, e);
-                cell.publish_empty(&sh);
-                cell.publish(&sh, class);
-            }
-            None => cell.publish_empty(&sh),
-        }
+        sh.probe = None;
+        cell.hint_probe.store(0, Ordering::Relaxed);
+        cell.publish_empty(&sh);
         total
     }
 

@@ -281,28 +281,43 @@ fn stream_ordered_reuse_through_the_cache() {
 }
 
 #[test]
-fn a_cache_whose_blocks_are_not_reused_turns_itself_off_and_back_on() {
+fn a_cache_whose_large_blocks_are_not_reused_stops_taking_them_and_takes_them_again() {
     let p = pool(PoolConfig::default().shards(1));
     let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
-    // 200 blocks of sizes that never come back: 20 MiB, well within the cache's budget.
-    let blocks: Vec<_> = (0..200u64)
-        .map(|i| p.alloc(o, 64 * 1024 + i * 4096, S1).unwrap())
-        .collect();
-    let biggest = blocks.iter().map(|b| b.size()).max().unwrap();
-    for b in blocks {
-        p.free(b).unwrap();
-    }
-    // The cache kept only the first few, then went back to probing.
+    // Sizes that never come back (all above the small-block size of 128 KiB, for 2 MiB
+    // chunks): 60 MiB, within the cache's budget.
+    let distinct = |p: &Pool<HostSource>, from: u64| {
+        let blocks: Vec<_> = (from..from + 100)
+            .map(|i| p.alloc(o, 256 * 1024 + i * 8192, S1).unwrap())
+            .collect();
+        let biggest = blocks.iter().map(|b| b.size()).max().unwrap();
+        for b in blocks {
+            p.free(b).unwrap();
+        }
+        biggest
+    };
+    distinct(&p, 0);
+    assert!(p.stats().owners[0].cached_bytes > 20 * MIB);
+    // Trimming returns them unused: the cache now refuses large blocks...
+    p.trim().unwrap();
+    let biggest = distinct(&p, 100);
     let s = p.stats();
     assert!(
-        s.owners[0].cached_bytes <= 10 * biggest,
+        s.owners[0].cached_bytes <= biggest,
         "{} B cached",
         s.owners[0].cached_bytes
     );
-    // A size that repeats brings it back: most later pairs hit.
+    // ...but small ones are still cached at once.
+    let small = p.alloc(o, 4096, S1).unwrap();
+    let off = small.offset();
+    p.free(small).unwrap();
+    let again = p.alloc(o, 4096, S1).unwrap();
+    assert_eq!(again.offset(), off);
+    p.free(again).unwrap();
+    // A large size that repeats brings large blocks back: most later pairs hit.
     let hits = s.cache_hits;
     for _ in 0..1000 {
-        let b = p.alloc(o, 100_000, S1).unwrap();
+        let b = p.alloc(o, MIB, S1).unwrap();
         p.free(b).unwrap();
     }
     let s = p.stats();
