@@ -3,10 +3,16 @@
 //! [`ChunkSource`] that maps chunks into one reserved virtual range.
 //!
 //! - **Bookkeeping**: a two-level segregated fit (TLSF) over u64 offsets, metadata in a slab
-//!   outside the managed memory, bitmap search, O(1) allocate and free, coalescing.
+//!   outside the managed memory, bitmap search, O(1) allocate and free, coalescing. Blocks
+//!   of at most one chunk are cut from the end of the free block that serves them, larger
+//!   ones from its start, which keeps short-lived small blocks out of the ranges that large
+//!   requests need whole.
 //! - **Hot path**: blocks up to [`PoolConfig::cache_max_block`] are cached per owner and per
 //!   thread shard by size class, so a repeated allocate/free pair takes one uncontended lock
-//!   each way and never reaches the central allocator or the driver.
+//!   each way and never reaches the central allocator or the driver. Small blocks (up to a
+//!   sixteenth of a chunk) are always cached; large ones only while cached large blocks are
+//!   being reused, since a cached block cannot coalesce and spreads the heap when nobody
+//!   asks for it again.
 //! - **Owners** have a hard limit and a reserved base; every path that hands out memory
 //!   (fresh, cached, restored) is charged.
 //! - **Stream-ordered reuse**: [`Pool::free_after`] frees a block on a stream with an event;
