@@ -97,11 +97,12 @@ impl Cached {
 /// Each cached large block that goes back to the central allocator unused adds one to its
 /// shard's debt; each large block reused from the cache pays back this much.
 const HIT_CREDIT: i32 = 2;
-/// While a shard's debt is at or above this, it admits no more blocks (see [`Shard::debt`]).
+/// While a shard's debt is at or above this, it admits no more large blocks (see
+/// [`Shard::debt`]).
 const DEBT_LIMIT: i32 = 32;
 /// The debt of a new shard: it admits large blocks until a few go back unused.
 const INITIAL_DEBT: i32 = DEBT_LIMIT - 8;
-/// A shard that admits no frees still takes one in this many, as a probe.
+/// A shard that admits no large frees still takes one in this many, as a probe.
 const PROBE_EVERY: u32 = 16;
 /// Bound on the debt either way, so that a long history neither locks the cache out nor
 /// keeps it open for long after the pattern changes.
