@@ -125,12 +125,13 @@ struct Shard {
     /// only when its size comes back, as with repeated activations or hot allocate+free
     /// pairs. When sizes are drawn from a wide range and seldom seen again, the cache fills
     /// with large blocks nobody asks for, which spreads the heap (peak mapped ÷ peak live
-    /// went from 1.054 to 1.065 on the serving replay) and saves no time. The waste shows
-    /// when those blocks go back to the central allocator unused, as they all do before
-    /// the pool grows. So the shard keeps score: each large block returned unused costs 1,
-    /// each large hit earns [`HIT_CREDIT`]. At [`DEBT_LIMIT`] the shard stops admitting
-    /// large blocks and holds at most one, a probe (see [`Pool::probe_cache`]); hits on
-    /// probes bring it back.
+    /// went from 1.054 to 1.065 on the serving replay). Its occasional hits do save central
+    /// work (a quarter of the pool's instructions on that replay), but device memory is the
+    /// scarcer resource, so the pool gives them up. The waste shows when those blocks go
+    /// back to the central allocator unused, as they all do before the pool grows. So the
+    /// shard keeps score: each large block returned unused costs 1, each large hit earns
+    /// [`HIT_CREDIT`]. At [`DEBT_LIMIT`] the shard stops admitting large blocks and holds
+    /// at most one, a probe (see [`Pool::probe_cache`]); hits on probes bring it back.
     debt: i32,
     /// Blocks of at most this many bytes are small (see `debt`).
     small: u64,
