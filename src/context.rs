@@ -64,13 +64,19 @@ impl CtxInner {
     /// removed or reordered, so a prefix of them stays the same buffers.)
     pub fn end_use(&self, prefix: usize, extra: &[EvictableKey]) {
         let mut slots = self.buffers.lock();
-        let unpinned = self.rt.pool.unpin_all(
-            slots
-                .iter()
-                .enumerate()
-                .filter(|(i, s)| *i < prefix || extra.contains(&s.key))
-                .map(|(_, s)| &s.id),
-        );
+        let unpinned = if extra.is_empty() {
+            self.rt
+                .pool
+                .unpin_all(slots.iter().take(prefix).map(|s| &s.id))
+        } else {
+            self.rt.pool.unpin_all(
+                slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, s)| *i < prefix || extra.contains(&s.key))
+                    .map(|(_, s)| &s.id),
+            )
+        };
         if let Err(e) = unpinned {
             tracing::error!(context = %self.name, error = %e, "unpinning buffers failed");
         }

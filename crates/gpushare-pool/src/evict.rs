@@ -143,6 +143,7 @@ impl EvState {
         }
     }
 
+    #[inline]
     pub fn lookup(&self, pool: u32, id: &EvictableId) -> Result<u32, PoolError> {
         if id.pool != pool {
             return Err(PoolError::ForeignBlock {
@@ -155,6 +156,7 @@ impl EvState {
         }
     }
 
+    #[inline]
     pub fn get(&self, idx: u32) -> &Entry {
         &self.entries[idx as usize]
     }
@@ -205,12 +207,14 @@ impl EvState {
         self.tails[t] = idx;
     }
 
+    #[inline]
     pub fn pin(&mut self, idx: u32) {
         self.unlink(idx);
         self.entries[idx as usize].pins += 1;
     }
 
     /// Drop a pin; returns true when it was the last one.
+    #[inline]
     pub fn unpin(&mut self, idx: u32) -> Result<bool, PoolError> {
         let e = &mut self.entries[idx as usize];
         if e.pins == 0 {

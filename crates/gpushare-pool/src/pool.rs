@@ -1507,16 +1507,25 @@ impl<S: ChunkSource> Pool<S> {
         I: IntoIterator<Item = &'a EvictableId> + Clone,
     {
         let mut c = self.central.lock();
+        // One pass: pin while every block so far is resident; on the first that is not
+        // (or a bad handle), take back the pins made so far. Nobody sees pins made and
+        // taken back under one lock; the blocks only move to the most recently used end of
+        // the LRU, where the caller's slow path, which pins them next, puts them anyway.
+        let mut pinned = 0usize;
+        let mut failed = None;
         for id in ids.clone() {
-            let idx = c.ev.lookup(self.id, id)?;
-            if !matches!(c.ev.get(idx).residency, Residency::Resident { .. }) {
-                return Ok(false);
-            }
-        }
-        for id in ids {
-            // Looked up above under the same lock, so this cannot fail.
-            let idx = c.ev.lookup(self.id, id)?;
+            let idx = match c.ev.lookup(self.id, id) {
+                Ok(idx) => idx,
+                Err(e) => {
+                    failed = Some(Err(e));
+                    break;
+                }
+            };
             let e = c.ev.get(idx);
+            if !matches!(e.residency, Residency::Resident { .. }) {
+                failed = Some(Ok(false));
+                break;
+            }
             let (owner, size, first) = (e.owner, e.size, e.pins == 0);
             c.ev.pin(idx);
             if first {
@@ -1524,8 +1533,18 @@ impl<S: ChunkSource> Pool<S> {
                     a.evictable_pinned += size;
                 }
             }
+            pinned += 1;
         }
-        Ok(true)
+        let Some(result) = failed else {
+            return Ok(true);
+        };
+        for id in ids.into_iter().take(pinned) {
+            // Pinned above under this lock: the handle is valid and the pin is there.
+            if let Ok(idx) = c.ev.lookup(self.id, id) {
+                Self::unpin_idx(&mut c, idx)?;
+            }
+        }
+        result
     }
 
     /// Drop one pin. At zero pins the block joins its tier's LRU as most recently used.
@@ -1542,23 +1561,28 @@ impl<S: ChunkSource> Pool<S> {
         let mut c = self.central.lock();
         let mut first_err = None;
         for id in ids {
-            let r = c.ev.lookup(self.id, id).and_then(|idx| {
-                let (owner, size) = {
-                    let e = c.ev.get(idx);
-                    (e.owner, e.size)
-                };
-                if c.ev.unpin(idx)? {
-                    if let Some(a) = c.owners[owner.slot as usize].as_mut() {
-                        a.evictable_pinned -= size;
-                    }
-                }
-                Ok(())
-            });
+            let r =
+                c.ev.lookup(self.id, id)
+                    .and_then(|idx| Self::unpin_idx(&mut c, idx));
             if let Err(e) = r {
                 first_err.get_or_insert(e);
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Drop one pin of the block at `idx`, keeping its owner's pinned bytes.
+    fn unpin_idx(c: &mut Central, idx: u32) -> Result<(), PoolError> {
+        let (owner, size) = {
+            let e = c.ev.get(idx);
+            (e.owner, e.size)
+        };
+        if c.ev.unpin(idx)? {
+            if let Some(a) = c.owners[owner.slot as usize].as_mut() {
+                a.evictable_pinned -= size;
+            }
+        }
+        Ok(())
     }
 
     /// Whether an evictable block is resident now.

@@ -488,6 +488,13 @@ fn a_resident_set_is_pinned_whole_or_not_at_all() {
         0,
         "nothing held partly"
     );
+    // The same with the resident block first: its pin is taken back.
+    assert!(!p.pin_all_resident([&b, &a]).unwrap());
+    assert_eq!(
+        p.stats().owners[1].evictable_pinned_bytes,
+        0,
+        "nothing held partly"
+    );
     // So `b` can still be evicted.
     let y = p.alloc(g, MIB, S1).unwrap();
     assert!(!p.is_resident(&b).unwrap());
