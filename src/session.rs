@@ -119,9 +119,8 @@ impl SessionFuture {
         }
     }
 
-    fn attempt(&self) -> Result<usize> {
+    fn attempt(&self, fast: bool) -> Result<usize> {
         let c = &self.ctx.inner;
-        let fast = matches!(self.state, State::Start);
         match pin_all(c, fast) {
             Err(e) if e.is_oom() => match c.rt.relieve(&self.ctx, 0) {
                 Some(Pressure::Allow) => pin_all(c, false),
@@ -133,14 +132,21 @@ impl SessionFuture {
 
     /// Try until it succeeds, fails for good, or has to wait (see
     /// [`gpushare_qos::gate`]).
+    ///
+    /// Only the first try may take the fast path. A fast path that gives up ends the
+    /// session it started, which moves the release generation; the gate would take that
+    /// for memory released by someone else and try again, and a session short of memory
+    /// with no other session live would loop here for ever.
     fn try_now(&self) -> Step {
-        match self
-            .ctx
-            .inner
-            .rt
-            .waits
-            .attempt(|| self.attempt(), RuntimeError::is_oom)
-        {
+        let mut fast = matches!(self.state, State::Start);
+        match self.ctx.inner.rt.waits.attempt(
+            || {
+                let r = self.attempt(fast);
+                fast = false;
+                r
+            },
+            RuntimeError::is_oom,
+        ) {
             Attempt::Done(r) => Step::Done(r),
             Attempt::Wait => Step::Wait,
         }

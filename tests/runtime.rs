@@ -67,13 +67,48 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_context_with_its_own_compute_share_gives_it_back],
+    sync: [a_session_short_of_memory_with_none_live_fails_at_once, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_context_with_its_own_compute_share_gives_it_back],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
 /// The backend-generic tests.
 mod tests {
     use super::*;
+
+    pub fn a_session_short_of_memory_with_none_live_fails_at_once(open: Open) {
+        let rt = runtime(open, 64 * MIB, 4.0);
+        let llm = rt
+            .create_context(ContextSpec::new("llm", 64 * MIB).tier(Tier::Guaranteed))
+            .unwrap();
+        let vision = rt
+            .create_context(ContextSpec::new("vision", 64 * MIB).tier(Tier::BestEffort))
+            .unwrap();
+        let off = vision.create_buffer(32 * MIB).unwrap();
+        vision
+            .session()
+            .unwrap()
+            .write(&off, 0, &pattern(1024, 5))
+            .unwrap();
+        // Guaranteed weights push the vision buffer out, and are never evicted themselves.
+        let _weights = llm.create_buffer(48 * MIB).unwrap();
+        drop(llm.session().unwrap());
+        assert!(!off.is_resident());
+        // Nothing live can free memory for it: the session fails, and does not retry for
+        // ever on the release its own fast path made when it gave up.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let v = vision.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(v.session().map(drop));
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Err(e)) => assert!(
+                matches!(e, RuntimeError::OutOfMemory { .. } | RuntimeError::Pool(_)),
+                "{e}"
+            ),
+            Ok(Ok(())) => panic!("the vision buffer cannot fit beside the weights"),
+            Err(_) => panic!("the session neither succeeded nor failed in 20 s"),
+        }
+    }
 
     pub fn a_dropped_buffer_is_reused_only_after_work_queued_on_it(open: Open) {
         let rt = runtime(open, 48 * MIB, 4.0);
