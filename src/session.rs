@@ -234,7 +234,15 @@ pub struct Session {
     ctx: Arc<CtxInner>,
     /// The first `pinned` slots of the context's buffers are pinned by this session...
     pinned: usize,
-    /// ...and so are these, made after the session started and used through it.
+    /// ...and what else it holds, allocated on first use: most sessions hold nothing else,
+    /// and then creating and ending one moves and drops no lists.
+    more: Option<Box<Held>>,
+}
+
+/// What a session holds besides a prefix of its context's buffers.
+#[derive(Default)]
+struct Held {
+    /// Buffers made after the session started and used through it, pinned.
     extra: Vec<EvictableKey>,
     scratch: Vec<Block>,
     /// Buffers of other contexts this session uses (see [`Session::borrow`]).
@@ -243,10 +251,14 @@ pub struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (extra, scratch) = self
+            .more
+            .as_ref()
+            .map_or((0, 0), |m| (m.extra.len(), m.scratch.len()));
         f.debug_struct("Session")
             .field("context", &self.ctx.name)
-            .field("pinned", &(self.pinned + self.extra.len()))
-            .field("scratch", &self.scratch.len())
+            .field("pinned", &(self.pinned + extra))
+            .field("scratch", &scratch)
             .finish()
     }
 }
@@ -256,10 +268,16 @@ impl Session {
         Session {
             ctx,
             pinned,
-            extra: Vec::new(),
-            scratch: Vec::new(),
-            borrowed: Vec::new(),
+            more: None,
         }
+    }
+
+    fn more(&mut self) -> &mut Held {
+        self.more.get_or_insert_with(Box::default)
+    }
+
+    fn holds_extra(&self, key: &EvictableKey) -> bool {
+        self.more.as_ref().is_some_and(|m| m.extra.contains(key))
     }
 
     /// The context's stream. On CUDA, `stream().cuda_stream()` is the cudarc stream to
@@ -285,7 +303,7 @@ impl Session {
                 .map_err(|e| RuntimeError::from_pool(e, &c.name))
         })?;
         let range = DeviceRange::new(DevicePtr(c.rt.pool.addr(&b)), size);
-        self.scratch.push(b);
+        self.more().scratch.push(b);
         Ok(Scratch { range })
     }
 
@@ -318,11 +336,13 @@ impl Session {
             .pool
             .pin(&slot.id, self.ctx.stream_id)
             .map_err(|e| RuntimeError::from_pool(e, &self.ctx.name))?;
-        if i < self.pinned || self.extra.contains(&buf.key) {
+        if i < self.pinned || self.holds_extra(&buf.key) {
             // Already pinned by this session: drop the extra pin.
             let _ = self.ctx.rt.pool.unpin(&slot.id);
         } else {
-            self.extra.push(buf.key);
+            let key = buf.key;
+            drop(slots);
+            self.more().extra.push(key);
         }
         Ok(DeviceRange::new(DevicePtr(p.addr), buf.size()))
     }
@@ -364,28 +384,29 @@ impl Session {
             .pool
             .pin(&slot.id, owner.stream_id)
             .map_err(|e| RuntimeError::from_pool(e, &owner.name))?;
-        let already = self
-            .borrowed
-            .iter()
-            .any(|(c, k)| Arc::ptr_eq(c, owner) && *k == buf.key);
+        let already = self.more.as_ref().is_some_and(|m| {
+            m.borrowed
+                .iter()
+                .any(|(c, k)| Arc::ptr_eq(c, owner) && *k == buf.key)
+        });
         if already {
             let _ = owner.rt.pool.unpin(&slot.id);
         } else {
             owner.add_use(&slots);
-            self.borrowed.push((owner.clone(), buf.key));
+            drop(slots);
+            self.more().borrowed.push((owner.clone(), buf.key));
         }
         Ok(DeviceRange::new(DevicePtr(p.addr), buf.size()))
     }
 
     /// End this session's borrows: each owner's stream waits for this session's work, then
     /// the buffers are unpinned.
-    fn end_borrows(&mut self) {
-        let rt = self.ctx.rt.clone();
+    fn end_borrows(&self, borrowed: Vec<(Arc<CtxInner>, EvictableKey)>) {
+        let rt = &self.ctx.rt;
         let fence = rt
             .dev
             .create_event(gpushare_device::EventFlags::default())
             .and_then(|ev| rt.dev.record_event(&ev, &self.ctx.stream).map(|_| ev));
-        let borrowed = std::mem::take(&mut self.borrowed);
         for (i, (owner, key)) in borrowed.iter().enumerate() {
             let first = borrowed[..i].iter().all(|(c, _)| !Arc::ptr_eq(c, owner));
             if first {
@@ -453,14 +474,25 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        let Some(more) = self.more.take() else {
+            // Nothing but the prefix: the common case.
+            self.ctx.end_use(self.pinned, &[]);
+            self.ctx.rt.waits.ended();
+            return;
+        };
+        let Held {
+            extra,
+            mut scratch,
+            borrowed,
+        } = *more;
         let rt = &self.ctx.rt;
         // Scratch is freed in stream order: reusable at once on this stream, elsewhere
         // once the work recorded here has completed.
-        if !self.scratch.is_empty() {
+        if !scratch.is_empty() {
             match Event::record(&self.ctx) {
                 Ok(ev) => {
                     let done: Arc<dyn FreeEvent> = Arc::new(Done(ev));
-                    for b in self.scratch.drain(..) {
+                    for b in scratch.drain(..) {
                         if let Err(e) = rt.pool.free_after(b, self.ctx.stream_id, done.clone()) {
                             tracing::error!(error = %e, "freeing scratch failed");
                         }
@@ -472,19 +504,16 @@ impl Drop for Session {
                 Err(e) => {
                     tracing::warn!(error = %e, "recording the end of a session failed; waiting for its stream");
                     let _ = rt.dev.synchronize_stream(&self.ctx.stream);
-                    for b in self.scratch.drain(..) {
+                    for b in scratch.drain(..) {
                         let _ = rt.pool.free(b);
                     }
                 }
             }
         }
-        if !self.borrowed.is_empty() {
-            self.end_borrows();
+        if !borrowed.is_empty() {
+            self.end_borrows(borrowed);
         }
-        self.ctx.end_use(
-            std::mem::take(&mut self.pinned),
-            &std::mem::take(&mut self.extra),
-        );
+        self.ctx.end_use(self.pinned, &extra);
         self.ctx.rt.waits.ended();
     }
 }
