@@ -148,3 +148,47 @@ fn stream_ordered_reuse_across_two_streams() {
         pool.free(b).unwrap();
     });
 }
+
+#[test]
+fn a_probe_racing_a_cache_miss_keeps_accounting_exact() {
+    loom::model(|| {
+        let pool = Arc::new(small_pool(16 * G));
+        let o = pool.add_owner(OwnerSpec::new("o", 16 * G)).unwrap();
+        let s = StreamId(0);
+        // Large blocks here are above 4 KiB (a sixteenth of a chunk). Eight of them cached
+        // and returned unused make the shard refuse large blocks...
+        let blocks: Vec<_> = (0..8u64)
+            .map(|i| pool.alloc(o, 8192 + i * 1024, s).unwrap())
+            .collect();
+        for b in blocks {
+            pool.free(b).unwrap();
+        }
+        pool.trim().unwrap();
+        // ...so these frees go to the central allocator, and the next one is a probe.
+        for _ in 0..15 {
+            let b = pool.alloc(o, 8192, s).unwrap();
+            pool.free(b).unwrap();
+        }
+        assert_eq!(pool.stats().cached_bytes, 0);
+        let probe = pool.alloc(o, 8192, s).unwrap();
+        let t = {
+            let pool = pool.clone();
+            // The probe goes in while a request of another size misses the cache and
+            // returns whatever probe it finds.
+            thread::spawn(move || pool.free(probe).unwrap())
+        };
+        let other = pool.alloc(o, 12 * 1024, s).unwrap();
+        t.join().unwrap();
+        pool.free(other).unwrap();
+        let st = pool.stats();
+        assert_eq!(st.live_bytes, 0);
+        assert_eq!(st.allocs, st.frees);
+        assert_eq!(
+            st.mapped_bytes,
+            st.free_bytes + st.pending_bytes + st.in_use_bytes
+        );
+        assert!(st.cached_bytes <= 12 * 1024);
+        pool.trim().unwrap();
+        assert_eq!(pool.stats().mapped_bytes, 0);
+    });
+}
