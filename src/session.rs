@@ -107,22 +107,24 @@ enum State {
 /// The future of [`Context::session_async`]. Sessions that cannot get their buffers
 /// resident wait in line, in tier order with aging.
 pub struct SessionFuture {
-    ctx: Context,
+    /// The context; handed to the session when it is granted, so that granting one
+    /// clones nothing.
+    ctx: Option<Context>,
     state: State,
 }
 
 impl SessionFuture {
     pub(crate) fn new(ctx: Context) -> Self {
         SessionFuture {
-            ctx,
+            ctx: Some(ctx),
             state: State::Start,
         }
     }
 
-    fn attempt(&self, fast: bool) -> Result<usize> {
-        let c = &self.ctx.inner;
+    fn attempt(ctx: &Context, fast: bool) -> Result<usize> {
+        let c = &ctx.inner;
         match pin_all(c, fast) {
-            Err(e) if e.is_oom() => match c.rt.relieve(&self.ctx, 0) {
+            Err(e) if e.is_oom() => match c.rt.relieve(ctx, 0) {
                 Some(Pressure::Allow) => pin_all(c, false),
                 _ => Err(e),
             },
@@ -137,11 +139,11 @@ impl SessionFuture {
     /// session it started, which moves the release generation; the gate would take that
     /// for memory released by someone else and try again, and a session short of memory
     /// with no other session live would loop here for ever.
-    fn try_now(&self) -> Step {
-        let mut fast = matches!(self.state, State::Start);
-        match self.ctx.inner.rt.waits.attempt(
+    fn try_now(ctx: &Context, state: &State) -> Step {
+        let mut fast = matches!(state, State::Start);
+        match ctx.inner.rt.waits.attempt(
             || {
-                let r = self.attempt(fast);
+                let r = Self::attempt(ctx, fast);
                 fast = false;
                 r
             },
@@ -150,6 +152,23 @@ impl SessionFuture {
             Attempt::Done(r) => Step::Done(r),
             Attempt::Wait => Step::Wait,
         }
+    }
+
+    /// The outcome of a finished round: the session, holding the context.
+    fn finish(&mut self, r: Result<usize>) -> Poll<Result<Session>> {
+        self.state = State::Done;
+        let ctx = self.ctx.take();
+        Poll::Ready(r.and_then(|pinned| match ctx {
+            Some(ctx) => Ok(Session::new(ctx.inner, pinned)),
+            None => Err(completed()),
+        }))
+    }
+}
+
+fn completed() -> RuntimeError {
+    RuntimeError::Foreign {
+        what: "session future",
+        owner: "completed poll",
     }
 }
 
@@ -163,19 +182,16 @@ impl Future for SessionFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let rt = &this.ctx.inner.rt;
+        let Some(ctx) = this.ctx.as_ref() else {
+            return Poll::Ready(Err(completed()));
+        };
+        let rt = &ctx.inner.rt;
         match this.state {
-            State::Done => Poll::Ready(Err(RuntimeError::Foreign {
-                what: "session future",
-                owner: "completed poll",
-            })),
-            State::Start => match this.try_now() {
-                Step::Done(r) => {
-                    this.state = State::Done;
-                    Poll::Ready(r.map(|pinned| Session::new(this.ctx.inner.clone(), pinned)))
-                }
+            State::Done => Poll::Ready(Err(completed())),
+            State::Start => match Self::try_now(ctx, &this.state) {
+                Step::Done(r) => this.finish(r),
                 Step::Wait => {
-                    let id = rt.enqueue(this.ctx.inner.tier, cx.waker());
+                    let id = rt.enqueue(ctx.inner.tier, cx.waker());
                     this.state = State::Waiting(id);
                     // Memory may have been freed between the attempt and joining the line.
                     cx.waker().wake_by_ref();
@@ -186,12 +202,11 @@ impl Future for SessionFuture {
                 if !rt.is_head(id, cx.waker()) {
                     return Poll::Pending;
                 }
-                match this.try_now() {
+                match Self::try_now(ctx, &this.state) {
                     Step::Wait => Poll::Pending,
                     Step::Done(r) => {
-                        this.state = State::Done;
                         rt.dequeue(id);
-                        Poll::Ready(r.map(|pinned| Session::new(this.ctx.inner.clone(), pinned)))
+                        this.finish(r)
                     }
                 }
             }
@@ -201,8 +216,8 @@ impl Future for SessionFuture {
 
 impl Drop for SessionFuture {
     fn drop(&mut self) {
-        if let State::Waiting(id) = self.state {
-            self.ctx.inner.rt.dequeue(id);
+        if let (State::Waiting(id), Some(ctx)) = (&self.state, &self.ctx) {
+            ctx.inner.rt.dequeue(*id);
         }
     }
 }
