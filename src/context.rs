@@ -64,19 +64,13 @@ impl CtxInner {
     /// removed or reordered, so a prefix of them stays the same buffers.)
     pub fn end_use(&self, prefix: usize, extra: &[EvictableKey]) {
         let mut slots = self.buffers.lock();
-        let unpinned = if extra.is_empty() {
-            self.rt
-                .pool
-                .unpin_all(slots.iter().take(prefix).map(|s| &s.id))
-        } else {
-            self.rt.pool.unpin_all(
-                slots
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, s)| *i < prefix || extra.contains(&s.key))
-                    .map(|(_, s)| &s.id),
-            )
-        };
+        // The prefix as it is; only slots after it are looked up in `extra`.
+        let (head, tail) = slots.split_at(prefix.min(slots.len()));
+        let unpinned = self.rt.pool.unpin_all(
+            head.iter()
+                .chain(tail.iter().filter(|s| extra.contains(&s.key)))
+                .map(|s| &s.id),
+        );
         if let Err(e) = unpinned {
             tracing::error!(context = %self.name, error = %e, "unpinning buffers failed");
         }

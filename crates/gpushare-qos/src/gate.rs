@@ -26,9 +26,9 @@ use crate::queue::WaitQueue;
 use crate::sync::AtomicU64;
 
 /// The fields of [`SessionGate::state`], low to high: waiters (20 bits), live sessions
-/// (20 bits: a million sessions at once), and the release generation (24 bits). The generation only tells an attempt
-/// whether anything was released while it ran; it would take 2^24 releases during one
-/// attempt for a wrap to hide one.
+/// (20 bits: a million sessions at once), and the release generation (24 bits). The
+/// generation only tells an attempt whether anything was released while it ran; it would
+/// take 2^24 releases during one attempt for a wrap to hide one.
 const WAITERS: u64 = (1 << 20) - 1;
 const LIVE: u64 = 1 << 20;
 const LIVE_MASK: u64 = WAITERS * LIVE;
