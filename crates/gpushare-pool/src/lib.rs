@@ -134,14 +134,37 @@ impl OwnerSpec {
 /// An owner of a pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct OwnerId {
+    /// The slot in the low half, its generation in the high half. Two scalar fields make
+    /// the id a scalar pair, which Rust passes and returns in registers: a three-field id
+    /// went through the stack on every call, and reading it back stalled store forwarding
+    /// on the allocation hot path.
+    key: u64,
     pool: u32,
-    slot: u32,
-    gen: u32,
+}
+
+impl OwnerId {
+    #[inline]
+    pub(crate) fn new(pool: u32, slot: u32, gen: u32) -> Self {
+        OwnerId {
+            key: u64::from(slot) | u64::from(gen) << 32,
+            pool,
+        }
+    }
+    /// The owner's slot in its pool.
+    #[inline]
+    pub(crate) fn slot(&self) -> u32 {
+        self.key as u32
+    }
+    /// The slot's generation when the owner was added.
+    #[inline]
+    pub(crate) fn gen(&self) -> u32 {
+        (self.key >> 32) as u32
+    }
 }
 
 impl std::fmt::Display for OwnerId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "owner#{}.{}", self.slot, self.gen / 2)
+        write!(f, "owner#{}.{}", self.slot(), self.gen() / 2)
     }
 }
 

@@ -209,9 +209,39 @@ impl Shard {
         }
     }
 
+    /// The most recent cached block of `class`, if it has at least `min` bytes and is
+    /// usable on `stream`.
+    #[inline(always)]
+    fn pop_top(&mut self, class: usize, min: u64, stream: StreamId) -> Option<Cached> {
+        let bin = self.bins.get_mut(class)?;
+        let top = bin.last()?;
+        if top.size < min || !top.usable_on(stream) {
+            return None;
+        }
+        let c = bin.pop()?;
+        if bin.is_empty() {
+            self.nonempty[class / 64] &= !(1 << (class % 64));
+        }
+        self.took(&c);
+        Some(c)
+    }
+
+    /// Account for a block taken out of the cache.
+    #[inline(always)]
+    fn took(&mut self, c: &Cached) {
+        self.bytes -= c.size;
+        self.hits += 1;
+        if c.size > self.small {
+            self.debt = (self.debt - HIT_CREDIT).max(-DEBT_CAP);
+            if self.probe.is_some_and(|(_, n)| n == c.node) {
+                self.probe = None;
+            }
+        }
+    }
+
     /// Take a cached block of `class`, at least `min` bytes, usable on `stream`: the most
     /// recent one if it is, else one of the few below it.
-    #[inline]
+    #[inline(never)]
     fn take(&mut self, class: usize, stream: StreamId, min: u64) -> Option<Cached> {
         let bin = self.bins.get_mut(class)?;
         let top = bin.last()?;
@@ -223,14 +253,7 @@ impl Shard {
         if bin.is_empty() {
             self.nonempty[class / 64] &= !(1 << (class % 64));
         }
-        self.bytes -= c.size;
-        self.hits += 1;
-        if c.size > self.small {
-            self.debt = (self.debt - HIT_CREDIT).max(-DEBT_CAP);
-            if self.probe.is_some_and(|(_, n)| n == c.node) {
-                self.probe = None;
-            }
-        }
+        self.took(&c);
         Some(c)
     }
 
@@ -303,9 +326,10 @@ impl ShardCell {
             .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (class % 64)) != 0)
     }
 
-    /// Publish the shard's state for `class` (call with the lock held).
+    /// Publish the shard's state after a block of `size` bytes and `class` went in or out
+    /// (call with the lock held). Only large blocks move the admission score.
     #[inline]
-    fn publish(&self, sh: &Shard, class: usize) {
+    fn publish(&self, sh: &Shard, class: usize, size: u64) {
         if let (Some(h), Some(&w)) = (
             self.hint_nonempty.get(class / 64),
             sh.nonempty.get(class / 64),
@@ -313,8 +337,10 @@ impl ShardCell {
             h.store(w, Ordering::Relaxed);
         }
         self.hint_bytes.store(sh.bytes, Ordering::Relaxed);
-        self.hint_admits
-            .store(u32::from(sh.admits()), Ordering::Relaxed);
+        if size > self.small {
+            self.hint_admits
+                .store(u32::from(sh.admits()), Ordering::Relaxed);
+        }
     }
 
     /// Publish the whole state of a shard (call with the lock held).
@@ -598,22 +624,18 @@ impl<S: ChunkSource> Pool<S> {
         let s = &self.slots[slot];
         let gen = s.gen.load(Ordering::Relaxed) + 1;
         s.gen.store(gen, Ordering::Release);
-        Ok(OwnerId {
-            pool: self.id,
-            slot: slot as u32,
-            gen,
-        })
+        Ok(OwnerId::new(self.id, slot as u32, gen))
     }
 
     /// Remove an owner that holds nothing (its cache is returned first).
     pub fn remove_owner(&self, owner: OwnerId) -> Result<(), PoolError> {
         let mut c = self.central.lock();
         let slot = self.slot(owner)?;
-        self.flush_owner(&mut c, owner.slot as usize);
+        self.flush_owner(&mut c, owner.slot() as usize);
         // Completed stream-ordered frees go back now, releasing their events: an owner's
         // departure is when their holder (a stream, a context) is likely to go too.
         self.retire_pending(&mut c);
-        let acct = c.owners[owner.slot as usize]
+        let acct = c.owners[owner.slot() as usize]
             .as_ref()
             .ok_or_else(|| PoolError::UnknownOwner(owner))?;
         let held = acct.charged + acct.evicted_bytes;
@@ -622,7 +644,7 @@ impl<S: ChunkSource> Pool<S> {
         }
         let base = acct.spec.base;
         c.committed -= base;
-        c.owners[owner.slot as usize] = None;
+        c.owners[owner.slot() as usize] = None;
         for cell in slot.shards.iter() {
             let mut sh = cell.lock.lock();
             c.allocs += sh.hits;
@@ -631,7 +653,7 @@ impl<S: ChunkSource> Pool<S> {
             *sh = Shard::new(cell.small);
             cell.publish_empty(&sh);
         }
-        slot.gen.store(owner.gen + 1, Ordering::Release);
+        slot.gen.store(owner.gen() + 1, Ordering::Release);
         Ok(())
     }
 
@@ -642,9 +664,9 @@ impl<S: ChunkSource> Pool<S> {
         }
         let s = self
             .slots
-            .get(owner.slot as usize)
+            .get(owner.slot() as usize)
             .ok_or_else(|| PoolError::UnknownOwner(owner))?;
-        if s.gen.load(Ordering::Acquire) != owner.gen {
+        if s.gen.load(Ordering::Acquire) != owner.gen() {
             return Err(PoolError::UnknownOwner(owner));
         }
         Ok(s)
@@ -664,10 +686,22 @@ impl<S: ChunkSource> Pool<S> {
                 let size_r = size.next_multiple_of(UNIT);
                 let cell = self.cell(slot);
                 let fc = floor_class(size_r);
-                if cell.may_have(fc) || ceil_class(size_r).is_some_and(|cc| cell.may_have(cc)) {
+                if cell.may_have(fc) {
+                    let mut sh = cell.lock.lock();
+                    // The hot case: the most recent block of the size's own class.
+                    let c = match sh.pop_top(fc, size_r, stream) {
+                        Some(c) => Some(c),
+                        None => sh.take_fit(size_r, stream),
+                    };
+                    if let Some(c) = c {
+                        cell.publish(&sh, c.class as usize, c.size);
+                        drop(sh);
+                        return Ok(Self::cached_block(c, size, owner));
+                    }
+                } else if ceil_class(size_r).is_some_and(|cc| cell.may_have(cc)) {
                     let mut sh = cell.lock.lock();
                     if let Some(c) = sh.take_fit(size_r, stream) {
-                        cell.publish(&sh, c.class as usize);
+                        cell.publish(&sh, c.class as usize, c.size);
                         drop(sh);
                         return Ok(Self::cached_block(c, size, owner));
                     }
@@ -740,13 +774,13 @@ impl<S: ChunkSource> Pool<S> {
             let cell = self.cell(slot);
             let mut sh = cell.lock.lock();
             if let Some(c) = sh.take_fit(csize, stream) {
-                let class = c.class as usize;
+                let (class, csz) = (c.class as usize, c.size);
                 if c.offset.is_multiple_of(align) {
-                    cell.publish(&sh, class);
+                    cell.publish(&sh, class, csz);
                     return Ok(Self::cached_block(c, size, owner));
                 }
                 sh.put(c);
-                cell.publish(&sh, class);
+                cell.publish(&sh, class, csz);
             }
         }
         let mut c = self.central.lock();
@@ -757,10 +791,10 @@ impl<S: ChunkSource> Pool<S> {
         // and serve this request (see `probe_cache`).
         let cell = self.cell(slot);
         if cell.hint_probe.load(Ordering::Relaxed) != 0 {
-            let _none = self.return_probe(&mut c, owner.slot as usize, cell, None);
+            let _none = self.return_probe(&mut c, owner.slot() as usize, cell, None);
         }
         let (node, offset) = self.alloc_central(&mut c, owner, csize, align, stream, false)?;
-        let acct = c.owners[owner.slot as usize]
+        let acct = c.owners[owner.slot() as usize]
             .as_mut()
             .ok_or_else(|| PoolError::UnknownOwner(owner))?;
         acct.allocs += 1;
@@ -779,7 +813,7 @@ impl<S: ChunkSource> Pool<S> {
     #[inline]
     pub fn free(&self, block: Block) -> Result<(), FreeError> {
         if block.owner.pool == self.id {
-            if let Some(slot) = self.slots.get(block.owner.slot as usize) {
+            if let Some(slot) = self.slots.get(block.owner.slot() as usize) {
                 let cell = self.cell(slot);
                 if block.size <= self.cfg.cache_max_block
                     && cell.may_admit(block.size, self.cfg.cache_bytes_per_shard)
@@ -798,7 +832,7 @@ impl<S: ChunkSource> Pool<S> {
                             stream: StreamId(0),
                             event: None,
                         });
-                        cell.publish(&sh, class);
+                        cell.publish(&sh, class, block.size);
                         return Ok(());
                     }
                 }
@@ -830,7 +864,7 @@ impl<S: ChunkSource> Pool<S> {
             // The block goes back to the caller, to be freed by the pool that made it.
             return Err(FreeError { block });
         }
-        let i = block.owner.slot as usize;
+        let i = block.owner.slot() as usize;
         let slot = &self.slots[i];
         let cell = self.cell(slot);
         let cached = Cached {
@@ -855,7 +889,7 @@ impl<S: ChunkSource> Pool<S> {
                     && sh.bytes + block.size <= self.cfg.cache_bytes_per_shard
                 {
                     Self::push_growing(&mut sh, self.cache_classes, cached);
-                    cell.publish(&sh, block.class as usize);
+                    cell.publish(&sh, block.class as usize, block.size);
                     return Ok(());
                 }
             }
@@ -973,7 +1007,7 @@ impl<S: ChunkSource> Pool<S> {
         size: u64,
         evictable: bool,
     ) -> Result<(), PoolError> {
-        let i = owner.slot as usize;
+        let i = owner.slot() as usize;
         let mut flushed = false;
         loop {
             let a = c.owners[i]
@@ -1070,7 +1104,7 @@ impl<S: ChunkSource> Pool<S> {
         match self.find_space(c, owner, size, align, stream) {
             Ok(r) => Ok(r),
             Err(e) => {
-                Self::uncharge(c, owner.slot as usize, size);
+                Self::uncharge(c, owner.slot() as usize, size);
                 Err(e)
             }
         }
@@ -1084,7 +1118,7 @@ impl<S: ChunkSource> Pool<S> {
         align: u64,
         stream: StreamId,
     ) -> Result<(u32, u64), PoolError> {
-        let slot = owner.slot;
+        let slot = owner.slot();
         if let Some(r) = c.tlsf.alloc(size, align, slot) {
             return Ok(r);
         }
@@ -1284,7 +1318,7 @@ impl<S: ChunkSource> Pool<S> {
                 cur = c.ev.lru_next(idx);
                 let e = c.ev.get(idx);
                 let (e_owner, e_size, e_tag, e_res) = (e.owner, e.size, e.tag, e.residency);
-                let oslot = e_owner.slot as usize;
+                let oslot = e_owner.slot() as usize;
                 let Some(a) = c.owners[oslot].as_ref() else {
                     continue;
                 };
@@ -1335,11 +1369,11 @@ impl<S: ChunkSource> Pool<S> {
             .filter_map(|(i, a)| {
                 let a = a.as_ref()?;
                 Some(Holding {
-                    owner: OwnerId {
-                        pool: self.id,
-                        slot: i as u32,
-                        gen: self.slots[i].gen.load(Ordering::Relaxed),
-                    },
+                    owner: OwnerId::new(
+                        self.id,
+                        i as u32,
+                        self.slots[i].gen.load(Ordering::Relaxed),
+                    ),
                     name: a.spec.name.clone(),
                     in_use: a.charged,
                     pinned_evictable: a.evictable_pinned,
@@ -1415,14 +1449,14 @@ impl<S: ChunkSource> Pool<S> {
         let csize = self.round_request(size)?;
         let mut c = self.central.lock();
         self.slot(owner)?;
-        let tier = c.owners[owner.slot as usize]
+        let tier = c.owners[owner.slot() as usize]
             .as_ref()
             .ok_or_else(|| PoolError::UnknownOwner(owner))?
             .spec
             .tier;
         let (node, offset) = self.alloc_central(&mut c, owner, csize, UNIT, stream, true)?;
         let idx = c.ev.insert(owner, tier, csize, tag, node, offset);
-        let a = c.owners[owner.slot as usize]
+        let a = c.owners[owner.slot() as usize]
             .as_mut()
             .ok_or_else(|| PoolError::UnknownOwner(owner))?;
         a.evictable_resident += csize;
@@ -1450,7 +1484,7 @@ impl<S: ChunkSource> Pool<S> {
                 let (owner, size, first) = (e.owner, e.size, e.pins == 0);
                 c.ev.pin(idx);
                 if first {
-                    if let Some(a) = c.owners[owner.slot as usize].as_mut() {
+                    if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
                         a.evictable_pinned += size;
                     }
                 }
@@ -1476,13 +1510,13 @@ impl<S: ChunkSource> Pool<S> {
                     stream,
                 };
                 if let Err(err) = evictor.restore(&info) {
-                    Self::uncharge(&mut c, owner.slot as usize, size);
+                    Self::uncharge(&mut c, owner.slot() as usize, size);
                     c.tlsf.free(node);
                     return Err(PoolError::RestoreFailed(err.to_string()));
                 }
                 c.ev.mark_restored(idx, node, offset);
                 c.ev.pin(idx);
-                if let Some(a) = c.owners[owner.slot as usize].as_mut() {
+                if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
                     a.evictable_resident += size;
                     a.evictable_pinned += size;
                     a.evicted_bytes -= size;
@@ -1529,7 +1563,7 @@ impl<S: ChunkSource> Pool<S> {
             let (owner, size, first) = (e.owner, e.size, e.pins == 0);
             c.ev.pin(idx);
             if first {
-                if let Some(a) = c.owners[owner.slot as usize].as_mut() {
+                if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
                     a.evictable_pinned += size;
                 }
             }
@@ -1578,7 +1612,7 @@ impl<S: ChunkSource> Pool<S> {
             (e.owner, e.size)
         };
         if c.ev.unpin(idx)? {
-            if let Some(a) = c.owners[owner.slot as usize].as_mut() {
+            if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
                 a.evictable_pinned -= size;
             }
         }
@@ -1630,7 +1664,7 @@ impl<S: ChunkSource> Pool<S> {
         }
         let (owner, size, res) = (e.owner, e.size, e.residency);
         c.ev.remove(idx);
-        let slot = owner.slot as usize;
+        let slot = owner.slot() as usize;
         match res {
             Residency::Resident { node, .. } => {
                 Self::uncharge(&mut c, slot, size);
@@ -1684,11 +1718,7 @@ impl<S: ChunkSource> Pool<S> {
             live += o_live;
             cached += o_cached;
             owners.push(OwnerStats {
-                id: OwnerId {
-                    pool: self.id,
-                    slot: i as u32,
-                    gen: self.slots[i].gen.load(Ordering::Relaxed),
-                },
+                id: OwnerId::new(self.id, i as u32, self.slots[i].gen.load(Ordering::Relaxed)),
                 name: a.spec.name.clone(),
                 tier: a.spec.tier,
                 limit: a.spec.limit,
