@@ -73,8 +73,8 @@ impl PoolConfig {
     }
 }
 
-/// One cached free block.
-struct Cached {
+/// A block on its way into a cache: what a free hands over.
+struct Freed {
     class: u32,
     node: u32,
     offset: u64,
@@ -83,16 +83,22 @@ struct Cached {
     event: Option<Arc<dyn FreeEvent>>,
 }
 
-impl Cached {
-    /// Usable on `stream` now without any wait.
-    #[inline]
-    fn usable_on(&self, stream: StreamId) -> bool {
-        match &self.event {
-            None => true,
-            Some(e) => self.stream == stream || e.is_complete(),
-        }
-    }
+/// One cached free block. Plain data: a stream-ordered free keeps its stream and event in
+/// the shard's `ordered` table, and `ev` points there. Most cached blocks have no event,
+/// and a 32-byte `Copy` entry moves through the hot path in registers, where the 48-byte
+/// entry with the event inline went through the stack several times, with drop checks.
+#[derive(Clone, Copy)]
+struct Cached {
+    offset: u64,
+    size: u64,
+    node: u32,
+    class: u32,
+    /// Index into `Shard::ordered`, or [`NO_EVENT`].
+    ev: u32,
 }
+
+/// [`Cached::ev`] of a block that any stream may reuse at once.
+const NO_EVENT: u32 = u32::MAX;
 
 /// Each cached large block that goes back to the central allocator unused adds one to its
 /// shard's debt; each large block reused from the cache pays back this much.
@@ -111,6 +117,8 @@ const DEBT_CAP: i32 = 64;
 /// A shard of one owner's cache.
 struct Shard {
     bins: Vec<Vec<Cached>>,
+    /// The stream and event of each cached stream-ordered free (see [`Cached::ev`]).
+    ordered: slab::Slab<(StreamId, Arc<dyn FreeEvent>)>,
     /// Bit `c` set when `bins[c]` is not empty, so flushes visit only those.
     nonempty: Vec<u64>,
     bytes: u64,
@@ -143,6 +151,7 @@ impl Shard {
     fn new(small: u64) -> Self {
         Shard {
             bins: Vec::new(),
+            ordered: slab::Slab::new(),
             nonempty: Vec::new(),
             bytes: 0,
             hits: 0,
@@ -177,7 +186,7 @@ impl Shard {
     }
 
     /// Take the probe out, if one is held.
-    fn take_probe(&mut self) -> Option<Cached> {
+    fn take_probe(&mut self) -> Option<Freed> {
         let (class, node) = self.probe.take()?;
         let bin = self.bins.get_mut(class as usize)?;
         let i = bin.iter().position(|e| e.node == node)?;
@@ -186,7 +195,52 @@ impl Shard {
             self.nonempty[class as usize / 64] &= !(1 << (class % 64));
         }
         self.bytes -= e.size;
-        Some(e)
+        Some(self.detach(e))
+    }
+
+    /// Whether cached block `c` is usable on `stream` now without any wait.
+    #[inline]
+    fn usable_on(
+        ordered: &slab::Slab<(StreamId, Arc<dyn FreeEvent>)>,
+        c: &Cached,
+        stream: StreamId,
+    ) -> bool {
+        c.ev == NO_EVENT
+            || ordered
+                .get(c.ev as usize)
+                .is_none_or(|(s, e)| *s == stream || e.is_complete())
+    }
+
+    /// A block leaving the cache for good: its stream and event come out of `ordered`.
+    fn detach(&mut self, c: Cached) -> Freed {
+        Self::detach_from(&mut self.ordered, c)
+    }
+
+    fn detach_from(ordered: &mut slab::Slab<(StreamId, Arc<dyn FreeEvent>)>, c: Cached) -> Freed {
+        let (stream, event) = match c.ev {
+            NO_EVENT => (StreamId(0), None),
+            ev => match ordered.try_remove(ev as usize) {
+                Some((s, e)) => (s, Some(e)),
+                None => (StreamId(0), None),
+            },
+        };
+        Freed {
+            class: c.class,
+            node: c.node,
+            offset: c.offset,
+            size: c.size,
+            stream,
+            event,
+        }
+    }
+
+    /// Drop the event of a block handed out for reuse (usable, so its event no longer
+    /// orders anything).
+    #[inline]
+    fn reused(&mut self, c: &Cached) {
+        if c.ev != NO_EVENT {
+            self.ordered.try_remove(c.ev as usize);
+        }
     }
 
     /// Whether frees may be cached here.
@@ -215,7 +269,7 @@ impl Shard {
     fn pop_top(&mut self, class: usize, min: u64, stream: StreamId) -> Option<Cached> {
         let bin = self.bins.get_mut(class)?;
         let top = bin.last()?;
-        if top.size < min || !top.usable_on(stream) {
+        if top.size < min || !Self::usable_on(&self.ordered, top, stream) {
             return None;
         }
         let c = bin.pop()?;
@@ -245,10 +299,10 @@ impl Shard {
     fn take(&mut self, class: usize, stream: StreamId, min: u64) -> Option<Cached> {
         let bin = self.bins.get_mut(class)?;
         let top = bin.last()?;
-        let c = if top.size >= min && top.usable_on(stream) {
+        let c = if top.size >= min && Self::usable_on(&self.ordered, top, stream) {
             bin.pop()?
         } else {
-            Self::take_below(bin, stream, min)?
+            Self::take_below(bin, &self.ordered, stream, min)?
         };
         if bin.is_empty() {
             self.nonempty[class / 64] &= !(1 << (class % 64));
@@ -258,12 +312,32 @@ impl Shard {
     }
 
     #[cold]
-    fn take_below(bin: &mut Vec<Cached>, stream: StreamId, min: u64) -> Option<Cached> {
+    fn take_below(
+        bin: &mut Vec<Cached>,
+        ordered: &slab::Slab<(StreamId, Arc<dyn FreeEvent>)>,
+        stream: StreamId,
+        min: u64,
+    ) -> Option<Cached> {
         let n = bin.len();
         let i = (n.saturating_sub(4)..n.saturating_sub(1))
             .rev()
-            .find(|&i| bin[i].size >= min && bin[i].usable_on(stream))?;
+            .find(|&i| bin[i].size >= min && Self::usable_on(ordered, &bin[i], stream))?;
         Some(bin.swap_remove(i))
+    }
+
+    /// Cache a freed block that may carry a stream-ordering event (its bin must exist).
+    fn push_freed(&mut self, f: Freed) {
+        let ev = match f.event {
+            Some(e) => self.ordered.insert((f.stream, e)) as u32,
+            None => NO_EVENT,
+        };
+        self.push(Cached {
+            offset: f.offset,
+            size: f.size,
+            node: f.node,
+            class: f.class,
+            ev,
+        });
     }
 
     /// Cache a freed block (its bin must exist).
@@ -657,6 +731,14 @@ impl<S: ChunkSource> Pool<S> {
         Ok(())
     }
 
+    /// The slot of `owner` if it is still registered; for fast paths, which build no
+    /// error (the slow path reports it).
+    #[inline]
+    fn live_slot(&self, owner: OwnerId) -> Option<&OwnerSlot> {
+        let s = self.slots.get(owner.slot() as usize)?;
+        (owner.pool == self.id && s.gen.load(Ordering::Acquire) == owner.gen()).then_some(s)
+    }
+
     #[inline]
     fn slot(&self, owner: OwnerId) -> Result<&OwnerSlot, PoolError> {
         if owner.pool != self.id {
@@ -681,19 +763,24 @@ impl<S: ChunkSource> Pool<S> {
     #[inline]
     pub fn alloc(&self, owner: OwnerId, size: u64, stream: StreamId) -> Result<Block, PoolError> {
         // Fast path: a cached block of about this size, usable on this stream.
-        if let Ok(slot) = self.slot(owner) {
+        if let Some(slot) = self.live_slot(owner) {
             if size.wrapping_sub(1) < self.cfg.cache_max_block {
                 let size_r = size.next_multiple_of(UNIT);
                 let cell = self.cell(slot);
                 let fc = floor_class(size_r);
                 if cell.may_have(fc) {
                     let mut sh = cell.lock.lock();
-                    // The hot case: the most recent block of the size's own class.
-                    let c = match sh.pop_top(fc, size_r, stream) {
-                        Some(c) => Some(c),
-                        None => sh.take_fit(size_r, stream),
-                    };
-                    if let Some(c) = c {
+                    // The hot case: the most recent block of the size's own class. Kept
+                    // apart from the general search below so that the entry stays in
+                    // registers.
+                    if let Some(c) = sh.pop_top(fc, size_r, stream) {
+                        sh.reused(&c);
+                        cell.publish(&sh, c.class as usize, c.size);
+                        drop(sh);
+                        return Ok(Self::cached_block(c, size, owner));
+                    }
+                    if let Some(c) = sh.take_fit(size_r, stream) {
+                        sh.reused(&c);
                         cell.publish(&sh, c.class as usize, c.size);
                         drop(sh);
                         return Ok(Self::cached_block(c, size, owner));
@@ -701,6 +788,7 @@ impl<S: ChunkSource> Pool<S> {
                 } else if ceil_class(size_r).is_some_and(|cc| cell.may_have(cc)) {
                     let mut sh = cell.lock.lock();
                     if let Some(c) = sh.take_fit(size_r, stream) {
+                        sh.reused(&c);
                         cell.publish(&sh, c.class as usize, c.size);
                         drop(sh);
                         return Ok(Self::cached_block(c, size, owner));
@@ -776,6 +864,7 @@ impl<S: ChunkSource> Pool<S> {
             if let Some(c) = sh.take_fit(csize, stream) {
                 let (class, csz) = (c.class as usize, c.size);
                 if c.offset.is_multiple_of(align) {
+                    sh.reused(&c);
                     cell.publish(&sh, class, csz);
                     return Ok(Self::cached_block(c, size, owner));
                 }
@@ -815,9 +904,10 @@ impl<S: ChunkSource> Pool<S> {
         if block.owner.pool == self.id {
             if let Some(slot) = self.slots.get(block.owner.slot() as usize) {
                 let cell = self.cell(slot);
-                if block.size <= self.cfg.cache_max_block
-                    && cell.may_admit(block.size, self.cfg.cache_bytes_per_shard)
-                {
+                // No look at the hints first: the checks under the lock decide, and a full
+                // shard is rare enough that locking it for nothing costs less than
+                // checking every time.
+                if block.size <= self.cfg.cache_max_block {
                     let mut sh = cell.lock.lock();
                     if sh.admits_size(block.size)
                         && sh.bytes + block.size <= self.cfg.cache_bytes_per_shard
@@ -825,12 +915,11 @@ impl<S: ChunkSource> Pool<S> {
                     {
                         let class = block.class as usize;
                         sh.push(Cached {
-                            class: block.class,
-                            node: block.node,
                             offset: block.offset,
                             size: block.size,
-                            stream: StreamId(0),
-                            event: None,
+                            node: block.node,
+                            class: block.class,
+                            ev: NO_EVENT,
                         });
                         cell.publish(&sh, class, block.size);
                         return Ok(());
@@ -867,7 +956,7 @@ impl<S: ChunkSource> Pool<S> {
         let i = block.owner.slot() as usize;
         let slot = &self.slots[i];
         let cell = self.cell(slot);
-        let cached = Cached {
+        let cached = Freed {
             class: block.class,
             node: block.node,
             offset: block.offset,
@@ -904,12 +993,12 @@ impl<S: ChunkSource> Pool<S> {
     }
 
     /// Cache `e` in `sh`, making room for its bin first.
-    fn push_growing(sh: &mut Shard, classes: usize, e: Cached) {
+    fn push_growing(sh: &mut Shard, classes: usize, e: Freed) {
         if sh.bins.len() <= e.class as usize {
             sh.bins.resize_with(classes, Vec::new);
             sh.nonempty.resize(classes.div_ceil(64), 0);
         }
-        sh.push(e);
+        sh.push_freed(e);
     }
 
     /// Free a large block into a shard that admits none (see [`Shard::debt`]), one free in
@@ -919,7 +1008,7 @@ impl<S: ChunkSource> Pool<S> {
     /// towards admitting large frees again, so the cache takes them again when their sizes
     /// start to repeat.
     #[cold]
-    fn probe_cache(&self, i: usize, cell: &ShardCell, e: Cached) -> Result<(), FreeError> {
+    fn probe_cache(&self, i: usize, cell: &ShardCell, e: Freed) -> Result<(), FreeError> {
         let mut c = self.central.lock();
         if let Some(e) = self.return_probe(&mut c, i, cell, Some(e)) {
             // No room for it: an ordinary free.
@@ -940,8 +1029,8 @@ impl<S: ChunkSource> Pool<S> {
         c: &mut Central,
         i: usize,
         cell: &ShardCell,
-        next: Option<Cached>,
-    ) -> Option<Cached> {
+        next: Option<Freed>,
+    ) -> Option<Freed> {
         let mut sh = cell.lock.lock();
         if let Some(old) = sh.take_probe() {
             sh.returned_unused(old.size);
@@ -1239,6 +1328,7 @@ impl<S: ChunkSource> Pool<S> {
                 let b = word.trailing_zeros() as usize;
                 *word &= *word - 1;
                 for e in shr.bins[w * 64 + b].drain(..) {
+                    let e = Shard::detach_from(&mut shr.ordered, e);
                     total += e.size;
                     if e.size > shr.small {
                         shr.debt = (shr.debt + 1).min(DEBT_CAP);

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{Flag, Recorder};
+use gpushare_pool::FreeEvent;
 use gpushare_pool::{
     Block, ChunkSource, EvictableId, HostSource, OwnerId, OwnerSpec, Pool, PoolConfig, StreamId,
     Tier,
@@ -68,12 +69,35 @@ struct Model {
     live: Vec<Block>,
     evictable: Vec<(EvictableId, usize, u32)>,
     events: Vec<Arc<Flag>>,
+    /// Ranges freed in stream order: offset, end, stream and event. Until the event
+    /// completes, only their own stream may get them back.
+    ordered: Vec<(u64, u64, u64, Arc<Flag>)>,
     /// Successful allocations and frees so far, of every kind.
     allocs: u64,
     frees: u64,
 }
 
 impl Model {
+    /// A range `[off, end)` was just handed out for `stream`: it must not overlap a range
+    /// freed on another stream whose event is pending. Records it overlaps are settled:
+    /// the range's next free carries its order from now on.
+    fn handed_out(&mut self, off: u64, end: u64, stream: u64) -> Result<(), TestCaseError> {
+        for (o, e, s, ev) in &self.ordered {
+            if *o < end && off < *e && *s != stream {
+                prop_assert!(
+                    ev.is_complete(),
+                    "[{}, {}) freed on stream {} before its event completed went to stream {}",
+                    o,
+                    e,
+                    s,
+                    stream
+                );
+            }
+        }
+        self.ordered.retain(|(o, e, _, _)| !(*o < end && off < *e));
+        Ok(())
+    }
+
     fn check(&self) -> Result<(), TestCaseError> {
         let s = self.pool.stats();
         prop_assert_eq!((s.allocs, s.frees), (self.allocs, self.frees));
@@ -138,7 +162,8 @@ proptest! {
         ];
         let owners = specs.iter().map(|s| (pool.add_owner(s.clone()).unwrap(), s.limit)).collect();
         let mut m = Model {
-            pool, owners, live: vec![], evictable: vec![], events: vec![], allocs: 0, frees: 0,
+            pool, owners, live: vec![], evictable: vec![], events: vec![], ordered: vec![],
+            allocs: 0, frees: 0,
         };
         for op in ops {
             match op {
@@ -147,6 +172,7 @@ proptest! {
                     if let Ok(b) = m.pool.alloc_aligned(id, size, 1 << align_log, StreamId(stream)) {
                         prop_assert!(b.size() >= size);
                         prop_assert_eq!(m.pool.addr(&b) % (1 << align_log), 0);
+                        m.handed_out(b.offset(), b.offset() + b.size(), stream)?;
                         m.live.push(b);
                         m.allocs += 1;
                     }
@@ -160,21 +186,28 @@ proptest! {
                     let b = m.live.swap_remove(pick % m.live.len());
                     let e = Flag::new();
                     m.events.push(e.clone());
+                    m.ordered.push((b.offset(), b.offset() + b.size(), stream, e.clone()));
                     m.pool.free_after(b, StreamId(stream), e).unwrap();
                     m.frees += 1;
                 }
                 Op::CompleteEvents => m.events.drain(..).for_each(|e| e.set()),
                 Op::AllocEvictable { owner, size } => {
                     let (id, _) = m.owners[owner];
-                    if let Ok((e, _)) = m.pool.alloc_evictable(id, size, 0, StreamId(0)) {
+                    if let Ok((e, pinned)) = m.pool.alloc_evictable(id, size, 0, StreamId(0)) {
+                        let off = pinned.addr - m.pool.source().base();
+                        m.handed_out(off, off + pinned.size, 0)?;
                         m.evictable.push((e, owner, 1));
                         m.allocs += 1;
                     }
                 }
                 Op::Pin { pick } if !m.evictable.is_empty() => {
                     let i = pick % m.evictable.len();
-                    if m.pool.pin(&m.evictable[i].0, StreamId(0)).is_ok() {
+                    if let Ok(pinned) = m.pool.pin(&m.evictable[i].0, StreamId(0)) {
                         m.evictable[i].2 += 1;
+                        if pinned.restored {
+                            let off = pinned.addr - m.pool.source().base();
+                            m.handed_out(off, off + pinned.size, 0)?;
+                        }
                     }
                 }
                 Op::Unpin { pick } if !m.evictable.is_empty() => {
