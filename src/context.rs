@@ -115,6 +115,14 @@ impl CtxInner {
     /// then.
     pub fn free_slot(&self, slot: BufSlot) {
         let key = slot.key;
+        self.free_after_stream(slot.id);
+        self.rt.buffers.lock().remove(&key);
+        self.rt.wake_waiters();
+    }
+
+    /// Free an evictable block once the work queued so far on this context's stream is
+    /// done: that work may still use its memory.
+    pub fn free_after_stream(&self, id: gpushare_pool::EvictableId) {
         let dev = &self.rt.dev;
         let tail = dev
             .create_event(gpushare_device::EventFlags::default())
@@ -125,10 +133,7 @@ impl CtxInner {
                     dev: dev.clone(),
                     ev,
                 });
-                let r = self
-                    .rt
-                    .pool
-                    .free_evictable_after(slot.id, self.stream_id, done);
+                let r = self.rt.pool.free_evictable_after(id, self.stream_id, done);
                 if r.is_ok() {
                     self.wake_waiters_when_stream_done();
                 }
@@ -137,14 +142,12 @@ impl CtxInner {
             Err(e) => {
                 tracing::warn!(context = %self.name, error = %e, "recording a buffer's last use failed; waiting for its stream");
                 let _ = dev.synchronize_stream(&self.stream);
-                self.rt.pool.free_evictable(slot.id)
+                self.rt.pool.free_evictable(id)
             }
         };
         if let Err((_, e)) = freed {
             tracing::error!(context = %self.name, error = %e, "freeing a buffer failed");
         }
-        self.rt.buffers.lock().remove(&key);
-        self.rt.wake_waiters();
     }
 }
 
@@ -446,9 +449,10 @@ impl Context {
                 Ok(h) => Some(h),
                 Err(e) => {
                     let _ = c.rt.pool.unpin(&id);
-                    if let Err((_, fe)) = c.rt.pool.free_evictable(id) {
-                        tracing::error!(error = %fe, "freeing a buffer after a failed pin failed");
-                    }
+                    // The block may be memory this context freed in order on its stream,
+                    // reused at once on the same stream: work queued there may still use it.
+                    c.free_after_stream(id);
+                    c.rt.wake_waiters();
                     return Err(e.into());
                 }
             },

@@ -317,7 +317,9 @@ impl Evictor for Offloader {
                     .host
                     .as_ref()
                     .ok_or_else(|| EvictError("the buffer has no pinned staging".into()))?;
-                let src = DeviceRange::new(DevicePtr(v.addr), v.size);
+                // The staging holds the requested bytes; the block may be a little larger
+                // (the pool rounds to its unit), and the tail past the request is not data.
+                let src = DeviceRange::new(DevicePtr(v.addr), host.len().min(v.size));
                 self.after_owner(&meta.stream).map_err(e)?;
                 self.dev
                     .copy_dtoh(host.full(), src, &self.stream)
@@ -336,7 +338,7 @@ impl Evictor for Offloader {
         };
         match (&meta.policy, &meta.host) {
             (EvictPolicy::Offload, Some(host)) => {
-                let dst = DeviceRange::new(DevicePtr(r.addr), r.size);
+                let dst = DeviceRange::new(DevicePtr(r.addr), host.len().min(r.size));
                 // The pool may reuse memory freed in order on the owner's stream.
                 self.after_owner(&meta.stream).map_err(e)?;
                 self.dev

@@ -323,11 +323,14 @@ mod tests {
         let llm = rt
             .create_context(ContextSpec::new("llm", 48 * MIB).base(48 * MIB))
             .unwrap();
+        // Sizes that are not a multiple of the pool's 256-byte unit: the staging holds the
+        // requested bytes, the pool block a little more.
         let off = vision
-            .create_buffer_with(24 * MIB, EvictPolicy::Offload)
+            .create_buffer_with(24 * MIB - 1000, EvictPolicy::Offload)
             .unwrap();
+        assert_eq!(off.size(), 24 * MIB - 1000);
         let disc = vision
-            .create_buffer_with(16 * MIB, EvictPolicy::Discard)
+            .create_buffer_with(16 * MIB - 24, EvictPolicy::Discard)
             .unwrap();
         let data = pattern(off.size() as usize, 9);
         {
@@ -631,4 +634,35 @@ fn a_failed_staging_pin_leaves_nothing_behind() {
     let o = c.create_buffer(8 * MIB).unwrap();
     drop((d, o));
     assert_eq!(c.usage().used, 0);
+}
+
+#[test]
+fn a_buffer_whose_staging_pin_fails_is_freed_after_work_queued_on_its_memory() {
+    let (rt, sim) = sim_runtime(160 * MIB, 2.0);
+    let a = rt.create_context(ContextSpec::new("a", 96 * MIB)).unwrap();
+    let b = rt.create_context(ContextSpec::new("b", 96 * MIB)).unwrap();
+    let load = SpinLoad::new(rt.device().clone()).unwrap();
+    let (old, done) = {
+        // Scratch too large for the pool's caches: at the session's end it waits, in
+        // order on a's stream, for a spin of about 50 ms.
+        let mut s = a.session().unwrap();
+        let scratch = s.alloc(80 * MIB).unwrap();
+        load.launch(s.stream(), 1, 32, 75_000_000).unwrap();
+        (scratch.range, s.record_event().unwrap())
+    };
+    // a's next buffer reuses that memory on a's stream, as it may; its staging then fails,
+    // and the memory must not go to another stream before a's work is done.
+    sim.fail_nth(FaultOp::PinnedAlloc, 1);
+    assert!(matches!(
+        a.create_buffer(80 * MIB),
+        Err(RuntimeError::Device(_))
+    ));
+    let y = b.create_buffer(80 * MIB).unwrap();
+    let running = !done.is_complete().unwrap();
+    let at = b.session().unwrap().range(&y).unwrap();
+    let overlaps = at.ptr.0 < old.end() && old.ptr.0 < at.end();
+    assert!(
+        !(overlaps && running),
+        "b got memory that work still running on a's stream uses"
+    );
 }

@@ -54,7 +54,8 @@ pub trait Evictor: Send + Sync {
     /// resident and the pool tries the next victim.
     fn evict(&self, victim: &VictimInfo) -> Result<(), EvictError>;
     /// Bring the bytes back at `info.addr`, in stream order on `info.stream`. On `Err` the
-    /// block stays evicted and the pin fails.
+    /// block stays evicted and the pin fails; the evictor must then leave no work queued
+    /// that touches that memory, which the pool hands on to other requests.
     fn restore(&self, info: &RestoreInfo) -> Result<(), EvictError>;
 }
 

@@ -53,6 +53,11 @@ pub use source::{ChunkSource, HostSource};
 pub const ALIGN: u64 = tlsf::UNIT;
 
 /// A stream as the pool sees it: any number the caller uses consistently.
+///
+/// A block freed in stream order ([`Pool::free_after`]) goes back to the same owner at once
+/// on the same stream, since work queued later there runs after the work that used it.
+/// Other owners get it only once its event completes, even on a stream of the same number:
+/// they cannot know what the first owner queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamId(pub u64);
 

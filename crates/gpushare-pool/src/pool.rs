@@ -205,10 +205,17 @@ impl Shard {
         c: &Cached,
         stream: StreamId,
     ) -> bool {
-        c.ev == NO_EVENT
-            || ordered
-                .get(c.ev as usize)
-                .is_none_or(|(s, e)| *s == stream || e.is_complete())
+        if c.ev == NO_EVENT {
+            return true;
+        }
+        // Every cached `ev` has its entry (entries leave with their blocks); should one
+        // be missing, the block is treated as still ordered, never as free for all.
+        let entry = ordered.get(c.ev as usize);
+        debug_assert!(
+            entry.is_some(),
+            "a cached block lost its stream-ordering event"
+        );
+        entry.is_some_and(|(s, e)| *s == stream || e.is_complete())
     }
 
     /// A block leaving the cache for good: its stream and event come out of `ordered`.
@@ -445,10 +452,34 @@ struct OwnerSlot {
     shards: Box<[CachePadded<ShardCell>]>,
 }
 
+/// Where the central allocator placed a request.
+pub(crate) struct Placed {
+    pub node: u32,
+    pub offset: u64,
+    /// The owner's stream-ordered free it reused on the same stream, if any. Its event
+    /// still orders the memory against other streams: should the request be abandoned
+    /// (a failed restore), the block goes back to the pending list, not to the free lists.
+    reused: Option<Pending>,
+}
+
+impl Placed {
+    fn fresh((node, offset): (u32, u64)) -> Self {
+        Placed {
+            node,
+            offset,
+            reused: None,
+        }
+    }
+}
+
 /// An allocation waiting for its stream's work to finish before any other stream may use it.
 struct Pending {
     node: u32,
     size: u64,
+    /// The owner that freed it: only that owner may reuse it on `stream` before `event`
+    /// completes. Another owner's request on a stream with the same number knows nothing
+    /// of the work still queued there, and could hand it on with a plain free.
+    owner: OwnerId,
     stream: StreamId,
     event: Arc<dyn FreeEvent>,
 }
@@ -574,6 +605,9 @@ impl<S: ChunkSource> Pool<S> {
         // Nothing larger than the pool can be cached, whatever the setting says.
         let mut cfg = cfg;
         cfg.cache_max_block = cfg.cache_max_block.min(limit);
+        // Nor can the pool grow by more than it may map (this also keeps the rounding of
+        // the step to the granularity from overflowing).
+        cfg.min_grow = cfg.min_grow.min(limit);
         let cache_classes = cfg
             .cache_max_block
             .max(UNIT)
@@ -731,12 +765,13 @@ impl<S: ChunkSource> Pool<S> {
         Ok(())
     }
 
-    /// The slot of `owner` if it is still registered; for fast paths, which build no
+    /// The slot of `owner` if the owner is of this pool, whether or not it is still
+    /// registered (the caller checks its generation); for fast paths, which build no
     /// error (the slow path reports it).
     #[inline]
-    fn live_slot(&self, owner: OwnerId) -> Option<&OwnerSlot> {
+    fn pool_slot(&self, owner: OwnerId) -> Option<&OwnerSlot> {
         let s = self.slots.get(owner.slot() as usize)?;
-        (owner.pool == self.id && s.gen.load(Ordering::Acquire) == owner.gen()).then_some(s)
+        (owner.pool == self.id).then_some(s)
     }
 
     #[inline]
@@ -763,35 +798,32 @@ impl<S: ChunkSource> Pool<S> {
     #[inline]
     pub fn alloc(&self, owner: OwnerId, size: u64, stream: StreamId) -> Result<Block, PoolError> {
         // Fast path: a cached block of about this size, usable on this stream.
-        if let Some(slot) = self.live_slot(owner) {
+        if let Some(slot) = self.pool_slot(owner) {
             if size.wrapping_sub(1) < self.cfg.cache_max_block {
                 let size_r = size.next_multiple_of(UNIT);
                 let cell = self.cell(slot);
                 let fc = floor_class(size_r);
-                if cell.may_have(fc) {
+                if cell.may_have(fc) || ceil_class(size_r).is_some_and(|cc| cell.may_have(cc)) {
                     let mut sh = cell.lock.lock();
-                    // The hot case: the most recent block of the size's own class. Kept
-                    // apart from the general search below so that the entry stays in
-                    // registers.
-                    if let Some(c) = sh.pop_top(fc, size_r, stream) {
-                        sh.reused(&c);
-                        cell.publish(&sh, c.class as usize, c.size);
-                        drop(sh);
-                        return Ok(Self::cached_block(c, size, owner));
-                    }
-                    if let Some(c) = sh.take_fit(size_r, stream) {
-                        sh.reused(&c);
-                        cell.publish(&sh, c.class as usize, c.size);
-                        drop(sh);
-                        return Ok(Self::cached_block(c, size, owner));
-                    }
-                } else if ceil_class(size_r).is_some_and(|cc| cell.may_have(cc)) {
-                    let mut sh = cell.lock.lock();
-                    if let Some(c) = sh.take_fit(size_r, stream) {
-                        sh.reused(&c);
-                        cell.publish(&sh, c.class as usize, c.size);
-                        drop(sh);
-                        return Ok(Self::cached_block(c, size, owner));
+                    // The owner's generation is read under the shard's lock: `remove_owner`
+                    // empties the shards before it moves the generation on, so a removed
+                    // owner never takes a block its slot's next owner cached.
+                    if slot.gen.load(Ordering::Relaxed) == owner.gen() {
+                        // The hot case: the most recent block of the size's own class.
+                        // Kept apart from the general search below so that the entry
+                        // stays in registers.
+                        if let Some(c) = sh.pop_top(fc, size_r, stream) {
+                            sh.reused(&c);
+                            cell.publish(&sh, c.class as usize, c.size);
+                            drop(sh);
+                            return Ok(Self::cached_block(c, size, owner));
+                        }
+                        if let Some(c) = sh.take_fit(size_r, stream) {
+                            sh.reused(&c);
+                            cell.publish(&sh, c.class as usize, c.size);
+                            drop(sh);
+                            return Ok(Self::cached_block(c, size, owner));
+                        }
                     }
                 }
             }
@@ -861,7 +893,14 @@ impl<S: ChunkSource> Pool<S> {
             // Aligned requests skip the fast path; a cached block may still be aligned.
             let cell = self.cell(slot);
             let mut sh = cell.lock.lock();
-            if let Some(c) = sh.take_fit(csize, stream) {
+            // As in `alloc`: the generation is checked under the shard's lock.
+            let probe = sh.probe;
+            let taken = if slot.gen.load(Ordering::Relaxed) == owner.gen() {
+                sh.take_fit(csize, stream)
+            } else {
+                None
+            };
+            if let Some(c) = taken {
                 let (class, csz) = (c.class as usize, c.size);
                 if c.offset.is_multiple_of(align) {
                     sh.reused(&c);
@@ -869,12 +908,17 @@ impl<S: ChunkSource> Pool<S> {
                     return Ok(Self::cached_block(c, size, owner));
                 }
                 sh.put(c);
+                // Taking the probe cleared its mark; it is still the probe.
+                if probe.is_some_and(|(_, n)| n == c.node) {
+                    sh.probe = probe;
+                }
                 cell.publish(&sh, class, csz);
             }
         }
         let mut c = self.central.lock();
         // The owner may have been removed (and its slot reused) since the check above;
-        // generations only change under this lock.
+        // generations change only under this lock (and after the owner's shards are
+        // emptied under theirs).
         self.slot(owner)?;
         // A probe this request did not reuse goes back first, so that it can coalesce
         // and serve this request (see `probe_cache`).
@@ -882,7 +926,8 @@ impl<S: ChunkSource> Pool<S> {
         if cell.hint_probe.load(Ordering::Relaxed) != 0 {
             let _none = self.return_probe(&mut c, owner.slot() as usize, cell, None);
         }
-        let (node, offset) = self.alloc_central(&mut c, owner, csize, align, stream, false)?;
+        let Placed { node, offset, .. } =
+            self.alloc_central(&mut c, owner, csize, align, stream, false)?;
         let acct = c.owners[owner.slot() as usize]
             .as_mut()
             .ok_or_else(|| PoolError::UnknownOwner(owner))?;
@@ -931,7 +976,8 @@ impl<S: ChunkSource> Pool<S> {
     }
 
     /// Free a block whose last use was work on `stream` that completes when `event` does.
-    /// `stream` may reuse it at once; other streams only after `event` completes.
+    /// The same owner may reuse it at once on `stream`; other streams, and other owners,
+    /// only after `event` completes.
     pub fn free_after(
         &self,
         block: Block,
@@ -1065,6 +1111,11 @@ impl<S: ChunkSource> Pool<S> {
             Some(e) if !e.is_complete() => c.pending.push(Pending {
                 node,
                 size,
+                owner: OwnerId::new(
+                    self.id,
+                    slot as u32,
+                    self.slots[slot].gen.load(Ordering::Relaxed),
+                ),
                 stream,
                 event: e,
             }),
@@ -1172,7 +1223,7 @@ impl<S: ChunkSource> Pool<S> {
         align: u64,
         stream: StreamId,
         evictable: bool,
-    ) -> Result<(u32, u64), PoolError> {
+    ) -> Result<Placed, PoolError> {
         c.evict_failures.clear();
         match self.charge(c, owner, size, evictable) {
             Err(PoolError::OutOfMemory {
@@ -1206,33 +1257,36 @@ impl<S: ChunkSource> Pool<S> {
         size: u64,
         align: u64,
         stream: StreamId,
-    ) -> Result<(u32, u64), PoolError> {
+    ) -> Result<Placed, PoolError> {
         let slot = owner.slot();
         if let Some(r) = c.tlsf.alloc(size, align, slot) {
-            return Ok(r);
+            return Ok(Placed::fresh(r));
         }
-        // Same-stream reuse of a pending block of about the right size.
+        // The owner's own stream-ordered free of this size on this stream: work queued
+        // later on the stream runs after the work that used it.
         if let Some(i) = c.pending.iter().position(|p| {
             p.stream == stream
-                && p.size >= size
-                && p.size - size <= size / 8
+                && p.owner == owner
+                && p.size == size
                 && c.tlsf.node(p.node).offset.is_multiple_of(align)
         }) {
             let p = c.pending.swap_remove(i);
-            if p.size == size {
-                c.tlsf.set_owner(p.node, slot);
-                return Ok((p.node, c.tlsf.node(p.node).offset));
-            }
-            c.pending.push(p);
+            c.tlsf.set_owner(p.node, slot);
+            let offset = c.tlsf.node(p.node).offset;
+            return Ok(Placed {
+                node: p.node,
+                offset,
+                reused: Some(p),
+            });
         }
         if self.retire_pending(c) > 0 {
             if let Some(r) = c.tlsf.alloc(size, align, slot) {
-                return Ok(r);
+                return Ok(Placed::fresh(r));
             }
         }
         if self.flush_all(c) > 0 {
             if let Some(r) = c.tlsf.alloc(size, align, slot) {
-                return Ok(r);
+                return Ok(Placed::fresh(r));
             }
         }
         // Grow while the capacity allows; then evict, and after each eviction try growing
@@ -1247,7 +1301,7 @@ impl<S: ChunkSource> Pool<S> {
                 break;
             }
             if let Some(r) = c.tlsf.alloc(size, align, slot) {
-                return Ok(r);
+                return Ok(Placed::fresh(r));
             }
         }
         Err(PoolError::OutOfMemory {
@@ -1544,7 +1598,8 @@ impl<S: ChunkSource> Pool<S> {
             .ok_or_else(|| PoolError::UnknownOwner(owner))?
             .spec
             .tier;
-        let (node, offset) = self.alloc_central(&mut c, owner, csize, UNIT, stream, true)?;
+        let Placed { node, offset, .. } =
+            self.alloc_central(&mut c, owner, csize, UNIT, stream, true)?;
         let idx = c.ev.insert(owner, tier, csize, tag, node, offset);
         let a = c.owners[owner.slot() as usize]
             .as_mut()
@@ -1589,7 +1644,11 @@ impl<S: ChunkSource> Pool<S> {
                 let evictor = c.evictor.clone().ok_or_else(|| {
                     PoolError::RestoreFailed("the block was evicted but no evictor is set".into())
                 })?;
-                let (node, offset) = self.alloc_central(&mut c, owner, size, UNIT, stream, true)?;
+                let Placed {
+                    node,
+                    offset,
+                    reused,
+                } = self.alloc_central(&mut c, owner, size, UNIT, stream, true)?;
                 let addr = self.source.addr(offset);
                 let info = RestoreInfo {
                     id: c.ev.public_id(self.id, idx).key(),
@@ -1601,7 +1660,10 @@ impl<S: ChunkSource> Pool<S> {
                 };
                 if let Err(err) = evictor.restore(&info) {
                     Self::uncharge(&mut c, owner.slot() as usize, size);
-                    c.tlsf.free(node);
+                    match reused {
+                        Some(p) => c.pending.push(p),
+                        None => c.tlsf.free(node),
+                    }
                     return Err(PoolError::RestoreFailed(err.to_string()));
                 }
                 c.ev.mark_restored(idx, node, offset);
@@ -1762,6 +1824,7 @@ impl<S: ChunkSource> Pool<S> {
                     Some((stream, event)) if !event.is_complete() => c.pending.push(Pending {
                         node,
                         size,
+                        owner,
                         stream,
                         event,
                     }),

@@ -192,3 +192,33 @@ fn a_probe_racing_a_cache_miss_keeps_accounting_exact() {
         assert_eq!(pool.stats().mapped_bytes, 0);
     });
 }
+
+#[test]
+fn a_removed_owner_never_takes_its_successors_cached_block() {
+    loom::model(|| {
+        let pool = Arc::new(small_pool(4 * G));
+        let old = pool.add_owner(OwnerSpec::new("old", 2 * G)).unwrap();
+        // A cached block, so that `old`'s request takes the fast path.
+        pool.free(pool.alloc(old, G, StreamId(0)).unwrap()).unwrap();
+        let t = {
+            let pool = pool.clone();
+            thread::spawn(move || pool.alloc(old, G, StreamId(0)))
+        };
+        // The owner goes and another takes its slot and caches a block of the same size.
+        let removed = pool.remove_owner(old).is_ok();
+        let new = removed.then(|| {
+            let new = pool.add_owner(OwnerSpec::new("new", 2 * G)).unwrap();
+            pool.free(pool.alloc(new, G, StreamId(0)).unwrap()).unwrap();
+            new
+        });
+        let got = t.join().unwrap();
+        match (got, new) {
+            // The request ran first: the owner held a block and could not be removed.
+            (Ok(b), None) => pool.free(b).unwrap(),
+            (Ok(b), Some(_)) => panic!("a removed owner took a block at {}", b.offset()),
+            (Err(e), _) => assert!(matches!(e, PoolError::UnknownOwner(_)), "{e}"),
+        }
+        let s = pool.stats();
+        assert_eq!(s.live_bytes, 0);
+    });
+}

@@ -360,6 +360,61 @@ fn stream_ordered_reuse_through_the_central_allocator() {
 }
 
 #[test]
+fn another_owner_does_not_reuse_a_pending_block_on_a_stream_of_the_same_number() {
+    let p = pool(
+        PoolConfig::default()
+            .cache_bytes_per_shard(0)
+            .capacity(8 * MIB),
+    );
+    let a = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let b = p.add_owner(OwnerSpec::new("b", 1 << 30)).unwrap();
+    let x = p.alloc(a, 6 * MIB, S1).unwrap();
+    let off = x.offset();
+    let ev = Flag::new();
+    p.free_after(x, S1, ev.clone()).unwrap();
+    // b knows nothing of the work a queued: it could free the block plainly, and hand
+    // memory still in use to any stream.
+    assert!(matches!(
+        p.alloc(b, 6 * MIB, S1),
+        Err(PoolError::OutOfMemory { .. })
+    ));
+    let y = p.alloc(a, 6 * MIB, S1).unwrap();
+    assert_eq!(y.offset(), off, "the owner itself reuses it on its stream");
+    p.free(y).unwrap();
+}
+
+#[test]
+fn a_failed_restore_keeps_a_reused_pending_block_ordered() {
+    let (p, rec) = evicting_pool(4 * MIB);
+    let a = p.add_owner(OwnerSpec::new("a", 4 * MIB)).unwrap();
+    let b = p.add_owner(OwnerSpec::new("b", 4 * MIB)).unwrap();
+    let (e, _) = p.alloc_evictable(a, 2 * MIB, 0, S1).unwrap();
+    p.unpin(&e).unwrap();
+    // b's request evicts it.
+    p.free(p.alloc(b, 4 * MIB, S2).unwrap()).unwrap();
+    assert!(!p.is_resident(&e).unwrap());
+    // a frees a block of the same size in order on S1; b holds the rest.
+    let x = p.alloc(a, 2 * MIB, S1).unwrap();
+    let y = p.alloc(b, 2 * MIB, S2).unwrap();
+    let ev = Flag::new();
+    p.free_after(x, S1, ev.clone()).unwrap();
+    // The restore takes that block on S1 and fails: the block must stay ordered.
+    rec.fail_restore.store(true, Ordering::SeqCst);
+    assert!(matches!(p.pin(&e, S1), Err(PoolError::RestoreFailed(_))));
+    assert_eq!(p.stats().pending_bytes, 2 * MIB);
+    assert!(
+        matches!(p.alloc(b, 2 * MIB, S2), Err(PoolError::OutOfMemory { .. })),
+        "another stream got memory whose work is still queued"
+    );
+    ev.set();
+    rec.fail_restore.store(false, Ordering::SeqCst);
+    p.free(y).unwrap();
+    assert!(p.pin(&e, S1).unwrap().restored);
+    p.unpin(&e).unwrap();
+    p.free_evictable(e).unwrap();
+}
+
+#[test]
 fn removing_an_owner_retires_its_completed_pending_frees() {
     let p = pool(
         PoolConfig::default()
@@ -672,4 +727,13 @@ fn caching_everything_is_a_valid_setting() {
         p.add_owner(OwnerSpec::new("huge", u64::MAX).base(u64::MAX)),
         Err(PoolError::BadOwner(_))
     ));
+}
+
+#[test]
+fn a_growth_step_above_the_capacity_maps_the_capacity() {
+    let p = pool(PoolConfig::default().capacity(8 * MIB).min_grow(u64::MAX));
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let b = p.alloc(o, MIB, S1).unwrap();
+    assert_eq!(p.stats().mapped_bytes, 8 * MIB);
+    p.free(b).unwrap();
 }
