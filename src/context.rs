@@ -24,10 +24,31 @@ pub(crate) struct BufMeta {
 
 pub(crate) struct BufSlot {
     pub key: EvictableKey,
-    pub id: EvictableId,
+    /// `None` once freed while uses were live: the slot stays, so that their prefixes still
+    /// name the same buffers, until the last use ends.
+    pub id: Option<EvictableId>,
     pub size: u64,
-    /// Dropped by its owner while a session had it pinned: freed when unpinned.
-    pub doomed: bool,
+    /// [`LIVE`] while its handle lives. Once dropped while uses are live, the value of
+    /// [`CtxInner::dooms`] it was given: sessions that start later do not pin it, and it is
+    /// freed as soon as no use pins it.
+    pub doomed_at: u64,
+}
+
+/// [`BufSlot::doomed_at`] of a buffer whose handle lives.
+pub(crate) const LIVE: u64 = u64::MAX;
+
+impl BufSlot {
+    /// Whether its handle lives (sessions pin it).
+    #[inline]
+    pub fn live(&self) -> bool {
+        self.doomed_at == LIVE
+    }
+    /// Whether a session that started at doom epoch `epoch` pinned it, if it is in that
+    /// session's prefix.
+    #[inline]
+    pub fn pinned_since(&self, epoch: u64) -> bool {
+        self.doomed_at > epoch
+    }
 }
 
 pub(crate) struct CtxInner {
@@ -47,6 +68,9 @@ pub(crate) struct CtxInner {
     /// Live sessions and borrows of its buffers. Written only with `buffers` locked (so a
     /// plain load and store, no read-modify-write); read without it for snapshots.
     pub sessions: AtomicU64,
+    /// Buffers dropped while uses were live, so far: the doom epoch. Written only with
+    /// `buffers` locked.
+    pub dooms: AtomicU64,
     /// What its events share: the device, its stream and the spare device events.
     pub events: Arc<crate::event::EventHome>,
 }
@@ -58,37 +82,67 @@ impl CtxInner {
         self.sessions.store(n + 1, Ordering::Relaxed);
     }
 
-    /// A session (or a borrow by another context's session) stops using buffers: the first
-    /// `prefix` slots and those of `extra`. Unpin them, and if it was the last use, free
-    /// the buffers dropped meanwhile. (While any use is live, slots are only appended, never
-    /// removed or reordered, so a prefix of them stays the same buffers.)
-    pub fn end_use(&self, prefix: usize, extra: &[EvictableKey]) {
+    /// A session (or a borrow by another context's session) stops using buffers: those of
+    /// the first `prefix` slots it pinned (all but the ones dropped before doom epoch
+    /// `epoch`, when it started) and those of `extra`. Unpin them, and free the dropped
+    /// buffers no use pins any more. (While any use is live, slots are only appended,
+    /// never removed or reordered, so a prefix of them stays the same buffers; the last
+    /// use clears out the freed ones.)
+    pub fn end_use(&self, prefix: usize, epoch: u64, extra: &[EvictableKey]) {
         let mut slots = self.buffers.lock();
-        // The prefix as it is; only slots after it are looked up in `extra`.
-        let (head, tail) = slots.split_at(prefix.min(slots.len()));
+        let prefix = prefix.min(slots.len());
+        let (head, tail) = slots.split_at(prefix);
         let unpinned = self.rt.pool.unpin_all(
             head.iter()
+                .filter(|s| s.pinned_since(epoch))
                 .chain(tail.iter().filter(|s| extra.contains(&s.key)))
-                .map(|s| &s.id),
+                .filter_map(|s| s.id.as_ref()),
         );
         if let Err(e) = unpinned {
             tracing::error!(context = %self.name, error = %e, "unpinning buffers failed");
         }
         let left = self.sessions.load(Ordering::Relaxed) - 1;
         self.sessions.store(left, Ordering::Relaxed);
-        let last = left == 0;
-        let doomed: Vec<BufSlot> = if last && slots.iter().any(|s| s.doomed) {
-            let (d, keep): (Vec<BufSlot>, Vec<BufSlot>) = std::mem::take(&mut *slots)
-                .into_iter()
-                .partition(|s| s.doomed);
-            *slots = keep;
-            d
+        let mut free = Vec::new();
+        if left == 0 {
+            if slots.iter().any(|s| !s.live()) {
+                slots.retain_mut(|s| {
+                    if !s.live() {
+                        free.extend(s.id.take().map(|id| (s.key, id)));
+                    }
+                    s.live()
+                });
+            }
         } else {
-            Vec::new()
-        };
+            // Buffers dropped since this use began, or that it pinned on the way, may have
+            // lost their last pin here.
+            let since = if extra.is_empty() { epoch } else { 0 };
+            if self.dooms.load(Ordering::Relaxed) > since {
+                for (i, s) in slots.iter_mut().enumerate() {
+                    let mine = if i < prefix {
+                        s.pinned_since(epoch)
+                    } else {
+                        extra.contains(&s.key)
+                    };
+                    if mine && !s.live() {
+                        self.take_if_unpinned(s, &mut free);
+                    }
+                }
+            }
+        }
         drop(slots);
-        for s in doomed {
-            self.free_slot(s);
+        for (key, id) in free {
+            self.free_buffer(key, id);
+        }
+    }
+
+    /// If no use pins the dropped buffer of `s` any more, take its handle out (leaving the
+    /// slot in place) into `free`.
+    fn take_if_unpinned(&self, s: &mut BufSlot, free: &mut Vec<(EvictableKey, EvictableId)>) {
+        if let Some(id) = &s.id {
+            if self.rt.pool.pin_count(id).is_ok_and(|n| n == 0) {
+                free.extend(s.id.take().map(|id| (s.key, id)));
+            }
         }
     }
 
@@ -113,9 +167,8 @@ impl CtxInner {
     /// the GPU, and a borrower's reads are ordered before this stream's tail), so the
     /// memory is reusable elsewhere only once that work is done. Waiting sessions are woken
     /// then.
-    pub fn free_slot(&self, slot: BufSlot) {
-        let key = slot.key;
-        self.free_after_stream(slot.id);
+    pub fn free_buffer(&self, key: EvictableKey, id: EvictableId) {
+        self.free_after_stream(id);
         self.rt.buffers.lock().remove(&key);
         self.rt.wake_waiters();
     }
@@ -195,9 +248,10 @@ impl Drop for CtxInner {
         }
         let slots = std::mem::take(&mut *self.buffers.lock());
         for s in slots {
-            let key = s.key;
-            let _ = self.rt.pool.free_evictable(s.id);
-            self.rt.buffers.lock().remove(&key);
+            if let Some(id) = s.id {
+                let _ = self.rt.pool.free_evictable(id);
+            }
+            self.rt.buffers.lock().remove(&s.key);
         }
         if let Err(e) = self.rt.pool.remove_owner(self.owner) {
             tracing::error!(context = %self.name, error = %e, "removing the context's pool owner failed");
@@ -368,6 +422,7 @@ impl Context {
             buffers: Mutex::new(Vec::new()),
             handlers: Mutex::new(Vec::new()),
             sessions: AtomicU64::new(0),
+            dooms: AtomicU64::new(0),
         });
         let mut live = rt.contexts.lock();
         live.retain(|w| w.strong_count() > 0);
@@ -473,9 +528,9 @@ impl Context {
         }
         c.buffers.lock().push(BufSlot {
             key,
-            id,
+            id: Some(id),
             size,
-            doomed: false,
+            doomed_at: LIVE,
         });
         Ok(Buffer {
             ctx: self.inner.clone(),
@@ -570,7 +625,8 @@ impl Buffer {
         slots
             .iter()
             .find(|s| s.key == self.key)
-            .is_some_and(|s| self.ctx.rt.pool.is_resident(&s.id).unwrap_or(false))
+            .and_then(|s| s.id.as_ref())
+            .is_some_and(|id| self.ctx.rt.pool.is_resident(id).unwrap_or(false))
     }
 }
 
@@ -581,12 +637,24 @@ impl Drop for Buffer {
             return;
         };
         if self.ctx.sessions.load(Ordering::Relaxed) > 0 {
-            // A live session may have it pinned; the session frees it when it ends.
-            slots[i].doomed = true;
+            // Live uses may pin it: sessions that start from now on leave it out, and it
+            // is freed when no use pins it, which may be now. Its slot stays while any use
+            // is live, as their prefixes count slots.
+            let epoch = self.ctx.dooms.load(Ordering::Relaxed) + 1;
+            self.ctx.dooms.store(epoch, Ordering::Relaxed);
+            slots[i].doomed_at = epoch;
+            let mut free = Vec::new();
+            self.ctx.take_if_unpinned(&mut slots[i], &mut free);
+            drop(slots);
+            for (key, id) in free {
+                self.ctx.free_buffer(key, id);
+            }
             return;
         }
         let slot = slots.swap_remove(i);
         drop(slots);
-        self.ctx.free_slot(slot);
+        if let Some(id) = slot.id {
+            self.ctx.free_buffer(slot.key, id);
+        }
     }
 }

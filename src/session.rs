@@ -32,13 +32,30 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
     }
 }
 
-/// Pin every buffer of the context, or none, and return how many: the session holds the
-/// first that many slots (see [`CtxInner::end_use`]). On success the session count is
+/// The buffers a session pinned when it started: the first `len` slots of its context,
+/// less those dropped before doom epoch `epoch` (see [`CtxInner::end_use`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Prefix {
+    pub len: usize,
+    pub epoch: u64,
+}
+
+impl Prefix {
+    fn of(ctx: &CtxInner, slots: &[crate::context::BufSlot]) -> Self {
+        Prefix {
+            len: slots.len(),
+            epoch: ctx.dooms.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
+/// Pin every buffer of the context whose handle lives, or none, and return which: the
+/// session holds them (see [`CtxInner::end_use`]). On success the session count is
 /// raised under the same lock, so no buffer is freed or moved under the new session.
 ///
 /// With `fast`, a path that does not take `pin_lock` is tried first; a session already
 /// waiting in line skips it (see below), so that its failed tries never wake the line.
-pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<usize> {
+pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<Prefix> {
     // Fast path: the whole working set is resident, so pinning it takes one pool lock and
     // waits for nothing; it holds nothing partly, so it needs no `pin_lock`. The session
     // counts as live from before it pins: a session short of memory meanwhile then waits
@@ -49,10 +66,14 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<usize> {
     if fast {
         ctx.rt.waits.started();
         let slots = ctx.buffers.lock();
-        match ctx.rt.pool.pin_all_resident(slots.iter().map(|s| &s.id)) {
+        let live = slots
+            .iter()
+            .filter(|s| s.live())
+            .filter_map(|s| s.id.as_ref());
+        match ctx.rt.pool.pin_all_resident(live) {
             Ok(true) => {
                 ctx.add_use(&slots);
-                return Ok(slots.len());
+                return Ok(Prefix::of(ctx, &slots));
             }
             not_all => {
                 drop(slots);
@@ -62,8 +83,13 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<usize> {
         }
     }
     let _one_at_a_time = ctx.rt.pin_lock.lock();
-    let slots = ctx.buffers.lock();
-    let total: u64 = slots.iter().map(|s| s.size).sum();
+    let all = ctx.buffers.lock();
+    let slots: Vec<(&crate::context::BufSlot, &gpushare_pool::EvictableId)> = all
+        .iter()
+        .filter(|s| s.live())
+        .filter_map(|s| Some((s, s.id.as_ref()?)))
+        .collect();
+    let total: u64 = slots.iter().map(|(s, _)| s.size).sum();
     if total > ctx.rt.capacity {
         return Err(RuntimeError::WorkingSetTooLarge {
             context: ctx.name.clone(),
@@ -76,26 +102,26 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<usize> {
     // chosen as victims while the evicted ones are restored.
     let resident: Vec<bool> = slots
         .iter()
-        .map(|s| ctx.rt.pool.is_resident(&s.id).unwrap_or(false))
+        .map(|(_, id)| ctx.rt.pool.is_resident(id).unwrap_or(false))
         .collect();
     let order = slots
         .iter()
         .zip(&resident)
         .filter(|(_, &r)| r)
         .chain(slots.iter().zip(&resident).filter(|(_, &r)| !r))
-        .map(|(s, _)| s);
-    for s in order {
-        match ctx.rt.pool.pin(&s.id, ctx.stream_id) {
-            Ok(_) => pinned.push(&s.id),
+        .map(|((_, id), _)| *id);
+    for id in order {
+        match ctx.rt.pool.pin(id, ctx.stream_id) {
+            Ok(_) => pinned.push(id),
             Err(e) => {
                 let _ = ctx.rt.pool.unpin_all(pinned);
                 return Err(RuntimeError::from_pool(e, &ctx.name));
             }
         }
     }
-    ctx.add_use(&slots);
+    ctx.add_use(&all);
     ctx.rt.waits.started();
-    Ok(slots.len())
+    Ok(Prefix::of(ctx, &all))
 }
 
 enum State {
@@ -121,7 +147,7 @@ impl SessionFuture {
         }
     }
 
-    fn attempt(ctx: &Context, fast: bool) -> Result<usize> {
+    fn attempt(ctx: &Context, fast: bool) -> Result<Prefix> {
         let c = &ctx.inner;
         match pin_all(c, fast) {
             Err(e) if e.is_oom() => match c.rt.relieve(ctx, 0) {
@@ -155,7 +181,7 @@ impl SessionFuture {
     }
 
     /// The outcome of a finished round: the session, holding the context.
-    fn finish(&mut self, r: Result<usize>) -> Poll<Result<Session>> {
+    fn finish(&mut self, r: Result<Prefix>) -> Poll<Result<Session>> {
         self.state = State::Done;
         let ctx = self.ctx.take();
         Poll::Ready(r.and_then(|pinned| match ctx {
@@ -173,7 +199,7 @@ fn completed() -> RuntimeError {
 }
 
 enum Step {
-    Done(Result<usize>),
+    Done(Result<Prefix>),
     Wait,
 }
 
@@ -247,8 +273,8 @@ impl FreeEvent for Done {
 /// ends. Ending it (dropping it) frees its scratch memory in stream order and unpins.
 pub struct Session {
     ctx: Arc<CtxInner>,
-    /// The first `pinned` slots of the context's buffers are pinned by this session...
-    pinned: usize,
+    /// The buffers this session pinned when it started...
+    pinned: Prefix,
     /// ...and what else it holds, allocated on first use: most sessions hold nothing else,
     /// and then creating and ending one moves and drops no lists.
     more: Option<Box<Held>>,
@@ -272,14 +298,14 @@ impl std::fmt::Debug for Session {
             .map_or((0, 0), |m| (m.extra.len(), m.scratch.len()));
         f.debug_struct("Session")
             .field("context", &self.ctx.name)
-            .field("pinned", &(self.pinned + extra))
+            .field("pinned", &(self.pinned.len + extra))
             .field("scratch", &scratch)
             .finish()
     }
 }
 
 impl Session {
-    pub(crate) fn new(ctx: Arc<CtxInner>, pinned: usize) -> Self {
+    pub(crate) fn new(ctx: Arc<CtxInner>, pinned: Prefix) -> Self {
         Session {
             ctx,
             pinned,
@@ -337,10 +363,11 @@ impl Session {
     pub fn range(&mut self, buf: &Buffer) -> Result<DeviceRange> {
         self.check(buf)?;
         let slots = self.ctx.buffers.lock();
-        let (i, slot) = slots
+        let (i, slot, id) = slots
             .iter()
             .enumerate()
             .find(|(_, s)| s.key == buf.key)
+            .and_then(|(i, s)| Some((i, s, s.id.as_ref()?)))
             .ok_or(RuntimeError::Foreign {
                 what: "buffer",
                 owner: "context",
@@ -349,11 +376,12 @@ impl Session {
             .ctx
             .rt
             .pool
-            .pin(&slot.id, self.ctx.stream_id)
+            .pin(id, self.ctx.stream_id)
             .map_err(|e| RuntimeError::from_pool(e, &self.ctx.name))?;
-        if i < self.pinned || self.holds_extra(&buf.key) {
+        let at_start = i < self.pinned.len && slot.pinned_since(self.pinned.epoch);
+        if at_start || self.holds_extra(&buf.key) {
             // Already pinned by this session: drop the extra pin.
-            let _ = self.ctx.rt.pool.unpin(&slot.id);
+            let _ = self.ctx.rt.pool.unpin(id);
         } else {
             let key = buf.key;
             drop(slots);
@@ -384,20 +412,20 @@ impl Session {
         }
         let owner = &buf.ctx;
         let slots = owner.buffers.lock();
-        let slot =
-            slots
-                .iter()
-                .find(|s| s.key == buf.key && !s.doomed)
-                .ok_or(RuntimeError::Foreign {
-                    what: "buffer",
-                    owner: "context",
-                })?;
+        let id = slots
+            .iter()
+            .find(|s| s.key == buf.key && s.live())
+            .and_then(|s| s.id.as_ref())
+            .ok_or(RuntimeError::Foreign {
+                what: "buffer",
+                owner: "context",
+            })?;
         // Pinned for use on the owner's stream: a restore is ordered after the owner's
         // work, and this session orders its own work with events.
         let p = owner
             .rt
             .pool
-            .pin(&slot.id, owner.stream_id)
+            .pin(id, owner.stream_id)
             .map_err(|e| RuntimeError::from_pool(e, &owner.name))?;
         let already = self.more.as_ref().is_some_and(|m| {
             m.borrowed
@@ -405,7 +433,7 @@ impl Session {
                 .any(|(c, k)| Arc::ptr_eq(c, owner) && *k == buf.key)
         });
         if already {
-            let _ = owner.rt.pool.unpin(&slot.id);
+            let _ = owner.rt.pool.unpin(id);
         } else {
             owner.add_use(&slots);
             drop(slots);
@@ -437,7 +465,7 @@ impl Session {
                     let _ = rt.dev.synchronize_stream(&self.ctx.stream);
                 }
             }
-            owner.end_use(0, std::slice::from_ref(key));
+            owner.end_use(0, 0, std::slice::from_ref(key));
         }
     }
 
@@ -491,7 +519,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         let Some(more) = self.more.take() else {
             // Nothing but the prefix: the common case.
-            self.ctx.end_use(self.pinned, &[]);
+            self.ctx.end_use(self.pinned.len, self.pinned.epoch, &[]);
             self.ctx.rt.waits.ended();
             return;
         };
@@ -528,7 +556,7 @@ impl Drop for Session {
         if !borrowed.is_empty() {
             self.end_borrows(borrowed);
         }
-        self.ctx.end_use(self.pinned, &extra);
+        self.ctx.end_use(self.pinned.len, self.pinned.epoch, &extra);
         self.ctx.rt.waits.ended();
     }
 }

@@ -67,7 +67,7 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [a_session_short_of_memory_with_none_live_fails_at_once, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_context_with_its_own_compute_share_gives_it_back],
+    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_context_with_its_own_compute_share_gives_it_back],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
@@ -108,6 +108,47 @@ mod tests {
             Ok(Ok(())) => panic!("the vision buffer cannot fit beside the weights"),
             Err(_) => panic!("the session neither succeeded nor failed in 20 s"),
         }
+    }
+
+    pub fn a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it(open: Open) {
+        let rt = runtime(open, 64 * MIB, 1.0);
+        let ctx = rt.create_context(ContextSpec::new("m", 64 * MIB)).unwrap();
+        let keep = ctx.create_buffer(4 * MIB).unwrap();
+        let gone = ctx.create_buffer(8 * MIB).unwrap();
+        // A server under load: every session overlaps the next.
+        let mut s1 = ctx.session().unwrap();
+        let data = pattern(1024, 4);
+        s1.write(&gone, 0, &data).unwrap();
+        drop(gone);
+        let s2 = ctx.session().unwrap();
+        assert_eq!(
+            ctx.usage().resident,
+            12 * MIB,
+            "the first session still uses it"
+        );
+        drop(s1);
+        assert_eq!(
+            ctx.usage().resident,
+            4 * MIB,
+            "freed once the session that pinned it ended, though another is live"
+        );
+        // A buffer made during a session and dropped unused goes at once.
+        let brief = ctx.create_buffer(2 * MIB).unwrap();
+        drop(brief);
+        assert_eq!(ctx.usage().resident, 4 * MIB);
+        // Later sessions pin only what is left, and the memory can be used again.
+        let s3 = ctx.session().unwrap();
+        drop(s2);
+        let again = ctx.create_buffer(32 * MIB).unwrap();
+        drop(s3);
+        let mut s4 = ctx.session().unwrap();
+        let mut back = vec![0u8; 1024];
+        s4.write(&keep, 0, &data).unwrap();
+        s4.read(&keep, 0, &mut back).unwrap();
+        assert!(back == data);
+        drop(s4);
+        drop((keep, again));
+        assert_eq!(ctx.usage().resident, 0);
     }
 
     pub fn a_dropped_buffer_is_reused_only_after_work_queued_on_it(open: Open) {

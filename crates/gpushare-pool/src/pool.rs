@@ -1781,6 +1781,13 @@ impl<S: ChunkSource> Pool<S> {
         ))
     }
 
+    /// How many pins an evictable block holds.
+    pub fn pin_count(&self, id: &EvictableId) -> Result<u32, PoolError> {
+        let c = self.central.lock();
+        let idx = c.ev.lookup(self.id, id)?;
+        Ok(c.ev.get(idx).pins)
+    }
+
     /// Free an evictable block. It must not be pinned; on error the handle comes back.
     pub fn free_evictable(&self, id: EvictableId) -> Result<(), (EvictableId, PoolError)> {
         self.free_evictable_inner(id, None)
