@@ -304,6 +304,7 @@ pub struct Usage {
 impl Context {
     pub(crate) fn create(rt: Arc<RtInner>, spec: ContextSpec) -> Result<Context> {
         let name = spec.name.clone();
+        let _one_at_a_time = rt.create_lock.lock();
         {
             let live = rt.contexts.lock();
             if live
@@ -388,8 +389,9 @@ impl Context {
                 .partition(&p)
                 .map(|q| q.isolation().clone())
                 .unwrap_or(Isolation::None);
-            drop(parts);
+            // Read with the partitions locked: the index is into this very split.
             let made = rt.sms.partitions();
+            drop(parts);
             let stream = match (&iso, index.and_then(|i| made.get(i))) {
                 (Isolation::SmPartition { .. }, Some(sm)) => rt.dev.create_stream_in(sm, prio),
                 _ => rt.dev.create_stream(prio),

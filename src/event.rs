@@ -112,7 +112,10 @@ impl Event {
     }
 
     /// Wait for the recorded work without blocking a thread: a host callback queued on the
-    /// recording stream wakes the task.
+    /// recording stream wakes the task. The callback runs after all the work queued on that
+    /// stream when the future is first polled, so if more was queued after the record, the
+    /// task wakes when that is done too; [`Event::is_complete`] and
+    /// [`Event::synchronize`] see the event itself.
     pub fn wait(&self) -> EventWait {
         EventWait {
             ev: self.clone(),
@@ -164,7 +167,10 @@ impl Future for EventWait {
             &i.home.stream,
             Box::new(move || {
                 s2.done.store(true, Ordering::Release);
-                if let Some(w) = s2.waker.lock().take() {
+                // Woken with the lock released: a waker that polls at once must not find
+                // it held.
+                let w = s2.waker.lock().take();
+                if let Some(w) = w {
                     w.wake();
                 }
             }),

@@ -174,6 +174,7 @@ impl RuntimeBuilder {
                 waits: Arc::new(SessionGate::new(aging)),
                 next_stream: AtomicU64::new(1),
                 pin_lock: Mutex::new(()),
+                create_lock: Mutex::new(()),
             }),
         })
     }
@@ -199,6 +200,9 @@ pub(crate) struct RtInner {
     /// Held while a session pins its working set, so that two sessions never each hold
     /// part of what they need while waiting for the rest (hold and wait).
     pub pin_lock: Mutex<()>,
+    /// Held while a context is created, so that two contexts of one name cannot both pass
+    /// the check, and partitions are not split anew under a context being placed.
+    pub create_lock: Mutex<()>,
 }
 
 impl RtInner {

@@ -707,3 +707,30 @@ fn a_buffer_whose_staging_pin_fails_is_freed_after_work_queued_on_its_memory() {
         "b got memory that work still running on a's stream uses"
     );
 }
+
+#[test]
+fn contexts_of_one_name_created_at_once_are_admitted_once() {
+    let (rt, _sim) = sim_runtime(256 * MIB, 8.0);
+    for round in 0..20 {
+        let name = format!("m{round}");
+        let go = Arc::new(std::sync::Barrier::new(8));
+        let made: Vec<_> = (0..8)
+            .map(|_| {
+                let (rt, go, name) = (rt.clone(), go.clone(), name.clone());
+                std::thread::spawn(move || {
+                    go.wait();
+                    rt.create_context(ContextSpec::new(name, 8 * MIB))
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        let ok = made.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok, 1, "round {round}: {ok} contexts named {name}");
+        assert!(made
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| matches!(e, RuntimeError::DuplicateContext(_))));
+    }
+}
