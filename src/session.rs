@@ -49,6 +49,38 @@ impl Prefix {
     }
 }
 
+/// The fast path of [`pin_all`]: if the whole working set is resident, pin it and return
+/// which buffers; if not, pin nothing and return `None`.
+///
+/// Pinning a resident set takes one pool lock and waits for nothing; it holds nothing
+/// partly, so it needs no `pin_lock`, and it takes no memory from anyone. The session
+/// counts as live from before it pins: a session short of memory meanwhile then waits for
+/// this one instead of failing. If this path gives up, `ended` moves the release
+/// generation and wakes the line, so that such a session tries again. Only sessions not
+/// yet in line take it: a waiter whose failed try woke the line would wake itself, and the
+/// line would spin.
+pub(crate) fn pin_resident(ctx: &Arc<CtxInner>) -> Result<Option<Prefix>> {
+    ctx.rt.waits.started();
+    let slots = ctx.buffers.lock();
+    let live = slots
+        .iter()
+        .filter(|s| s.live())
+        .filter_map(|s| s.id.as_ref());
+    match ctx.rt.pool.pin_all_resident(live) {
+        Ok(true) => {
+            ctx.add_use(&slots);
+            Ok(Some(Prefix::of(ctx, &slots)))
+        }
+        not_all => {
+            drop(slots);
+            ctx.rt.waits.ended();
+            not_all
+                .map(|_| None)
+                .map_err(|e| RuntimeError::from_pool(e, &ctx.name))
+        }
+    }
+}
+
 /// Pin every buffer of the context whose handle lives, or none, and return which: the
 /// session holds them (see [`CtxInner::end_use`]). On success the session count is
 /// raised under the same lock, so no buffer is freed or moved under the new session.
@@ -56,30 +88,9 @@ impl Prefix {
 /// With `fast`, a path that does not take `pin_lock` is tried first; a session already
 /// waiting in line skips it (see below), so that its failed tries never wake the line.
 pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<Prefix> {
-    // Fast path: the whole working set is resident, so pinning it takes one pool lock and
-    // waits for nothing; it holds nothing partly, so it needs no `pin_lock`. The session
-    // counts as live from before it pins: a session short of memory meanwhile then waits
-    // for this one instead of failing. If this path gives up, `ended` moves the release
-    // generation and wakes the line, so that such a session tries again. Only sessions not
-    // yet in line take it: a waiter whose failed try woke the line would wake itself, and
-    // the line would spin.
     if fast {
-        ctx.rt.waits.started();
-        let slots = ctx.buffers.lock();
-        let live = slots
-            .iter()
-            .filter(|s| s.live())
-            .filter_map(|s| s.id.as_ref());
-        match ctx.rt.pool.pin_all_resident(live) {
-            Ok(true) => {
-                ctx.add_use(&slots);
-                return Ok(Prefix::of(ctx, &slots));
-            }
-            not_all => {
-                drop(slots);
-                ctx.rt.waits.ended();
-                not_all.map_err(|e| RuntimeError::from_pool(e, &ctx.name))?;
-            }
+        if let Some(p) = pin_resident(ctx)? {
+            return Ok(p);
         }
     }
     let _one_at_a_time = ctx.rt.pin_lock.lock();
@@ -214,16 +225,32 @@ impl Future for SessionFuture {
         let rt = &ctx.inner.rt;
         match this.state {
             State::Done => Poll::Ready(Err(completed())),
-            State::Start => match Self::try_now(ctx, &this.state) {
-                Step::Done(r) => this.finish(r),
-                Step::Wait => {
-                    let id = rt.enqueue(ctx.inner.tier, cx.waker());
-                    this.state = State::Waiting(id);
-                    // Memory may have been freed between the attempt and joining the line.
-                    cx.waker().wake_by_ref();
-                    Poll::Pending
+            State::Start => {
+                // Sessions already in line are served first, in tier order: a newcomer
+                // takes no memory ahead of them. It may still start if its working set is
+                // resident, which takes nothing (and keeps a pipeline whose stages wait on
+                // each other moving); otherwise it joins the line, first at once if it
+                // outranks everyone there.
+                let r = if rt.waits.queued() {
+                    match pin_resident(&ctx.inner) {
+                        Ok(None) => Step::Wait,
+                        r => Step::Done(r.and_then(|p| p.ok_or_else(completed))),
+                    }
+                } else {
+                    Self::try_now(ctx, &this.state)
+                };
+                match r {
+                    Step::Done(r) => this.finish(r),
+                    Step::Wait => {
+                        let id = rt.enqueue(ctx.inner.tier, cx.waker());
+                        this.state = State::Waiting(id);
+                        // Memory may have been freed between the attempt and joining the
+                        // line.
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
+                    }
                 }
-            },
+            }
             State::Waiting(id) => {
                 if !rt.is_head(id, cx.waker()) {
                     return Poll::Pending;
