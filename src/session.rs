@@ -49,6 +49,18 @@ impl Prefix {
     }
 }
 
+/// Bytes of the context's working set not on the device: what a session must restore.
+fn evicted_bytes(ctx: &CtxInner) -> u64 {
+    let slots = ctx.buffers.lock();
+    slots
+        .iter()
+        .filter(|s| s.live())
+        .filter_map(|s| Some((s.size, s.id.as_ref()?)))
+        .filter(|(_, id)| !ctx.rt.pool.is_resident(id).unwrap_or(true))
+        .map(|(size, _)| size)
+        .sum()
+}
+
 /// The fast path of [`pin_all`]: if the whole working set is resident, pin it and return
 /// which buffers; if not, pin nothing and return `None`.
 ///
@@ -158,10 +170,14 @@ impl SessionFuture {
         }
     }
 
+    /// One try. Short of memory, the pressure handlers are asked for what the working
+    /// set lacks (its evicted buffers); if they allow, it tries again. A denial does not
+    /// fail the session: it waits for memory that live sessions release, as without
+    /// handlers.
     fn attempt(ctx: &Context, fast: bool) -> Result<Prefix> {
         let c = &ctx.inner;
         match pin_all(c, fast) {
-            Err(e) if e.is_oom() => match c.rt.relieve(ctx, 0) {
+            Err(e) if e.is_oom() => match c.rt.relieve(ctx, evicted_bytes(c)) {
                 Some(Pressure::Allow) => pin_all(c, false),
                 _ => Err(e),
             },

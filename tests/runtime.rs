@@ -67,7 +67,7 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_context_with_its_own_compute_share_gives_it_back],
+    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_context_with_its_own_compute_share_gives_it_back],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order, a_newcomer_that_needs_memory_waits_behind_the_line]
 );
 
@@ -573,6 +573,39 @@ mod tests {
         tn.await.unwrap();
         assert_eq!(*order.lock().unwrap(), vec!["w", "n"]);
         drop((nb, wb, hb));
+    }
+
+    pub fn a_waiting_sessions_handlers_are_told_what_its_working_set_lacks(open: Open) {
+        let rt = runtime(open, 64 * MIB, 4.0);
+        let v = rt.create_context(ContextSpec::new("v", 64 * MIB)).unwrap();
+        let hog = rt.create_context(ContextSpec::new("hog", 64 * MIB)).unwrap();
+        let vb = v.create_buffer(32 * MIB - 4096).unwrap();
+        let hb = hog.create_buffer(48 * MIB).unwrap();
+        assert!(!vb.is_resident());
+        let held = hog.session().unwrap();
+        let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        {
+            let asked = asked.clone();
+            rt.on_memory_pressure(move |info| {
+                asked.store(info.requested, Ordering::SeqCst);
+                Pressure::Deny
+            });
+        }
+        let t = {
+            let v = v.clone();
+            std::thread::spawn(move || v.session().map(drop))
+        };
+        for _ in 0..500 {
+            if asked.load(Ordering::SeqCst) != 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), vb.size(), "the evicted buffer's bytes");
+        // A denial leaves the session waiting for the hog's memory, not failed.
+        drop(held);
+        t.join().unwrap().unwrap();
+        drop((vb, hb));
     }
 
     pub fn pressure_handlers_run_in_order_and_panics_are_denials(open: Open) {
