@@ -572,14 +572,6 @@ impl Context {
     /// session on it.
     pub fn session(&self) -> Result<Session> {
         // Most sessions are granted at once: try before building a future and a waker.
-        // With sessions in line, only a resident working set may start at once (see
-        // `SessionFuture`).
-        if self.inner.rt.waits.queued() {
-            return match crate::session::pin_resident(&self.inner)? {
-                Some(p) => Ok(Session::new(self.inner.clone(), p)),
-                None => block_on(self.session_async()),
-            };
-        }
         match crate::session::pin_all(&self.inner, true) {
             Ok(n) => Ok(Session::new(self.inner.clone(), n)),
             Err(e) if !e.is_oom() => Err(e),

@@ -135,7 +135,13 @@ impl RuntimeBuilder {
             .aging(aging),
         )?;
         let g = info.granularity;
-        let capacity = (admission.capacity() / g * g).max(g);
+        if admission.capacity() < g {
+            return Err(RuntimeError::Pool(gpushare_pool::PoolError::BadConfig(format!(
+                "the usable memory ({} B) is less than one {g}-byte allocation granule of the device; raise the memory limit or fraction",
+                admission.capacity()
+            ))));
+        }
+        let capacity = admission.capacity() / g * g;
         let source: Box<dyn ChunkSource> = if info.vmm_supported {
             Box::new(VmmSource::new(dev.clone(), capacity)?)
         } else {
@@ -206,9 +212,12 @@ pub(crate) struct RtInner {
 }
 
 impl RtInner {
-    /// Bytes the runtime could still hand out.
+    /// Bytes the runtime could hand out now: not in use, and not waiting for queued work
+    /// to finish with them (a stream-ordered free goes to other streams only then).
     pub fn available(&self) -> u64 {
-        self.capacity.saturating_sub(self.pool.stats().in_use_bytes)
+        let s = self.pool.stats();
+        self.capacity
+            .saturating_sub(s.in_use_bytes.saturating_add(s.pending_bytes))
     }
 
     /// Run pressure handlers in reclaim order: contexts from BestEffort to Guaranteed,
@@ -398,7 +407,7 @@ pub struct ContextRow {
     pub resident_bytes: u64,
     /// Bytes of its buffers evicted.
     pub evicted_bytes: u64,
-    /// Live sessions.
+    /// Live sessions, and borrows of its buffers by other contexts' sessions.
     pub sessions: u64,
     /// Evictions of its buffers.
     pub evictions: u64,
@@ -486,7 +495,9 @@ impl Runtime {
         self.inner.capacity
     }
 
-    /// Bytes the runtime could still hand out.
+    /// Bytes the runtime could hand out now: its capacity less what is in use and what
+    /// stream-ordered frees still wait on (their memory comes back when the work queued
+    /// before them completes).
     pub fn available_vram(&self) -> u64 {
         self.inner.available()
     }

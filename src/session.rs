@@ -241,32 +241,22 @@ impl Future for SessionFuture {
         let rt = &ctx.inner.rt;
         match this.state {
             State::Done => Poll::Ready(Err(completed())),
-            State::Start => {
-                // Sessions already in line are served first, in tier order: a newcomer
-                // takes no memory ahead of them. It may still start if its working set is
-                // resident, which takes nothing (and keeps a pipeline whose stages wait on
-                // each other moving); otherwise it joins the line, first at once if it
-                // outranks everyone there.
-                let r = if rt.waits.queued() {
-                    match pin_resident(&ctx.inner) {
-                        Ok(None) => Step::Wait,
-                        r => Step::Done(r.and_then(|p| p.ok_or_else(completed))),
-                    }
-                } else {
-                    Self::try_now(ctx, &this.state)
-                };
-                match r {
-                    Step::Done(r) => this.finish(r),
-                    Step::Wait => {
-                        let id = rt.enqueue(ctx.inner.tier, cx.waker());
-                        this.state = State::Waiting(id);
-                        // Memory may have been freed between the attempt and joining the
-                        // line.
-                        cx.waker().wake_by_ref();
-                        Poll::Pending
-                    }
+            // A newcomer tries at once, before any in line. Making it join the line behind
+            // them instead (when it needs memory) was tried: with everyone in line and
+            // nobody live, a head whose set did not fit a fragmented pool failed for good
+            // where it used to wait for a live session, and the stress test's failed
+            // sessions went from a handful to thousands a run. Eviction takes lower tiers
+            // first, so a newcomer cannot take a higher tier's buffers.
+            State::Start => match Self::try_now(ctx, &this.state) {
+                Step::Done(r) => this.finish(r),
+                Step::Wait => {
+                    let id = rt.enqueue(ctx.inner.tier, cx.waker());
+                    this.state = State::Waiting(id);
+                    // Memory may have been freed between the attempt and joining the line.
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
                 }
-            }
+            },
             State::Waiting(id) => {
                 if !rt.is_head(id, cx.waker()) {
                     return Poll::Pending;

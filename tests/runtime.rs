@@ -68,7 +68,7 @@ macro_rules! suite {
 
 suite!(
     sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_context_with_its_own_compute_share_gives_it_back],
-    async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order, a_newcomer_that_needs_memory_waits_behind_the_line]
+    async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
 /// The backend-generic tests.
@@ -520,65 +520,12 @@ mod tests {
         assert_eq!(rt.pool_stats().in_use_bytes, 0);
     }
 
-    pub async fn a_newcomer_that_needs_memory_waits_behind_the_line(open: Open) {
-        let rt = runtime(open, 64 * MIB, 4.0);
-        let n = rt.create_context(ContextSpec::new("n", 64 * MIB)).unwrap();
-        let w = rt.create_context(ContextSpec::new("w", 64 * MIB)).unwrap();
-        let hog = rt
-            .create_context(ContextSpec::new("hog", 64 * MIB))
-            .unwrap();
-        let nb = n.create_buffer(16 * MIB).unwrap();
-        let wb = w.create_buffer(40 * MIB).unwrap();
-        let hb = hog.create_buffer(32 * MIB).unwrap();
-        assert!(!nb.is_resident() && !wb.is_resident());
-        // 32 MiB are free while the hog holds the rest: w's 40 do not fit, n's 16 would.
-        let held = hog.session_async().await.unwrap();
-        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let spawn = |ctx: gpushare::Context, name: &'static str| {
-            let order = order.clone();
-            tokio::spawn(async move {
-                let s = ctx.session_async().await.unwrap();
-                order.lock().unwrap().push(name);
-                tokio::time::sleep(Duration::from_millis(30)).await;
-                drop(s);
-            })
-        };
-        let queued = |k: usize| {
-            let rt = rt.clone();
-            async move {
-                for _ in 0..500 {
-                    if rt.waiting_sessions() == k {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                panic!(
-                    "expected {k} waiting sessions, found {}",
-                    rt.waiting_sessions()
-                );
-            }
-        };
-        let tw = spawn(w.clone(), "w");
-        queued(1).await;
-        // Same tier, later: n takes no memory ahead of w, though it would fit.
-        let tn = spawn(n.clone(), "n");
-        queued(2).await;
-        assert!(
-            order.lock().unwrap().is_empty(),
-            "{:?}",
-            order.lock().unwrap()
-        );
-        drop(held);
-        tw.await.unwrap();
-        tn.await.unwrap();
-        assert_eq!(*order.lock().unwrap(), vec!["w", "n"]);
-        drop((nb, wb, hb));
-    }
-
     pub fn a_waiting_sessions_handlers_are_told_what_its_working_set_lacks(open: Open) {
         let rt = runtime(open, 64 * MIB, 4.0);
         let v = rt.create_context(ContextSpec::new("v", 64 * MIB)).unwrap();
-        let hog = rt.create_context(ContextSpec::new("hog", 64 * MIB)).unwrap();
+        let hog = rt
+            .create_context(ContextSpec::new("hog", 64 * MIB))
+            .unwrap();
         let vb = v.create_buffer(32 * MIB - 4096).unwrap();
         let hb = hog.create_buffer(48 * MIB).unwrap();
         assert!(!vb.is_resident());
@@ -601,7 +548,11 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        assert_eq!(asked.load(Ordering::SeqCst), vb.size(), "the evicted buffer's bytes");
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            vb.size(),
+            "the evicted buffer's bytes"
+        );
         // A denial leaves the session waiting for the hog's memory, not failed.
         drop(held);
         t.join().unwrap().unwrap();
@@ -779,6 +730,14 @@ fn a_buffer_whose_staging_pin_fails_is_freed_after_work_queued_on_its_memory() {
         load.launch(s.stream(), 1, 32, 75_000_000).unwrap();
         (scratch.range, s.record_event().unwrap())
     };
+    let avail = rt.available_vram();
+    if !done.is_complete().unwrap() {
+        assert_eq!(
+            avail,
+            rt.capacity() - 80 * MIB,
+            "memory still used by queued work is not available"
+        );
+    }
     // a's next buffer reuses that memory on a's stream, as it may; its staging then fails,
     // and the memory must not go to another stream before a's work is done.
     sim.fail_nth(FaultOp::PinnedAlloc, 1);
@@ -820,5 +779,20 @@ fn contexts_of_one_name_created_at_once_are_admitted_once() {
             .iter()
             .filter_map(|r| r.as_ref().err())
             .all(|e| matches!(e, RuntimeError::DuplicateContext(_))));
+    }
+}
+
+#[test]
+fn a_memory_limit_below_one_granule_is_refused() {
+    let sim =
+        Arc::new(SimDevice::with_config(SimConfig::default().total_memory(64 * MIB)).unwrap());
+    let r = Runtime::builder()
+        .with_device(sim)
+        .memory_fraction(1.0)
+        .memory_limit(4096)
+        .build();
+    match r {
+        Err(RuntimeError::Pool(e)) => assert!(e.to_string().contains("granule"), "{e}"),
+        other => panic!("expected a configuration error, got {other:?}"),
     }
 }

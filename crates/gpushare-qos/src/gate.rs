@@ -182,13 +182,6 @@ impl SessionGate {
         self.state.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Whether anyone waits in line: one atomic load, for newcomers deciding whether to
-    /// join the line instead of trying at once.
-    #[inline]
-    pub fn queued(&self) -> bool {
-        self.state.load(Ordering::Acquire) & WAITERS != 0
-    }
-
     /// Sessions waiting.
     pub fn waiting(&self) -> usize {
         self.queue.len()
@@ -197,24 +190,5 @@ impl SessionGate {
     /// Live sessions.
     pub fn live(&self) -> u64 {
         (self.state.load(Ordering::Acquire) & LIVE_MASK) / LIVE
-    }
-}
-
-#[cfg(all(test, not(loom)))]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn queued_follows_the_line() {
-        let g = SessionGate::new(Duration::from_secs(1));
-        assert!(!g.queued());
-        let a = g.enqueue(2, Waker::noop());
-        let b = g.enqueue(0, Waker::noop());
-        assert!(g.queued());
-        assert!(g.is_head(b, Waker::noop()), "rank 0 is served first");
-        g.remove(b);
-        assert!(g.queued());
-        g.remove(a);
-        assert!(!g.queued());
     }
 }

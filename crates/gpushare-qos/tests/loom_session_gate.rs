@@ -92,7 +92,6 @@ fn a_session_ending_wakes_a_waiter_and_it_gets_the_memory() {
         holder.join().unwrap();
         assert_eq!(r, Ok(()), "a live session's release must reach the waiter");
         assert_eq!(gate.waiting(), 0);
-        assert!(!gate.queued(), "the line is empty again");
     });
 }
 
