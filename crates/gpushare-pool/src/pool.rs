@@ -949,10 +949,13 @@ impl<S: ChunkSource> Pool<S> {
         if block.owner.pool == self.id {
             if let Some(slot) = self.slots.get(block.owner.slot() as usize) {
                 let cell = self.cell(slot);
-                // No look at the hints first: the checks under the lock decide, and a full
-                // shard is rare enough that locking it for nothing costs less than
-                // checking every time.
-                if block.size <= self.cfg.cache_max_block {
+                // One look at the hints first, whether the shard takes blocks of this size
+                // (it may refuse large ones for a long time); the checks under the lock
+                // decide, and a full shard is rare enough to find out there.
+                if block.size <= self.cfg.cache_max_block
+                    && (block.size <= cell.small
+                        || cell.hint_admits.load(Ordering::Relaxed) != 0)
+                {
                     let mut sh = cell.lock.lock();
                     if sh.admits_size(block.size)
                         && sh.bytes + block.size <= self.cfg.cache_bytes_per_shard
