@@ -34,7 +34,7 @@ for line in sys.stdin:
 
 while read -r exe; do
   name=$(basename "$exe")
-  # Drop the hash suffix cargo adds (name-0123abcd) but keep names unique.
+  # Cargo's names, hash suffix included (name-0123abcd): they stay unique.
   cp "$exe" "$out/tests/$name"
 done < "$out/.test-list"
 rm "$out/.test-list"

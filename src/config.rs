@@ -32,6 +32,19 @@ impl Config {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
+    /// Read the settings from the process environment, skipping the variables for which
+    /// `explicit` is true: a setting given in code wins, so a bad value in its variable
+    /// is not an error.
+    pub fn from_env_except(explicit: impl Fn(&str) -> bool) -> Result<Self, DeviceError> {
+        Self::from_lookup(|k| {
+            if explicit(k) {
+                None
+            } else {
+                std::env::var(k).ok()
+            }
+        })
+    }
+
     /// Read the settings through `lookup`, which maps a variable name to its value.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, DeviceError> {
         let device = match lookup(ENV_DEVICE) {

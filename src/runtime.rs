@@ -111,7 +111,13 @@ impl RuntimeBuilder {
 
     /// Open the device and set everything up.
     pub fn build(self) -> Result<Runtime> {
-        let env = Config::from_env()?;
+        let env = Config::from_env_except(|k| match k {
+            crate::config::ENV_DEVICE => self.device.is_some() || self.choice.is_some(),
+            crate::config::ENV_MEMORY_FRACTION => self.memory_fraction.is_some(),
+            crate::config::ENV_OVERCOMMIT => self.overcommit.is_some(),
+            crate::config::ENV_OFFLOAD => self.policy.is_some(),
+            _ => false,
+        })?;
         let dev = match self.device {
             Some(d) => d,
             None => open(self.choice.unwrap_or(env.device))?,

@@ -953,8 +953,7 @@ impl<S: ChunkSource> Pool<S> {
                 // (it may refuse large ones for a long time); the checks under the lock
                 // decide, and a full shard is rare enough to find out there.
                 if block.size <= self.cfg.cache_max_block
-                    && (block.size <= cell.small
-                        || cell.hint_admits.load(Ordering::Relaxed) != 0)
+                    && (block.size <= cell.small || cell.hint_admits.load(Ordering::Relaxed) != 0)
                 {
                     let mut sh = cell.lock.lock();
                     if sh.admits_size(block.size)

@@ -73,7 +73,10 @@ impl Priority {
     pub fn stream_priority(&self, greatest: i32, least: i32) -> i32 {
         match self.tier {
             Tier::Guaranteed => greatest,
-            Tier::Burstable => greatest + (least - greatest) / 2,
+            // In i64: the difference of two i32 may not fit one.
+            Tier::Burstable => {
+                (i64::from(greatest) + (i64::from(least) - i64::from(greatest)) / 2) as i32
+            }
             Tier::BestEffort => least,
         }
     }
@@ -138,8 +141,8 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    /// Whether waiting could ever help: false when the request cannot fit even an empty
-    /// device.
+    /// Whether waiting can never help: true when the request cannot fit even an empty
+    /// device (or is otherwise invalid), or the admission already completed.
     pub fn is_permanent(&self) -> bool {
         matches!(self, Rejection::Invalid(_) | Rejection::Finished)
     }
@@ -208,8 +211,10 @@ impl Inner {
                 capacity: self.capacity,
             });
         }
+        // An overflowing sum can never be allowed (`allowed` saturates at `u64::MAX`).
+        let overflows = st.potential.checked_add(r.max).is_none();
         let potential = st.potential.saturating_add(r.max);
-        if potential > self.allowed() {
+        if overflows || potential > self.allowed() {
             return Err(Rejection::Overcommit {
                 name: r.name.clone(),
                 potential,

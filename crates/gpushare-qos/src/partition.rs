@@ -294,7 +294,9 @@ impl PartitionManager {
     /// The SMs each compute share asks for on a device with `sm_count` SMs whose groups
     /// are at least `min` SMs in steps of `step`: each share rounded to the nearest allowed
     /// size, then the largest groups trimmed a step at a time until the plan fits the device
-    /// (shares that add up to 1 could otherwise round past it).
+    /// (shares that add up to 1 could otherwise round past it). With more partitions than
+    /// minimum-sized groups fit, every group ends at the minimum and the plan still does
+    /// not fit; [`PartitionManager::realize`] refuses such a plan.
     pub fn sm_plan(&self, sm_count: u32, min: u32, step: u32) -> Vec<(String, u32)> {
         let (min, step) = (min.max(1), step.max(1));
         let mut plan: Vec<(String, u32)> = self
@@ -302,14 +304,16 @@ impl PartitionManager {
             .iter()
             .filter_map(|p| {
                 let want = p.limits.compute? * f64::from(sm_count);
-                let n = ((want / f64::from(step)).round() as u32 * step).max(min);
+                let n = ((want / f64::from(step)).round() as u32)
+                    .saturating_mul(step)
+                    .max(min);
                 Some((p.name.clone(), n))
             })
             .collect();
         while plan.iter().map(|(_, n)| u64::from(*n)).sum::<u64>() > u64::from(sm_count) {
             match plan
                 .iter_mut()
-                .filter(|(_, n)| *n >= min + step)
+                .filter(|(_, n)| *n >= min.saturating_add(step))
                 .max_by_key(|(_, n)| *n)
             {
                 Some((_, n)) => *n -= step,
@@ -323,10 +327,15 @@ impl PartitionManager {
     /// cannot split, each partition records that it falls back to stream priorities.
     pub fn realize(&mut self, backend: &dyn SmBackend) -> Result<(), QosError> {
         let (min, step) = backend.sm_granularity();
-        let plan = self.sm_plan(backend.sm_count(), min, step);
+        let sm_count = backend.sm_count();
+        let plan = self.sm_plan(sm_count, min, step);
         if plan.is_empty() {
             return Ok(());
         }
+        // A plan that does not fit is still offered: a backend that cannot split at all
+        // says so, and the partitions fall back to priorities; one that can fails, and the
+        // error then says why.
+        let total: u64 = plan.iter().map(|(_, n)| u64::from(*n)).sum();
         let counts: Vec<u32> = plan.iter().map(|(_, n)| *n).collect();
         match backend.split(&counts) {
             Ok(granted) if granted.len() == plan.len() => {
@@ -353,6 +362,14 @@ impl PartitionManager {
                 }
                 Ok(())
             }
+            Err(SplitError::Failed(_)) if total > u64::from(sm_count) => Err(QosError::BadConfig {
+                what: "SM split",
+                value: format!(
+                    "{} partitions with a compute share need at least {total} SMs, the device has {sm_count}",
+                    counts.len()
+                ),
+                expected: "fewer partitions with a compute share (each takes a group of at least the device's minimum)",
+            }),
             Err(SplitError::Failed(msg)) => Err(QosError::BadConfig {
                 what: "SM split",
                 value: msg,

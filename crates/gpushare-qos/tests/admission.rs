@@ -359,3 +359,30 @@ fn try_admit_respects_aged_waiters() {
     ));
     drop(hog);
 }
+
+#[test]
+fn huge_budgets_are_refused_not_wrapped() {
+    // An overcommit so large that the allowed sum saturates: two maxima whose sum
+    // overflows must be refused, not wrap to a small number that lets everything in.
+    let ev = AdmissionEvaluator::new(
+        10 * GIB,
+        AdmissionConfig::default()
+            .usable_fraction(1.0)
+            .overcommit(1e12),
+    )
+    .unwrap();
+    let _a = ev.try_admit(&ContextSpec::new("a", u64::MAX)).unwrap();
+    assert!(matches!(
+        ev.try_admit(&ContextSpec::new("b", 1)),
+        Err(Rejection::Overcommit { .. })
+    ));
+}
+
+#[test]
+fn stream_priorities_never_overflow() {
+    let p = gpushare_qos::Priority {
+        tier: Tier::Burstable,
+    };
+    assert_eq!(p.stream_priority(i32::MIN, i32::MAX), -1);
+    assert_eq!(p.stream_priority(-5, 0), -3);
+}

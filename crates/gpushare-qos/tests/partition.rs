@@ -214,3 +214,22 @@ fn a_failed_split_is_an_error() {
         Err(QosError::BadConfig { .. })
     ));
 }
+
+#[test]
+fn more_compute_partitions_than_minimum_groups_fit_are_refused_with_the_reason() {
+    let mut m = manager();
+    // 17 shares of 0.05 add up to 0.85, but each takes a group of at least 8 SMs: 136 > 132.
+    for i in 0..17 {
+        m.create_partition(&format!("p{i}"), PartitionLimits::default().compute(0.05))
+            .unwrap();
+    }
+    let backend = hopper(false);
+    match m.realize(&backend) {
+        Err(QosError::BadConfig { value, .. }) => {
+            assert!(value.contains("136") && value.contains("132"), "{value}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Without green contexts the same partitions fall back to priorities.
+    m.realize(&hopper(true)).unwrap();
+}

@@ -1,0 +1,26 @@
+//! `GPUSHARE_*` variables against explicit builder settings. One test in its own binary:
+//! it sets the process environment, which no other test here may read meanwhile.
+
+use gpushare::device::BackendChoice;
+use gpushare::{Runtime, RuntimeError};
+
+#[test]
+fn explicit_settings_win_over_bad_variables_and_unset_ones_are_checked() {
+    std::env::set_var("GPUSHARE_DEVICE", "tpu");
+    std::env::set_var("GPUSHARE_OVERCOMMIT", "0.5");
+    let rt = Runtime::builder()
+        .device(BackendChoice::Sim)
+        .overcommit(2.0)
+        .build()
+        .expect("explicit settings are not overridden by bad variables");
+    drop(rt);
+    // Without the explicit overcommit, its bad variable is an error that names it.
+    match Runtime::builder().device(BackendChoice::Sim).build() {
+        Err(RuntimeError::Device(e)) => {
+            assert!(e.to_string().contains("GPUSHARE_OVERCOMMIT"), "{e}")
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    std::env::remove_var("GPUSHARE_DEVICE");
+    std::env::remove_var("GPUSHARE_OVERCOMMIT");
+}
