@@ -459,20 +459,27 @@ pub(crate) struct CudaPinned {
     ptr: *mut u8,
     len: usize,
     last: Option<cudarc::driver::CudaEvent>,
-    /// Owns the allocation; dropped after `Drop::drop` below has waited for `last`.
-    _slice: cudarc::driver::PinnedHostSlice<u8>,
+    /// Owns the allocation; freed by `Drop::drop` below once it has waited for `last`, and
+    /// leaked if that wait fails (a copy may still be using it).
+    slice: std::mem::ManuallyDrop<cudarc::driver::PinnedHostSlice<u8>>,
 }
 
-// SAFETY: the pointer is owned by `_slice` (page-locked host memory valid on any thread);
+// SAFETY: the pointer is owned by `slice` (page-locked host memory valid on any thread);
 // all access goes through the Mutex that wraps this struct.
 unsafe impl Send for CudaPinned {}
 // SAFETY: as above.
 unsafe impl Sync for CudaPinned {}
 
 impl CudaPinned {
+    /// Wait for the last copy. Not through cudarc's `synchronize`, which reports an error
+    /// it stored earlier without waiting.
     fn wait_idle(&self) -> Result<()> {
         match &self.last {
-            Some(e) => e.synchronize().call("cuEventSynchronize"),
+            Some(e) => {
+                make_current(e.context())?;
+                // SAFETY: the event is alive (owned by `last`) and its context is current.
+                unsafe { result::event::synchronize(e.cu_event()) }.call("cuEventSynchronize")
+            }
             None => Ok(()),
         }
     }
@@ -480,7 +487,7 @@ impl CudaPinned {
     /// The bytes, once every copy that used them has completed.
     pub(crate) fn bytes(&self) -> Result<&[u8]> {
         self.wait_idle()?;
-        // SAFETY: `ptr..ptr+len` is the live allocation owned by `_slice`; no copy is in
+        // SAFETY: `ptr..ptr+len` is the live allocation owned by `slice`; no copy is in
         // flight (waited above) and new copies need `&mut self`, which this borrow excludes.
         Ok(unsafe { std::slice::from_raw_parts(self.ptr, self.len) })
     }
@@ -508,8 +515,25 @@ impl CudaPinned {
         Ok(())
     }
 
-    /// Remember that a copy on `stream` uses the buffer.
+    /// Remember that a copy on `stream` uses the buffer. The copy is already queued: if it
+    /// cannot be recorded, the stream is waited for here, so that no copy runs untracked
+    /// while the buffer is rewritten or freed.
     fn after_copy(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        let r = self.record_last(stream);
+        if r.is_err() {
+            let waited = make_current(stream.context()).and_then(|()| {
+                // SAFETY: the stream is alive (borrowed) and its context is current.
+                unsafe { result::stream::synchronize(stream.cu_stream()) }
+                    .call("cuStreamSynchronize")
+            });
+            if let Err(e) = waited {
+                tracing::error!(error = %e, "waiting for an untracked copy of a pinned buffer failed");
+            }
+        }
+        r
+    }
+
+    fn record_last(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
         let ctx = stream.context();
         let reuse = self
             .last
@@ -530,8 +554,14 @@ impl CudaPinned {
 
 impl Drop for CudaPinned {
     fn drop(&mut self) {
-        if let Err(e) = self.wait_idle() {
-            tracing::warn!(error = %e, "waiting for copies of a pinned buffer failed");
+        match self.wait_idle() {
+            // SAFETY: dropped exactly once, here, and never used again.
+            Ok(()) => unsafe { std::mem::ManuallyDrop::drop(&mut self.slice) },
+            Err(e) => tracing::error!(
+                error = %e,
+                bytes = self.len,
+                "a copy of a pinned buffer may still be running; its memory is leaked rather than freed under it"
+            ),
         }
     }
 }
@@ -864,7 +894,7 @@ impl Device for CudaDevice {
                 ptr,
                 len: len as usize,
                 last: None,
-                _slice: p,
+                slice: std::mem::ManuallyDrop::new(p),
             })),
         })
     }
@@ -1180,18 +1210,22 @@ impl CudaDevice {
         let mut run = || -> Result<()> {
             for &size in fill {
                 // SAFETY: stream-ordered allocation, freed below on the same stream.
-                live.push(
+                live.push(Some(
                     unsafe { result::malloc_async(s, size as usize) }.call("cuMemAllocAsync")?,
-                );
+                ));
             }
             for chunk in steps.chunks(batch.max(1)) {
                 let t = std::time::Instant::now();
                 for &(v, size) in chunk {
-                    // SAFETY: `live[v]` came from cuMemAllocAsync on this stream and is freed
-                    // once, then replaced by a new allocation.
+                    // SAFETY: `live[v]` came from cuMemAllocAsync on this stream; it is taken
+                    // out before it is freed, so that a failure of the allocation after it
+                    // leaves nothing to free twice.
                     unsafe {
-                        result::free_async(live[v], s).call("cuMemFreeAsync")?;
-                        live[v] = result::malloc_async(s, size as usize).call("cuMemAllocAsync")?;
+                        if let Some(p) = live[v].take() {
+                            result::free_async(p, s).call("cuMemFreeAsync")?;
+                        }
+                        live[v] =
+                            Some(result::malloc_async(s, size as usize).call("cuMemAllocAsync")?);
                     }
                 }
                 out.push(t.elapsed() / chunk.len() as u32);
@@ -1199,7 +1233,7 @@ impl CudaDevice {
             Ok(())
         };
         let r = run();
-        for p in live {
+        for p in live.into_iter().flatten() {
             // SAFETY: each pointer is a live allocation of this stream, freed once.
             let _ = unsafe { result::free_async(p, s) };
         }

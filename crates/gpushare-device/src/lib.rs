@@ -203,8 +203,18 @@ impl DeviceRange {
     /// The sub-range `offset..offset + len`, checked against this range.
     pub fn slice(&self, offset: u64, len: u64) -> Result<DeviceRange> {
         error::check_range("device range", offset, len, self.len)?;
+        let ptr = self
+            .ptr
+            .0
+            .checked_add(offset)
+            .ok_or(DeviceError::OutOfRange {
+                what: "device address",
+                offset,
+                end: u64::MAX,
+                limit: u64::MAX - self.ptr.0,
+            })?;
         Ok(DeviceRange {
-            ptr: DevicePtr(self.ptr.0 + offset),
+            ptr: DevicePtr(ptr),
             len,
         })
     }

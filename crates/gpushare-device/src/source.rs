@@ -27,7 +27,16 @@ impl VmmSource {
     /// Reserve `va_size` bytes (rounded up to the granularity) on `dev`.
     pub fn new(dev: Arc<dyn Device>, va_size: u64) -> Result<Self, DeviceError> {
         let g = dev.info().granularity;
-        let va = dev.reserve_va(va_size.max(1).next_multiple_of(g))?;
+        let size = va_size
+            .max(1)
+            .checked_next_multiple_of(g)
+            .ok_or(DeviceError::OutOfRange {
+                what: "address range to reserve",
+                offset: 0,
+                end: va_size,
+                limit: u64::MAX / g * g,
+            })?;
+        let va = dev.reserve_va(size)?;
         Ok(VmmSource {
             dev,
             va,
@@ -97,7 +106,10 @@ impl LinearSource {
         let g = dev.info().granularity;
         LinearSource {
             dev,
-            va_size: va_size.next_multiple_of(g),
+            // Rounded down where rounding up would overflow: the range is only ever offsets.
+            va_size: va_size
+                .checked_next_multiple_of(g)
+                .unwrap_or(u64::MAX / g * g),
             granularity: g,
             chunks: Mutex::new(BTreeMap::new()),
         }

@@ -308,6 +308,68 @@ mod contract {
         assert!(out.iter().all(|&x| x == 2), "B copied before A's memset");
     }
 
+    pub fn a_stream_wait_waits_for_the_record_it_saw_not_a_later_one(open: Open) {
+        let dev = open();
+        let (a, b, c) = (low(&*dev), low(&*dev), low(&*dev));
+        // A is held until the test releases it; then it sets a flag.
+        let (tx, rx) = mpsc::channel::<()>();
+        dev.host_callback(
+            &a,
+            Box::new(move || {
+                let _ = rx.recv();
+            }),
+        )
+        .unwrap();
+        let a_done = Arc::new(Mutex::new(false));
+        let flag = a_done.clone();
+        dev.host_callback(&a, Box::new(move || *flag.lock().unwrap() = true))
+            .unwrap();
+        let e = dev.create_event(EventFlags::default()).unwrap();
+        dev.record_event(&e, &a).unwrap();
+        dev.wait_event(&c, &e).unwrap();
+        // The same event again, on an idle stream: it completes at once, but C waits for
+        // the record it was queued after, on A.
+        dev.record_event(&e, &b).unwrap();
+        dev.synchronize_stream(&b).unwrap();
+        let seen = Arc::new(Mutex::new(None));
+        let s2 = seen.clone();
+        let a2 = a_done.clone();
+        dev.host_callback(
+            &c,
+            Box::new(move || *s2.lock().unwrap() = Some(*a2.lock().unwrap())),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(*seen.lock().unwrap(), None, "C ran past its wait");
+        tx.send(()).unwrap();
+        dev.synchronize_stream(&c).unwrap();
+        assert_eq!(*seen.lock().unwrap(), Some(true));
+    }
+
+    pub fn one_range_is_mapped_once_when_two_threads_race(open: Open) {
+        let dev = open();
+        let g = dev.info().granularity;
+        let va = Arc::new(dev.reserve_va(g).unwrap());
+        for _ in 0..50 {
+            let go = Arc::new(std::sync::Barrier::new(2));
+            let maps: Vec<_> = (0..2)
+                .map(|_| {
+                    let (dev, va, go) = (dev.clone(), va.clone(), go.clone());
+                    std::thread::spawn(move || {
+                        let c = dev.create_chunk(g).unwrap();
+                        go.wait();
+                        dev.map_chunk(&va, 0, &c)
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            let ok = maps.iter().filter(|m| m.is_ok()).count();
+            assert_eq!(ok, 1, "{maps:?}");
+        }
+    }
+
     pub fn priorities_are_checked(open: Open) {
         let dev = open();
         let r = dev.info().priority_range;
@@ -489,6 +551,8 @@ suite!(
     stream_runs_work_in_order,
     events_complete_and_time,
     cross_stream_wait_orders_work_without_blocking_host,
+    a_stream_wait_waits_for_the_record_it_saw_not_a_later_one,
+    one_range_is_mapped_once_when_two_threads_race,
     priorities_are_checked,
     sm_partitions,
     linear_fallback_allocation,
@@ -519,4 +583,12 @@ fn device_range_slicing() {
     assert_eq!(r.slice(10, 90).unwrap().end(), 4196);
     assert!(r.slice(10, 91).is_err());
     assert!(r.slice(u64::MAX, 2).is_err());
+}
+
+#[test]
+fn huge_inputs_are_errors_not_overflows() {
+    let dev = SimDevice::new();
+    assert!(dev.split_sms(&[u32::MAX]).is_err());
+    let r = DeviceRange::new(gpushare_device::DevicePtr(u64::MAX - 10), 100);
+    assert!(r.slice(50, 10).is_err());
 }

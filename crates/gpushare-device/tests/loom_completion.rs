@@ -62,3 +62,24 @@ fn a_failed_record_while_racing_a_completion_changes_nothing() {
         assert_eq!(c.target(), g1);
     });
 }
+
+#[test]
+fn a_newer_record_completing_does_not_release_a_wait_on_an_older_one() {
+    loom::model(|| {
+        let c = Arc::new(Completion::new());
+        let g1 = c.record_with(|_| Ok::<(), ()>(())).unwrap();
+        let g2 = c.record_with(|_| Ok::<(), ()>(())).unwrap();
+        let a = c.clone();
+        let t = thread::spawn(move || a.complete(g2));
+        t.join().unwrap();
+        assert!(c.is_complete(), "the latest record is done");
+        assert!(
+            !c.is_done(g1),
+            "a wait captured on the first record still waits"
+        );
+        let b = c.clone();
+        let t = thread::spawn(move || b.complete(g1));
+        c.wait_for(g1);
+        t.join().unwrap();
+    });
+}

@@ -1,21 +1,35 @@
 //! The generation counter behind simulated events.
 
 use crate::sync::{lock, wait, Condvar, Mutex};
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 #[derive(Debug, Default)]
 struct State {
     recorded: u64,
-    completed: u64,
+    /// Every generation up to this one has completed.
+    done_below: u64,
+    /// Generations above `done_below` that completed before an older one (records of one
+    /// event on several streams).
+    done_above: BTreeSet<u64>,
+    /// When the latest record completed.
     at: Option<Instant>,
+}
+
+impl State {
+    fn done(&self, g: u64) -> bool {
+        g <= self.done_below || self.done_above.contains(&g)
+    }
 }
 
 /// A completion marker with CUDA event semantics, built on a generation counter.
 ///
 /// Each record takes the next generation and enqueues work that later completes it.
 /// Completions may arrive out of order when an event is re-recorded on several streams; the
-/// marker keeps the highest generation completed. It is complete when the latest recorded
-/// generation has completed, so a never-recorded marker is complete, as in CUDA.
+/// marker keeps track of each generation, so a wait captured on one record is released by
+/// that record's completion and not by a later record's (as a CUDA stream wait captures the
+/// record it was issued after). It is complete when the latest recorded generation has
+/// completed, so a never-recorded marker is complete, as in CUDA.
 #[derive(Debug)]
 pub struct Completion {
     state: Mutex<State>,
@@ -51,12 +65,26 @@ impl Completion {
     /// Mark generation `g` complete and wake waiters.
     pub fn complete(&self, g: u64) {
         let mut st = lock(&self.state);
-        if g > st.completed {
-            st.completed = g;
-            st.at = Some(Instant::now());
+        if !st.done(g) {
+            st.done_above.insert(g);
+            loop {
+                let next = st.done_below + 1;
+                if !st.done_above.remove(&next) {
+                    break;
+                }
+                st.done_below = next;
+            }
+            if g == st.recorded {
+                st.at = Some(Instant::now());
+            }
         }
         drop(st);
         self.cv.notify_all();
+    }
+
+    /// Whether generation `g` has completed.
+    pub fn is_done(&self, g: u64) -> bool {
+        lock(&self.state).done(g)
     }
 
     /// The latest recorded generation (0 if never recorded).
@@ -67,13 +95,13 @@ impl Completion {
     /// Whether the latest record has completed.
     pub fn is_complete(&self) -> bool {
         let st = lock(&self.state);
-        st.completed >= st.recorded
+        st.done(st.recorded)
     }
 
-    /// Block until generation `g` (or a later one) has completed.
+    /// Block until generation `g` has completed.
     pub fn wait_for(&self, g: u64) {
         let mut st = lock(&self.state);
-        while st.completed < g {
+        while !st.done(g) {
             st = wait(&self.cv, st);
         }
     }
@@ -87,7 +115,7 @@ impl Completion {
     /// When the latest record completed, if it has and was ever recorded.
     pub fn completed_at(&self) -> Option<Instant> {
         let st = lock(&self.state);
-        if st.recorded > 0 && st.completed >= st.recorded {
+        if st.recorded > 0 && st.done(st.recorded) {
             st.at
         } else {
             None

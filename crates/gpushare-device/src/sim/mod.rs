@@ -818,21 +818,41 @@ impl Device for SimDevice {
             ChunkInner::Cuda(_) => return Err(foreign_backend("chunk")),
         };
         let addr = va.base + offset;
-        {
-            let regions = self.shared.regions.read();
-            let overlaps = regions
+        let overlaps = |regions: &BTreeMap<u64, Region>| {
+            regions
                 .range(..addr + chunk.size)
                 .next_back()
-                .is_some_and(|(&b, r)| b + r.size > addr);
-            if overlaps {
-                return Err(DeviceError::AlreadyMapped {
-                    offset,
-                    len: chunk.size,
-                });
-            }
+                .is_some_and(|(&b, r)| b + r.size > addr)
+        };
+        let already = || DeviceError::AlreadyMapped {
+            offset,
+            len: chunk.size,
+        };
+        if overlaps(&self.shared.regions.read()) {
+            return Err(already());
         }
         self.shared.tick(FaultOp::Map)?;
-        let m = self.map_region(addr, chunk.size, mem, Some(va.inner.clone()));
+        let m = {
+            // Checked again with the map locked for writing, as CUDA refuses a second
+            // mapping of a range that another thread mapped meanwhile.
+            let mut regions = self.shared.regions.write();
+            if overlaps(&regions) {
+                return Err(already());
+            }
+            regions.insert(
+                addr,
+                Region {
+                    size: chunk.size,
+                    mem,
+                },
+            );
+            inc(&self.shared.acc.mappings);
+            SimMapping {
+                shared: self.shared.clone(),
+                addr,
+                _va: Some(va.inner.clone()),
+            }
+        };
         Ok(Mapping {
             device: self.shared.id,
             addr,
@@ -1127,9 +1147,10 @@ pub(crate) fn round_sm_counts(sm_counts: &[u32], info: &DeviceInfo) -> Result<Ve
                 what: "SM partition",
             });
         }
-        let r = c.max(info.sm_min_partition).div_ceil(g) * g;
-        total += u64::from(r);
-        got.push(r);
+        // In u64: rounding a count near `u32::MAX` up to the granularity would overflow.
+        let r = u64::from(c.max(info.sm_min_partition)).div_ceil(u64::from(g)) * u64::from(g);
+        total = total.saturating_add(r);
+        got.push(u32::try_from(r).unwrap_or(u32::MAX));
     }
     if total > u64::from(info.sm_count) {
         return Err(DeviceError::InvalidSmSplit {
