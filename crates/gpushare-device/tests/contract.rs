@@ -592,3 +592,28 @@ fn huge_inputs_are_errors_not_overflows() {
     let r = DeviceRange::new(gpushare_device::DevicePtr(u64::MAX - 10), 100);
     assert!(r.slice(50, 10).is_err());
 }
+
+#[test]
+fn simulated_work_on_memory_unmapped_before_it_ran_faults_its_stream() {
+    let dev: Arc<dyn Device> = Arc::new(SimDevice::new());
+    let g = dev.info().granularity;
+    let va = dev.reserve_va(g).unwrap();
+    let c = dev.create_chunk(g).unwrap();
+    let m = dev.map_chunk(&va, 0, &c).unwrap();
+    let s = low(&*dev);
+    let (tx, rx) = mpsc::channel::<()>();
+    dev.host_callback(
+        &s,
+        Box::new(move || {
+            let _ = rx.recv();
+        }),
+    )
+    .unwrap();
+    dev.memset(m.range(), 7, &s).unwrap();
+    drop(m);
+    tx.send(()).unwrap();
+    match dev.synchronize_stream(&s) {
+        Err(e) => assert!(e.to_string().contains("illegal address"), "{e}"),
+        Ok(()) => panic!("the memset ran on unmapped memory without a fault"),
+    }
+}

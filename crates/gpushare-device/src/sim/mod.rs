@@ -205,6 +205,8 @@ struct Region {
 /// One piece of a resolved device range.
 struct Seg {
     mem: Arc<ChunkMem>,
+    /// Where its region was mapped when the work was queued.
+    base: u64,
     off: usize,
     len: usize,
 }
@@ -286,12 +288,33 @@ impl Shared {
             let len = (base + reg.size - cur).min(end - cur);
             segs.push(Seg {
                 mem: reg.mem.clone(),
+                base,
                 off: off as usize,
                 len: len as usize,
             });
             cur += len;
         }
         Ok(segs)
+    }
+
+    /// Check, when queued work runs, that the memory it was queued on is still mapped
+    /// where it was. If it is not, the work fails the way a GPU fault does: the message is
+    /// the stream's sticky error. On a GPU, unmapping memory that queued work still uses is
+    /// an illegal-address fault; without this check the simulator would quietly use the
+    /// orphaned chunk and hide such a bug in the layers above.
+    fn still_mapped(&self, segs: &[Seg]) -> std::result::Result<(), String> {
+        let regions = self.regions.read();
+        match segs.iter().find(|s| {
+            !regions
+                .get(&s.base)
+                .is_some_and(|r| Arc::ptr_eq(&r.mem, &s.mem))
+        }) {
+            None => Ok(()),
+            Some(s) => Err(format!(
+                "illegal address: work queued on {:#x} ran after that memory was unmapped",
+                s.base + s.off as u64
+            )),
+        }
     }
 }
 
@@ -995,12 +1018,17 @@ impl Device for SimDevice {
         let off = src.offset as usize;
         p.begin();
         let p2 = p.clone();
+        let sh = self.shared.clone();
         let r = s.submit(Box::new(move || {
-            {
+            let mapped = sh.still_mapped(&segs);
+            if mapped.is_ok() {
                 let data = lock(&p2.data);
                 write_segs(&segs, &data[off..]);
             }
             p2.end();
+            if let Err(e) = mapped {
+                panic!("{e}");
+            }
         }));
         if r.is_err() {
             p.end();
@@ -1018,12 +1046,17 @@ impl Device for SimDevice {
         let (off, len) = (dst.offset as usize, dst.len as usize);
         p.begin();
         let p2 = p.clone();
+        let sh = self.shared.clone();
         let r = s.submit(Box::new(move || {
-            {
+            let mapped = sh.still_mapped(&segs);
+            if mapped.is_ok() {
                 let mut data = lock(&p2.data);
                 read_segs(&segs, &mut data[off..off + len]);
             }
             p2.end();
+            if let Err(e) = mapped {
+                panic!("{e}");
+            }
         }));
         if r.is_err() {
             p.end();
@@ -1039,7 +1072,11 @@ impl Device for SimDevice {
         let to = self.shared.resolve(dst)?;
         self.shared.tick(FaultOp::Copy)?;
         let len = src.len as usize;
+        let sh = self.shared.clone();
         s.submit(Box::new(move || {
+            if let Err(e) = sh.still_mapped(&from).and(sh.still_mapped(&to)) {
+                panic!("{e}");
+            }
             // Through a bounce buffer: never two chunk locks at once, and overlapping
             // ranges copy as memmove does.
             let mut tmp = vec![0u8; len];
@@ -1053,7 +1090,11 @@ impl Device for SimDevice {
         let s = self.sim_stream(stream)?;
         let segs = self.shared.resolve(dst)?;
         self.shared.tick(FaultOp::Copy)?;
+        let sh = self.shared.clone();
         s.submit(Box::new(move || {
+            if let Err(e) = sh.still_mapped(&segs) {
+                panic!("{e}");
+            }
             for sg in &segs {
                 lock(&sg.mem.data)[sg.off..sg.off + sg.len].fill(value);
             }
