@@ -208,9 +208,13 @@ impl EvState {
         self.tails[t] = idx;
     }
 
+    /// Pin. A pinned block may stay in its LRU list: eviction skips it and takes it out
+    /// then ([`EvState::drop_pinned`]), and its last unpin moves it to the most recent end.
+    /// So a session that pins and unpins a working set does not unlink and relink every
+    /// block twice, and each block leaves a list at most once per pin: still O(1),
+    /// amortized. The unpinned blocks keep exact LRU order (that of their last unpin).
     #[inline]
     pub fn pin(&mut self, idx: u32) {
-        self.unlink(idx);
         self.entries[idx as usize].pins += 1;
     }
 
@@ -224,11 +228,22 @@ impl EvState {
         e.pins -= 1;
         if e.pins == 0 {
             if matches!(e.residency, Residency::Resident { .. }) {
-                self.push_mru(idx);
+                let t = tier_index(e.tier);
+                // Already the most recent: nothing to move.
+                if !(e.in_lru && self.tails[t] == idx) {
+                    self.unlink(idx);
+                    self.push_mru(idx);
+                }
             }
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Take a pinned block that eviction met out of its LRU list.
+    pub fn drop_pinned(&mut self, idx: u32) {
+        debug_assert!(self.entries[idx as usize].pins > 0);
+        self.unlink(idx);
     }
 
     pub fn mark_evicted(&mut self, idx: u32) {

@@ -1463,6 +1463,11 @@ impl<S: ChunkSource> Pool<S> {
             while let Some(idx) = cur {
                 cur = c.ev.lru_next(idx);
                 let e = c.ev.get(idx);
+                if e.pins > 0 {
+                    // Pinned since it joined the list (see `EvState::pin`).
+                    c.ev.drop_pinned(idx);
+                    continue;
+                }
                 let (e_owner, e_size, e_tag, e_res) = (e.owner, e.size, e.tag, e.residency);
                 let oslot = e_owner.slot() as usize;
                 let Some(a) = c.owners[oslot].as_ref() else {

@@ -737,3 +737,38 @@ fn a_growth_step_above_the_capacity_maps_the_capacity() {
     assert_eq!(p.stats().mapped_bytes, 8 * MIB);
     p.free(b).unwrap();
 }
+
+#[test]
+fn a_block_pinned_in_place_is_skipped_then_ranks_by_its_last_unpin() {
+    let (p, rec) = evicting_pool(8 * MIB);
+    let g = p
+        .add_owner(OwnerSpec::new("g", 8 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    let be = p.add_owner(OwnerSpec::new("be", 8 * MIB)).unwrap();
+    let ids: Vec<_> = (0..4)
+        .map(|tag| p.alloc_evictable(be, 2 * MIB, tag, S1).unwrap().0)
+        .collect();
+    for id in &ids {
+        p.unpin(id).unwrap();
+    }
+    // Block 0 is the least recently used, and pinned: eviction passes it by.
+    p.pin(&ids[0], S1).unwrap();
+    let x = p.alloc(g, 2 * MIB, S1).unwrap();
+    assert_eq!(rec.evicted.lock().unwrap()[0].tag, 1);
+    assert!(p.is_resident(&ids[0]).unwrap());
+    // Unpinned, it is the most recently used: blocks 2 and 3 go before it.
+    p.unpin(&ids[0]).unwrap();
+    let y = p.alloc(g, 4 * MIB, S1).unwrap();
+    let tags: Vec<u64> = rec.evicted.lock().unwrap().iter().map(|v| v.tag).collect();
+    assert_eq!(tags, vec![1, 2, 3]);
+    assert!(p.is_resident(&ids[0]).unwrap());
+    // Pinned and unpinned again while it is the most recent, it stays the most recent.
+    p.pin(&ids[0], S1).unwrap();
+    p.unpin(&ids[0]).unwrap();
+    p.free(x).unwrap();
+    p.free(y).unwrap();
+    for id in ids {
+        p.free_evictable(id).unwrap();
+    }
+    assert_eq!(p.stats().in_use_bytes, 0);
+}
