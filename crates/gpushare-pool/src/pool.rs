@@ -1558,6 +1558,8 @@ impl<S: ChunkSource> Pool<S> {
             if let Err(e) = self.source.unmap(o, s) {
                 c.tlsf.add_region(o, o + s);
                 self.recompute_holes(&mut c);
+                // The chunks unmapped before this one stay unmapped (stats show them).
+                tracing::warn!(released, error = %e, "trim stopped: unmapping a chunk failed");
                 return Err(e.into());
             }
             c.chunks.remove(&o);
