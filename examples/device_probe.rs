@@ -55,7 +55,7 @@ fn main() {
         "usage: device_probe [--iters N] [--copy-mib N]",
     );
     let args = Args {
-        iters: f.positive("--iters", 200.0) as usize,
+        iters: f.count("--iters", 200) as usize,
         copy_mib: Some(f.positive("--copy-mib", 0.0) as u64).filter(|&m| m > 0),
     };
     if let Err(e) = run(&args) {

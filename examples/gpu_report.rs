@@ -124,7 +124,7 @@ fn main() {
         "usage: gpu_report [--out FILE] [--iters N]",
     );
     let out = f.text("--out", "");
-    let iters = f.positive("--iters", 2000.0) as usize;
+    let iters = f.count("--iters", 2000) as usize;
     match run(iters) {
         Ok(md) => {
             println!("{md}");

@@ -36,7 +36,7 @@ fn main() {
         "usage: isolation [--iters N] [--victim-us US] [--share F]",
     );
     let args = Args {
-        iters: f.positive("--iters", 3000.0) as usize,
+        iters: f.count("--iters", 3000) as usize,
         victim_us: f.positive("--victim-us", 50.0),
         share: f.positive("--share", 0.12),
     };

@@ -17,12 +17,19 @@ fn median_ns(mut v: Vec<Duration>) -> f64 {
     v[v.len() / 2].as_nanos() as f64
 }
 
+/// The median of per-call times in ns, kept as fractions: a `Duration` divided by the
+/// batch would round each down to whole nanoseconds.
+fn median_f64(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 mod common;
 
 fn main() {
     common::init_tracing("warn");
     let f = common::Flags::parse(&["--iters"], "usage: pool_device [--iters N]");
-    let iters = f.positive("--iters", 2000.0) as usize;
+    let iters = f.count("--iters", 2000) as usize;
     if let Err(e) = run(iters) {
         eprintln!("pool_device failed: {e}");
         std::process::exit(1);
@@ -52,9 +59,9 @@ fn run(iters: usize) -> Result<(), Box<dyn std::error::Error>> {
                 let b = pool.alloc(owner, std::hint::black_box(size), StreamId(1))?;
                 pool.free(b).map_err(|e| e.to_string())?;
             }
-            v.push(t.elapsed() / 100);
+            v.push(t.elapsed().as_nanos() as f64 / 100.0);
         }
-        let ours = median_ns(v);
+        let ours = median_f64(v);
         let (raw, raw_async) = match dev.as_cuda() {
             Some(cuda) => (
                 format!(
@@ -103,9 +110,9 @@ fn run(iters: usize) -> Result<(), Box<dyn std::error::Error>> {
             let old = std::mem::replace(&mut live[i], b);
             pool.free(old).map_err(|e| e.to_string())?;
         }
-        v.push(t.elapsed() / chunk.len() as u32);
+        v.push(t.elapsed().as_nanos() as f64 / chunk.len() as f64);
     }
-    let churn = median_ns(v);
+    let churn = median_f64(v);
     let churn_async = match dev.as_cuda() {
         Some(cuda) => Some(median_ns(
             cuda.time_raw_async_churn(&stream, &fill, &steps, 1000)?,

@@ -58,6 +58,19 @@ impl Flags {
         }
     }
 
+    /// A whole number of at least 1, or `default` when the flag is absent.
+    pub fn count(&self, name: &str, default: u64) -> u64 {
+        match self.raw(name) {
+            None => default,
+            Some(v) => match v.parse::<u64>() {
+                Ok(x) if x >= 1 => x,
+                _ => fail(&format!(
+                    "{name} needs a whole number of at least 1, not {v:?}"
+                )),
+            },
+        }
+    }
+
     /// A string, or `default`.
     pub fn text(&self, name: &str, default: &str) -> String {
         self.raw(name).unwrap_or(default).to_string()

@@ -225,18 +225,27 @@ async fn request(
     started: Instant,
     n: usize,
     value: f32,
-    publish: Option<usize>,
+    publish: Option<(usize, mpsc::Permit<'_, Step>)>,
     feed: Option<&Step>,
     stats: &mut Stats,
 ) -> Res<Option<Event>> {
     let t = Instant::now();
     let mut s = m.ctx.session_async().await?;
-    if !m.work(k, &mut s, n, value, publish, feed)? {
+    if !m.work(k, &mut s, n, value, publish.as_ref().map(|p| p.0), feed)? {
         stats.refused += 1;
         return Ok(None);
     }
     let done = s.record_event()?;
     drop(s);
+    // The TTS gets the step before this host waits for it: its session's work waits for
+    // the event on the GPU, so a missing wait would show as a wrong output there.
+    if let Some((slot, permit)) = publish {
+        permit.send(Step {
+            done: done.clone(),
+            slot,
+            value,
+        });
+    }
     done.wait().await?;
     stats.latencies_us.push(t.elapsed().as_secs_f64() * 1e6);
     let sec = started.elapsed().as_secs() as usize;
@@ -264,8 +273,8 @@ async fn main() {
     );
     let args = Args {
         seconds: f.positive("--seconds", 5.0).min(600.0),
-        mib: f.positive("--mib", 512.0) as u64,
-        batch: f.positive("--batch", 16.0) as usize,
+        mib: f.count("--mib", 512),
+        batch: f.count("--batch", 16) as usize,
     };
     if args.mib < 256 {
         common::fail("--mib must be at least 256");
@@ -323,9 +332,20 @@ async fn run(args: Args) -> Res<()> {
         println!("simulated device: the kernels run as host code on the streams' workers (batch 1); the memory flow is real\n");
     }
 
-    // Budgets in sixteenths of the runtime's memory; each tensor takes just under one.
+    // Budgets in sixteenths of the runtime's memory. Tensors are d×d f32 with d a multiple
+    // of 64, the smallest that makes the 17 of them exceed the runtime's memory.
     let q = cap / 16;
-    let d = ((((q - MIB) / 4) as f64).sqrt() as usize) / 64 * 64;
+    let d = ((cap as f64 / (17.0 * 4.0)).sqrt() / 64.0).floor() as usize * 64 + 64;
+    let tensor = (d * d * 4) as u64;
+    debug_assert!(17 * tensor > cap);
+    // The largest working set, vision's 7 tensors, must fit its budget of 8 sixteenths
+    // with room for its image.
+    if 7 * tensor + 4 * MIB > 8 * q {
+        common::fail(&format!(
+            "--mib {} leaves no room for the weights' rounding; pick a larger --mib",
+            args.mib
+        ));
+    }
     let llm = rt.create_context(ContextSpec::new("llm", 6 * q).base(6 * q))?;
     let tts = rt.create_context(ContextSpec::new("tts", 6 * q).base(2 * q))?;
     let vision = rt.create_context(ContextSpec::new("vision", 8 * q).compute(0.25))?;
@@ -395,15 +415,10 @@ async fn run(args: Args) -> Res<()> {
                 match tx.try_reserve() {
                     Ok(permit) => {
                         let value = (published % 7 + 1) as f32;
+                        let publish = Some((published, permit));
                         let done =
-                            request(&m, &k, started, n, value, Some(published), None, &mut st)
-                                .await?;
-                        if let Some(done) = done {
-                            permit.send(Step {
-                                done,
-                                slot: published,
-                                value,
-                            });
+                            request(&m, &k, started, n, value, publish, None, &mut st).await?;
+                        if done.is_some() {
                             published += 1;
                         }
                     }

@@ -155,9 +155,9 @@ fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
 }
 
 async fn infer(State(app): State<Arc<App>>, Path(name): Path<String>, body: Bytes) -> Response {
-    let Some(m) = app.models.get(&name) else {
+    if !app.models.contains_key(&name) {
         return error(StatusCode::NOT_FOUND, format!("no model named {name:?}"));
-    };
+    }
     let req: InferRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed body: {e}")),
@@ -169,25 +169,50 @@ async fn infer(State(app): State<Arc<App>>, Path(name): Path<String>, body: Byte
         );
     }
     let t = Instant::now();
-    let result = async {
-        let mut s = m.ctx.session_async().await?;
-        let (t, off) = window(req.input.len(), m.tensors[0].size());
+    // The session runs on a blocking thread: getting one may restore the model's weights
+    // (whole tensors copied from host memory, waited for), and a worker thread of the
+    // async runtime must not stall on that while other requests and `/metrics` wait.
+    let (app2, name2) = (app.clone(), name.clone());
+    let input = req.input;
+    let task = tokio::task::spawn_blocking(move || {
+        let m = &app2.models[&name2];
+        let mut s = m.ctx.session()?;
+        let (t, off) = window(input.len(), m.tensors[0].size());
         let mut w = vec![0u8; WINDOW as usize];
         s.read(&m.tensors[t as usize], off, &mut w)?;
         Ok::<f64, RuntimeError>(
-            req.input
+            input
                 .iter()
                 .enumerate()
                 .map(|(i, x)| x * f64::from(w[i % WINDOW as usize]))
                 .sum(),
         )
-    }
+    })
     .await;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let mut metrics = app.metrics.lock();
     let mt = metrics.entry(name.clone()).or_default();
     mt.requests += 1;
+    let result = match task {
+        Ok(r) => r,
+        Err(e) => {
+            mt.errors += 1;
+            drop(metrics);
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the request's task failed: {e}"),
+            );
+        }
+    };
     match result {
+        Ok(output) if !output.is_finite() => {
+            mt.errors += 1;
+            drop(metrics);
+            error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "the output is not a finite number; scale the input down",
+            )
+        }
         Ok(output) => {
             mt.sum_ms += ms;
             for (b, &le) in mt.buckets.iter_mut().zip(&BUCKETS_MS) {

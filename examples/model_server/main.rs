@@ -29,7 +29,7 @@ async fn main() {
         "usage: model_server [--addr HOST:PORT] [--mib M]",
     );
     let addr = f.text("--addr", "127.0.0.1:8080");
-    let mib = f.positive("--mib", 512.0) as u64;
+    let mib = f.count("--mib", 512);
     if mib < 64 {
         common::fail("--mib must be at least 64");
     }
