@@ -581,6 +581,13 @@ impl Context {
 
     /// Wait until the context's buffers are resident, and open a session on it.
     /// Cancellation-safe: dropping the future leaves nothing pinned or queued.
+    ///
+    /// Waiting for memory does not block the thread. Restoring evicted buffers does: the
+    /// copies back from host memory run, and are waited for, inside the poll that gets the
+    /// session (about 20 ms per GiB on an H100). A server whose working sets are large and
+    /// often evicted can take its sessions on a blocking thread instead
+    /// (`tokio::task::spawn_blocking` around [`Context::session`]), as the `model_server`
+    /// example does.
     pub fn session_async(&self) -> SessionFuture {
         SessionFuture::new(self.clone())
     }
