@@ -796,3 +796,64 @@ fn a_memory_limit_below_one_granule_is_refused() {
         other => panic!("expected a configuration error, got {other:?}"),
     }
 }
+
+#[test]
+fn buffers_made_and_dropped_by_many_threads_during_sessions_leave_nothing_behind() {
+    let (rt, _sim) = sim_runtime(256 * MIB, 2.0);
+    let ctx = rt.create_context(ContextSpec::new("m", 128 * MIB)).unwrap();
+    let keep = Arc::new(ctx.create_buffer(8 * MIB).unwrap());
+    let threads: Vec<_> = (0..8u8)
+        .map(|t| {
+            let (ctx, keep) = (ctx.clone(), keep.clone());
+            std::thread::spawn(move || {
+                let mut r = 0x2545_F491_4F6C_DD1Du64 ^ u64::from(t);
+                let mut rand = move || {
+                    r ^= r << 13;
+                    r ^= r >> 7;
+                    r ^= r << 17;
+                    r
+                };
+                let mut mine: Vec<gpushare::Buffer> = Vec::new();
+                for i in 0..300u32 {
+                    match rand() % 4 {
+                        0 => {
+                            if let Ok(b) = ctx.create_buffer(64 * 1024 + rand() % MIB) {
+                                mine.push(b);
+                            }
+                        }
+                        1 if !mine.is_empty() => {
+                            let k = (rand() % mine.len() as u64) as usize;
+                            drop(mine.swap_remove(k));
+                        }
+                        _ => {
+                            let mut s = ctx.session().unwrap();
+                            let data = [t, i as u8, 7, 9];
+                            s.write(&keep, u64::from(t) * 16, &data).unwrap();
+                            if let Some(b) = mine.last() {
+                                // Pinned through the session if made after it started.
+                                s.write(b, 0, &data).unwrap();
+                                let mut back = [0u8; 4];
+                                s.read(b, 0, &mut back).unwrap();
+                                assert_eq!(back, data);
+                            }
+                            // Another thread may drop its buffers meanwhile.
+                            std::thread::yield_now();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let keep = Arc::try_unwrap(keep).ok().unwrap();
+    assert_eq!(
+        ctx.usage().resident,
+        keep.size(),
+        "only the kept buffer is left"
+    );
+    drop(keep);
+    let s = rt.pool_stats();
+    assert_eq!((s.live_bytes, s.in_use_bytes), (0, 0), "{s:?}");
+}
