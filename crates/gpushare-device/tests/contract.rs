@@ -14,6 +14,19 @@ fn low(dev: &dyn Device) -> Stream {
         .expect("create stream")
 }
 
+/// Hold `stream` with a host callback until the returned sender sends (or is dropped).
+fn hold(dev: &dyn Device, stream: &Stream) -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel::<()>();
+    dev.host_callback(
+        stream,
+        Box::new(move || {
+            let _ = rx.recv();
+        }),
+    )
+    .unwrap();
+    tx
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -278,14 +291,7 @@ mod contract {
         dev.memset(dst, 0, &a).unwrap();
         dev.synchronize_stream(&a).unwrap();
         // Stream A is held by a host callback until the test releases it.
-        let (tx, rx) = mpsc::channel::<()>();
-        dev.host_callback(
-            &a,
-            Box::new(move || {
-                let _ = rx.recv();
-            }),
-        )
-        .unwrap();
+        let tx = hold(&*dev, &a);
         dev.memset(src, 2, &a).unwrap();
         let e = dev.create_event(EventFlags::default()).unwrap();
         dev.record_event(&e, &a).unwrap();
@@ -312,14 +318,7 @@ mod contract {
         let dev = open();
         let (a, b, c) = (low(&*dev), low(&*dev), low(&*dev));
         // A is held until the test releases it; then it sets a flag.
-        let (tx, rx) = mpsc::channel::<()>();
-        dev.host_callback(
-            &a,
-            Box::new(move || {
-                let _ = rx.recv();
-            }),
-        )
-        .unwrap();
+        let tx = hold(&*dev, &a);
         let a_done = Arc::new(Mutex::new(false));
         let flag = a_done.clone();
         dev.host_callback(&a, Box::new(move || *flag.lock().unwrap() = true))
@@ -601,14 +600,7 @@ fn simulated_work_on_memory_unmapped_before_it_ran_faults_its_stream() {
     let c = dev.create_chunk(g).unwrap();
     let m = dev.map_chunk(&va, 0, &c).unwrap();
     let s = low(&*dev);
-    let (tx, rx) = mpsc::channel::<()>();
-    dev.host_callback(
-        &s,
-        Box::new(move || {
-            let _ = rx.recv();
-        }),
-    )
-    .unwrap();
+    let tx = hold(&*dev, &s);
     dev.memset(m.range(), 7, &s).unwrap();
     drop(m);
     tx.send(()).unwrap();
