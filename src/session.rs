@@ -49,6 +49,37 @@ impl Prefix {
     }
 }
 
+/// Whether `size` bytes are free in all but in no one piece.
+fn scattered(ctx: &CtxInner, size: u64) -> bool {
+    let s = ctx.rt.pool.stats();
+    s.free_bytes >= size && s.largest_free_bytes < size
+}
+
+/// Offload the context's own resident, unpinned buffers whose policy keeps their contents
+/// (a discarded buffer would lose them); returns how many went out.
+fn offload_own(
+    ctx: &CtxInner,
+    slots: &[(&crate::context::BufSlot, &gpushare_pool::EvictableId)],
+) -> usize {
+    let offload: Vec<bool> = {
+        let metas = ctx.rt.buffers.lock();
+        slots
+            .iter()
+            .map(|(s, _)| {
+                metas
+                    .get(&s.key)
+                    .is_some_and(|m| m.policy == crate::EvictPolicy::Offload)
+            })
+            .collect()
+    };
+    slots
+        .iter()
+        .zip(offload)
+        .filter(|(_, keep)| *keep)
+        .filter(|((_, id), _)| ctx.rt.pool.evict(id).unwrap_or(false))
+        .count()
+}
+
 /// Bytes of the context's working set not on the device: what a session must restore.
 fn evicted_bytes(ctx: &CtxInner) -> u64 {
     let slots = ctx.buffers.lock();
@@ -120,27 +151,43 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<Prefix> {
             capacity: ctx.rt.capacity,
         });
     }
-    let mut pinned = Vec::with_capacity(slots.len());
-    // Resident buffers first: pinning them allocates nothing, and once pinned they cannot be
-    // chosen as victims while the evicted ones are restored.
-    let resident: Vec<bool> = slots
-        .iter()
-        .map(|(_, id)| ctx.rt.pool.is_resident(id).unwrap_or(false))
-        .collect();
-    let order = slots
-        .iter()
-        .zip(&resident)
-        .filter(|(_, &r)| r)
-        .chain(slots.iter().zip(&resident).filter(|(_, &r)| !r))
-        .map(|((_, id), _)| *id);
-    for id in order {
-        match ctx.rt.pool.pin(id, ctx.stream_id) {
-            Ok(_) => pinned.push(id),
-            Err(e) => {
-                let _ = ctx.rt.pool.unpin_all(pinned);
-                return Err(RuntimeError::from_pool(e, &ctx.name));
+    let mut compacted = false;
+    'attempt: loop {
+        let mut pinned = Vec::with_capacity(slots.len());
+        // Resident buffers first: pinning them allocates nothing, and once pinned they
+        // cannot be chosen as victims while the evicted ones are restored.
+        let resident: Vec<bool> = slots
+            .iter()
+            .map(|(_, id)| ctx.rt.pool.is_resident(id).unwrap_or(false))
+            .collect();
+        let order = slots
+            .iter()
+            .zip(&resident)
+            .filter(|(_, &r)| r)
+            .chain(slots.iter().zip(&resident).filter(|(_, &r)| !r))
+            .map(|((s, id), _)| (s.size, *id));
+        for (size, id) in order {
+            match ctx.rt.pool.pin(id, ctx.stream_id) {
+                Ok(_) => pinned.push(id),
+                Err(e) => {
+                    let _ = ctx.rt.pool.unpin_all(pinned);
+                    // Memory may be free but scattered: enough in all, no piece large
+                    // enough, and the set's own resident buffers among the pieces. Once,
+                    // move those out (offload copies, their contents kept) and restore the
+                    // whole set where it now fits.
+                    if !compacted
+                        && matches!(e, gpushare_pool::PoolError::OutOfMemory { .. })
+                        && scattered(ctx, size)
+                        && offload_own(ctx, &slots) > 0
+                    {
+                        compacted = true;
+                        continue 'attempt;
+                    }
+                    return Err(RuntimeError::from_pool(e, &ctx.name));
+                }
             }
         }
+        break;
     }
     ctx.add_use(&all);
     ctx.rt.waits.started();

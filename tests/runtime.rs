@@ -857,3 +857,45 @@ fn buffers_made_and_dropped_by_many_threads_during_sessions_leave_nothing_behind
     let s = rt.pool_stats();
     assert_eq!((s.live_bytes, s.in_use_bytes), (0, 0), "{s:?}");
 }
+
+#[test]
+fn a_working_set_restores_in_one_piece_when_its_own_buffers_split_the_free_memory() {
+    let (rt, _sim) = sim_runtime(80 * MIB, 4.0);
+    let v = rt.create_context(ContextSpec::new("v", 80 * MIB)).unwrap();
+    let u = rt.create_context(ContextSpec::new("u", 80 * MIB)).unwrap();
+    let g = rt
+        .create_context(ContextSpec::new("g", 16 * MIB).base(16 * MIB))
+        .unwrap();
+    // Laid out from the bottom: v's W (32 MiB), v's A, u's T and v's B (16 MiB each).
+    let w = v.create_buffer(32 * MIB).unwrap();
+    let a = v.create_buffer(16 * MIB).unwrap();
+    let t = u.create_buffer(16 * MIB).unwrap();
+    let b = v.create_buffer(16 * MIB).unwrap();
+    let (dw, da, db) = (pattern(4096, 1), pattern(4096, 2), pattern(4096, 3));
+    {
+        let mut s = v.session().unwrap();
+        s.write(&w, 0, &dw).unwrap();
+        s.write(&a, 0, &da).unwrap();
+        s.write(&b, 0, &db).unwrap();
+    }
+    // u's buffer is used last, so W is the least recently used.
+    drop(u.session().unwrap());
+    // The Guaranteed weights push W out and take its lower half; u's buffer goes. The
+    // 32 MiB free are now two holes of 16 MiB, with v's A between them.
+    let x = g.create_buffer(16 * MIB).unwrap();
+    assert!(!w.is_resident() && a.is_resident() && b.is_resident());
+    drop(t);
+    let s = rt.pool_stats();
+    // (u's buffer may still wait for its stream's tail before it counts as free.)
+    assert_eq!(s.free_bytes + s.pending_bytes, 32 * MIB, "{s:?}");
+    assert_eq!(s.largest_free_bytes, 16 * MIB, "{s:?}");
+    // v's next session moves its own buffers out and restores the whole set in one piece.
+    let mut s = v.session().unwrap();
+    let mut back = vec![0u8; 4096];
+    for (buf, want) in [(&w, &dw), (&a, &da), (&b, &db)] {
+        s.read(buf, 0, &mut back).unwrap();
+        assert!(&back == want);
+    }
+    drop(s);
+    drop((w, a, b, x, u));
+}

@@ -171,6 +171,14 @@ pub enum PoolError {
     /// The evictor failed to restore a block.
     #[error("restoring an evicted block failed: {0}")]
     RestoreFailed(String),
+
+    /// The evictor could not move a block out; it stays where it was.
+    #[error("evicting a block failed (it stays resident): {0}")]
+    EvictFailed(String),
+
+    /// No evictor is set, so nothing can be evicted.
+    #[error("no evictor is set; install one with Pool::set_evictor")]
+    NoEvictor,
     /// The chunk source failed.
     #[error("the chunk source failed: {0}")]
     Source(#[from] SourceError),

@@ -1468,7 +1468,7 @@ impl<S: ChunkSource> Pool<S> {
                     c.ev.drop_pinned(idx);
                     continue;
                 }
-                let (e_owner, e_size, e_tag, e_res) = (e.owner, e.size, e.tag, e.residency);
+                let (e_owner, e_size, e_res) = (e.owner, e.size, e.residency);
                 let oslot = e_owner.slot() as usize;
                 let Some(a) = c.owners[oslot].as_ref() else {
                     continue;
@@ -1478,38 +1478,76 @@ impl<S: ChunkSource> Pool<S> {
                 if tier == Tier::Burstable && a.charged < a.spec.base.saturating_add(e_size) {
                     continue;
                 }
-                let Residency::Resident { node, offset } = e_res else {
+                if !matches!(e_res, Residency::Resident { .. }) {
                     continue;
-                };
-                let info = VictimInfo {
-                    id: c.ev.public_id(self.id, idx).key(),
-                    owner: e_owner,
-                    addr: self.source.addr(offset),
-                    size: e_size,
-                    tag: e_tag,
-                    requested_by: requester,
-                };
-                if let Err(err) = evictor.evict(&info) {
+                }
+                if let Err(err) = self.evict_idx(c, evictor.as_ref(), idx, requester) {
                     tracing::warn!(error = %err, "evicting a block failed; trying the next one");
                     if c.evict_failures.len() < 8 {
                         c.evict_failures.push(err.to_string());
                     }
                     continue;
                 }
-                c.ev.mark_evicted(idx);
-                let size = e_size;
-                Self::uncharge(c, oslot, size);
-                c.tlsf.free(node);
-                if let Some(a) = c.owners[oslot].as_mut() {
-                    a.evictable_resident -= size;
-                    a.evicted_bytes += size;
-                    a.evictions += 1;
-                }
-                c.evictions += 1;
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// Move the resident, unpinned block `idx` out through `evictor`, for `requester`. On
+    /// error nothing changed.
+    fn evict_idx(
+        &self,
+        c: &mut Central,
+        evictor: &dyn Evictor,
+        idx: u32,
+        requester: OwnerId,
+    ) -> Result<(), crate::evict::EvictError> {
+        let e = c.ev.get(idx);
+        let (owner, size, tag) = (e.owner, e.size, e.tag);
+        let Residency::Resident { node, offset } = e.residency else {
+            return Ok(());
+        };
+        let info = VictimInfo {
+            id: c.ev.public_id(self.id, idx).key(),
+            owner,
+            addr: self.source.addr(offset),
+            size,
+            tag,
+            requested_by: requester,
+        };
+        evictor.evict(&info)?;
+        let oslot = owner.slot() as usize;
+        c.ev.mark_evicted(idx);
+        Self::uncharge(c, oslot, size);
+        c.tlsf.free(node);
+        if let Some(a) = c.owners[oslot].as_mut() {
+            a.evictable_resident -= size;
+            a.evicted_bytes += size;
+            a.evictions += 1;
+        }
+        c.evictions += 1;
+        Ok(())
+    }
+
+    /// Move one unpinned evictable block out now, through the evictor, whatever its tier:
+    /// for an owner that rearranges its own working set (to restore it in one piece where
+    /// memory is free but scattered). Returns false if it was evicted already.
+    pub fn evict(&self, id: &EvictableId) -> Result<bool, PoolError> {
+        let mut c = self.central.lock();
+        let idx = c.ev.lookup(self.id, id)?;
+        let e = c.ev.get(idx);
+        if e.pins > 0 {
+            return Err(PoolError::Pinned { pins: e.pins });
+        }
+        if !matches!(e.residency, Residency::Resident { .. }) {
+            return Ok(false);
+        }
+        let owner = e.owner;
+        let evictor = c.evictor.clone().ok_or(PoolError::NoEvictor)?;
+        self.evict_idx(&mut c, evictor.as_ref(), idx, owner)
+            .map_err(|e| PoolError::EvictFailed(e.to_string()))?;
+        Ok(true)
     }
 
     fn report(&self, c: &Central) -> OomReport {
