@@ -71,6 +71,10 @@ pub(crate) struct CtxInner {
     /// Buffers dropped while uses were live, so far: the doom epoch. Written only with
     /// `buffers` locked.
     pub dooms: AtomicU64,
+    /// One more than the runtime's release generation when a session last compacted this
+    /// context's working set (0: never). It compacts at most once until memory is
+    /// released again.
+    pub compacted_at: AtomicU64,
     /// What its events share: the device, its stream and the spare device events.
     pub events: Arc<crate::event::EventHome>,
 }
@@ -425,6 +429,7 @@ impl Context {
             handlers: Mutex::new(Vec::new()),
             sessions: AtomicU64::new(0),
             dooms: AtomicU64::new(0),
+            compacted_at: AtomicU64::new(0),
         });
         let mut live = rt.contexts.lock();
         live.retain(|w| w.strong_count() > 0);

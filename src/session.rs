@@ -10,6 +10,7 @@ use gpushare_pool::{Block, EvictableKey, FreeEvent};
 use gpushare_qos::Attempt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context as TaskCx, Poll, Wake, Waker};
 
@@ -49,10 +50,53 @@ impl Prefix {
     }
 }
 
-/// Whether `size` bytes are free in all but in no one piece.
-fn scattered(ctx: &CtxInner, size: u64) -> bool {
+/// A buffer's size as the pool holds it.
+fn round(size: u64) -> u64 {
+    size.next_multiple_of(gpushare_pool::ALIGN)
+}
+
+/// Whether compacting the working set may let it fit: a piece of `size` bytes is free in
+/// all but in no one block; the memory free plus the set's own resident Offload buffers
+/// covers what is `missing`; and the set was not compacted since memory was last released.
+fn may_compact(
+    ctx: &CtxInner,
+    slots: &[(&crate::context::BufSlot, &gpushare_pool::EvictableId)],
+    resident: &[bool],
+    size: u64,
+    missing: u64,
+) -> bool {
+    if ctx.compacted_at.load(Ordering::Relaxed) == ctx.rt.waits.generation() + 1 {
+        return false;
+    }
     let s = ctx.rt.pool.stats();
-    s.free_bytes >= size && s.largest_free_bytes < size
+    if s.free_bytes < size || s.largest_free_bytes >= size {
+        return false;
+    }
+    let offload = offload_policy(ctx, slots);
+    let own: u64 = slots
+        .iter()
+        .zip(resident)
+        .zip(&offload)
+        .filter(|((_, &r), &o)| r && o)
+        .map(|(((s, _), _), _)| round(s.size))
+        .sum();
+    s.free_bytes + own >= missing
+}
+
+/// Whether each buffer of `slots` keeps its contents when evicted (Offload).
+fn offload_policy(
+    ctx: &CtxInner,
+    slots: &[(&crate::context::BufSlot, &gpushare_pool::EvictableId)],
+) -> Vec<bool> {
+    let metas = ctx.rt.buffers.lock();
+    slots
+        .iter()
+        .map(|(s, _)| {
+            metas
+                .get(&s.key)
+                .is_some_and(|m| m.policy == crate::EvictPolicy::Offload)
+        })
+        .collect()
 }
 
 /// Offload the context's own resident, unpinned buffers whose policy keeps their contents
@@ -61,22 +105,11 @@ fn offload_own(
     ctx: &CtxInner,
     slots: &[(&crate::context::BufSlot, &gpushare_pool::EvictableId)],
 ) -> usize {
-    let offload: Vec<bool> = {
-        let metas = ctx.rt.buffers.lock();
-        slots
-            .iter()
-            .map(|(s, _)| {
-                metas
-                    .get(&s.key)
-                    .is_some_and(|m| m.policy == crate::EvictPolicy::Offload)
-            })
-            .collect()
-    };
     slots
         .iter()
-        .zip(offload)
+        .zip(offload_policy(ctx, slots))
         .filter(|(_, keep)| *keep)
-        .filter(|((_, id), _)| ctx.rt.pool.evict(id).unwrap_or(false))
+        .filter(|((_, id), _)| ctx.rt.pool.evict(ctx.owner, id).unwrap_or(false))
         .count()
 }
 
@@ -160,6 +193,12 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<Prefix> {
             .iter()
             .map(|(_, id)| ctx.rt.pool.is_resident(id).unwrap_or(false))
             .collect();
+        let missing: u64 = slots
+            .iter()
+            .zip(&resident)
+            .filter(|(_, &r)| !r)
+            .map(|((s, _), _)| round(s.size))
+            .sum();
         let order = slots
             .iter()
             .zip(&resident)
@@ -172,16 +211,19 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<Prefix> {
                 Err(e) => {
                     let _ = ctx.rt.pool.unpin_all(pinned);
                     // Memory may be free but scattered: enough in all, no piece large
-                    // enough, and the set's own resident buffers among the pieces. Once,
-                    // move those out (offload copies, their contents kept) and restore the
-                    // whole set where it now fits.
+                    // enough, and the set's own resident buffers among the pieces. Then,
+                    // once until memory is released again, move those out (offload
+                    // copies, their contents kept) and restore the whole set in one go.
                     if !compacted
                         && matches!(e, gpushare_pool::PoolError::OutOfMemory { .. })
-                        && scattered(ctx, size)
-                        && offload_own(ctx, &slots) > 0
+                        && may_compact(ctx, &slots, &resident, round(size), missing)
                     {
-                        compacted = true;
-                        continue 'attempt;
+                        let gen = ctx.rt.waits.generation();
+                        ctx.compacted_at.store(gen + 1, Ordering::Relaxed);
+                        if offload_own(ctx, &slots) > 0 {
+                            compacted = true;
+                            continue 'attempt;
+                        }
                     }
                     return Err(RuntimeError::from_pool(e, &ctx.name));
                 }

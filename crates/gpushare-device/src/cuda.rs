@@ -540,6 +540,9 @@ impl CudaPinned {
             .as_ref()
             .is_some_and(|e| e.context().cu_ctx() == ctx.cu_ctx());
         if !reuse {
+            // The last copy ran in another context (a partition's). Replacing its event
+            // loses no track of it: `before_copy` made this stream wait for that event, so
+            // the new one completes only after the old copy did.
             self.last = Some(ctx.new_event(None).call("cuEventCreate")?);
         }
         if let Some(e) = &self.last {

@@ -1530,13 +1530,19 @@ impl<S: ChunkSource> Pool<S> {
         Ok(())
     }
 
-    /// Move one unpinned evictable block out now, through the evictor, whatever its tier:
-    /// for an owner that rearranges its own working set (to restore it in one piece where
-    /// memory is free but scattered). Returns false if it was evicted already.
-    pub fn evict(&self, id: &EvictableId) -> Result<bool, PoolError> {
+    /// Move one of `owner`'s unpinned evictable blocks out now, through the evictor,
+    /// whatever its tier: for an owner that rearranges its own working set (to restore it
+    /// in one piece where memory is free but scattered). Returns false if it was evicted
+    /// already. Another owner's block is refused ([`PoolError::ForeignBlock`]).
+    pub fn evict(&self, owner: OwnerId, id: &EvictableId) -> Result<bool, PoolError> {
         let mut c = self.central.lock();
         let idx = c.ev.lookup(self.id, id)?;
         let e = c.ev.get(idx);
+        if e.owner != owner {
+            return Err(PoolError::ForeignBlock {
+                what: "evictable block of another owner",
+            });
+        }
         if e.pins > 0 {
             return Err(PoolError::Pinned { pins: e.pins });
         }

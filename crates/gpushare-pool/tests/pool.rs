@@ -780,18 +780,26 @@ fn an_owner_can_evict_its_own_unpinned_block() {
         .add_owner(OwnerSpec::new("g", 8 * MIB).tier(Tier::Guaranteed))
         .unwrap();
     let (id, _) = p.alloc_evictable(g, 2 * MIB, 5, S1).unwrap();
-    assert!(matches!(p.evict(&id), Err(PoolError::Pinned { pins: 1 })));
+    let other = p.add_owner(OwnerSpec::new("other", MIB)).unwrap();
+    assert!(matches!(
+        p.evict(g, &id),
+        Err(PoolError::Pinned { pins: 1 })
+    ));
     p.unpin(&id).unwrap();
+    assert!(matches!(
+        p.evict(other, &id),
+        Err(PoolError::ForeignBlock { .. })
+    ));
     // Whatever its tier: the owner asks for it.
-    assert!(p.evict(&id).unwrap());
+    assert!(p.evict(g, &id).unwrap());
     assert_eq!(rec.evicted.lock().unwrap()[0].tag, 5);
-    assert!(!p.evict(&id).unwrap(), "already out");
+    assert!(!p.evict(g, &id).unwrap(), "already out");
     let s = p.stats();
     assert_eq!((s.owners[0].evicted_bytes, s.evictions), (2 * MIB, 1));
     assert!(p.pin(&id, S1).unwrap().restored);
     p.unpin(&id).unwrap();
     rec.fail_evict.store(true, Ordering::SeqCst);
-    assert!(matches!(p.evict(&id), Err(PoolError::EvictFailed(_))));
+    assert!(matches!(p.evict(g, &id), Err(PoolError::EvictFailed(_))));
     assert!(
         p.is_resident(&id).unwrap(),
         "a failed eviction leaves it in place"
@@ -801,6 +809,6 @@ fn an_owner_can_evict_its_own_unpinned_block() {
     let o = q.add_owner(OwnerSpec::new("o", MIB << 4)).unwrap();
     let (id, _) = q.alloc_evictable(o, MIB, 0, S1).unwrap();
     q.unpin(&id).unwrap();
-    assert!(matches!(q.evict(&id), Err(PoolError::NoEvictor)));
+    assert!(matches!(q.evict(o, &id), Err(PoolError::NoEvictor)));
     q.free_evictable(id).unwrap();
 }

@@ -182,6 +182,13 @@ impl SessionGate {
         self.state.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// The release generation: it moves on every release, so a caller can tell whether
+    /// anything was released since it last looked.
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        (self.state.load(Ordering::Acquire) & GEN_MASK) / GEN
+    }
+
     /// Sessions waiting.
     pub fn waiting(&self) -> usize {
         self.queue.len()
