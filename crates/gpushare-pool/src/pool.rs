@@ -813,16 +813,10 @@ impl<S: ChunkSource> Pool<S> {
                         // Kept apart from the general search below so that the entry
                         // stays in registers.
                         if let Some(c) = sh.pop_top(fc, size_r, stream) {
-                            sh.reused(&c);
-                            cell.publish(&sh, c.class as usize, c.size);
-                            drop(sh);
-                            return Ok(Self::cached_block(c, size, owner));
+                            return Ok(Self::hand_out(cell, sh, c, size, owner));
                         }
                         if let Some(c) = sh.take_fit(size_r, stream) {
-                            sh.reused(&c);
-                            cell.publish(&sh, c.class as usize, c.size);
-                            drop(sh);
-                            return Ok(Self::cached_block(c, size, owner));
+                            return Ok(Self::hand_out(cell, sh, c, size, owner));
                         }
                     }
                 }
@@ -831,8 +825,19 @@ impl<S: ChunkSource> Pool<S> {
         self.alloc_slow(owner, size, ALIGN_UNIT, stream)
     }
 
-    #[inline]
-    fn cached_block(c: Cached, requested: u64, owner: OwnerId) -> Block {
+    /// Hand a block taken from the shard behind `sh` out to `owner`: its ordering event
+    /// goes, the hints follow, and the shard is unlocked before the block is built.
+    #[inline(always)]
+    fn hand_out(
+        cell: &ShardCell,
+        mut sh: impl std::ops::DerefMut<Target = Shard>,
+        c: Cached,
+        requested: u64,
+        owner: OwnerId,
+    ) -> Block {
+        sh.reused(&c);
+        cell.publish(&sh, c.class as usize, c.size);
+        drop(sh);
         Block {
             offset: c.offset,
             size: c.size,
@@ -901,12 +906,10 @@ impl<S: ChunkSource> Pool<S> {
                 None
             };
             if let Some(c) = taken {
-                let (class, csz) = (c.class as usize, c.size);
                 if c.offset.is_multiple_of(align) {
-                    sh.reused(&c);
-                    cell.publish(&sh, class, csz);
-                    return Ok(Self::cached_block(c, size, owner));
+                    return Ok(Self::hand_out(cell, sh, c, size, owner));
                 }
+                let (class, csz) = (c.class as usize, c.size);
                 sh.put(c);
                 // Taking the probe cleared its mark; it is still the probe.
                 if probe.is_some_and(|(_, n)| n == c.node) {
