@@ -45,7 +45,7 @@ impl Prefix {
     fn of(ctx: &CtxInner, slots: &[crate::context::BufSlot]) -> Self {
         Prefix {
             len: slots.len(),
-            epoch: ctx.dooms.load(std::sync::atomic::Ordering::Relaxed),
+            epoch: ctx.dooms.load(Ordering::Relaxed),
         }
     }
 }
@@ -62,6 +62,7 @@ fn may_compact(
     ctx: &CtxInner,
     slots: &[(&crate::context::BufSlot, &gpushare_pool::EvictableId)],
     resident: &[bool],
+    offload: &[bool],
     size: u64,
     missing: u64,
 ) -> bool {
@@ -72,11 +73,10 @@ fn may_compact(
     if s.free_bytes < size || s.largest_free_bytes >= size {
         return false;
     }
-    let offload = offload_policy(ctx, slots);
     let own: u64 = slots
         .iter()
         .zip(resident)
-        .zip(&offload)
+        .zip(offload)
         .filter(|((_, &r), &o)| r && o)
         .map(|(((s, _), _), _)| round(s.size))
         .sum();
@@ -100,15 +100,16 @@ fn offload_policy(
 }
 
 /// Offload the context's own resident, unpinned buffers whose policy keeps their contents
-/// (a discarded buffer would lose them); returns how many went out.
+/// (`offload`; a discarded buffer would lose them); returns how many went out.
 fn offload_own(
     ctx: &CtxInner,
     slots: &[(&crate::context::BufSlot, &gpushare_pool::EvictableId)],
+    offload: &[bool],
 ) -> usize {
     slots
         .iter()
-        .zip(offload_policy(ctx, slots))
-        .filter(|(_, keep)| *keep)
+        .zip(offload)
+        .filter(|(_, keep)| **keep)
         .filter(|((_, id), _)| ctx.rt.pool.evict(ctx.owner, id).unwrap_or(false))
         .count()
 }
@@ -135,7 +136,7 @@ fn evicted_bytes(ctx: &CtxInner) -> u64 {
 /// generation and wakes the line, so that such a session tries again. Only sessions not
 /// yet in line take it: a waiter whose failed try woke the line would wake itself, and the
 /// line would spin.
-pub(crate) fn pin_resident(ctx: &Arc<CtxInner>) -> Result<Option<Prefix>> {
+fn pin_resident(ctx: &Arc<CtxInner>) -> Result<Option<Prefix>> {
     ctx.rt.waits.started();
     let slots = ctx.buffers.lock();
     let live = slots
@@ -214,15 +215,15 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<Prefix> {
                     // enough, and the set's own resident buffers among the pieces. Then,
                     // once until memory is released again, move those out (offload
                     // copies, their contents kept) and restore the whole set in one go.
-                    if !compacted
-                        && matches!(e, gpushare_pool::PoolError::OutOfMemory { .. })
-                        && may_compact(ctx, &slots, &resident, round(size), missing)
-                    {
-                        let gen = ctx.rt.waits.generation();
-                        ctx.compacted_at.store(gen + 1, Ordering::Relaxed);
-                        if offload_own(ctx, &slots) > 0 {
-                            compacted = true;
-                            continue 'attempt;
+                    if !compacted && matches!(e, gpushare_pool::PoolError::OutOfMemory { .. }) {
+                        let offload = offload_policy(ctx, &slots);
+                        if may_compact(ctx, &slots, &resident, &offload, round(size), missing) {
+                            let gen = ctx.rt.waits.generation();
+                            ctx.compacted_at.store(gen + 1, Ordering::Relaxed);
+                            if offload_own(ctx, &slots, &offload) > 0 {
+                                compacted = true;
+                                continue 'attempt;
+                            }
                         }
                     }
                     return Err(RuntimeError::from_pool(e, &ctx.name));
