@@ -83,6 +83,21 @@ struct Freed {
     event: Option<Arc<dyn FreeEvent>>,
 }
 
+impl Freed {
+    /// A block freed with no stream-ordering event.
+    #[inline]
+    fn plain(b: &Block) -> Self {
+        Freed {
+            class: b.class,
+            node: b.node,
+            offset: b.offset,
+            size: b.size,
+            stream: StreamId(0),
+            event: None,
+        }
+    }
+}
+
 /// One cached free block. Plain data: a stream-ordered free keeps its stream and event in
 /// the shard's `ordered` table, and `ev` points there. Most cached blocks have no event,
 /// and a 32-byte `Copy` entry moves through the hot path in registers, where the 48-byte
@@ -348,7 +363,7 @@ impl Shard {
     }
 
     /// Cache a freed block (its bin must exist).
-    #[inline]
+    #[inline(always)]
     fn push(&mut self, c: Cached) {
         let class = c.class as usize;
         self.bytes += c.size;
@@ -500,6 +515,7 @@ pub(crate) struct OwnerAcct {
 }
 
 impl OwnerAcct {
+    #[inline]
     fn committed(&self) -> u64 {
         self.charged.max(self.spec.base)
     }
@@ -799,9 +815,13 @@ impl<S: ChunkSource> Pool<S> {
     pub fn alloc(&self, owner: OwnerId, size: u64, stream: StreamId) -> Result<Block, PoolError> {
         // Fast path: a cached block of about this size, usable on this stream.
         if let Some(slot) = self.pool_slot(owner) {
-            if size.wrapping_sub(1) < self.cfg.cache_max_block {
+            let cell = self.cell(slot);
+            // An empty shard (where large sizes that do not repeat go uncached) costs one
+            // load, and no size class.
+            if size.wrapping_sub(1) < self.cfg.cache_max_block
+                && cell.hint_bytes.load(Ordering::Relaxed) != 0
+            {
                 let size_r = size.next_multiple_of(UNIT);
-                let cell = self.cell(slot);
                 let fc = floor_class(size_r);
                 if cell.may_have(fc) || ceil_class(size_r).is_some_and(|cc| cell.may_have(cc)) {
                     let mut sh = cell.lock.lock();
@@ -929,13 +949,20 @@ impl<S: ChunkSource> Pool<S> {
         if cell.hint_probe.load(Ordering::Relaxed) != 0 {
             let _none = self.return_probe(&mut c, owner.slot() as usize, cell, None);
         }
-        let Placed { node, offset, .. } =
-            self.alloc_central(&mut c, owner, csize, align, stream, false)?;
-        let acct = c.owners[owner.slot() as usize]
-            .as_mut()
-            .ok_or_else(|| PoolError::UnknownOwner(owner))?;
-        acct.allocs += 1;
-        c.allocs += 1;
+        let (node, offset) =
+            match Self::alloc_within_means(&mut c, owner.slot(), csize, align, self.limit) {
+                Some(placed) => placed,
+                None => {
+                    let Placed { node, offset, .. } =
+                        self.alloc_central(&mut c, owner, csize, align, stream, false)?;
+                    let acct = c.owners[owner.slot() as usize]
+                        .as_mut()
+                        .ok_or_else(|| PoolError::UnknownOwner(owner))?;
+                    acct.allocs += 1;
+                    c.allocs += 1;
+                    (node, offset)
+                }
+            };
         Ok(Block {
             offset,
             size: csize,
@@ -949,21 +976,20 @@ impl<S: ChunkSource> Pool<S> {
     /// Free a block whose memory no stream uses any more: any stream may reuse it at once.
     #[inline]
     pub fn free(&self, block: Block) -> Result<(), FreeError> {
-        if block.owner.pool == self.id {
-            if let Some(slot) = self.slots.get(block.owner.slot() as usize) {
-                let cell = self.cell(slot);
-                // One look at the hints first, whether the shard takes blocks of this size
-                // (it may refuse large ones for a long time); the checks under the lock
-                // decide, and a full shard is rare enough to find out there.
-                if block.size <= self.cfg.cache_max_block
-                    && (block.size <= cell.small || cell.hint_admits.load(Ordering::Relaxed) != 0)
+        let Some((i, slot)) = self.block_slot(&block) else {
+            return Err(FreeError { block });
+        };
+        let cell = self.cell(slot);
+        if block.size <= self.cfg.cache_max_block {
+            // One look at the hints first, whether the shard takes blocks of this size (it
+            // may refuse large ones for a long time); the checks under the lock decide.
+            if block.size <= cell.small || cell.hint_admits.load(Ordering::Relaxed) != 0 {
+                let mut sh = cell.lock.lock();
+                let class = block.class as usize;
+                if sh.admits_size(block.size)
+                    && sh.bytes + block.size <= self.cfg.cache_bytes_per_shard
                 {
-                    let mut sh = cell.lock.lock();
-                    if sh.admits_size(block.size)
-                        && sh.bytes + block.size <= self.cfg.cache_bytes_per_shard
-                        && (block.class as usize) < sh.bins.len()
-                    {
-                        let class = block.class as usize;
+                    if class < sh.bins.len() {
                         sh.push(Cached {
                             offset: block.offset,
                             size: block.size,
@@ -974,10 +1000,51 @@ impl<S: ChunkSource> Pool<S> {
                         cell.publish(&sh, class, block.size);
                         return Ok(());
                     }
+                    // The shard's first block: its bins are made now.
+                    if class < self.cache_classes {
+                        Self::push_growing(&mut sh, self.cache_classes, Freed::plain(&block));
+                        cell.publish(&sh, class, block.size);
+                        return Ok(());
+                    }
                 }
+            } else if self.refused_probes(cell) {
+                return self.probe_cache(i, cell, Freed::plain(&block));
             }
         }
-        self.free_slow(block, StreamId(0), None)
+        self.free_central(i, block.node, block.size);
+        Ok(())
+    }
+
+    /// The owner slot of a block, by index, if the block is of this pool; a block of
+    /// another pool goes back to its caller, to be freed by the pool that made it.
+    #[inline(always)]
+    fn block_slot(&self, block: &Block) -> Option<(usize, &OwnerSlot)> {
+        let i = block.owner.slot() as usize;
+        let slot = self.slots.get(i)?;
+        (block.owner.pool == self.id).then_some((i, slot))
+    }
+
+    /// Count a large free that a shard refused; true for the one in [`PROBE_EVERY`] that
+    /// probes it (see [`Pool::probe_cache`]).
+    #[inline]
+    fn refused_probes(&self, cell: &ShardCell) -> bool {
+        // A plain counter: a lost update only moves a probe.
+        let n = cell.frees_refused.load(Ordering::Relaxed).wrapping_add(1);
+        cell.frees_refused.store(n, Ordering::Relaxed);
+        n.is_multiple_of(PROBE_EVERY)
+    }
+
+    /// Free a block's node to the central allocator: no stream uses it any more.
+    #[inline(never)]
+    fn free_central(&self, slot: usize, node: u32, size: u64) {
+        let mut c = self.central.lock();
+        let c = &mut *c;
+        Self::uncharge(c, slot, size);
+        if let Some(a) = c.owners.get_mut(slot).and_then(Option::as_mut) {
+            a.frees += 1;
+        }
+        c.frees += 1;
+        c.tlsf.free(node);
     }
 
     /// Free a block whose last use was work on `stream` that completes when `event` does.
@@ -989,38 +1056,18 @@ impl<S: ChunkSource> Pool<S> {
         stream: StreamId,
         event: Arc<dyn FreeEvent>,
     ) -> Result<(), FreeError> {
-        self.free_slow(block, stream, Some(event))
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn free_slow(
-        &self,
-        block: Block,
-        stream: StreamId,
-        event: Option<Arc<dyn FreeEvent>>,
-    ) -> Result<(), FreeError> {
-        if block.owner.pool != self.id {
-            // The block goes back to the caller, to be freed by the pool that made it.
+        let Some((i, slot)) = self.block_slot(&block) else {
             return Err(FreeError { block });
-        }
-        let i = block.owner.slot() as usize;
-        let slot = &self.slots[i];
+        };
         let cell = self.cell(slot);
         let cached = Freed {
-            class: block.class,
-            node: block.node,
-            offset: block.offset,
-            size: block.size,
             stream,
-            event,
+            event: Some(event),
+            ..Freed::plain(&block)
         };
         if block.size <= self.cfg.cache_max_block && (block.class as usize) < self.cache_classes {
             if block.size > cell.small && cell.hint_admits.load(Ordering::Relaxed) == 0 {
-                // A plain counter: a lost update only moves a probe.
-                let n = cell.frees_refused.load(Ordering::Relaxed).wrapping_add(1);
-                cell.frees_refused.store(n, Ordering::Relaxed);
-                if n.is_multiple_of(PROBE_EVERY) {
+                if self.refused_probes(cell) {
                     return self.probe_cache(i, cell, cached);
                 }
             } else if cell.may_admit(block.size, self.cfg.cache_bytes_per_shard) {
@@ -1128,6 +1175,7 @@ impl<S: ChunkSource> Pool<S> {
         }
     }
 
+    #[inline]
     fn uncharge(c: &mut Central, slot: usize, size: u64) {
         if let Some(a) = c.owners[slot].as_mut() {
             let before = a.committed();
@@ -1216,6 +1264,42 @@ impl<S: ChunkSource> Pool<S> {
                 }
             });
         }
+    }
+
+    /// The common case of the central path, kept apart from [`Pool::alloc_central`] so
+    /// that it stays lean (on the serving replay, where few sizes repeat, most requests
+    /// come here): the owner is within its limit, the pool's commitments leave room for
+    /// what the request adds to them, and the free lists hold a block. Charges and counts
+    /// the allocation. `None`, with nothing changed, sends the request down the general
+    /// path, which reclaims (flushes, waits for pending frees, grows, evicts) and reports.
+    #[inline]
+    fn alloc_within_means(
+        c: &mut Central,
+        slot: u32,
+        size: u64,
+        align: u64,
+        capacity: u64,
+    ) -> Option<(u32, u64)> {
+        let a = c.owners.get_mut(slot as usize)?.as_mut()?;
+        let charged = a.charged + size;
+        if charged > a.spec.limit {
+            return None;
+        }
+        // As in `charge`: what the request adds to the owner's commitment (nothing while
+        // it stays within its reserved base).
+        let delta = charged.max(a.spec.base) - a.committed();
+        if delta != 0 && c.committed + delta > capacity {
+            return None;
+        }
+        let placed = c.tlsf.alloc(size, align, slot)?;
+        a.charged = charged;
+        a.peak_charged = a.peak_charged.max(charged);
+        a.allocs += 1;
+        c.committed += delta;
+        c.in_use += size;
+        c.peak_in_use = c.peak_in_use.max(c.in_use);
+        c.allocs += 1;
+        Some(placed)
     }
 
     /// Central path: charge, then find space, reclaiming in order: completed pending blocks,

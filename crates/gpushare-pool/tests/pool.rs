@@ -128,6 +128,62 @@ fn quota_is_exact_and_reported() {
 }
 
 #[test]
+fn mapped_free_memory_reserved_for_another_owner_is_not_handed_out() {
+    // No cache, so that frees go straight back to the free lists.
+    let p = pool(
+        PoolConfig::default()
+            .capacity(8 * MIB)
+            .cache_bytes_per_shard(0),
+    );
+    let be = p.add_owner(OwnerSpec::new("besteffort", 8 * MIB)).unwrap();
+    // Map the whole capacity, then free it: 8 MiB mapped, all of it free.
+    let all: Vec<_> = (0..4).map(|_| p.alloc(be, 2 * MIB, S1).unwrap()).collect();
+    for b in all {
+        p.free(b).unwrap();
+    }
+    assert_eq!(p.stats().mapped_bytes, 8 * MIB);
+    let g = p
+        .add_owner(OwnerSpec::new("guaranteed", 4 * MIB).base(4 * MIB))
+        .unwrap();
+    // Half of the free memory is reserved for the Guaranteed owner: the other owner
+    // gets the rest, and no more, though the free lists could serve it at once.
+    let a = p.alloc(be, 2 * MIB, S1).unwrap();
+    let b = p.alloc(be, 2 * MIB, S1).unwrap();
+    match p.alloc(be, 256, S1) {
+        Err(PoolError::ReservedElsewhere { available, .. }) => assert_eq!(available, 0),
+        other => panic!("{other:?}"),
+    }
+    let x = p.alloc(g, 4 * MIB, S1).unwrap();
+    assert_eq!(p.stats().mapped_bytes, 8 * MIB);
+    for blk in [a, b, x] {
+        p.free(blk).unwrap();
+    }
+}
+
+#[test]
+fn the_hard_limit_holds_when_free_memory_could_serve_the_request() {
+    let p = pool(
+        PoolConfig::default()
+            .capacity(8 * MIB)
+            .cache_bytes_per_shard(0),
+    );
+    let o = p.add_owner(OwnerSpec::new("o", 8 * MIB)).unwrap();
+    let all: Vec<_> = (0..4).map(|_| p.alloc(o, 2 * MIB, S1).unwrap()).collect();
+    for b in all {
+        p.free(b).unwrap();
+    }
+    let small = p.add_owner(OwnerSpec::new("small", 3 * MIB)).unwrap();
+    let a = p.alloc(small, 2 * MIB, S1).unwrap();
+    match p.alloc(small, 2 * MIB, S1) {
+        Err(PoolError::QuotaExceeded { used, limit, .. }) => {
+            assert_eq!((used, limit), (2 * MIB, 3 * MIB))
+        }
+        other => panic!("{other:?}"),
+    }
+    p.free(a).unwrap();
+}
+
+#[test]
 fn reserved_bases_are_kept_for_their_owners() {
     let p = pool(PoolConfig::default().capacity(32 * MIB));
     let g = p
