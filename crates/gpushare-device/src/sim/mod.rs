@@ -467,6 +467,18 @@ impl SimStream {
         }
     }
 
+    /// Queue work that touches memory. Once the stream has faulted, queued work no longer
+    /// runs, as on a GPU, where a fault is sticky: it would run on results that were never
+    /// produced. Completions, waits and host callbacks still run, so nothing waits forever.
+    fn submit_work(&self, op: Op) -> Result<()> {
+        let error = self.error.clone();
+        self.submit(Box::new(move || {
+            if lock(&error).is_none() {
+                op()
+            }
+        }))
+    }
+
     fn fail(&self, msg: String) {
         lock(&self.error).get_or_insert(msg);
     }
@@ -501,7 +513,32 @@ impl Drop for SimStream {
 #[derive(Debug)]
 pub(crate) struct SimEvent {
     done: Arc<Completion>,
+    /// The latest record whose stream had faulted by the time the record was reached, and
+    /// the fault. As on a GPU, where a fault is sticky, an event behind one reports it:
+    /// synchronizing or querying it fails, and a stream that waits on it breaks too, rather
+    /// than running work on results that were never produced.
+    fault: Arc<Mutex<Option<(u64, String)>>>,
     acc: Arc<Accounts>,
+}
+
+impl SimEvent {
+    /// The fault behind record `g`, if its stream had faulted.
+    fn fault_of(fault: &Mutex<Option<(u64, String)>>, g: u64) -> Option<String> {
+        match &*lock(fault) {
+            Some((fg, msg)) if *fg == g => Some(msg.clone()),
+            _ => None,
+        }
+    }
+
+    /// `Err` if record `g` is behind a fault.
+    fn check(&self, g: u64) -> Result<()> {
+        match Self::fault_of(&self.fault, g) {
+            Some(msg) => Err(DeviceError::StreamBroken(format!(
+                "the event's work was behind a fault: {msg}"
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Drop for SimEvent {
@@ -685,7 +722,8 @@ impl SimDevice {
 
     /// Run a host kernel in stream order. It sees device memory through [`SimMemory`]. An
     /// error it returns, or a panic, breaks the stream as a faulting kernel would: later
-    /// submissions and synchronizations report [`DeviceError::StreamBroken`].
+    /// submissions and synchronizations report [`DeviceError::StreamBroken`], work already
+    /// queued behind it does not run, and events recorded behind it report the fault.
     pub fn launch_host<F>(&self, stream: &Stream, kernel: F) -> Result<()>
     where
         F: FnOnce(&SimMemory<'_>) -> Result<()> + Send + 'static,
@@ -694,7 +732,7 @@ impl SimDevice {
         self.shared.tick(FaultOp::StreamOp)?;
         let shared = self.shared.clone();
         let s2 = s.clone();
-        s.submit(Box::new(move || {
+        s.submit_work(Box::new(move || {
             if let Err(e) = kernel(&SimMemory { shared: &shared }) {
                 s2.fail(format!("host kernel failed: {e}"));
             }
@@ -917,6 +955,7 @@ impl Device for SimDevice {
             flags,
             inner: EventInner::Sim(Arc::new(SimEvent {
                 done: Arc::new(Completion::new()),
+                fault: Arc::new(Mutex::new(None)),
                 acc: self.shared.acc.clone(),
             })),
         })
@@ -927,8 +966,21 @@ impl Device for SimDevice {
         let s = self.sim_stream(stream)?;
         self.shared.tick(FaultOp::StreamOp)?;
         let done = e.done.clone();
+        let (fault, stream_error) = (e.fault.clone(), s.error.clone());
         e.done
-            .record_with(|g| s.submit(Box::new(move || done.complete(g))))
+            .record_with(|g| {
+                s.submit(Box::new(move || {
+                    // Note the fault before completing, so that no waiter sees the record
+                    // complete without it.
+                    if let Some(msg) = lock(&stream_error).clone() {
+                        let mut f = lock(&fault);
+                        if f.as_ref().is_none_or(|(fg, _)| *fg < g) {
+                            *f = Some((g, msg));
+                        }
+                    }
+                    done.complete(g)
+                }))
+            })
             .map(|_| ())
     }
 
@@ -940,17 +992,32 @@ impl Device for SimDevice {
         if g == 0 {
             return Ok(());
         }
-        let done = e.done.clone();
-        s.submit(Box::new(move || done.wait_for(g)))
+        let (done, fault, waiter_error) = (e.done.clone(), e.fault.clone(), s.error.clone());
+        s.submit(Box::new(move || {
+            done.wait_for(g);
+            // Work after the wait would run on results that were never produced.
+            if let Some(msg) = SimEvent::fault_of(&fault, g) {
+                lock(&waiter_error)
+                    .get_or_insert(format!("waited on an event behind a fault: {msg}"));
+            }
+        }))
     }
 
     fn query_event(&self, event: &Event) -> Result<bool> {
-        Ok(self.sim_event(event)?.done.is_complete())
+        let e = self.sim_event(event)?;
+        let g = e.done.target();
+        if !e.done.is_done(g) {
+            return Ok(false);
+        }
+        e.check(g)?;
+        Ok(true)
     }
 
     fn synchronize_event(&self, event: &Event) -> Result<()> {
-        self.sim_event(event)?.done.wait_latest();
-        Ok(())
+        let e = self.sim_event(event)?;
+        let g = e.done.target();
+        e.done.wait_for(g);
+        e.check(g)
     }
 
     fn elapsed(&self, start: &Event, end: &Event) -> Result<Duration> {
@@ -1019,7 +1086,13 @@ impl Device for SimDevice {
         p.begin();
         let p2 = p.clone();
         let sh = self.shared.clone();
+        // Skipped once the stream has faulted (see `submit_work`), bookkeeping kept.
+        let broken = s.error.clone();
         let r = s.submit(Box::new(move || {
+            if lock(&broken).is_some() {
+                p2.end();
+                return;
+            }
             let mapped = sh.still_mapped(&segs);
             if mapped.is_ok() {
                 let data = lock(&p2.data);
@@ -1047,7 +1120,13 @@ impl Device for SimDevice {
         p.begin();
         let p2 = p.clone();
         let sh = self.shared.clone();
+        // Skipped once the stream has faulted (see `submit_work`), bookkeeping kept.
+        let broken = s.error.clone();
         let r = s.submit(Box::new(move || {
+            if lock(&broken).is_some() {
+                p2.end();
+                return;
+            }
             let mapped = sh.still_mapped(&segs);
             if mapped.is_ok() {
                 let mut data = lock(&p2.data);
@@ -1073,7 +1152,7 @@ impl Device for SimDevice {
         self.shared.tick(FaultOp::Copy)?;
         let len = src.len as usize;
         let sh = self.shared.clone();
-        s.submit(Box::new(move || {
+        s.submit_work(Box::new(move || {
             if let Err(e) = sh.still_mapped(&from).and(sh.still_mapped(&to)) {
                 panic!("{e}");
             }
@@ -1091,7 +1170,7 @@ impl Device for SimDevice {
         let segs = self.shared.resolve(dst)?;
         self.shared.tick(FaultOp::Copy)?;
         let sh = self.shared.clone();
-        s.submit(Box::new(move || {
+        s.submit_work(Box::new(move || {
             if let Err(e) = sh.still_mapped(&segs) {
                 panic!("{e}");
             }
@@ -1108,7 +1187,7 @@ impl Device for SimDevice {
         let segs = self.shared.resolve(dst)?;
         self.shared.tick(FaultOp::Copy)?;
         let bytes = src.to_vec();
-        s.submit(Box::new(move || write_segs(&segs, &bytes)))?;
+        s.submit_work(Box::new(move || write_segs(&segs, &bytes)))?;
         s.drain()
     }
 
@@ -1120,7 +1199,7 @@ impl Device for SimDevice {
         self.shared.tick(FaultOp::Copy)?;
         let out = Arc::new(Mutex::new(vec![0u8; dst.len()]));
         let o2 = out.clone();
-        s.submit(Box::new(move || read_segs(&segs, &mut lock(&o2))))?;
+        s.submit_work(Box::new(move || read_segs(&segs, &mut lock(&o2))))?;
         s.drain()?;
         dst.copy_from_slice(&lock(&out));
         Ok(())
