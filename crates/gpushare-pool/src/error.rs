@@ -44,7 +44,8 @@ pub struct OomReport {
     pub largest_free: u64,
     /// Per-owner holdings, largest first.
     pub holdings: Vec<Holding>,
-    /// Evictions the evictor refused or failed during this request, with its reasons.
+    /// Evictions the evictor refused or failed during this request, with its reasons (in a
+    /// [`Snapshot`](crate::Snapshot): during the latest request that had to reclaim memory).
     pub eviction_failures: Vec<String>,
 }
 

@@ -470,6 +470,10 @@ impl SimStream {
     /// Queue work that touches memory. Once the stream has faulted, queued work no longer
     /// runs, as on a GPU, where a fault is sticky: it would run on results that were never
     /// produced. Completions, waits and host callbacks still run, so nothing waits forever.
+    /// The fault stays with its stream: events recorded behind it still complete and
+    /// streams that wait on them carry on. On a GPU the whole context would be lost; the
+    /// simulator keeps the other streams (and the runtime's other contexts) usable, so that
+    /// tests can check that one context's fault loses nothing of the others'.
     fn submit_work(&self, op: Op) -> Result<()> {
         let error = self.error.clone();
         self.submit(Box::new(move || {
@@ -513,32 +517,7 @@ impl Drop for SimStream {
 #[derive(Debug)]
 pub(crate) struct SimEvent {
     done: Arc<Completion>,
-    /// The latest record whose stream had faulted by the time the record was reached, and
-    /// the fault. As on a GPU, where a fault is sticky, an event behind one reports it:
-    /// synchronizing or querying it fails, and a stream that waits on it breaks too, rather
-    /// than running work on results that were never produced.
-    fault: Arc<Mutex<Option<(u64, String)>>>,
     acc: Arc<Accounts>,
-}
-
-impl SimEvent {
-    /// The fault behind record `g`, if its stream had faulted.
-    fn fault_of(fault: &Mutex<Option<(u64, String)>>, g: u64) -> Option<String> {
-        match &*lock(fault) {
-            Some((fg, msg)) if *fg == g => Some(msg.clone()),
-            _ => None,
-        }
-    }
-
-    /// `Err` if record `g` is behind a fault.
-    fn check(&self, g: u64) -> Result<()> {
-        match Self::fault_of(&self.fault, g) {
-            Some(msg) => Err(DeviceError::StreamBroken(format!(
-                "the event's work was behind a fault: {msg}"
-            ))),
-            None => Ok(()),
-        }
-    }
 }
 
 impl Drop for SimEvent {
@@ -722,8 +701,8 @@ impl SimDevice {
 
     /// Run a host kernel in stream order. It sees device memory through [`SimMemory`]. An
     /// error it returns, or a panic, breaks the stream as a faulting kernel would: later
-    /// submissions and synchronizations report [`DeviceError::StreamBroken`], work already
-    /// queued behind it does not run, and events recorded behind it report the fault.
+    /// submissions and synchronizations report [`DeviceError::StreamBroken`], and work
+    /// already queued behind it does not run.
     pub fn launch_host<F>(&self, stream: &Stream, kernel: F) -> Result<()>
     where
         F: FnOnce(&SimMemory<'_>) -> Result<()> + Send + 'static,
@@ -955,7 +934,6 @@ impl Device for SimDevice {
             flags,
             inner: EventInner::Sim(Arc::new(SimEvent {
                 done: Arc::new(Completion::new()),
-                fault: Arc::new(Mutex::new(None)),
                 acc: self.shared.acc.clone(),
             })),
         })
@@ -966,21 +944,8 @@ impl Device for SimDevice {
         let s = self.sim_stream(stream)?;
         self.shared.tick(FaultOp::StreamOp)?;
         let done = e.done.clone();
-        let (fault, stream_error) = (e.fault.clone(), s.error.clone());
         e.done
-            .record_with(|g| {
-                s.submit(Box::new(move || {
-                    // Note the fault before completing, so that no waiter sees the record
-                    // complete without it.
-                    if let Some(msg) = lock(&stream_error).clone() {
-                        let mut f = lock(&fault);
-                        if f.as_ref().is_none_or(|(fg, _)| *fg < g) {
-                            *f = Some((g, msg));
-                        }
-                    }
-                    done.complete(g)
-                }))
-            })
+            .record_with(|g| s.submit(Box::new(move || done.complete(g))))
             .map(|_| ())
     }
 
@@ -992,32 +957,17 @@ impl Device for SimDevice {
         if g == 0 {
             return Ok(());
         }
-        let (done, fault, waiter_error) = (e.done.clone(), e.fault.clone(), s.error.clone());
-        s.submit(Box::new(move || {
-            done.wait_for(g);
-            // Work after the wait would run on results that were never produced.
-            if let Some(msg) = SimEvent::fault_of(&fault, g) {
-                lock(&waiter_error)
-                    .get_or_insert(format!("waited on an event behind a fault: {msg}"));
-            }
-        }))
+        let done = e.done.clone();
+        s.submit(Box::new(move || done.wait_for(g)))
     }
 
     fn query_event(&self, event: &Event) -> Result<bool> {
-        let e = self.sim_event(event)?;
-        let g = e.done.target();
-        if !e.done.is_done(g) {
-            return Ok(false);
-        }
-        e.check(g)?;
-        Ok(true)
+        Ok(self.sim_event(event)?.done.is_complete())
     }
 
     fn synchronize_event(&self, event: &Event) -> Result<()> {
-        let e = self.sim_event(event)?;
-        let g = e.done.target();
-        e.done.wait_for(g);
-        e.check(g)
+        self.sim_event(event)?.done.wait_latest();
+        Ok(())
     }
 
     fn elapsed(&self, start: &Event, end: &Event) -> Result<Duration> {
