@@ -899,3 +899,38 @@ fn a_working_set_restores_in_one_piece_when_its_own_buffers_split_the_free_memor
     drop(s);
     drop((w, a, b, x, u));
 }
+
+#[test]
+fn a_faulting_kernel_in_one_context_costs_the_others_nothing() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let faulty = rt
+        .create_context(ContextSpec::new("faulty", 16 * MIB))
+        .unwrap();
+    let healthy = rt
+        .create_context(ContextSpec::new("healthy", 64 * MIB))
+        .unwrap();
+    let other = rt
+        .create_context(ContextSpec::new("other", 48 * MIB).base(48 * MIB))
+        .unwrap();
+    let buf = healthy.create_buffer(40 * MIB).unwrap();
+    let data = pattern(buf.size() as usize, 31);
+    healthy.session().unwrap().write(&buf, 0, &data).unwrap();
+
+    // A kernel of the faulty context touches memory that is not mapped.
+    {
+        let s = faulty.session().unwrap();
+        let bad = gpushare::device::DeviceRange::new(gpushare::device::DevicePtr(8), 8);
+        sim.launch_host(s.stream(), move |mem| mem.write(bad, &[0; 8]))
+            .unwrap();
+        let err = s.synchronize().unwrap_err();
+        assert!(err.to_string().contains("unusable"), "{err}");
+    }
+
+    // The healthy context's buffer is offloaded for another context and comes back intact.
+    let w = other.create_buffer(40 * MIB).unwrap();
+    assert!(!buf.is_resident());
+    drop(w);
+    let mut back = vec![0u8; data.len()];
+    healthy.session().unwrap().read(&buf, 0, &mut back).unwrap();
+    assert!(back == data, "restored bytes differ");
+}
