@@ -302,16 +302,29 @@ impl Offloader {
     /// An event at the current tail of `owner`. A fresh one each time: an event recorded
     /// on a partition's stream holds the partition's context, which must be able to go
     /// with its runtime context.
-    fn fence(&self, owner: &Stream) -> gpushare_device::Result<gpushare_device::Event> {
+    ///
+    /// `None` when `owner` is broken: a broken stream runs no more work that touches memory
+    /// (see [`DeviceError::StreamBroken`](gpushare_device::DeviceError::StreamBroken)), so
+    /// there is nothing to wait for, and a context whose kernel faulted must not keep
+    /// memory that other contexts (a Guaranteed one's base, say) need.
+    fn fence(&self, owner: &Stream) -> gpushare_device::Result<Option<gpushare_device::Event>> {
         let fence = self.dev.create_event(EventFlags::default())?;
-        self.dev.record_event(&fence, owner)?;
-        Ok(fence)
+        match self.dev.record_event(&fence, owner) {
+            Ok(()) => Ok(Some(fence)),
+            Err(gpushare_device::DeviceError::StreamBroken(why)) => {
+                tracing::debug!(%why, "the owner's stream is broken; nothing to fence on");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Make the copy stream wait, on the GPU, for everything queued on `owner` so far.
     fn after_owner(&self, owner: &Stream) -> gpushare_device::Result<()> {
-        let fence = self.fence(owner)?;
-        self.dev.wait_event(&self.stream, &fence)
+        match self.fence(owner)? {
+            Some(fence) => self.dev.wait_event(&self.stream, &fence),
+            None => Ok(()),
+        }
     }
 }
 
@@ -325,8 +338,9 @@ impl Evictor for Offloader {
         match meta.policy {
             EvictPolicy::Discard => {
                 // The memory is handed on when this returns: the owner's work must be done.
-                let fence = self.fence(&meta.stream).map_err(e)?;
-                self.dev.synchronize_event(&fence).map_err(e)?;
+                if let Some(fence) = self.fence(&meta.stream).map_err(e)? {
+                    self.dev.synchronize_event(&fence).map_err(e)?;
+                }
                 meta.discarded.store(true, Ordering::Release);
                 Ok(())
             }
@@ -368,10 +382,10 @@ impl Evictor for Offloader {
             // Discarded contents are gone; the owner sees the flag and reloads. The memory
             // may have been freed in order on the owner's stream, and a borrower uses it on
             // another: wait for the owner's tail.
-            (EvictPolicy::Discard, _) => {
-                let fence = self.fence(&meta.stream).map_err(e)?;
-                self.dev.synchronize_event(&fence).map_err(e)
-            }
+            (EvictPolicy::Discard, _) => match self.fence(&meta.stream).map_err(e)? {
+                Some(fence) => self.dev.synchronize_event(&fence).map_err(e),
+                None => Ok(()),
+            },
             (EvictPolicy::Offload, None) => {
                 Err(EvictError("the buffer has no pinned staging".into()))
             }

@@ -900,6 +900,16 @@ fn a_working_set_restores_in_one_piece_when_its_own_buffers_split_the_free_memor
     drop((w, a, b, x, u));
 }
 
+/// Run a kernel that touches unmapped memory in a session of `ctx`: its stream breaks.
+fn fault_in_a_session(sim: &SimDevice, ctx: &gpushare::Context) {
+    let s = ctx.session().unwrap();
+    let bad = gpushare::device::DeviceRange::new(gpushare::device::DevicePtr(8), 8);
+    sim.launch_host(s.stream(), move |mem| mem.write(bad, &[0; 8]))
+        .unwrap();
+    let err = s.synchronize().unwrap_err();
+    assert!(err.to_string().contains("unusable"), "{err}");
+}
+
 #[test]
 fn a_faulting_kernel_in_one_context_costs_the_others_nothing() {
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);
@@ -917,14 +927,7 @@ fn a_faulting_kernel_in_one_context_costs_the_others_nothing() {
     healthy.session().unwrap().write(&buf, 0, &data).unwrap();
 
     // A kernel of the faulty context touches memory that is not mapped.
-    {
-        let s = faulty.session().unwrap();
-        let bad = gpushare::device::DeviceRange::new(gpushare::device::DevicePtr(8), 8);
-        sim.launch_host(s.stream(), move |mem| mem.write(bad, &[0; 8]))
-            .unwrap();
-        let err = s.synchronize().unwrap_err();
-        assert!(err.to_string().contains("unusable"), "{err}");
-    }
+    fault_in_a_session(&sim, &faulty);
 
     // The healthy context's buffer is offloaded for another context and comes back intact.
     let w = other.create_buffer(40 * MIB).unwrap();
@@ -933,4 +936,35 @@ fn a_faulting_kernel_in_one_context_costs_the_others_nothing() {
     let mut back = vec![0u8; data.len()];
     healthy.session().unwrap().read(&buf, 0, &mut back).unwrap();
     assert!(back == data, "restored bytes differ");
+}
+
+#[test]
+fn a_context_whose_kernel_faulted_gives_its_memory_up_to_others() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let faulty = rt
+        .create_context(ContextSpec::new("faulty", 64 * MIB))
+        .unwrap();
+    let guaranteed = rt
+        .create_context(ContextSpec::new("guaranteed", 48 * MIB).base(48 * MIB))
+        .unwrap();
+    let buf = faulty.create_buffer(40 * MIB).unwrap();
+    let data = pattern(buf.size() as usize, 5);
+    faulty.session().unwrap().write(&buf, 0, &data).unwrap();
+    fault_in_a_session(&sim, &faulty);
+    // Its broken stream runs nothing more, so its buffer is offloaded without a fence on
+    // it, and the Guaranteed context gets its base.
+    let w = guaranteed.create_buffer(40 * MIB).unwrap();
+    assert!(!buf.is_resident());
+    // The contents written before the fault were kept: a session restores them (on the
+    // runtime's copy stream), though the context's own stream can run nothing more.
+    drop(w);
+    let mut s = faulty.session().unwrap();
+    let range = s.range(&buf).unwrap();
+    let mut back = vec![0u8; data.len()];
+    sim.peek(range, &mut back).unwrap();
+    assert!(back == data, "the offloaded bytes came back");
+    assert!(
+        s.read(&buf, 0, &mut back).is_err(),
+        "its stream stays broken"
+    );
 }

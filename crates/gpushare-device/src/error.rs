@@ -156,7 +156,8 @@ pub enum DeviceError {
         /// Which occurrence (1-based) failed.
         nth: u64,
     },
-    /// A simulated stream failed or its worker is gone.
+    /// A simulated stream failed or its worker is gone. A broken stream runs no more work
+    /// that touches device memory: what was queued behind the failure is skipped.
     #[error("stream is unusable: {0}; create a new stream")]
     StreamBroken(String),
     /// The CUDA driver returned an error.
