@@ -326,6 +326,14 @@ impl Offloader {
             None => Ok(()),
         }
     }
+
+    /// Block until everything queued on `owner` so far has run.
+    fn wait_owner(&self, owner: &Stream) -> gpushare_device::Result<()> {
+        match self.fence(owner)? {
+            Some(fence) => self.dev.synchronize_event(&fence),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Evictor for Offloader {
@@ -338,9 +346,7 @@ impl Evictor for Offloader {
         match meta.policy {
             EvictPolicy::Discard => {
                 // The memory is handed on when this returns: the owner's work must be done.
-                if let Some(fence) = self.fence(&meta.stream).map_err(e)? {
-                    self.dev.synchronize_event(&fence).map_err(e)?;
-                }
+                self.wait_owner(&meta.stream).map_err(e)?;
                 meta.discarded.store(true, Ordering::Release);
                 Ok(())
             }
@@ -382,10 +388,7 @@ impl Evictor for Offloader {
             // Discarded contents are gone; the owner sees the flag and reloads. The memory
             // may have been freed in order on the owner's stream, and a borrower uses it on
             // another: wait for the owner's tail.
-            (EvictPolicy::Discard, _) => match self.fence(&meta.stream).map_err(e)? {
-                Some(fence) => self.dev.synchronize_event(&fence).map_err(e),
-                None => Ok(()),
-            },
+            (EvictPolicy::Discard, _) => self.wait_owner(&meta.stream).map_err(e),
             (EvictPolicy::Offload, None) => {
                 Err(EvictError("the buffer has no pinned staging".into()))
             }

@@ -718,6 +718,42 @@ impl SimDevice {
         }))
     }
 
+    /// Queue on `s` a copy between pinned buffer `p` and the device memory `segs`; `copy`
+    /// moves the bytes, given the pinned buffer's. The buffer counts the copy in flight
+    /// until it has run or been skipped. As other memory work, it is skipped once the
+    /// stream has faulted (see `SimStream::submit_work`), and faults the stream if the
+    /// memory was unmapped meanwhile.
+    fn submit_pinned_copy(
+        &self,
+        s: &SimStream,
+        p: Arc<SimPinned>,
+        segs: Vec<Seg>,
+        copy: impl FnOnce(&[Seg], &mut [u8]) + Send + 'static,
+    ) -> Result<()> {
+        p.begin();
+        let p2 = p.clone();
+        let sh = self.shared.clone();
+        let broken = s.error.clone();
+        let r = s.submit(Box::new(move || {
+            let run = if lock(&broken).is_some() {
+                Ok(false)
+            } else {
+                sh.still_mapped(&segs).map(|()| true)
+            };
+            if run == Ok(true) {
+                copy(&segs, &mut lock(&p2.data));
+            }
+            p2.end();
+            if let Err(e) = run {
+                panic!("{e}");
+            }
+        }));
+        if r.is_err() {
+            p.end();
+        }
+        r
+    }
+
     fn sim_stream(&self, stream: &Stream) -> Result<Arc<SimStream>> {
         check_owner(self.shared.id, "stream", stream.device)?;
         match &stream.inner {
@@ -1033,30 +1069,9 @@ impl Device for SimDevice {
         let segs = self.shared.resolve(dst)?;
         self.shared.tick(FaultOp::Copy)?;
         let off = src.offset as usize;
-        p.begin();
-        let p2 = p.clone();
-        let sh = self.shared.clone();
-        // Skipped once the stream has faulted (see `submit_work`), bookkeeping kept.
-        let broken = s.error.clone();
-        let r = s.submit(Box::new(move || {
-            if lock(&broken).is_some() {
-                p2.end();
-                return;
-            }
-            let mapped = sh.still_mapped(&segs);
-            if mapped.is_ok() {
-                let data = lock(&p2.data);
-                write_segs(&segs, &data[off..]);
-            }
-            p2.end();
-            if let Err(e) = mapped {
-                panic!("{e}");
-            }
-        }));
-        if r.is_err() {
-            p.end();
-        }
-        r
+        self.submit_pinned_copy(&s, p, segs, move |segs, data| {
+            write_segs(segs, &data[off..])
+        })
     }
 
     fn copy_dtoh(&self, dst: PinnedSlice<'_>, src: DeviceRange, stream: &Stream) -> Result<()> {
@@ -1067,30 +1082,9 @@ impl Device for SimDevice {
         let segs = self.shared.resolve(src)?;
         self.shared.tick(FaultOp::Copy)?;
         let (off, len) = (dst.offset as usize, dst.len as usize);
-        p.begin();
-        let p2 = p.clone();
-        let sh = self.shared.clone();
-        // Skipped once the stream has faulted (see `submit_work`), bookkeeping kept.
-        let broken = s.error.clone();
-        let r = s.submit(Box::new(move || {
-            if lock(&broken).is_some() {
-                p2.end();
-                return;
-            }
-            let mapped = sh.still_mapped(&segs);
-            if mapped.is_ok() {
-                let mut data = lock(&p2.data);
-                read_segs(&segs, &mut data[off..off + len]);
-            }
-            p2.end();
-            if let Err(e) = mapped {
-                panic!("{e}");
-            }
-        }));
-        if r.is_err() {
-            p.end();
-        }
-        r
+        self.submit_pinned_copy(&s, p, segs, move |segs, data| {
+            read_segs(segs, &mut data[off..off + len])
+        })
     }
 
     fn copy_dtod(&self, dst: DeviceRange, src: DeviceRange, stream: &Stream) -> Result<()> {
