@@ -16,7 +16,9 @@ pub(crate) struct BufMeta {
     pub policy: EvictPolicy,
     pub discarded: Arc<AtomicBool>,
     /// Pinned host staging of an Offload buffer, allocated with the buffer and reused.
-    pub host: Option<PinnedBuffer>,
+    /// Shared so that a restore, which runs without the pool's lock, can let this table go
+    /// while it copies.
+    pub host: Option<Arc<PinnedBuffer>>,
     /// The owner's stream. Work on the buffer is ordered on it (a session's work runs on
     /// it), so eviction and restore wait for its tail before they touch the memory.
     pub stream: Stream,
@@ -508,7 +510,7 @@ impl Context {
         // per GiB on an H100) and eviction runs on the path of another context's request.
         let host = match policy {
             EvictPolicy::Offload => match c.rt.dev.alloc_pinned(size) {
-                Ok(h) => Some(h),
+                Ok(h) => Some(Arc::new(h)),
                 Err(e) => {
                     let _ = c.rt.pool.unpin(&id);
                     // The block may be memory this context freed in order on its stream,

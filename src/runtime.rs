@@ -9,7 +9,8 @@ use gpushare_device::{
     VmmSource,
 };
 use gpushare_pool::{
-    ChunkSource, EvictError, EvictableKey, Evictor, Pool, PoolConfig, RestoreInfo, VictimInfo,
+    ChunkSource, EvictError, EvictableKey, Eviction, Evictor, Pool, PoolConfig, RestoreInfo,
+    VictimInfo,
 };
 use gpushare_qos::{
     AdmissionConfig, AdmissionEvaluator, ContextSpec, PartitionConfig, PartitionLimits,
@@ -319,14 +320,6 @@ impl Offloader {
         }
     }
 
-    /// Make the copy stream wait, on the GPU, for everything queued on `owner` so far.
-    fn after_owner(&self, owner: &Stream) -> gpushare_device::Result<()> {
-        match self.fence(owner)? {
-            Some(fence) => self.dev.wait_event(&self.stream, &fence),
-            None => Ok(()),
-        }
-    }
-
     /// Block until everything queued on `owner` so far has run.
     fn wait_owner(&self, owner: &Stream) -> gpushare_device::Result<()> {
         match self.fence(owner)? {
@@ -336,59 +329,95 @@ impl Offloader {
     }
 }
 
+/// Queue a copy on the copy stream `copies` with `queue`, and wait for it (and for the copies
+/// queued before it there) through an event: not the whole stream, to which other moves may
+/// add meanwhile.
+fn copy_and_wait(
+    dev: &dyn Device,
+    copies: &Stream,
+    queue: impl FnOnce() -> gpushare_device::Result<()>,
+) -> gpushare_device::Result<()> {
+    queue()?;
+    let done = dev.create_event(EventFlags::default())?;
+    dev.record_event(&done, copies)?;
+    dev.synchronize_event(&done)
+}
+
+/// Eviction runs in two halves (see [`Eviction`]): under the pool's lock `evict` only
+/// records a fence on the owner's stream; the finish, which the pool runs with its lock
+/// free, waits for that fence on the host and then copies. Restore is called without the
+/// pool's lock and does the same. Nothing waits for an owner's work on the GPU side of the
+/// shared copy stream: that would hold up every other context's moves behind it.
 impl Evictor for Offloader {
-    fn evict(&self, v: &VictimInfo) -> std::result::Result<(), EvictError> {
+    fn evict(&self, v: &VictimInfo) -> std::result::Result<Eviction, EvictError> {
         let e = |e: gpushare_device::DeviceError| EvictError(format!("offloading failed: {e}"));
-        let mut bufs = self.buffers.lock();
-        let Some(meta) = bufs.get_mut(&v.id) else {
+        let bufs = self.buffers.lock();
+        let Some(meta) = bufs.get(&v.id) else {
             return Err(EvictError("unknown buffer".into()));
         };
+        let fence = self.fence(&meta.stream).map_err(e)?;
+        let dev = self.dev.clone();
         match meta.policy {
             EvictPolicy::Discard => {
-                // The memory is handed on when this returns: the owner's work must be done.
-                self.wait_owner(&meta.stream).map_err(e)?;
-                meta.discarded.store(true, Ordering::Release);
-                Ok(())
+                // The memory is handed on once the eviction ends: the owner's work must be
+                // done by then.
+                let discarded = meta.discarded.clone();
+                Ok(Eviction::in_flight(move || {
+                    if let Some(fence) = fence {
+                        dev.synchronize_event(&fence).map_err(e)?;
+                    }
+                    discarded.store(true, Ordering::Release);
+                    Ok(())
+                }))
             }
             EvictPolicy::Offload => {
-                // Staging was pinned with the buffer, so eviction only copies.
+                // Staging was pinned with the buffer, so eviction only copies. The finish
+                // holds it: it outlives the copy whatever happens to the buffer's entry.
                 let host = meta
                     .host
-                    .as_ref()
+                    .clone()
                     .ok_or_else(|| EvictError("the buffer has no pinned staging".into()))?;
                 // The staging holds the requested bytes; the block may be a little larger
                 // (the pool rounds to its unit), and the tail past the request is not data.
                 let src = DeviceRange::new(DevicePtr(v.addr), host.len().min(v.size));
-                self.after_owner(&meta.stream).map_err(e)?;
-                self.dev
-                    .copy_dtoh(host.full(), src, &self.stream)
-                    .map_err(e)?;
-                self.dev.synchronize_stream(&self.stream).map_err(e)?;
-                Ok(())
+                let copies = self.stream.clone();
+                Ok(Eviction::in_flight(move || {
+                    if let Some(fence) = fence {
+                        dev.synchronize_event(&fence).map_err(e)?;
+                    }
+                    copy_and_wait(dev.as_ref(), &copies, || {
+                        dev.copy_dtoh(host.full(), src, &copies)
+                    })
+                    .map_err(e)
+                }))
             }
         }
     }
 
     fn restore(&self, r: &RestoreInfo) -> std::result::Result<(), EvictError> {
         let e = |e: gpushare_device::DeviceError| EvictError(format!("restoring failed: {e}"));
-        let bufs = self.buffers.lock();
-        let Some(meta) = bufs.get(&r.id) else {
-            return Err(EvictError("unknown buffer".into()));
+        // Take what the copy needs and let the table go: an eviction that another request
+        // starts meanwhile (under the pool's lock) looks its victim up there.
+        let (policy, host, owner) = {
+            let bufs = self.buffers.lock();
+            let Some(meta) = bufs.get(&r.id) else {
+                return Err(EvictError("unknown buffer".into()));
+            };
+            (meta.policy, meta.host.clone(), meta.stream.clone())
         };
-        match (&meta.policy, &meta.host) {
+        // The pool may reuse memory freed in order on the owner's stream, and a borrower
+        // uses it on another: the owner's work queued so far goes first.
+        self.wait_owner(&owner).map_err(e)?;
+        match (policy, host) {
             (EvictPolicy::Offload, Some(host)) => {
                 let dst = DeviceRange::new(DevicePtr(r.addr), host.len().min(r.size));
-                // The pool may reuse memory freed in order on the owner's stream.
-                self.after_owner(&meta.stream).map_err(e)?;
-                self.dev
-                    .copy_htod(dst, host.full(), &self.stream)
-                    .map_err(e)?;
-                self.dev.synchronize_stream(&self.stream).map_err(e)
+                copy_and_wait(self.dev.as_ref(), &self.stream, || {
+                    self.dev.copy_htod(dst, host.full(), &self.stream)
+                })
+                .map_err(e)
             }
-            // Discarded contents are gone; the owner sees the flag and reloads. The memory
-            // may have been freed in order on the owner's stream, and a borrower uses it on
-            // another: wait for the owner's tail.
-            (EvictPolicy::Discard, _) => self.wait_owner(&meta.stream).map_err(e),
+            // Discarded contents are gone; the owner sees the flag and reloads.
+            (EvictPolicy::Discard, _) => Ok(()),
             (EvictPolicy::Offload, None) => {
                 Err(EvictError("the buffer has no pinned staging".into()))
             }

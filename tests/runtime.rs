@@ -968,3 +968,80 @@ fn a_context_whose_kernel_faulted_gives_its_memory_up_to_others() {
         "its stream stays broken"
     );
 }
+
+#[test]
+fn an_offload_waiting_on_its_owners_gpu_work_holds_up_no_other_context() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let busy = rt
+        .create_context(ContextSpec::new("busy", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let needy = rt
+        .create_context(ContextSpec::new("needy", 64 * MIB))
+        .unwrap();
+    let bystander = rt
+        .create_context(ContextSpec::new("bystander", 16 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    // The bystander's buffer (placed next to the free memory, and least recently used) is
+    // offloaded first, while nothing is busy.
+    let buf = busy.create_buffer(40 * MIB).unwrap();
+    let mine = bystander.create_buffer(8 * MIB).unwrap();
+    let my_data = pattern(mine.size() as usize, 3);
+    bystander
+        .session()
+        .unwrap()
+        .write(&mine, 0, &my_data)
+        .unwrap();
+    let data = pattern(buf.size() as usize, 77);
+    busy.session().unwrap().write(&buf, 0, &data).unwrap();
+    drop(needy.create_buffer(24 * MIB).unwrap());
+    assert!(!mine.is_resident(), "{:?}", rt.snapshot());
+    assert!(buf.is_resident(), "{:?}", rt.snapshot());
+
+    // A long kernel of the busy context: its stream's tail, which an offload of its buffer
+    // must wait for, ends only when the test says so. Its session ends at once, as a
+    // session does, without waiting for the GPU.
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    {
+        let s = busy.session().unwrap();
+        sim.launch_host(s.stream(), move |_| {
+            let _ = gate.recv();
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    // The needy context's buffer takes the busy one's place: its offload waits for the
+    // kernel, and the request waits for the offload with the pool's lock free.
+    let needy2 = needy.clone();
+    let taker = std::thread::spawn(move || needy2.create_buffer(40 * MIB));
+
+    // Meanwhile the bystander allocates from the free memory and restores its own buffer
+    // through the shared copy stream, within a bounded time.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (rt2, by) = (rt.clone(), bystander.clone());
+    std::thread::spawn(move || {
+        while rt2.pool_stats().moves_in_flight == 0 {
+            std::thread::yield_now();
+        }
+        let fresh = by.create_buffer(4 * MIB).map(|b| b.size());
+        let mut back = vec![0u8; mine.size() as usize];
+        let read = by.session().and_then(|mut s| s.read(&mine, 0, &mut back));
+        let _ = tx.send((fresh, read.map(|()| back)));
+    });
+    let (fresh, back) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("another context's requests waited for an offload");
+    assert_eq!(fresh.unwrap(), 4 * MIB);
+    assert!(
+        back.unwrap() == my_data,
+        "the bystander's restored bytes differ"
+    );
+
+    go.send(()).unwrap();
+    let w = taker.join().unwrap().unwrap();
+    assert!(!buf.is_resident());
+    drop(w);
+    let mut back = vec![0u8; data.len()];
+    busy.session().unwrap().read(&buf, 0, &mut back).unwrap();
+    assert!(back == data, "restored bytes differ");
+}

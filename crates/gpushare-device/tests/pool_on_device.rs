@@ -2,12 +2,12 @@
 //! a new address, on both backends; the linear fallback serves devices without VMM.
 
 use gpushare_device::{
-    CudaDevice, Device, DevicePtr, DeviceRange, LinearSource, PinnedBuffer, SimConfig, SimDevice,
-    Stream, VmmSource,
+    CudaDevice, Device, DevicePtr, DeviceRange, EventFlags, LinearSource, PinnedBuffer, SimConfig,
+    SimDevice, Stream, VmmSource,
 };
 use gpushare_pool::{
-    ChunkSource, EvictError, EvictableKey, Evictor, OwnerSpec, Pool, PoolConfig, RestoreInfo,
-    StreamId, Tier, VictimInfo,
+    ChunkSource, EvictError, EvictableKey, Eviction, Evictor, OwnerSpec, Pool, PoolConfig,
+    RestoreInfo, StreamId, Tier, VictimInfo,
 };
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -23,16 +23,21 @@ struct Offloader {
 }
 
 impl Evictor for Offloader {
-    fn evict(&self, v: &VictimInfo) -> Result<(), EvictError> {
+    fn evict(&self, v: &VictimInfo) -> Result<Eviction, EvictError> {
         let e = |e: gpushare_device::DeviceError| EvictError(e.to_string());
         let buf = self.dev.alloc_pinned(v.size).map_err(e)?;
         let src = DeviceRange::new(DevicePtr(v.addr), v.size);
         self.dev
             .copy_dtoh(buf.full(), src, &self.stream)
             .map_err(e)?;
-        self.dev.synchronize_stream(&self.stream).map_err(e)?;
+        // The pool waits for the copy without its lock.
+        let done = self.dev.create_event(EventFlags::default()).map_err(e)?;
+        self.dev.record_event(&done, &self.stream).map_err(e)?;
         self.store.lock().insert(v.id, buf);
-        Ok(())
+        let dev = self.dev.clone();
+        Ok(Eviction::in_flight(move || {
+            dev.synchronize_event(&done).map_err(e)
+        }))
     }
     fn restore(&self, r: &RestoreInfo) -> Result<(), EvictError> {
         let e = |e: gpushare_device::DeviceError| EvictError(e.to_string());

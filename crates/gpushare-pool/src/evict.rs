@@ -46,23 +46,97 @@ pub struct RestoreInfo {
 #[error("{0}")]
 pub struct EvictError(pub String);
 
-/// Moves evicted blocks out and back in. The pool calls it with its central lock held, so
-/// it must not call back into the pool.
+/// How an eviction that an [`Evictor`] started ends.
+///
+/// Moving a large block out takes as long as its copy (an 8 GiB model, about 160 ms at
+/// 50 GB/s), and the pool must not hold its central lock for that long: every other
+/// owner's request that misses its cache would wait behind the copy. So eviction has two
+/// halves. [`Evictor::evict`] runs under the lock and only starts the move (queues the
+/// copy); the pool then lets the lock go and runs the [`Eviction`]'s finish, which waits
+/// for the move and says whether it worked. Meanwhile the block is neither resident for
+/// pins (a pin waits for the outcome) nor free (its memory is not reused until the finish
+/// returns `Ok`), and other requests go on.
+pub struct Eviction(pub(crate) Option<Box<dyn FnOnce() -> Result<(), EvictError> + Send>>);
+
+impl Eviction {
+    /// The bytes are out already (or were dropped): the memory may be reused at once.
+    pub fn done() -> Self {
+        Eviction(None)
+    }
+
+    /// The bytes are on their way out. `finish` blocks until they are out and returns
+    /// whether the move worked; the pool runs it without its lock. On `Err` the block stays
+    /// resident where it was, as if it had never been chosen, and the pool tries another
+    /// victim. A finish that panics counts as an `Err`.
+    pub fn in_flight(finish: impl FnOnce() -> Result<(), EvictError> + Send + 'static) -> Self {
+        Eviction(Some(Box::new(finish)))
+    }
+
+    /// Whether the move is already over ([`Eviction::done`]).
+    pub fn is_done(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl std::fmt::Debug for Eviction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_done() {
+            "Eviction::done"
+        } else {
+            "Eviction::in_flight"
+        })
+    }
+}
+
+/// Moves evicted blocks out and back in.
+///
+/// Neither method, nor an [`Eviction`]'s finish, may call back into the pool: a call that
+/// meets the block being moved would wait for that very move to end.
 pub trait Evictor: Send + Sync {
-    /// Move the block's bytes out (offload) or drop them (discard). When this returns `Ok`,
-    /// the block's memory may be reused by any stream at once. On `Err` the block stays
-    /// resident and the pool tries the next victim.
-    fn evict(&self, victim: &VictimInfo) -> Result<(), EvictError>;
-    /// Bring the bytes back at `info.addr`, in stream order on `info.stream`. On `Err` the
-    /// block stays evicted and the pin fails; the evictor must then leave no work queued
-    /// that touches that memory, which the pool hands on to other requests.
+    /// Start moving the block's bytes out (offload) or dropping them (discard). The pool
+    /// calls this with its central lock held, so it should only queue the work, and
+    /// return an [`Eviction`] whose finish waits for it; the pool runs that without the
+    /// lock. Once the eviction has ended well the block's memory may be reused by any
+    /// stream at once. On `Err` (here or from the finish) the block stays resident and the
+    /// pool tries the next victim.
+    fn evict(&self, victim: &VictimInfo) -> Result<Eviction, EvictError>;
+    /// Bring the bytes back at `info.addr`, in stream order on `info.stream`, and return
+    /// once they are there (or ordered before `info.stream`'s later work). The pool calls
+    /// this without its lock: the block's new memory is set aside for it, and other pins of
+    /// the block wait for the outcome. On `Err` the block stays evicted and the pin fails;
+    /// the evictor must then leave no work queued that touches that memory, which the pool
+    /// hands on to other requests.
     fn restore(&self, info: &RestoreInfo) -> Result<(), EvictError>;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Residency {
-    Resident { node: u32, offset: u64 },
+    Resident {
+        node: u32,
+        offset: u64,
+    },
+    /// Chosen as a victim; its bytes are moving out while the pool's lock is free. It is
+    /// out of its LRU list and unpinned, and its memory is still charged and used.
+    Evicting {
+        node: u32,
+        offset: u64,
+    },
     Evicted,
+    /// Being restored into `node` while the pool's lock is free; that memory is charged.
+    Restoring {
+        node: u32,
+        offset: u64,
+    },
+}
+
+impl Residency {
+    /// Between two states, with the pool's lock let go: whoever needs it settled waits.
+    pub fn in_flight(self) -> bool {
+        matches!(
+            self,
+            Residency::Evicting { .. } | Residency::Restoring { .. }
+        )
+    }
 }
 
 #[derive(Debug)]
@@ -251,6 +325,33 @@ impl EvState {
         self.entries[idx as usize].residency = Residency::Evicted;
     }
 
+    /// A resident, unpinned block whose move out has started: it leaves its LRU list.
+    pub fn mark_evicting(&mut self, idx: u32) {
+        self.unlink(idx);
+        let e = &mut self.entries[idx as usize];
+        debug_assert_eq!(e.pins, 0);
+        if let Residency::Resident { node, offset } = e.residency {
+            e.residency = Residency::Evicting { node, offset };
+        }
+    }
+
+    /// An eviction that failed after it started: the block is resident where it was, and
+    /// joins its LRU list as most recently used (the request that chose it moves on to
+    /// other victims).
+    pub fn mark_kept(&mut self, idx: u32) {
+        let e = &mut self.entries[idx as usize];
+        if let Residency::Evicting { node, offset } = e.residency {
+            e.residency = Residency::Resident { node, offset };
+            if e.pins == 0 {
+                self.push_mru(idx);
+            }
+        }
+    }
+
+    pub fn mark_restoring(&mut self, idx: u32, node: u32, offset: u64) {
+        self.entries[idx as usize].residency = Residency::Restoring { node, offset };
+    }
+
     pub fn mark_restored(&mut self, idx: u32, node: u32, offset: u64) {
         self.entries[idx as usize].residency = Residency::Resident { node, offset };
     }
@@ -268,12 +369,16 @@ impl EvState {
         Some(self.entries[idx as usize].next).filter(|&n| n != NONE)
     }
 
-    /// Resident nodes and whether each is pinned.
+    /// Nodes that hold evictable blocks, and whether each is pinned (a block being
+    /// restored counts as pinned: nothing may evict it).
     pub fn resident_nodes(&self) -> HashMap<u32, bool> {
         self.entries
             .iter()
             .filter_map(|(_, e)| match e.residency {
-                Residency::Resident { node, .. } => Some((node, e.pins > 0)),
+                Residency::Resident { node, .. } | Residency::Evicting { node, .. } => {
+                    Some((node, e.pins > 0))
+                }
+                Residency::Restoring { node, .. } => Some((node, true)),
                 Residency::Evicted => None,
             })
             .collect()

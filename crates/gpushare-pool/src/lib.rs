@@ -19,7 +19,8 @@
 //!   that stream may reuse it at once, others only once the event has completed.
 //! - **Eviction**: evictable blocks are referred to by handle, pinned while in use, and kept
 //!   in an intrusive LRU per tier; under pressure an [`Evictor`] moves victims out and later
-//!   restores them, possibly elsewhere.
+//!   restores them, possibly elsewhere. The bytes move with the pool's lock free (see
+//!   [`Eviction`]), so other owners' requests go on meanwhile.
 //!
 //! ```
 //! use gpushare_pool::{HostSource, OwnerSpec, Pool, PoolConfig, StreamId, Tier};
@@ -45,7 +46,7 @@ mod sync;
 mod tlsf;
 
 pub use error::{FreeError, Holding, OomReport, PoolError, SourceError};
-pub use evict::{EvictError, Evictor, RestoreInfo, VictimInfo};
+pub use evict::{EvictError, Eviction, Evictor, RestoreInfo, VictimInfo};
 pub use pool::{Pool, PoolConfig};
 pub use source::{ChunkSource, HostSource};
 
@@ -314,6 +315,9 @@ pub struct PoolStats {
     pub evictions: u64,
     /// Restores.
     pub restores: u64,
+    /// Evictions and restores whose bytes are moving now. The pool's lock is free while
+    /// they move; their blocks' memory stays in use until they end.
+    pub moves_in_flight: u64,
     /// Per owner.
     pub owners: Vec<OwnerStats>,
 }

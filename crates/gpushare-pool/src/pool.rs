@@ -5,9 +5,11 @@
 #![allow(clippy::unnecessary_lazy_evaluations)]
 
 use crate::error::{FreeError, Holding, OomReport, PoolError, SourceError};
-use crate::evict::{EvState, Evictor, Residency, RestoreInfo, VictimInfo};
+use crate::evict::{EvState, EvictError, Evictor, Residency, RestoreInfo, VictimInfo};
 use crate::source::ChunkSource;
-use crate::sync::{thread_index, AtomicU32, AtomicU64, Mutex, Ordering, ShardLock};
+use crate::sync::{
+    thread_index, AtomicU32, AtomicU64, Condvar, Mutex, MutexGuard, Ordering, ShardLock,
+};
 use crate::tlsf::{ceil_class, floor_class, Tlsf, UNIT};
 
 const ALIGN_UNIT: u64 = UNIT;
@@ -17,6 +19,7 @@ use crate::{
 };
 use crossbeam_utils::CachePadded;
 use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 /// Settings of a [`Pool`].
@@ -508,6 +511,8 @@ pub(crate) struct OwnerAcct {
     pub evictable_resident: u64,
     pub evictable_pinned: u64,
     pub evicted_bytes: u64,
+    /// Resident bytes whose move out has started (still charged until it ends).
+    pub evicting: u64,
     pub allocs: u64,
     pub frees: u64,
     pub evictions: u64,
@@ -544,8 +549,15 @@ pub(crate) struct Central {
     peak_in_use: u64,
     pub ev: EvState,
     evictor: Option<Arc<dyn Evictor>>,
-    /// Evictor failures of the request in progress, for its error report.
+    /// Evictor failures of the latest request that went down the general central path,
+    /// for [`Pool::snapshot`].
     evict_failures: Vec<String>,
+    /// Evictions and restores whose bytes are moving while this lock is free. A request
+    /// that finds no memory waits for them to end before it reports out of memory.
+    in_flight: usize,
+    /// Bytes of the evictions among them: memory that is about to be free. A request
+    /// whose shortfall they cover waits for them rather than evict more.
+    evicting: u64,
     /// Cache hits of removed owners, so that pool-wide counts never go down.
     retired_hits: u64,
     allocs: u64,
@@ -565,6 +577,53 @@ pub struct Pool<S: ChunkSource> {
     cache_classes: usize,
     slots: Box<[OwnerSlot]>,
     central: Mutex<Central>,
+    /// Notified whenever an eviction or restore in flight ends (see [`Residency::in_flight`]).
+    moved: Condvar,
+}
+
+type CentralGuard<'a> = MutexGuard<'a, Central>;
+
+/// What one request that reclaims memory keeps across the times it lets the central lock go.
+#[derive(Default)]
+struct Reclaiming {
+    /// Why evictions failed, for the request's out-of-memory report.
+    failures: Vec<String>,
+    /// Victims whose eviction failed after it started: this request does not choose them
+    /// again (they rejoin their LRU list, which it walks afresh).
+    skip: Vec<u32>,
+}
+
+impl Reclaiming {
+    fn failed(&mut self, err: &EvictError) {
+        tracing::warn!(error = %err, "evicting a block failed; trying the next one");
+        if self.failures.len() < 8 {
+            self.failures.push(err.to_string());
+        }
+    }
+}
+
+/// An eviction whose bytes are moving: its finish runs without the central lock.
+struct InFlight {
+    idx: u32,
+    finish: Box<dyn FnOnce() -> Result<(), EvictError> + Send>,
+}
+
+/// Why the central path stopped short of placing a request.
+enum Stop {
+    /// The request cannot be served.
+    Fail(PoolError),
+    /// It started an eviction whose bytes are still moving: finish that without the lock,
+    /// then try again.
+    Finish(InFlight),
+    /// Other requests' evictions or restores are in flight, and may free what this one
+    /// needs: wait for one to end, then try again.
+    Wait,
+}
+
+impl From<PoolError> for Stop {
+    fn from(e: PoolError) -> Self {
+        Stop::Fail(e)
+    }
 }
 
 impl<S: ChunkSource> std::fmt::Debug for Pool<S> {
@@ -674,12 +733,15 @@ impl<S: ChunkSource> Pool<S> {
                 ev: EvState::default(),
                 evictor: None,
                 evict_failures: Vec::new(),
+                in_flight: 0,
+                evicting: 0,
                 retired_hits: 0,
                 allocs: 0,
                 frees: 0,
                 evictions: 0,
                 restores: 0,
             }),
+            moved: Condvar::default(),
             source,
             cfg,
         })
@@ -747,6 +809,7 @@ impl<S: ChunkSource> Pool<S> {
             evictable_resident: 0,
             evictable_pinned: 0,
             evicted_bytes: 0,
+            evicting: 0,
             allocs: 0,
             frees: 0,
             evictions: 0,
@@ -960,8 +1023,8 @@ impl<S: ChunkSource> Pool<S> {
             match Self::alloc_within_means(&mut c, owner.slot(), csize, align, self.limit) {
                 Some(placed) => placed,
                 None => {
-                    let Placed { node, offset, .. } =
-                        self.alloc_central(&mut c, owner, csize, align, stream, false)?;
+                    let (mut c, placed) = self.place(c, owner, csize, align, stream, false);
+                    let Placed { node, offset, .. } = placed?;
                     let acct = c.owners[owner.slot() as usize]
                         .as_mut()
                         .ok_or_else(|| PoolError::UnknownOwner(owner))?;
@@ -1216,10 +1279,11 @@ impl<S: ChunkSource> Pool<S> {
     fn charge(
         &self,
         c: &mut Central,
+        rq: &mut Reclaiming,
         owner: OwnerId,
         size: u64,
         evictable: bool,
-    ) -> Result<(), PoolError> {
+    ) -> Result<(), Stop> {
         let i = owner.slot() as usize;
         let mut flushed = false;
         loop {
@@ -1233,12 +1297,12 @@ impl<S: ChunkSource> Pool<S> {
                     flushed = true;
                     continue;
                 }
-                return Err(PoolError::QuotaExceeded {
+                return Err(Stop::Fail(PoolError::QuotaExceeded {
                     owner,
                     requested: size,
                     used: charged,
                     limit,
-                });
+                }));
             }
             if delta == 0 || evictable || c.committed + delta <= self.limit {
                 c.committed += delta;
@@ -1255,8 +1319,14 @@ impl<S: ChunkSource> Pool<S> {
                 flushed = true;
                 continue;
             }
-            if self.evict_one(c, owner)? {
+            if c.evicting >= c.committed + delta - self.limit {
+                return Err(Stop::Wait);
+            }
+            if self.evict_one(c, owner, rq)? {
                 continue;
+            }
+            if c.in_flight > 0 {
+                return Err(Stop::Wait);
             }
             let reserved_elsewhere: u64 = c
                 .owners
@@ -1267,7 +1337,7 @@ impl<S: ChunkSource> Pool<S> {
                 .map(|a| a.spec.base.saturating_sub(a.charged))
                 .sum();
             let unused = self.limit.saturating_sub(c.in_use);
-            return Err(if reserved_elsewhere > 0 && unused >= delta {
+            return Err(Stop::Fail(if reserved_elsewhere > 0 && unused >= delta {
                 PoolError::ReservedElsewhere {
                     owner,
                     requested: delta,
@@ -1278,9 +1348,9 @@ impl<S: ChunkSource> Pool<S> {
                     requested: size,
                     owner,
                     stream: StreamId(0),
-                    report: Box::new(self.report(c)),
+                    report: Box::new(self.report(c, &rq.failures)),
                 }
-            });
+            }));
         }
     }
 
@@ -1320,35 +1390,76 @@ impl<S: ChunkSource> Pool<S> {
         Some(placed)
     }
 
-    /// Central path: charge, then find space, reclaiming in order: completed pending blocks,
-    /// cached blocks, growth, eviction. On failure nothing stays charged.
-    pub(crate) fn alloc_central(
-        &self,
-        c: &mut Central,
+    /// The general central path, for requests that [`Pool::alloc_within_means`] cannot
+    /// serve. It lets the lock go while the bytes of an eviction it started move out (and
+    /// waits, without the lock, for those of other requests where nothing else is left),
+    /// so that other owners' requests go on meanwhile; it gives the lock back with the
+    /// outcome. On failure nothing stays charged.
+    fn place<'a>(
+        &'a self,
+        mut c: CentralGuard<'a>,
         owner: OwnerId,
         size: u64,
         align: u64,
         stream: StreamId,
         evictable: bool,
-    ) -> Result<Placed, PoolError> {
-        c.evict_failures.clear();
-        match self.charge(c, owner, size, evictable) {
-            Err(PoolError::OutOfMemory {
+    ) -> (CentralGuard<'a>, Result<Placed, PoolError>) {
+        let mut rq = Reclaiming::default();
+        let placed = loop {
+            match self.alloc_central(&mut c, &mut rq, owner, size, align, stream, evictable) {
+                Ok(p) => break Ok(p),
+                Err(Stop::Fail(e)) => break Err(e),
+                Err(Stop::Finish(f)) => {
+                    let idx = f.idx;
+                    let (g, r) = self.finish_eviction(c, f);
+                    c = g;
+                    if let Err(err) = r {
+                        rq.failed(&err);
+                        rq.skip.push(idx);
+                    }
+                }
+                Err(Stop::Wait) => c = self.moved.wait(c),
+            }
+            // The lock was let go: the owner may have been removed meanwhile.
+            if let Err(e) = self.slot(owner) {
+                break Err(e);
+            }
+        };
+        c.evict_failures = rq.failures;
+        (c, placed)
+    }
+
+    /// One attempt of [`Pool::place`]: charge, then find space, reclaiming in order:
+    /// completed pending blocks, cached blocks, growth, eviction. On failure nothing stays
+    /// charged.
+    #[allow(clippy::too_many_arguments)]
+    fn alloc_central(
+        &self,
+        c: &mut Central,
+        rq: &mut Reclaiming,
+        owner: OwnerId,
+        size: u64,
+        align: u64,
+        stream: StreamId,
+        evictable: bool,
+    ) -> Result<Placed, Stop> {
+        match self.charge(c, rq, owner, size, evictable) {
+            Err(Stop::Fail(PoolError::OutOfMemory {
                 requested,
                 owner,
                 report,
                 ..
-            }) => {
-                return Err(PoolError::OutOfMemory {
+            })) => {
+                return Err(Stop::Fail(PoolError::OutOfMemory {
                     requested,
                     owner,
                     stream,
                     report,
-                })
+                }))
             }
             r => r?,
         }
-        match self.find_space(c, owner, size, align, stream) {
+        match self.find_space(c, rq, owner, size, align, stream) {
             Ok(r) => Ok(r),
             Err(e) => {
                 Self::uncharge(c, owner.slot() as usize, size);
@@ -1357,14 +1468,26 @@ impl<S: ChunkSource> Pool<S> {
         }
     }
 
+    /// Give back a placement that its request abandoned: uncharge it, and return its memory
+    /// where it came from (a reused stream-ordered free goes back to the pending list: its
+    /// event still orders the memory against other streams).
+    fn give_back(c: &mut Central, owner: OwnerId, size: u64, placed: Placed) {
+        Self::uncharge(c, owner.slot() as usize, size);
+        match placed.reused {
+            Some(p) => c.pending.push(p),
+            None => c.tlsf.free(placed.node),
+        }
+    }
+
     fn find_space(
         &self,
         c: &mut Central,
+        rq: &mut Reclaiming,
         owner: OwnerId,
         size: u64,
         align: u64,
         stream: StreamId,
-    ) -> Result<Placed, PoolError> {
+    ) -> Result<Placed, Stop> {
         let slot = owner.slot();
         if let Some(r) = c.tlsf.alloc(size, align, slot) {
             return Ok(Placed::fresh(r));
@@ -1402,7 +1525,10 @@ impl<S: ChunkSource> Pool<S> {
         loop {
             let progressed = match self.grow(c, size + align - UNIT)? {
                 Grow::Grew => true,
-                Grow::Full => self.evict_one(c, owner)?,
+                // Evictions under way free at least this much: wait for them rather than
+                // evict more (each eviction costs a copy out now and a restore later).
+                Grow::Full if c.evicting >= size + align - UNIT => return Err(Stop::Wait),
+                Grow::Full => self.evict_one(c, owner, rq)?,
             };
             if !progressed {
                 break;
@@ -1411,12 +1537,15 @@ impl<S: ChunkSource> Pool<S> {
                 return Ok(Placed::fresh(r));
             }
         }
-        Err(PoolError::OutOfMemory {
+        if c.in_flight > 0 {
+            return Err(Stop::Wait);
+        }
+        Err(Stop::Fail(PoolError::OutOfMemory {
             requested: size,
             owner,
             stream,
-            report: Box::new(self.report(c)),
-        })
+            report: Box::new(self.report(c, &rq.failures)),
+        }))
     }
 
     /// Wait for every stream-ordered free pending now to complete, then return those blocks
@@ -1558,8 +1687,14 @@ impl<S: ChunkSource> Pool<S> {
         Ok(Grow::Grew)
     }
 
-    /// Evict the least recently used eligible block. Returns false if none is eligible.
-    fn evict_one(&self, c: &mut Central, requester: OwnerId) -> Result<bool, PoolError> {
+    /// Evict the least recently used eligible block. `Ok(true)` once it is out,
+    /// [`Stop::Finish`] while its bytes move, `Ok(false)` if no block is eligible.
+    fn evict_one(
+        &self,
+        c: &mut Central,
+        requester: OwnerId,
+        rq: &mut Reclaiming,
+    ) -> Result<bool, Stop> {
         let Some(evictor) = c.evictor.clone() else {
             return Ok(false);
         };
@@ -1579,39 +1714,42 @@ impl<S: ChunkSource> Pool<S> {
                     continue;
                 };
                 // A Burstable owner keeps its base: only blocks whose eviction leaves it at or
-                // above its base may go.
-                if tier == Tier::Burstable && a.charged < a.spec.base.saturating_add(e_size) {
+                // above its base may go, counting the moves out already under way.
+                if tier == Tier::Burstable
+                    && a.charged - a.evicting < a.spec.base.saturating_add(e_size)
+                {
                     continue;
                 }
-                if !matches!(e_res, Residency::Resident { .. }) {
+                if !matches!(e_res, Residency::Resident { .. }) || rq.skip.contains(&idx) {
                     continue;
                 }
-                if let Err(err) = self.evict_idx(c, evictor.as_ref(), idx, requester) {
-                    tracing::warn!(error = %err, "evicting a block failed; trying the next one");
-                    if c.evict_failures.len() < 8 {
-                        c.evict_failures.push(err.to_string());
+                match self.start_eviction(c, evictor.as_ref(), idx, requester) {
+                    Ok(None) => return Ok(true),
+                    Ok(Some(moving)) => return Err(Stop::Finish(moving)),
+                    Err(err) => {
+                        rq.failed(&err);
+                        rq.skip.push(idx);
                     }
-                    continue;
                 }
-                return Ok(true);
             }
         }
         Ok(false)
     }
 
-    /// Move the resident, unpinned block `idx` out through `evictor`, for `requester`. On
-    /// error nothing changed.
-    fn evict_idx(
+    /// Start moving the resident, unpinned block `idx` out through `evictor`, for
+    /// `requester`. `Ok(None)` once it is out; `Ok(Some)` while its bytes move, for
+    /// [`Pool::finish_eviction`]. On error nothing changed.
+    fn start_eviction(
         &self,
         c: &mut Central,
         evictor: &dyn Evictor,
         idx: u32,
         requester: OwnerId,
-    ) -> Result<(), crate::evict::EvictError> {
+    ) -> Result<Option<InFlight>, EvictError> {
         let e = c.ev.get(idx);
         let (owner, size, tag) = (e.owner, e.size, e.tag);
-        let Residency::Resident { node, offset } = e.residency else {
-            return Ok(());
+        let Residency::Resident { offset, .. } = e.residency else {
+            return Ok(None);
         };
         let info = VictimInfo {
             id: c.ev.public_id(self.id, idx).key(),
@@ -1621,7 +1759,63 @@ impl<S: ChunkSource> Pool<S> {
             tag,
             requested_by: requester,
         };
-        evictor.evict(&info)?;
+        let eviction = catch_unwind(AssertUnwindSafe(|| evictor.evict(&info)))
+            .unwrap_or_else(|_| Err(EvictError("the evictor panicked".into())))?;
+        match eviction.0 {
+            None => {
+                Self::evicted(c, idx);
+                Ok(None)
+            }
+            Some(finish) => {
+                c.ev.mark_evicting(idx);
+                c.in_flight += 1;
+                c.evicting += size;
+                if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
+                    a.evicting += size;
+                }
+                Ok(Some(InFlight { idx, finish }))
+            }
+        }
+    }
+
+    /// Run an eviction's finish without the central lock, then end the eviction under it:
+    /// the block is evicted and its memory free, or, on failure, resident where it was.
+    fn finish_eviction<'a>(
+        &'a self,
+        c: CentralGuard<'a>,
+        moving: InFlight,
+    ) -> (CentralGuard<'a>, Result<(), EvictError>) {
+        let InFlight { idx, finish } = moving;
+        drop(c);
+        let r = catch_unwind(AssertUnwindSafe(finish)).unwrap_or_else(|_| {
+            Err(EvictError(
+                "the evictor panicked while finishing an eviction".into(),
+            ))
+        });
+        let mut c = self.central.lock();
+        let e = c.ev.get(idx);
+        let (owner, size) = (e.owner, e.size);
+        c.in_flight -= 1;
+        c.evicting -= size;
+        if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
+            a.evicting -= size;
+        }
+        match r {
+            Ok(()) => Self::evicted(&mut c, idx),
+            Err(_) => c.ev.mark_kept(idx),
+        }
+        self.moved.notify_all();
+        (c, r)
+    }
+
+    /// The block `idx` is out: free its memory and count the eviction.
+    fn evicted(c: &mut Central, idx: u32) {
+        let e = c.ev.get(idx);
+        let (owner, size) = (e.owner, e.size);
+        let (Residency::Resident { node, .. } | Residency::Evicting { node, .. }) = e.residency
+        else {
+            return;
+        };
         let oslot = owner.slot() as usize;
         c.ev.mark_evicted(idx);
         Self::uncharge(c, oslot, size);
@@ -1632,35 +1826,46 @@ impl<S: ChunkSource> Pool<S> {
             a.evictions += 1;
         }
         c.evictions += 1;
-        Ok(())
     }
 
     /// Move one of `owner`'s unpinned evictable blocks out now, through the evictor,
     /// whatever its tier: for an owner that rearranges its own working set (to restore it
     /// in one piece where memory is free but scattered). Returns false if it was evicted
-    /// already. Another owner's block is refused ([`PoolError::ForeignBlock`]).
+    /// already. Another owner's block is refused ([`PoolError::ForeignBlock`]). The pool's
+    /// lock is let go while the bytes move.
     pub fn evict(&self, owner: OwnerId, id: &EvictableId) -> Result<bool, PoolError> {
         let mut c = self.central.lock();
-        let idx = c.ev.lookup(self.id, id)?;
-        let e = c.ev.get(idx);
-        if e.owner != owner {
-            return Err(PoolError::ForeignBlock {
-                what: "evictable block of another owner",
-            });
+        loop {
+            let idx = c.ev.lookup(self.id, id)?;
+            let e = c.ev.get(idx);
+            if e.owner != owner {
+                return Err(PoolError::ForeignBlock {
+                    what: "evictable block of another owner",
+                });
+            }
+            if e.residency.in_flight() {
+                c = self.moved.wait(c);
+                continue;
+            }
+            if e.pins > 0 {
+                return Err(PoolError::Pinned { pins: e.pins });
+            }
+            if !matches!(e.residency, Residency::Resident { .. }) {
+                return Ok(false);
+            }
+            let evictor = c.evictor.clone().ok_or(PoolError::NoEvictor)?;
+            let failed = |e: EvictError| PoolError::EvictFailed(e.to_string());
+            if let Some(moving) = self
+                .start_eviction(&mut c, evictor.as_ref(), idx, owner)
+                .map_err(failed)?
+            {
+                self.finish_eviction(c, moving).1.map_err(failed)?;
+            }
+            return Ok(true);
         }
-        if e.pins > 0 {
-            return Err(PoolError::Pinned { pins: e.pins });
-        }
-        if !matches!(e.residency, Residency::Resident { .. }) {
-            return Ok(false);
-        }
-        let evictor = c.evictor.clone().ok_or(PoolError::NoEvictor)?;
-        self.evict_idx(&mut c, evictor.as_ref(), idx, owner)
-            .map_err(|e| PoolError::EvictFailed(e.to_string()))?;
-        Ok(true)
     }
 
-    fn report(&self, c: &Central) -> OomReport {
+    fn report(&self, c: &Central, eviction_failures: &[String]) -> OomReport {
         let mut holdings: Vec<Holding> = c
             .owners
             .iter()
@@ -1687,7 +1892,7 @@ impl<S: ChunkSource> Pool<S> {
             free: c.tlsf.free_bytes(),
             largest_free: c.tlsf.largest_free(),
             holdings,
-            eviction_failures: c.evict_failures.clone(),
+            eviction_failures: eviction_failures.to_vec(),
         }
     }
 
@@ -1748,15 +1953,15 @@ impl<S: ChunkSource> Pool<S> {
     ) -> Result<(EvictableId, Pinned), PoolError> {
         self.slot(owner)?;
         let csize = self.round_request(size)?;
-        let mut c = self.central.lock();
+        let c = self.central.lock();
         self.slot(owner)?;
         let tier = c.owners[owner.slot() as usize]
             .as_ref()
             .ok_or_else(|| PoolError::UnknownOwner(owner))?
             .spec
             .tier;
-        let Placed { node, offset, .. } =
-            self.alloc_central(&mut c, owner, csize, UNIT, stream, true)?;
+        let (mut c, placed) = self.place(c, owner, csize, UNIT, stream, true);
+        let Placed { node, offset, .. } = placed?;
         let idx = c.ev.insert(owner, tier, csize, tag, node, offset);
         let a = c.owners[owner.slot() as usize]
             .as_mut()
@@ -1776,69 +1981,126 @@ impl<S: ChunkSource> Pool<S> {
     }
 
     /// Pin an evictable block for use on `stream`, restoring it first if it was evicted
-    /// (possibly at a new address). While pinned it is never evicted.
+    /// (possibly at a new address). While pinned it is never evicted. A block whose bytes
+    /// are moving (out for another request, or back in for another pin) is pinned once
+    /// they have arrived. The pool's lock is let go while the bytes move.
     pub fn pin(&self, id: &EvictableId, stream: StreamId) -> Result<Pinned, PoolError> {
         let mut c = self.central.lock();
-        let idx = c.ev.lookup(self.id, id)?;
-        let e = c.ev.get(idx);
-        match e.residency {
-            Residency::Resident { offset, .. } => {
-                let (owner, size, first) = (e.owner, e.size, e.pins == 0);
-                c.ev.pin(idx);
-                if first {
-                    if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
-                        a.evictable_pinned += size;
+        loop {
+            let idx = c.ev.lookup(self.id, id)?;
+            let e = c.ev.get(idx);
+            match e.residency {
+                Residency::Resident { offset, .. } => {
+                    let (owner, size, first) = (e.owner, e.size, e.pins == 0);
+                    c.ev.pin(idx);
+                    if first {
+                        if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
+                            a.evictable_pinned += size;
+                        }
+                    }
+                    return Ok(Pinned {
+                        addr: self.source.addr(offset),
+                        size,
+                        restored: false,
+                    });
+                }
+                // A failed eviction leaves it resident, a failed restore evicted: see which.
+                Residency::Evicting { .. } | Residency::Restoring { .. } => {
+                    c = self.moved.wait(c);
+                }
+                Residency::Evicted => {
+                    let (owner, size) = (e.owner, e.size);
+                    if c.evictor.is_none() {
+                        return Err(PoolError::RestoreFailed(
+                            "the block was evicted but no evictor is set".into(),
+                        ));
+                    }
+                    let (g, placed) = self.place(c, owner, size, UNIT, stream, true);
+                    c = g;
+                    let placed = placed?;
+                    // Placing may have let the lock go, and another pin of the block may
+                    // have restored it (or started to) meanwhile.
+                    let settled = c.ev.lookup(self.id, id).map(|i| (i, c.ev.get(i).residency));
+                    match settled {
+                        Ok((idx, Residency::Evicted)) => {
+                            return self.restore_into(c, idx, placed, stream)
+                        }
+                        Ok(_) => Self::give_back(&mut c, owner, size, placed),
+                        Err(e) => {
+                            Self::give_back(&mut c, owner, size, placed);
+                            return Err(e);
+                        }
                     }
                 }
-                Ok(Pinned {
-                    addr: self.source.addr(offset),
-                    size,
-                    restored: false,
-                })
-            }
-            Residency::Evicted => {
-                let (owner, size, tag) = (e.owner, e.size, e.tag);
-                let evictor = c.evictor.clone().ok_or_else(|| {
-                    PoolError::RestoreFailed("the block was evicted but no evictor is set".into())
-                })?;
-                let Placed {
-                    node,
-                    offset,
-                    reused,
-                } = self.alloc_central(&mut c, owner, size, UNIT, stream, true)?;
-                let addr = self.source.addr(offset);
-                let info = RestoreInfo {
-                    id: c.ev.public_id(self.id, idx).key(),
-                    owner,
-                    addr,
-                    size,
-                    tag,
-                    stream,
-                };
-                if let Err(err) = evictor.restore(&info) {
-                    Self::uncharge(&mut c, owner.slot() as usize, size);
-                    match reused {
-                        Some(p) => c.pending.push(p),
-                        None => c.tlsf.free(node),
-                    }
-                    return Err(PoolError::RestoreFailed(err.to_string()));
-                }
-                c.ev.mark_restored(idx, node, offset);
-                c.ev.pin(idx);
-                if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
-                    a.evictable_resident += size;
-                    a.evictable_pinned += size;
-                    a.evicted_bytes -= size;
-                    a.restores += 1;
-                }
-                c.restores += 1;
-                Ok(Pinned {
-                    addr,
-                    size,
-                    restored: true,
-                })
             }
         }
+    }
+
+    /// Restore the evicted block `idx` into `placed` (memory charged to its owner) through
+    /// the evictor, with the lock let go while the bytes move, and pin it. On failure the
+    /// block stays evicted and the memory goes back.
+    fn restore_into<'a>(
+        &'a self,
+        mut c: CentralGuard<'a>,
+        idx: u32,
+        placed: Placed,
+        stream: StreamId,
+    ) -> Result<Pinned, PoolError> {
+        let e = c.ev.get(idx);
+        let (owner, size, tag) = (e.owner, e.size, e.tag);
+        let Some(evictor) = c.evictor.clone() else {
+            Self::give_back(&mut c, owner, size, placed);
+            return Err(PoolError::RestoreFailed(
+                "the block was evicted but no evictor is set".into(),
+            ));
+        };
+        let (node, offset) = (placed.node, placed.offset);
+        let addr = self.source.addr(offset);
+        let info = RestoreInfo {
+            id: c.ev.public_id(self.id, idx).key(),
+            owner,
+            addr,
+            size,
+            tag,
+            stream,
+        };
+        // From here the memory is the block's: resident bytes of its owner, not evicted ones,
+        // and pinned ones (nothing may evict it, and the pin it is restored for follows).
+        let oslot = owner.slot() as usize;
+        c.ev.mark_restoring(idx, node, offset);
+        if let Some(a) = c.owners[oslot].as_mut() {
+            a.evicted_bytes -= size;
+            a.evictable_resident += size;
+            a.evictable_pinned += size;
+        }
+        c.in_flight += 1;
+        drop(c);
+        let r = catch_unwind(AssertUnwindSafe(|| evictor.restore(&info)))
+            .unwrap_or_else(|_| Err(EvictError("the evictor panicked while restoring".into())));
+        let mut c = self.central.lock();
+        c.in_flight -= 1;
+        self.moved.notify_all();
+        if let Err(err) = r {
+            c.ev.mark_evicted(idx);
+            if let Some(a) = c.owners[oslot].as_mut() {
+                a.evicted_bytes += size;
+                a.evictable_resident -= size;
+                a.evictable_pinned -= size;
+            }
+            Self::give_back(&mut c, owner, size, placed);
+            return Err(PoolError::RestoreFailed(err.to_string()));
+        }
+        c.ev.mark_restored(idx, node, offset);
+        c.ev.pin(idx);
+        if let Some(a) = c.owners[oslot].as_mut() {
+            a.restores += 1;
+        }
+        c.restores += 1;
+        Ok(Pinned {
+            addr,
+            size,
+            restored: true,
+        })
     }
 
     /// Pin every block of `ids` if all of them are resident, under one lock, and return
@@ -1928,13 +2190,14 @@ impl<S: ChunkSource> Pool<S> {
         Ok(())
     }
 
-    /// Whether an evictable block is resident now.
+    /// Whether an evictable block is resident now (a block whose bytes are moving out
+    /// still is; one whose bytes are moving back in is not yet).
     pub fn is_resident(&self, id: &EvictableId) -> Result<bool, PoolError> {
         let c = self.central.lock();
         let idx = c.ev.lookup(self.id, id)?;
         Ok(matches!(
             c.ev.get(idx).residency,
-            Residency::Resident { .. }
+            Residency::Resident { .. } | Residency::Evicting { .. }
         ))
     }
 
@@ -1945,7 +2208,8 @@ impl<S: ChunkSource> Pool<S> {
         Ok(c.ev.get(idx).pins)
     }
 
-    /// Free an evictable block. It must not be pinned; on error the handle comes back.
+    /// Free an evictable block. It must not be pinned; on error the handle comes back. A
+    /// block whose bytes are moving (out, or back in for a pin) is freed once they arrive.
     pub fn free_evictable(&self, id: EvictableId) -> Result<(), (EvictableId, PoolError)> {
         self.free_evictable_inner(id, None)
     }
@@ -1953,7 +2217,8 @@ impl<S: ChunkSource> Pool<S> {
     /// Free an evictable block in stream order, as [`Pool::free_after`] frees a block: its
     /// memory is reusable at once on `stream`, and elsewhere once `event` has completed.
     /// For a block whose last users' work may still be queued (a session ends without
-    /// waiting for the GPU). It must not be pinned; on error the handle comes back.
+    /// waiting for the GPU). It must not be pinned; on error the handle comes back. As
+    /// [`Pool::free_evictable`], it waits for a move under way to end.
     pub fn free_evictable_after(
         &self,
         id: EvictableId,
@@ -1969,46 +2234,54 @@ impl<S: ChunkSource> Pool<S> {
         after: Option<(StreamId, Arc<dyn FreeEvent>)>,
     ) -> Result<(), (EvictableId, PoolError)> {
         let mut c = self.central.lock();
-        let idx = match c.ev.lookup(self.id, &id) {
-            Ok(i) => i,
-            Err(e) => return Err((id, e)),
-        };
-        let e = c.ev.get(idx);
-        if e.pins > 0 {
-            let pins = e.pins;
-            return Err((id, PoolError::Pinned { pins }));
-        }
-        let (owner, size, res) = (e.owner, e.size, e.residency);
-        c.ev.remove(idx);
-        let slot = owner.slot() as usize;
-        match res {
-            Residency::Resident { node, .. } => {
-                Self::uncharge(&mut c, slot, size);
-                match after {
-                    Some((stream, event)) if !event.is_complete() => c.pending.push(Pending {
-                        node,
-                        size,
-                        owner,
-                        stream,
-                        event,
-                    }),
-                    _ => c.tlsf.free(node),
+        loop {
+            let idx = match c.ev.lookup(self.id, &id) {
+                Ok(i) => i,
+                Err(e) => return Err((id, e)),
+            };
+            let e = c.ev.get(idx);
+            if e.pins > 0 {
+                let pins = e.pins;
+                return Err((id, PoolError::Pinned { pins }));
+            }
+            let (owner, size, res) = (e.owner, e.size, e.residency);
+            let slot = owner.slot() as usize;
+            match res {
+                // Its bytes are moving: free it where they end up.
+                Residency::Evicting { .. } | Residency::Restoring { .. } => {
+                    c = self.moved.wait(c);
+                    continue;
                 }
-                if let Some(a) = c.owners[slot].as_mut() {
-                    a.evictable_resident -= size;
+                Residency::Resident { node, .. } => {
+                    c.ev.remove(idx);
+                    Self::uncharge(&mut c, slot, size);
+                    match after {
+                        Some((stream, event)) if !event.is_complete() => c.pending.push(Pending {
+                            node,
+                            size,
+                            owner,
+                            stream,
+                            event,
+                        }),
+                        _ => c.tlsf.free(node),
+                    }
+                    if let Some(a) = c.owners[slot].as_mut() {
+                        a.evictable_resident -= size;
+                    }
+                }
+                Residency::Evicted => {
+                    c.ev.remove(idx);
+                    if let Some(a) = c.owners[slot].as_mut() {
+                        a.evicted_bytes -= size;
+                    }
                 }
             }
-            Residency::Evicted => {
-                if let Some(a) = c.owners[slot].as_mut() {
-                    a.evicted_bytes -= size;
-                }
+            if let Some(a) = c.owners[slot].as_mut() {
+                a.frees += 1;
             }
+            c.frees += 1;
+            return Ok(());
         }
-        if let Some(a) = c.owners[slot].as_mut() {
-            a.frees += 1;
-        }
-        c.frees += 1;
-        Ok(())
     }
 
     /// Statistics, global and per owner. Locks every shard briefly.
@@ -2083,6 +2356,7 @@ impl<S: ChunkSource> Pool<S> {
             cache_hits: hits,
             evictions: c.evictions,
             restores: c.restores,
+            moves_in_flight: c.in_flight as u64,
             owners,
         }
     }
@@ -2131,7 +2405,7 @@ impl<S: ChunkSource> Pool<S> {
         blocks.sort_by_key(|b| b.addr);
         crate::Snapshot {
             blocks,
-            report: self.report(&c),
+            report: self.report(&c, &c.evict_failures),
         }
     }
 }

@@ -1,7 +1,37 @@
 //! Concurrency primitives of this crate, swapped for loom's under `cfg(loom)`.
 
 #[cfg(not(loom))]
-pub(crate) use parking_lot::Mutex;
+pub(crate) use parking_lot::{Mutex, MutexGuard};
+
+/// A condition variable paired with [`Mutex`], taking and giving back the guard.
+#[derive(Debug, Default)]
+pub(crate) struct Condvar(
+    #[cfg(not(loom))] parking_lot::Condvar,
+    #[cfg(loom)] loom::sync::Condvar,
+);
+
+impl Condvar {
+    /// Let `guard`'s lock go until notified, then take it again.
+    #[cfg(not(loom))]
+    pub(crate) fn wait<'a, T>(&self, mut guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+        self.0.wait(&mut guard);
+        guard
+    }
+
+    /// Let `guard`'s lock go until notified, then take it again.
+    #[cfg(loom)]
+    pub(crate) fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+        match self.0.wait(guard) {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Wake every waiter.
+    pub(crate) fn notify_all(&self) {
+        self.0.notify_all();
+    }
+}
 
 /// The lock of a cache shard. Its critical sections are a few dozen instructions, so a spin
 /// lock that yields when contended beats a parking mutex: unlocking is a plain release

@@ -3,7 +3,7 @@
 #![cfg(loom)]
 
 use gpushare_pool::{
-    EvictError, Evictor, FreeEvent, HostSource, OwnerSpec, Pool, PoolConfig, PoolError,
+    EvictError, Eviction, Evictor, FreeEvent, HostSource, OwnerSpec, Pool, PoolConfig, PoolError,
     RestoreInfo, StreamId, Tier, VictimInfo,
 };
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -65,19 +65,43 @@ fn concurrent_alloc_and_free_under_a_quota() {
     });
 }
 
+/// Records, rather than panics on, a pinned block moving out: the pool contains an
+/// evictor's panic (treating it as a failed eviction), which would hide the violation.
 struct Guarded {
     in_use: Arc<AtomicBool>,
-    evictions: AtomicUsize,
+    evictions: Arc<AtomicUsize>,
+    violated: Arc<AtomicBool>,
+}
+
+impl Guarded {
+    fn new(in_use: Arc<AtomicBool>) -> Self {
+        Guarded {
+            in_use,
+            evictions: Arc::new(AtomicUsize::new(0)),
+            violated: Arc::new(AtomicBool::new(false)),
+        }
+    }
 }
 
 impl Evictor for Guarded {
-    fn evict(&self, _: &VictimInfo) -> Result<(), EvictError> {
-        assert!(
-            !self.in_use.load(Ordering::SeqCst),
-            "evicted a pinned block"
+    /// The move out finishes without the pool's lock, racing whatever runs meanwhile: the
+    /// block must not be pinned (in use) when it starts, nor while its bytes move.
+    fn evict(&self, _: &VictimInfo) -> Result<Eviction, EvictError> {
+        if self.in_use.load(Ordering::SeqCst) {
+            self.violated.store(true, Ordering::SeqCst);
+        }
+        let (in_use, evictions, violated) = (
+            self.in_use.clone(),
+            self.evictions.clone(),
+            self.violated.clone(),
         );
-        self.evictions.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+        Ok(Eviction::in_flight(move || {
+            if in_use.load(Ordering::SeqCst) {
+                violated.store(true, Ordering::SeqCst);
+            }
+            evictions.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }))
     }
     fn restore(&self, _: &RestoreInfo) -> Result<(), EvictError> {
         Ok(())
@@ -89,10 +113,9 @@ fn eviction_racing_a_pin() {
     loom::model(|| {
         let pool = Arc::new(small_pool(G));
         let in_use = Arc::new(AtomicBool::new(false));
-        pool.set_evictor(std::sync::Arc::new(Guarded {
-            in_use: in_use.clone(),
-            evictions: AtomicUsize::new(0),
-        }));
+        let guarded = Guarded::new(in_use.clone());
+        let violated = guarded.violated.clone();
+        pool.set_evictor(std::sync::Arc::new(guarded));
         let be = pool.add_owner(OwnerSpec::new("be", G)).unwrap();
         let g = pool
             .add_owner(OwnerSpec::new("g", G).tier(Tier::Guaranteed))
@@ -114,10 +137,60 @@ fn eviction_racing_a_pin() {
         // Needs the whole pool: succeeds only by evicting the unpinned block.
         let r = pool.alloc(g, G, StreamId(0));
         let id = t.join().unwrap();
+        assert!(
+            !violated.load(Ordering::SeqCst),
+            "a pinned block was evicted, or its bytes moved out while pinned"
+        );
         if let Ok(b) = r {
             pool.free(b).unwrap();
         }
         let _ = pool.free_evictable(id);
+    });
+}
+
+#[test]
+fn a_request_waits_for_another_requests_eviction_in_flight() {
+    loom::model(|| {
+        let pool = Arc::new(
+            Pool::new(
+                HostSource::new(G, 1 << 20),
+                PoolConfig {
+                    max_owners: 3,
+                    ..PoolConfig::default().capacity(2 * G).shards(1)
+                },
+            )
+            .unwrap(),
+        );
+        let guarded = Guarded::new(Arc::new(AtomicBool::new(false)));
+        let evictions = guarded.evictions.clone();
+        pool.set_evictor(std::sync::Arc::new(guarded));
+        let be = pool.add_owner(OwnerSpec::new("be", 2 * G)).unwrap();
+        let (id, _) = pool.alloc_evictable(be, 2 * G, 0, StreamId(0)).unwrap();
+        pool.unpin(&id).unwrap();
+        let gs: Vec<_> = ["g1", "g2"]
+            .iter()
+            .map(|n| {
+                pool.add_owner(OwnerSpec::new(*n, G).tier(Tier::Guaranteed))
+                    .unwrap()
+            })
+            .collect();
+        // Both need the one victim's memory. Whichever comes second, while the first one's
+        // eviction moves the victim's bytes with the lock free, finds no other victim and
+        // must wait for that move to end, not report out of memory.
+        let t = {
+            let pool = pool.clone();
+            let g = gs[1];
+            thread::spawn(move || pool.alloc(g, G, StreamId(2)))
+        };
+        let a = pool.alloc(gs[0], G, StreamId(1)).unwrap();
+        let b = t.join().unwrap().unwrap();
+        assert_eq!(evictions.load(Ordering::SeqCst), 1);
+        let st = pool.stats();
+        assert_eq!(st.owners[0].evicted_bytes, 2 * G);
+        assert_eq!(st.in_use_bytes, 2 * G);
+        pool.free(a).unwrap();
+        pool.free(b).unwrap();
+        pool.free_evictable(id).unwrap();
     });
 }
 

@@ -149,12 +149,19 @@ impl Model {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
     #[test]
-    fn invariants_hold_after_every_step(ops in proptest::collection::vec(op(), 1..120)) {
+    fn invariants_hold_after_every_step(
+        ops in proptest::collection::vec(op(), 1..120),
+        two_halves in any::<bool>(),
+    ) {
         let pool = Pool::new(
             HostSource::new(2 * MIB, 1 << 30),
             PoolConfig::default().capacity(48 * MIB).cache_bytes_per_shard(4 * MIB),
         ).unwrap();
-        pool.set_evictor(Arc::new(Recorder::default()));
+        pool.set_evictor(Arc::new(if two_halves {
+            Recorder::two_halves()
+        } else {
+            Recorder::default()
+        }));
         let specs = [
             OwnerSpec::new("g", 16 * MIB).base(16 * MIB),
             OwnerSpec::new("b", 24 * MIB).base(8 * MIB),

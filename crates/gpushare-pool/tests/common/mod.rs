@@ -1,7 +1,7 @@
 //! Helpers shared by the pool's integration tests.
 #![allow(dead_code)]
 
-use gpushare_pool::{EvictError, Evictor, FreeEvent, RestoreInfo, VictimInfo};
+use gpushare_pool::{EvictError, Eviction, Evictor, FreeEvent, RestoreInfo, VictimInfo};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -31,15 +31,29 @@ pub struct Recorder {
     pub restored: Mutex<Vec<RestoreInfo>>,
     pub fail_evict: AtomicBool,
     pub fail_restore: AtomicBool,
+    /// Evict in two halves: the pool finishes each eviction with its lock let go.
+    pub two_halves: AtomicBool,
+}
+
+impl Recorder {
+    /// A recorder whose evictions end in two halves (see `two_halves`).
+    pub fn two_halves() -> Self {
+        let r = Recorder::default();
+        r.two_halves.store(true, Ordering::SeqCst);
+        r
+    }
 }
 
 impl Evictor for Recorder {
-    fn evict(&self, v: &VictimInfo) -> Result<(), EvictError> {
+    fn evict(&self, v: &VictimInfo) -> Result<Eviction, EvictError> {
         if self.fail_evict.load(Ordering::SeqCst) {
             return Err(EvictError("refused".into()));
         }
         self.evicted.lock().unwrap().push(v.clone());
-        Ok(())
+        if self.two_halves.load(Ordering::SeqCst) {
+            return Ok(Eviction::in_flight(|| Ok(())));
+        }
+        Ok(Eviction::done())
     }
     fn restore(&self, r: &RestoreInfo) -> Result<(), EvictError> {
         if self.fail_restore.load(Ordering::SeqCst) {
