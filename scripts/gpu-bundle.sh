@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Examples that print figures; each runs on the GPU with its default flags.
-FIGURE_EXAMPLES=(gpu_report device_probe pool_device pool_bench isolation llm_tts_vision)
+FIGURE_EXAMPLES=(gpu_report device_probe pool_device pool_bench eviction_stall isolation llm_tts_vision)
 
 out=.gpu
 rm -rf "$out"
