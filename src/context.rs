@@ -582,19 +582,19 @@ impl Context {
         match crate::session::pin_all(&self.inner, true) {
             Ok(n) => Ok(Session::new(self.inner.clone(), n)),
             Err(e) if !e.is_oom() => Err(e),
-            Err(_) => block_on(self.session_async()),
+            Err(_) => block_on(SessionFuture::blocking(self.clone())),
         }
     }
 
     /// Wait until the context's buffers are resident, and open a session on it.
     /// Cancellation-safe: dropping the future leaves nothing pinned or queued.
     ///
-    /// Waiting for memory does not block the thread. Restoring evicted buffers does: the
-    /// copies back from host memory run, and are waited for, inside the poll that gets the
-    /// session (about 20 ms per GiB on an H100). A server whose working sets are large and
-    /// often evicted can take its sessions on a blocking thread instead
-    /// (`tokio::task::spawn_blocking` around [`Context::session`]), as the `model_server`
-    /// example does.
+    /// Waiting for memory does not block the thread. Neither does restoring evicted
+    /// buffers inside a tokio runtime: a try whose working set is not all resident runs on
+    /// a blocking thread (`tokio::task::spawn_blocking`), where the copies back from host
+    /// memory run and are waited for (about 20 ms per GiB on an H100). Outside a tokio
+    /// runtime the try runs in the poll. A working set already in place is pinned in the
+    /// poll, without a thread hop.
     pub fn session_async(&self) -> SessionFuture {
         SessionFuture::new(self.clone())
     }

@@ -237,9 +237,29 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<Prefix> {
     Ok(Prefix::of(ctx, &all))
 }
 
+/// The outcome of a try on a blocking thread.
+enum Restored {
+    Done(Result<Session>),
+    /// It has to wait. `since`: the release generation when the try began. A release
+    /// after the try gave up wakes this future while it still waits for the task, and that
+    /// wake is spent; the future tries again if the generation has moved since.
+    Wait {
+        since: u64,
+    },
+}
+
 enum State {
     Start,
     Waiting(u64),
+    /// A try whose working set is not all resident runs on a blocking thread: restoring
+    /// evicted buffers copies them back and waits for the copies (about 20 ms per GiB on
+    /// an H100), which would stall the executor's thread. `id`: the session's place in
+    /// line, if it has one. The task owns what it takes: if this future is dropped, the
+    /// session it may have opened is dropped (ended) with the task's output.
+    Restoring {
+        id: Option<u64>,
+        task: tokio::task::JoinHandle<Restored>,
+    },
     Done,
 }
 
@@ -250,6 +270,9 @@ pub struct SessionFuture {
     /// clones nothing.
     ctx: Option<Context>,
     state: State,
+    /// Whether tries that restore run on blocking threads (inside a tokio runtime, for
+    /// futures that are awaited rather than blocked on).
+    offload_restores: bool,
 }
 
 impl SessionFuture {
@@ -257,7 +280,39 @@ impl SessionFuture {
         SessionFuture {
             ctx: Some(ctx),
             state: State::Start,
+            offload_restores: true,
         }
+    }
+
+    /// For [`Context::session`], which blocks its thread anyway: tries run in the poll.
+    pub(crate) fn blocking(ctx: Context) -> Self {
+        SessionFuture {
+            ctx: Some(ctx),
+            state: State::Start,
+            offload_restores: false,
+        }
+    }
+
+    /// A try that must restore, on a blocking thread of the current tokio runtime; `None`
+    /// outside one (the try then runs in the poll).
+    fn restore_off_thread(&self, ctx: &Context) -> Option<State> {
+        if !self.offload_restores {
+            return None;
+        }
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        let ctx = ctx.clone();
+        let task = handle.spawn_blocking(move || {
+            let since = ctx.inner.rt.waits.generation();
+            match Self::try_now(&ctx, false) {
+                Step::Done(r) => Restored::Done(r.map(|pinned| Session::new(ctx.inner, pinned))),
+                Step::Wait => Restored::Wait { since },
+            }
+        });
+        let id = match self.state {
+            State::Waiting(id) => Some(id),
+            _ => None,
+        };
+        Some(State::Restoring { id, task })
     }
 
     /// One try. Short of memory, the pressure handlers are asked for what the working
@@ -278,12 +333,12 @@ impl SessionFuture {
     /// Try until it succeeds, fails for good, or has to wait (see
     /// [`gpushare_qos::gate`]).
     ///
-    /// Only the first try may take the fast path. A fast path that gives up ends the
-    /// session it started, which moves the release generation; the gate would take that
-    /// for memory released by someone else and try again, and a session short of memory
-    /// with no other session live would loop here for ever.
-    fn try_now(ctx: &Context, state: &State) -> Step {
-        let mut fast = matches!(state, State::Start);
+    /// Only the first try may take the fast path (`fast`). A fast path that gives up ends
+    /// the session it started, which moves the release generation; the gate would take
+    /// that for memory released by someone else and try again, and a session short of
+    /// memory with no other session live would loop here for ever.
+    fn try_now(ctx: &Context, fast: bool) -> Step {
+        let mut fast = fast;
         match ctx.inner.rt.waits.attempt(
             || {
                 let r = Self::attempt(ctx, fast);
@@ -329,35 +384,91 @@ impl Future for SessionFuture {
             return Poll::Ready(Err(completed()));
         };
         let rt = &ctx.inner.rt;
-        match this.state {
-            State::Done => Poll::Ready(Err(completed())),
+        let step = match &mut this.state {
+            State::Done => return Poll::Ready(Err(completed())),
             // A newcomer tries at once, before any in line. Making it join the line behind
             // them instead (when it needs memory) was tried: with everyone in line and
             // nobody live, a head whose set did not fit a fragmented pool failed for good
             // where it used to wait for a live session, and the stress test's failed
             // sessions went from a handful to thousands a run. Eviction takes lower tiers
             // first, so a newcomer cannot take a higher tier's buffers.
-            State::Start => match Self::try_now(ctx, &this.state) {
-                Step::Done(r) => this.finish(r),
-                Step::Wait => {
-                    let id = rt.enqueue(ctx.inner.tier, cx.waker());
-                    this.state = State::Waiting(id);
-                    // Memory may have been freed between the attempt and joining the line.
-                    cx.waker().wake_by_ref();
-                    Poll::Pending
+            State::Start => {
+                // A working set already in place is pinned here, without restoring.
+                match pin_resident(&ctx.inner) {
+                    Ok(Some(pinned)) => return this.finish(Ok(pinned)),
+                    Err(e) => return this.finish(Err(e)),
+                    Ok(None) => {}
                 }
-            },
+                if let Some(restoring) = this.restore_off_thread(ctx) {
+                    this.state = restoring;
+                    return Pin::new(&mut *this).poll(cx);
+                }
+                Self::try_now(ctx, false)
+            }
             State::Waiting(id) => {
-                if !rt.is_head(id, cx.waker()) {
+                if !rt.is_head(*id, cx.waker()) {
                     return Poll::Pending;
                 }
-                match Self::try_now(ctx, &this.state) {
-                    Step::Wait => Poll::Pending,
-                    Step::Done(r) => {
-                        rt.dequeue(id);
-                        this.finish(r)
+                if let Some(restoring) = this.restore_off_thread(ctx) {
+                    this.state = restoring;
+                    return Pin::new(&mut *this).poll(cx);
+                }
+                Self::try_now(ctx, false)
+            }
+            State::Restoring { id, task } => {
+                let id = *id;
+                let outcome = match Pin::new(task).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(outcome)) => outcome,
+                    Poll::Ready(Err(join)) => Restored::Done(Err(RuntimeError::Foreign {
+                        what: "session restore",
+                        owner: if join.is_panic() {
+                            "a panicked blocking task"
+                        } else {
+                            "a cancelled blocking task"
+                        },
+                    })),
+                };
+                match outcome {
+                    Restored::Done(r) => {
+                        if let Some(id) = id {
+                            rt.dequeue(id);
+                        }
+                        this.state = State::Done;
+                        this.ctx = None;
+                        return Poll::Ready(r);
+                    }
+                    Restored::Wait { since } => {
+                        if rt.waits.generation() != since {
+                            cx.waker().wake_by_ref();
+                        }
+                        this.state = match id {
+                            Some(id) => State::Waiting(id),
+                            None => State::Start,
+                        };
+                        Step::Wait
                     }
                 }
+            }
+        };
+        match (step, &this.state) {
+            (Step::Done(r), State::Waiting(id)) => {
+                rt.dequeue(*id);
+                this.finish(r)
+            }
+            (Step::Done(r), _) => this.finish(r),
+            (Step::Wait, State::Waiting(id)) => {
+                // Register for the next release (a try on another thread took the waker
+                // the line held before it).
+                let _ = rt.is_head(*id, cx.waker());
+                Poll::Pending
+            }
+            (Step::Wait, _) => {
+                let id = rt.enqueue(ctx.inner.tier, cx.waker());
+                this.state = State::Waiting(id);
+                // Memory may have been freed between the attempt and joining the line.
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
         }
     }
@@ -365,8 +476,12 @@ impl Future for SessionFuture {
 
 impl Drop for SessionFuture {
     fn drop(&mut self) {
-        if let (State::Waiting(id), Some(ctx)) = (&self.state, &self.ctx) {
-            ctx.inner.rt.dequeue(*id);
+        let id = match &self.state {
+            State::Waiting(id) | State::Restoring { id: Some(id), .. } => *id,
+            _ => return,
+        };
+        if let Some(ctx) = &self.ctx {
+            ctx.inner.rt.dequeue(id);
         }
     }
 }

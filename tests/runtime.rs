@@ -1045,3 +1045,108 @@ fn an_offload_waiting_on_its_owners_gpu_work_holds_up_no_other_context() {
     busy.session().unwrap().read(&buf, 0, &mut back).unwrap();
     assert!(back == data, "restored bytes differ");
 }
+
+#[test]
+fn an_async_session_restores_on_a_blocking_thread_and_leaves_the_executor_free() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let a = rt
+        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let b = rt.create_context(ContextSpec::new("b", 64 * MIB)).unwrap();
+    let buf = a.create_buffer(40 * MIB).unwrap();
+    let data = pattern(buf.size() as usize, 9);
+    let a_stream = {
+        let mut s = a.session().unwrap();
+        s.write(&buf, 0, &data).unwrap();
+        s.stream().clone()
+    };
+    // The other context takes its place: the buffer is offloaded.
+    drop(b.create_buffer(40 * MIB).unwrap());
+    assert!(!buf.is_resident());
+
+    // A kernel holds the context's stream until the executor's other task releases it, and
+    // restoring the buffer waits for that stream's tail.
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    sim.launch_host(&a_stream, move |_| {
+        let _ = gate.recv();
+        Ok(())
+    })
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let exec = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let intact = exec.block_on(async move {
+            let session = tokio::spawn(async move {
+                let mut s = a.session_async().await?;
+                let mut back = vec![0u8; data.len()];
+                s.read(&buf, 0, &mut back)?;
+                Ok::<_, RuntimeError>(back == data)
+            });
+            // This runs only if the session's restore leaves the executor's one thread free.
+            tokio::task::yield_now().await;
+            go.send(()).unwrap();
+            session.await.unwrap()
+        });
+        let _ = tx.send(intact);
+    });
+    let intact = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the restore held the executor's only thread");
+    assert!(intact.unwrap(), "restored bytes differ");
+}
+
+#[test]
+fn an_async_session_dropped_while_it_restores_leaves_nothing_pinned_or_queued() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let a = rt
+        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let b = rt.create_context(ContextSpec::new("b", 64 * MIB)).unwrap();
+    let buf = a.create_buffer(40 * MIB).unwrap();
+    let a_stream = a.session().unwrap().stream().clone();
+    drop(b.create_buffer(40 * MIB).unwrap());
+    assert!(!buf.is_resident());
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    sim.launch_host(&a_stream, move |_| {
+        let _ = gate.recv();
+        Ok(())
+    })
+    .unwrap();
+
+    let exec = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    exec.block_on(async {
+        let a2 = a.clone();
+        let session = tokio::spawn(async move { a2.session_async().await.map(drop) });
+        // Let it start its restore, then drop it while the restore waits.
+        tokio::task::yield_now().await;
+        session.abort();
+        assert!(session.await.unwrap_err().is_cancelled());
+    });
+    go.send(()).unwrap();
+    // The restore ends on its blocking thread, and the session it opened ends with it.
+    let pinned = |rt: &Runtime| {
+        let st = rt.pool_stats();
+        st.owners
+            .iter()
+            .find(|o| o.name == "a")
+            .map(|o| o.evictable_pinned_bytes)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(buf.is_resident() && pinned(&rt) == Some(0)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            rt.pool_stats()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(rt.waiting_sessions(), 0);
+    drop(exec);
+    // Nothing holds the buffer: another context's request can take its memory again.
+    drop(b.create_buffer(40 * MIB).unwrap());
+    assert!(!buf.is_resident());
+}

@@ -169,9 +169,10 @@ async fn infer(State(app): State<Arc<App>>, Path(name): Path<String>, body: Byte
         );
     }
     let t = Instant::now();
-    // The session runs on a blocking thread: getting one may restore the model's weights
-    // (whole tensors copied from host memory, waited for), and a worker thread of the
-    // async runtime must not stall on that while other requests and `/metrics` wait.
+    // The request's work runs on a blocking thread: its reads wait for their copies, and
+    // getting the session may restore the model's weights (whole tensors copied from host
+    // memory, waited for). A worker thread of the async runtime must not stall on either
+    // while other requests and `/metrics` wait.
     let (app2, name2) = (app.clone(), name.clone());
     let input = req.input;
     let task = tokio::task::spawn_blocking(move || {
