@@ -259,6 +259,8 @@ enum State {
     Restoring {
         id: Option<u64>,
         task: tokio::task::JoinHandle<Restored>,
+        /// Set when the future is dropped: a task that has not begun its try skips it.
+        dropped: Arc<std::sync::atomic::AtomicBool>,
     },
     Done,
 }
@@ -301,8 +303,13 @@ impl SessionFuture {
         }
         let handle = tokio::runtime::Handle::try_current().ok()?;
         let ctx = ctx.clone();
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gone = dropped.clone();
         let task = handle.spawn_blocking(move || {
             let since = ctx.inner.rt.waits.generation();
+            if gone.load(Ordering::Acquire) {
+                return Restored::Wait { since };
+            }
             match Self::try_now(&ctx, false) {
                 Step::Done(r) => Restored::Done(r.map(|pinned| Session::new(ctx.inner, pinned))),
                 Step::Wait => Restored::Wait { since },
@@ -312,7 +319,7 @@ impl SessionFuture {
             State::Waiting(id) => Some(id),
             _ => None,
         };
-        Some(State::Restoring { id, task })
+        Some(State::Restoring { id, task, dropped })
     }
 
     /// One try. Short of memory, the pressure handlers are asked for what the working
@@ -415,19 +422,22 @@ impl Future for SessionFuture {
                 }
                 Self::try_now(ctx, false)
             }
-            State::Restoring { id, task } => {
+            State::Restoring { id, task, .. } => {
                 let id = *id;
                 let outcome = match Pin::new(task).poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(outcome)) => outcome,
-                    Poll::Ready(Err(join)) => Restored::Done(Err(RuntimeError::Foreign {
-                        what: "session restore",
-                        owner: if join.is_panic() {
-                            "a panicked blocking task"
-                        } else {
-                            "a cancelled blocking task"
-                        },
-                    })),
+                    Poll::Ready(Err(join)) => {
+                        tracing::error!(context = %ctx.inner.name, error = %join, "a session's try on a blocking thread did not finish");
+                        Restored::Done(Err(RuntimeError::Foreign {
+                            what: "session restore",
+                            owner: if join.is_panic() {
+                                "a panicked blocking task"
+                            } else {
+                                "a cancelled blocking task"
+                            },
+                        }))
+                    }
                 };
                 match outcome {
                     Restored::Done(r) => {
@@ -439,6 +449,11 @@ impl Future for SessionFuture {
                         return Poll::Ready(r);
                     }
                     Restored::Wait { since } => {
+                        // Back in line first, then look: a release either finds the waker
+                        // there or has moved the generation that this reads.
+                        if let Some(id) = id {
+                            let _ = rt.is_head(id, cx.waker());
+                        }
                         if rt.waits.generation() != since {
                             cx.waker().wake_by_ref();
                         }
@@ -476,6 +491,9 @@ impl Future for SessionFuture {
 
 impl Drop for SessionFuture {
     fn drop(&mut self) {
+        if let State::Restoring { dropped, .. } = &self.state {
+            dropped.store(true, Ordering::Release);
+        }
         let id = match &self.state {
             State::Waiting(id) | State::Restoring { id: Some(id), .. } => *id,
             _ => return,
