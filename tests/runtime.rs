@@ -1108,6 +1108,11 @@ fn an_async_session_dropped_while_it_restores_leaves_nothing_pinned() {
     let a_stream = a.session().unwrap().stream().clone();
     drop(b.create_buffer(40 * MIB).unwrap());
     assert!(!buf.is_resident());
+    // Made before the gate: on a failure, the gate's sender is dropped first, the kernel
+    // ends, and dropping the executor (which waits for its blocking threads) can finish.
+    let exec = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let (go, gate) = std::sync::mpsc::channel::<()>();
     sim.launch_host(&a_stream, move |_| {
         let _ = gate.recv();
@@ -1115,9 +1120,6 @@ fn an_async_session_dropped_while_it_restores_leaves_nothing_pinned() {
     })
     .unwrap();
 
-    let exec = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
     exec.block_on(async {
         let a2 = a.clone();
         let session = tokio::spawn(async move { a2.session_async().await.map(drop) });
@@ -1139,4 +1141,64 @@ fn an_async_session_dropped_while_it_restores_leaves_nothing_pinned() {
     // Nothing holds the buffer: another context's request can take its memory again.
     drop(b.create_buffer(40 * MIB).unwrap());
     assert!(!buf.is_resident());
+}
+
+#[test]
+fn an_async_session_dropped_while_it_restores_at_the_head_of_the_line_leaves_it() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let a = rt
+        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let c = rt
+        .create_context(ContextSpec::new("c", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let buf = a.create_buffer(40 * MIB).unwrap();
+    let a_stream = a.session().unwrap().stream().clone();
+    let theirs = c.create_buffer(40 * MIB).unwrap();
+    assert!(!buf.is_resident());
+    // Made before the gate, as in the test above.
+    let exec = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    sim.launch_host(&a_stream, move |_| {
+        let _ = gate.recv();
+        Ok(())
+    })
+    .unwrap();
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+
+    // The other context's live session holds its buffer: this session waits in line.
+    let held = c.session().unwrap();
+    let a2 = a.clone();
+    let task = exec.spawn(async move { a2.session_async().await.map(drop) });
+    until("the session joins the line", &|| rt.waiting_sessions() == 1);
+    // Released, the head restores (offloading the other buffer), and its restore waits
+    // for the held kernel.
+    drop(held);
+    until("the head starts its restore", &|| {
+        !theirs.is_resident() && rt.pool_stats().moves_in_flight == 1
+    });
+    task.abort();
+    assert!(exec.block_on(task).unwrap_err().is_cancelled());
+    let waiting = rt.waiting_sessions();
+    // Let the restore end before anything can fail: dropping the executor waits for it.
+    go.send(()).unwrap();
+    drop(exec);
+    assert_eq!(waiting, 0, "the dropped head left the line");
+    // Nothing of it stays pinned: the other context's session gets its buffer back.
+    let mut s = c.session().unwrap();
+    let mut back = vec![0u8; 16];
+    s.read(&theirs, 0, &mut back).unwrap();
+    drop(s);
+    let st = rt.pool_stats();
+    let a_stats = st.owners.iter().find(|o| o.name == "a").unwrap();
+    assert_eq!(a_stats.evictable_pinned_bytes, 0, "{st:?}");
 }
