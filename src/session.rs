@@ -310,7 +310,7 @@ impl SessionFuture {
             if gone.load(Ordering::Acquire) {
                 return Restored::Wait { since };
             }
-            match Self::try_now(&ctx, false) {
+            match Self::try_now(&ctx) {
                 Step::Done(r) => Restored::Done(r.map(|pinned| Session::new(ctx.inner, pinned))),
                 Step::Wait => Restored::Wait { since },
             }
@@ -326,9 +326,9 @@ impl SessionFuture {
     /// set lacks (its evicted buffers); if they allow, it tries again. A denial does not
     /// fail the session: it waits for memory that live sessions release, as without
     /// handlers.
-    fn attempt(ctx: &Context, fast: bool) -> Result<Prefix> {
+    fn attempt(ctx: &Context) -> Result<Prefix> {
         let c = &ctx.inner;
-        match pin_all(c, fast) {
+        match pin_all(c, false) {
             Err(e) if e.is_oom() => match c.rt.relieve(ctx, evicted_bytes(c)) {
                 Some(Pressure::Allow) => pin_all(c, false),
                 _ => Err(e),
@@ -340,20 +340,18 @@ impl SessionFuture {
     /// Try until it succeeds, fails for good, or has to wait (see
     /// [`gpushare_qos::gate`]).
     ///
-    /// Only the first try may take the fast path (`fast`). A fast path that gives up ends
-    /// the session it started, which moves the release generation; the gate would take
-    /// that for memory released by someone else and try again, and a session short of
-    /// memory with no other session live would loop here for ever.
-    fn try_now(ctx: &Context, fast: bool) -> Step {
-        let mut fast = fast;
-        match ctx.inner.rt.waits.attempt(
-            || {
-                let r = Self::attempt(ctx, fast);
-                fast = false;
-                r
-            },
-            RuntimeError::is_oom,
-        ) {
+    /// The fast path ([`pin_resident`]) is not tried here. When it gives up it ends the
+    /// session it started, which moves the release generation; the gate would take that
+    /// for memory released by someone else and try again, and a session short of memory
+    /// with no other session live would loop here for ever. A newcomer takes it once,
+    /// before its first try.
+    fn try_now(ctx: &Context) -> Step {
+        match ctx
+            .inner
+            .rt
+            .waits
+            .attempt(|| Self::attempt(ctx), RuntimeError::is_oom)
+        {
             Attempt::Done(r) => Step::Done(r),
             Attempt::Wait => Step::Wait,
         }
@@ -410,7 +408,7 @@ impl Future for SessionFuture {
                     this.state = restoring;
                     return Pin::new(&mut *this).poll(cx);
                 }
-                Self::try_now(ctx, false)
+                Self::try_now(ctx)
             }
             State::Waiting(id) => {
                 if !rt.is_head(*id, cx.waker()) {
@@ -420,7 +418,7 @@ impl Future for SessionFuture {
                     this.state = restoring;
                     return Pin::new(&mut *this).poll(cx);
                 }
-                Self::try_now(ctx, false)
+                Self::try_now(ctx)
             }
             State::Restoring { id, task, .. } => {
                 let id = *id;
@@ -448,21 +446,23 @@ impl Future for SessionFuture {
                         this.ctx = None;
                         return Poll::Ready(r);
                     }
-                    Restored::Wait { since } => {
-                        // Back in line first, then look: a release either finds the waker
-                        // there or has moved the generation that this reads.
-                        if let Some(id) = id {
+                    Restored::Wait { since } => match id {
+                        Some(id) => {
+                            // Back in line first, then look: a release either finds the
+                            // waker there or has moved the generation that this reads.
+                            this.state = State::Waiting(id);
                             let _ = rt.is_head(id, cx.waker());
+                            if rt.waits.generation() != since {
+                                cx.waker().wake_by_ref();
+                            }
+                            return Poll::Pending;
                         }
-                        if rt.waits.generation() != since {
-                            cx.waker().wake_by_ref();
+                        // It joins the line below, and tries again at once.
+                        None => {
+                            this.state = State::Start;
+                            Step::Wait
                         }
-                        this.state = match id {
-                            Some(id) => State::Waiting(id),
-                            None => State::Start,
-                        };
-                        Step::Wait
-                    }
+                    },
                 }
             }
         };
@@ -472,12 +472,8 @@ impl Future for SessionFuture {
                 this.finish(r)
             }
             (Step::Done(r), _) => this.finish(r),
-            (Step::Wait, State::Waiting(id)) => {
-                // Register for the next release (a try on another thread took the waker
-                // the line held before it).
-                let _ = rt.is_head(*id, cx.waker());
-                Poll::Pending
-            }
+            // Its waker is in line (`is_head` above).
+            (Step::Wait, State::Waiting(_)) => Poll::Pending,
             (Step::Wait, _) => {
                 let id = rt.enqueue(ctx.inner.tier, cx.waker());
                 this.state = State::Waiting(id);

@@ -969,6 +969,17 @@ fn a_context_whose_kernel_faulted_gives_its_memory_up_to_others() {
     );
 }
 
+/// Queue on `stream` a kernel that runs until the returned sender sends or is dropped.
+fn hold(sim: &SimDevice, stream: &gpushare::device::Stream) -> std::sync::mpsc::Sender<()> {
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    sim.launch_host(stream, move |_| {
+        let _ = gate.recv();
+        Ok(())
+    })
+    .unwrap();
+    go
+}
+
 #[test]
 fn an_offload_waiting_on_its_owners_gpu_work_holds_up_no_other_context() {
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);
@@ -1000,15 +1011,7 @@ fn an_offload_waiting_on_its_owners_gpu_work_holds_up_no_other_context() {
     // A long kernel of the busy context: its stream's tail, which an offload of its buffer
     // must wait for, ends only when the test says so. Its session ends at once, as a
     // session does, without waiting for the GPU.
-    let (go, gate) = std::sync::mpsc::channel::<()>();
-    {
-        let s = busy.session().unwrap();
-        sim.launch_host(s.stream(), move |_| {
-            let _ = gate.recv();
-            Ok(())
-        })
-        .unwrap();
-    }
+    let go = hold(&sim, busy.session().unwrap().stream());
 
     // The needy context's buffer takes the busy one's place: its offload waits for the
     // kernel, and the request waits for the offload with the pool's lock free.
@@ -1066,12 +1069,7 @@ fn an_async_session_restores_on_a_blocking_thread_and_leaves_the_executor_free()
 
     // A kernel holds the context's stream until the executor's other task releases it, and
     // restoring the buffer waits for that stream's tail.
-    let (go, gate) = std::sync::mpsc::channel::<()>();
-    sim.launch_host(&a_stream, move |_| {
-        let _ = gate.recv();
-        Ok(())
-    })
-    .unwrap();
+    let go = hold(&sim, &a_stream);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let exec = tokio::runtime::Builder::new_current_thread()
@@ -1113,12 +1111,7 @@ fn an_async_session_dropped_while_it_restores_leaves_nothing_pinned() {
     let exec = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let (go, gate) = std::sync::mpsc::channel::<()>();
-    sim.launch_host(&a_stream, move |_| {
-        let _ = gate.recv();
-        Ok(())
-    })
-    .unwrap();
+    let go = hold(&sim, &a_stream);
 
     exec.block_on(async {
         let a2 = a.clone();
@@ -1161,12 +1154,7 @@ fn an_async_session_dropped_while_it_restores_at_the_head_of_the_line_leaves_it(
         .worker_threads(2)
         .build()
         .unwrap();
-    let (go, gate) = std::sync::mpsc::channel::<()>();
-    sim.launch_host(&a_stream, move |_| {
-        let _ = gate.recv();
-        Ok(())
-    })
-    .unwrap();
+    let go = hold(&sim, &a_stream);
     let until = |what: &str, done: &dyn Fn() -> bool| {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while !done() {

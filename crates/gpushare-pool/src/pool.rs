@@ -2010,11 +2010,11 @@ impl<S: ChunkSource> Pool<S> {
                 }
                 Residency::Evicted => {
                     let (owner, size) = (e.owner, e.size);
-                    if c.evictor.is_none() {
-                        return Err(PoolError::RestoreFailed(
+                    let evictor = c.evictor.clone().ok_or_else(|| {
+                        PoolError::RestoreFailed(
                             "the block was evicted but no evictor is set".into(),
-                        ));
-                    }
+                        )
+                    })?;
                     let (g, placed) = self.place(c, owner, size, UNIT, stream, true);
                     c = g;
                     let placed = placed?;
@@ -2023,7 +2023,7 @@ impl<S: ChunkSource> Pool<S> {
                     let settled = c.ev.lookup(self.id, id).map(|i| (i, c.ev.get(i).residency));
                     match settled {
                         Ok((idx, Residency::Evicted)) => {
-                            return self.restore_into(c, idx, placed, stream)
+                            return self.restore_into(c, evictor.as_ref(), idx, placed, stream)
                         }
                         Ok(_) => Self::give_back(&mut c, owner, size, placed),
                         Err(e) => {
@@ -2037,23 +2037,18 @@ impl<S: ChunkSource> Pool<S> {
     }
 
     /// Restore the evicted block `idx` into `placed` (memory charged to its owner) through
-    /// the evictor, with the lock let go while the bytes move, and pin it. On failure the
+    /// `evictor`, with the lock let go while the bytes move, and pin it. On failure the
     /// block stays evicted and the memory goes back.
     fn restore_into<'a>(
         &'a self,
         mut c: CentralGuard<'a>,
+        evictor: &dyn Evictor,
         idx: u32,
         placed: Placed,
         stream: StreamId,
     ) -> Result<Pinned, PoolError> {
         let e = c.ev.get(idx);
         let (owner, size, tag) = (e.owner, e.size, e.tag);
-        let Some(evictor) = c.evictor.clone() else {
-            Self::give_back(&mut c, owner, size, placed);
-            return Err(PoolError::RestoreFailed(
-                "the block was evicted but no evictor is set".into(),
-            ));
-        };
         let (node, offset) = (placed.node, placed.offset);
         let addr = self.source.addr(offset);
         let info = RestoreInfo {
