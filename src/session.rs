@@ -448,11 +448,8 @@ impl Future for SessionFuture {
                     }
                     Restored::Wait { since } => match id {
                         Some(id) => {
-                            // Back in line first, then look: a release either finds the
-                            // waker there or has moved the generation that this reads.
                             this.state = State::Waiting(id);
-                            let _ = rt.is_head(id, cx.waker());
-                            if rt.waits.generation() != since {
+                            if rt.waits.rejoin(id, cx.waker(), since) {
                                 cx.waker().wake_by_ref();
                             }
                             return Poll::Pending;

@@ -176,6 +176,20 @@ impl SessionGate {
         self.queue.is_head(id, waker)
     }
 
+    /// Put a waiter back in line after an attempt that ran away from it (on another
+    /// thread, while the waiter's future waited for that thread) ended in
+    /// [`Attempt::Wait`]: registers `waker` for ticket `id`, and says whether memory was
+    /// released since `since`, the [`SessionGate::generation`] read before that attempt
+    /// began. If so, the caller must try again: the release's wake-up may have been spent
+    /// on a poll that found the attempt still running.
+    ///
+    /// The waker goes back first, then the generation is read: a later release either
+    /// finds the waker in line or has moved the generation by the time it is read.
+    pub fn rejoin(&self, id: u64, waker: &Waker, since: u64) -> bool {
+        self.queue.is_head(id, waker);
+        self.generation() != since
+    }
+
     /// Leave the line (served or cancelled).
     pub fn remove(&self, id: u64) {
         self.queue.remove(id);
