@@ -2,7 +2,7 @@
 
 use crate::error::PoolError;
 use crate::tlsf::NONE;
-use crate::{EvictableId, EvictableKey, OwnerId, StreamId, Tier};
+use crate::{EvictableId, EvictableKey, OwnerId, PoolId, StreamId, Tier};
 use slab::Slab;
 use std::collections::HashMap;
 
@@ -208,7 +208,7 @@ impl EvState {
         }) as u32
     }
 
-    pub fn public_id(&self, pool: u32, idx: u32) -> EvictableId {
+    pub fn public_id(&self, pool: PoolId, idx: u32) -> EvictableId {
         EvictableId {
             pool,
             key: EvictableKey {
@@ -219,7 +219,7 @@ impl EvState {
     }
 
     #[inline]
-    pub fn lookup(&self, pool: u32, id: &EvictableId) -> Result<u32, PoolError> {
+    pub fn lookup(&self, pool: PoolId, id: &EvictableId) -> Result<u32, PoolError> {
         if id.pool != pool {
             return Err(PoolError::ForeignBlock {
                 what: "evictable block",

@@ -50,6 +50,10 @@ pub use evict::{EvictError, Eviction, Evictor, RestoreInfo, VictimInfo};
 pub use pool::{Pool, PoolConfig};
 pub use source::{ChunkSource, HostSource};
 
+/// A pool's id, in every id and block it hands out, so that a pool refuses another's.
+/// Never zero, so that `Option<Block>` is no larger than a [`Block`].
+type PoolId = std::num::NonZeroU32;
+
 /// The allocation unit and smallest alignment, in bytes.
 pub const ALIGN: u64 = tlsf::UNIT;
 
@@ -145,12 +149,12 @@ pub struct OwnerId {
     /// went through the stack on every call, and reading it back stalled store forwarding
     /// on the allocation hot path.
     key: u64,
-    pool: u32,
+    pool: PoolId,
 }
 
 impl OwnerId {
     #[inline]
-    pub(crate) fn new(pool: u32, slot: u32, gen: u32) -> Self {
+    pub(crate) fn new(pool: PoolId, slot: u32, gen: u32) -> Self {
         OwnerId {
             key: u64::from(slot) | u64::from(gen) << 32,
             pool,
@@ -178,14 +182,24 @@ impl std::fmt::Display for OwnerId {
 /// twice. A block dropped without being freed stays charged to its owner.
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a block must be freed with Pool::free or Pool::free_after"]
+///
+/// A block is 32 bytes, every field a scalar: callers keep and move blocks by the million
+/// (tables of live blocks, handles in tensors), so it holds only what a free needs without
+/// a lock. Its size class is computed again from its size, and the size requested is the
+/// caller's to keep.
 pub struct Block {
     offset: u64,
     size: u64,
-    requested: u64,
+    /// The owner's key ([`OwnerId`]'s first field), apart from its pool: an [`OwnerId`]
+    /// field would bring its padding and make the block 40 bytes.
+    owner_key: u64,
     node: u32,
-    owner: OwnerId,
-    class: u32,
+    pool: PoolId,
 }
+
+// What the docs of `Block` and `PoolId` promise.
+const _: () = assert!(std::mem::size_of::<Block>() == 32);
+const _: () = assert!(std::mem::size_of::<Option<Block>>() == 32);
 
 impl Block {
     /// Offset from the pool's base address.
@@ -196,13 +210,17 @@ impl Block {
     pub fn size(&self) -> u64 {
         self.size
     }
-    /// Bytes requested.
-    pub fn requested(&self) -> u64 {
-        self.requested
-    }
     /// The owner it is charged to.
     pub fn owner(&self) -> OwnerId {
-        self.owner
+        OwnerId {
+            key: self.owner_key,
+            pool: self.pool,
+        }
+    }
+    /// The cache's size class of the block.
+    #[inline]
+    pub(crate) fn class(&self) -> usize {
+        crate::tlsf::floor_class(self.size)
     }
 }
 
@@ -217,7 +235,7 @@ pub struct EvictableKey {
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "an evictable block must be freed with Pool::free_evictable"]
 pub struct EvictableId {
-    pool: u32,
+    pool: PoolId,
     key: EvictableKey,
 }
 

@@ -14,8 +14,8 @@ use crate::tlsf::{ceil_class, floor_class, Tlsf, UNIT};
 
 const ALIGN_UNIT: u64 = UNIT;
 use crate::{
-    Block, EvictableId, FreeEvent, OwnerId, OwnerSpec, OwnerStats, Pinned, PoolStats, StreamId,
-    Tier,
+    Block, EvictableId, FreeEvent, OwnerId, OwnerSpec, OwnerStats, Pinned, PoolId, PoolStats,
+    StreamId, Tier,
 };
 use crossbeam_utils::CachePadded;
 use std::collections::BTreeMap;
@@ -91,7 +91,7 @@ impl Freed {
     #[inline]
     fn plain(b: &Block) -> Self {
         Freed {
-            class: b.class,
+            class: b.class() as u32,
             node: b.node,
             offset: b.offset,
             size: b.size,
@@ -568,7 +568,7 @@ pub(crate) struct Central {
 
 /// The allocator. `Send + Sync`; share it by reference or in an `Arc`.
 pub struct Pool<S: ChunkSource> {
-    id: u32,
+    id: PoolId,
     source: S,
     cfg: PoolConfig,
     granularity: u64,
@@ -636,10 +636,15 @@ impl<S: ChunkSource> std::fmt::Debug for Pool<S> {
     }
 }
 
-fn next_pool_id() -> u32 {
+fn next_pool_id() -> PoolId {
     use std::sync::atomic::{AtomicU32 as StdAtomicU32, Ordering as O};
     static NEXT: StdAtomicU32 = StdAtomicU32::new(1);
-    NEXT.fetch_add(1, O::Relaxed)
+    loop {
+        // Zero, once every 2^32 pools, is skipped: it is `Option<Block>`'s niche.
+        if let Some(id) = PoolId::new(NEXT.fetch_add(1, O::Relaxed)) {
+            return id;
+        }
+    }
 }
 
 enum Grow {
@@ -903,10 +908,10 @@ impl<S: ChunkSource> Pool<S> {
                         // Kept apart from the general search below so that the entry
                         // stays in registers.
                         if let Some(c) = sh.pop_top(fc, size_r, stream) {
-                            return Ok(Self::hand_out(cell, sh, c, size, owner));
+                            return Ok(Self::hand_out(cell, sh, c, owner));
                         }
                         if let Some(c) = sh.take_fit(size_r, stream) {
-                            return Ok(Self::hand_out(cell, sh, c, size, owner));
+                            return Ok(Self::hand_out(cell, sh, c, owner));
                         }
                     }
                 }
@@ -922,7 +927,6 @@ impl<S: ChunkSource> Pool<S> {
         cell: &ShardCell,
         mut sh: impl std::ops::DerefMut<Target = Shard>,
         c: Cached,
-        requested: u64,
         owner: OwnerId,
     ) -> Block {
         sh.reused(&c);
@@ -931,10 +935,9 @@ impl<S: ChunkSource> Pool<S> {
         Block {
             offset: c.offset,
             size: c.size,
-            requested,
+            owner_key: owner.key,
             node: c.node,
-            owner,
-            class: c.class,
+            pool: owner.pool,
         }
     }
 
@@ -983,7 +986,6 @@ impl<S: ChunkSource> Pool<S> {
             });
         }
         let align = align.max(UNIT);
-        let class = floor_class(csize);
         if align > UNIT && csize <= self.cfg.cache_max_block {
             // Aligned requests skip the fast path; a cached block may still be aligned.
             let cell = self.cell(slot);
@@ -997,7 +999,7 @@ impl<S: ChunkSource> Pool<S> {
             };
             if let Some(c) = taken {
                 if c.offset.is_multiple_of(align) {
-                    return Ok(Self::hand_out(cell, sh, c, size, owner));
+                    return Ok(Self::hand_out(cell, sh, c, owner));
                 }
                 let (class, csz) = (c.class as usize, c.size);
                 sh.put(c);
@@ -1036,10 +1038,9 @@ impl<S: ChunkSource> Pool<S> {
         Ok(Block {
             offset,
             size: csize,
-            requested: size,
+            owner_key: owner.key,
             node,
-            owner,
-            class: class as u32,
+            pool: owner.pool,
         })
     }
 
@@ -1055,7 +1056,7 @@ impl<S: ChunkSource> Pool<S> {
             // may refuse large ones for a long time); the checks under the lock decide.
             if block.size <= cell.small || cell.hint_admits.load(Ordering::Relaxed) != 0 {
                 let mut sh = cell.lock.lock();
-                let class = block.class as usize;
+                let class = block.class();
                 if sh.admits_size(block.size)
                     && sh.bytes + block.size <= self.cfg.cache_bytes_per_shard
                 {
@@ -1064,7 +1065,7 @@ impl<S: ChunkSource> Pool<S> {
                             offset: block.offset,
                             size: block.size,
                             node: block.node,
-                            class: block.class,
+                            class: class as u32,
                             ev: NO_EVENT,
                         });
                         cell.publish(&sh, class, block.size);
@@ -1089,9 +1090,9 @@ impl<S: ChunkSource> Pool<S> {
     /// another pool goes back to its caller, to be freed by the pool that made it.
     #[inline(always)]
     fn block_slot(&self, block: &Block) -> Option<(usize, &OwnerSlot)> {
-        let i = block.owner.slot() as usize;
+        let i = block.owner_key as u32 as usize;
         let slot = self.slots.get(i)?;
-        (block.owner.pool == self.id).then_some((i, slot))
+        (block.pool == self.id).then_some((i, slot))
     }
 
     /// Count a large free that a shard refused; true for the one in [`PROBE_EVERY`] that
@@ -1156,7 +1157,7 @@ impl<S: ChunkSource> Pool<S> {
             event: Some(event),
             ..Freed::plain(&block)
         };
-        if block.size <= self.cfg.cache_max_block && (block.class as usize) < self.cache_classes {
+        if block.size <= self.cfg.cache_max_block && block.class() < self.cache_classes {
             if block.size > cell.small && cell.hint_admits.load(Ordering::Relaxed) == 0 {
                 if self.refused_probes(cell) {
                     return self.probe_cache(i, cell, cached);
@@ -1167,7 +1168,7 @@ impl<S: ChunkSource> Pool<S> {
                     && sh.bytes + block.size <= self.cfg.cache_bytes_per_shard
                 {
                     Self::push_growing(&mut sh, self.cache_classes, cached);
-                    cell.publish(&sh, block.class as usize, block.size);
+                    cell.publish(&sh, block.class(), block.size);
                     return Ok(());
                 }
             }
