@@ -768,6 +768,19 @@ fn owners_are_removed_only_when_empty() {
     ));
     let c = p.add_owner(OwnerSpec::new("c", MIB)).unwrap();
     assert_ne!(a, c, "a reused slot gets a new identity");
+    // The removed owner's id names the slot that `c` now holds: it must not allocate
+    // there, on any path, nor be charged to `c`.
+    for size in [10, 300 * 1024] {
+        assert!(matches!(
+            p.alloc(a, size, S1),
+            Err(PoolError::UnknownOwner(_))
+        ));
+        assert!(matches!(
+            p.alloc_aligned(a, size, 4096, S1),
+            Err(PoolError::UnknownOwner(_))
+        ));
+    }
+    assert_eq!(p.stats().in_use_bytes, 0);
 }
 
 #[test]
