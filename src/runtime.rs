@@ -142,6 +142,11 @@ impl RuntimeBuilder {
             .aging(aging),
         )?;
         let g = info.granularity;
+        if !g.is_power_of_two() {
+            return Err(RuntimeError::Pool(gpushare_pool::PoolError::BadConfig(format!(
+                "the device reports an allocation granularity of {g} bytes, which is not a power of two; fix the Device implementation's DeviceInfo"
+            ))));
+        }
         if admission.capacity() < g {
             return Err(RuntimeError::Pool(gpushare_pool::PoolError::BadConfig(format!(
                 "the usable memory ({} B) is less than one {g}-byte allocation granule of the device; raise the memory limit or fraction",
@@ -152,7 +157,7 @@ impl RuntimeBuilder {
         let source: Box<dyn ChunkSource> = if info.vmm_supported {
             Box::new(VmmSource::new(dev.clone(), capacity)?)
         } else {
-            Box::new(LinearSource::new(dev.clone(), capacity * 2))
+            Box::new(LinearSource::new(dev.clone(), capacity.saturating_mul(2)))
         };
         let pool = Pool::new(source, PoolConfig::default().capacity(capacity))
             .map_err(|e| RuntimeError::from_pool(e, "runtime"))?;

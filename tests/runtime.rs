@@ -1190,3 +1190,16 @@ fn an_async_session_dropped_while_it_restores_at_the_head_of_the_line_leaves_it(
     let a_stats = st.owners.iter().find(|o| o.name == "a").unwrap();
     assert_eq!(a_stats.evictable_pinned_bytes, 0, "{st:?}");
 }
+
+#[test]
+fn a_device_without_vmm_and_with_memory_near_u64_max_builds() {
+    // Without VMM the pool's chunk source gets twice the capacity in offsets, which
+    // overflowed here.
+    let dev = SimDevice::with_config(SimConfig::default().vmm(false).total_memory(u64::MAX))
+        .expect("sim device");
+    let rt = Runtime::builder()
+        .with_device(Arc::new(dev))
+        .build()
+        .expect("runtime");
+    assert!(rt.available_vram() > u64::MAX / 2);
+}

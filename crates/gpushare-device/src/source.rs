@@ -23,10 +23,23 @@ pub struct VmmSource {
     maps: Mutex<BTreeMap<u64, Mapping>>,
 }
 
+/// The error for a device whose allocation granularity is not a power of two.
+fn bad_granularity(g: u64) -> DeviceError {
+    DeviceError::Unsupported {
+        what: "a chunk source on this device",
+        reason: format!(
+            "the device reports an allocation granularity of {g} bytes, which is not a power of two; fix the Device implementation's DeviceInfo"
+        ),
+    }
+}
+
 impl VmmSource {
     /// Reserve `va_size` bytes (rounded up to the granularity) on `dev`.
     pub fn new(dev: Arc<dyn Device>, va_size: u64) -> Result<Self, DeviceError> {
         let g = dev.info().granularity;
+        if !g.is_power_of_two() {
+            return Err(bad_granularity(g));
+        }
         let size = va_size
             .max(1)
             .checked_next_multiple_of(g)
@@ -107,9 +120,11 @@ impl LinearSource {
         LinearSource {
             dev,
             // Rounded down where rounding up would overflow: the range is only ever offsets.
+            // (A granularity of zero, which no device should report, leaves it as given:
+            // the pool refuses such a source.)
             va_size: va_size
                 .checked_next_multiple_of(g)
-                .unwrap_or(u64::MAX / g * g),
+                .unwrap_or_else(|| u64::MAX.checked_div(g).map_or(va_size, |q| q * g)),
             granularity: g,
             chunks: Mutex::new(BTreeMap::new()),
         }

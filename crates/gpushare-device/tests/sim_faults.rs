@@ -259,3 +259,36 @@ fn addresses_are_never_reused() {
     let second = dev.reserve_va(g).unwrap().base();
     assert!(second.0 >= first.0 + g);
 }
+
+#[test]
+fn a_fault_planned_past_the_last_operation_is_accepted_and_never_fires() {
+    let dev = SimDevice::new();
+    let g = dev.info().granularity;
+    dev.create_chunk(g).unwrap();
+    // The count of chunk creations is already 1: adding u64::MAX overflowed.
+    dev.fail_nth(FaultOp::ChunkCreate, u64::MAX);
+    for _ in 0..3 {
+        dev.create_chunk(g).unwrap();
+    }
+}
+
+#[test]
+fn a_simulated_device_that_runs_out_of_addresses_says_so() {
+    // Addresses are never reused: 2^46-byte reservations, each dropped at once, use up
+    // the 64-bit range after about 2^18 of them.
+    let dev = SimDevice::new();
+    let mut ran_out = None;
+    for i in 0..(1u64 << 19) {
+        match dev.reserve_va(1 << 46) {
+            Ok(va) => drop(va),
+            Err(e) => {
+                ran_out = Some((i, e));
+                break;
+            }
+        }
+    }
+    match ran_out {
+        Some((i, DeviceError::Unsupported { .. })) => assert!(i > 1000, "ran out after {i}"),
+        other => panic!("expected the address space to run out, got {other:?}"),
+    }
+}

@@ -800,7 +800,14 @@ impl<S: ChunkSource> Pool<S> {
                 self.limit
             )));
         }
-        let Some(slot) = c.owners.iter().position(Option::is_none) else {
+        // A slot whose generation has run out (2^31 owners came and went there) is not
+        // used again: a wrapped generation would make an old owner's id valid once more.
+        let Some(slot) = c
+            .owners
+            .iter()
+            .zip(self.slots.iter())
+            .position(|(a, s)| a.is_none() && s.gen.load(Ordering::Relaxed) < u32::MAX - 1)
+        else {
             return Err(PoolError::TooManyOwners(self.cfg.max_owners));
         };
         // Its base is committed from now on, on top of what others use: the sum may exceed
@@ -2446,5 +2453,33 @@ impl<S: ChunkSource> Pool<S> {
             blocks,
             report: self.report(&c, &c.evict_failures),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::HostSource;
+
+    #[test]
+    fn a_slot_whose_generation_ran_out_is_not_used_again() {
+        let pool = Pool::new(
+            HostSource::new(2 << 20, 1 << 30),
+            PoolConfig {
+                max_owners: 2,
+                ..PoolConfig::default()
+            },
+        )
+        .unwrap();
+        let a = pool.add_owner(OwnerSpec::new("a", 1 << 20)).unwrap();
+        pool.remove_owner(a).unwrap();
+        // As after 2^31 owners in slot 0: its next generation would wrap.
+        pool.slots[0].gen.store(u32::MAX - 1, Ordering::Relaxed);
+        let b = pool.add_owner(OwnerSpec::new("b", 1 << 20)).unwrap();
+        assert_eq!(b.slot(), 1, "the exhausted slot 0 was skipped");
+        assert!(matches!(
+            pool.add_owner(OwnerSpec::new("c", 1 << 20)),
+            Err(PoolError::TooManyOwners(2))
+        ));
     }
 }

@@ -108,7 +108,7 @@ impl ChunkSource for HostSource {
     fn map(&self, offset: u64, size: u64) -> Result<(), SourceError> {
         let mut c = self.chunks.lock();
         let mapped = self.mapped();
-        if self.limit.is_some_and(|l| mapped + size > l) {
+        if self.limit.is_some_and(|l| mapped.saturating_add(size) > l) {
             return Err(SourceError::OutOfMemory { requested: size });
         }
         if offset.checked_add(size).is_none_or(|e| e > self.va_size) {
@@ -132,7 +132,12 @@ impl ChunkSource for HostSource {
     }
     fn unmap(&self, offset: u64, size: u64) -> Result<(), SourceError> {
         let mut c = self.chunks.lock();
-        let keys: Vec<u64> = c.range(offset..offset + size).map(|(&k, _)| k).collect();
+        let Some(end) = offset.checked_add(size) else {
+            return Err(SourceError::Other(format!(
+                "range {offset}+{size} runs past the end of the address space"
+            )));
+        };
+        let keys: Vec<u64> = c.range(offset..end).map(|(&k, _)| k).collect();
         let total: u64 = keys.iter().map(|k| c[k].capacity() as u64).sum();
         if total != size {
             return Err(SourceError::Other(format!(

@@ -4,7 +4,8 @@ mod common;
 
 use common::{Flag, Recorder};
 use gpushare_pool::{
-    BlockState, HostSource, OwnerSpec, Pool, PoolConfig, PoolError, StreamId, Tier,
+    BlockState, ChunkSource, HostSource, OwnerSpec, Pool, PoolConfig, PoolError, SourceError,
+    StreamId, Tier,
 };
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -882,4 +883,19 @@ fn an_owner_can_evict_its_own_unpinned_block() {
     q.unpin(&id).unwrap();
     assert!(matches!(q.evict(o, &id), Err(PoolError::NoEvictor)));
     q.free_evictable(id).unwrap();
+}
+
+#[test]
+fn a_host_source_refuses_ranges_that_overflow() {
+    let src = HostSource::new(2 * MIB, 1 << 40).with_limit(8 * MIB);
+    src.map(0, 2 * MIB).unwrap();
+    assert!(matches!(
+        src.map(2 * MIB, u64::MAX),
+        Err(SourceError::OutOfMemory { .. })
+    ));
+    assert!(matches!(
+        src.unmap(512, u64::MAX),
+        Err(SourceError::Other(_))
+    ));
+    src.unmap(0, 2 * MIB).unwrap();
 }

@@ -260,13 +260,19 @@ impl Shared {
             })
     }
 
-    fn alloc_va(&self, size: u64) -> u64 {
+    fn alloc_va(&self, size: u64) -> Result<u64> {
         let mut next = lock(&self.next_va);
         let base = *next;
         // Addresses are never reused, so a stale pointer into a freed range always faults.
         // A guard gap of one granule separates ranges.
-        *next = base + size + self.config.granularity;
-        base
+        *next = base
+            .checked_add(size)
+            .and_then(|e| e.checked_add(self.config.granularity))
+            .ok_or(DeviceError::Unsupported {
+                what: "another simulated address range",
+                reason: "the simulated device never reuses addresses, and this process has used up its 64-bit address space; create a new SimDevice".into(),
+            })?;
+        Ok(base)
     }
 
     /// Resolve a device range into the chunk pieces that back it.
@@ -656,7 +662,8 @@ impl SimDevice {
     /// faults may be pending at once.
     pub fn fail_nth(&self, op: FaultOp, n: u64) {
         let mut f = lock(&self.shared.faults);
-        let at = f.counts[op_index(op)] + n.max(1);
+        // A fault past u64::MAX operations never fires; saturating keeps it pending.
+        let at = f.counts[op_index(op)].saturating_add(n.max(1));
         f.pending.push((op, at, n.max(1)));
     }
 
@@ -848,7 +855,7 @@ impl Device for SimDevice {
                 free: 1 << 46,
             });
         }
-        let base = self.shared.alloc_va(size);
+        let base = self.shared.alloc_va(size)?;
         lock(&self.shared.reservations).insert(base, size);
         inc(&self.shared.acc.va_ranges);
         Ok(VaRange {
@@ -940,9 +947,9 @@ impl Device for SimDevice {
     fn alloc_linear(&self, size: u64) -> Result<LinearAlloc> {
         check_granular("linear allocation", size, self.info.granularity)?;
         self.shared.tick(FaultOp::ChunkCreate)?;
+        let addr = self.shared.alloc_va(size)?;
         self.shared.charge(size)?;
         let mem = ChunkMem::new(size, &self.shared.acc);
-        let addr = self.shared.alloc_va(size);
         let m = self.map_region(addr, size, mem, None);
         Ok(LinearAlloc {
             device: self.shared.id,
