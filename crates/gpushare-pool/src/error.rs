@@ -160,6 +160,15 @@ pub enum PoolError {
     /// Too many owners.
     #[error("the pool already has its maximum of {0} owners; remove one or raise PoolConfig::max_owners")]
     TooManyOwners(u32),
+    /// Every free owner slot has served 2^31 owners; its generation would wrap and make
+    /// old owner ids valid again, so it is not used any more.
+    #[error("the pool has {live} of its {max} owners, but its free owner slots have each served 2^31 owners and are retired; create a new pool, or raise PoolConfig::max_owners")]
+    OwnerSlotsWornOut {
+        /// Owners registered now.
+        live: u32,
+        /// The pool's maximum.
+        max: u32,
+    },
     /// An evictable block is pinned where it must not be.
     #[error("the evictable block is pinned {pins} time(s); unpin it first")]
     Pinned {

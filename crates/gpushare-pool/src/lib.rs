@@ -180,13 +180,13 @@ impl std::fmt::Display for OwnerId {
 
 /// An allocated block. Not `Clone`: [`Pool::free`] consumes it, so it cannot be freed
 /// twice. A block dropped without being freed stays charged to its owner.
-#[derive(Debug, PartialEq, Eq)]
-#[must_use = "a block must be freed with Pool::free or Pool::free_after"]
 ///
 /// A block is 32 bytes, every field a scalar: callers keep and move blocks by the million
 /// (tables of live blocks, handles in tensors), so it holds only what a free needs without
 /// a lock. Its size class is computed again from its size, and the size requested is the
 /// caller's to keep.
+#[derive(PartialEq, Eq)]
+#[must_use = "a block must be freed with Pool::free or Pool::free_after"]
 pub struct Block {
     offset: u64,
     size: u64,
@@ -195,6 +195,17 @@ pub struct Block {
     owner_key: u64,
     node: u32,
     pool: PoolId,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("offset", &self.offset)
+            .field("size", &self.size)
+            .field("owner", &self.owner())
+            .field("node", &self.node)
+            .finish()
+    }
 }
 
 // What the docs of `Block` and `PoolId` promise.

@@ -808,7 +808,15 @@ impl<S: ChunkSource> Pool<S> {
             .zip(self.slots.iter())
             .position(|(a, s)| a.is_none() && s.gen.load(Ordering::Relaxed) < u32::MAX - 1)
         else {
-            return Err(PoolError::TooManyOwners(self.cfg.max_owners));
+            let live = c.owners.iter().flatten().count() as u32;
+            return Err(if live < self.cfg.max_owners {
+                PoolError::OwnerSlotsWornOut {
+                    live,
+                    max: self.cfg.max_owners,
+                }
+            } else {
+                PoolError::TooManyOwners(self.cfg.max_owners)
+            });
         };
         // Its base is committed from now on, on top of what others use: the sum may exceed
         // the capacity for a while, until usage above bases is reclaimed.
@@ -931,7 +939,8 @@ impl<S: ChunkSource> Pool<S> {
     /// case of the central path, with no alignment to check and no cache to search again.
     /// Kept apart from [`Pool::alloc_slow`], whose other cases made this one save and
     /// restore more registers: on the serving replay, where most requests come here,
-    /// that cost about 40 instructions a request.
+    /// that cost about 40 instructions a request. It is `#[cold]` all the same, so that
+    /// the cache's hits, in the caller, are laid out as the straight path.
     #[cold]
     #[inline(never)]
     fn alloc_unit_central(
@@ -1240,7 +1249,7 @@ impl<S: ChunkSource> Pool<S> {
     /// Free a large block into a shard that admits none (see [`Shard::debt`]), one free in
     /// [`PROBE_EVERY`]: the block becomes the shard's probe, and the previous probe goes
     /// back to the central allocator. The next allocation that misses the cache returns
-    /// it too (in `alloc_slow`), so a probe never sits in the way. A hit on it counts
+    /// it too (in `alloc_unit_central` or `alloc_slow`), so a probe never sits in the way. A hit on it counts
     /// towards admitting large frees again, so the cache takes them again when their sizes
     /// start to repeat.
     #[cold]
@@ -2479,7 +2488,7 @@ mod tests {
         assert_eq!(b.slot(), 1, "the exhausted slot 0 was skipped");
         assert!(matches!(
             pool.add_owner(OwnerSpec::new("c", 1 << 20)),
-            Err(PoolError::TooManyOwners(2))
+            Err(PoolError::OwnerSlotsWornOut { live: 1, max: 2 })
         ));
     }
 }

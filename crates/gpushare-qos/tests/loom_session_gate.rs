@@ -284,9 +284,10 @@ fn a_release_while_an_attempt_runs_on_another_thread_is_not_lost() {
 
 #[test]
 fn a_second_release_after_an_attempt_on_another_thread_is_not_lost() {
-    // A first release whose wake-up was spent while the attempt ran, then a second one
-    // as the session rejoins: the second finds no waker in line unless the rejoin puts
-    // it back before it reads the generation. One preemption finds that (checked: with
+    // A first release whose generation the attempt already saw (it came before the
+    // attempt read `since`) but whose wake-up reached the session only while the attempt
+    // ran, and was spent; then a second release as the session rejoins. The second finds
+    // no waker in line unless the rejoin puts it back before it reads the generation. One preemption finds that (checked: with
     // the two steps of `rejoin` swapped this model deadlocks); five threads with two
     // take minutes.
     away_session_gets_every_release(2, 1);

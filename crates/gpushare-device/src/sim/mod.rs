@@ -270,7 +270,7 @@ impl Shared {
             .and_then(|e| e.checked_add(self.config.granularity))
             .ok_or(DeviceError::Unsupported {
                 what: "another simulated address range",
-                reason: "the simulated device never reuses addresses, and this process has used up its 64-bit address space; create a new SimDevice".into(),
+                reason: "the simulated device never reuses addresses, and this SimDevice has used up its 64-bit address space; create a new SimDevice".into(),
             })?;
         Ok(base)
     }
@@ -848,7 +848,9 @@ impl Device for SimDevice {
             return Err(no_vmm());
         }
         check_granular("VA reservation", size, self.info.granularity)?;
-        // Keep simulated addresses inside 48 bits, like a real GPU's.
+        // Keep one reservation within 2^46 bytes, as a real GPU's 48-bit address space
+        // would. (Addresses are never reused, so a device that reserves without end
+        // runs out of them: see `alloc_va`.)
         if size > (1 << 46) {
             return Err(DeviceError::OutOfMemory {
                 requested: size,
