@@ -10,7 +10,10 @@
 //! - `under the lock`: the copy runs inside `Evictor::evict` and returns
 //!   `Eviction::done()`, as every eviction did before evictions had two halves;
 //! - `two halves`: `evict` only starts the move and returns `Eviction::in_flight`, whose
-//!   finish does the copy; the pool runs it with its lock free.
+//!   finish does the copy; the pool runs it with its lock free;
+//! - `no pool (control)`: the same copies, both ways, run outside the pool, which evicts
+//!   nothing. The bystander's pairs then wait only for the machine (the copies' use of the
+//!   cores and memory, the scheduler), so its latencies are the floor of the other rows.
 //!
 //! The table gives the median move time and the bystander's pair latencies while a move
 //! is under way (median, p99, max) and the count of pairs it completed.
@@ -71,7 +74,16 @@ struct Row {
     during: Vec<Duration>,
 }
 
-fn run(two_halves: bool, block: u64, rounds: usize) -> Result<Row, Box<dyn std::error::Error>> {
+/// Where the block's bytes move.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    UnderLock,
+    TwoHalves,
+    /// The same copies outside the pool (a control).
+    NoPool,
+}
+
+fn run(mode: Mode, block: u64, rounds: usize) -> Result<Row, Box<dyn std::error::Error>> {
     let pool = Arc::new(Pool::new(
         HostSource::new(2 * MIB, 1 << 40),
         PoolConfig::default()
@@ -80,7 +92,7 @@ fn run(two_halves: bool, block: u64, rounds: usize) -> Result<Row, Box<dyn std::
     )?);
     let log = Arc::new(Mutex::new(Vec::new()));
     let copier = Arc::new(Copier {
-        two_halves,
+        two_halves: mode == Mode::TwoHalves,
         device: Arc::new(Mutex::new(vec![1u8; block as usize])),
         host: Arc::new(Mutex::new(vec![0u8; block as usize])),
         moves: Mutex::new(Vec::new()),
@@ -113,6 +125,13 @@ fn run(two_halves: bool, block: u64, rounds: usize) -> Result<Row, Box<dyn std::
         })
     };
     for _ in 0..rounds {
+        if mode == Mode::NoPool {
+            let start = Instant::now();
+            copy(&copier.device, &copier.host);
+            copier.moves.lock().unwrap().push((start, Instant::now()));
+            copy(&copier.host, &copier.device);
+            continue;
+        }
         // The Guaranteed request takes the whole block's memory: an eviction.
         let b = pool.alloc(g, block, StreamId(2))?;
         pool.free(b)?;
@@ -168,8 +187,12 @@ fn main() {
         "| evictor | move, median ms | pairs during moves | pair p50 µs | pair p99 µs | pair max µs |"
     );
     println!("|---|---|---|---|---|---|");
-    for (name, two_halves) in [("under the lock", false), ("two halves", true)] {
-        match run(two_halves, mib * MIB, rounds) {
+    for (name, mode) in [
+        ("under the lock", Mode::UnderLock),
+        ("two halves", Mode::TwoHalves),
+        ("no pool (control)", Mode::NoPool),
+    ] {
+        match run(mode, mib * MIB, rounds) {
             Ok(mut r) => {
                 let us = |d: Duration| d.as_secs_f64() * 1e6;
                 println!(
