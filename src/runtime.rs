@@ -14,7 +14,7 @@ use gpushare_pool::{
 };
 use gpushare_qos::{
     AdmissionConfig, AdmissionEvaluator, ContextSpec, PartitionConfig, PartitionLimits,
-    PartitionManager, SessionGate, Tier,
+    PartitionManager, SessionGate, Tier, TierLock,
 };
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -194,7 +194,7 @@ impl RuntimeBuilder {
                 handlers: Mutex::new(Vec::new()),
                 waits: Arc::new(SessionGate::new(aging)),
                 next_stream: AtomicU64::new(1),
-                pin_lock: Mutex::new(()),
+                pin_lock: TierLock::new(aging),
                 create_lock: Mutex::new(()),
             }),
         })
@@ -219,8 +219,11 @@ pub(crate) struct RtInner {
     pub waits: Arc<SessionGate>,
     pub next_stream: AtomicU64,
     /// Held while a session pins its working set, so that two sessions never each hold
-    /// part of what they need while waiting for the rest (hold and wait).
-    pub pin_lock: Mutex<()>,
+    /// part of what they need while waiting for the rest (hold and wait). Sessions that
+    /// wait for it are served in tier order with aging: a restore can take long, and a
+    /// Guaranteed context should wait for the one under way only, not for every
+    /// lower-tier context that asked first.
+    pub pin_lock: TierLock,
     /// Held while a context is created, so that two contexts of one name cannot both pass
     /// the check, and partitions are not split anew under a context being placed.
     pub create_lock: Mutex<()>,
@@ -565,6 +568,13 @@ impl Runtime {
     /// Sessions waiting for their buffers to fit (the queue depth).
     pub fn waiting_sessions(&self) -> usize {
         self.inner.waits.waiting()
+    }
+
+    /// Sessions waiting for another session's restore to end before they restore their own
+    /// working set (restores run one at a time, and the waiting ones are served in tier
+    /// order with aging).
+    pub fn waiting_restores(&self) -> usize {
+        self.inner.pin_lock.waiting()
     }
 
     /// Admit a context and set up its budget, stream and partition.

@@ -14,22 +14,43 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context as TaskCx, Poll, Wake, Waker};
 
-/// Run a future to completion on this thread, parking between polls.
+/// Run a future to completion on this thread, sleeping between polls until its waker is
+/// called.
+///
+/// Each call waits on its own signal, not on the thread's park token: a `block_on` nested
+/// in a poll (the pin lock's, inside a blocking session's) would otherwise take the wake-up
+/// meant for the outer future, which would then sleep for ever (the server example's test
+/// hung that way).
 pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
+    struct Signal {
+        woken: parking_lot::Mutex<bool>,
+        cv: parking_lot::Condvar,
+    }
+    impl Wake for Signal {
         fn wake(self: Arc<Self>) {
-            self.0.unpark();
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            *self.woken.lock() = true;
+            self.cv.notify_one();
         }
     }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let signal = Arc::new(Signal {
+        woken: parking_lot::Mutex::new(false),
+        cv: parking_lot::Condvar::new(),
+    });
+    let waker = Waker::from(signal.clone());
     let mut cx = TaskCx::from_waker(&waker);
     let mut f = std::pin::pin!(f);
     loop {
         if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
             return v;
         }
-        std::thread::park();
+        let mut woken = signal.woken.lock();
+        while !*woken {
+            signal.cv.wait(&mut woken);
+        }
+        *woken = false;
     }
 }
 
@@ -170,7 +191,7 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<Prefix> {
             return Ok(p);
         }
     }
-    let _one_at_a_time = ctx.rt.pin_lock.lock();
+    let _one_at_a_time = block_on(ctx.rt.pin_lock.acquire(ctx.tier.rank()));
     let all = ctx.buffers.lock();
     let slots: Vec<(&crate::context::BufSlot, &gpushare_pool::EvictableId)> = all
         .iter()
@@ -807,5 +828,64 @@ impl Drop for Session {
         }
         self.ctx.end_use(self.pinned.len, self.pinned.epoch, &extra);
         self.ctx.rt.waits.ended();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    /// Ready once `ready` is set; `start` runs on its first poll.
+    struct Flagged<S: FnOnce(Waker)> {
+        ready: Arc<AtomicBool>,
+        start: Option<S>,
+    }
+
+    impl<S: FnOnce(Waker) + Unpin> Future for Flagged<S> {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<()> {
+            if self.ready.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            if let Some(start) = self.start.take() {
+                start(cx.waker().clone());
+            }
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_nested_block_on_leaves_the_outer_futures_wake_up_to_it() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outer_ready = Arc::new(AtomicBool::new(false));
+            let ready = outer_ready.clone();
+            // The outer future's first poll blocks on an inner one. A thread wakes the
+            // outer future, then completes the inner one: the outer wake-up comes while
+            // the inner block_on waits.
+            block_on(Flagged {
+                ready,
+                start: Some(move |outer: Waker| {
+                    let inner_ready = Arc::new(AtomicBool::new(false));
+                    let ready = inner_ready.clone();
+                    block_on(Flagged {
+                        ready,
+                        start: Some(move |inner: Waker| {
+                            std::thread::spawn(move || {
+                                outer_ready.store(true, Ordering::Release);
+                                outer.wake();
+                                inner_ready.store(true, Ordering::Release);
+                                inner.wake();
+                            });
+                        }),
+                    });
+                }),
+            });
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("the outer future's wake-up was lost to the inner block_on");
     }
 }

@@ -1203,3 +1203,96 @@ fn a_device_without_vmm_and_with_memory_near_u64_max_builds() {
         .expect("runtime");
     assert!(rt.available_vram() > u64::MAX / 2);
 }
+
+#[test]
+fn a_higher_tier_restores_before_a_lower_one_that_asked_first() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let ctx = |name: &str, tier| {
+        rt.create_context(ContextSpec::new(name, 64 * MIB).base(0).tier(tier))
+            .unwrap()
+    };
+    let holder = ctx("holder", Tier::BestEffort);
+    let late = ctx("late", Tier::BestEffort);
+    // A Burstable context keeps its base resident: its buffer within the base stays, and
+    // the other can be offloaded.
+    let burst = rt
+        .create_context(
+            ContextSpec::new("burst", 64 * MIB)
+                .base(MIB)
+                .tier(Tier::Burstable),
+        )
+        .unwrap();
+    // Guaranteed: its buffers are never victims, so it evicts the others'.
+    let big = rt
+        .create_context(ContextSpec::new("big", 62 * MIB).base(62 * MIB))
+        .unwrap();
+    let bufs: Vec<_> = [&holder, &late, &burst]
+        .iter()
+        .map(|c| c.create_buffer(8 * MIB).unwrap())
+        .collect();
+    let _kept = burst.create_buffer(MIB).unwrap();
+    let holder_stream = holder.session().unwrap().stream().clone();
+    let late_stream = late.session().unwrap().stream().clone();
+    // The big context takes the memory, a MiB at a time, until the three 8 MiB buffers
+    // are offloaded; then it lets it go.
+    let mut taken = Vec::new();
+    while bufs.iter().any(|b| b.is_resident()) {
+        taken.push(big.create_buffer(MIB).unwrap());
+    }
+    drop(taken);
+    assert!(_kept.is_resident(), "{}", rt.snapshot());
+
+    // The holder's restore waits for a kernel on its stream, holding the restore lock. So
+    // does the late context's, once it has the lock: if it took the lock before the
+    // Burstable context, the Burstable one would wait until the test lets it go.
+    let go = hold(&sim, &holder_stream);
+    let late_go = hold(&sim, &late_stream);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = |c: &gpushare::Context| {
+        let (c, tx) = (c.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let granted = c.session().map(|_| ());
+            let _ = tx.send((c.name().to_string(), granted));
+        })
+    };
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let t = std::time::Instant::now();
+        while !done() {
+            assert!(t.elapsed() < Duration::from_secs(60), "{what}");
+            std::thread::yield_now();
+        }
+    };
+    let threads = vec![start(&holder)];
+    wait_for("the holder's restore did not start", &|| {
+        rt.pool_stats().moves_in_flight > 0
+    });
+    // The BestEffort context asks first, the Burstable one second.
+    let mut threads = threads;
+    threads.push(start(&late));
+    wait_for(
+        "the late context did not wait for the restore lock",
+        &|| rt.waiting_restores() == 1,
+    );
+    threads.push(start(&burst));
+    wait_for(
+        "the Burstable context did not wait for the restore lock",
+        &|| rt.waiting_restores() == 2,
+    );
+    let next = |what: &str| {
+        let (name, granted) = rx.recv_timeout(Duration::from_secs(30)).expect(what);
+        granted.unwrap();
+        name
+    };
+    go.send(()).unwrap();
+    assert_eq!(next("the holder's session did not start"), "holder");
+    assert_eq!(
+        next("the Burstable context waited for the BestEffort one that asked first"),
+        "burst"
+    );
+    late_go.send(()).unwrap();
+    assert_eq!(next("the late context's session did not start"), "late");
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(bufs.iter().all(|b| b.is_resident()));
+}

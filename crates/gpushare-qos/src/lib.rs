@@ -34,6 +34,7 @@ mod partition;
 pub mod queue;
 mod spec;
 mod sync;
+pub mod tier_lock;
 
 pub use admission::{
     Admission, AdmissionConfig, AdmissionEvaluator, AdmissionUsage, Admit, Priority, Rejection,
@@ -46,3 +47,4 @@ pub use partition::{
 };
 pub use queue::WaitQueue;
 pub use spec::{ContextSpec, Resolved, Tier};
+pub use tier_lock::{Acquire, TierGuard, TierLock};

@@ -3,10 +3,16 @@
 #[cfg(not(loom))]
 pub(crate) use parking_lot::Mutex;
 #[cfg(not(loom))]
-pub(crate) use std::sync::{atomic::AtomicU64, Arc};
+pub(crate) use std::sync::{
+    atomic::{AtomicBool, AtomicU64},
+    Arc,
+};
 
 #[cfg(loom)]
-pub(crate) use loom::sync::{atomic::AtomicU64, Arc};
+pub(crate) use loom::sync::{
+    atomic::{AtomicBool, AtomicU64},
+    Arc,
+};
 
 /// A loom mutex with parking_lot's interface (no poisoning).
 #[cfg(loom)]
