@@ -36,9 +36,10 @@ fn two_tiers_take_the_lock_one_at_a_time_and_neither_is_left_waiting() {
 #[test]
 fn a_release_reaches_both_waiters_in_line() {
     let mut model = loom::model::Builder::new();
-    // Three threads: the full search takes minutes; two preemptions cover a release
-    // between a waiter's registration and its look at the lock.
-    model.preemption_bound = Some(2);
+    // Three threads: the full search did not end in 5 minutes; three preemptions take
+    // about a second, and one covers a release between a waiter's registration and its
+    // look at the lock.
+    model.preemption_bound = Some(3);
     model.check(|| {
         let lock = Arc::new(TierLock::new(Duration::from_secs(3600)));
         let inside = Arc::new(AtomicUsize::new(0));
