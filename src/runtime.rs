@@ -5,8 +5,8 @@ use crate::error::{Result, RuntimeError};
 use crate::partitions::DeviceSms;
 use crate::{Config, EvictPolicy};
 use gpushare_device::{
-    open, BackendChoice, Device, DeviceError, DevicePtr, DeviceRange, EventFlags, LinearSource,
-    Stream, VmmSource,
+    check_granularity, open, BackendChoice, Device, DevicePtr, DeviceRange, EventFlags,
+    LinearSource, Stream, VmmSource,
 };
 use gpushare_pool::{
     ChunkSource, EvictError, EvictableKey, Eviction, Evictor, Pool, PoolConfig, RestoreInfo,
@@ -141,15 +141,7 @@ impl RuntimeBuilder {
             .overcommit(overcommit)
             .aging(aging),
         )?;
-        let g = info.granularity;
-        if !g.is_power_of_two() {
-            return Err(RuntimeError::Device(DeviceError::Unsupported {
-                what: "a runtime on this device",
-                reason: format!(
-                    "the device reports an allocation granularity of {g} bytes, which is not a power of two; fix the Device implementation's DeviceInfo"
-                ),
-            }));
-        }
+        let g = check_granularity(info.granularity)?;
         if admission.capacity() < g {
             return Err(RuntimeError::Pool(gpushare_pool::PoolError::BadConfig(format!(
                 "the usable memory ({} B) is less than one {g}-byte allocation granule of the device; raise the memory limit or fraction",

@@ -38,6 +38,49 @@ fn sim_runtime(total: u64, overcommit: f64) -> (Runtime, Arc<SimDevice>) {
     (rt, sim)
 }
 
+/// Poll `done` until it holds; fail with `what` after a minute.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A BestEffort context `a` whose 40 MiB buffer holds `data`, offloaded to make room for
+/// another context `b`'s; with `a`'s stream, for holding it.
+fn offloaded(
+    rt: &Runtime,
+    data: &[u8],
+) -> (
+    gpushare::Context,
+    gpushare::Context,
+    gpushare::Buffer,
+    gpushare::device::Stream,
+) {
+    let a = rt
+        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let b = rt.create_context(ContextSpec::new("b", 64 * MIB)).unwrap();
+    let buf = a.create_buffer(40 * MIB).unwrap();
+    let a_stream = {
+        let mut s = a.session().unwrap();
+        s.write(&buf, 0, data).unwrap();
+        s.stream().clone()
+    };
+    // The other context takes its place: the buffer is offloaded.
+    drop(b.create_buffer(40 * MIB).unwrap());
+    assert!(!buf.is_resident());
+    (a, b, buf, a_stream)
+}
+
+/// Assert that the context named `name` has no evictable bytes pinned.
+fn assert_nothing_pinned(rt: &Runtime, name: &str) {
+    let st = rt.pool_stats();
+    let owner = st.owners.iter().find(|o| o.name == name).unwrap();
+    assert_eq!(owner.evictable_pinned_bytes, 0, "{st:?}");
+}
+
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect()
 }
@@ -1023,9 +1066,9 @@ fn an_offload_waiting_on_its_owners_gpu_work_holds_up_no_other_context() {
     let (tx, rx) = std::sync::mpsc::channel();
     let (rt2, by) = (rt.clone(), bystander.clone());
     std::thread::spawn(move || {
-        while rt2.pool_stats().moves_in_flight == 0 {
-            std::thread::yield_now();
-        }
+        wait_until("no offload started", || {
+            rt2.pool_stats().moves_in_flight > 0
+        });
         let fresh = by.create_buffer(4 * MIB).map(|b| b.size());
         let mut back = vec![0u8; mine.size() as usize];
         let read = by.session().and_then(|mut s| s.read(&mine, 0, &mut back));
@@ -1052,20 +1095,8 @@ fn an_offload_waiting_on_its_owners_gpu_work_holds_up_no_other_context() {
 #[test]
 fn an_async_session_restores_on_a_blocking_thread_and_leaves_the_executor_free() {
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);
-    let a = rt
-        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
-        .unwrap();
-    let b = rt.create_context(ContextSpec::new("b", 64 * MIB)).unwrap();
-    let buf = a.create_buffer(40 * MIB).unwrap();
-    let data = pattern(buf.size() as usize, 9);
-    let a_stream = {
-        let mut s = a.session().unwrap();
-        s.write(&buf, 0, &data).unwrap();
-        s.stream().clone()
-    };
-    // The other context takes its place: the buffer is offloaded.
-    drop(b.create_buffer(40 * MIB).unwrap());
-    assert!(!buf.is_resident());
+    let data = pattern(40 * MIB as usize, 9);
+    let (a, _b, buf, a_stream) = offloaded(&rt, &data);
 
     // A kernel holds the context's stream until the executor's other task releases it, and
     // restoring the buffer waits for that stream's tail.
@@ -1098,14 +1129,7 @@ fn an_async_session_restores_on_a_blocking_thread_and_leaves_the_executor_free()
 #[test]
 fn an_async_session_dropped_while_it_restores_leaves_nothing_pinned() {
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);
-    let a = rt
-        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
-        .unwrap();
-    let b = rt.create_context(ContextSpec::new("b", 64 * MIB)).unwrap();
-    let buf = a.create_buffer(40 * MIB).unwrap();
-    let a_stream = a.session().unwrap().stream().clone();
-    drop(b.create_buffer(40 * MIB).unwrap());
-    assert!(!buf.is_resident());
+    let (a, b, buf, a_stream) = offloaded(&rt, &pattern(40 * MIB as usize, 5));
     // Made before the gate: on a failure, the gate's sender is dropped first, the kernel
     // ends, and dropping the executor (which waits for its blocking threads) can finish.
     let exec = tokio::runtime::Builder::new_current_thread()
@@ -1127,9 +1151,7 @@ fn an_async_session_dropped_while_it_restores_leaves_nothing_pinned() {
     // with the session it opened ending with its output, or never began (the dropped
     // future told the task to skip it).
     drop(exec);
-    let st = rt.pool_stats();
-    let a_stats = st.owners.iter().find(|o| o.name == "a").unwrap();
-    assert_eq!(a_stats.evictable_pinned_bytes, 0, "{st:?}");
+    assert_nothing_pinned(&rt, "a");
     assert_eq!(rt.waiting_sessions(), 0);
     // Nothing holds the buffer: another context's request can take its memory again.
     drop(b.create_buffer(40 * MIB).unwrap());
@@ -1155,23 +1177,16 @@ fn an_async_session_dropped_while_it_restores_at_the_head_of_the_line_leaves_it(
         .build()
         .unwrap();
     let go = hold(&sim, &a_stream);
-    let until = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !done() {
-            assert!(std::time::Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    };
 
     // The other context's live session holds its buffer: this session waits in line.
     let held = c.session().unwrap();
     let a2 = a.clone();
     let task = exec.spawn(async move { a2.session_async().await.map(drop) });
-    until("the session joins the line", &|| rt.waiting_sessions() == 1);
+    wait_until("the session joins the line", || rt.waiting_sessions() == 1);
     // Released, the head restores (offloading the other buffer), and its restore waits
     // for the held kernel.
     drop(held);
-    until("the head starts its restore", &|| {
+    wait_until("the head starts its restore", || {
         !theirs.is_resident() && rt.pool_stats().moves_in_flight == 1
     });
     task.abort();
@@ -1186,9 +1201,7 @@ fn an_async_session_dropped_while_it_restores_at_the_head_of_the_line_leaves_it(
     let mut back = vec![0u8; 16];
     s.read(&theirs, 0, &mut back).unwrap();
     drop(s);
-    let st = rt.pool_stats();
-    let a_stats = st.owners.iter().find(|o| o.name == "a").unwrap();
-    assert_eq!(a_stats.evictable_pinned_bytes, 0, "{st:?}");
+    assert_nothing_pinned(&rt, "a");
 }
 
 #[test]
@@ -1255,28 +1268,19 @@ fn a_higher_tier_restores_before_a_lower_one_that_asked_first() {
             let _ = tx.send((c.name().to_string(), granted));
         })
     };
-    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
-        let t = std::time::Instant::now();
-        while !done() {
-            assert!(t.elapsed() < Duration::from_secs(60), "{what}");
-            std::thread::yield_now();
-        }
-    };
-    let threads = vec![start(&holder)];
-    wait_for("the holder's restore did not start", &|| {
+    let mut threads = vec![start(&holder)];
+    wait_until("the holder's restore did not start", || {
         rt.pool_stats().moves_in_flight > 0
     });
     // The BestEffort context asks first, the Burstable one second.
-    let mut threads = threads;
     threads.push(start(&late));
-    wait_for(
-        "the late context did not wait for the restore lock",
-        &|| rt.waiting_restores() == 1,
-    );
+    wait_until("the late context did not wait for the restore lock", || {
+        rt.waiting_restores() == 1
+    });
     threads.push(start(&burst));
-    wait_for(
+    wait_until(
         "the Burstable context did not wait for the restore lock",
-        &|| rt.waiting_restores() == 2,
+        || rt.waiting_restores() == 2,
     );
     let next = |what: &str| {
         let (name, granted) = rx.recv_timeout(Duration::from_secs(30)).expect(what);

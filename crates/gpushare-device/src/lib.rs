@@ -49,7 +49,7 @@ pub use handles::{
 pub use load::SpinLoad;
 pub use open::{open, open_cuda, BackendChoice};
 pub use sim::{SimConfig, SimDevice};
-pub use source::{LinearSource, VmmSource};
+pub use source::{check_granularity, LinearSource, VmmSource};
 
 /// Re-export of the `cudarc` version this crate is built against, so that callers launch
 /// kernels and cuBLAS calls on [`Stream::cuda_stream`] with matching types.

@@ -23,23 +23,25 @@ pub struct VmmSource {
     maps: Mutex<BTreeMap<u64, Mapping>>,
 }
 
-/// The error for a device whose allocation granularity is not a power of two.
-fn bad_granularity(g: u64) -> DeviceError {
-    DeviceError::Unsupported {
-        what: "a chunk source on this device",
-        reason: format!(
-            "the device reports an allocation granularity of {g} bytes, which is not a power of two; fix the Device implementation's DeviceInfo"
-        ),
+/// `g`, if it is a usable allocation granularity (a power of two); else the error for a
+/// device that reports it. Chunk sources and the runtime check a device's granularity
+/// with this before they divide by it.
+pub fn check_granularity(g: u64) -> Result<u64, DeviceError> {
+    if g.is_power_of_two() {
+        return Ok(g);
     }
+    Err(DeviceError::Unsupported {
+        what: "a device whose allocation granularity is not a power of two",
+        reason: format!(
+            "the device reports an allocation granularity of {g} bytes; fix the Device implementation's DeviceInfo"
+        ),
+    })
 }
 
 impl VmmSource {
     /// Reserve `va_size` bytes (rounded up to the granularity) on `dev`.
     pub fn new(dev: Arc<dyn Device>, va_size: u64) -> Result<Self, DeviceError> {
-        let g = dev.info().granularity;
-        if !g.is_power_of_two() {
-            return Err(bad_granularity(g));
-        }
+        let g = check_granularity(dev.info().granularity)?;
         let size = va_size
             .max(1)
             .checked_next_multiple_of(g)

@@ -145,12 +145,18 @@ mod tests {
         Pin::new(f).poll(&mut cx)
     }
 
+    /// Take the lock, which must be free.
+    fn take(lock: &TierLock, rank: u32) -> TierGuard<'_> {
+        match poll(&mut lock.acquire(rank)) {
+            Poll::Ready(guard) => guard,
+            Poll::Pending => panic!("a free lock is taken at once"),
+        }
+    }
+
     #[test]
     fn a_higher_tier_in_line_takes_the_lock_before_a_lower_one_that_came_first() {
         let lock = TierLock::new(Duration::from_secs(3600));
-        let Poll::Ready(held) = poll(&mut lock.acquire(2)) else {
-            panic!("a free lock is taken at once");
-        };
+        let held = take(&lock, 2);
         let mut best_effort = lock.acquire(2);
         let mut guaranteed = lock.acquire(0);
         assert!(poll(&mut best_effort).is_pending());
@@ -173,9 +179,7 @@ mod tests {
     #[test]
     fn a_lower_tier_that_waited_long_enough_goes_first() {
         let lock = TierLock::new(Duration::from_millis(1));
-        let Poll::Ready(held) = poll(&mut lock.acquire(0)) else {
-            panic!("a free lock is taken at once");
-        };
+        let held = take(&lock, 0);
         let mut best_effort = lock.acquire(2);
         assert!(poll(&mut best_effort).is_pending());
         // Two tiers of aging and more.
@@ -190,9 +194,7 @@ mod tests {
     #[test]
     fn a_waiter_dropped_in_line_leaves_it() {
         let lock = TierLock::new(Duration::from_secs(3600));
-        let Poll::Ready(held) = poll(&mut lock.acquire(1)) else {
-            panic!("a free lock is taken at once");
-        };
+        let held = take(&lock, 1);
         let mut first = lock.acquire(0);
         assert!(poll(&mut first).is_pending());
         let mut second = lock.acquire(1);
