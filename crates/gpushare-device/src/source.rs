@@ -172,3 +172,23 @@ impl ChunkSource for LinearSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_power_of_two_is_a_granularity() {
+        for g in [1, 256, 2 << 20, 1 << 63] {
+            assert_eq!(check_granularity(g).ok(), Some(g));
+        }
+        for g in [0, 3, 3 << 20, u64::MAX] {
+            match check_granularity(g) {
+                Err(DeviceError::Unsupported { reason, .. }) => {
+                    assert!(reason.contains(&g.to_string()), "{reason}");
+                }
+                other => panic!("granularity {g}: {other:?}"),
+            }
+        }
+    }
+}

@@ -1558,11 +1558,11 @@ impl<S: ChunkSource> Pool<S> {
             p.stream == stream
                 && p.owner == owner
                 && p.size == size
-                && c.tlsf.node(p.node).offset.is_multiple_of(align)
+                && c.tlsf.node(p.node).offset().is_multiple_of(align)
         }) {
             let p = c.pending.swap_remove(i);
             c.tlsf.set_owner(p.node, slot);
-            let offset = c.tlsf.node(p.node).offset;
+            let offset = c.tlsf.node(p.node).offset();
             return Ok(Placed {
                 node: p.node,
                 offset,
@@ -2437,14 +2437,14 @@ impl<S: ChunkSource> Pool<S> {
             .tlsf
             .nodes_indexed()
             .map(|(i, n)| crate::BlockInfo {
-                addr: self.source.addr(n.offset),
-                size: n.size,
-                owner: if n.free || pending.contains(&i) {
+                addr: self.source.addr(n.offset()),
+                size: n.size(),
+                owner: if n.is_free() || pending.contains(&i) {
                     None
                 } else {
-                    Some(n.owner)
+                    Some(n.owner())
                 },
-                state: if n.free {
+                state: if n.is_free() {
                     crate::BlockState::Free
                 } else if pending.contains(&i) {
                     crate::BlockState::Pending
