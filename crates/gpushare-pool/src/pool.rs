@@ -1969,10 +1969,19 @@ impl<S: ChunkSource> Pool<S> {
                 continue;
             }
             if let Err(e) = self.source.unmap(o, s) {
-                c.tlsf.add_region(o, o + s);
+                // After a failed unmap the chunk may be mapped or not (a device source lets
+                // go of a mapping whose unmap failed). Its offsets are not handed out again,
+                // where a kernel could fault on them: the chunk stays out of the free lists
+                // for good, and stays counted as mapped and in the chunk table, so growth
+                // never maps over it. The chunks unmapped before it stay unmapped.
                 self.recompute_holes(&mut c);
-                // The chunks unmapped before this one stay unmapped (stats show them).
-                tracing::warn!(released, error = %e, "trim stopped: unmapping a chunk failed");
+                tracing::error!(
+                    released,
+                    offset = o,
+                    size = s,
+                    error = %e,
+                    "trim stopped: unmapping a chunk failed; the chunk is retired"
+                );
                 return Err(e.into());
             }
             c.chunks.remove(&o);

@@ -19,7 +19,9 @@ pub trait ChunkSource: Send + Sync {
     fn base(&self) -> u64;
     /// Map `size` bytes at `offset`.
     fn map(&self, offset: u64, size: u64) -> Result<(), SourceError>;
-    /// Unmap `size` bytes at `offset`, exactly as one earlier `map` call mapped them.
+    /// Unmap `size` bytes at `offset`, exactly as one earlier `map` call mapped them. After
+    /// an error the pool takes the chunk's state as unknown: it never hands out or maps
+    /// those offsets again, and never asks to unmap them again.
     fn unmap(&self, offset: u64, size: u64) -> Result<(), SourceError>;
     /// Whether chunks mapped at adjacent offsets are adjacent in memory, so that a block may
     /// span them. True for a reserved virtual range. A source without one (plain

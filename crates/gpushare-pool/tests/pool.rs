@@ -266,6 +266,79 @@ fn trim_releases_a_hole_in_the_middle() {
     assert_eq!(p.trim().unwrap(), 6 * MIB);
 }
 
+/// A host source whose next unmap fails after letting the chunk go, as a device source
+/// does when the driver refuses an unmap: the chunk's state is then unknown.
+struct LosesChunkOnFailedUnmap {
+    inner: HostSource,
+    mapped: parking_lot::Mutex<std::collections::BTreeMap<u64, u64>>,
+    fail_next_unmap: std::sync::atomic::AtomicBool,
+}
+
+impl LosesChunkOnFailedUnmap {
+    fn covers(&self, offset: u64, size: u64) -> bool {
+        let m = self.mapped.lock();
+        m.range(..=offset)
+            .next_back()
+            .is_some_and(|(&o, &s)| offset + size <= o + s)
+    }
+}
+
+impl ChunkSource for LosesChunkOnFailedUnmap {
+    fn granularity(&self) -> u64 {
+        self.inner.granularity()
+    }
+    fn va_size(&self) -> u64 {
+        self.inner.va_size()
+    }
+    fn base(&self) -> u64 {
+        self.inner.base()
+    }
+    fn map(&self, offset: u64, size: u64) -> Result<(), SourceError> {
+        self.inner.map(offset, size)?;
+        self.mapped.lock().insert(offset, size);
+        Ok(())
+    }
+    fn unmap(&self, offset: u64, size: u64) -> Result<(), SourceError> {
+        self.inner.unmap(offset, size)?;
+        self.mapped.lock().remove(&offset);
+        if self.fail_next_unmap.swap(false, Ordering::Relaxed) {
+            return Err(SourceError::Other("the driver refused the unmap".into()));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_chunk_whose_unmap_failed_is_never_handed_out_again() {
+    let src = LosesChunkOnFailedUnmap {
+        inner: HostSource::new(2 * MIB, 1 << 30),
+        mapped: Default::default(),
+        fail_next_unmap: Default::default(),
+    };
+    let p = Pool::new(src, PoolConfig::default().cache_bytes_per_shard(0)).unwrap();
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let a = p.alloc(o, 2 * MIB, S1).unwrap();
+    let b = p.alloc(o, 2 * MIB, S1).unwrap();
+    let c = p.alloc(o, 2 * MIB, S1).unwrap();
+    p.free(b).unwrap();
+    p.source().fail_next_unmap.store(true, Ordering::Relaxed);
+    assert!(matches!(p.trim(), Err(PoolError::Source(_))));
+    // The lost chunk's offsets are not used again: the next block comes from a new chunk.
+    let d = p.alloc(o, 2 * MIB, S1).unwrap();
+    assert!(
+        p.source().covers(d.offset(), d.size()),
+        "a block at offset {} lies in memory that is not mapped",
+        d.offset()
+    );
+    // It stays counted as mapped, since it may be; later trims leave it alone.
+    assert_eq!(p.stats().mapped_bytes, 8 * MIB);
+    for x in [a, c, d] {
+        p.free(x).unwrap();
+    }
+    assert_eq!(p.trim().unwrap(), 6 * MIB);
+    assert_eq!(p.stats().mapped_bytes, 2 * MIB);
+}
+
 #[test]
 fn capacity_caps_mapping_and_oom_reports_holders() {
     let p = pool(PoolConfig::default().capacity(8 * MIB));
