@@ -335,15 +335,28 @@ impl Offloader {
 /// Queue a copy on the copy stream `copies` with `queue`, and wait for it (and for the copies
 /// queued before it there) through an event: not the whole stream, to which other moves may
 /// add meanwhile.
+///
+/// It returns only once the copy is over, error or not: the pool hands a failed restore's
+/// memory to other requests, where a copy still landing would overwrite their bytes. If
+/// the event cannot be made, recorded or waited for, it waits for the whole stream. Should
+/// that fail too, the device has failed (a CUDA context with a sticky error runs nothing
+/// more), and the error is logged.
 fn copy_and_wait(
     dev: &dyn Device,
     copies: &Stream,
     queue: impl FnOnce() -> gpushare_device::Result<()>,
 ) -> gpushare_device::Result<()> {
     queue()?;
-    let done = dev.create_event(EventFlags::default())?;
-    dev.record_event(&done, copies)?;
-    dev.synchronize_event(&done)
+    let waited = dev.create_event(EventFlags::default()).and_then(|done| {
+        dev.record_event(&done, copies)?;
+        dev.synchronize_event(&done)
+    });
+    if let Err(e) = &waited {
+        if let Err(again) = dev.synchronize_stream(copies) {
+            tracing::error!(error = %e, wait = %again, "a queued copy could not be waited for");
+        }
+    }
+    waited
 }
 
 /// Eviction runs in two halves (see [`Eviction`]): under the pool's lock `evict` only
@@ -620,5 +633,55 @@ impl Runtime {
             available_bytes: self.inner.capacity.saturating_sub(stats.in_use_bytes),
             contexts,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpushare_device::{FaultOp, SimDevice};
+
+    /// A failed wait for a queued copy must not return while the copy may still land.
+    #[test]
+    fn a_copy_whose_wait_fails_is_over_when_the_error_comes_back() {
+        let sim = SimDevice::new();
+        let dev: Arc<dyn Device> = Arc::new(sim.clone());
+        let copies = dev.create_stream(0).unwrap();
+        let reader = dev.create_stream(0).unwrap();
+        let n = 64 << 10;
+        let mem = dev.alloc_linear(dev.info().granularity).unwrap();
+        let dst = mem.range().slice(0, n).unwrap();
+        let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8 + 1).collect();
+        let mut host = dev.alloc_pinned(n).unwrap();
+        host.write(0, &data).unwrap();
+        // The copy stream is held, so the copy stays queued until `go`.
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        sim.launch_host(&copies, move |_| {
+            let _ = gate.recv();
+            Ok(())
+        })
+        .unwrap();
+        // The wait's event record fails.
+        sim.fail_nth(FaultOp::StreamOp, 1);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let r = copy_and_wait(dev.as_ref(), &copies, || {
+                    dev.copy_htod(dst, host.full(), &copies)
+                });
+                // What the memory holds once the error is back.
+                let mut now = vec![0u8; n as usize];
+                dev.read_sync(&mut now, dst, &reader).unwrap();
+                done_tx.send((r.is_err(), now == data)).unwrap();
+            });
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            go.send(()).unwrap();
+            let (failed, landed) = done_rx.recv().unwrap();
+            assert!(failed, "the injected fault reaches the caller");
+            assert!(
+                landed,
+                "the error came back while the copy was still queued"
+            );
+        });
     }
 }

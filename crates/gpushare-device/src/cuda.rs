@@ -60,6 +60,40 @@ fn make_current(ctx: &CudaContext) -> Result<()> {
     Ok(())
 }
 
+/// Report, and clear, an error that cudarc stored while dropping one of its handles (a
+/// failed destroy, say). cudarc's safe calls report such an error in place of making the
+/// call; it concerns some other handle, so it is logged here and the call goes ahead.
+fn drain_stored_error(ctx: &CudaContext) {
+    if let Err(e) = ctx.check_err() {
+        tracing::warn!(error = %e, "a CUDA error stored when a handle was released earlier");
+    }
+}
+
+/// A new event in `ctx` (see [`drain_stored_error`]).
+fn new_event(
+    ctx: &Arc<CudaContext>,
+    flags: sys::CUevent_flags,
+) -> Result<cudarc::driver::CudaEvent> {
+    drain_stored_error(ctx);
+    ctx.new_event(Some(flags)).call("cuEventCreate")
+}
+
+/// Wait on the host for everything queued on `s` so far. Not through cudarc's
+/// `synchronize`, which may report an error stored earlier without waiting: callers hand
+/// memory on, or read it, once this returns.
+fn sync_stream(s: &CudaStream) -> Result<()> {
+    make_current(s.context())?;
+    // SAFETY: the stream is alive (borrowed) and its context is current.
+    unsafe { result::stream::synchronize(s.cu_stream()) }.call("cuStreamSynchronize")
+}
+
+/// Wait on the host for event `e` (see [`sync_stream`]).
+fn sync_event(e: &cudarc::driver::CudaEvent) -> Result<()> {
+    make_current(e.context())?;
+    // SAFETY: the event is alive (borrowed) and its context is current.
+    unsafe { result::event::synchronize(e.cu_event()) }.call("cuEventSynchronize")
+}
+
 fn symbol_present(name: &[u8]) -> bool {
     // SAFETY: called only after `is_culib_present` returned true, so `culib` loads the
     // library instead of panicking; looking a symbol up has no side effects.
@@ -438,7 +472,7 @@ impl CudaEventSet {
         {
             Some(i) => i,
             None => {
-                let e = ctx.new_event(Some(self.flags)).call("cuEventCreate")?;
+                let e = new_event(ctx, self.flags)?;
                 g.events.push(e);
                 g.events.len() - 1
             }
@@ -471,17 +505,9 @@ unsafe impl Send for CudaPinned {}
 unsafe impl Sync for CudaPinned {}
 
 impl CudaPinned {
-    /// Wait for the last copy. Not through cudarc's `synchronize`, which reports an error
-    /// it stored earlier without waiting.
+    /// Wait for the last copy.
     fn wait_idle(&self) -> Result<()> {
-        match &self.last {
-            Some(e) => {
-                make_current(e.context())?;
-                // SAFETY: the event is alive (owned by `last`) and its context is current.
-                unsafe { result::event::synchronize(e.cu_event()) }.call("cuEventSynchronize")
-            }
-            None => Ok(()),
-        }
+        self.last.as_ref().map_or(Ok(()), sync_event)
     }
 
     /// The bytes, once every copy that used them has completed.
@@ -502,6 +528,7 @@ impl CudaPinned {
     /// Order `stream` after earlier copies of this buffer.
     fn before_copy(&self, stream: &CudaStream) -> Result<()> {
         if let Some(e) = &self.last {
+            make_current(stream.context())?;
             // SAFETY: both handles are alive; waiting across contexts of a device is allowed.
             unsafe {
                 result::stream::wait_event(
@@ -521,12 +548,7 @@ impl CudaPinned {
     fn after_copy(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
         let r = self.record_last(stream);
         if r.is_err() {
-            let waited = make_current(stream.context()).and_then(|()| {
-                // SAFETY: the stream is alive (borrowed) and its context is current.
-                unsafe { result::stream::synchronize(stream.cu_stream()) }
-                    .call("cuStreamSynchronize")
-            });
-            if let Err(e) = waited {
+            if let Err(e) = sync_stream(stream) {
                 tracing::error!(error = %e, "waiting for an untracked copy of a pinned buffer failed");
             }
         }
@@ -539,18 +561,24 @@ impl CudaPinned {
             .last
             .as_ref()
             .is_some_and(|e| e.context().cu_ctx() == ctx.cu_ctx());
-        if !reuse {
-            // The last copy ran in another context (a partition's). Replacing its event
-            // loses no track of it: `before_copy` made this stream wait for that event, so
-            // the new one completes only after the old copy did.
-            self.last = Some(ctx.new_event(None).call("cuEventCreate")?);
+        if reuse {
+            if let Some(e) = &self.last {
+                make_current(ctx)?;
+                // SAFETY: event and stream belong to the same context and are alive.
+                unsafe { result::event::record(e.cu_event(), stream.cu_stream()) }
+                    .call("cuEventRecord")?;
+            }
+            return Ok(());
         }
-        if let Some(e) = &self.last {
-            make_current(ctx)?;
-            // SAFETY: event and stream belong to the same context and are alive.
-            unsafe { result::event::record(e.cu_event(), stream.cu_stream()) }
-                .call("cuEventRecord")?;
-        }
+        // The last copy ran in another context (a partition's). Replacing its event loses
+        // no track of it: `before_copy` made this stream wait for that event, so the new
+        // one completes only after the old copy did. The old one goes only once the new
+        // one is recorded: should the record fail, `last` still tracks the earlier copies.
+        let e = new_event(ctx, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
+        make_current(ctx)?;
+        // SAFETY: event and stream belong to the same context and are alive.
+        unsafe { result::event::record(e.cu_event(), stream.cu_stream()) }.call("cuEventRecord")?;
+        self.last = Some(e);
         Ok(())
     }
 }
@@ -595,6 +623,7 @@ impl Device for CudaDevice {
     }
 
     fn mem_info(&self) -> Result<MemInfo> {
+        drain_stored_error(&self.inner.ctx);
         let (free, total) = self.inner.ctx.mem_get_info().call("cuMemGetInfo")?;
         Ok(MemInfo {
             free: free as u64,
@@ -746,6 +775,7 @@ impl Device for CudaDevice {
 
     fn create_stream(&self, priority: i32) -> Result<Stream> {
         self.inner.info.priority_range.check(priority)?;
+        drain_stored_error(&self.inner.ctx);
         let s = self
             .inner
             .ctx
@@ -767,7 +797,7 @@ impl Device for CudaDevice {
         };
         // One event in the primary context up front; others are made on first record on a
         // stream of another context (an SM partition).
-        let e = self.inner.ctx.new_event(Some(f)).call("cuEventCreate")?;
+        let e = new_event(&self.inner.ctx, f)?;
         Ok(Event {
             device: self.inner.id,
             flags,
@@ -807,14 +837,15 @@ impl Device for CudaDevice {
     fn query_event(&self, event: &Event) -> Result<bool> {
         Ok(self
             .event(event)?
-            .with_last(|ev| ev.try_is_complete().call("cuEventQuery"))?
+            .with_last(|ev| {
+                make_current(ev.context())?;
+                ev.try_is_complete().call("cuEventQuery")
+            })?
             .unwrap_or(true))
     }
 
     fn synchronize_event(&self, event: &Event) -> Result<()> {
-        self.event(event)?
-            .with_last(|ev| ev.synchronize().call("cuEventSynchronize"))
-            .map(|_| ())
+        self.event(event)?.with_last(sync_event).map(|_| ())
     }
 
     fn elapsed(&self, start: &Event, end: &Event) -> Result<Duration> {
@@ -831,12 +862,8 @@ impl Device for CudaDevice {
         };
         // The last recorded CUDA event of each, once complete.
         let synced = |set: &CudaEventSet| {
-            set.with_last(|e| {
-                e.synchronize()
-                    .call("cuEventSynchronize")
-                    .map(|()| e.cu_event())
-            })?
-            .ok_or_else(never)
+            set.with_last(|e| sync_event(e).map(|()| e.cu_event()))?
+                .ok_or_else(never)
         };
         let (ea, eb) = (synced(a)?, synced(b)?);
         self.bind()?;
@@ -847,9 +874,7 @@ impl Device for CudaDevice {
     }
 
     fn synchronize_stream(&self, stream: &Stream) -> Result<()> {
-        self.stream(stream)?
-            .synchronize()
-            .call("cuStreamSynchronize")
+        sync_stream(self.stream(stream)?)
     }
 
     fn host_callback(&self, stream: &Stream, f: HostFn) -> Result<()> {
@@ -879,6 +904,7 @@ impl Device for CudaDevice {
                 free: isize::MAX as u64,
             });
         }
+        drain_stored_error(&self.inner.ctx);
         // SAFETY: the memory is zeroed below before any reference to it exists. Flags 0:
         // plain page-locked memory (not write-combined, which is slow to read back).
         let mut p = unsafe {
@@ -973,7 +999,7 @@ impl Device for CudaDevice {
         // the stream before returning, so `src` outlives the copy.
         unsafe { result::memcpy_htod_async(dst.ptr.0, src, s.cu_stream()) }
             .call("cuMemcpyHtoDAsync")?;
-        s.synchronize().call("cuStreamSynchronize")
+        sync_stream(s)
     }
 
     fn read_sync(&self, dst: &mut [u8], src: DeviceRange, stream: &Stream) -> Result<()> {
@@ -985,7 +1011,7 @@ impl Device for CudaDevice {
         // SAFETY: `dst` is borrowed mutably until the stream is synchronized below.
         unsafe { result::memcpy_dtoh_async(dst, src.ptr.0, s.cu_stream()) }
             .call("cuMemcpyDtoHAsync")?;
-        s.synchronize().call("cuStreamSynchronize")
+        sync_stream(s)
     }
 
     fn split_sms(&self, sm_counts: &[u32]) -> Result<SmSplit> {
@@ -1185,9 +1211,7 @@ impl CudaDevice {
             }
             v.push(t.elapsed() / BATCH);
         }
-        self.stream(stream)?
-            .synchronize()
-            .call("cuStreamSynchronize")?;
+        sync_stream(self.stream(stream)?)?;
         Ok(v)
     }
 }
@@ -1245,9 +1269,7 @@ impl CudaDevice {
             // SAFETY: each pointer is a live allocation of this stream, freed once.
             let _ = unsafe { result::free_async(p, s) };
         }
-        self.stream(stream)?
-            .synchronize()
-            .call("cuStreamSynchronize")?;
+        sync_stream(self.stream(stream)?)?;
         r.map(|()| out)
     }
 
