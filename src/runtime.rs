@@ -312,7 +312,9 @@ impl Offloader {
     /// there is nothing to wait for, and a context whose kernel faulted must not keep
     /// memory that other contexts (a Guaranteed one's base, say) need.
     fn fence(&self, owner: &Stream) -> gpushare_device::Result<Option<gpushare_device::Event>> {
-        let fence = self.dev.create_event(EventFlags::default())?;
+        // Waiting for the owner's work may take as long as its longest kernel: the thread
+        // that waits sleeps (several eviction finishes may wait at once).
+        let fence = self.dev.create_event(EventFlags::blocking_sync())?;
         match self.dev.record_event(&fence, owner) {
             Ok(()) => Ok(Some(fence)),
             Err(gpushare_device::DeviceError::StreamBroken(why)) => {
@@ -347,10 +349,13 @@ fn copy_and_wait(
     queue: impl FnOnce() -> gpushare_device::Result<()>,
 ) -> gpushare_device::Result<()> {
     queue()?;
-    let waited = dev.create_event(EventFlags::default()).and_then(|done| {
-        dev.record_event(&done, copies)?;
-        dev.synchronize_event(&done)
-    });
+    // A large copy takes milliseconds (8 GiB, about 160 ms): the thread sleeps meanwhile.
+    let waited = dev
+        .create_event(EventFlags::blocking_sync())
+        .and_then(|done| {
+            dev.record_event(&done, copies)?;
+            dev.synchronize_event(&done)
+        });
     if let Err(e) = &waited {
         if let Err(again) = dev.synchronize_stream(copies) {
             tracing::error!(error = %e, wait = %again, "a queued copy could not be waited for");

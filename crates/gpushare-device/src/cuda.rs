@@ -790,7 +790,9 @@ impl Device for CudaDevice {
     }
 
     fn create_event(&self, flags: EventFlags) -> Result<Event> {
-        let f = if flags.timing {
+        let f = if flags.blocking_sync {
+            sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC
+        } else if flags.timing {
             sys::CUevent_flags::CU_EVENT_DEFAULT
         } else {
             sys::CUevent_flags::CU_EVENT_DISABLE_TIMING

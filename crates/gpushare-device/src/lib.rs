@@ -231,12 +231,29 @@ pub struct EventFlags {
     /// Record timestamps so that [`Device::elapsed`] works. Timing costs a little on CUDA,
     /// so it is off by default.
     pub timing: bool,
+    /// A host thread that waits for the event ([`Device::synchronize_event`]) sleeps until
+    /// it completes, instead of spinning on a core. The wake-up costs some microseconds;
+    /// use it for long waits, such as for a large copy. On CUDA such an event also records
+    /// timestamps (the driver has no flag for both blocking and untimed).
+    pub blocking_sync: bool,
 }
 
 impl EventFlags {
     /// Flags for an event that records timestamps.
     pub fn timing() -> Self {
-        EventFlags { timing: true }
+        EventFlags {
+            timing: true,
+            ..Self::default()
+        }
+    }
+
+    /// Flags for an event whose waiters sleep rather than spin (see
+    /// [`EventFlags::blocking_sync`](EventFlags#structfield.blocking_sync)).
+    pub fn blocking_sync() -> Self {
+        EventFlags {
+            blocking_sync: true,
+            ..Self::default()
+        }
     }
 }
 

@@ -275,6 +275,25 @@ mod contract {
         // Clones share the event.
         let c = t1.clone();
         assert!(dev.query_event(&c).unwrap());
+        // A blocking event orders like any other; its waiter sleeps instead of spinning.
+        let blocking = dev.create_event(EventFlags::blocking_sync()).unwrap();
+        assert!(blocking.flags().blocking_sync);
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        dev.host_callback(
+            &s,
+            Box::new(move || {
+                let _ = gate.recv();
+            }),
+        )
+        .unwrap();
+        dev.record_event(&blocking, &s).unwrap();
+        assert!(
+            !dev.query_event(&blocking).unwrap(),
+            "held behind the callback"
+        );
+        go.send(()).unwrap();
+        dev.synchronize_event(&blocking).unwrap();
+        assert!(dev.query_event(&blocking).unwrap());
     }
 
     pub fn cross_stream_wait_orders_work_without_blocking_host(open: Open) {
