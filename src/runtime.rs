@@ -342,7 +342,9 @@ impl Offloader {
 /// memory to other requests, where a copy still landing would overwrite their bytes. If
 /// the event cannot be made, recorded or waited for, it waits for the whole stream. Should
 /// that fail too, the device has failed (a CUDA context with a sticky error runs nothing
-/// more), and the error is logged.
+/// more), and the error is logged. The first error is what comes back even when the
+/// stream's wait shows the copy done: a restore is then reported failed, and the buffer
+/// stays evicted, which errs on the safe side.
 fn copy_and_wait(
     dev: &dyn Device,
     copies: &Stream,

@@ -62,7 +62,9 @@ fn make_current(ctx: &CudaContext) -> Result<()> {
 
 /// Report, and clear, an error that cudarc stored while dropping one of its handles (a
 /// failed destroy, say). cudarc's safe calls report such an error in place of making the
-/// call; it concerns some other handle, so it is logged here and the call goes ahead.
+/// call; it concerns some other handle, so it is logged here and the call goes ahead. A
+/// drop on another thread between this and the call can still fail the call: that only
+/// fails a creation, which the caller sees as an error; waits do not go through cudarc.
 fn drain_stored_error(ctx: &CudaContext) {
     if let Err(e) = ctx.check_err() {
         tracing::warn!(error = %e, "a CUDA error stored when a handle was released earlier");

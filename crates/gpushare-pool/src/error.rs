@@ -36,6 +36,9 @@ pub struct Holding {
 pub struct OomReport {
     /// Bytes mapped by the pool.
     pub mapped: u64,
+    /// Of those, bytes of chunks retired after a failed unmap (see
+    /// [`Pool::trim`](crate::Pool::trim)), which the pool never hands out.
+    pub retired: u64,
     /// The pool's capacity, if it has one.
     pub capacity: Option<u64>,
     /// Free bytes inside the mapped range.
@@ -60,6 +63,13 @@ impl std::fmt::Display for OomReport {
             self.free,
             self.largest_free
         )?;
+        if self.retired > 0 {
+            write!(
+                f,
+                ", {} B retired after a failed unmap (create a new pool to get them back)",
+                self.retired
+            )?;
+        }
         for e in &self.eviction_failures {
             write!(f, "; eviction failed: {e}")?;
         }

@@ -312,6 +312,10 @@ pub struct OwnerStats {
 pub struct PoolStats {
     /// Bytes mapped from the source.
     pub mapped_bytes: u64,
+    /// Bytes of chunks retired after a failed unmap (see [`Pool::trim`]): part of
+    /// `mapped_bytes`, never handed out. So `mapped_bytes` is `free_bytes + pending_bytes +
+    /// in_use_bytes + retired_bytes`.
+    pub retired_bytes: u64,
     /// Peak of `mapped_bytes` (exact).
     pub peak_mapped_bytes: u64,
     /// Bytes live.
@@ -353,6 +357,7 @@ pub struct PoolStats {
 
 /// State of one block in a [`Snapshot`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BlockState {
     /// Handed out.
     Live,
@@ -367,6 +372,8 @@ pub enum BlockState {
         /// Whether it is pinned.
         pinned: bool,
     },
+    /// A chunk retired after a failed unmap (see [`Pool::trim`]).
+    Retired,
 }
 
 /// One block in a [`Snapshot`].

@@ -538,6 +538,9 @@ pub(crate) struct Central {
     chunks: BTreeMap<u64, u64>,
     /// Whether trimming left holes between chunks (only then does growth look for one).
     holes: bool,
+    /// Chunks retired after a failed unmap, by offset (see [`Pool::trim`]): still counted in
+    /// `mapped` and `chunks`, never handed out.
+    retired: BTreeMap<u64, u64>,
     mapped: u64,
     peak_mapped: u64,
     peak_live: u64,
@@ -726,6 +729,7 @@ impl<S: ChunkSource> Pool<S> {
                 },
                 chunks: BTreeMap::new(),
                 holes: false,
+                retired: BTreeMap::new(),
                 mapped: 0,
                 peak_mapped: 0,
                 peak_live: 0,
@@ -1948,6 +1952,7 @@ impl<S: ChunkSource> Pool<S> {
         holdings.sort_by_key(|h| std::cmp::Reverse(h.in_use));
         OomReport {
             mapped: c.mapped,
+            retired: c.retired.values().sum(),
             capacity: Some(self.limit),
             free: c.tlsf.free_bytes(),
             largest_free: c.tlsf.largest_free(),
@@ -1958,6 +1963,15 @@ impl<S: ChunkSource> Pool<S> {
 
     /// Unmap every chunk that is wholly free, after returning cached blocks. Returns the
     /// bytes given back.
+    ///
+    /// # Errors
+    ///
+    /// [`PoolError::Source`] when the source fails to unmap a chunk; trimming stops there.
+    /// The chunk's state is then unknown (a device source has let go of the mapping), so
+    /// the pool retires it: its bytes are never handed out again and stay counted as mapped,
+    /// in [`PoolStats::retired_bytes`](crate::PoolStats::retired_bytes), in the
+    /// out-of-memory report and as a [`BlockState::Retired`](crate::BlockState::Retired)
+    /// block of snapshots.
     pub fn trim(&self) -> Result<u64, PoolError> {
         let mut c = self.central.lock();
         self.flush_all(&mut c);
@@ -1974,6 +1988,7 @@ impl<S: ChunkSource> Pool<S> {
                 // where a kernel could fault on them: the chunk stays out of the free lists
                 // for good, and stays counted as mapped and in the chunk table, so growth
                 // never maps over it. The chunks unmapped before it stay unmapped.
+                c.retired.insert(o, s);
                 self.recompute_holes(&mut c);
                 tracing::error!(
                     released,
@@ -2400,6 +2415,7 @@ impl<S: ChunkSource> Pool<S> {
         let largest = c.tlsf.largest_free();
         PoolStats {
             mapped_bytes: c.mapped,
+            retired_bytes: c.retired.values().sum(),
             peak_mapped_bytes: c.peak_mapped,
             live_bytes: live,
             peak_live_bytes: c.peak_live,
@@ -2466,6 +2482,12 @@ impl<S: ChunkSource> Pool<S> {
                 },
             })
             .collect();
+        blocks.extend(c.retired.iter().map(|(&o, &s)| crate::BlockInfo {
+            addr: self.source.addr(o),
+            size: s,
+            owner: None,
+            state: crate::BlockState::Retired,
+        }));
         blocks.sort_by_key(|b| b.addr);
         crate::Snapshot {
             blocks,

@@ -72,6 +72,9 @@ impl Node {
         self.prev_free
     }
 
+    /// Callers pass a positive size: every size they compute is a difference they checked
+    /// (a remainder, a pad) or a sum of positive sizes. Debug builds assert it; a release
+    /// build has no branch to fail on, only the niche's one-byte floor.
     #[inline]
     fn set_size(&mut self, size: u64) {
         debug_assert!(size > 0, "a block of zero bytes");
@@ -85,9 +88,15 @@ impl Node {
     }
 }
 
-// The slab stores its vacant entries in the size's niche, as `Option` does.
+// The slab stores its vacant entries in the size's niche. Its entry type is private; this
+// mirror of it (slab 0.4: `enum Entry<T> { Vacant(usize), Occupied(T) }`) checks the size.
+#[allow(dead_code)]
+enum SlabEntry {
+    Vacant(usize),
+    Occupied(Node),
+}
 const _: () = assert!(std::mem::size_of::<Node>() == 32);
-const _: () = assert!(std::mem::size_of::<Option<Node>>() == 32);
+const _: () = assert!(std::mem::size_of::<SlabEntry>() == 32);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Run {
@@ -769,24 +778,25 @@ mod tests {
             let mut t = Tlsf::new();
             t.set_back_max(back_max);
             t.add_region(0, 8 << 20);
-            let mut live: Vec<(u32, u64, u64)> = vec![];
+            let mut live: Vec<(u32, u64, u64, u32)> = vec![];
             let mut mapped_end = 8u64 << 20;
             for (op, size, al) in ops {
                 match op {
                     0 | 1 => {
+                        let owner = (size % 5) as u32;
                         let size = size.next_multiple_of(UNIT);
                         let align = UNIT << (al * 3);
-                        if let Some((n, off)) = t.alloc(size, align, 0) {
+                        if let Some((n, off)) = t.alloc(size, align, owner) {
                             prop_assert_eq!(off % align, 0);
-                            for &(_, o, s) in &live {
+                            for &(_, o, s, _) in &live {
                                 prop_assert!(off + size <= o || o + s <= off, "overlap");
                             }
-                            live.push((n, off, size));
+                            live.push((n, off, size, owner));
                         }
                     }
                     2 if !live.is_empty() => {
                         let i = size as usize % live.len();
-                        let (n, _, _) = live.swap_remove(i);
+                        let (n, _, _, _) = live.swap_remove(i);
                         t.free(n);
                     }
                     _ => {
@@ -795,8 +805,15 @@ mod tests {
                     }
                 }
                 t.check();
+                // Every live block's node is used, where it was placed, and keeps its owner
+                // (which shares its room with a free-list link).
+                for &(n, off, size, owner) in &live {
+                    let node = t.node(n);
+                    prop_assert!(!node.is_free());
+                    prop_assert_eq!((node.offset(), node.size(), node.owner()), (off, size, owner));
+                }
             }
-            for (n, _, _) in live.drain(..) {
+            for (n, _, _, _) in live.drain(..) {
                 t.free(n);
             }
             t.check();

@@ -330,8 +330,27 @@ fn a_chunk_whose_unmap_failed_is_never_handed_out_again() {
         "a block at offset {} lies in memory that is not mapped",
         d.offset()
     );
-    // It stays counted as mapped, since it may be; later trims leave it alone.
-    assert_eq!(p.stats().mapped_bytes, 8 * MIB);
+    // It stays counted as mapped, since it may be, and says so; later trims leave it alone.
+    let s = p.stats();
+    assert_eq!((s.mapped_bytes, s.retired_bytes), (8 * MIB, 2 * MIB));
+    assert_eq!(
+        s.mapped_bytes,
+        s.free_bytes + s.pending_bytes + s.in_use_bytes + s.retired_bytes
+    );
+    let snap = p.snapshot();
+    assert_eq!(snap.report.retired, 2 * MIB);
+    assert!(snap.report.to_string().contains("retired"));
+    let retired: Vec<_> = snap
+        .blocks
+        .iter()
+        .filter(|b| b.state == BlockState::Retired)
+        .map(|b| (b.addr - p.source().base(), b.size))
+        .collect();
+    assert_eq!(retired, [(2 * MIB, 2 * MIB)]);
+    assert_eq!(
+        snap.blocks.iter().map(|b| b.size).sum::<u64>(),
+        s.mapped_bytes
+    );
     for x in [a, c, d] {
         p.free(x).unwrap();
     }
@@ -800,7 +819,7 @@ fn stats_and_snapshot_agree() {
     assert_eq!(s.owners[0].in_use_bytes, 4096 + 8192 + MIB);
     assert_eq!(
         s.mapped_bytes,
-        s.free_bytes + s.pending_bytes + s.in_use_bytes
+        s.free_bytes + s.pending_bytes + s.in_use_bytes + s.retired_bytes
     );
     assert_eq!(s.allocs, 3);
     assert_eq!(s.frees, 1);

@@ -118,6 +118,30 @@ impl Model {
         for w in spans.windows(2) {
             prop_assert!(w[0].1 <= w[1].0, "overlap {:?}", w);
         }
+        // Each live block shows in the snapshot at its address, live, under one owner slot
+        // per owner, and different owners under different slots.
+        let mut slot_of = std::collections::HashMap::new();
+        for b in &self.live {
+            let addr = self.pool.addr(b);
+            let i = snap.blocks.partition_point(|x| x.addr < addr);
+            let info = snap.blocks.get(i).filter(|x| x.addr == addr);
+            prop_assert!(
+                info.is_some_and(|x| x.state == gpushare_pool::BlockState::Live
+                    && x.size == b.size()
+                    && x.owner.is_some()),
+                "live block at {} shows as {:?}",
+                addr,
+                info
+            );
+            let slot = info.and_then(|x| x.owner);
+            let before = slot_of.insert(b.owner(), slot);
+            prop_assert!(
+                before.is_none() || before == Some(slot),
+                "one owner, two slots"
+            );
+        }
+        let slots: std::collections::HashSet<_> = slot_of.values().collect();
+        prop_assert_eq!(slots.len(), slot_of.len(), "two owners share a slot");
         for (i, &(id, limit)) in self.owners.iter().enumerate() {
             let o = s.owners.iter().find(|o| o.id == id).unwrap();
             let mine: u64 = self
@@ -137,7 +161,7 @@ impl Model {
         }
         prop_assert_eq!(
             s.mapped_bytes,
-            s.free_bytes + s.pending_bytes + s.in_use_bytes
+            s.free_bytes + s.pending_bytes + s.in_use_bytes + s.retired_bytes
         );
         let total: u64 = snap.blocks.iter().map(|b| b.size).sum();
         prop_assert_eq!(total, s.mapped_bytes);
