@@ -1,7 +1,7 @@
 //! Contexts (one per model) and their persistent buffers.
 
 use crate::error::{Result, RuntimeError};
-use crate::runtime::{Pressure, PressureHandler, PressureInfo, RtInner};
+use crate::runtime::{Handlers, Pressure, PressureInfo, PressureRegistration, RtInner};
 use crate::session::{block_on, SessionFuture};
 use crate::{EvictPolicy, Session};
 use gpushare_device::{PinnedBuffer, Stream};
@@ -66,7 +66,7 @@ pub(crate) struct CtxInner {
     /// Whether the context's partition is its own, to be removed with it.
     pub own_partition: bool,
     pub buffers: Mutex<Vec<BufSlot>>,
-    pub handlers: Mutex<Vec<PressureHandler>>,
+    pub handlers: Arc<Handlers>,
     /// Live sessions and borrows of its buffers. Written only with `buffers` locked (so a
     /// plain load and store, no read-modify-write); read without it for snapshots.
     pub sessions: AtomicU64,
@@ -428,7 +428,7 @@ impl Context {
             isolation,
             own_partition,
             buffers: Mutex::new(Vec::new()),
-            handlers: Mutex::new(Vec::new()),
+            handlers: Arc::default(),
             sessions: AtomicU64::new(0),
             dooms: AtomicU64::new(0),
             compacted_at: AtomicU64::new(0),
@@ -465,12 +465,13 @@ impl Context {
     }
 
     /// Register a handler called when memory runs short; contexts' handlers run in
-    /// reclaim order, BestEffort first.
+    /// reclaim order, BestEffort first. It stays registered until the returned
+    /// registration drops (see [`PressureRegistration`] for why it does not stay for good).
     pub fn on_memory_pressure(
         &self,
         handler: impl Fn(&PressureInfo<'_>) -> Pressure + Send + Sync + 'static,
-    ) {
-        self.inner.handlers.lock().push(Arc::new(handler));
+    ) -> PressureRegistration {
+        self.inner.handlers.register(Arc::new(handler))
     }
 
     /// Its memory use.

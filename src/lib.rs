@@ -37,7 +37,8 @@ pub use gpushare_pool as pool;
 pub use gpushare_qos as qos;
 pub use partitions::DeviceSms;
 pub use runtime::{
-    ContextRow, Pressure, PressureHandler, PressureInfo, Runtime, RuntimeBuilder, Snapshot,
+    ContextRow, Pressure, PressureHandler, PressureInfo, PressureRegistration, Runtime,
+    RuntimeBuilder, Snapshot,
 };
 pub use session::{Scratch, Session, SessionFuture};
 

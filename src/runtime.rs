@@ -52,6 +52,68 @@ pub struct PressureInfo<'a> {
 /// returns whether the allocation should be retried.
 pub type PressureHandler = Arc<dyn Fn(&PressureInfo<'_>) -> Pressure + Send + Sync>;
 
+/// The memory-pressure handlers of a context or of the runtime, in registration order.
+#[derive(Default)]
+pub(crate) struct Handlers {
+    next: AtomicU64,
+    list: Mutex<Vec<(u64, PressureHandler)>>,
+}
+
+impl Handlers {
+    /// Register `handler` until the returned registration drops.
+    pub fn register(self: &Arc<Self>, handler: PressureHandler) -> PressureRegistration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.list.lock().push((id, handler));
+        PressureRegistration {
+            handlers: Arc::downgrade(self),
+            id,
+        }
+    }
+
+    /// The handlers registered now.
+    pub fn current(&self) -> Vec<PressureHandler> {
+        self.list.lock().iter().map(|(_, h)| h.clone()).collect()
+    }
+}
+
+/// Keeps a memory-pressure handler registered; dropping it unregisters the handler and
+/// drops it, with whatever it owns.
+///
+/// Handlers often own what they free, such as a cache of buffers. A buffer keeps its
+/// context alive, and a context keeps its handlers, so a handler registered for good that
+/// owns a buffer would keep its context, and the context's budget, reservation and
+/// partition, for the life of the process. Dropping the registration ends that: keep it
+/// with the model that the handler serves.
+#[must_use = "the handler is unregistered when this is dropped; keep it while the handler should run"]
+pub struct PressureRegistration {
+    handlers: Weak<Handlers>,
+    id: u64,
+}
+
+impl std::fmt::Debug for PressureRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PressureRegistration")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PressureRegistration {
+    fn drop(&mut self) {
+        let Some(handlers) = self.handlers.upgrade() else {
+            return;
+        };
+        let removed = {
+            let mut list = handlers.list.lock();
+            let at = list.iter().position(|(id, _)| *id == self.id);
+            at.map(|i| list.remove(i))
+        };
+        // Dropped with the lock free: the handler may own buffers, whose release frees
+        // memory (and may end its context).
+        drop(removed);
+    }
+}
+
 /// Builds a [`Runtime`]. Explicit settings win over `GPUSHARE_*` variables, which win over
 /// the defaults.
 #[derive(Default)]
@@ -131,24 +193,26 @@ impl RuntimeBuilder {
             .unwrap_or(EvictPolicy::Offload);
         let aging = self.aging.unwrap_or(Duration::from_secs(1));
         let info = dev.info().clone();
-        let admission = AdmissionEvaluator::new(
-            info.total_memory,
-            AdmissionConfig {
-                usable_limit: self.memory_limit,
-                ..AdmissionConfig::default()
-            }
-            .usable_fraction(fraction)
-            .overcommit(overcommit)
-            .aging(aging),
-        )?;
+        let admission_cfg = AdmissionConfig {
+            usable_limit: self.memory_limit,
+            ..AdmissionConfig::default()
+        }
+        .usable_fraction(fraction)
+        .overcommit(overcommit)
+        .aging(aging);
+        let usable = AdmissionEvaluator::new(info.total_memory, admission_cfg.clone())?.capacity();
         let g = check_granularity(info.granularity)?;
-        if admission.capacity() < g {
+        if usable < g {
             return Err(RuntimeError::Pool(gpushare_pool::PoolError::BadConfig(format!(
-                "the usable memory ({} B) is less than one {g}-byte allocation granule of the device; raise the memory limit or fraction",
-                admission.capacity()
+                "the usable memory ({usable} B) is less than one {g}-byte allocation granule of the device; raise the memory limit or fraction"
             ))));
         }
-        let capacity = admission.capacity() / g * g;
+        // The pool maps whole granules, so admission promises only what it can map: a base
+        // that fits the unrounded figure but not the pool is a rejection with the numbers,
+        // and partitions are planned within the same capacity.
+        let capacity = usable / g * g;
+        let admission =
+            AdmissionEvaluator::new(info.total_memory, admission_cfg.usable_limit(capacity))?;
         let source: Box<dyn ChunkSource> = if info.vmm_supported {
             Box::new(VmmSource::new(dev.clone(), capacity)?)
         } else {
@@ -156,7 +220,7 @@ impl RuntimeBuilder {
         };
         let pool = Pool::new(source, PoolConfig::default().capacity(capacity))
             .map_err(|e| RuntimeError::from_pool(e, "runtime"))?;
-        let mut parts = PartitionManager::new(PartitionConfig::new(info.total_memory))?;
+        let mut parts = PartitionManager::new(PartitionConfig::new(capacity))?;
         for (name, limits) in &self.partitions {
             parts.create_partition(name, *limits)?;
         }
@@ -183,7 +247,7 @@ impl RuntimeBuilder {
                 policy,
                 buffers,
                 contexts: Mutex::new(Vec::new()),
-                handlers: Mutex::new(Vec::new()),
+                handlers: Arc::default(),
                 waits: Arc::new(SessionGate::new(aging)),
                 next_stream: AtomicU64::new(1),
                 pin_lock: TierLock::new(aging),
@@ -204,7 +268,7 @@ pub(crate) struct RtInner {
     pub policy: EvictPolicy,
     pub buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>>,
     pub contexts: Mutex<Vec<Weak<CtxInner>>>,
-    pub handlers: Mutex<Vec<PressureHandler>>,
+    pub handlers: Arc<Handlers>,
     /// Waiting sessions, live sessions and pending frees: the protocol sessions wait under.
     /// Shared with host callbacks, which must not hold anything whose release is a device
     /// call.
@@ -225,7 +289,11 @@ impl RtInner {
     /// Bytes the runtime could hand out now: not in use, and not waiting for queued work
     /// to finish with them (a stream-ordered free goes to other streams only then).
     pub fn available(&self) -> u64 {
-        let s = self.pool.stats();
+        self.available_in(&self.pool.stats())
+    }
+
+    /// [`RtInner::available`] from pool statistics already taken.
+    fn available_in(&self, s: &gpushare_pool::PoolStats) -> u64 {
         self.capacity
             .saturating_sub(s.in_use_bytes.saturating_add(s.pending_bytes))
     }
@@ -241,11 +309,9 @@ impl RtInner {
             .filter_map(Weak::upgrade)
             .collect();
         ctxs.sort_by_key(|c| std::cmp::Reverse(c.tier.rank()));
-        let mut handlers: Vec<PressureHandler> = ctxs
-            .iter()
-            .flat_map(|c| c.handlers.lock().clone())
-            .collect();
-        handlers.extend(self.handlers.lock().iter().cloned());
+        let mut handlers: Vec<PressureHandler> =
+            ctxs.iter().flat_map(|c| c.handlers.current()).collect();
+        handlers.extend(self.handlers.current());
         if handlers.is_empty() {
             return None;
         }
@@ -594,12 +660,13 @@ impl Runtime {
         Context::create(self.inner.clone(), spec)
     }
 
-    /// Register a handler called when any context runs short of memory.
+    /// Register a handler called when any context runs short of memory, after the
+    /// contexts' own handlers. It stays registered until the returned registration drops.
     pub fn on_memory_pressure(
         &self,
         handler: impl Fn(&PressureInfo<'_>) -> Pressure + Send + Sync + 'static,
-    ) {
-        self.inner.handlers.lock().push(Arc::new(handler));
+    ) -> PressureRegistration {
+        self.inner.handlers.register(Arc::new(handler))
     }
 
     /// A per-context table of memory use.
@@ -637,7 +704,7 @@ impl Runtime {
             backend: info.backend.to_string(),
             total_bytes: info.total_memory,
             capacity_bytes: self.inner.capacity,
-            available_bytes: self.inner.capacity.saturating_sub(stats.in_use_bytes),
+            available_bytes: self.inner.available_in(&stats),
             contexts,
         }
     }

@@ -110,7 +110,7 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_context_with_its_own_compute_share_gives_it_back],
+    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
@@ -574,13 +574,13 @@ mod tests {
         assert!(!vb.is_resident());
         let held = hog.session().unwrap();
         let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        {
+        let _handler = {
             let asked = asked.clone();
             rt.on_memory_pressure(move |info| {
                 asked.store(info.requested, Ordering::SeqCst);
                 Pressure::Deny
-            });
-        }
+            })
+        };
         let t = {
             let v = v.clone();
             std::thread::spawn(move || v.session().map(drop))
@@ -615,7 +615,7 @@ mod tests {
         )));
         let _pin = cache_owner.session().unwrap(); // pinned: eviction cannot take it
         let calls = Arc::new(AtomicUsize::new(0));
-        {
+        let _handler = {
             let (cache, calls) = (cache.clone(), calls.clone());
             cache_owner.on_memory_pressure(move |info| {
                 calls.fetch_add(1, Ordering::SeqCst);
@@ -624,8 +624,8 @@ mod tests {
                 // Drop the KV cache; it is freed when the pinning session ends.
                 cache.lock().unwrap().take();
                 Pressure::Allow
-            });
-        }
+            })
+        };
         let err = needy.create_buffer(32 * MIB).unwrap_err();
         assert!(calls.load(Ordering::SeqCst) >= 1);
         assert!(
@@ -644,7 +644,7 @@ mod tests {
         let x = rt2.create_context(ContextSpec::new("x", 16 * MIB)).unwrap();
         let _keep = x.create_buffer(12 * MIB).unwrap();
         let _s = x.session().unwrap();
-        rt2.on_memory_pressure(|_| panic!("handler bug"));
+        let _bug = rt2.on_memory_pressure(|_| panic!("handler bug"));
         assert!(matches!(
             x.create_buffer(8 * MIB),
             Err(RuntimeError::PressureDenied { .. } | RuntimeError::BudgetExceeded { .. })
@@ -687,6 +687,67 @@ mod tests {
         // Its name and reservation are free again.
         rt.create_context(ContextSpec::new("m", 64 * MIB).base(64 * MIB))
             .unwrap();
+    }
+
+    pub fn a_handler_that_owns_a_buffer_goes_with_its_registration(open: Open) {
+        let rt = runtime(open, 64 * MIB, 1.0);
+        let ctx = rt
+            .create_context(ContextSpec::new("kv", 32 * MIB).base(16 * MIB))
+            .unwrap();
+        // A cache that only the handler holds: the handler owns a buffer of its context.
+        let cache = Arc::new(std::sync::Mutex::new(Some(ctx.create_buffer(MIB).unwrap())));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let registration = {
+            let calls = calls.clone();
+            ctx.on_memory_pressure(move |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                cache.lock().unwrap().take();
+                Pressure::Allow
+            })
+        };
+        drop(ctx);
+        // The registration keeps the handler, its buffer and so the context.
+        assert_eq!(rt.snapshot().contexts.len(), 1);
+        drop(registration);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            rt.snapshot().contexts.len(),
+            0,
+            "the context is gone with the handler that held its buffer"
+        );
+        assert_eq!(rt.pool_stats().owners.len(), 0);
+        // Its name and reservation are free again.
+        rt.create_context(ContextSpec::new("kv", 64 * MIB).base(64 * MIB))
+            .unwrap();
+        // A dropped registration's handler no longer runs.
+        let rt = runtime(open, 64 * MIB, 4.0);
+        let holder = rt
+            .create_context(ContextSpec::new("holder", 64 * MIB))
+            .unwrap();
+        let needy = rt
+            .create_context(ContextSpec::new("needy", 64 * MIB))
+            .unwrap();
+        let _held = holder.create_buffer(48 * MIB).unwrap();
+        let _pin = holder.session().unwrap(); // pinned: only handlers could free memory
+        let ran = Arc::new(AtomicUsize::new(0));
+        let kept = {
+            let ran = ran.clone();
+            rt.on_memory_pressure(move |_| {
+                ran.fetch_add(1, Ordering::SeqCst);
+                Pressure::Deny
+            })
+        };
+        let gone = {
+            let ran = ran.clone();
+            rt.on_memory_pressure(move |_| {
+                ran.fetch_add(100, Ordering::SeqCst);
+                Pressure::Deny
+            })
+        };
+        drop(gone);
+        assert!(needy.create_buffer(32 * MIB).is_err());
+        assert_eq!(ran.load(Ordering::SeqCst), 1, "only the kept handler ran");
+        drop(kept);
     }
 
     pub fn a_context_with_its_own_compute_share_gives_it_back(open: Open) {
@@ -1021,6 +1082,58 @@ fn hold(sim: &SimDevice, stream: &gpushare::device::Stream) -> std::sync::mpsc::
     })
     .unwrap();
     go
+}
+
+#[test]
+fn admission_and_partitions_promise_only_what_the_pool_can_map() {
+    // 65 MiB usable on a device of 2 MiB granules: the pool maps 64 MiB.
+    let sim =
+        Arc::new(SimDevice::with_config(SimConfig::default().total_memory(256 * MIB)).unwrap());
+    let build = |b: gpushare::RuntimeBuilder| {
+        b.with_device(sim.clone())
+            .memory_fraction(1.0)
+            .memory_limit(65 * MIB)
+            .build()
+    };
+    let rt = build(Runtime::builder()).unwrap();
+    assert_eq!(rt.snapshot().capacity_bytes, 64 * MIB);
+    let err = rt
+        .create_context(ContextSpec::new("big", 65 * MIB).base(65 * MIB))
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::Rejected { .. }), "{err}");
+    rt.create_context(ContextSpec::new("fits", 64 * MIB).base(64 * MIB))
+        .unwrap();
+    // A partition may not promise more memory than the runtime has.
+    let over = build(Runtime::builder().partition(
+        "p",
+        gpushare::qos::PartitionLimits::default().memory(65 * MIB),
+    ));
+    assert!(
+        over.is_err(),
+        "a partition of 65 MiB in a 64 MiB runtime was accepted"
+    );
+    build(Runtime::builder().partition(
+        "p",
+        gpushare::qos::PartitionLimits::default().memory(64 * MIB),
+    ))
+    .unwrap();
+}
+
+#[test]
+fn the_snapshot_and_available_vram_agree_while_a_free_waits_for_the_stream() {
+    let (rt, sim) = sim_runtime(256 * MIB, 1.0);
+    let ctx = rt.create_context(ContextSpec::new("c", 128 * MIB)).unwrap();
+    let mut s = ctx.session().unwrap();
+    let go = hold(&sim, s.stream());
+    // Scratch larger than the pool's caches take: freed in stream order as the session
+    // ends, it waits in the pool for the held stream.
+    s.alloc(96 * MIB).unwrap();
+    drop(s);
+    let pending = rt.pool_stats().pending_bytes;
+    assert!(pending >= 96 * MIB, "the scratch waits for the held stream");
+    assert_eq!(rt.available_vram(), 256 * MIB - pending);
+    assert_eq!(rt.snapshot().available_bytes, rt.available_vram());
+    go.send(()).unwrap();
 }
 
 #[test]
