@@ -368,7 +368,10 @@ impl Context {
                 (Some(p), _) => Some(p.clone()),
                 (None, true) => {
                     let mut parts = rt.parts.lock();
-                    parts.create_partition(&name, PartitionLimits::default().compute(r.compute))?;
+                    parts.create_private_partition(
+                        &name,
+                        PartitionLimits::default().compute(r.compute),
+                    )?;
                     if let Err(e) = parts.realize(&rt.sms) {
                         drop(parts);
                         undo_partition(false);

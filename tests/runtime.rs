@@ -768,6 +768,43 @@ mod tests {
 }
 
 #[test]
+fn compute_shares_added_later_never_oversubscribe_the_sms() {
+    let (rt, sim) = sim_runtime(256 * MIB, 1.0);
+    let sms = sim.info().sm_count;
+    let a = rt
+        .create_context(ContextSpec::new("a", MIB).compute(0.53))
+        .unwrap();
+    let b = rt
+        .create_context(ContextSpec::new("b", MIB).compute(0.47))
+        .unwrap();
+    let (sa, sb) = (a.session().unwrap(), b.session().unwrap());
+    let (na, nb) = (
+        sa.stream().partition_sms().unwrap(),
+        sb.stream().partition_sms().unwrap(),
+    );
+    assert!(na + nb <= sms, "{na} + {nb} SMs on a device of {sms}");
+    // What each context says is what its stream runs on.
+    for (ctx, n) in [(&a, na), (&b, nb)] {
+        assert!(
+            matches!(ctx.isolation(), gpushare::qos::Isolation::SmPartition { granted, .. } if *granted == n),
+            "{:?} against {n} SMs",
+            ctx.isolation()
+        );
+    }
+    // Another context cannot join `a`'s own partition.
+    let err = rt
+        .create_context(ContextSpec::new("c", MIB).partition("a"))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RuntimeError::Qos(gpushare::qos::QosError::PrivatePartition { .. })
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_failed_offload_copy_loses_no_data() {
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);
     let vision = rt

@@ -67,6 +67,14 @@ pub enum QosError {
         /// The limit.
         limit: f64,
     },
+    /// A context asked to join a partition made for another context alone.
+    #[error("partition {partition:?} belongs to context {partition:?} alone (made for its compute share), so context {context:?} cannot join it; place contexts that share SMs in a partition declared with RuntimeBuilder::partition")]
+    PrivatePartition {
+        /// The partition (named after its context).
+        partition: String,
+        /// The context that asked to join it.
+        context: String,
+    },
     /// A partition with contexts still placed in it.
     #[error("partition {name:?} still holds {contexts} context(s); remove them first")]
     PartitionBusy {

@@ -107,6 +107,12 @@ pub struct Partition {
     limits: PartitionLimits,
     contexts: BTreeMap<String, u64>,
     isolation: Isolation,
+    /// Made for the context of the same name alone (see
+    /// [`PartitionManager::create_private_partition`]).
+    private: bool,
+    /// Where the last split put its SMs, as (first, count) in the split's order, while it
+    /// has a group.
+    group: Option<(u32, u32)>,
 }
 
 impl Partition {
@@ -125,6 +131,11 @@ impl Partition {
     /// Contexts placed in it, with the bytes each reserves.
     pub fn contexts(&self) -> impl Iterator<Item = (&str, u64)> {
         self.contexts.iter().map(|(n, &b)| (n.as_str(), b))
+    }
+    /// Whether contexts are placed in it: their streams then run on its group of SMs,
+    /// which a new split must leave where it is.
+    fn in_use(&self) -> bool {
+        !self.contexts.is_empty()
     }
     /// Bytes its contexts reserve.
     pub fn reserved(&self) -> u64 {
@@ -216,12 +227,28 @@ impl PartitionManager {
             name: name.to_string(),
             limits,
             contexts: BTreeMap::new(),
+            private: false,
+            group: None,
             isolation: if limits.compute.is_some() {
                 Isolation::Pending
             } else {
                 Isolation::None
             },
         });
+        Ok(())
+    }
+
+    /// Create a partition for the context `name` alone, such as one for a context's own
+    /// compute share: no other context may be placed in it, so it goes with that context.
+    pub fn create_private_partition(
+        &mut self,
+        name: &str,
+        limits: PartitionLimits,
+    ) -> Result<(), QosError> {
+        self.create_partition(name, limits)?;
+        if let Some(p) = self.partitions.last_mut() {
+            p.private = true;
+        }
         Ok(())
     }
 
@@ -266,6 +293,12 @@ impl PartitionManager {
             return Err(QosError::AlreadyPlaced(context.name.clone()));
         }
         let p = &mut self.partitions[i];
+        if p.private && p.name != context.name {
+            return Err(QosError::PrivatePartition {
+                partition: p.name.clone(),
+                context: context.name.clone(),
+            });
+        }
         if let Some(limit) = p.limits.memory {
             let used = p.reserved();
             if used.saturating_add(context.reserve) > limit {
@@ -297,40 +330,71 @@ impl PartitionManager {
     /// (shares that add up to 1 could otherwise round past it). With more partitions than
     /// minimum-sized groups fit, every group ends at the minimum and the plan still does
     /// not fit; [`PartitionManager::realize`] refuses such a plan.
+    ///
+    /// A partition in use (contexts placed in it, whose streams run on its group) keeps
+    /// the group it has: only the others are trimmed, so a share asked for later gets what
+    /// the groups in use leave.
     pub fn sm_plan(&self, sm_count: u32, min: u32, step: u32) -> Vec<(String, u32)> {
         let (min, step) = (min.max(1), step.max(1));
-        let mut plan: Vec<(String, u32)> = self
+        let mut plan: Vec<(String, u32, bool)> = self
             .partitions
             .iter()
             .filter_map(|p| {
                 let want = p.limits.compute? * f64::from(sm_count);
-                let n = ((want / f64::from(step)).round() as u32)
-                    .saturating_mul(step)
-                    .max(min);
-                Some((p.name.clone(), n))
+                let fixed = p.group.filter(|_| p.in_use()).map(|(_, n)| n);
+                let n = fixed.unwrap_or_else(|| {
+                    ((want / f64::from(step)).round() as u32)
+                        .saturating_mul(step)
+                        .max(min)
+                });
+                Some((p.name.clone(), n, fixed.is_some()))
             })
             .collect();
-        while plan.iter().map(|(_, n)| u64::from(*n)).sum::<u64>() > u64::from(sm_count) {
+        while plan.iter().map(|(_, n, _)| u64::from(*n)).sum::<u64>() > u64::from(sm_count) {
             match plan
                 .iter_mut()
-                .filter(|(_, n)| *n >= min.saturating_add(step))
-                .max_by_key(|(_, n)| *n)
+                .filter(|(_, n, fixed)| !fixed && *n >= min.saturating_add(step))
+                .max_by_key(|(_, n, _)| *n)
             {
-                Some((_, n)) => *n -= step,
+                Some((_, n, _)) => *n -= step,
                 None => break,
             }
         }
-        plan
+        plan.into_iter().map(|(name, n, _)| (name, n)).collect()
     }
 
     /// Make the compute shares real: split the SMs through `backend`. Where the backend
     /// cannot split, each partition records that it falls back to stream priorities.
+    ///
+    /// A split divides the device's SMs into groups in the partitions' order. The streams
+    /// of a partition in use run on the group its last split made, so a new split must
+    /// give that partition the same SMs: the same count (see [`PartitionManager::sm_plan`])
+    /// at the same place. When a partition ahead of it has gone or changed, its place
+    /// would move, and this refuses the split rather than let two groups overlap.
     pub fn realize(&mut self, backend: &dyn SmBackend) -> Result<(), QosError> {
         let (min, step) = backend.sm_granularity();
         let sm_count = backend.sm_count();
         let plan = self.sm_plan(sm_count, min, step);
         if plan.is_empty() {
             return Ok(());
+        }
+        let mut at = 0u32;
+        let mut places = Vec::with_capacity(plan.len());
+        for (name, n) in &plan {
+            let p = &self.partitions[self.index(name)?];
+            if let Some((first, count)) = p.group.filter(|_| p.in_use()) {
+                if (first, count) != (at, *n) {
+                    return Err(QosError::BadConfig {
+                        what: "SM split",
+                        value: format!(
+                            "a new split would give partition {name} {n} SMs from SM {at}, in place of the {count} from SM {first} that its contexts' streams use"
+                        ),
+                        expected: "compute shares whose groups in use keep their place: declare partitions up front (RuntimeBuilder::partition), or end the contexts of the partitions that follow a removed one first",
+                    });
+                }
+            }
+            places.push((at, *n));
+            at = at.saturating_add(*n);
         }
         // A plan that does not fit is still offered: a backend that cannot split at all
         // says so, and the partitions fall back to priorities; one that can fails, and the
@@ -339,12 +403,14 @@ impl PartitionManager {
         let counts: Vec<u32> = plan.iter().map(|(_, n)| *n).collect();
         match backend.split(&counts) {
             Ok(granted) if granted.len() == plan.len() => {
-                for ((name, requested), got) in plan.into_iter().zip(granted) {
+                for (((name, requested), got), place) in plan.into_iter().zip(granted).zip(places)
+                {
                     let i = self.index(&name)?;
                     self.partitions[i].isolation = Isolation::SmPartition {
                         requested,
                         granted: got,
                     };
+                    self.partitions[i].group = Some(place);
                 }
                 Ok(())
             }

@@ -233,3 +233,74 @@ fn more_compute_partitions_than_minimum_groups_fit_are_refused_with_the_reason()
     // Without green contexts the same partitions fall back to priorities.
     m.realize(&hopper(true)).unwrap();
 }
+
+#[test]
+fn a_partition_in_use_keeps_its_group_when_a_share_is_added() {
+    let hw = hopper(false);
+    let mut m = manager();
+    m.create_private_partition("a", PartitionLimits::default().compute(0.53))
+        .unwrap();
+    m.realize(&hw).unwrap();
+    m.place(&ContextSpec::new("a", GIB).resolve().unwrap(), "a")
+        .unwrap();
+    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![72]);
+    // Alone, 0.47 of 132 SMs rounds to 64, and 72 + 64 do not fit: the new share gets what
+    // the group in use leaves, and the group in use stays as it is.
+    m.create_private_partition("b", PartitionLimits::default().compute(0.47))
+        .unwrap();
+    m.realize(&hw).unwrap();
+    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![72, 56]);
+    assert_eq!(
+        m.partition("a").unwrap().isolation(),
+        &Isolation::SmPartition {
+            requested: 72,
+            granted: 72
+        }
+    );
+}
+
+#[test]
+fn a_split_that_would_move_a_group_in_use_is_refused() {
+    let hw = hopper(false);
+    let mut m = manager();
+    for (name, share) in [("a", 0.3), ("b", 0.3)] {
+        m.create_private_partition(name, PartitionLimits::default().compute(share))
+            .unwrap();
+        m.realize(&hw).unwrap();
+        m.place(&ContextSpec::new(name, GIB).resolve().unwrap(), name)
+            .unwrap();
+    }
+    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![40, 40]);
+    // `a` goes; `b`'s streams still run on SMs 40..80.
+    m.unplace("a").unwrap();
+    m.remove_partition("a").unwrap();
+    m.create_private_partition("c", PartitionLimits::default().compute(0.3))
+        .unwrap();
+    let calls = hw.calls.borrow().len();
+    let err = m.realize(&hw).unwrap_err();
+    assert!(
+        matches!(&err, QosError::BadConfig { value, .. } if value.contains("partition b")),
+        "{err}"
+    );
+    assert_eq!(hw.calls.borrow().len(), calls, "nothing was split");
+    // Once `b` has no contexts, the SMs may be split afresh.
+    m.unplace("b").unwrap();
+    m.realize(&hw).unwrap();
+    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![40, 40]);
+}
+
+#[test]
+fn no_other_context_joins_a_private_partition() {
+    let mut m = manager();
+    m.create_private_partition("p", PartitionLimits::default().compute(0.5))
+        .unwrap();
+    let q = ContextSpec::new("q", GIB).resolve().unwrap();
+    assert!(matches!(
+        m.place(&q, "p"),
+        Err(QosError::PrivatePartition { ref partition, ref context }) if partition == "p" && context == "q"
+    ));
+    m.place(&ContextSpec::new("p", GIB).resolve().unwrap(), "p")
+        .unwrap();
+    m.unplace("p").unwrap();
+    m.remove_partition("p").unwrap();
+}
