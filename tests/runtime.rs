@@ -25,6 +25,19 @@ fn runtime(open: Open, total: u64, overcommit: f64) -> Runtime {
         .unwrap()
 }
 
+/// Assert that the runtime's only context is gone: no pool owner, no snapshot row, and its
+/// name and a reservation of all `capacity` bytes are free again.
+fn assert_context_gone(rt: &Runtime, name: &str, capacity: u64) {
+    assert_eq!(
+        rt.pool_stats().owners.len(),
+        0,
+        "{name}'s pool owner is still there"
+    );
+    assert_eq!(rt.snapshot().contexts.len(), 0, "{name} is still listed");
+    rt.create_context(ContextSpec::new(name, capacity).base(capacity))
+        .unwrap();
+}
+
 /// A runtime over a simulated device of `total` bytes, for fault injection.
 fn sim_runtime(total: u64, overcommit: f64) -> (Runtime, Arc<SimDevice>) {
     let sim = Arc::new(SimDevice::with_config(SimConfig::default().total_memory(total)).unwrap());
@@ -678,15 +691,7 @@ mod tests {
         drop(buf); // freed when the session ends
         assert_eq!(rt.pool_stats().owners.len(), 1);
         drop(s);
-        assert_eq!(
-            rt.pool_stats().owners.len(),
-            0,
-            "the context is gone with its last handle"
-        );
-        assert_eq!(rt.snapshot().contexts.len(), 0);
-        // Its name and reservation are free again.
-        rt.create_context(ContextSpec::new("m", 64 * MIB).base(64 * MIB))
-            .unwrap();
+        assert_context_gone(&rt, "m", 64 * MIB);
     }
 
     pub fn a_handler_that_owns_a_buffer_goes_with_its_registration(open: Open) {
@@ -710,15 +715,7 @@ mod tests {
         assert_eq!(rt.snapshot().contexts.len(), 1);
         drop(registration);
         assert_eq!(calls.load(Ordering::SeqCst), 0);
-        assert_eq!(
-            rt.snapshot().contexts.len(),
-            0,
-            "the context is gone with the handler that held its buffer"
-        );
-        assert_eq!(rt.pool_stats().owners.len(), 0);
-        // Its name and reservation are free again.
-        rt.create_context(ContextSpec::new("kv", 64 * MIB).base(64 * MIB))
-            .unwrap();
+        assert_context_gone(&rt, "kv", 64 * MIB);
         // A dropped registration's handler no longer runs.
         let rt = runtime(open, 64 * MIB, 4.0);
         let holder = rt
