@@ -260,7 +260,10 @@ impl Drop for CtxInner {
             self.rt.buffers.lock().remove(&s.key);
         }
         if let Err(e) = self.rt.pool.remove_owner(self.owner) {
-            tracing::error!(context = %self.name, error = %e, "removing the context's pool owner failed");
+            // The pool still counts the owner's base and bytes: admission keeps the
+            // reservation too, so that it does not promise them to another context.
+            tracing::error!(context = %self.name, error = %e, "removing the context's pool owner failed; its reservation stays taken");
+            self.admission.reservation.keep_after_drop();
         }
         let mut parts = self.rt.parts.lock();
         let _ = parts.unplace(&self.name);

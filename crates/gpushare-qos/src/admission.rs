@@ -444,6 +444,7 @@ impl AdmissionEvaluator {
                 inner: self.inner.clone(),
                 grant,
                 spec: r,
+                kept: false,
             },
         }
     }
@@ -476,6 +477,8 @@ pub struct Reservation {
     inner: Arc<Inner>,
     grant: Grant,
     spec: Resolved,
+    /// Set by [`Reservation::keep_after_drop`].
+    kept: bool,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -499,10 +502,19 @@ impl Reservation {
     pub fn reserved(&self) -> u64 {
         self.grant.reserve
     }
+    /// Keep what is reserved when this is dropped. For a context whose memory could not
+    /// be given back (its pool owner still holds bytes): admission must not promise that
+    /// memory to another context while the pool still counts it.
+    pub fn keep_after_drop(&mut self) {
+        self.kept = true;
+    }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         let wake = {
             let mut st = self.inner.state.lock();
             Inner::release(&mut st, &self.grant);

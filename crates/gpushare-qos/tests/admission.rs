@@ -386,3 +386,23 @@ fn stream_priorities_never_overflow() {
     assert_eq!(p.stream_priority(i32::MIN, i32::MAX), -1);
     assert_eq!(p.stream_priority(-5, 0), -3);
 }
+
+#[test]
+fn a_kept_reservation_stays_taken_after_its_drop() {
+    let e = eval(10 * GIB);
+    let spec = ContextSpec::new("stuck", 6 * GIB).base(6 * GIB);
+    let mut a = e.try_admit(&spec).unwrap();
+    a.reservation.keep_after_drop();
+    drop(a);
+    // Its memory is still counted: a second context of that size does not fit.
+    assert!(e
+        .try_admit(&ContextSpec::new("next", 6 * GIB).base(6 * GIB))
+        .is_err());
+    // An ordinary reservation is given back on drop.
+    drop(
+        e.try_admit(&ContextSpec::new("small", 4 * GIB).base(4 * GIB))
+            .unwrap(),
+    );
+    e.try_admit(&ContextSpec::new("again", 4 * GIB).base(4 * GIB))
+        .unwrap();
+}
