@@ -393,15 +393,12 @@ impl Context {
                 undo_partition(false);
                 return Err(e.into());
             }
-            let index = parts
-                .partitions()
-                .filter(|q| q.limits().compute.is_some())
-                .position(|q| q.name() == p);
-            let iso = parts
+            let (index, iso) = parts
                 .partition(&p)
-                .map(|q| q.isolation().clone())
-                .unwrap_or(Isolation::None);
-            // Read with the partitions locked: the index is into this very split.
+                .map(|q| (q.split_slot(), q.isolation().clone()))
+                .unwrap_or((None, Isolation::None));
+            // Read with the partitions locked: the index is into this very split (only a
+            // context's creation splits again, and creations take turns).
             let made = rt.sms.partitions();
             drop(parts);
             let stream = match (&iso, index.and_then(|i| made.get(i))) {
@@ -472,7 +469,8 @@ impl Context {
 
     /// Register a handler called when memory runs short; contexts' handlers run in
     /// reclaim order, BestEffort first. It stays registered until the returned
-    /// registration drops (see [`PressureRegistration`] for why it does not stay for good).
+    /// registration drops (see [`PressureRegistration`]: why it does not stay for good, and
+    /// what `let _ =` does).
     pub fn on_memory_pressure(
         &self,
         handler: impl Fn(&PressureInfo<'_>) -> Pressure + Send + Sync + 'static,

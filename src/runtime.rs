@@ -76,8 +76,10 @@ impl Handlers {
     }
 }
 
-/// Keeps a memory-pressure handler registered; dropping it unregisters the handler and
-/// drops it, with whatever it owns.
+/// Keeps a memory-pressure handler registered; dropping it unregisters the handler. The
+/// handler, with whatever it owns, is dropped then, or, if a round of handlers is running
+/// on another thread at that moment, when that round ends: the round runs the handlers
+/// it started with. `let _ = ctx.on_memory_pressure(..)` unregisters the handler at once.
 ///
 /// Handlers often own what they free, such as a cache of buffers. A buffer keeps its
 /// context alive, and a context keeps its handlers, so a handler registered for good that
@@ -661,7 +663,8 @@ impl Runtime {
     }
 
     /// Register a handler called when any context runs short of memory, after the
-    /// contexts' own handlers. It stays registered until the returned registration drops.
+    /// contexts' own handlers. It stays registered until the returned registration drops
+    /// (see [`PressureRegistration`]; `let _ =` drops it at once).
     pub fn on_memory_pressure(
         &self,
         handler: impl Fn(&PressureInfo<'_>) -> Pressure + Send + Sync + 'static,

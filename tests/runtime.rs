@@ -727,17 +727,18 @@ mod tests {
         let _held = holder.create_buffer(48 * MIB).unwrap();
         let _pin = holder.session().unwrap(); // pinned: only handlers could free memory
         let ran = Arc::new(AtomicUsize::new(0));
-        let kept = {
-            let ran = ran.clone();
-            rt.on_memory_pressure(move |_| {
-                ran.fetch_add(1, Ordering::SeqCst);
-                Pressure::Deny
-            })
-        };
+        // Registered first, so it would run first (and its denial end the round).
         let gone = {
             let ran = ran.clone();
             rt.on_memory_pressure(move |_| {
                 ran.fetch_add(100, Ordering::SeqCst);
+                Pressure::Deny
+            })
+        };
+        let kept = {
+            let ran = ran.clone();
+            rt.on_memory_pressure(move |_| {
+                ran.fetch_add(1, Ordering::SeqCst);
                 Pressure::Deny
             })
         };

@@ -502,9 +502,10 @@ impl Reservation {
     pub fn reserved(&self) -> u64 {
         self.grant.reserve
     }
-    /// Keep what is reserved when this is dropped. For a context whose memory could not
-    /// be given back (its pool owner still holds bytes): admission must not promise that
-    /// memory to another context while the pool still counts it.
+    /// Keep the memory reserved when this is dropped (its compute and bandwidth shares are
+    /// given back). For a context whose memory could not be given back (its pool owner
+    /// still holds bytes): admission must not promise that memory to another context
+    /// while the pool still counts it.
     pub fn keep_after_drop(&mut self) {
         self.kept = true;
     }
@@ -512,12 +513,20 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if self.kept {
-            return;
-        }
+        // A kept reservation gives back its compute and bandwidth shares and its place
+        // among the admitted, but not its memory.
+        let grant = if self.kept {
+            Grant {
+                reserve: 0,
+                max: 0,
+                ..self.grant.clone()
+            }
+        } else {
+            self.grant.clone()
+        };
         let wake = {
             let mut st = self.inner.state.lock();
-            Inner::release(&mut st, &self.grant);
+            Inner::release(&mut st, &grant);
             self.inner.pump(&mut st)
         };
         wake.into_iter().for_each(Waker::wake);

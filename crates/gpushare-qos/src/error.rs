@@ -68,7 +68,7 @@ pub enum QosError {
         limit: f64,
     },
     /// A context asked to join a partition made for another context alone.
-    #[error("partition {partition:?} belongs to context {partition:?} alone (made for its compute share), so context {context:?} cannot join it; place contexts that share SMs in a partition declared with RuntimeBuilder::partition")]
+    #[error("partition {partition:?} belongs to context {partition:?} alone (made for its compute share), so context {context:?} cannot join it; place contexts that share SMs in a partition declared for them (gpushare's RuntimeBuilder::partition)")]
     PrivatePartition {
         /// The partition (named after its context).
         partition: String,

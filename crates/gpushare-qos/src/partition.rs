@@ -110,9 +110,21 @@ pub struct Partition {
     /// Made for the context of the same name alone (see
     /// [`PartitionManager::create_private_partition`]).
     private: bool,
-    /// Where the last split put its SMs, as (first, count) in the split's order, while it
-    /// has a group.
-    group: Option<(u32, u32)>,
+    /// The group of SMs the last split that gave it one made for it.
+    group: Option<Group>,
+}
+
+/// The group of SMs a split made for a partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Group {
+    /// Its place among the split's groups: an index into what the backend returned.
+    slot: usize,
+    /// Its first SM: the SMs granted to the groups ahead of it.
+    first: u32,
+    /// SMs asked for.
+    requested: u32,
+    /// SMs granted.
+    granted: u32,
 }
 
 impl Partition {
@@ -131,6 +143,12 @@ impl Partition {
     /// Contexts placed in it, with the bytes each reserves.
     pub fn contexts(&self) -> impl Iterator<Item = (&str, u64)> {
         self.contexts.iter().map(|(n, &b)| (n.as_str(), b))
+    }
+    /// Which of the groups of the last split that gave it one is its own: an index into
+    /// the groups [`SmBackend::split`] returned. Partitions that went since leave the
+    /// index as it was, where a partition's position among those left would not be.
+    pub fn split_slot(&self) -> Option<usize> {
+        self.group.map(|g| g.slot)
     }
     /// Whether contexts are placed in it: their streams then run on its group of SMs,
     /// which a new split must leave where it is.
@@ -332,22 +350,24 @@ impl PartitionManager {
     /// not fit; [`PartitionManager::realize`] refuses such a plan.
     ///
     /// A partition in use (contexts placed in it, whose streams run on its group) keeps
-    /// the group it has: only the others are trimmed, so a share asked for later gets what
-    /// the groups in use leave.
+    /// the group it has, and so do the partitions ahead of it, whose groups decide where
+    /// its group starts: only the partitions after the last one in use are trimmed, so a
+    /// share asked for later gets what the groups in use leave.
     pub fn sm_plan(&self, sm_count: u32, min: u32, step: u32) -> Vec<(String, u32)> {
         let (min, step) = (min.max(1), step.max(1));
+        let kept = self.kept_groups();
         let mut plan: Vec<(String, u32, bool)> = self
-            .partitions
-            .iter()
-            .filter_map(|p| {
-                let want = p.limits.compute? * f64::from(sm_count);
-                let fixed = p.group.filter(|_| p.in_use()).map(|(_, n)| n);
+            .compute_partitions()
+            .enumerate()
+            .map(|(i, p)| {
+                let fixed = kept.filter(|&k| i <= k).and(p.group).map(|g| g.requested);
                 let n = fixed.unwrap_or_else(|| {
+                    let want = p.limits.compute.unwrap_or(0.0) * f64::from(sm_count);
                     ((want / f64::from(step)).round() as u32)
                         .saturating_mul(step)
                         .max(min)
                 });
-                Some((p.name.clone(), n, fixed.is_some()))
+                (p.name.clone(), n, fixed.is_some())
             })
             .collect();
         while plan.iter().map(|(_, n, _)| u64::from(*n)).sum::<u64>() > u64::from(sm_count) {
@@ -363,14 +383,31 @@ impl PartitionManager {
         plan.into_iter().map(|(name, n, _)| (name, n)).collect()
     }
 
+    /// The partitions with a compute share, in the order a split gives them groups.
+    fn compute_partitions(&self) -> impl Iterator<Item = &Partition> {
+        self.partitions
+            .iter()
+            .filter(|p| p.limits.compute.is_some())
+    }
+
+    /// The position, among [`PartitionManager::compute_partitions`], of the last one in
+    /// use with a group: the groups up to it must stay as they are.
+    fn kept_groups(&self) -> Option<usize> {
+        self.compute_partitions()
+            .enumerate()
+            .filter(|(_, p)| p.in_use() && p.group.is_some())
+            .map(|(i, _)| i)
+            .last()
+    }
+
     /// Make the compute shares real: split the SMs through `backend`. Where the backend
     /// cannot split, each partition records that it falls back to stream priorities.
     ///
     /// A split divides the device's SMs into groups in the partitions' order. The streams
     /// of a partition in use run on the group its last split made, so a new split must
     /// give that partition the same SMs: the same count (see [`PartitionManager::sm_plan`])
-    /// at the same place. When a partition ahead of it has gone or changed, its place
-    /// would move, and this refuses the split rather than let two groups overlap.
+    /// at the same place. When a partition ahead of it has gone, or has no group yet, its
+    /// place would move, and this refuses the split rather than let two groups overlap.
     pub fn realize(&mut self, backend: &dyn SmBackend) -> Result<(), QosError> {
         let (min, step) = backend.sm_granularity();
         let sm_count = backend.sm_count();
@@ -378,23 +415,25 @@ impl PartitionManager {
         if plan.is_empty() {
             return Ok(());
         }
+        // The kept groups start where the granted groups ahead of them end.
+        let kept = self.kept_groups();
         let mut at = 0u32;
-        let mut places = Vec::with_capacity(plan.len());
-        for (name, n) in &plan {
+        for (i, (name, n)) in plan.iter().enumerate() {
             let p = &self.partitions[self.index(name)?];
-            if let Some((first, count)) = p.group.filter(|_| p.in_use()) {
-                if (first, count) != (at, *n) {
+            match p.group.filter(|_| kept.is_some_and(|k| i <= k)) {
+                Some(g) if g.first == at => at = at.saturating_add(g.granted),
+                Some(g) if p.in_use() => {
                     return Err(QosError::BadConfig {
                         what: "SM split",
                         value: format!(
-                            "a new split would give partition {name} {n} SMs from SM {at}, in place of the {count} from SM {first} that its contexts' streams use"
+                            "a new split would start partition {name}'s group at SM {at}, where its contexts' streams run on the {} SMs from SM {}",
+                            g.granted, g.first
                         ),
-                        expected: "compute shares whose groups in use keep their place: declare partitions up front (RuntimeBuilder::partition), or end the contexts of the partitions that follow a removed one first",
+                        expected: "groups in use that keep their place: declare partitions up front, or end the contexts of partitions placed after one that was removed",
                     });
                 }
+                _ => at = at.saturating_add(*n),
             }
-            places.push((at, *n));
-            at = at.saturating_add(*n);
         }
         // A plan that does not fit is still offered: a backend that cannot split at all
         // says so, and the partitions fall back to priorities; one that can fails, and the
@@ -403,14 +442,20 @@ impl PartitionManager {
         let counts: Vec<u32> = plan.iter().map(|(_, n)| *n).collect();
         match backend.split(&counts) {
             Ok(granted) if granted.len() == plan.len() => {
-                for (((name, requested), got), place) in plan.into_iter().zip(granted).zip(places)
-                {
+                let mut first = 0u32;
+                for (slot, ((name, requested), got)) in plan.into_iter().zip(granted).enumerate() {
                     let i = self.index(&name)?;
                     self.partitions[i].isolation = Isolation::SmPartition {
                         requested,
                         granted: got,
                     };
-                    self.partitions[i].group = Some(place);
+                    self.partitions[i].group = Some(Group {
+                        slot,
+                        first,
+                        requested,
+                        granted: got,
+                    });
+                    first = first.saturating_add(got);
                 }
                 Ok(())
             }

@@ -390,7 +390,9 @@ fn stream_priorities_never_overflow() {
 #[test]
 fn a_kept_reservation_stays_taken_after_its_drop() {
     let e = eval(10 * GIB);
-    let spec = ContextSpec::new("stuck", 6 * GIB).base(6 * GIB);
+    let spec = ContextSpec::new("stuck", 6 * GIB)
+        .base(6 * GIB)
+        .compute(0.6);
     let mut a = e.try_admit(&spec).unwrap();
     a.reservation.keep_after_drop();
     drop(a);
@@ -398,6 +400,11 @@ fn a_kept_reservation_stays_taken_after_its_drop() {
     assert!(e
         .try_admit(&ContextSpec::new("next", 6 * GIB).base(6 * GIB))
         .is_err());
+    // Its compute share is given back.
+    drop(
+        e.try_admit(&ContextSpec::new("compute", GIB).compute(0.6))
+            .unwrap(),
+    );
     // An ordinary reservation is given back on drop.
     drop(
         e.try_admit(&ContextSpec::new("small", 4 * GIB).base(4 * GIB))

@@ -304,3 +304,42 @@ fn no_other_context_joins_a_private_partition() {
     m.unplace("p").unwrap();
     m.remove_partition("p").unwrap();
 }
+
+#[test]
+fn groups_ahead_of_one_in_use_stay_even_when_idle() {
+    let hw = hopper(false);
+    let mut m = manager();
+    m.create_partition("d", PartitionLimits::default().compute(0.53))
+        .unwrap();
+    m.create_private_partition("x", PartitionLimits::default().compute(0.03))
+        .unwrap();
+    m.realize(&hw).unwrap();
+    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![72, 8]);
+    m.place(&ContextSpec::new("x", GIB).resolve().unwrap(), "x")
+        .unwrap();
+    // `d` is idle, but shrinking it would move `x`'s group: the new share is trimmed.
+    m.create_private_partition("y", PartitionLimits::default().compute(0.44))
+        .unwrap();
+    m.realize(&hw).unwrap();
+    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![72, 8, 48]);
+    let slots: Vec<_> = ["d", "x", "y"]
+        .iter()
+        .map(|n| m.partition(n).unwrap().split_slot())
+        .collect();
+    assert_eq!(slots, [Some(0), Some(1), Some(2)]);
+}
+
+#[test]
+fn a_partitions_group_is_found_by_its_slot_after_one_ahead_goes() {
+    let hw = hopper(false);
+    let mut m = manager();
+    m.create_private_partition("a", PartitionLimits::default().compute(0.3))
+        .unwrap();
+    m.create_partition("p", PartitionLimits::default().compute(0.3))
+        .unwrap();
+    m.realize(&hw).unwrap();
+    m.remove_partition("a").unwrap();
+    // `p` is now the first partition with a compute share, but its group is still the
+    // second of the split.
+    assert_eq!(m.partition("p").unwrap().split_slot(), Some(1));
+}
