@@ -800,6 +800,15 @@ fn compute_shares_added_later_never_oversubscribe_the_sms() {
         ),
         "{err}"
     );
+    // `a` goes while `b` runs: a new share takes `a`'s SMs, and `b` keeps its own.
+    drop((sa, a));
+    let c = rt
+        .create_context(ContextSpec::new("c", MIB).compute(0.3))
+        .unwrap();
+    let sc = c.session().unwrap();
+    let nc = sc.stream().partition_sms().unwrap();
+    assert_eq!(sb.stream().partition_sms(), Some(nb));
+    assert!(nb + nc <= sms, "{nb} + {nc} SMs on a device of {sms}");
 }
 
 #[test]

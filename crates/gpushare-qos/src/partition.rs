@@ -112,6 +112,10 @@ pub struct Partition {
     private: bool,
     /// The group of SMs the last split that gave it one made for it.
     group: Option<Group>,
+    /// A vacancy: the group of a removed partition, held so that the groups after it,
+    /// which streams use, keep their place (see [`PartitionManager::remove_partition`]).
+    /// Nameless, and not listed.
+    vacant: bool,
 }
 
 /// The group of SMs a split made for a partition.
@@ -149,6 +153,10 @@ impl Partition {
     /// index as it was, where a partition's position among those left would not be.
     pub fn split_slot(&self) -> Option<usize> {
         self.group.map(|g| g.slot)
+    }
+    /// Whether it is in use and has a group: streams run on that group.
+    fn holds_group(&self) -> bool {
+        self.in_use() && self.group.is_some()
     }
     /// Whether contexts are placed in it: their streams then run on its group of SMs,
     /// which a new split must leave where it is.
@@ -196,7 +204,7 @@ impl PartitionManager {
         if name.is_empty() {
             return Err(QosError::EmptyName);
         }
-        if self.partitions.iter().any(|p| p.name == name) {
+        if self.partition(name).is_some() {
             return Err(QosError::DuplicatePartition(name.to_string()));
         }
         if let Some(s) = limits.compute {
@@ -247,6 +255,7 @@ impl PartitionManager {
             contexts: BTreeMap::new(),
             private: false,
             group: None,
+            vacant: false,
             isolation: if limits.compute.is_some() {
                 Isolation::Pending
             } else {
@@ -271,6 +280,11 @@ impl PartitionManager {
     }
 
     /// Remove an empty partition.
+    ///
+    /// Where its group of SMs lies ahead of a group in use, the group stays behind as a
+    /// vacancy: a split gives groups in order, and streams run on the groups after it, so
+    /// later splits must keep it in place. Its SMs stay idle until no group after it is in
+    /// use, when the next split drops it.
     pub fn remove_partition(&mut self, name: &str) -> Result<Partition, QosError> {
         let i = self.index(name)?;
         let n = self.partitions[i].contexts.len();
@@ -280,24 +294,50 @@ impl PartitionManager {
                 contexts: n,
             });
         }
-        Ok(self.partitions.remove(i))
+        let gone = match self.partitions[i].group {
+            Some(group) if self.partitions[i + 1..].iter().any(Partition::holds_group) => {
+                let vacancy = Partition {
+                    name: String::new(),
+                    limits: PartitionLimits::default(),
+                    contexts: BTreeMap::new(),
+                    isolation: Isolation::None,
+                    private: true,
+                    group: Some(group),
+                    vacant: true,
+                };
+                std::mem::replace(&mut self.partitions[i], vacancy)
+            }
+            _ => self.partitions.remove(i),
+        };
+        self.drop_idle_vacancies();
+        Ok(gone)
+    }
+
+    /// Drop the vacancies that no group in use follows.
+    fn drop_idle_vacancies(&mut self) {
+        let last = self.partitions.iter().rposition(Partition::holds_group);
+        let mut i = 0;
+        self.partitions.retain(|p| {
+            i += 1;
+            !p.vacant || last.is_some_and(|l| i - 1 < l)
+        });
     }
 
     fn index(&self, name: &str) -> Result<usize, QosError> {
         self.partitions
             .iter()
-            .position(|p| p.name == name)
+            .position(|p| !p.vacant && p.name == name)
             .ok_or_else(|| QosError::UnknownPartition(name.to_string()))
     }
 
     /// A partition by name.
     pub fn partition(&self, name: &str) -> Option<&Partition> {
-        self.partitions.iter().find(|p| p.name == name)
+        self.partitions.iter().find(|p| !p.vacant && p.name == name)
     }
 
     /// All partitions, in creation order.
     pub fn partitions(&self) -> impl Iterator<Item = &Partition> {
-        self.partitions.iter()
+        self.partitions.iter().filter(|p| !p.vacant)
     }
 
     /// Place an admitted context in a partition, within its memory limit.
@@ -353,21 +393,34 @@ impl PartitionManager {
     /// the group it has, and so do the partitions ahead of it, whose groups decide where
     /// its group starts: only the partitions after the last one in use are trimmed, so a
     /// share asked for later gets what the groups in use leave.
+    ///
+    /// Vacancies (see [`PartitionManager::remove_partition`]) are left out of the list,
+    /// though their SMs count against the device's.
     pub fn sm_plan(&self, sm_count: u32, min: u32, step: u32) -> Vec<(String, u32)> {
+        self.plan(sm_count, min, step)
+            .into_iter()
+            .filter(|&(i, _)| !self.partitions[i].vacant)
+            .map(|(i, n)| (self.partitions[i].name.clone(), n))
+            .collect()
+    }
+
+    /// [`PartitionManager::sm_plan`] by index into `partitions`, vacancies included.
+    fn plan(&self, sm_count: u32, min: u32, step: u32) -> Vec<(usize, u32)> {
         let (min, step) = (min.max(1), step.max(1));
         let kept = self.kept_groups();
-        let mut plan: Vec<(String, u32, bool)> = self
-            .compute_partitions()
+        let mut plan: Vec<(usize, u32, bool)> = self
+            .partitions
+            .iter()
             .enumerate()
+            .filter(|(i, p)| {
+                p.limits.compute.is_some() || (p.vacant && kept.is_some_and(|k| *i < k))
+            })
             .map(|(i, p)| {
                 let fixed = kept.filter(|&k| i <= k).and(p.group).map(|g| g.requested);
                 let n = fixed.unwrap_or_else(|| {
-                    let want = p.limits.compute.unwrap_or(0.0) * f64::from(sm_count);
-                    ((want / f64::from(step)).round() as u32)
-                        .saturating_mul(step)
-                        .max(min)
+                    Self::wanted(p.limits.compute.unwrap_or(0.0), sm_count, min, step)
                 });
-                (p.name.clone(), n, fixed.is_some())
+                (i, n, fixed.is_some())
             })
             .collect();
         while plan.iter().map(|(_, n, _)| u64::from(*n)).sum::<u64>() > u64::from(sm_count) {
@@ -380,24 +433,69 @@ impl PartitionManager {
                 None => break,
             }
         }
-        plan.into_iter().map(|(name, n, _)| (name, n)).collect()
+        plan.into_iter().map(|(i, n, _)| (i, n)).collect()
     }
 
-    /// The partitions with a compute share, in the order a split gives them groups.
-    fn compute_partitions(&self) -> impl Iterator<Item = &Partition> {
-        self.partitions
-            .iter()
-            .filter(|p| p.limits.compute.is_some())
+    /// The SMs a share asks for: rounded to the nearest size the device allows.
+    fn wanted(share: f64, sm_count: u32, min: u32, step: u32) -> u32 {
+        let (min, step) = (min.max(1), step.max(1));
+        ((share * f64::from(sm_count) / f64::from(step)).round() as u32)
+            .saturating_mul(step)
+            .max(min)
     }
 
-    /// The position, among [`PartitionManager::compute_partitions`], of the last one in
-    /// use with a group: the groups up to it must stay as they are.
+    /// Move each compute share without a group into the first vacancy it fits, ahead of
+    /// the groups in use, instead of after them; what it leaves of the vacancy stays
+    /// vacant if the device can make a group of it (else the vacancy is kept whole for
+    /// a share that fits it better).
+    fn fill_vacancies(&mut self, sm_count: u32, min: u32, step: u32) {
+        let (min, step) = (min.max(1), step.max(1));
+        let mut i = 0;
+        while i < self.partitions.len() {
+            let p = &self.partitions[i];
+            let share = match p.limits.compute {
+                Some(share) if p.group.is_none() && !p.vacant => share,
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            };
+            let want = Self::wanted(share, sm_count, min, step);
+            let fits = self.partitions[..i].iter().position(|v| {
+                v.vacant
+                    && v.group.is_some_and(|g| {
+                        g.requested == want || g.requested >= want.saturating_add(min)
+                    })
+            });
+            let Some(at) = fits else {
+                i += 1;
+                continue;
+            };
+            let moved = self.partitions.remove(i);
+            self.partitions.insert(at, moved);
+            // The vacancy now follows the share: it keeps the rest, or goes.
+            let v = at + 1;
+            match self.partitions[v].group {
+                Some(g) if g.requested > want => {
+                    self.partitions[v].group = Some(Group {
+                        slot: g.slot,
+                        first: g.first.saturating_add(want),
+                        requested: g.requested - want,
+                        granted: g.granted.saturating_sub(want),
+                    });
+                }
+                _ => {
+                    self.partitions.remove(v);
+                }
+            }
+            i += 1;
+        }
+    }
+
+    /// The index in `partitions` of the last partition in use with a group: the groups up
+    /// to it must stay as they are.
     fn kept_groups(&self) -> Option<usize> {
-        self.compute_partitions()
-            .enumerate()
-            .filter(|(_, p)| p.in_use() && p.group.is_some())
-            .map(|(i, _)| i)
-            .last()
+        self.partitions.iter().rposition(Partition::holds_group)
     }
 
     /// Make the compute shares real: split the SMs through `backend`. Where the backend
@@ -406,20 +504,24 @@ impl PartitionManager {
     /// A split divides the device's SMs into groups in the partitions' order. The streams
     /// of a partition in use run on the group its last split made, so a new split must
     /// give that partition the same SMs: the same count (see [`PartitionManager::sm_plan`])
-    /// at the same place. When a partition ahead of it has gone, or has no group yet, its
-    /// place would move, and this refuses the split rather than let two groups overlap.
+    /// at the same place. A partition removed ahead of it leaves a vacancy that keeps the
+    /// place (see [`PartitionManager::remove_partition`]); one ahead of it without a group
+    /// yet would move it, and this refuses the split rather than let two groups overlap.
     pub fn realize(&mut self, backend: &dyn SmBackend) -> Result<(), QosError> {
         let (min, step) = backend.sm_granularity();
         let sm_count = backend.sm_count();
-        let plan = self.sm_plan(sm_count, min, step);
+        self.drop_idle_vacancies();
+        self.fill_vacancies(sm_count, min, step);
+        let plan = self.plan(sm_count, min, step);
         if plan.is_empty() {
             return Ok(());
         }
         // The kept groups start where the granted groups ahead of them end.
         let kept = self.kept_groups();
         let mut at = 0u32;
-        for (i, (name, n)) in plan.iter().enumerate() {
-            let p = &self.partitions[self.index(name)?];
+        for &(i, n) in &plan {
+            let p = &self.partitions[i];
+            let name = &p.name;
             match p.group.filter(|_| kept.is_some_and(|k| i <= k)) {
                 Some(g) if g.first == at => at = at.saturating_add(g.granted),
                 Some(g) if p.in_use() => {
@@ -429,10 +531,10 @@ impl PartitionManager {
                             "a new split would start partition {name}'s group at SM {at}, where its contexts' streams run on the {} SMs from SM {}",
                             g.granted, g.first
                         ),
-                        expected: "groups in use that keep their place: declare partitions up front, or end the contexts of partitions placed after one that was removed",
+                        expected: "groups in use that keep their place: a partition ahead of one in use has no group yet; split before placing contexts, or declare partitions up front",
                     });
                 }
-                _ => at = at.saturating_add(*n),
+                _ => at = at.saturating_add(n),
             }
         }
         // A plan that does not fit is still offered: a backend that cannot split at all
@@ -443,12 +545,13 @@ impl PartitionManager {
         match backend.split(&counts) {
             Ok(granted) if granted.len() == plan.len() => {
                 let mut first = 0u32;
-                for (slot, ((name, requested), got)) in plan.into_iter().zip(granted).enumerate() {
-                    let i = self.index(&name)?;
-                    self.partitions[i].isolation = Isolation::SmPartition {
-                        requested,
-                        granted: got,
-                    };
+                for (slot, ((i, requested), got)) in plan.into_iter().zip(granted).enumerate() {
+                    if !self.partitions[i].vacant {
+                        self.partitions[i].isolation = Isolation::SmPartition {
+                            requested,
+                            granted: got,
+                        };
+                    }
                     self.partitions[i].group = Some(Group {
                         slot,
                         first,
@@ -465,11 +568,12 @@ impl PartitionManager {
                 expected: "one group per partition with a compute share",
             }),
             Err(SplitError::Unsupported(reason)) => {
-                for (name, _) in plan {
-                    let i = self.index(&name)?;
-                    self.partitions[i].isolation = Isolation::StreamPriority {
-                        reason: reason.clone(),
-                    };
+                for (i, _) in plan {
+                    if !self.partitions[i].vacant {
+                        self.partitions[i].isolation = Isolation::StreamPriority {
+                            reason: reason.clone(),
+                        };
+                    }
                 }
                 Ok(())
             }

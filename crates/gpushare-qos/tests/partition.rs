@@ -260,33 +260,53 @@ fn a_partition_in_use_keeps_its_group_when_a_share_is_added() {
 }
 
 #[test]
-fn a_split_that_would_move_a_group_in_use_is_refused() {
+fn a_group_removed_ahead_of_one_in_use_is_held_vacant_and_reused() {
     let hw = hopper(false);
     let mut m = manager();
-    for (name, share) in [("a", 0.3), ("b", 0.3)] {
+    let add = |m: &mut PartitionManager, name: &str, share: f64| {
         m.create_private_partition(name, PartitionLimits::default().compute(share))
             .unwrap();
         m.realize(&hw).unwrap();
         m.place(&ContextSpec::new(name, GIB).resolve().unwrap(), name)
             .unwrap();
-    }
+    };
+    add(&mut m, "a", 0.3);
+    add(&mut m, "b", 0.3);
     assert_eq!(hw.calls.borrow().last().unwrap(), &vec![40, 40]);
-    // `a` goes; `b`'s streams still run on SMs 40..80.
+    // `a` goes; `b`'s streams still run on SMs 40..80, so `a`'s group stays, vacant.
     m.unplace("a").unwrap();
     m.remove_partition("a").unwrap();
-    m.create_private_partition("c", PartitionLimits::default().compute(0.3))
-        .unwrap();
-    let calls = hw.calls.borrow().len();
-    let err = m.realize(&hw).unwrap_err();
-    assert!(
-        matches!(&err, QosError::BadConfig { value, .. } if value.contains("partition b")),
-        "{err}"
+    assert!(m.partition("a").is_none());
+    assert_eq!(m.partitions().count(), 1);
+    // A share too large for the vacancy goes after `b`, trimmed to what is left.
+    add(&mut m, "c", 0.5);
+    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![40, 40, 48]);
+    // One that fits takes the vacancy's first SMs; the rest stays vacant.
+    add(&mut m, "d", 0.2);
+    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![24, 16, 40, 48]);
+    assert_eq!(
+        m.sm_plan(132, 8, 8),
+        [
+            ("d".to_string(), 24),
+            ("b".to_string(), 40),
+            ("c".to_string(), 48)
+        ]
     );
-    assert_eq!(hw.calls.borrow().len(), calls, "nothing was split");
-    // Once `b` has no contexts, the SMs may be split afresh.
-    m.unplace("b").unwrap();
+    let slots: Vec<_> = ["d", "b", "c"]
+        .iter()
+        .map(|n| m.partition(n).unwrap().split_slot())
+        .collect();
+    assert_eq!(slots, [Some(0), Some(2), Some(3)]);
+    // Once no group after it is in use, a vacancy goes at the next split.
+    for n in ["b", "c", "d"] {
+        m.unplace(n).unwrap();
+        m.remove_partition(n).unwrap();
+    }
+    m.create_private_partition("e", PartitionLimits::default().compute(0.3))
+        .unwrap();
     m.realize(&hw).unwrap();
-    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![40, 40]);
+    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![40]);
+    assert_eq!(m.partition("e").unwrap().split_slot(), Some(0));
 }
 
 #[test]
