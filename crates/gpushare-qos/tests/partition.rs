@@ -45,6 +45,23 @@ fn hopper(unsupported: bool) -> Hopper {
     }
 }
 
+/// Give context `name` a private partition with `share` of the SMs, split, and place it.
+fn add_own(m: &mut PartitionManager, hw: &Hopper, name: &str, share: f64) {
+    m.create_private_partition(name, PartitionLimits::default().compute(share))
+        .unwrap();
+    m.realize(hw).unwrap();
+    m.place(&ContextSpec::new(name, GIB).resolve().unwrap(), name)
+        .unwrap();
+}
+
+/// The slot of each named partition's group.
+fn slots(m: &PartitionManager, names: &[&str]) -> Vec<Option<usize>> {
+    names
+        .iter()
+        .map(|n| m.partition(n).unwrap().split_slot())
+        .collect()
+}
+
 fn manager() -> PartitionManager {
     PartitionManager::new(PartitionConfig::new(80 * GIB)).unwrap()
 }
@@ -238,11 +255,7 @@ fn more_compute_partitions_than_minimum_groups_fit_are_refused_with_the_reason()
 fn a_partition_in_use_keeps_its_group_when_a_share_is_added() {
     let hw = hopper(false);
     let mut m = manager();
-    m.create_private_partition("a", PartitionLimits::default().compute(0.53))
-        .unwrap();
-    m.realize(&hw).unwrap();
-    m.place(&ContextSpec::new("a", GIB).resolve().unwrap(), "a")
-        .unwrap();
+    add_own(&mut m, &hw, "a", 0.53);
     assert_eq!(hw.calls.borrow().last().unwrap(), &vec![72]);
     // Alone, 0.47 of 132 SMs rounds to 64, and 72 + 64 do not fit: the new share gets what
     // the group in use leaves, and the group in use stays as it is.
@@ -263,15 +276,8 @@ fn a_partition_in_use_keeps_its_group_when_a_share_is_added() {
 fn a_group_removed_ahead_of_one_in_use_is_held_vacant_and_reused() {
     let hw = hopper(false);
     let mut m = manager();
-    let add = |m: &mut PartitionManager, name: &str, share: f64| {
-        m.create_private_partition(name, PartitionLimits::default().compute(share))
-            .unwrap();
-        m.realize(&hw).unwrap();
-        m.place(&ContextSpec::new(name, GIB).resolve().unwrap(), name)
-            .unwrap();
-    };
-    add(&mut m, "a", 0.3);
-    add(&mut m, "b", 0.3);
+    add_own(&mut m, &hw, "a", 0.3);
+    add_own(&mut m, &hw, "b", 0.3);
     assert_eq!(hw.calls.borrow().last().unwrap(), &vec![40, 40]);
     // `a` goes; `b`'s streams still run on SMs 40..80, so `a`'s group stays, vacant.
     m.unplace("a").unwrap();
@@ -279,10 +285,10 @@ fn a_group_removed_ahead_of_one_in_use_is_held_vacant_and_reused() {
     assert!(m.partition("a").is_none());
     assert_eq!(m.partitions().count(), 1);
     // A share too large for the vacancy goes after `b`, trimmed to what is left.
-    add(&mut m, "c", 0.5);
+    add_own(&mut m, &hw, "c", 0.5);
     assert_eq!(hw.calls.borrow().last().unwrap(), &vec![40, 40, 48]);
     // One that fits takes the vacancy's first SMs; the rest stays vacant.
-    add(&mut m, "d", 0.2);
+    add_own(&mut m, &hw, "d", 0.2);
     assert_eq!(hw.calls.borrow().last().unwrap(), &vec![24, 16, 40, 48]);
     assert_eq!(
         m.sm_plan(132, 8, 8),
@@ -292,11 +298,7 @@ fn a_group_removed_ahead_of_one_in_use_is_held_vacant_and_reused() {
             ("c".to_string(), 48)
         ]
     );
-    let slots: Vec<_> = ["d", "b", "c"]
-        .iter()
-        .map(|n| m.partition(n).unwrap().split_slot())
-        .collect();
-    assert_eq!(slots, [Some(0), Some(2), Some(3)]);
+    assert_eq!(slots(&m, &["d", "b", "c"]), [Some(0), Some(2), Some(3)]);
     // Once no group after it is in use, a vacancy goes at the next split.
     for n in ["b", "c", "d"] {
         m.unplace(n).unwrap();
@@ -342,11 +344,7 @@ fn groups_ahead_of_one_in_use_stay_even_when_idle() {
         .unwrap();
     m.realize(&hw).unwrap();
     assert_eq!(hw.calls.borrow().last().unwrap(), &vec![72, 8, 48]);
-    let slots: Vec<_> = ["d", "x", "y"]
-        .iter()
-        .map(|n| m.partition(n).unwrap().split_slot())
-        .collect();
-    assert_eq!(slots, [Some(0), Some(1), Some(2)]);
+    assert_eq!(slots(&m, &["d", "x", "y"]), [Some(0), Some(1), Some(2)]);
 }
 
 #[test]
