@@ -89,6 +89,14 @@ fn sync_stream(s: &CudaStream) -> Result<()> {
     unsafe { result::stream::synchronize(s.cu_stream()) }.call("cuStreamSynchronize")
 }
 
+/// Record `e` on `s`. Both must belong to `s`'s context.
+fn record_on(e: &cudarc::driver::CudaEvent, s: &CudaStream) -> Result<()> {
+    make_current(s.context())?;
+    // SAFETY: the event and the stream are alive (borrowed) and of the context made
+    // current here.
+    unsafe { result::event::record(e.cu_event(), s.cu_stream()) }.call("cuEventRecord")
+}
+
 /// Wait on the host for event `e` (see [`sync_stream`]).
 fn sync_event(e: &cudarc::driver::CudaEvent) -> Result<()> {
     make_current(e.context())?;
@@ -479,10 +487,7 @@ impl CudaEventSet {
                 g.events.len() - 1
             }
         };
-        make_current(ctx)?;
-        // SAFETY: the event and the stream belong to the same context and are alive.
-        unsafe { result::event::record(g.events[i].cu_event(), stream.cu_stream()) }
-            .call("cuEventRecord")?;
+        record_on(&g.events[i], stream)?;
         g.last = Some(i);
         Ok(())
     }
@@ -559,29 +564,20 @@ impl CudaPinned {
 
     fn record_last(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
         let ctx = stream.context();
-        let reuse = self
-            .last
-            .as_ref()
-            .is_some_and(|e| e.context().cu_ctx() == ctx.cu_ctx());
-        if reuse {
-            if let Some(e) = &self.last {
-                make_current(ctx)?;
-                // SAFETY: event and stream belong to the same context and are alive.
-                unsafe { result::event::record(e.cu_event(), stream.cu_stream()) }
-                    .call("cuEventRecord")?;
+        match &self.last {
+            Some(e) if e.context().cu_ctx() == ctx.cu_ctx() => record_on(e, stream),
+            _ => {
+                // The last copy ran in another context (a partition's), or none ran yet.
+                // Replacing its event loses no track of it: `before_copy` made this stream
+                // wait for that event, so the new one completes only after the old copy
+                // did. The old one goes only once the new one is recorded: should the
+                // record fail, `last` still tracks the earlier copies.
+                let e = new_event(ctx, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
+                record_on(&e, stream)?;
+                self.last = Some(e);
+                Ok(())
             }
-            return Ok(());
         }
-        // The last copy ran in another context (a partition's). Replacing its event loses
-        // no track of it: `before_copy` made this stream wait for that event, so the new
-        // one completes only after the old copy did. The old one goes only once the new
-        // one is recorded: should the record fail, `last` still tracks the earlier copies.
-        let e = new_event(ctx, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
-        make_current(ctx)?;
-        // SAFETY: event and stream belong to the same context and are alive.
-        unsafe { result::event::record(e.cu_event(), stream.cu_stream()) }.call("cuEventRecord")?;
-        self.last = Some(e);
-        Ok(())
     }
 }
 
