@@ -507,7 +507,19 @@ impl PartitionManager {
     /// at the same place. A partition removed ahead of it leaves a vacancy that keeps the
     /// place (see [`PartitionManager::remove_partition`]); one ahead of it without a group
     /// yet would move it, and this refuses the split rather than let two groups overlap.
+    ///
+    /// On error the partitions are as they were (a share moved into a vacancy goes back).
     pub fn realize(&mut self, backend: &dyn SmBackend) -> Result<(), QosError> {
+        let before = self.partitions.clone();
+        let r = self.split_afresh(backend);
+        if r.is_err() {
+            self.partitions = before;
+        }
+        r
+    }
+
+    /// [`PartitionManager::realize`], leaving the partitions as they are on error.
+    fn split_afresh(&mut self, backend: &dyn SmBackend) -> Result<(), QosError> {
         let (min, step) = backend.sm_granularity();
         let sm_count = backend.sm_count();
         self.drop_idle_vacancies();

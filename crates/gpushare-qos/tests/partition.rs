@@ -13,6 +13,8 @@ struct Hopper {
     sms: u32,
     calls: RefCell<Vec<Vec<u32>>>,
     unsupported: bool,
+    /// Fail the next split, as a driver may.
+    fail_next: std::cell::Cell<bool>,
 }
 
 impl SmBackend for Hopper {
@@ -24,6 +26,9 @@ impl SmBackend for Hopper {
     }
     fn split(&self, counts: &[u32]) -> Result<Vec<u32>, SplitError> {
         self.calls.borrow_mut().push(counts.to_vec());
+        if self.fail_next.take() {
+            return Err(SplitError::Failed("the driver refused the split".into()));
+        }
         if self.unsupported {
             return Err(SplitError::Unsupported(
                 "driver 12.2 has no green contexts".into(),
@@ -42,6 +47,7 @@ fn hopper(unsupported: bool) -> Hopper {
         sms: 132,
         calls: RefCell::new(vec![]),
         unsupported,
+        fail_next: Default::default(),
     }
 }
 
@@ -360,4 +366,24 @@ fn a_partitions_group_is_found_by_its_slot_after_one_ahead_goes() {
     // `p` is now the first partition with a compute share, but its group is still the
     // second of the split.
     assert_eq!(m.partition("p").unwrap().split_slot(), Some(1));
+}
+
+#[test]
+fn a_failed_split_leaves_the_partitions_as_they_were() {
+    let hw = hopper(false);
+    let mut m = manager();
+    add_own(&mut m, &hw, "a", 0.3);
+    add_own(&mut m, &hw, "b", 0.3);
+    m.unplace("a").unwrap();
+    m.remove_partition("a").unwrap();
+    // A share that fits `a`'s vacancy, whose split fails: it is taken out again, as a
+    // context's creation does on failure.
+    m.create_private_partition("c", PartitionLimits::default().compute(0.2))
+        .unwrap();
+    hw.fail_next.set(true);
+    assert!(m.realize(&hw).is_err());
+    m.remove_partition("c").unwrap();
+    // The vacancy is whole again, so the next share still fits it.
+    add_own(&mut m, &hw, "d", 0.2);
+    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![24, 16, 40]);
 }
