@@ -605,6 +605,10 @@ impl Session {
     }
 
     /// Allocate scratch memory, freed in stream order when the session ends.
+    ///
+    /// Usually a cache hit that takes nanoseconds, but short of memory it blocks the
+    /// thread: it may wait for memory freed in stream order, run the pressure handlers,
+    /// and evict other contexts' buffers, waiting for their copies out.
     pub fn alloc(&mut self, size: u64) -> Result<Scratch> {
         let ctx = self.context();
         let c = &self.ctx;
@@ -745,7 +749,7 @@ impl Session {
         Ok(self.ctx.rt.dev.write_sync(r, bytes, &self.ctx.stream)?)
     }
 
-    /// Read bytes from a buffer at `offset`, in stream order.
+    /// Read bytes from a buffer at `offset`, in stream order, and wait for the copy.
     pub fn read(&mut self, buf: &Buffer, offset: u64, out: &mut [u8]) -> Result<()> {
         let r = self.sub(buf, offset, out.len() as u64)?;
         Ok(self.ctx.rt.dev.read_sync(out, r, &self.ctx.stream)?)
