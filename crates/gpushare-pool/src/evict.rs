@@ -2,9 +2,10 @@
 
 use crate::error::PoolError;
 use crate::tlsf::NONE;
-use crate::{EvictableId, EvictableKey, OwnerId, PoolId, StreamId, Tier};
+use crate::{EvictableId, EvictableKey, FreeEvent, OwnerId, PoolId, StreamId, Tier};
 use slab::Slab;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// What the pool tells the [`Evictor`] about a block it evicts.
 #[derive(Clone, Debug)]
@@ -96,12 +97,17 @@ pub trait Evictor: Send + Sync {
     /// Start moving the block's bytes out (offload) or dropping them (discard). The pool
     /// calls this with its central lock held, so it should only queue the work, and
     /// return an [`Eviction`] whose finish waits for it; the pool runs that without the
-    /// lock. Once the eviction has ended well the block's memory may be reused by any
-    /// stream at once. On `Err` (here or from the finish) the block stays resident and the
-    /// pool tries the next victim.
+    /// lock. (For a block unpinned with [`crate::Pool::unpin_after`] whose work is still
+    /// queued, the pool calls it once that work is done, without the lock.) Once the
+    /// eviction has ended well the block's memory may be reused by any stream at once, so
+    /// the evictor's own work on it must be over by then. On `Err` (here or from the
+    /// finish) the block stays resident and the pool tries the next victim.
     fn evict(&self, victim: &VictimInfo) -> Result<Eviction, EvictError>;
-    /// Bring the bytes back at `info.addr`, in stream order on `info.stream`, and return
-    /// once they are there (or ordered before `info.stream`'s later work). The pool calls
+    /// Bring the bytes back at `info.addr` and return once they are there: the block is
+    /// then resident for every pin, whatever its stream, and a pin on another stream
+    /// returns at once with nothing to order it after the copy. (Work queued on
+    /// `info.stream` before the pin may still use the memory the pool chose: order the
+    /// copy after it.) The pool calls
     /// this without its lock: the block's new memory is set aside for it, and other pins of
     /// the block wait for the outcome. On `Err` the block stays evicted and the pin fails;
     /// the evictor must then leave no work queued that touches that memory, which the pool
@@ -139,6 +145,39 @@ impl Residency {
     }
 }
 
+/// Work that may still use an unpinned block: the event of each stream's last use, from
+/// [`crate::Pool::unpin_after`]. Until they complete the block's memory goes to no other
+/// use: an eviction waits for them before its evictor moves the bytes, and a free leaves
+/// the memory pending on them.
+#[derive(Default)]
+pub(crate) struct LastUse(Vec<(StreamId, Arc<dyn FreeEvent>)>);
+
+impl std::fmt::Debug for LastUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(s, _)| s))
+            .finish()
+    }
+}
+
+impl LastUse {
+    /// Record the last use on `stream`. A later event on a stream completes after the
+    /// earlier ones there, so it takes their place: one entry per stream.
+    pub fn add(&mut self, stream: StreamId, event: Arc<dyn FreeEvent>) {
+        self.0.retain(|(s, e)| *s != stream && !e.is_complete());
+        if !event.is_complete() {
+            self.0.push((stream, event));
+        }
+    }
+
+    /// The uses not yet complete, leaving none recorded.
+    pub fn take(&mut self) -> Vec<(StreamId, Arc<dyn FreeEvent>)> {
+        let mut uses = std::mem::take(&mut self.0);
+        uses.retain(|(_, e)| !e.is_complete());
+        uses
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub owner: OwnerId,
@@ -147,6 +186,8 @@ pub(crate) struct Entry {
     pub tag: u64,
     pub residency: Residency,
     pub pins: u32,
+    /// Queued work that may still use the block (see [`LastUse`]).
+    pub last_use: LastUse,
     gen: u32,
     prev: u32,
     next: u32,
@@ -201,6 +242,7 @@ impl EvState {
             tag,
             residency: Residency::Resident { node, offset },
             pins: 1,
+            last_use: LastUse::default(),
             gen,
             prev: NONE,
             next: NONE,
@@ -234,6 +276,11 @@ impl EvState {
     #[inline]
     pub fn get(&self, idx: u32) -> &Entry {
         &self.entries[idx as usize]
+    }
+
+    /// The recorded uses of block `idx` (see [`LastUse`]).
+    pub fn last_use(&mut self, idx: u32) -> &mut LastUse {
+        &mut self.entries[idx as usize].last_use
     }
 
     fn unlink(&mut self, idx: u32) {

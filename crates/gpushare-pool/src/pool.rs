@@ -498,8 +498,55 @@ struct Pending {
     /// completes. Another owner's request on a stream with the same number knows nothing
     /// of the work still queued there, and could hand it on with a plain free.
     owner: OwnerId,
-    stream: StreamId,
+    /// The one stream whose work `event` waits for, which may reuse the block at once;
+    /// `None` when work on several streams may still use it: then none may.
+    stream: Option<StreamId>,
     event: Arc<dyn FreeEvent>,
+}
+
+impl Pending {
+    /// The memory of `node`, which queued work on `uses`' streams may still use (none:
+    /// nothing to wait for, and `None`).
+    fn after_uses(
+        node: u32,
+        size: u64,
+        owner: OwnerId,
+        mut uses: Vec<(StreamId, Arc<dyn FreeEvent>)>,
+    ) -> Option<Self> {
+        let (stream, event) = match uses.len() {
+            0 => return None,
+            1 => {
+                let (s, e) = uses.swap_remove(0);
+                (Some(s), e)
+            }
+            _ => (
+                None,
+                Arc::new(AllOf(uses.into_iter().map(|(_, e)| e).collect())) as Arc<dyn FreeEvent>,
+            ),
+        };
+        Some(Pending {
+            node,
+            size,
+            owner,
+            stream,
+            event,
+        })
+    }
+}
+
+/// The work of several events: complete when all of theirs is.
+struct AllOf(Vec<Arc<dyn FreeEvent>>);
+
+impl FreeEvent for AllOf {
+    fn is_complete(&self) -> bool {
+        self.0.iter().all(|e| e.is_complete())
+    }
+
+    fn wait(&self) {
+        for e in &self.0 {
+            e.wait();
+        }
+    }
 }
 
 pub(crate) struct OwnerAcct {
@@ -1315,7 +1362,7 @@ impl<S: ChunkSource> Pool<S> {
                     slot as u32,
                     self.slots[slot].gen.load(Ordering::Relaxed),
                 ),
-                stream,
+                stream: Some(stream),
                 event: e,
             }),
             _ => c.tlsf.free(node),
@@ -1559,7 +1606,7 @@ impl<S: ChunkSource> Pool<S> {
         // The owner's own stream-ordered free of this size on this stream: work queued
         // later on the stream runs after the work that used it.
         if let Some(i) = c.pending.iter().position(|p| {
-            p.stream == stream
+            p.stream == Some(stream)
                 && p.owner == owner
                 && p.size == size
                 && c.tlsf.node(p.node).offset().is_multiple_of(align)
@@ -1787,7 +1834,7 @@ impl<S: ChunkSource> Pool<S> {
                 if !matches!(e_res, Residency::Resident { .. }) || rq.skip.contains(&idx) {
                     continue;
                 }
-                match self.start_eviction(c, evictor.as_ref(), idx, requester) {
+                match self.start_eviction(c, &evictor, idx, requester) {
                     Ok(None) => return Ok(true),
                     Ok(Some(moving)) => return Err(Stop::Finish(moving)),
                     Err(err) => {
@@ -1803,10 +1850,14 @@ impl<S: ChunkSource> Pool<S> {
     /// Start moving the resident, unpinned block `idx` out through `evictor`, for
     /// `requester`. `Ok(None)` once it is out; `Ok(Some)` while its bytes move, for
     /// [`Pool::finish_eviction`]. On error nothing changed.
+    ///
+    /// A block whose last users' work may still be queued ([`Pool::unpin_after`]) is
+    /// moved once that work is done: the evictor is called then, from the finish, without
+    /// the lock. Neither its copy out nor whoever gets the memory next may meet that work.
     fn start_eviction(
         &self,
         c: &mut Central,
-        evictor: &dyn Evictor,
+        evictor: &Arc<dyn Evictor>,
         idx: u32,
         requester: OwnerId,
     ) -> Result<Option<InFlight>, EvictError> {
@@ -1823,23 +1874,38 @@ impl<S: ChunkSource> Pool<S> {
             tag,
             requested_by: requester,
         };
-        let eviction = catch_unwind(AssertUnwindSafe(|| evictor.evict(&info)))
-            .unwrap_or_else(|_| Err(EvictError("the evictor panicked".into())))?;
-        match eviction.0 {
-            None => {
-                Self::evicted(c, idx);
-                Ok(None)
-            }
-            Some(finish) => {
-                c.ev.mark_evicting(idx);
-                c.in_flight += 1;
-                c.evicting += size;
-                if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
-                    a.evicting += size;
+        let start = |evictor: &dyn Evictor, info: &VictimInfo| {
+            catch_unwind(AssertUnwindSafe(|| evictor.evict(info)))
+                .unwrap_or_else(|_| Err(EvictError("the evictor panicked".into())))
+        };
+        let uses = c.ev.last_use(idx).take();
+        let finish: Box<dyn FnOnce() -> Result<(), EvictError> + Send> = if uses.is_empty() {
+            match start(evictor.as_ref(), &info)?.0 {
+                None => {
+                    Self::evicted(c, idx);
+                    return Ok(None);
                 }
-                Ok(Some(InFlight { idx, finish }))
+                Some(finish) => finish,
             }
+        } else {
+            let evictor = evictor.clone();
+            Box::new(move || {
+                for (_, e) in &uses {
+                    e.wait();
+                }
+                match start(evictor.as_ref(), &info)?.0 {
+                    None => Ok(()),
+                    Some(finish) => finish(),
+                }
+            })
+        };
+        c.ev.mark_evicting(idx);
+        c.in_flight += 1;
+        c.evicting += size;
+        if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
+            a.evicting += size;
         }
+        Ok(Some(InFlight { idx, finish }))
     }
 
     /// Run an eviction's finish without the central lock, then end the eviction under it:
@@ -1920,7 +1986,7 @@ impl<S: ChunkSource> Pool<S> {
             let evictor = c.evictor.clone().ok_or(PoolError::NoEvictor)?;
             let failed = |e: EvictError| PoolError::EvictFailed(e.to_string());
             if let Some(moving) = self
-                .start_eviction(&mut c, evictor.as_ref(), idx, owner)
+                .start_eviction(&mut c, &evictor, idx, owner)
                 .map_err(failed)?
             {
                 self.finish_eviction(c, moving).1.map_err(failed)?;
@@ -2231,9 +2297,34 @@ impl<S: ChunkSource> Pool<S> {
         result
     }
 
-    /// Drop one pin. At zero pins the block joins its tier's LRU as most recently used.
+    /// Drop one pin. At zero pins the block joins its tier's LRU as most recently used,
+    /// and may be evicted, its memory handed to any stream, from then on: the pinner's
+    /// work on it must be done, or ordered before the evictor's move by the evictor itself.
+    /// Where that work may still be queued, use [`Pool::unpin_after`].
     pub fn unpin(&self, id: &EvictableId) -> Result<(), PoolError> {
         self.unpin_all(std::iter::once(id))
+    }
+
+    /// Drop one pin, as [`Pool::unpin`], of a block that work queued on `stream` may still
+    /// use: `event` completes once that work is done (record it after the last of it).
+    /// Until then the block's memory goes to no other use. An eviction waits for the event
+    /// before it calls the evictor (without the pool's lock), so neither the copy out nor
+    /// the memory's next user meets that work; a free leaves the memory pending on it, as
+    /// [`Pool::free_after`] does. Each stream's latest event takes the place of its earlier
+    /// ones, and events on several streams are all waited for.
+    pub fn unpin_after(
+        &self,
+        id: &EvictableId,
+        stream: StreamId,
+        event: Arc<dyn FreeEvent>,
+    ) -> Result<(), PoolError> {
+        let mut c = self.central.lock();
+        let idx = c.ev.lookup(self.id, id)?;
+        if c.ev.get(idx).pins == 0 {
+            return Err(PoolError::NotPinned);
+        }
+        c.ev.last_use(idx).add(stream, event);
+        Self::unpin_idx(&mut c, idx)
     }
 
     /// Drop one pin of each block of `ids` under one lock. Every block is unpinned even if
@@ -2289,6 +2380,8 @@ impl<S: ChunkSource> Pool<S> {
 
     /// Free an evictable block. It must not be pinned; on error the handle comes back. A
     /// block whose bytes are moving (out, or back in for a pin) is freed once they arrive.
+    /// Memory that work recorded by [`Pool::unpin_after`] may still use stays pending until
+    /// that work is done.
     pub fn free_evictable(&self, id: EvictableId) -> Result<(), (EvictableId, PoolError)> {
         self.free_evictable_inner(id, None)
     }
@@ -2296,7 +2389,8 @@ impl<S: ChunkSource> Pool<S> {
     /// Free an evictable block in stream order, as [`Pool::free_after`] frees a block: its
     /// memory is reusable at once on `stream`, and elsewhere once `event` has completed.
     /// For a block whose last users' work may still be queued (a session ends without
-    /// waiting for the GPU). It must not be pinned; on error the handle comes back. As
+    /// waiting for the GPU): unpin it with [`Pool::unpin_after`] or [`Pool::unpin`] first,
+    /// since it must not be pinned; on error the handle comes back. As
     /// [`Pool::free_evictable`], it waits for a move under way to end.
     pub fn free_evictable_after(
         &self,
@@ -2332,17 +2426,18 @@ impl<S: ChunkSource> Pool<S> {
                     continue;
                 }
                 Residency::Resident { node, .. } => {
+                    // The memory waits for this free's event and for the work of earlier
+                    // unpins that may still use it.
+                    let last_use = c.ev.last_use(idx);
+                    if let Some((stream, event)) = after {
+                        last_use.add(stream, event);
+                    }
+                    let uses = last_use.take();
                     c.ev.remove(idx);
                     Self::uncharge(&mut c, slot, size);
-                    match after {
-                        Some((stream, event)) if !event.is_complete() => c.pending.push(Pending {
-                            node,
-                            size,
-                            owner,
-                            stream,
-                            event,
-                        }),
-                        _ => c.tlsf.free(node),
+                    match Pending::after_uses(node, size, owner, uses) {
+                        Some(p) => c.pending.push(p),
+                        None => c.tlsf.free(node),
                     }
                     if let Some(a) = c.owners[slot].as_mut() {
                         a.evictable_resident -= size;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Flag, Recorder};
+use common::{Flag, Recorder, Work};
 use gpushare_pool::FreeEvent;
 use gpushare_pool::{
     Block, ChunkSource, EvictableId, HostSource, OwnerId, OwnerSpec, Pool, PoolConfig, StreamId,
@@ -41,6 +41,10 @@ enum Op {
     Unpin {
         pick: usize,
     },
+    UnpinAfter {
+        pick: usize,
+        stream: u64,
+    },
     FreeEvictable {
         pick: usize,
     },
@@ -58,6 +62,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..3, size).prop_map(|(owner, size)| Op::AllocEvictable { owner, size }),
         1 => any::<usize>().prop_map(|pick| Op::Pin { pick }),
         1 => any::<usize>().prop_map(|pick| Op::Unpin { pick }),
+        1 => (any::<usize>(), 0u64..3).prop_map(|(pick, stream)| Op::UnpinAfter { pick, stream }),
         1 => any::<usize>().prop_map(|pick| Op::FreeEvictable { pick }),
         1 => Just(Op::Trim),
     ]
@@ -67,11 +72,14 @@ struct Model {
     pool: Pool<HostSource>,
     owners: Vec<(OwnerId, u64)>,
     live: Vec<Block>,
-    evictable: Vec<(EvictableId, usize, u32)>,
+    /// Handle, owner index, pins, and offset (current while pinned).
+    evictable: Vec<(EvictableId, usize, u32, u64)>,
     events: Vec<Arc<Flag>>,
+    /// The work of every `unpin_after`, finished at the end.
+    works: Vec<Arc<Work>>,
     /// Ranges freed in stream order: offset, end, stream and event. Until the event
     /// completes, only their own stream may get them back.
-    ordered: Vec<(u64, u64, u64, Arc<Flag>)>,
+    ordered: Vec<(u64, u64, u64, Arc<dyn FreeEvent>)>,
     /// Successful allocations and frees so far, of every kind.
     allocs: u64,
     frees: u64,
@@ -193,7 +201,7 @@ proptest! {
         ];
         let owners = specs.iter().map(|s| (pool.add_owner(s.clone()).unwrap(), s.limit)).collect();
         let mut m = Model {
-            pool, owners, live: vec![], evictable: vec![], events: vec![], ordered: vec![],
+            pool, owners, live: vec![], evictable: vec![], events: vec![], works: vec![], ordered: vec![],
             allocs: 0, frees: 0,
         };
         for op in ops {
@@ -227,7 +235,7 @@ proptest! {
                     if let Ok((e, pinned)) = m.pool.alloc_evictable(id, size, 0, StreamId(0)) {
                         let off = pinned.addr - m.pool.source().base();
                         m.handed_out(off, off + pinned.size, 0)?;
-                        m.evictable.push((e, owner, 1));
+                        m.evictable.push((e, owner, 1, off));
                         m.allocs += 1;
                     }
                 }
@@ -235,8 +243,9 @@ proptest! {
                     let i = pick % m.evictable.len();
                     if let Ok(pinned) = m.pool.pin(&m.evictable[i].0, StreamId(0)) {
                         m.evictable[i].2 += 1;
+                        let off = pinned.addr - m.pool.source().base();
+                        m.evictable[i].3 = off;
                         if pinned.restored {
-                            let off = pinned.addr - m.pool.source().base();
                             m.handed_out(off, off + pinned.size, 0)?;
                         }
                     }
@@ -247,15 +256,32 @@ proptest! {
                     prop_assert_eq!(r.is_ok(), m.evictable[i].2 > 0);
                     if r.is_ok() { m.evictable[i].2 -= 1; }
                 }
+                // The block's last users' work stays queued until an eviction waits for it:
+                // neither the evictor nor another stream may get the range before then.
+                Op::UnpinAfter { pick, stream } if !m.evictable.is_empty() => {
+                    let i = pick % m.evictable.len();
+                    let (id, _, pins, off) = &m.evictable[i];
+                    let size = m.pool.snapshot().blocks.iter()
+                        .find(|b| b.addr == m.pool.source().base() + off)
+                        .map_or(0, |b| b.size);
+                    let work = Work::new();
+                    let r = m.pool.unpin_after(id, StreamId(stream), work.clone());
+                    prop_assert_eq!(r.is_ok(), *pins > 0);
+                    if r.is_ok() {
+                        m.ordered.push((*off, off + size, stream, work.clone()));
+                        m.works.push(work);
+                        m.evictable[i].2 -= 1;
+                    }
+                }
                 Op::FreeEvictable { pick } if !m.evictable.is_empty() => {
                     let i = pick % m.evictable.len();
-                    let (e, o, pins) = m.evictable.swap_remove(i);
+                    let (e, o, pins, off) = m.evictable.swap_remove(i);
                     match m.pool.free_evictable(e) {
                         Ok(()) => {
                             prop_assert_eq!(pins, 0);
                             m.frees += 1;
                         }
-                        Err((e, _)) => { prop_assert!(pins > 0); m.evictable.push((e, o, pins)); }
+                        Err((e, _)) => { prop_assert!(pins > 0); m.evictable.push((e, o, pins, off)); }
                     }
                 }
                 Op::Trim => { m.pool.trim().unwrap(); }
@@ -264,8 +290,9 @@ proptest! {
             m.check()?;
         }
         m.events.drain(..).for_each(|e| e.set());
+        m.works.drain(..).for_each(|w| w.wait());
         for b in m.live.drain(..) { m.pool.free(b).unwrap(); }
-        for (e, _, pins) in m.evictable.drain(..) {
+        for (e, _, pins, _) in m.evictable.drain(..) {
             for _ in 0..pins { m.pool.unpin(&e).unwrap(); }
             m.pool.free_evictable(e).unwrap();
         }

@@ -24,6 +24,30 @@ impl FreeEvent for Flag {
     }
 }
 
+/// Queued work that runs to its end when someone waits for it, as a GPU's would: a
+/// [`Flag`] whose `wait` sets it, and counts that it did.
+#[derive(Default)]
+pub struct Work {
+    pub done: AtomicBool,
+    pub waited: AtomicBool,
+}
+
+impl Work {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Work::default())
+    }
+}
+
+impl FreeEvent for Work {
+    fn is_complete(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+    fn wait(&self) {
+        self.waited.store(true, Ordering::SeqCst);
+        self.done.store(true, Ordering::SeqCst);
+    }
+}
+
 /// An evictor that records what it was asked to do and can be told to fail.
 #[derive(Default)]
 pub struct Recorder {
