@@ -36,8 +36,9 @@ pub struct Holding {
 pub struct OomReport {
     /// Bytes mapped by the pool.
     pub mapped: u64,
-    /// Of those, bytes of chunks retired after a failed unmap (see
-    /// [`Pool::trim`](crate::Pool::trim)), which the pool never hands out.
+    /// Of those, bytes retired for good, which the pool never hands out: chunks whose
+    /// unmap failed (see [`Pool::trim`](crate::Pool::trim)) and blocks of restores that
+    /// panicked.
     pub retired: u64,
     /// The pool's capacity, if it has one.
     pub capacity: Option<u64>,
@@ -66,7 +67,7 @@ impl std::fmt::Display for OomReport {
         if self.retired > 0 {
             write!(
                 f,
-                ", {} B retired after a failed unmap (create a new pool to get them back)",
+                ", {} B retired after a failed unmap or a panicked restore (create a new pool to get them back)",
                 self.retired
             )?;
         }

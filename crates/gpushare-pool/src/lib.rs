@@ -312,8 +312,8 @@ pub struct OwnerStats {
 pub struct PoolStats {
     /// Bytes mapped from the source.
     pub mapped_bytes: u64,
-    /// Bytes of chunks retired after a failed unmap (see [`Pool::trim`]): part of
-    /// `mapped_bytes`, never handed out. So `mapped_bytes` is `free_bytes + pending_bytes +
+    /// Bytes retired for good, never handed out again: chunks whose unmap failed (see
+    /// [`Pool::trim`]) and blocks of restores that panicked. Part of `mapped_bytes`. So `mapped_bytes` is `free_bytes + pending_bytes +
     /// in_use_bytes + retired_bytes`.
     pub retired_bytes: u64,
     /// Peak of `mapped_bytes` (exact).
@@ -372,7 +372,8 @@ pub enum BlockState {
         /// Whether it is pinned.
         pinned: bool,
     },
-    /// A chunk retired after a failed unmap (see [`Pool::trim`]).
+    /// Memory retired for good: a chunk whose unmap failed (see [`Pool::trim`]), or the
+    /// block of a restore that panicked, where a copy it queued may still land.
     Retired,
 }
 

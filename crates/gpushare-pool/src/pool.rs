@@ -588,6 +588,9 @@ pub(crate) struct Central {
     /// Chunks retired after a failed unmap, by offset (see [`Pool::trim`]): still counted in
     /// `mapped` and `chunks`, never handed out.
     retired: BTreeMap<u64, u64>,
+    /// Blocks retired after a restore panicked, by node: a copy it queued may still land
+    /// there, so they stay used, owned by no one, and are never handed out.
+    retired_blocks: Vec<u32>,
     mapped: u64,
     peak_mapped: u64,
     peak_live: u64,
@@ -650,6 +653,15 @@ impl Reclaiming {
             self.failures.push(err.to_string());
         }
     }
+}
+
+/// What an eviction is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Room in the pool's commitments (`Σ max(charged, base)` within capacity).
+    Commitment,
+    /// Free address space to place a request in.
+    Space,
 }
 
 /// An eviction whose bytes are moving: its finish runs without the central lock.
@@ -777,6 +789,7 @@ impl<S: ChunkSource> Pool<S> {
                 chunks: BTreeMap::new(),
                 holes: false,
                 retired: BTreeMap::new(),
+                retired_blocks: Vec::new(),
                 mapped: 0,
                 peak_mapped: 0,
                 peak_live: 0,
@@ -1386,7 +1399,10 @@ impl<S: ChunkSource> Pool<S> {
     ///
     /// An evictable block may borrow memory that other owners reserved but do not use: it
     /// is evicted when they need it, so it skips the reservation check (the hard limit
-    /// still applies).
+    /// still applies). Not a Guaranteed owner's, which is never evicted. A borrower that is
+    /// pinned gives the memory back only once unpinned: nothing takes bytes from under
+    /// work that uses them, so a request inside its base meanwhile fails, its report
+    /// showing the pinned bytes.
     fn charge(
         &self,
         c: &mut Central,
@@ -1402,6 +1418,7 @@ impl<S: ChunkSource> Pool<S> {
                 .as_ref()
                 .ok_or_else(|| PoolError::UnknownOwner(owner))?;
             let (charged, limit, delta) = (a.charged, a.spec.limit, a.commitment_added(size));
+            let borrows = evictable && a.spec.tier != Tier::Guaranteed;
             if charged + size > limit {
                 // The owner's own cache counts against its limit: give it back once.
                 if !flushed && self.flush_all(c) > 0 {
@@ -1415,7 +1432,7 @@ impl<S: ChunkSource> Pool<S> {
                     limit,
                 }));
             }
-            if delta == 0 || evictable || c.committed + delta <= self.limit {
+            if delta == 0 || borrows || c.committed + delta <= self.limit {
                 c.committed += delta;
                 let a = c.owners[i]
                     .as_mut()
@@ -1433,7 +1450,7 @@ impl<S: ChunkSource> Pool<S> {
             if c.evicting >= c.committed + delta - self.limit {
                 return Err(Stop::Wait);
             }
-            if self.evict_one(c, owner, rq)? {
+            if self.evict_one(c, owner, rq, Need::Commitment)? {
                 continue;
             }
             if c.in_flight > 0 {
@@ -1639,7 +1656,7 @@ impl<S: ChunkSource> Pool<S> {
                 // Evictions under way free at least this much: wait for them rather than
                 // evict more (each eviction costs a copy out now and a restore later).
                 Grow::Full if c.evicting >= size + align - UNIT => return Err(Stop::Wait),
-                Grow::Full => self.evict_one(c, owner, rq)?,
+                Grow::Full => self.evict_one(c, owner, rq, Need::Space)?,
             };
             if !progressed {
                 break;
@@ -1798,13 +1815,14 @@ impl<S: ChunkSource> Pool<S> {
         Ok(Grow::Grew)
     }
 
-    /// Evict the least recently used eligible block. `Ok(true)` once it is out,
-    /// [`Stop::Finish`] while its bytes move, `Ok(false)` if no block is eligible.
+    /// Evict the least recently used block that helps with `need`. `Ok(true)` once it is
+    /// out, [`Stop::Finish`] while its bytes move, `Ok(false)` if no block is eligible.
     fn evict_one(
         &self,
         c: &mut Central,
         requester: OwnerId,
         rq: &mut Reclaiming,
+        need: Need,
     ) -> Result<bool, Stop> {
         let Some(evictor) = c.evictor.clone() else {
             return Ok(false);
@@ -1826,9 +1844,13 @@ impl<S: ChunkSource> Pool<S> {
                 };
                 // A Burstable owner keeps its base: only blocks whose eviction leaves it at or
                 // above its base may go, counting the moves out already under way.
-                if tier == Tier::Burstable
-                    && a.charged - a.evicting < a.spec.base.saturating_add(e_size)
-                {
+                let kept = a.charged - a.evicting;
+                if tier == Tier::Burstable && kept < a.spec.base.saturating_add(e_size) {
+                    continue;
+                }
+                // Commitments count an owner's base whatever it holds: evicting an owner
+                // that is at or below its base frees no commitment.
+                if need == Need::Commitment && kept <= a.spec.base {
                     continue;
                 }
                 if !matches!(e_res, Residency::Resident { .. }) || rq.skip.contains(&idx) {
@@ -2018,7 +2040,7 @@ impl<S: ChunkSource> Pool<S> {
         holdings.sort_by_key(|h| std::cmp::Reverse(h.in_use));
         OomReport {
             mapped: c.mapped,
-            retired: c.retired.values().sum(),
+            retired: Self::retired_bytes(c),
             capacity: Some(self.limit),
             free: c.tlsf.free_bytes(),
             largest_free: c.tlsf.largest_free(),
@@ -2071,6 +2093,16 @@ impl<S: ChunkSource> Pool<S> {
         }
         self.recompute_holes(&mut c);
         Ok(released)
+    }
+
+    /// Bytes retired for good: chunks whose unmap failed and blocks of panicked restores.
+    fn retired_bytes(c: &Central) -> u64 {
+        let blocks: u64 = c
+            .retired_blocks
+            .iter()
+            .map(|&n| c.tlsf.node(n).size())
+            .sum();
+        c.retired.values().sum::<u64>() + blocks
     }
 
     /// Whether any gap lies between chunks (or before the first): growth then looks for a
@@ -2220,20 +2252,33 @@ impl<S: ChunkSource> Pool<S> {
         }
         c.in_flight += 1;
         drop(c);
-        let r = catch_unwind(AssertUnwindSafe(|| evictor.restore(&info)))
-            .unwrap_or_else(|_| Err(EvictError("the evictor panicked while restoring".into())));
+        let r = catch_unwind(AssertUnwindSafe(|| evictor.restore(&info)));
         let mut c = self.central.lock();
         c.in_flight -= 1;
         self.moved.notify_all();
-        if let Err(err) = r {
+        let failed = match r {
+            Ok(Ok(())) => None,
+            Ok(Err(err)) => Some((err.to_string(), false)),
+            Err(_) => Some(("the evictor panicked while restoring".to_string(), true)),
+        };
+        if let Some((why, panicked)) = failed {
             c.ev.mark_evicted(idx);
             if let Some(a) = c.owners[oslot].as_mut() {
                 a.evicted_bytes += size;
                 a.evictable_resident -= size;
                 a.evictable_pinned -= size;
             }
-            Self::give_back(&mut c, owner, size, placed);
-            return Err(PoolError::RestoreFailed(err.to_string()));
+            if panicked {
+                // A failed restore leaves no copy queued (the evictor's contract); a
+                // panicked one may have queued one before it panicked. Its memory is
+                // retired rather than handed to a request that the copy would overwrite.
+                Self::uncharge(&mut c, oslot, size);
+                c.retired_blocks.push(node);
+                tracing::error!(size, "a restore panicked; its memory is retired");
+            } else {
+                Self::give_back(&mut c, owner, size, placed);
+            }
+            return Err(PoolError::RestoreFailed(why));
         }
         c.ev.mark_restored(idx, node, offset);
         c.ev.pin(idx);
@@ -2510,7 +2555,7 @@ impl<S: ChunkSource> Pool<S> {
         let largest = c.tlsf.largest_free();
         PoolStats {
             mapped_bytes: c.mapped,
-            retired_bytes: c.retired.values().sum(),
+            retired_bytes: Self::retired_bytes(&c),
             peak_mapped_bytes: c.peak_mapped,
             live_bytes: live,
             peak_live_bytes: c.peak_live,
@@ -2552,6 +2597,7 @@ impl<S: ChunkSource> Pool<S> {
         }
         let pending: std::collections::HashSet<u32> = c.pending.iter().map(|p| p.node).collect();
         let evictable = c.ev.resident_nodes();
+        let retired = |i: u32| c.retired_blocks.contains(&i);
 
         let mut blocks: Vec<crate::BlockInfo> = c
             .tlsf
@@ -2559,7 +2605,7 @@ impl<S: ChunkSource> Pool<S> {
             .map(|(i, n)| crate::BlockInfo {
                 addr: self.source.addr(n.offset()),
                 size: n.size(),
-                owner: if n.is_free() || pending.contains(&i) {
+                owner: if n.is_free() || pending.contains(&i) || retired(i) {
                     None
                 } else {
                     Some(n.owner())
@@ -2568,6 +2614,8 @@ impl<S: ChunkSource> Pool<S> {
                     crate::BlockState::Free
                 } else if pending.contains(&i) {
                     crate::BlockState::Pending
+                } else if retired(i) {
+                    crate::BlockState::Retired
                 } else if cached_nodes.contains(&i) {
                     crate::BlockState::Cached
                 } else if let Some(&pinned) = evictable.get(&i) {

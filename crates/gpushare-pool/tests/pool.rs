@@ -995,3 +995,106 @@ fn a_host_source_refuses_ranges_that_overflow() {
     ));
     src.unmap(0, 2 * MIB).unwrap();
 }
+
+#[test]
+fn a_guaranteed_owners_evictable_block_does_not_borrow_a_base_it_would_never_give_back() {
+    let p = pool(PoolConfig::default().capacity(4 * MIB));
+    p.set_evictor(Arc::new(Recorder::default()));
+    let r = p
+        .add_owner(OwnerSpec::new("r", 2 * MIB).base(2 * MIB))
+        .unwrap();
+    let g = p
+        .add_owner(OwnerSpec::new("g", 4 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    // Guaranteed blocks are never evicted, so `r`'s base would stay taken for good.
+    assert!(matches!(
+        p.alloc_evictable(g, 4 * MIB, 0, S1),
+        Err(PoolError::ReservedElsewhere { .. })
+    ));
+    let (id, _) = p.alloc_evictable(g, 2 * MIB, 0, S1).unwrap();
+    p.unpin(&id).unwrap();
+    let b = p.alloc(r, MIB, S2).unwrap();
+    p.free(b).unwrap();
+    p.free_evictable(id).unwrap();
+}
+
+#[test]
+fn making_room_in_the_commitments_evicts_nothing_that_frees_none() {
+    let p = pool(PoolConfig::default().capacity(4 * MIB));
+    let rec = Arc::new(Recorder::default());
+    p.set_evictor(rec.clone());
+    // `x` holds no more than its base: evicting its blocks leaves its commitment as it is.
+    let x = p
+        .add_owner(
+            OwnerSpec::new("x", 4 * MIB)
+                .base(2 * MIB)
+                .tier(Tier::BestEffort),
+        )
+        .unwrap();
+    let y = p
+        .add_owner(OwnerSpec::new("y", 4 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let ids: Vec<_> = (0..2)
+        .map(|_| {
+            let (id, _) = p.alloc_evictable(x, MIB, 0, S1).unwrap();
+            p.unpin(&id).unwrap();
+            id
+        })
+        .collect();
+    assert!(p.alloc(y, 3 * MIB, S2).is_err());
+    assert_eq!(p.stats().evictions, 0);
+    assert!(rec.evicted.lock().unwrap().is_empty());
+    for id in ids {
+        assert!(p.is_resident(&id).unwrap());
+        p.free_evictable(id).unwrap();
+    }
+}
+
+/// Evicts at once; panics on restore, perhaps after queuing a copy.
+struct PanicsOnRestore;
+
+impl gpushare_pool::Evictor for PanicsOnRestore {
+    fn evict(
+        &self,
+        _: &gpushare_pool::VictimInfo,
+    ) -> Result<gpushare_pool::Eviction, gpushare_pool::EvictError> {
+        Ok(gpushare_pool::Eviction::done())
+    }
+    fn restore(&self, _: &gpushare_pool::RestoreInfo) -> Result<(), gpushare_pool::EvictError> {
+        panic!("the copy engine caught fire")
+    }
+}
+
+#[test]
+fn the_memory_of_a_restore_that_panicked_is_never_handed_out() {
+    let p = pool(PoolConfig::default().capacity(4 * MIB));
+    p.set_evictor(Arc::new(PanicsOnRestore));
+    let a = p
+        .add_owner(OwnerSpec::new("a", 4 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let b = p.add_owner(OwnerSpec::new("b", 4 * MIB)).unwrap();
+    let (id, _) = p.alloc_evictable(a, 2 * MIB, 0, S1).unwrap();
+    p.unpin(&id).unwrap();
+    let big = p.alloc(b, 4 * MIB, S2).unwrap();
+    assert!(!p.is_resident(&id).unwrap());
+    p.free(big).unwrap();
+
+    assert!(matches!(p.pin(&id, S1), Err(PoolError::RestoreFailed(_))));
+    let s = p.stats();
+    assert_eq!((s.retired_bytes, s.in_use_bytes), (2 * MIB, 0));
+    assert_eq!(
+        s.mapped_bytes,
+        s.free_bytes + s.pending_bytes + s.in_use_bytes + s.retired_bytes
+    );
+    let snap = p.snapshot();
+    assert!(snap
+        .blocks
+        .iter()
+        .any(|x| x.state == BlockState::Retired && x.size == 2 * MIB && x.owner.is_none()));
+    // Only the other half of the pool is left to hand out.
+    assert!(p.alloc(b, 4 * MIB, S2).is_err());
+    let half = p.alloc(b, 2 * MIB, S2).unwrap();
+    p.free(half).unwrap();
+    // The block is still evicted, and can be freed.
+    p.free_evictable(id).unwrap();
+}
