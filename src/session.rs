@@ -157,9 +157,20 @@ fn evicted_bytes(ctx: &CtxInner) -> u64 {
 /// generation and wakes the line, so that such a session tries again. Only sessions not
 /// yet in line take it: a waiter whose failed try woke the line would wake itself, and the
 /// line would spin.
-fn pin_resident(ctx: &Arc<CtxInner>) -> Result<Option<Prefix>> {
+///
+/// Without `wait` it gives up (`None`) if the context's buffer list is locked: a try of
+/// another session of the context holds it across its restores, which wait for copies,
+/// and a future's poll must not block its executor's thread for that long.
+fn pin_resident(ctx: &Arc<CtxInner>, wait: bool) -> Result<Option<Prefix>> {
+    let slots = if wait {
+        ctx.buffers.lock()
+    } else {
+        match ctx.buffers.try_lock() {
+            Some(slots) => slots,
+            None => return Ok(None),
+        }
+    };
     ctx.rt.waits.started();
-    let slots = ctx.buffers.lock();
     let live = slots
         .iter()
         .filter(|s| s.live())
@@ -187,7 +198,7 @@ fn pin_resident(ctx: &Arc<CtxInner>) -> Result<Option<Prefix>> {
 /// waiting in line skips it (see below), so that its failed tries never wake the line.
 pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<Prefix> {
     if fast {
-        if let Some(p) = pin_resident(ctx)? {
+        if let Some(p) = pin_resident(ctx, true)? {
             return Ok(p);
         }
     }
@@ -419,8 +430,9 @@ impl Future for SessionFuture {
             // sessions went from a handful to thousands a run. Eviction takes lower tiers
             // first, so a newcomer cannot take a higher tier's buffers.
             State::Start => {
-                // A working set already in place is pinned here, without restoring.
-                match pin_resident(&ctx.inner) {
+                // A working set already in place is pinned here, without restoring (and
+                // without waiting for another session's restore: that try goes on below).
+                match pin_resident(&ctx.inner, false) {
                     Ok(Some(pinned)) => return this.finish(Ok(pinned)),
                     Err(e) => return this.finish(Err(e)),
                     Ok(None) => {}

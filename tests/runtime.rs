@@ -1284,6 +1284,49 @@ fn an_async_session_restores_on_a_blocking_thread_and_leaves_the_executor_free()
 }
 
 #[test]
+fn a_second_async_session_does_not_block_the_executor_while_the_first_restores() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let data = pattern(40 * MIB as usize, 4);
+    let (a, _b, buf, a_stream) = offloaded(&rt, &data);
+    let go = hold(&sim, &a_stream);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let rt2 = rt.clone();
+    std::thread::spawn(move || {
+        let exec = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let intact = exec.block_on(async move {
+            let a2 = a.clone();
+            let first = tokio::spawn(async move { a2.session_async().await.map(drop) });
+            // The first session's try restores on a blocking thread, holding the context's
+            // buffer list while the copy waits for the held kernel.
+            while rt2.pool_stats().moves_in_flight == 0 {
+                tokio::task::yield_now().await;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let a3 = a.clone();
+            let second = tokio::spawn(async move {
+                let mut s = a3.session_async().await?;
+                let mut back = vec![0u8; data.len()];
+                s.read(&buf, 0, &mut back)?;
+                Ok::<_, RuntimeError>(back == data)
+            });
+            // This runs only if the second session's first poll left the executor's one
+            // thread free.
+            tokio::task::yield_now().await;
+            go.send(()).unwrap();
+            first.await.unwrap()?;
+            second.await.unwrap()
+        });
+        let _ = tx.send(intact);
+    });
+    let intact = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the second session's poll held the executor's only thread");
+    assert!(intact.unwrap(), "restored bytes differ");
+}
+
+#[test]
 fn an_async_session_dropped_while_it_restores_leaves_nothing_pinned() {
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);
     let (a, b, buf, a_stream) = offloaded(&rt, &pattern(40 * MIB as usize, 5));
