@@ -152,19 +152,16 @@ impl CtxInner {
         }
     }
 
-    /// Memory was freed in order on this context's stream: wake waiting sessions once the
-    /// work queued so far has completed. The callback holds only the wait state, whose
-    /// release makes no device call.
-    pub fn wake_waiters_when_stream_done(&self) {
-        let waits = self.rt.waits.clone();
-        waits.pending_added();
-        let w2 = waits.clone();
-        let queued = self
-            .rt
-            .dev
-            .host_callback(&self.stream, Box::new(move || w2.pending_done()));
-        if queued.is_err() {
-            waits.pending_cancelled();
+    /// Memory is about to be freed in order on this context's stream: count it as pending
+    /// in the session gate *before* the pool has it, so that a session's try that finds
+    /// the memory pending meanwhile waits for its release instead of failing for good. Then
+    /// call [`StreamRelease::armed`] once the free is done (or let the guard drop if it
+    /// failed).
+    pub fn stream_release(&self) -> StreamRelease<'_> {
+        self.rt.waits.pending_added();
+        StreamRelease {
+            ctx: self,
+            armed: false,
         }
     }
 
@@ -183,8 +180,10 @@ impl CtxInner {
     /// done: that work may still use its memory.
     pub fn free_after_stream(&self, id: gpushare_pool::EvictableId) {
         let dev = &self.rt.dev;
+        // A request short of memory may wait for this event (`Pool::wait_pending`), for as
+        // long as the stream's queued kernels run: it sleeps rather than spin a core.
         let tail = dev
-            .create_event(gpushare_device::EventFlags::default())
+            .create_event(gpushare_device::EventFlags::blocking_sync())
             .and_then(|ev| dev.record_event(&ev, &self.stream).map(|_| ev));
         let freed = match tail {
             Ok(ev) => {
@@ -192,9 +191,10 @@ impl CtxInner {
                     dev: dev.clone(),
                     ev,
                 });
+                let release = self.stream_release();
                 let r = self.rt.pool.free_evictable_after(id, self.stream_id, done);
                 if r.is_ok() {
-                    self.wake_waiters_when_stream_done();
+                    release.armed();
                 }
                 r
             }
@@ -206,6 +206,42 @@ impl CtxInner {
         };
         if let Err((_, e)) = freed {
             tracing::error!(context = %self.name, error = %e, "freeing a buffer failed");
+        }
+    }
+}
+
+/// A stream-ordered free counted as pending in the session gate (see
+/// [`CtxInner::stream_release`]).
+pub(crate) struct StreamRelease<'a> {
+    ctx: &'a CtxInner,
+    armed: bool,
+}
+
+impl StreamRelease<'_> {
+    /// The memory was freed in order on the stream: wake waiting sessions once the work
+    /// queued so far has completed. The callback holds only the wait state, whose release
+    /// makes no device call. If it cannot be queued, the stream is waited for here and the
+    /// release signalled at once: a session that waits for it is then woken all the same.
+    pub fn armed(mut self) {
+        self.armed = true;
+        let c = self.ctx;
+        let waits = c.rt.waits.clone();
+        let queued =
+            c.rt.dev
+                .host_callback(&c.stream, Box::new(move || waits.pending_done()));
+        if let Err(e) = queued {
+            tracing::warn!(context = %c.name, error = %e, "queueing a release callback failed; waiting for the stream");
+            let _ = c.rt.dev.synchronize_stream(&c.stream);
+            c.rt.waits.pending_done();
+        }
+    }
+}
+
+impl Drop for StreamRelease<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            // The free failed: nothing will be released.
+            self.ctx.rt.waits.pending_cancelled();
         }
     }
 }

@@ -821,6 +821,7 @@ impl Drop for Session {
             match Event::record(&self.ctx) {
                 Ok(ev) => {
                     let done: Arc<dyn FreeEvent> = Arc::new(Done(ev));
+                    let release = self.ctx.stream_release();
                     for b in scratch.drain(..) {
                         if let Err(e) = rt.pool.free_after(b, self.ctx.stream_id, done.clone()) {
                             tracing::error!(error = %e, "freeing scratch failed");
@@ -828,7 +829,7 @@ impl Drop for Session {
                     }
                     // Other streams may reuse the scratch once this stream's work is done:
                     // wake the waiters then.
-                    self.ctx.wake_waiters_when_stream_done();
+                    release.armed();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "recording the end of a session failed; waiting for its stream");

@@ -1327,6 +1327,34 @@ fn a_second_async_session_does_not_block_the_executor_while_the_first_restores()
 }
 
 #[test]
+fn a_session_waits_for_a_freed_buffer_whose_release_callback_could_not_be_queued() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let data = pattern(40 * MIB as usize, 6);
+    let (a, b, buf, _) = offloaded(&rt, &data);
+    let taken = b.create_buffer(40 * MIB).unwrap();
+    let b_stream = b.session().unwrap().stream().clone();
+    // Work still queued on b's stream when its buffer goes: the memory is pending on it.
+    // The buffer's free records its last use (one stream operation), then queues the
+    // callback that tells waiting sessions of the release (the next): that one fails.
+    let go = hold(&sim, &b_stream);
+    sim.fail_nth(FaultOp::StreamOp, 2);
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        go.send(()).unwrap();
+    });
+    drop(taken);
+    // The session needs that memory: it comes back once b's work is done, and the
+    // session gets it rather than failing for lack of a wake-up.
+    let mut s = a
+        .session()
+        .expect("the session had the pending memory once b's work was done");
+    let mut back = vec![0u8; data.len()];
+    s.read(&buf, 0, &mut back).unwrap();
+    assert!(back == data, "restored bytes differ");
+    release.join().unwrap();
+}
+
+#[test]
 fn an_async_session_dropped_while_it_restores_leaves_nothing_pinned() {
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);
     let (a, b, buf, a_stream) = offloaded(&rt, &pattern(40 * MIB as usize, 5));
