@@ -624,7 +624,7 @@ impl Context {
     /// session on it.
     pub fn session(&self) -> Result<Session> {
         // Most sessions are granted at once: try before building a future and a waker.
-        match crate::session::pin_all(&self.inner, true) {
+        match crate::session::pin_all(&self.inner, true, None) {
             Ok(n) => Ok(Session::new(self.inner.clone(), n)),
             Err(e) if !e.is_oom() => Err(e),
             Err(_) => block_on(SessionFuture::blocking(self.clone())),

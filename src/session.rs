@@ -196,13 +196,26 @@ fn pin_resident(ctx: &Arc<CtxInner>, wait: bool) -> Result<Option<Prefix>> {
 ///
 /// With `fast`, a path that does not take `pin_lock` is tried first; a session already
 /// waiting in line skips it (see below), so that its failed tries never wake the line.
-pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<Prefix> {
+///
+/// `dropped`: set when the future that asked for the session was dropped. Checked once the
+/// pin lock is held and before each pin, so that a try whose future is gone restores
+/// nothing more (it would evict other contexts' buffers, and hold the lock, for a session
+/// that ends at once).
+pub(crate) fn pin_all(
+    ctx: &Arc<CtxInner>,
+    fast: bool,
+    dropped: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Prefix> {
+    let gone = || dropped.is_some_and(|d| d.load(Ordering::Acquire));
     if fast {
         if let Some(p) = pin_resident(ctx, true)? {
             return Ok(p);
         }
     }
     let _one_at_a_time = block_on(ctx.rt.pin_lock.acquire(ctx.tier.rank()));
+    if gone() {
+        return Err(abandoned());
+    }
     let all = ctx.buffers.lock();
     let slots: Vec<(&crate::context::BufSlot, &gpushare_pool::EvictableId)> = all
         .iter()
@@ -239,6 +252,10 @@ pub(crate) fn pin_all(ctx: &Arc<CtxInner>, fast: bool) -> Result<Prefix> {
             .chain(slots.iter().zip(&resident).filter(|(_, &r)| !r))
             .map(|((s, id), _)| (s.size, *id));
         for (size, id) in order {
+            if gone() {
+                let _ = ctx.rt.pool.unpin_all(pinned);
+                return Err(abandoned());
+            }
             match ctx.rt.pool.pin(id, ctx.stream_id) {
                 Ok(_) => pinned.push(id),
                 Err(e) => {
@@ -342,7 +359,7 @@ impl SessionFuture {
             if gone.load(Ordering::Acquire) {
                 return Restored::Wait { since };
             }
-            match Self::try_now(&ctx) {
+            match Self::try_now(&ctx, Some(&*gone)) {
                 Step::Done(r) => Restored::Done(r.map(|pinned| Session::new(ctx.inner, pinned))),
                 Step::Wait => Restored::Wait { since },
             }
@@ -358,11 +375,11 @@ impl SessionFuture {
     /// set lacks (its evicted buffers); if they allow, it tries again. A denial does not
     /// fail the session: it waits for memory that live sessions release, as without
     /// handlers.
-    fn attempt(ctx: &Context) -> Result<Prefix> {
+    fn attempt(ctx: &Context, dropped: Option<&std::sync::atomic::AtomicBool>) -> Result<Prefix> {
         let c = &ctx.inner;
-        match pin_all(c, false) {
+        match pin_all(c, false, dropped) {
             Err(e) if e.is_oom() => match c.rt.relieve(ctx, evicted_bytes(c)) {
-                Some(Pressure::Allow) => pin_all(c, false),
+                Some(Pressure::Allow) => pin_all(c, false, dropped),
                 _ => Err(e),
             },
             r => r,
@@ -377,12 +394,12 @@ impl SessionFuture {
     /// for memory released by someone else and try again, and a session short of memory
     /// with no other session live would loop here for ever. A newcomer takes it once,
     /// before its first try.
-    fn try_now(ctx: &Context) -> Step {
+    fn try_now(ctx: &Context, dropped: Option<&std::sync::atomic::AtomicBool>) -> Step {
         match ctx
             .inner
             .rt
             .waits
-            .attempt(|| Self::attempt(ctx), RuntimeError::is_oom)
+            .attempt(|| Self::attempt(ctx, dropped), RuntimeError::is_oom)
         {
             Attempt::Done(r) => Step::Done(r),
             Attempt::Wait => Step::Wait,
@@ -397,6 +414,14 @@ impl SessionFuture {
             Some(ctx) => Ok(Session::new(ctx.inner, pinned)),
             None => Err(completed()),
         }))
+    }
+}
+
+/// The error of a try whose future was dropped: nobody reads it.
+fn abandoned() -> RuntimeError {
+    RuntimeError::Foreign {
+        what: "session future",
+        owner: "dropped future",
     }
 }
 
@@ -441,7 +466,7 @@ impl Future for SessionFuture {
                     this.state = restoring;
                     return Pin::new(&mut *this).poll(cx);
                 }
-                Self::try_now(ctx)
+                Self::try_now(ctx, None)
             }
             State::Waiting(id) => {
                 if !rt.is_head(*id, cx.waker()) {
@@ -451,7 +476,7 @@ impl Future for SessionFuture {
                     this.state = restoring;
                     return Pin::new(&mut *this).poll(cx);
                 }
-                Self::try_now(ctx)
+                Self::try_now(ctx, None)
             }
             State::Restoring { id, task, .. } => {
                 let id = *id;

@@ -1355,6 +1355,56 @@ fn a_session_waits_for_a_freed_buffer_whose_release_callback_could_not_be_queued
 }
 
 #[test]
+fn an_async_session_dropped_while_its_try_waits_for_the_pin_lock_restores_nothing() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let spec = |n: &str| ContextSpec::new(n, 64 * MIB).tier(Tier::BestEffort);
+    let (a, b) = (
+        rt.create_context(spec("a")).unwrap(),
+        rt.create_context(spec("b")).unwrap(),
+    );
+    let c = rt.create_context(ContextSpec::new("c", 64 * MIB)).unwrap();
+    let a_buf = a.create_buffer(20 * MIB).unwrap();
+    let b_buf = b.create_buffer(20 * MIB).unwrap();
+    let a_stream = a.session().unwrap().stream().clone();
+    // A large buffer of c's sends both out; then there is room for both to come back.
+    drop(c.create_buffer(50 * MIB).unwrap());
+    assert!(!a_buf.is_resident() && !b_buf.is_resident());
+
+    let exec = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let go = hold(&sim, &a_stream);
+    exec.block_on(async {
+        let a2 = a.clone();
+        let first = tokio::spawn(async move { a2.session_async().await.map(drop) });
+        // a's restore holds the pin lock while it waits for the held kernel.
+        while rt.pool_stats().moves_in_flight == 0 {
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let b2 = b.clone();
+        let second = tokio::spawn(async move { b2.session_async().await.map(drop) });
+        while rt.waiting_restores() == 0 {
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // b's try waits for the lock on a blocking thread: drop its future.
+        second.abort();
+        assert!(second.await.unwrap_err().is_cancelled());
+        go.send(()).unwrap();
+        first.await.unwrap().unwrap();
+    });
+    // Dropping the executor waits for its blocking threads, b's try among them.
+    drop(exec);
+    assert!(
+        !b_buf.is_resident(),
+        "a dropped session's buffer was restored"
+    );
+    assert_nothing_pinned(&rt, "b");
+    assert_eq!(rt.waiting_sessions(), 0);
+}
+
+#[test]
 fn an_async_session_dropped_while_it_restores_leaves_nothing_pinned() {
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);
     let (a, b, buf, a_stream) = offloaded(&rt, &pattern(40 * MIB as usize, 5));
