@@ -1117,6 +1117,22 @@ fn a_context_whose_kernel_faulted_gives_its_memory_up_to_others() {
     );
 }
 
+/// Run `fut` on a runtime of one thread, on a thread of its own, and return its output.
+/// Panics with `stuck` if it takes a minute: something blocked the runtime's only thread.
+fn on_one_thread<T: Send + 'static>(
+    stuck: &str,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let exec = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _ = tx.send(exec.block_on(fut));
+    });
+    rx.recv_timeout(Duration::from_secs(60)).expect(stuck)
+}
+
 /// Queue on `stream` a kernel that runs until the returned sender sends or is dropped.
 fn hold(sim: &SimDevice, stream: &gpushare::device::Stream) -> std::sync::mpsc::Sender<()> {
     let (go, gate) = std::sync::mpsc::channel::<()>();
@@ -1258,28 +1274,18 @@ fn an_async_session_restores_on_a_blocking_thread_and_leaves_the_executor_free()
     // A kernel holds the context's stream until the executor's other task releases it, and
     // restoring the buffer waits for that stream's tail.
     let go = hold(&sim, &a_stream);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let exec = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let intact = exec.block_on(async move {
-            let session = tokio::spawn(async move {
-                let mut s = a.session_async().await?;
-                let mut back = vec![0u8; data.len()];
-                s.read(&buf, 0, &mut back)?;
-                Ok::<_, RuntimeError>(back == data)
-            });
-            // This runs only if the session's restore leaves the executor's one thread free.
-            tokio::task::yield_now().await;
-            go.send(()).unwrap();
-            session.await.unwrap()
+    let intact = on_one_thread("the restore held the executor's only thread", async move {
+        let session = tokio::spawn(async move {
+            let mut s = a.session_async().await?;
+            let mut back = vec![0u8; data.len()];
+            s.read(&buf, 0, &mut back)?;
+            Ok::<_, RuntimeError>(back == data)
         });
-        let _ = tx.send(intact);
+        // This runs only if the session's restore leaves the executor's one thread free.
+        tokio::task::yield_now().await;
+        go.send(()).unwrap();
+        session.await.unwrap()
     });
-    let intact = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the restore held the executor's only thread");
     assert!(intact.unwrap(), "restored bytes differ");
 }
 
@@ -1289,40 +1295,31 @@ fn a_second_async_session_does_not_block_the_executor_while_the_first_restores()
     let data = pattern(40 * MIB as usize, 4);
     let (a, _b, buf, a_stream) = offloaded(&rt, &data);
     let go = hold(&sim, &a_stream);
-    let (tx, rx) = std::sync::mpsc::channel();
     let rt2 = rt.clone();
-    std::thread::spawn(move || {
-        let exec = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let intact = exec.block_on(async move {
-            let a2 = a.clone();
-            let first = tokio::spawn(async move { a2.session_async().await.map(drop) });
-            // The first session's try restores on a blocking thread, holding the context's
-            // buffer list while the copy waits for the held kernel.
-            while rt2.pool_stats().moves_in_flight == 0 {
-                tokio::task::yield_now().await;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            let a3 = a.clone();
-            let second = tokio::spawn(async move {
-                let mut s = a3.session_async().await?;
-                let mut back = vec![0u8; data.len()];
-                s.read(&buf, 0, &mut back)?;
-                Ok::<_, RuntimeError>(back == data)
-            });
-            // This runs only if the second session's first poll left the executor's one
-            // thread free.
+    let stuck = "the second session's poll held the executor's only thread";
+    let intact = on_one_thread(stuck, async move {
+        let a2 = a.clone();
+        let first = tokio::spawn(async move { a2.session_async().await.map(drop) });
+        // The first session's try restores on a blocking thread, holding the context's
+        // buffer list while the copy waits for the held kernel.
+        while rt2.pool_stats().moves_in_flight == 0 {
             tokio::task::yield_now().await;
-            go.send(()).unwrap();
-            first.await.unwrap()?;
-            second.await.unwrap()
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let a3 = a.clone();
+        let second = tokio::spawn(async move {
+            let mut s = a3.session_async().await?;
+            let mut back = vec![0u8; data.len()];
+            s.read(&buf, 0, &mut back)?;
+            Ok::<_, RuntimeError>(back == data)
         });
-        let _ = tx.send(intact);
+        // This runs only if the second session's first poll left the executor's one
+        // thread free.
+        tokio::task::yield_now().await;
+        go.send(()).unwrap();
+        first.await.unwrap()?;
+        second.await.unwrap()
     });
-    let intact = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the second session's poll held the executor's only thread");
     assert!(intact.unwrap(), "restored bytes differ");
 }
 
