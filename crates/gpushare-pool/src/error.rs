@@ -186,6 +186,9 @@ pub enum PoolError {
         /// Pin count.
         pins: u32,
     },
+    /// Freeing an evictable block that is being restored for a pin: the pin will hold it.
+    #[error("the evictable block is being restored for a pin; free it once that pin is dropped")]
+    Restoring,
     /// Unpinning a block that is not pinned.
     #[error("the evictable block is not pinned")]
     NotPinned,

@@ -2,7 +2,7 @@
 
 use crate::error::PoolError;
 use crate::tlsf::NONE;
-use crate::{EvictableId, EvictableKey, FreeEvent, OwnerId, PoolId, StreamId, Tier};
+use crate::{EvictableId, EvictableKey, EvictableRef, FreeEvent, OwnerId, PoolId, StreamId, Tier};
 use slab::Slab;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -261,7 +261,7 @@ impl EvState {
     }
 
     #[inline]
-    pub fn lookup(&self, pool: PoolId, id: &EvictableId) -> Result<u32, PoolError> {
+    pub fn lookup(&self, pool: PoolId, id: EvictableRef) -> Result<u32, PoolError> {
         if id.pool != pool {
             return Err(PoolError::ForeignBlock {
                 what: "evictable block",

@@ -255,6 +255,41 @@ impl EvictableId {
     pub fn key(&self) -> EvictableKey {
         self.key
     }
+
+    /// A copyable reference to the block, to pin, unpin, query or evict it where the handle
+    /// itself cannot go (see [`EvictableRef`]).
+    pub fn to_ref(&self) -> EvictableRef {
+        EvictableRef {
+            pool: self.pool,
+            key: self.key,
+        }
+    }
+}
+
+/// A copyable reference to an evictable block: what every [`Pool`] call but a free takes.
+///
+/// A holder of an [`EvictableId`] keeps it where it belongs (in a table under a lock, say)
+/// and works on the block through a reference, without holding that lock while a pin
+/// restores the block. It cannot free the block. Once the block is freed, a call with a
+/// reference to it fails with [`PoolError::DoubleFree`], even when the pool has since
+/// handed its slot to another block: the reference carries the slot's generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EvictableRef {
+    pool: PoolId,
+    key: EvictableKey,
+}
+
+impl EvictableRef {
+    /// The block's key.
+    pub fn key(&self) -> EvictableKey {
+        self.key
+    }
+}
+
+impl From<&EvictableId> for EvictableRef {
+    fn from(id: &EvictableId) -> Self {
+        id.to_ref()
+    }
 }
 
 /// Where a pinned evictable block lives while pinned.

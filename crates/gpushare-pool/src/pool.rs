@@ -14,8 +14,8 @@ use crate::tlsf::{ceil_class, floor_class, Tlsf, UNIT};
 
 const ALIGN_UNIT: u64 = UNIT;
 use crate::{
-    Block, EvictableId, FreeEvent, OwnerId, OwnerSpec, OwnerStats, Pinned, PoolId, PoolStats,
-    StreamId, Tier,
+    Block, EvictableId, EvictableRef, FreeEvent, OwnerId, OwnerSpec, OwnerStats, Pinned, PoolId,
+    PoolStats, StreamId, Tier,
 };
 use crossbeam_utils::CachePadded;
 use std::collections::BTreeMap;
@@ -1985,7 +1985,8 @@ impl<S: ChunkSource> Pool<S> {
     /// in one piece where memory is free but scattered). Returns false if it was evicted
     /// already. Another owner's block is refused ([`PoolError::ForeignBlock`]). The pool's
     /// lock is let go while the bytes move.
-    pub fn evict(&self, owner: OwnerId, id: &EvictableId) -> Result<bool, PoolError> {
+    pub fn evict(&self, owner: OwnerId, id: impl Into<EvictableRef>) -> Result<bool, PoolError> {
+        let id = id.into();
         let mut c = self.central.lock();
         loop {
             let idx = c.ev.lookup(self.id, id)?;
@@ -2166,7 +2167,8 @@ impl<S: ChunkSource> Pool<S> {
     /// (possibly at a new address). While pinned it is never evicted. A block whose bytes
     /// are moving (out for another request, or back in for another pin) is pinned once
     /// they have arrived. The pool's lock is let go while the bytes move.
-    pub fn pin(&self, id: &EvictableId, stream: StreamId) -> Result<Pinned, PoolError> {
+    pub fn pin(&self, id: impl Into<EvictableRef>, stream: StreamId) -> Result<Pinned, PoolError> {
+        let id = id.into();
         let mut c = self.central.lock();
         loop {
             let idx = c.ev.lookup(self.id, id)?;
@@ -2297,9 +2299,10 @@ impl<S: ChunkSource> Pool<S> {
     /// true; if any is evicted, pin none and return false (then [`Pool::pin`] each one,
     /// which restores). This is the fast path of a working set that is already in place:
     /// one lock for the whole set instead of one per block, and nothing is held partly.
-    pub fn pin_all_resident<'a, I>(&self, ids: I) -> Result<bool, PoolError>
+    pub fn pin_all_resident<I>(&self, ids: I) -> Result<bool, PoolError>
     where
-        I: IntoIterator<Item = &'a EvictableId> + Clone,
+        I: IntoIterator + Clone,
+        I::Item: Into<EvictableRef>,
     {
         let mut c = self.central.lock();
         // One pass: pin while every block so far is resident; on the first that is not
@@ -2309,7 +2312,7 @@ impl<S: ChunkSource> Pool<S> {
         let mut pinned = 0usize;
         let mut failed = None;
         for id in ids.clone() {
-            let idx = match c.ev.lookup(self.id, id) {
+            let idx = match c.ev.lookup(self.id, id.into()) {
                 Ok(idx) => idx,
                 Err(e) => {
                     failed = Some(Err(e));
@@ -2335,7 +2338,7 @@ impl<S: ChunkSource> Pool<S> {
         };
         for id in ids.into_iter().take(pinned) {
             // Pinned above under this lock: the handle is valid and the pin is there.
-            if let Ok(idx) = c.ev.lookup(self.id, id) {
+            if let Ok(idx) = c.ev.lookup(self.id, id.into()) {
                 Self::unpin_idx(&mut c, idx)?;
             }
         }
@@ -2346,8 +2349,8 @@ impl<S: ChunkSource> Pool<S> {
     /// and may be evicted, its memory handed to any stream, from then on: the pinner's
     /// work on it must be done, or ordered before the evictor's move by the evictor itself.
     /// Where that work may still be queued, use [`Pool::unpin_after`].
-    pub fn unpin(&self, id: &EvictableId) -> Result<(), PoolError> {
-        self.unpin_all(std::iter::once(id))
+    pub fn unpin(&self, id: impl Into<EvictableRef>) -> Result<(), PoolError> {
+        self.unpin_all(std::iter::once(id.into()))
     }
 
     /// Drop one pin, as [`Pool::unpin`], of a block that work queued on `stream` may still
@@ -2359,10 +2362,11 @@ impl<S: ChunkSource> Pool<S> {
     /// ones, and events on several streams are all waited for.
     pub fn unpin_after(
         &self,
-        id: &EvictableId,
+        id: impl Into<EvictableRef>,
         stream: StreamId,
         event: Arc<dyn FreeEvent>,
     ) -> Result<(), PoolError> {
+        let id = id.into();
         let mut c = self.central.lock();
         let idx = c.ev.lookup(self.id, id)?;
         if c.ev.get(idx).pins == 0 {
@@ -2374,15 +2378,16 @@ impl<S: ChunkSource> Pool<S> {
 
     /// Drop one pin of each block of `ids` under one lock. Every block is unpinned even if
     /// one of them fails; the first error is returned.
-    pub fn unpin_all<'a>(
-        &self,
-        ids: impl IntoIterator<Item = &'a EvictableId>,
-    ) -> Result<(), PoolError> {
+    pub fn unpin_all<I>(&self, ids: I) -> Result<(), PoolError>
+    where
+        I: IntoIterator,
+        I::Item: Into<EvictableRef>,
+    {
         let mut c = self.central.lock();
         let mut first_err = None;
         for id in ids {
             let r =
-                c.ev.lookup(self.id, id)
+                c.ev.lookup(self.id, id.into())
                     .and_then(|idx| Self::unpin_idx(&mut c, idx));
             if let Err(e) = r {
                 first_err.get_or_insert(e);
@@ -2407,7 +2412,8 @@ impl<S: ChunkSource> Pool<S> {
 
     /// Whether an evictable block is resident now (a block whose bytes are moving out
     /// still is; one whose bytes are moving back in is not yet).
-    pub fn is_resident(&self, id: &EvictableId) -> Result<bool, PoolError> {
+    pub fn is_resident(&self, id: impl Into<EvictableRef>) -> Result<bool, PoolError> {
+        let id = id.into();
         let c = self.central.lock();
         let idx = c.ev.lookup(self.id, id)?;
         Ok(matches!(
@@ -2416,17 +2422,30 @@ impl<S: ChunkSource> Pool<S> {
         ))
     }
 
+    /// Whether a pin holds the block, or a pin is restoring it (and will hold it): what
+    /// [`Pool::free_evictable`] refuses. A holder of the handle that frees it when no pin
+    /// does asks this, since [`Pool::pin_count`] is 0 while a restore is under way.
+    pub fn is_held(&self, id: impl Into<EvictableRef>) -> Result<bool, PoolError> {
+        let id = id.into();
+        let c = self.central.lock();
+        let idx = c.ev.lookup(self.id, id)?;
+        let e = c.ev.get(idx);
+        Ok(e.pins > 0 || matches!(e.residency, Residency::Restoring { .. }))
+    }
+
     /// How many pins an evictable block holds.
-    pub fn pin_count(&self, id: &EvictableId) -> Result<u32, PoolError> {
+    pub fn pin_count(&self, id: impl Into<EvictableRef>) -> Result<u32, PoolError> {
+        let id = id.into();
         let c = self.central.lock();
         let idx = c.ev.lookup(self.id, id)?;
         Ok(c.ev.get(idx).pins)
     }
 
     /// Free an evictable block. It must not be pinned; on error the handle comes back. A
-    /// block whose bytes are moving (out, or back in for a pin) is freed once they arrive.
-    /// Memory that work recorded by [`Pool::unpin_after`] may still use stays pending until
-    /// that work is done.
+    /// block whose bytes are moving out is freed once they are out. One being restored for
+    /// a pin is refused at once with [`PoolError::Restoring`]: the pin will hold it (see
+    /// [`Pool::is_held`]). Memory that work recorded by [`Pool::unpin_after`] may still use
+    /// stays pending until that work is done.
     pub fn free_evictable(&self, id: EvictableId) -> Result<(), (EvictableId, PoolError)> {
         self.free_evictable_inner(id, None)
     }
@@ -2436,7 +2455,8 @@ impl<S: ChunkSource> Pool<S> {
     /// For a block whose last users' work may still be queued (a session ends without
     /// waiting for the GPU): unpin it with [`Pool::unpin_after`] or [`Pool::unpin`] first,
     /// since it must not be pinned; on error the handle comes back. As
-    /// [`Pool::free_evictable`], it waits for a move under way to end.
+    /// [`Pool::free_evictable`], it waits for an eviction under way to end, and refuses a
+    /// block being restored for a pin.
     pub fn free_evictable_after(
         &self,
         id: EvictableId,
@@ -2453,7 +2473,7 @@ impl<S: ChunkSource> Pool<S> {
     ) -> Result<(), (EvictableId, PoolError)> {
         let mut c = self.central.lock();
         loop {
-            let idx = match c.ev.lookup(self.id, &id) {
+            let idx = match c.ev.lookup(self.id, id.to_ref()) {
                 Ok(i) => i,
                 Err(e) => return Err((id, e)),
             };
@@ -2465,11 +2485,14 @@ impl<S: ChunkSource> Pool<S> {
             let (owner, size, res) = (e.owner, e.size, e.residency);
             let slot = owner.slot() as usize;
             match res {
-                // Its bytes are moving: free it where they end up.
-                Residency::Evicting { .. } | Residency::Restoring { .. } => {
+                // Its bytes are moving out: free it where they end up.
+                Residency::Evicting { .. } => {
                     c = self.moved.wait(c);
                     continue;
                 }
+                // Moving back in for a pin, which will hold it: waiting would only end
+                // in `Pinned`.
+                Residency::Restoring { .. } => return Err((id, PoolError::Restoring)),
                 Residency::Resident { node, .. } => {
                     // The memory waits for this free's event and for the work of earlier
                     // unpins that may still use it.

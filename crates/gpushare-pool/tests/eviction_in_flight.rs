@@ -169,7 +169,7 @@ fn other_owners_requests_go_on_while_an_evictions_bytes_move() {
     let (p2, id2) = (p.clone(), id.clone());
     let (b, resident, st) = within_patience("another owner's request", move || {
         let b = p2.alloc_aligned(c, MIB, 64 << 10, S1).unwrap();
-        (b, p2.is_resident(&id2).unwrap(), p2.stats())
+        (b, p2.is_resident(&*id2).unwrap(), p2.stats())
     });
     // Still resident, and not counted, until its bytes are out.
     assert!(resident);
@@ -206,7 +206,7 @@ fn a_pin_waits_for_a_failed_move_and_finds_the_block_where_it_was() {
     assert_eq!(s.started.recv().unwrap(), 3);
     let id = Arc::new(id);
     let (p2, id2) = (p.clone(), id.clone());
-    let pinner = thread::spawn(move || p2.pin(&id2, S1));
+    let pinner = thread::spawn(move || p2.pin(&*id2, S1));
     waiting(&pinner);
     s.open_gate();
 
@@ -231,7 +231,7 @@ fn a_pin_waits_for_a_failed_move_and_finds_the_block_where_it_was() {
     assert_eq!(st.owners[0].evictable_resident_bytes, 6 * MIB);
     assert_eq!(st.owners[0].evictable_pinned_bytes, 6 * MIB);
     assert_eq!(st.in_use_bytes, before.in_use_bytes);
-    p.unpin(&id).unwrap();
+    p.unpin(&*id).unwrap();
     // Unpinned again, it is a victim like any other.
     assert_eq!(p.stats().owners[0].evictable_pinned_bytes, 0);
     let id = Arc::into_inner(id).unwrap();
@@ -291,7 +291,7 @@ fn an_explicit_eviction_lets_the_lock_go_while_its_bytes_move() {
     p.unpin(&id).unwrap();
     let id = Arc::new(id);
     let (p1, id1) = (p.clone(), id.clone());
-    let evicting = thread::spawn(move || p1.evict(be, &id1));
+    let evicting = thread::spawn(move || p1.evict(be, &*id1));
     assert_eq!(s.started.recv().unwrap(), 5);
     let p2 = p.clone();
     let b = within_patience("another owner's request", move || {
@@ -299,8 +299,8 @@ fn an_explicit_eviction_lets_the_lock_go_while_its_bytes_move() {
     });
     s.open_gate();
     assert!(evicting.join().unwrap().unwrap());
-    assert!(!p.is_resident(&id).unwrap());
-    assert!(!p.evict(be, &id).unwrap(), "already out");
+    assert!(!p.is_resident(&*id).unwrap());
+    assert!(!p.evict(be, &*id).unwrap(), "already out");
     p.free(b).unwrap();
     p.free_evictable(Arc::into_inner(id).unwrap()).unwrap();
     assert_eq!(p.stats().in_use_bytes, 0);
@@ -325,7 +325,7 @@ fn a_pin_of_a_moving_block_waits_and_restores_it_once_it_is_out() {
     assert_eq!(s.started.recv().unwrap(), 1, "least recently used first");
     let old = Arc::new(old);
     let (p2, old2) = (p.clone(), old.clone());
-    let pinner = thread::spawn(move || p2.pin(&old2, S1));
+    let pinner = thread::spawn(move || p2.pin(&*old2, S1));
     waiting(&pinner);
     s.open_gate();
     let x = requester.join().unwrap().unwrap();
@@ -338,7 +338,7 @@ fn a_pin_of_a_moving_block_waits_and_restores_it_once_it_is_out() {
     assert_eq!(st.owners[0].evictable_pinned_bytes, 2 * MIB);
     assert_eq!(st.owners[0].evicted_bytes, 2 * MIB);
     assert!(!p.is_resident(&new).unwrap());
-    p.unpin(&old).unwrap();
+    p.unpin(&*old).unwrap();
     p.free_evictable(Arc::into_inner(old).unwrap()).unwrap();
     p.free_evictable(new).unwrap();
     p.free(x).unwrap();
@@ -360,12 +360,12 @@ fn a_restore_lets_the_lock_go_and_a_second_pin_waits_for_it() {
 
     let id = Arc::new(id);
     let (p1, id1) = (p.clone(), id.clone());
-    let first = thread::spawn(move || p1.pin(&id1, S1));
+    let first = thread::spawn(move || p1.pin(&*id1, S1));
     assert_eq!(s.started.recv().unwrap(), 1009);
     // The block's new memory is set aside and charged; its bytes are not back yet.
-    assert!(!p.is_resident(&id).unwrap());
+    assert!(!p.is_resident(&*id).unwrap());
     let (p2, id2) = (p.clone(), id.clone());
-    let second = thread::spawn(move || p2.pin(&id2, S1));
+    let second = thread::spawn(move || p2.pin(&*id2, S1));
     waiting(&second);
     let p3 = p.clone();
     let (b, st) = within_patience("another owner's request", move || {
@@ -384,14 +384,49 @@ fn a_restore_lets_the_lock_go_and_a_second_pin_waits_for_it() {
         "the second pin found it back, and restored nothing"
     );
     assert_eq!(a.addr, b2.addr);
-    assert_eq!(p.pin_count(&id).unwrap(), 2);
+    assert_eq!(p.pin_count(&*id).unwrap(), 2);
     let st = p.stats();
     assert_eq!(st.restores, 1);
     assert_eq!(st.owners[0].evictable_pinned_bytes, 4 * MIB);
-    p.unpin(&id).unwrap();
-    p.unpin(&id).unwrap();
+    p.unpin(&*id).unwrap();
+    p.unpin(&*id).unwrap();
     p.free(b).unwrap();
     p.free_evictable(Arc::into_inner(id).unwrap()).unwrap();
+    assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+#[test]
+fn a_block_being_restored_for_a_pin_is_held_and_its_free_is_refused_at_once() {
+    let s = Setup::with_restores(Outcome::Ok, false);
+    s.open_gate();
+    let p = s.pool.clone();
+    let be = p.add_owner(OwnerSpec::new("be", 8 * MIB)).unwrap();
+    let (id, _) = p.alloc_evictable(be, 4 * MIB, 9, S1).unwrap();
+    p.unpin(&id).unwrap();
+    assert!(!p.is_held(&id).unwrap());
+    assert!(p.evict(be, &id).unwrap());
+    assert_eq!(s.started.recv().unwrap(), 9);
+    // The pin goes through a reference; the handle stays here.
+    let (p1, r) = (p.clone(), id.to_ref());
+    let pinning = thread::spawn(move || p1.pin(r, S1));
+    assert_eq!(s.started.recv().unwrap(), 1009);
+    assert_eq!(
+        p.pin_count(&id).unwrap(),
+        0,
+        "not pinned until the bytes are back"
+    );
+    assert!(p.is_held(&id).unwrap());
+    // The free does not wait for the restore, which would end in a pin.
+    let (id, e) = within_patience("a free of a block being restored", move || {
+        p.free_evictable(id).unwrap_err()
+    });
+    assert!(matches!(e, PoolError::Restoring), "{e:?}");
+    open(&s.restores_open);
+    assert!(pinning.join().unwrap().unwrap().restored);
+    let p = s.pool.clone();
+    assert!(p.is_held(&id).unwrap());
+    p.unpin(&id).unwrap();
+    p.free_evictable(id).unwrap();
     assert_eq!(p.stats().in_use_bytes, 0);
 }
 

@@ -670,6 +670,44 @@ fn eviction_takes_best_effort_lru_first_and_restore_brings_it_back() {
 }
 
 #[test]
+fn a_reference_works_as_its_handle_until_the_block_is_freed() {
+    let (p, _rec) = evicting_pool(4 * MIB);
+    let be = p.add_owner(OwnerSpec::new("be", 4 * MIB)).unwrap();
+    let (id, _) = p.alloc_evictable(be, MIB, 0, S1).unwrap();
+    let r = id.to_ref();
+    assert_eq!(r.key(), id.key());
+    p.unpin(r).unwrap();
+    assert!(p.evict(be, r).unwrap());
+    assert!(!p.is_resident(r).unwrap());
+    assert!(p.pin(r, S1).unwrap().restored);
+    assert_eq!(p.pin_count(&id).unwrap(), 1);
+    p.unpin_all([r]).unwrap();
+    p.free_evictable(id).unwrap();
+    // The next block takes the freed one's slot; the old reference still names the old
+    // block, and touches nothing.
+    let (next, _) = p.alloc_evictable(be, MIB, 1, S1).unwrap();
+    assert_ne!(next.key(), r.key());
+    for failed in [
+        p.pin(r, S1).err(),
+        p.unpin(r).err(),
+        p.is_resident(r).err(),
+        p.evict(be, r).err(),
+    ] {
+        assert!(matches!(failed, Some(PoolError::DoubleFree)), "{failed:?}");
+    }
+    assert_eq!(p.pin_count(&next).unwrap(), 1);
+    // A reference into another pool is refused.
+    let (other, _) = evicting_pool(4 * MIB);
+    assert!(matches!(
+        other.pin(next.to_ref(), S1),
+        Err(PoolError::ForeignBlock { .. })
+    ));
+    p.unpin(&next).unwrap();
+    p.free_evictable(next).unwrap();
+    assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+#[test]
 fn a_resident_set_is_pinned_whole_or_not_at_all() {
     let (p, _rec) = evicting_pool(4 * MIB);
     let g = p
