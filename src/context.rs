@@ -5,7 +5,7 @@ use crate::runtime::{Handlers, Pressure, PressureInfo, PressureRegistration, RtI
 use crate::session::{block_on, SessionFuture};
 use crate::{EvictPolicy, Session};
 use gpushare_device::{PinnedBuffer, Stream};
-use gpushare_pool::{EvictableId, EvictableKey, OwnerId, OwnerSpec, StreamId};
+use gpushare_pool::{EvictableId, EvictableKey, OwnerId, OwnerSpec, PoolError, StreamId};
 use gpushare_qos::{Admission, ContextSpec, Isolation, PartitionLimits, Tier};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,8 +67,9 @@ pub(crate) struct CtxInner {
     pub own_partition: bool,
     pub buffers: Mutex<Vec<BufSlot>>,
     pub handlers: Arc<Handlers>,
-    /// Live sessions and borrows of its buffers. Written only with `buffers` locked (so a
-    /// plain load and store, no read-modify-write); read without it for snapshots.
+    /// Uses of its buffers: live sessions, sessions' tries that are pinning their working
+    /// sets, and borrows by other contexts' sessions. Written only with `buffers` locked
+    /// (so a plain load and store, no read-modify-write); read without it for snapshots.
     pub sessions: AtomicU64,
     /// Buffers dropped while uses were live, so far: the doom epoch. Written only with
     /// `buffers` locked.
@@ -95,9 +96,8 @@ impl CtxInner {
     /// never removed or reordered, so a prefix of them stays the same buffers; the last
     /// use clears out the freed ones.)
     pub fn end_use(&self, prefix: usize, epoch: u64, extra: &[EvictableKey]) {
-        let mut slots = self.buffers.lock();
-        let prefix = prefix.min(slots.len());
-        let (head, tail) = slots.split_at(prefix);
+        let slots = self.buffers.lock();
+        let (head, tail) = slots.split_at(prefix.min(slots.len()));
         let unpinned = self.rt.pool.unpin_all(
             head.iter()
                 .filter(|s| s.pinned_since(epoch))
@@ -107,6 +107,20 @@ impl CtxInner {
         if let Err(e) = unpinned {
             tracing::error!(context = %self.name, error = %e, "unpinning buffers failed");
         }
+        self.release_use(slots, prefix, epoch, extra);
+    }
+
+    /// The rest of [`CtxInner::end_use`], for a use whose pins are gone already (or that
+    /// made none): count it out, and free the dropped buffers of its slots that no use
+    /// pins any more.
+    pub fn release_use(
+        &self,
+        mut slots: parking_lot::MutexGuard<'_, Vec<BufSlot>>,
+        prefix: usize,
+        epoch: u64,
+        extra: &[EvictableKey],
+    ) {
+        let prefix = prefix.min(slots.len());
         let left = self.sessions.load(Ordering::Relaxed) - 1;
         self.sessions.store(left, Ordering::Relaxed);
         let mut free = Vec::new();
@@ -137,17 +151,47 @@ impl CtxInner {
             }
         }
         drop(slots);
-        for (key, id) in free {
-            self.free_buffer(key, id);
+        self.free_doomed(free);
+    }
+
+    /// If no use pins the dropped buffer of `s` any more, nor is restoring it for a pin,
+    /// take its handle out (leaving the slot in place) into `free`.
+    fn take_if_unpinned(&self, s: &mut BufSlot, free: &mut Vec<(EvictableKey, EvictableId)>) {
+        if let Some(id) = &s.id {
+            if self.rt.pool.is_held(id).is_ok_and(|held| !held) {
+                free.extend(s.id.take().map(|id| (s.key, id)));
+            }
         }
     }
 
-    /// If no use pins the dropped buffer of `s` any more, take its handle out (leaving the
-    /// slot in place) into `free`.
-    fn take_if_unpinned(&self, s: &mut BufSlot, free: &mut Vec<(EvictableKey, EvictableId)>) {
-        if let Some(id) = &s.id {
-            if self.rt.pool.pin_count(id).is_ok_and(|n| n == 0) {
-                free.extend(s.id.take().map(|id| (s.key, id)));
+    /// Free dropped buffers taken out of their slots by [`CtxInner::take_if_unpinned`],
+    /// with the list let go.
+    ///
+    /// A session's try pins without the list (see `pin_all`), so it may pin such a buffer,
+    /// or start restoring it, between the take and the free; the pool then refuses the
+    /// free. The handle goes back in its slot, under the list's lock, and the slot is
+    /// looked at again: if the pin is still there, its holder frees the buffer when it lets
+    /// go (every use that ends, and every try that fails, looks at its dropped slots under
+    /// the list's lock after its unpins); if it is gone already, the free is tried again.
+    pub fn free_doomed(&self, mut free: Vec<(EvictableKey, EvictableId)>) {
+        while let Some((key, id)) = free.pop() {
+            let Err(id) = self.free_buffer(key, id) else {
+                continue;
+            };
+            let mut slots = self.buffers.lock();
+            match slots.iter_mut().find(|s| s.key == key) {
+                Some(s) => {
+                    s.id = Some(id);
+                    self.take_if_unpinned(s, &mut free);
+                }
+                // The last use ended and cleared the slot: nothing can pin the buffer
+                // (every pin is made under a use), so the refusal cannot come back.
+                None => {
+                    drop(slots);
+                    if let Err(id) = self.free_buffer(key, id) {
+                        tracing::error!(context = %self.name, key = ?id.key(), "a dropped buffer stays pinned with no use left; it is not freed");
+                    }
+                }
             }
         }
     }
@@ -169,16 +213,18 @@ impl CtxInner {
     /// this context's stream may still use the buffer (a session ends without waiting for
     /// the GPU, and a borrower's reads are ordered before this stream's tail), so the
     /// memory is reusable elsewhere only once that work is done. Waiting sessions are woken
-    /// then.
-    pub fn free_buffer(&self, key: EvictableKey, id: EvictableId) {
-        self.free_after_stream(id);
+    /// then. If a pin holds the buffer after all, or is restoring it, the handle comes back.
+    pub fn free_buffer(&self, key: EvictableKey, id: EvictableId) -> Result<(), EvictableId> {
+        self.free_after_stream(id)?;
         self.rt.buffers.lock().remove(&key);
         self.rt.wake_waiters();
+        Ok(())
     }
 
     /// Free an evictable block once the work queued so far on this context's stream is
-    /// done: that work may still use its memory.
-    pub fn free_after_stream(&self, id: gpushare_pool::EvictableId) {
+    /// done: that work may still use its memory. If a pin holds it, or is restoring it,
+    /// the handle comes back; other failures are logged.
+    pub fn free_after_stream(&self, id: gpushare_pool::EvictableId) -> Result<(), EvictableId> {
         let dev = &self.rt.dev;
         // A request short of memory may wait for this event (`Pool::wait_pending`), for as
         // long as the stream's queued kernels run: it sleeps rather than spin a core.
@@ -204,8 +250,13 @@ impl CtxInner {
                 self.rt.pool.free_evictable(id)
             }
         };
-        if let Err((_, e)) = freed {
-            tracing::error!(context = %self.name, error = %e, "freeing a buffer failed");
+        match freed {
+            Ok(()) => Ok(()),
+            Err((id, PoolError::Pinned { .. } | PoolError::Restoring)) => Err(id),
+            Err((_, e)) => {
+                tracing::error!(context = %self.name, error = %e, "freeing a buffer failed");
+                Ok(())
+            }
         }
     }
 }
@@ -560,7 +611,10 @@ impl Context {
                     let _ = c.rt.pool.unpin(&id);
                     // The block may be memory this context freed in order on its stream,
                     // reused at once on the same stream: work queued there may still use it.
-                    c.free_after_stream(id);
+                    // Nothing else has seen the block, so no pin can hold it.
+                    if let Err(id) = c.free_after_stream(id) {
+                        tracing::error!(context = %c.name, key = ?id.key(), "a new buffer is held by a pin; it is not freed");
+                    }
                     c.rt.wake_waiters();
                     return Err(e.into());
                 }
@@ -707,15 +761,14 @@ impl Drop for Buffer {
             let mut free = Vec::new();
             self.ctx.take_if_unpinned(&mut slots[i], &mut free);
             drop(slots);
-            for (key, id) in free {
-                self.ctx.free_buffer(key, id);
-            }
+            self.ctx.free_doomed(free);
             return;
         }
         let slot = slots.swap_remove(i);
         drop(slots);
+        // No use is live, and every pin is made under a use: none can hold it.
         if let Some(id) = slot.id {
-            self.ctx.free_buffer(slot.key, id);
+            self.ctx.free_doomed(vec![(slot.key, id)]);
         }
     }
 }

@@ -550,7 +550,8 @@ pub struct ContextRow {
     pub resident_bytes: u64,
     /// Bytes of its buffers evicted.
     pub evicted_bytes: u64,
-    /// Live sessions, and borrows of its buffers by other contexts' sessions.
+    /// Live sessions, sessions pinning (restoring) their working sets, and borrows of its
+    /// buffers by other contexts' sessions.
     pub sessions: u64,
     /// Evictions of its buffers.
     pub evictions: u64,

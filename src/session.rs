@@ -6,7 +6,7 @@ use crate::event::Event;
 use crate::runtime::Pressure;
 use crate::Buffer;
 use gpushare_device::{DevicePtr, DeviceRange, Stream};
-use gpushare_pool::{Block, EvictableKey, FreeEvent};
+use gpushare_pool::{Block, EvictableKey, EvictableRef, FreeEvent};
 use gpushare_qos::Attempt;
 use std::future::Future;
 use std::pin::Pin;
@@ -76,12 +76,19 @@ fn round(size: u64) -> u64 {
     size.next_multiple_of(gpushare_pool::ALIGN)
 }
 
+/// A buffer of a working set, as a try of [`pin_all`] takes it from its context's list.
+struct Member {
+    key: EvictableKey,
+    size: u64,
+    id: EvictableRef,
+}
+
 /// Whether compacting the working set may let it fit: a piece of `size` bytes is free in
 /// all but in no one block; the memory free plus the set's own resident Offload buffers
 /// covers what is `missing`; and the set was not compacted since memory was last released.
 fn may_compact(
     ctx: &CtxInner,
-    slots: &[(&crate::context::BufSlot, &gpushare_pool::EvictableId)],
+    set: &[Member],
     resident: &[bool],
     offload: &[bool],
     size: u64,
@@ -94,27 +101,23 @@ fn may_compact(
     if s.free_bytes < size || s.largest_free_bytes >= size {
         return false;
     }
-    let own: u64 = slots
+    let own: u64 = set
         .iter()
         .zip(resident)
         .zip(offload)
         .filter(|((_, &r), &o)| r && o)
-        .map(|(((s, _), _), _)| round(s.size))
+        .map(|((m, _), _)| round(m.size))
         .sum();
     s.free_bytes + own >= missing
 }
 
-/// Whether each buffer of `slots` keeps its contents when evicted (Offload).
-fn offload_policy(
-    ctx: &CtxInner,
-    slots: &[(&crate::context::BufSlot, &gpushare_pool::EvictableId)],
-) -> Vec<bool> {
+/// Whether each buffer of `set` keeps its contents when evicted (Offload).
+fn offload_policy(ctx: &CtxInner, set: &[Member]) -> Vec<bool> {
     let metas = ctx.rt.buffers.lock();
-    slots
-        .iter()
-        .map(|(s, _)| {
+    set.iter()
+        .map(|m| {
             metas
-                .get(&s.key)
+                .get(&m.key)
                 .is_some_and(|m| m.policy == crate::EvictPolicy::Offload)
         })
         .collect()
@@ -122,16 +125,11 @@ fn offload_policy(
 
 /// Offload the context's own resident, unpinned buffers whose policy keeps their contents
 /// (`offload`; a discarded buffer would lose them); returns how many went out.
-fn offload_own(
-    ctx: &CtxInner,
-    slots: &[(&crate::context::BufSlot, &gpushare_pool::EvictableId)],
-    offload: &[bool],
-) -> usize {
-    slots
-        .iter()
+fn offload_own(ctx: &CtxInner, set: &[Member], offload: &[bool]) -> usize {
+    set.iter()
         .zip(offload)
         .filter(|(_, keep)| **keep)
-        .filter(|((_, id), _)| ctx.rt.pool.evict(ctx.owner, id).unwrap_or(false))
+        .filter(|(m, _)| ctx.rt.pool.evict(ctx.owner, m.id).unwrap_or(false))
         .count()
 }
 
@@ -142,7 +140,7 @@ fn evicted_bytes(ctx: &CtxInner) -> u64 {
         .iter()
         .filter(|s| s.live())
         .filter_map(|s| Some((s.size, s.id.as_ref()?)))
-        .filter(|(_, id)| !ctx.rt.pool.is_resident(id).unwrap_or(true))
+        .filter(|(_, id)| !ctx.rt.pool.is_resident(*id).unwrap_or(true))
         .map(|(size, _)| size)
         .sum()
 }
@@ -158,9 +156,12 @@ fn evicted_bytes(ctx: &CtxInner) -> u64 {
 /// yet in line take it: a waiter whose failed try woke the line would wake itself, and the
 /// line would spin.
 ///
-/// Without `wait` it gives up (`None`) if the context's buffer list is locked: a try of
-/// another session of the context holds it across its restores, which wait for copies,
-/// and a future's poll must not block its executor's thread for that long.
+/// Without `wait` it gives up (`None`) if the context's buffer list is locked: whoever
+/// holds it holds it briefly (a try that restores lets it go, see [`pin_all`]), but a
+/// future's poll does not wait for another thread at all. While another session's try
+/// restores, a newcomer's fast path finds the set not whole and gives up; its `ended`
+/// moves the release generation, so a waiting session may try once more than it needs
+/// to, once per newcomer.
 fn pin_resident(ctx: &Arc<CtxInner>, wait: bool) -> Result<Option<Prefix>> {
     let slots = if wait {
         ctx.buffers.lock()
@@ -191,8 +192,18 @@ fn pin_resident(ctx: &Arc<CtxInner>, wait: bool) -> Result<Option<Prefix>> {
 }
 
 /// Pin every buffer of the context whose handle lives, or none, and return which: the
-/// session holds them (see [`CtxInner::end_use`]). On success the session count is
-/// raised under the same lock, so no buffer is freed or moved under the new session.
+/// session holds them (see [`CtxInner::end_use`]).
+///
+/// The try takes the working set from the context's list and counts as a use of the
+/// context from then on ([`TryUse`]). While a use is live, slots are only appended and
+/// doomed, never removed or reordered, so the set stays the first slots of the list, and
+/// the list's lock is let go while the set is pinned. Restoring waits for copies (about 20
+/// ms per GiB on an H100), and whoever else takes the list, such as a session of the
+/// context ending or a buffer dropped on an async executor's thread, does not wait for
+/// them. A buffer dropped meanwhile is left out: freed before its pin, it fails to pin as
+/// already freed (and counts neither as resident nor as missing); pinned first, or being
+/// restored when dropped, the pool refuses to free it, and the session frees it when it
+/// unpins it (see [`CtxInner::free_doomed`]).
 ///
 /// With `fast`, a path that does not take `pin_lock` is tried first; a session already
 /// waiting in line skips it (see below), so that its failed tries never wake the line.
@@ -216,13 +227,8 @@ pub(crate) fn pin_all(
     if gone() {
         return Err(abandoned());
     }
-    let all = ctx.buffers.lock();
-    let slots: Vec<(&crate::context::BufSlot, &gpushare_pool::EvictableId)> = all
-        .iter()
-        .filter(|s| s.live())
-        .filter_map(|s| Some((s, s.id.as_ref()?)))
-        .collect();
-    let total: u64 = slots.iter().map(|(s, _)| s.size).sum();
+    let (set, tried) = TryUse::start(ctx);
+    let total: u64 = set.iter().map(|m| m.size).sum();
     if total > ctx.rt.capacity {
         return Err(RuntimeError::WorkingSetTooLarge {
             context: ctx.name.clone(),
@@ -232,32 +238,43 @@ pub(crate) fn pin_all(
     }
     let mut compacted = false;
     'attempt: loop {
-        let mut pinned = Vec::with_capacity(slots.len());
+        let mut pinned = Vec::with_capacity(set.len());
         // Resident buffers first: pinning them allocates nothing, and once pinned they
         // cannot be chosen as victims while the evicted ones are restored.
-        let resident: Vec<bool> = slots
+        // `None`: freed since the set was taken.
+        let residency: Vec<Option<bool>> = set
             .iter()
-            .map(|(_, id)| ctx.rt.pool.is_resident(id).unwrap_or(false))
+            .map(|m| match ctx.rt.pool.is_resident(m.id) {
+                Err(gpushare_pool::PoolError::DoubleFree) => None,
+                r => Some(r.unwrap_or(false)),
+            })
             .collect();
-        let missing: u64 = slots
+        let resident: Vec<bool> = residency.iter().map(|r| *r == Some(true)).collect();
+        let missing: u64 = set
             .iter()
-            .zip(&resident)
-            .filter(|(_, &r)| !r)
-            .map(|((s, _), _)| round(s.size))
+            .zip(&residency)
+            .filter(|(_, &r)| r == Some(false))
+            .map(|(m, _)| round(m.size))
             .sum();
-        let order = slots
+        let order = set
             .iter()
-            .zip(&resident)
-            .filter(|(_, &r)| r)
-            .chain(slots.iter().zip(&resident).filter(|(_, &r)| !r))
-            .map(|((s, id), _)| (s.size, *id));
-        for (size, id) in order {
+            .zip(&residency)
+            .filter(|(_, &r)| r == Some(true))
+            .chain(
+                set.iter()
+                    .zip(&residency)
+                    .filter(|(_, &r)| r == Some(false)),
+            )
+            .map(|(m, _)| m);
+        for m in order {
             if gone() {
                 let _ = ctx.rt.pool.unpin_all(pinned);
                 return Err(abandoned());
             }
-            match ctx.rt.pool.pin(id, ctx.stream_id) {
-                Ok(_) => pinned.push(id),
+            match ctx.rt.pool.pin(m.id, ctx.stream_id) {
+                Ok(_) => pinned.push(m.id),
+                // Dropped since the set was taken, and freed: no longer part of it.
+                Err(gpushare_pool::PoolError::DoubleFree) => {}
                 Err(e) => {
                     let _ = ctx.rt.pool.unpin_all(pinned);
                     // Memory may be free but scattered: enough in all, no piece large
@@ -265,11 +282,11 @@ pub(crate) fn pin_all(
                     // once until memory is released again, move those out (offload
                     // copies, their contents kept) and restore the whole set in one go.
                     if !compacted && matches!(e, gpushare_pool::PoolError::OutOfMemory { .. }) {
-                        let offload = offload_policy(ctx, &slots);
-                        if may_compact(ctx, &slots, &resident, &offload, round(size), missing) {
+                        let offload = offload_policy(ctx, &set);
+                        if may_compact(ctx, &set, &resident, &offload, round(m.size), missing) {
                             let gen = ctx.rt.waits.generation();
                             ctx.compacted_at.store(gen + 1, Ordering::Relaxed);
-                            if offload_own(ctx, &slots, &offload) > 0 {
+                            if offload_own(ctx, &set, &offload) > 0 {
                                 compacted = true;
                                 continue 'attempt;
                             }
@@ -281,9 +298,63 @@ pub(crate) fn pin_all(
         }
         break;
     }
-    ctx.add_use(&all);
+    let prefix = tried.succeeded();
     ctx.rt.waits.started();
-    Ok(Prefix::of(ctx, &all))
+    Ok(prefix)
+}
+
+/// A try of [`pin_all`]: a use of its context from the moment it takes the working set
+/// from the list. It becomes the session's use when every buffer is pinned; a try that
+/// fails ends it when dropped, having unpinned what it pinned.
+struct TryUse<'a> {
+    ctx: &'a CtxInner,
+    prefix: Prefix,
+    succeeded: bool,
+}
+
+impl<'a> TryUse<'a> {
+    /// Take the context's working set (its buffers whose handles live) and count the try
+    /// as a use, under one lock of the list.
+    fn start(ctx: &'a CtxInner) -> (Vec<Member>, Self) {
+        let slots = ctx.buffers.lock();
+        let set = slots
+            .iter()
+            .filter(|s| s.live())
+            .filter_map(|s| {
+                Some(Member {
+                    key: s.key,
+                    size: s.size,
+                    id: s.id.as_ref()?.to_ref(),
+                })
+            })
+            .collect();
+        ctx.add_use(&slots);
+        let prefix = Prefix::of(ctx, &slots);
+        (
+            set,
+            TryUse {
+                ctx,
+                prefix,
+                succeeded: false,
+            },
+        )
+    }
+
+    /// Every buffer is pinned: the use is the session's, and this is what it holds.
+    fn succeeded(mut self) -> Prefix {
+        self.succeeded = true;
+        self.prefix
+    }
+}
+
+impl Drop for TryUse<'_> {
+    fn drop(&mut self) {
+        if !self.succeeded {
+            let slots = self.ctx.buffers.lock();
+            self.ctx
+                .release_use(slots, self.prefix.len, self.prefix.epoch, &[]);
+        }
+    }
 }
 
 /// The outcome of a try on a blocking thread.
@@ -671,32 +742,37 @@ impl Session {
 
     /// Where `buf` is for the rest of the session (pinning it if it was created after the
     /// session started).
+    ///
+    /// Blocks the thread if it has to restore the buffer (one made after the session
+    /// started, and evicted since). The context's buffer list is not held meanwhile.
     pub fn range(&mut self, buf: &Buffer) -> Result<DeviceRange> {
         self.check(buf)?;
-        let slots = self.ctx.buffers.lock();
-        let (i, slot, id) = slots
-            .iter()
-            .enumerate()
-            .find(|(_, s)| s.key == buf.key)
-            .and_then(|(i, s)| Some((i, s, s.id.as_ref()?)))
-            .ok_or(RuntimeError::Foreign {
-                what: "buffer",
-                owner: "context",
-            })?;
+        let (id, held) = {
+            let slots = self.ctx.buffers.lock();
+            let (i, slot, id) = slots
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.key == buf.key)
+                .and_then(|(i, s)| Some((i, s, s.id.as_ref()?)))
+                .ok_or(RuntimeError::Foreign {
+                    what: "buffer",
+                    owner: "context",
+                })?;
+            let at_start = i < self.pinned.len && slot.pinned_since(self.pinned.epoch);
+            (id.to_ref(), at_start || self.holds_extra(&buf.key))
+        };
+        // `buf` lives, so its slot does, and its block is not freed under the pin.
         let p = self
             .ctx
             .rt
             .pool
             .pin(id, self.ctx.stream_id)
             .map_err(|e| RuntimeError::from_pool(e, &self.ctx.name))?;
-        let at_start = i < self.pinned.len && slot.pinned_since(self.pinned.epoch);
-        if at_start || self.holds_extra(&buf.key) {
+        if held {
             // Already pinned by this session: drop the extra pin.
             let _ = self.ctx.rt.pool.unpin(id);
         } else {
-            let key = buf.key;
-            drop(slots);
-            self.more().extra.push(key);
+            self.more().extra.push(buf.key);
         }
         Ok(DeviceRange::new(DevicePtr(p.addr), buf.size()))
     }
@@ -722,34 +798,42 @@ impl Session {
             });
         }
         let owner = &buf.ctx;
-        let slots = owner.buffers.lock();
-        let id = slots
-            .iter()
-            .find(|s| s.key == buf.key && s.live())
-            .and_then(|s| s.id.as_ref())
-            .ok_or(RuntimeError::Foreign {
-                what: "buffer",
-                owner: "context",
-            })?;
-        // Pinned for use on the owner's stream: a restore is ordered after the owner's
-        // work, and this session orders its own work with events.
-        let p = owner
-            .rt
-            .pool
-            .pin(id, owner.stream_id)
-            .map_err(|e| RuntimeError::from_pool(e, &owner.name))?;
         let already = self.more.as_ref().is_some_and(|m| {
             m.borrowed
                 .iter()
                 .any(|(c, k)| Arc::ptr_eq(c, owner) && *k == buf.key)
         });
-        if already {
-            let _ = owner.rt.pool.unpin(id);
-        } else {
-            owner.add_use(&slots);
-            drop(slots);
-            self.more().borrowed.push((owner.clone(), buf.key));
+        let id = {
+            let slots = owner.buffers.lock();
+            let id = slots
+                .iter()
+                .find(|s| s.key == buf.key && s.live())
+                .and_then(|s| s.id.as_ref())
+                .ok_or(RuntimeError::Foreign {
+                    what: "buffer",
+                    owner: "context",
+                })?
+                .to_ref();
+            // A use of the owner from here on, so that its list is let go while the pin
+            // below restores: its slots stay put (see `pin_all`).
+            if !already {
+                owner.add_use(&slots);
+            }
+            id
+        };
+        // Pinned for use on the owner's stream: a restore is ordered after the owner's
+        // work, and this session orders its own work with events.
+        let pinned = owner.rt.pool.pin(id, owner.stream_id);
+        match (&pinned, already) {
+            // Already pinned by this session: drop the extra pin.
+            (Ok(_), true) => drop(owner.rt.pool.unpin(id)),
+            (Ok(_), false) => self.more().borrowed.push((owner.clone(), buf.key)),
+            (Err(_), true) => {}
+            (Err(_), false) => {
+                owner.release_use(owner.buffers.lock(), 0, 0, std::slice::from_ref(&buf.key))
+            }
         }
+        let p = pinned.map_err(|e| RuntimeError::from_pool(e, &owner.name))?;
         Ok(DeviceRange::new(DevicePtr(p.addr), buf.size()))
     }
 

@@ -1133,6 +1133,15 @@ fn on_one_thread<T: Send + 'static>(
     rx.recv_timeout(Duration::from_secs(60)).expect(stuck)
 }
 
+/// Return once the pool has a move (an eviction's or a restore's copy) under way, letting
+/// other tasks of a one-thread runtime run meanwhile.
+async fn a_move_in_flight(rt: &Runtime) {
+    while rt.pool_stats().moves_in_flight == 0 {
+        tokio::task::yield_now().await;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Queue on `stream` a kernel that runs until the returned sender sends or is dropped.
 fn hold(sim: &SimDevice, stream: &gpushare::device::Stream) -> std::sync::mpsc::Sender<()> {
     let (go, gate) = std::sync::mpsc::channel::<()>();
@@ -1302,10 +1311,7 @@ fn a_second_async_session_does_not_block_the_executor_while_the_first_restores()
         let first = tokio::spawn(async move { a2.session_async().await.map(drop) });
         // The first session's try restores on a blocking thread, holding the context's
         // buffer list while the copy waits for the held kernel.
-        while rt2.pool_stats().moves_in_flight == 0 {
-            tokio::task::yield_now().await;
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        a_move_in_flight(&rt2).await;
         let a3 = a.clone();
         let second = tokio::spawn(async move {
             let mut s = a3.session_async().await?;
@@ -1321,6 +1327,158 @@ fn a_second_async_session_does_not_block_the_executor_while_the_first_restores()
         second.await.unwrap()
     });
     assert!(intact.unwrap(), "restored bytes differ");
+}
+
+#[test]
+fn a_session_that_fails_leaves_no_use_of_its_context_behind() {
+    let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
+    let a = rt
+        .create_context(ContextSpec::new("a", 128 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let first = a.create_buffer(40 * MIB).unwrap();
+    let second = a.create_buffer(40 * MIB).unwrap();
+    assert!(matches!(
+        a.session(),
+        Err(RuntimeError::WorkingSetTooLarge { .. })
+    ));
+    let snap = rt.snapshot();
+    let row = snap.contexts.iter().find(|c| c.name == "a").unwrap();
+    assert_eq!(row.sessions, 0, "the failed session left a use: {snap}");
+    // With one buffer gone, the set fits, and its sessions work.
+    drop(first);
+    a.session().unwrap().write(&second, 0, &[7; 64]).unwrap();
+}
+
+#[test]
+fn a_borrow_that_cannot_restore_its_buffer_leaves_no_use_of_the_owner_behind() {
+    let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
+    let spec = |n: &str| ContextSpec::new(n, 64 * MIB).tier(Tier::BestEffort);
+    let owner = rt.create_context(spec("owner")).unwrap();
+    let hog = rt.create_context(spec("hog")).unwrap();
+    let reader = rt.create_context(spec("reader")).unwrap();
+    let out = owner.create_buffer(40 * MIB).unwrap();
+    let big = hog.create_buffer(40 * MIB).unwrap();
+    assert!(!out.is_resident());
+    // The hog's session pins its buffer: there is no room to bring `out` back.
+    let hogging = hog.session().unwrap();
+    let failed = reader.session().unwrap().borrow(&out);
+    assert!(
+        matches!(failed, Err(RuntimeError::OutOfMemory { .. })),
+        "{failed:?}"
+    );
+    // No use of the owner is left, and its buffer is freed at once when dropped.
+    let snap = rt.snapshot();
+    let row = snap.contexts.iter().find(|c| c.name == "owner").unwrap();
+    assert_eq!(row.sessions, 0, "the failed borrow left a use: {snap}");
+    drop(out);
+    assert_eq!(
+        owner.usage().evicted,
+        0,
+        "the failed borrow kept the buffer"
+    );
+    drop((hogging, big));
+}
+
+#[test]
+fn a_buffer_dropped_on_the_executor_while_its_context_restores_does_not_wait_for_the_copy() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let a = rt
+        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let b = rt.create_context(ContextSpec::new("b", 64 * MIB)).unwrap();
+    let buf = a.create_buffer(40 * MIB).unwrap();
+    let small = a.create_buffer(MIB).unwrap();
+    let data = pattern(40 * MIB as usize, 8);
+    let a_stream = {
+        let mut s = a.session().unwrap();
+        s.write(&buf, 0, &data).unwrap();
+        s.stream().clone()
+    };
+    // The least recently unpinned of the two goes out to make room: `buf`.
+    drop(b.create_buffer(40 * MIB).unwrap());
+    assert!(!buf.is_resident() && small.is_resident());
+    let go = hold(&sim, &a_stream);
+    let (rt2, a2) = (rt.clone(), a.clone());
+    let stuck = "dropping a buffer held the executor's only thread until its context's restore";
+    let intact = on_one_thread(stuck, async move {
+        let first = tokio::spawn(async move {
+            let mut s = a2.session_async().await?;
+            let mut back = vec![0u8; data.len()];
+            s.read(&buf, 0, &mut back)?;
+            Ok::<_, RuntimeError>((back == data, buf))
+        });
+        // The session's try restores `buf` on a blocking thread; the copy waits for the
+        // held kernel, which goes on only once the drop below has returned.
+        a_move_in_flight(&rt2).await;
+        drop(small);
+        go.send(()).unwrap();
+        first.await.unwrap()
+    });
+    let (intact, _buf) = intact.unwrap();
+    assert!(intact, "restored bytes differ");
+    // The session pinned the dropped buffer before the drop: it was freed when the
+    // session ended.
+    assert_eq!(a.usage().resident + a.usage().evicted, 40 * MIB);
+    assert_nothing_pinned(&rt, "a");
+}
+
+#[test]
+fn a_buffer_dropped_while_a_session_restores_it_is_freed_when_the_session_ends() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let data = pattern(40 * MIB as usize, 10);
+    let (a, _b, buf, a_stream) = offloaded(&rt, &data);
+    let go = hold(&sim, &a_stream);
+    let (rt2, a2) = (rt.clone(), a.clone());
+    let stuck = "dropping a buffer that a session restores held the executor's only thread";
+    let granted = on_one_thread(stuck, async move {
+        let first = tokio::spawn(async move { a2.session_async().await.map(drop) });
+        a_move_in_flight(&rt2).await;
+        // The buffer being restored: the pool refuses to free it, since the session's pin
+        // will hold it, and the drop leaves it to the session.
+        drop(buf);
+        go.send(()).unwrap();
+        first.await.unwrap()
+    });
+    granted.unwrap();
+    let u = a.usage();
+    assert_eq!((u.used, u.resident, u.evicted), (0, 0, 0), "{u:?}");
+    assert_nothing_pinned(&rt, "a");
+}
+
+#[test]
+fn a_session_ended_on_the_executor_while_another_of_its_context_restores_does_not_wait() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let a = rt
+        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let b = rt.create_context(ContextSpec::new("b", 64 * MIB)).unwrap();
+    let small = a.create_buffer(MIB).unwrap();
+    let first = a.session().unwrap();
+    // Made while the first session lives, which does not pin it; written through a
+    // second session.
+    let big = a.create_buffer(40 * MIB).unwrap();
+    let data = pattern(40 * MIB as usize, 9);
+    a.session().unwrap().write(&big, 0, &data).unwrap();
+    drop(b.create_buffer(40 * MIB).unwrap());
+    assert!(!big.is_resident() && small.is_resident());
+    let go = hold(&sim, first.stream());
+    let (rt2, a2) = (rt.clone(), a.clone());
+    let stuck = "ending a session held the executor's only thread until another's restore";
+    let intact = on_one_thread(stuck, async move {
+        let second = tokio::spawn(async move {
+            let mut s = a2.session_async().await?;
+            let mut back = vec![0u8; data.len()];
+            s.read(&big, 0, &mut back)?;
+            Ok::<_, RuntimeError>(back == data)
+        });
+        a_move_in_flight(&rt2).await;
+        drop(first);
+        go.send(()).unwrap();
+        second.await.unwrap()
+    });
+    assert!(intact.unwrap(), "restored bytes differ");
+    assert_nothing_pinned(&rt, "a");
+    drop(small);
 }
 
 #[test]
@@ -1375,10 +1533,7 @@ fn an_async_session_dropped_while_its_try_waits_for_the_pin_lock_restores_nothin
         let a2 = a.clone();
         let first = tokio::spawn(async move { a2.session_async().await.map(drop) });
         // a's restore holds the pin lock while it waits for the held kernel.
-        while rt.pool_stats().moves_in_flight == 0 {
-            tokio::task::yield_now().await;
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        a_move_in_flight(&rt).await;
         let b2 = b.clone();
         let second = tokio::spawn(async move { b2.session_async().await.map(drop) });
         while rt.waiting_restores() == 0 {
