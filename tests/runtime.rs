@@ -1133,6 +1133,18 @@ fn on_one_thread<T: Send + 'static>(
     rx.recv_timeout(Duration::from_secs(60)).expect(stuck)
 }
 
+/// Whether a session of `ctx`, awaited, reads `data` back from `buf`.
+async fn reads_back(
+    ctx: gpushare::Context,
+    buf: &gpushare::Buffer,
+    data: &[u8],
+) -> Result<bool, RuntimeError> {
+    let mut s = ctx.session_async().await?;
+    let mut back = vec![0u8; data.len()];
+    s.read(buf, 0, &mut back)?;
+    Ok(back == data)
+}
+
 /// Return once the pool has a move (an eviction's or a restore's copy) under way, letting
 /// other tasks of a one-thread runtime run meanwhile.
 async fn a_move_in_flight(rt: &Runtime) {
@@ -1284,12 +1296,7 @@ fn an_async_session_restores_on_a_blocking_thread_and_leaves_the_executor_free()
     // restoring the buffer waits for that stream's tail.
     let go = hold(&sim, &a_stream);
     let intact = on_one_thread("the restore held the executor's only thread", async move {
-        let session = tokio::spawn(async move {
-            let mut s = a.session_async().await?;
-            let mut back = vec![0u8; data.len()];
-            s.read(&buf, 0, &mut back)?;
-            Ok::<_, RuntimeError>(back == data)
-        });
+        let session = tokio::spawn(async move { reads_back(a, &buf, &data).await });
         // This runs only if the session's restore leaves the executor's one thread free.
         tokio::task::yield_now().await;
         go.send(()).unwrap();
@@ -1309,16 +1316,11 @@ fn a_second_async_session_does_not_block_the_executor_while_the_first_restores()
     let intact = on_one_thread(stuck, async move {
         let a2 = a.clone();
         let first = tokio::spawn(async move { a2.session_async().await.map(drop) });
-        // The first session's try restores on a blocking thread, holding the context's
-        // buffer list while the copy waits for the held kernel.
+        // The first session's try restores on a blocking thread, its copy waiting for the
+        // held kernel.
         a_move_in_flight(&rt2).await;
         let a3 = a.clone();
-        let second = tokio::spawn(async move {
-            let mut s = a3.session_async().await?;
-            let mut back = vec![0u8; data.len()];
-            s.read(&buf, 0, &mut back)?;
-            Ok::<_, RuntimeError>(back == data)
-        });
+        let second = tokio::spawn(async move { reads_back(a3, &buf, &data).await });
         // This runs only if the second session's first poll left the executor's one
         // thread free.
         tokio::task::yield_now().await;
@@ -1401,12 +1403,8 @@ fn a_buffer_dropped_on_the_executor_while_its_context_restores_does_not_wait_for
     let (rt2, a2) = (rt.clone(), a.clone());
     let stuck = "dropping a buffer held the executor's only thread until its context's restore";
     let intact = on_one_thread(stuck, async move {
-        let first = tokio::spawn(async move {
-            let mut s = a2.session_async().await?;
-            let mut back = vec![0u8; data.len()];
-            s.read(&buf, 0, &mut back)?;
-            Ok::<_, RuntimeError>((back == data, buf))
-        });
+        let first =
+            tokio::spawn(async move { reads_back(a2, &buf, &data).await.map(|ok| (ok, buf)) });
         // The session's try restores `buf` on a blocking thread; the copy waits for the
         // held kernel, which goes on only once the drop below has returned.
         a_move_in_flight(&rt2).await;
@@ -1465,12 +1463,7 @@ fn a_session_ended_on_the_executor_while_another_of_its_context_restores_does_no
     let (rt2, a2) = (rt.clone(), a.clone());
     let stuck = "ending a session held the executor's only thread until another's restore";
     let intact = on_one_thread(stuck, async move {
-        let second = tokio::spawn(async move {
-            let mut s = a2.session_async().await?;
-            let mut back = vec![0u8; data.len()];
-            s.read(&big, 0, &mut back)?;
-            Ok::<_, RuntimeError>(back == data)
-        });
+        let second = tokio::spawn(async move { reads_back(a2, &big, &data).await });
         a_move_in_flight(&rt2).await;
         drop(first);
         go.send(()).unwrap();
