@@ -62,6 +62,19 @@ fn run(iters: usize) -> Result<(), Box<dyn std::error::Error>> {
             v.push(t.elapsed().as_nanos() as f64 / 100.0);
         }
         let ours = median_f64(v);
+        // The same pairs through one thread's local cache (no lock on a hit).
+        let mut cache = pool.local_cache(owner, 64 << 20)?;
+        let mut v = Vec::with_capacity(iters / 10 + 1);
+        for _ in 0..(iters / 10).max(10) {
+            let t = Instant::now();
+            for _ in 0..100 {
+                let b = cache.alloc(std::hint::black_box(size), StreamId(1))?;
+                cache.free(b).map_err(|e| e.to_string())?;
+            }
+            v.push(t.elapsed().as_nanos() as f64 / 100.0);
+        }
+        drop(cache);
+        let local = median_f64(v);
         let (raw, raw_async) = match dev.as_cuda() {
             Some(cuda) => (
                 format!(
@@ -78,6 +91,11 @@ fn run(iters: usize) -> Result<(), Box<dyn std::error::Error>> {
             "| allocate+free pair, {label} | {ours:.1} ns | {raw} | {} | {} |",
             raw_async.map_or("n/a".into(), |a| format!("{a:.0} ns")),
             raw_async.map_or("n/a".into(), |a| format!("{:.0}×", a / ours)),
+        );
+        println!(
+            "| allocate+free pair, {label}, through a local cache | {local:.1} ns | {raw} | {} | {} |",
+            raw_async.map_or("n/a".into(), |a| format!("{a:.0} ns")),
+            raw_async.map_or("n/a".into(), |a| format!("{:.0}×", a / local)),
         );
     }
     // Churn at 10k live blocks of mixed sizes, the same trace for both.

@@ -19,6 +19,15 @@ fn hot_pairs(c: &mut Criterion) {
                 pool.free(black_box(h));
             })
         });
+        let shared = Gpushare::new();
+        let mut local = Local(shared.pool.local_cache(shared.owner, 64 * MIB).unwrap());
+        g.bench_function(BenchmarkId::new("gpushare local cache", label), |b| {
+            b.iter(|| {
+                let h = local.alloc(black_box(size)).unwrap();
+                local.free(black_box(h));
+            })
+        });
+        drop(local);
         let mut oa = OffsetAlloc::new();
         g.bench_function(BenchmarkId::new("offset-allocator", label), |b| {
             b.iter(|| {

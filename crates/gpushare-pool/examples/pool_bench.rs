@@ -11,7 +11,7 @@
 #[path = "../benches/support/peers.rs"]
 mod peers;
 
-use gpushare_pool::{OwnerSpec, StreamId};
+use gpushare_pool::{OwnerId, OwnerSpec, StreamId};
 use parking_lot::Mutex;
 use peers::*;
 
@@ -39,6 +39,20 @@ fn replay_row<A: Alloc>(traces: &[(Vec<Ev>, usize)], make: impl Fn() -> A) {
         median(ns),
         each.join(" ")
     );
+}
+
+/// A pool with `n` owners, one per thread.
+fn with_owners(n: usize) -> (Gpushare, Vec<OwnerId>) {
+    let bench = Gpushare::new();
+    let owners = (0..n)
+        .map(|i| {
+            bench
+                .pool
+                .add_owner(OwnerSpec::new(format!("t{i}"), 1 << 40))
+                .unwrap()
+        })
+        .collect();
+    (bench, owners)
 }
 
 fn main() {
@@ -72,13 +86,22 @@ fn main() {
 
     if run("hot") {
         println!("## Hot allocate+free pair (ns per pair, median)\n");
-        println!("| size | gpushare pool | offset-allocator | mutex best-fit | pool ÷ offset-allocator |");
-        println!("|---|---|---|---|---|");
+        println!("| size | gpushare pool | gpushare local cache | offset-allocator | mutex best-fit | pool ÷ offset-allocator | local cache ÷ offset-allocator |");
+        println!("|---|---|---|---|---|---|---|");
         for (label, size) in [("256 B", 256), ("64 KiB", 64 * KIB), ("16 MiB", 16 * MIB)] {
             let g = hot_pair(&mut Gpushare::new(), size, batches, per);
+            let l = {
+                let bench = Gpushare::new();
+                let mut local = Local(bench.pool.local_cache(bench.owner, 64 * MIB).unwrap());
+                hot_pair(&mut local, size, batches, per)
+            };
             let o = hot_pair(&mut OffsetAlloc::new(), size, batches, per);
             let b = hot_pair(&mut BestFit::new(), size, batches, per);
-            println!("| {label} | {g:.1} | {o:.1} | {b:.1} | {:.2}× |", g / o);
+            println!(
+                "| {label} | {g:.1} | {l:.1} | {o:.1} | {b:.1} | {:.2}× | {:.2}× |",
+                g / o,
+                l / o
+            );
         }
     }
     if run("churn") {
@@ -121,23 +144,15 @@ fn main() {
     }
     if run("threads") {
         println!("\n## Thread scaling: 64 KiB hot pairs, one owner per thread (aggregate ns per pair, median)\n");
-        println!("| threads | gpushare pool | offset-allocator (mutex) | mutex best-fit |");
-        println!("|---|---|---|---|");
+        println!("| threads | gpushare pool | gpushare local caches | offset-allocator (mutex) | mutex best-fit |");
+        println!("|---|---|---|---|---|");
         let iters = if quick { 100_000 } else { 400_000 };
         let rounds = if quick { 3 } else { 7 };
         let mut counts = vec![1, 2, cores.max(4)];
         counts.dedup();
         for t in counts {
             let g = {
-                let bench = Gpushare::new();
-                let owners: Vec<_> = (0..t)
-                    .map(|i| {
-                        bench
-                            .pool
-                            .add_owner(OwnerSpec::new(format!("t{i}"), 1 << 40))
-                            .unwrap()
-                    })
-                    .collect();
+                let (bench, owners) = with_owners(t);
                 scaling(t, iters, rounds, |i, n| {
                     for _ in 0..n {
                         let b = bench
@@ -145,6 +160,16 @@ fn main() {
                             .alloc(owners[i], 64 * KIB, StreamId(i as u64))
                             .unwrap();
                         bench.pool.free(std::hint::black_box(b)).unwrap();
+                    }
+                })
+            };
+            let l = {
+                let (bench, owners) = with_owners(t);
+                scaling(t, iters, rounds, |i, n| {
+                    let mut cache = bench.pool.local_cache(owners[i], 64 * MIB).unwrap();
+                    for _ in 0..n {
+                        let b = cache.alloc(64 * KIB, StreamId(i as u64)).unwrap();
+                        cache.free(std::hint::black_box(b)).unwrap();
                     }
                 })
             };
@@ -166,7 +191,7 @@ fn main() {
                     }
                 })
             };
-            println!("| {t} | {g:.1} | {o:.1} | {b:.1} |");
+            println!("| {t} | {g:.1} | {l:.1} | {o:.1} | {b:.1} |");
         }
     }
 }

@@ -13,6 +13,9 @@
 //!   sixteenth of a chunk) are always cached; large ones only while cached large blocks are
 //!   being reused, since a cached block cannot coalesce and spreads the heap when nobody
 //!   asks for it again.
+//! - **Local caches**: [`Pool::local_cache`] gives one thread of work its own cache of an
+//!   owner's freed blocks ([`LocalCache`]), with no lock at all on a hit; it gives its
+//!   blocks back when the pool runs short.
 //! - **Owners** have a hard limit and a reserved base; every path that hands out memory
 //!   (fresh, cached, restored) is charged.
 //! - **Stream-ordered reuse**: [`Pool::free_after`] frees a block on a stream with an event;
@@ -40,6 +43,7 @@
 
 mod error;
 mod evict;
+mod local;
 mod pool;
 mod source;
 mod sync;
@@ -47,6 +51,7 @@ mod tlsf;
 
 pub use error::{FreeError, Holding, OomReport, PoolError, SourceError};
 pub use evict::{EvictError, Eviction, Evictor, RestoreInfo, VictimInfo};
+pub use local::{LocalCache, LocalCacheStats};
 pub use pool::{Pool, PoolConfig};
 pub use source::{ChunkSource, HostSource};
 

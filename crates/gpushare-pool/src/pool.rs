@@ -632,6 +632,9 @@ pub struct Pool<S: ChunkSource> {
     central: Mutex<Central>,
     /// Notified whenever an eviction or restore in flight ends (see [`Residency::in_flight`]).
     moved: Condvar,
+    /// Times the pool flushed its caches to find memory; local caches give their blocks
+    /// back when they see it move (see [`crate::LocalCache`]).
+    reclaims: CachePadded<AtomicU64>,
 }
 
 type CentralGuard<'a> = MutexGuard<'a, Central>;
@@ -811,6 +814,7 @@ impl<S: ChunkSource> Pool<S> {
                 restores: 0,
             }),
             moved: Condvar::default(),
+            reclaims: CachePadded::new(AtomicU64::new(0)),
             source,
             cfg,
         })
@@ -962,6 +966,22 @@ impl<S: ChunkSource> Pool<S> {
     #[inline]
     fn cell<'a>(&self, slot: &'a OwnerSlot) -> &'a ShardCell {
         &slot.shards[thread_index() & self.shard_mask]
+    }
+
+    /// How many times the pool has asked local caches for their blocks.
+    #[inline(always)]
+    pub(crate) fn reclaims(&self) -> u64 {
+        self.reclaims.load(Ordering::Relaxed)
+    }
+
+    /// Whether `owner` is registered with this pool.
+    pub(crate) fn check_owner(&self, owner: OwnerId) -> Result<(), PoolError> {
+        self.slot(owner).map(|_| ())
+    }
+
+    /// The largest block the caches keep.
+    pub(crate) fn cache_max_block(&self) -> u64 {
+        self.cfg.cache_max_block
     }
 
     /// Allocate `size` bytes for `owner`, to be used on `stream`, aligned to 256 bytes.
@@ -1421,6 +1441,7 @@ impl<S: ChunkSource> Pool<S> {
             let borrows = evictable && a.spec.tier != Tier::Guaranteed;
             if charged + size > limit {
                 // The owner's own cache counts against its limit: give it back once.
+                self.ask_local_caches();
                 if !flushed && self.flush_all(c) > 0 {
                     flushed = true;
                     continue;
@@ -1443,6 +1464,7 @@ impl<S: ChunkSource> Pool<S> {
                 c.peak_in_use = c.peak_in_use.max(c.in_use);
                 return Ok(());
             }
+            self.ask_local_caches();
             if !flushed && self.flush_all(c) > 0 {
                 flushed = true;
                 continue;
@@ -1656,7 +1678,10 @@ impl<S: ChunkSource> Pool<S> {
                 // Evictions under way free at least this much: wait for them rather than
                 // evict more (each eviction costs a copy out now and a restore later).
                 Grow::Full if c.evicting >= size + align - UNIT => return Err(Stop::Wait),
-                Grow::Full => self.evict_one(c, owner, rq, Need::Space)?,
+                Grow::Full => {
+                    self.ask_local_caches();
+                    self.evict_one(c, owner, rq, Need::Space)?
+                }
             };
             if !progressed {
                 break;
@@ -1714,6 +1739,13 @@ impl<S: ChunkSource> Pool<S> {
             }
         }
         n
+    }
+
+    /// Ask every local cache to give its blocks back at its next call: the pool is short of
+    /// memory, or trims. (Not when it merely grows: a growth is not a shortage, and local
+    /// caches that gave back on every one would lose their blocks through a warm-up.)
+    fn ask_local_caches(&self) {
+        self.reclaims.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Return every owner's cached blocks to the central allocator. Returns bytes returned.
@@ -2063,6 +2095,7 @@ impl<S: ChunkSource> Pool<S> {
     /// block of snapshots.
     pub fn trim(&self) -> Result<u64, PoolError> {
         let mut c = self.central.lock();
+        self.ask_local_caches();
         self.flush_all(&mut c);
         self.retire_pending(&mut c);
         let chunks: Vec<(u64, u64)> = c.chunks.iter().map(|(&o, &s)| (o, s)).collect();

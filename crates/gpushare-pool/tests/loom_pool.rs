@@ -295,3 +295,39 @@ fn a_removed_owner_never_takes_its_successors_cached_block() {
         assert_eq!(s.live_bytes, 0);
     });
 }
+
+#[test]
+fn a_local_cache_and_another_owner_short_of_memory() {
+    loom::model(|| {
+        let pool = Arc::new(small_pool(2 * G));
+        let a = pool.add_owner(OwnerSpec::new("a", 2 * G)).unwrap();
+        let b = pool.add_owner(OwnerSpec::new("b", 2 * G)).unwrap();
+        let t = {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                let mut cache = pool.local_cache(a, 2 * G).unwrap();
+                // Each block is held by the cache once freed; a call after `b` ran short
+                // gives it back first.
+                for _ in 0..2 {
+                    match cache.alloc(G, StreamId(0)) {
+                        Ok(x) => cache.free(x).unwrap(),
+                        Err(e) => assert!(matches!(e, PoolError::OutOfMemory { .. }), "{e}"),
+                    }
+                }
+            })
+        };
+        // `b` needs the whole pool: it gets it only while `a` holds nothing.
+        match pool.alloc(b, 2 * G, StreamId(0)) {
+            Ok(x) => pool.free(x).unwrap(),
+            Err(e) => assert!(matches!(e, PoolError::OutOfMemory { .. }), "{e}"),
+        }
+        t.join().unwrap();
+        // Whatever the order, the pool never handed out more than it has, and the cache
+        // gave everything back when it was dropped: the whole pool is `b`'s again.
+        let s = pool.stats();
+        assert_eq!(s.live_bytes, 0);
+        assert!(s.peak_in_use_bytes <= 2 * G);
+        pool.free(pool.alloc(b, 2 * G, StreamId(0)).unwrap())
+            .unwrap();
+    });
+}

@@ -2,7 +2,9 @@
 //! the `pool_bench` example. Every allocator runs the same pre-generated traces.
 #![allow(dead_code, clippy::new_without_default)]
 
-use gpushare_pool::{Block, HostSource, OwnerId, OwnerSpec, Pool, PoolConfig, StreamId};
+use gpushare_pool::{
+    Block, ChunkSource, HostSource, LocalCache, OwnerId, OwnerSpec, Pool, PoolConfig, StreamId,
+};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -56,6 +58,28 @@ impl Alloc for Gpushare {
     }
     fn peak_footprint(&self) -> u64 {
         self.pool.stats().peak_mapped_bytes
+    }
+}
+
+/// gpushare's pool through one thread's [`LocalCache`] (no lock, no atomic read-modify-write
+/// on a hit), over any chunk source.
+pub struct Local<'p, S: ChunkSource>(pub LocalCache<'p, S>);
+
+impl<S: ChunkSource> Alloc for Local<'_, S> {
+    type H = Block;
+    fn name(&self) -> &'static str {
+        "gpushare local cache"
+    }
+    #[inline]
+    fn alloc(&mut self, size: u64) -> Option<Block> {
+        self.0.alloc(size, StreamId(0)).ok()
+    }
+    #[inline]
+    fn free(&mut self, h: Block) {
+        let _ = self.0.free(h);
+    }
+    fn peak_footprint(&self) -> u64 {
+        self.0.pool().stats().peak_mapped_bytes
     }
 }
 
