@@ -352,12 +352,13 @@ impl Drop for CtxInner {
             tracing::error!(context = %self.name, error = %e, "removing the context's pool owner failed; its reservation stays taken");
             self.admission.reservation.keep_after_drop();
         }
+        // The kept event handles and their home refer to each other: let them go. (Events
+        // recorded on a partition's stream were made in its green context, which they
+        // would keep alive too.)
+        self.events.recent.lock().clear();
         let mut parts = self.rt.parts.lock();
         let _ = parts.unplace(&self.name);
         if self.own_partition {
-            // Spare device events were recorded on this context's stream, and so made in
-            // its partition's green context, which they would keep alive: drop them.
-            self.events.spares.lock().clear();
             let _ = parts.remove_partition(&self.name);
         }
         drop(parts);
@@ -509,11 +510,7 @@ impl Context {
             max: r.max,
             owner,
             admission,
-            events: Arc::new(crate::event::EventHome {
-                dev: rt.dev.clone(),
-                spares: Mutex::new(Vec::new()),
-                stream: stream.clone(),
-            }),
+            events: Arc::new(crate::event::EventHome::new(rt.dev.clone(), stream.clone())),
             stream,
             isolation,
             own_partition,

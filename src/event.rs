@@ -7,43 +7,83 @@ use gpushare_device::{Device, EventFlags, Stream};
 use parking_lot::Mutex;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 /// What the events of one context share: one reference per event instead of three.
 pub(crate) struct EventHome {
     pub dev: Arc<dyn Device>,
-    /// Device events no handle uses any more, recorded again on this context's stream
-    /// rather than created anew. Device events are reused only within one context: one
-    /// recorded on a partition's stream is made in that partition's green context, and
-    /// must not outlive the partition in another context's hands. Declared before
-    /// `stream` so that, when the last event of a dropped context goes, they are destroyed
-    /// before the stream (and with it the partition).
-    pub spares: Mutex<Vec<gpushare_device::Event>>,
+    /// This context's recent event handles, handed out again by [`Event::record`] once no
+    /// one else holds them. Declared before `stream` so that its device events are
+    /// destroyed before the stream (and with it the partition).
+    pub recent: Mutex<Recent>,
     pub stream: Stream,
+}
+
+impl EventHome {
+    pub(crate) fn new(dev: Arc<dyn Device>, stream: Stream) -> Self {
+        EventHome {
+            dev,
+            recent: Mutex::new(Recent {
+                handles: Vec::new(),
+                next: 0,
+            }),
+            stream,
+        }
+    }
+}
+
+/// Most handles a context keeps for reuse.
+const RECENT: usize = 256;
+/// Handles looked at, from the cursor on, before a record makes a new one.
+const SCAN: usize = 4;
+
+/// Event handles kept for reuse. Reusing the whole handle, not only its device event,
+/// spares a record and the last drop of its handle an allocation, a free and four atomic
+/// read-modify-writes (a lock each way, the home's count), about 70 ns on the H100's host.
+///
+/// Each handle refers to its home, so the list and its home keep each other alive: the
+/// context empties the list when it is dropped (events recorded on a partition's stream
+/// were made in that partition's green context, and must not outlive it in a list).
+pub(crate) struct Recent {
+    handles: Vec<Arc<Inner>>,
+    /// Where the next search starts: just after the handle handed out last.
+    next: usize,
+}
+
+impl Recent {
+    /// Let go of every kept handle (those still held elsewhere live on with their home).
+    pub(crate) fn clear(&mut self) {
+        self.handles.clear();
+        self.next = 0;
+    }
+
+    /// A kept handle that no one else holds, claimed (counted once more) for a record.
+    fn claim(&mut self) -> Option<Arc<Inner>> {
+        let n = self.handles.len();
+        for k in 0..n.min(SCAN) {
+            let i = (self.next + k) % n;
+            // Held only by this list: every other handle was dropped, and no new one can
+            // appear but through this list, whose lock is held. No `Weak` is ever made.
+            if Arc::strong_count(&self.handles[i]) == 1 {
+                // Pairs with the release of the last other handle's drop: whatever its
+                // holder did with the event happens before the event is recorded again.
+                fence(Ordering::Acquire);
+                self.next = (i + 1) % n;
+                return Some(self.handles[i].clone());
+            }
+        }
+        None
+    }
 }
 
 struct Inner {
     rt: u64,
-    /// Always `Some` until dropped, when it goes back to its context's spares.
-    ev: Option<gpushare_device::Event>,
+    ev: gpushare_device::Event,
     /// Not the context itself: events are dropped in places (the pool's pending frees,
     /// under its lock) where ending a context would deadlock.
     home: Arc<EventHome>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // Recording a device event again is safe once no handle refers to it: waits
-        // already queued captured the earlier record.
-        if let Some(ev) = self.ev.take() {
-            let mut spares = self.home.spares.lock();
-            if spares.len() < 256 {
-                spares.push(ev);
-            }
-        }
-    }
 }
 
 /// A recorded point in a context's work. `Send + Sync`, cheap to clone.
@@ -61,22 +101,33 @@ impl std::fmt::Debug for Event {
 }
 
 impl Event {
-    /// Record an event at the current end of `ctx`'s stream.
+    /// Record an event at the current end of `ctx`'s stream. A handle of the context's that
+    /// no one holds any more is recorded again (waits already queued on it captured its
+    /// earlier record); otherwise a new one is made.
     pub(crate) fn record(ctx: &Arc<CtxInner>) -> Result<Event> {
         let home = &ctx.events;
-        let spare = home.spares.lock().pop();
-        let ev = match spare {
-            Some(e) => e,
-            None => home.dev.create_event(EventFlags::default())?,
+        let mut recent = home.recent.lock();
+        let inner = match recent.claim() {
+            Some(inner) => {
+                drop(recent);
+                inner
+            }
+            None => {
+                drop(recent);
+                let inner = Arc::new(Inner {
+                    rt: ctx.rt.id,
+                    ev: home.dev.create_event(EventFlags::default())?,
+                    home: home.clone(),
+                });
+                let mut recent = home.recent.lock();
+                if recent.handles.len() < RECENT {
+                    recent.handles.push(inner.clone());
+                }
+                inner
+            }
         };
-        home.dev.record_event(&ev, &home.stream)?;
-        Ok(Event {
-            inner: Arc::new(Inner {
-                rt: ctx.rt.id,
-                ev: Some(ev),
-                home: home.clone(),
-            }),
-        })
+        home.dev.record_event(&inner.ev, &home.stream)?;
+        Ok(Event { inner })
     }
 
     pub(crate) fn check(&self, rt: &RtInner) -> Result<()> {
@@ -90,25 +141,18 @@ impl Event {
         }
     }
 
-    pub(crate) fn device_event(&self) -> Result<&gpushare_device::Event> {
-        self.inner.ev.as_ref().ok_or(RuntimeError::Foreign {
-            what: "event",
-            owner: "dropped runtime",
-        })
+    pub(crate) fn device_event(&self) -> &gpushare_device::Event {
+        &self.inner.ev
     }
 
     /// Whether the recorded work has completed.
     pub fn is_complete(&self) -> Result<bool> {
-        Ok(self.inner.home.dev.query_event(self.device_event()?)?)
+        Ok(self.inner.home.dev.query_event(self.device_event())?)
     }
 
     /// Block until the recorded work has completed.
     pub fn synchronize(&self) -> Result<()> {
-        Ok(self
-            .inner
-            .home
-            .dev
-            .synchronize_event(self.device_event()?)?)
+        Ok(self.inner.home.dev.synchronize_event(self.device_event())?)
     }
 
     /// Wait for the recorded work without blocking a thread: a host callback queued on the

@@ -901,7 +901,7 @@ impl Session {
             .ctx
             .rt
             .dev
-            .wait_event(&self.ctx.stream, event.device_event()?)?)
+            .wait_event(&self.ctx.stream, event.device_event())?)
     }
 
     /// Block until the session's work is done.

@@ -1723,3 +1723,48 @@ fn a_higher_tier_restores_before_a_lower_one_that_asked_first() {
     }
     assert!(bufs.iter().all(|b| b.is_resident()));
 }
+
+#[test]
+fn event_handles_are_reused_and_go_with_their_context() {
+    let (rt, sim) = sim_runtime(256 * MIB, 1.0);
+    let before = sim.live();
+    let ctx = rt.create_context(ContextSpec::new("events", MIB)).unwrap();
+    let other = rt.create_context(ContextSpec::new("waiter", MIB)).unwrap();
+    let with_contexts = sim.live();
+    {
+        let (s, w) = (ctx.session().unwrap(), other.session().unwrap());
+        // One event at a time: one device event, recorded again and again.
+        for _ in 0..1000 {
+            let e = s.record_event().unwrap();
+            w.wait_event(&e).unwrap();
+        }
+        assert_eq!(sim.live().events, with_contexts.events + 1);
+        // Ten held at once need ten; once they are dropped, the next ten reuse them.
+        let held: Vec<_> = (0..10).map(|_| s.record_event().unwrap()).collect();
+        assert_eq!(sim.live().events, with_contexts.events + 10);
+        drop(held);
+        let again: Vec<_> = (0..10).map(|_| s.record_event().unwrap()).collect();
+        assert_eq!(sim.live().events, with_contexts.events + 10);
+        // A clone keeps its handle from being handed out again.
+        let kept = again[0].clone();
+        drop(again);
+        let fresh: Vec<_> = (0..10).map(|_| s.record_event().unwrap()).collect();
+        assert_eq!(sim.live().events, with_contexts.events + 11);
+        s.synchronize().unwrap();
+        assert!(kept.is_complete().unwrap() && fresh[9].is_complete().unwrap());
+    }
+    // An event outlives its context, and its device event goes with it.
+    let late = ctx.session().unwrap().record_event().unwrap();
+    drop(ctx);
+    late.synchronize().unwrap();
+    assert!(late.is_complete().unwrap());
+    drop(late);
+    drop(other);
+    // The kept handles and the stream they were recorded on went with their contexts.
+    let after = sim.live();
+    assert_eq!(
+        (after.events, after.streams),
+        (before.events, before.streams),
+        "{after:?}"
+    );
+}
