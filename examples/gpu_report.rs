@@ -30,6 +30,24 @@ fn med_ns(v: Vec<Duration>) -> f64 {
     med(v.into_iter().map(|d| d.as_nanos() as f64).collect())
 }
 
+/// Operations per timed batch in [`per_op`]: enough that the clock's own cost (about 40 ns
+/// a read on the H100's host) is under 1% of a batch.
+const BATCH: usize = 100;
+
+/// Median time of one call of `op`, over batches of [`BATCH`] calls, `iters` calls in all
+/// (at least 10 batches).
+fn per_op(iters: usize, mut op: impl FnMut() -> Res<()>) -> Res<f64> {
+    let mut v = Vec::with_capacity(iters / BATCH + 1);
+    for _ in 0..(iters / BATCH).max(10) {
+        let t = Instant::now();
+        for _ in 0..BATCH {
+            op()?;
+        }
+        v.push(t.elapsed().as_nanos() as f64 / BATCH as f64);
+    }
+    Ok(med(v))
+}
+
 /// The pool over the device, as the pool benches' `Alloc`.
 struct DevPool {
     pool: Pool<VmmSource>,
@@ -160,22 +178,27 @@ fn run(iters: usize) -> Res<String> {
             ("16 MiB", 16 << 20),
         ] {
             let ours = peers::hot_pair(&mut p, size, (iters / 100).max(20), 100);
+            let local = {
+                let mut l = peers::Local(p.pool.local_cache(p.owner, 64 << 20)?);
+                peers::hot_pair(&mut l, size, (iters / 100).max(20), 100)
+            };
             let raw = match &cuda {
                 Some(c) => {
                     let a = med_ns(c.time_raw_alloc_pairs(size, 200)?);
                     let b = med_ns(c.time_raw_alloc_async_pairs(&s, size, iters)?);
                     format!(
-                        "cuMemAlloc {:.0} ns, cuMemAllocAsync {b:.0} ns ({:.0}× the pool)",
+                        "cuMemAlloc {:.0} ns, cuMemAllocAsync {b:.0} ns ({:.0}× the shared path, {:.0}× the local cache)",
                         a,
-                        b / ours
+                        b / ours,
+                        b / local
                     )
                 }
                 None => na(),
             };
             row(
                 &mut rows,
-                format!("allocate+free pair, {label}"),
-                format!("{ours:.1} ns"),
+                format!("allocate+free pair, {label}: shared path / local cache"),
+                format!("{ours:.1} ns / {local:.1} ns"),
                 raw,
             );
         }
@@ -251,28 +274,29 @@ fn run(iters: usize) -> Res<String> {
     {
         let ctx = rt.create_context(ContextSpec::new("session", 64 << 20))?;
         let _w = ctx.create_buffer(1 << 20)?;
-        let mut v = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let t = Instant::now();
+        // Sessions take ~100 ns: 25 times the iterations, as few milliseconds as the rest.
+        let n = iters * 25;
+        let sync = per_op(n, || {
             drop(ctx.session()?);
-            v.push(t.elapsed());
-        }
-        let sync = med_ns(v);
+            Ok(())
+        })?;
         // Inside one task, as a server awaits sessions; entering the executor is not counted.
         let tokio = tokio::runtime::Builder::new_current_thread().build()?;
         let v = tokio.block_on(async {
-            let mut v = Vec::with_capacity(iters);
-            for _ in 0..iters {
+            let mut v = Vec::with_capacity(n / BATCH);
+            for _ in 0..(n / BATCH).max(10) {
                 let t = Instant::now();
-                drop(ctx.session_async().await?);
-                v.push(t.elapsed());
+                for _ in 0..BATCH {
+                    drop(ctx.session_async().await?);
+                }
+                v.push(t.elapsed().as_nanos() as f64 / BATCH as f64);
             }
             Ok::<_, gpushare::RuntimeError>(v)
         })?;
         row(
             &mut rows,
             "session acquire+release, sync / async",
-            format!("{sync:.0} ns / {:.0} ns", med_ns(v)),
+            format!("{sync:.0} ns / {:.0} ns", med(v)),
             na(),
         );
     }
@@ -280,24 +304,20 @@ fn run(iters: usize) -> Res<String> {
         let a = rt.create_context(ContextSpec::new("ev-a", 16 << 20))?;
         let b = rt.create_context(ContextSpec::new("ev-b", 16 << 20))?;
         let (sa, sb) = (a.session()?, b.session()?);
-        let mut v = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let t = Instant::now();
+        // As many as the sessions above: the figure is the difference of two ~400 ns ones.
+        let n = iters * 25;
+        let ours = per_op(n, || {
             let e = sa.record_event()?;
             sb.wait_event(&e)?;
-            v.push(t.elapsed());
-        }
-        let ours = med_ns(v);
+            Ok(())
+        })?;
         let (s1, s2) = (dev.create_stream(0)?, dev.create_stream(0)?);
         let ev = dev.create_event(EventFlags::default())?;
-        let mut v = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let t = Instant::now();
+        let raw = per_op(n, || {
             dev.record_event(&ev, &s1)?;
             dev.wait_event(&s2, &ev)?;
-            v.push(t.elapsed());
-        }
-        let raw = med_ns(v);
+            Ok(())
+        })?;
         sa.synchronize()?;
         sb.synchronize()?;
         let label = if cuda.is_some() {

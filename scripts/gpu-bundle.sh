@@ -16,12 +16,11 @@ FIGURE_EXAMPLES=(gpu_report device_probe pool_device pool_bench eviction_stall i
 
 out=.gpu
 rm -rf "$out"
-mkdir -p "$out/tests" "$out/examples"
+mkdir -p "$out/tests" "$out/examples" "$out/benches"
 
-echo "building release tests and examples..." >&2
-cargo build --release --workspace --examples
-cargo test --release --workspace --no-run --message-format=json 2>/dev/null \
-  | python3 -c '
+# The compiler artifacts of a `--no-run` build that are test harnesses (tests or benches).
+harnesses() {
+  python3 -c '
 import json, sys
 for line in sys.stdin:
     try:
@@ -30,7 +29,19 @@ for line in sys.stdin:
         continue
     if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
         print(m["executable"])
-' > "$out/.test-list"
+'
+}
+
+echo "building release tests and examples..." >&2
+cargo build --release --workspace --examples
+cargo test --release --workspace --no-run --message-format=json 2>/dev/null | harnesses > "$out/.test-list"
+# Criterion benches: the same harnesses `cargo bench` runs, started with --bench.
+cargo bench --workspace --no-run --message-format=json 2>/dev/null | harnesses \
+  | grep '/deps/\(pool\|runtime\)-' > "$out/.bench-list" || true
+while read -r exe; do
+  cp "$exe" "$out/benches/$(basename "$exe")"
+done < "$out/.bench-list"
+rm "$out/.bench-list"
 
 while read -r exe; do
   name=$(basename "$exe")
@@ -43,7 +54,7 @@ for ex in "${FIGURE_EXAMPLES[@]}"; do
   cp "target/release/examples/$ex" "$out/examples/$ex"
 done
 
-strip "$out"/tests/* "$out"/examples/*
+strip "$out"/tests/* "$out"/examples/* "$out"/benches/*
 
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -52,8 +63,10 @@ cat > "$out/run.sh" <<'RUN'
 #   ONLY="tests"                 only the test binaries
 #   ONLY="examples"              only the figure examples
 #   ONLY="gpu_report isolation"  only the named binaries (tests or examples)
-#   TEST_TIMEOUT / EXAMPLE_TIMEOUT  seconds per binary (default 120 / 150)
+#   ONLY="benches"               only the criterion benches (not run unless named)
+#   TEST_TIMEOUT / EXAMPLE_TIMEOUT / BENCH_TIMEOUT  seconds per binary (default 120 / 150 / 300)
 #   EXAMPLE_ARGS_<name>          extra flags for one example, e.g. EXAMPLE_ARGS_pool_bench=--quick
+#   BENCH_ARGS                   criterion flags (default: 1 s warm-up, 2 s measurement, no plots)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # Everything is written under $OUT/results and packed into $OUT/results.tar.gz at the end
@@ -63,7 +76,9 @@ OUT=$FINAL/results
 ONLY=${ONLY:-}
 TEST_TIMEOUT=${TEST_TIMEOUT:-120}
 EXAMPLE_TIMEOUT=${EXAMPLE_TIMEOUT:-150}
-mkdir -p "$OUT/tests" "$OUT/examples"
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
+BENCH_ARGS=${BENCH_ARGS:---warm-up-time 1 --measurement-time 2 --noplot}
+mkdir -p "$OUT/tests" "$OUT/examples" "$OUT/benches"
 export GPUSHARE_DEVICE=cuda
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 wanted() { # kind name
@@ -95,6 +110,19 @@ for e in "$here"/examples/*; do
   start=$SECONDS
   # shellcheck disable=SC2086
   timeout "$EXAMPLE_TIMEOUT" "$e" ${!var:-} > "$OUT/examples/$n.md" 2> "$OUT/examples/$n.log"
+  rc=$?
+  echo "   rc=$rc in $((SECONDS - start)) s" >&2
+  [ $rc -ne 0 ] && failed=1
+done
+# Benches take minutes: they run only when ONLY names them ("benches", or a bench's name).
+for b in "$here"/benches/*; do
+  [ -e "$b" ] || continue
+  n=$(basename "$b")
+  [ -n "$ONLY" ] && wanted benches "$n" || continue
+  echo "== bench $n" >&2
+  start=$SECONDS
+  # shellcheck disable=SC2086
+  timeout "$BENCH_TIMEOUT" "$b" --bench $BENCH_ARGS > "$OUT/benches/$n.txt" 2>&1
   rc=$?
   echo "   rc=$rc in $((SECONDS - start)) s" >&2
   [ $rc -ne 0 ] && failed=1
