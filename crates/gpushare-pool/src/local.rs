@@ -5,22 +5,31 @@
 //! and per thread shard, behind a spin lock: any thread may use any shard, and the pool
 //! flushes shards when it runs short. That costs one uncontended compare-and-swap each way,
 //! which is cheap on some hosts and not on others: on the H100's host (a virtualised
-//! Sapphire Rapids), a pair of uncontended lock/unlock takes about 22 ns, half of the
-//! shared path's allocate+free pair. A thread that allocates and frees the same sizes over
+//! Sapphire Rapids), the two uncontended lock/unlock pairs of an allocate+free take about
+//! 22 ns, half of the shared path's pair. A thread that allocates and frees the same sizes over
 //! and over (a worker's activations, a request loop's scratch) need not share its spares
 //! with anyone until the pool asks for them back. [`LocalCache`] keeps them in plain
 //! vectors owned by the caller (`&mut self`), so a hit is a handful of loads and stores.
 //!
 //! What the pool sees: the blocks a local cache holds are live blocks of its owner, charged
-//! as such, exactly as if the caller held them. They come back to the pool when the cache
-//! is flushed or dropped, when it is over its byte budget, when a request through it finds
-//! the pool or the owner's limit short (it flushes and tries once more), and when the pool
-//! has run short elsewhere: every time the pool flushes its own caches to find memory, it
-//! moves a counter that each local cache reads (one relaxed load) at its next call, and
-//! flushes on seeing it move. A cache that nobody calls keeps its blocks until it is
-//! dropped, so its budget bounds what it can withhold from other owners.
+//! as such, exactly as if the caller held them. Its hits and frees do not reach the pool's
+//! allocation and free counts ([`LocalCache::stats`] has them). The blocks come back to the
+//! pool:
+//! - when the cache is flushed or dropped, or a free would take it over its budget;
+//! - when a request through it misses while it holds blocks, and the pool could serve the
+//!   request only by evicting someone's buffers, or not at all (the owner's limit, the
+//!   pool's capacity): the cache first asks the pool for memory without evicting, and
+//!   failing that gives its blocks back and asks as usual;
+//! - when the pool has run short elsewhere (commitments over capacity, no room to grow) or
+//!   trims, or the owner's limit was short for another request: the pool moves a counter
+//!   (the owner's own for its limit), which each local cache reads (two relaxed loads) at
+//!   its next call, giving its blocks back on seeing it move.
+//!
+//! A cache that nobody calls keeps its blocks until it is dropped, even while the pool
+//! evicts buffers for other requests, so its budget bounds what it can withhold.
 
 use crate::pool::Pool;
+use crate::sync::{AtomicU64, Ordering};
 use crate::tlsf::{ceil_class, floor_class, UNIT};
 use crate::{Block, ChunkSource, FreeError, OwnerId, PoolError, StreamId};
 
@@ -68,7 +77,10 @@ pub struct LocalCache<'p, S: ChunkSource> {
     budget: u64,
     /// Blocks above this size go straight back to the pool.
     max_block: u64,
-    /// The pool's reclaim count when the cache last looked (see [`Pool::reclaims`]).
+    /// The owner's reclaim counter (its limit was short).
+    owner_reclaims: &'p AtomicU64,
+    /// The pool's and the owner's reclaim counts, summed, when the cache last looked (see
+    /// [`LocalCache::asked`]).
     seen: u64,
     stats: LocalCacheStats,
 }
@@ -84,18 +96,28 @@ impl<S: ChunkSource> std::fmt::Debug for LocalCache<'_, S> {
 }
 
 impl<'p, S: ChunkSource> LocalCache<'p, S> {
-    pub(crate) fn new(pool: &'p Pool<S>, owner: OwnerId, budget: u64, max_block: u64) -> Self {
+    pub(crate) fn new(
+        pool: &'p Pool<S>,
+        owner: OwnerId,
+        owner_reclaims: &'p AtomicU64,
+        budget: u64,
+        max_block: u64,
+    ) -> Self {
         let classes = max_block
             .checked_next_multiple_of(UNIT)
             .and_then(ceil_class)
             .map_or(0, |c| c + 1);
+        let seen = pool
+            .reclaims()
+            .wrapping_add(owner_reclaims.load(Ordering::Relaxed));
         LocalCache {
             pool,
             owner,
+            owner_reclaims,
             bins: (0..classes).map(|_| Vec::new()).collect(),
             budget,
             max_block,
-            seen: pool.reclaims(),
+            seen,
             stats: LocalCacheStats::default(),
         }
     }
@@ -115,12 +137,22 @@ impl<'p, S: ChunkSource> LocalCache<'p, S> {
         self.stats
     }
 
+    /// How many times the pool (short of memory, or trimming) and the owner's limit have
+    /// asked for cached blocks back. Both counts only grow, so their sum moves whenever
+    /// either does.
+    #[inline(always)]
+    fn asked(&self) -> u64 {
+        self.pool
+            .reclaims()
+            .wrapping_add(self.owner_reclaims.load(Ordering::Relaxed))
+    }
+
     /// Allocate `size` bytes for the cache's owner, to be used on `stream`: a held block of
     /// the size's class if there is one, else from the pool ([`Pool::alloc`]). If the pool
     /// or the owner's limit is short, the cache gives its blocks back and asks once more.
     #[inline]
     pub fn alloc(&mut self, size: u64, stream: StreamId) -> Result<Block, PoolError> {
-        if self.pool.reclaims() == self.seen {
+        if self.asked() == self.seen {
             if let Some(b) = self.take(size) {
                 return Ok(b);
             }
@@ -155,18 +187,23 @@ impl<'p, S: ChunkSource> LocalCache<'p, S> {
     #[cold]
     #[inline(never)]
     fn alloc_miss(&mut self, size: u64, stream: StreamId) -> Result<Block, PoolError> {
-        if self.pool.reclaims() != self.seen {
+        if self.asked() != self.seen {
             self.flush();
         } else if let Some(b) = self.take_above(size) {
             return Ok(b);
         }
         self.stats.misses += 1;
-        match self.pool.alloc(self.owner, size, stream) {
+        if self.stats.held_blocks == 0 {
+            return self.pool.alloc(self.owner, size, stream);
+        }
+        // The cache's idle blocks go back before anyone's buffers are moved out for this
+        // request: first a try that evicts nothing.
+        match self.pool.alloc_sparing(self.owner, size, stream) {
             Err(
                 PoolError::OutOfMemory { .. }
                 | PoolError::QuotaExceeded { .. }
                 | PoolError::ReservedElsewhere { .. },
-            ) if self.stats.held_blocks > 0 => {
+            ) => {
                 self.flush();
                 self.pool.alloc(self.owner, size, stream)
             }
@@ -196,7 +233,7 @@ impl<'p, S: ChunkSource> LocalCache<'p, S> {
             && block.owner_key == self.owner.key
             && block.size <= self.max_block
             && self.stats.held_bytes + block.size <= self.budget
-            && self.pool.reclaims() == self.seen
+            && self.asked() == self.seen
         {
             if let Some(bin) = self.bins.get_mut(block.class()) {
                 self.stats.held_bytes += block.size;
@@ -211,7 +248,7 @@ impl<'p, S: ChunkSource> LocalCache<'p, S> {
     #[cold]
     #[inline(never)]
     fn free_miss(&mut self, block: Block) -> Result<(), FreeError> {
-        if self.pool.reclaims() != self.seen {
+        if self.asked() != self.seen {
             self.flush();
         }
         self.pool.free(block)
@@ -219,7 +256,7 @@ impl<'p, S: ChunkSource> LocalCache<'p, S> {
 
     /// Give every held block back to the pool. Returns the bytes given back.
     pub fn flush(&mut self) -> u64 {
-        self.seen = self.pool.reclaims();
+        self.seen = self.asked();
         let bytes = self.stats.held_bytes;
         if self.stats.held_blocks == 0 {
             return 0;
@@ -254,7 +291,13 @@ impl<S: ChunkSource> Pool<S> {
     ///
     /// [`PoolConfig::cache_max_block`]: crate::PoolConfig::cache_max_block
     pub fn local_cache(&self, owner: OwnerId, budget: u64) -> Result<LocalCache<'_, S>, PoolError> {
-        self.check_owner(owner)?;
-        Ok(LocalCache::new(self, owner, budget, self.cache_max_block()))
+        let owner_reclaims = self.owner_reclaims(owner)?;
+        Ok(LocalCache::new(
+            self,
+            owner,
+            owner_reclaims,
+            budget,
+            self.cache_max_block(),
+        ))
     }
 }

@@ -466,6 +466,9 @@ impl ShardCell {
 struct OwnerSlot {
     /// Generation; odd while the slot holds an owner.
     gen: AtomicU32,
+    /// Times the owner's limit was short; its local caches give their blocks back when they
+    /// see it move (see [`crate::LocalCache`]).
+    reclaims: AtomicU64,
     /// Padded so that threads working on neighbouring shards do not share cache lines.
     shards: Box<[CachePadded<ShardCell>]>,
 }
@@ -647,6 +650,8 @@ struct Reclaiming {
     /// Victims whose eviction failed after it started: this request does not choose them
     /// again (they rejoin their LRU list, which it walks afresh).
     skip: Vec<u32>,
+    /// The request evicts nothing: it fails instead (see [`Pool::alloc_sparing`]).
+    spare: bool,
 }
 
 impl Reclaiming {
@@ -769,6 +774,7 @@ impl<S: ChunkSource> Pool<S> {
         let slots = (0..cfg.max_owners)
             .map(|_| OwnerSlot {
                 gen: AtomicU32::new(0),
+                reclaims: AtomicU64::new(0),
                 shards: (0..shards)
                     .map(|_| CachePadded::new(ShardCell::new(cache_classes, g / 16)))
                     .collect(),
@@ -974,9 +980,10 @@ impl<S: ChunkSource> Pool<S> {
         self.reclaims.load(Ordering::Relaxed)
     }
 
-    /// Whether `owner` is registered with this pool.
-    pub(crate) fn check_owner(&self, owner: OwnerId) -> Result<(), PoolError> {
-        self.slot(owner).map(|_| ())
+    /// The counter that moves when `owner`'s limit is short (see [`OwnerSlot::reclaims`]),
+    /// if `owner` is registered with this pool.
+    pub(crate) fn owner_reclaims(&self, owner: OwnerId) -> Result<&AtomicU64, PoolError> {
+        self.slot(owner).map(|s| &s.reclaims)
     }
 
     /// The largest block the caches keep.
@@ -1120,6 +1127,30 @@ impl<S: ChunkSource> Pool<S> {
         align: u64,
         stream: StreamId,
     ) -> Result<Block, PoolError> {
+        self.alloc_general(owner, size, align, stream, false)
+    }
+
+    /// Allocate as [`Pool::alloc`] does, but evict nothing: where only an eviction would
+    /// make room, fail instead. For a local cache that holds idle blocks of its own, which
+    /// it gives back before anyone's buffers are moved out (see [`crate::LocalCache`]).
+    pub(crate) fn alloc_sparing(
+        &self,
+        owner: OwnerId,
+        size: u64,
+        stream: StreamId,
+    ) -> Result<Block, PoolError> {
+        self.alloc_general(owner, size, ALIGN_UNIT, stream, true)
+    }
+
+    /// The general path of every allocation; with `spare`, one that evicts nothing.
+    fn alloc_general(
+        &self,
+        owner: OwnerId,
+        size: u64,
+        align: u64,
+        stream: StreamId,
+        spare: bool,
+    ) -> Result<Block, PoolError> {
         let slot = self.slot(owner)?;
         let csize = self.round_request(size)?;
         if !align.is_power_of_two() || align > self.granularity {
@@ -1168,7 +1199,7 @@ impl<S: ChunkSource> Pool<S> {
             match Self::alloc_within_means(&mut c, owner.slot(), csize, align, self.limit) {
                 Some(placed) => placed,
                 None => {
-                    let (mut c, placed) = self.place(c, owner, csize, align, stream, false);
+                    let (mut c, placed) = self.place(c, owner, csize, align, stream, false, spare);
                     let Placed { node, offset, .. } = placed?;
                     let acct = c.owners[owner.slot() as usize]
                         .as_mut()
@@ -1440,8 +1471,9 @@ impl<S: ChunkSource> Pool<S> {
             let (charged, limit, delta) = (a.charged, a.spec.limit, a.commitment_added(size));
             let borrows = evictable && a.spec.tier != Tier::Guaranteed;
             if charged + size > limit {
-                // The owner's own cache counts against its limit: give it back once.
-                self.ask_local_caches();
+                // The owner's own cache counts against its limit: give it back once. Its
+                // local caches are asked too, and only its own.
+                self.slots[i].reclaims.fetch_add(1, Ordering::Relaxed);
                 if !flushed && self.flush_all(c) > 0 {
                     flushed = true;
                     continue;
@@ -1545,6 +1577,7 @@ impl<S: ChunkSource> Pool<S> {
     /// waits, without the lock, for those of other requests where nothing else is left),
     /// so that other owners' requests go on meanwhile; it gives the lock back with the
     /// outcome. On failure nothing stays charged.
+    #[allow(clippy::too_many_arguments)]
     fn place<'a>(
         &'a self,
         mut c: CentralGuard<'a>,
@@ -1553,8 +1586,12 @@ impl<S: ChunkSource> Pool<S> {
         align: u64,
         stream: StreamId,
         evictable: bool,
+        spare: bool,
     ) -> (CentralGuard<'a>, Result<Placed, PoolError>) {
-        let mut rq = Reclaiming::default();
+        let mut rq = Reclaiming {
+            spare,
+            ..Reclaiming::default()
+        };
         let placed = loop {
             match self.alloc_central(&mut c, &mut rq, owner, size, align, stream, evictable) {
                 Ok(p) => break Ok(p),
@@ -1856,6 +1893,9 @@ impl<S: ChunkSource> Pool<S> {
         rq: &mut Reclaiming,
         need: Need,
     ) -> Result<bool, Stop> {
+        if rq.spare {
+            return Ok(false);
+        }
         let Some(evictor) = c.evictor.clone() else {
             return Ok(false);
         };
@@ -2176,7 +2216,7 @@ impl<S: ChunkSource> Pool<S> {
             .ok_or_else(|| PoolError::UnknownOwner(owner))?
             .spec
             .tier;
-        let (mut c, placed) = self.place(c, owner, csize, UNIT, stream, true);
+        let (mut c, placed) = self.place(c, owner, csize, UNIT, stream, true, false);
         let Placed { node, offset, .. } = placed?;
         let idx = c.ev.insert(owner, tier, csize, tag, node, offset);
         let a = c.owners[owner.slot() as usize]
@@ -2232,7 +2272,7 @@ impl<S: ChunkSource> Pool<S> {
                             "the block was evicted but no evictor is set".into(),
                         )
                     })?;
-                    let (g, placed) = self.place(c, owner, size, UNIT, stream, true);
+                    let (g, placed) = self.place(c, owner, size, UNIT, stream, true, false);
                     c = g;
                     let placed = placed?;
                     // Placing may have let the lock go, and another pin of the block may

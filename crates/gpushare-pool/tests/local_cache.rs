@@ -1,5 +1,7 @@
 //! The per-thread local cache in front of a pool: what it keeps, what it gives back and when.
 
+mod common;
+
 use gpushare_pool::{
     Block, HostSource, LocalCache, OwnerId, OwnerSpec, Pool, PoolConfig, PoolError, StreamId,
 };
@@ -128,6 +130,58 @@ fn the_pool_running_short_elsewhere_makes_the_cache_give_back_at_its_next_call()
     let y = c.alloc(MIB, S1).unwrap();
     c.free(y).unwrap();
     assert_eq!(c.stats().flushes, 2);
+}
+
+#[test]
+fn an_owners_limit_asks_only_that_owners_caches() {
+    let p = pool(PoolConfig::default());
+    let a = p.add_owner(OwnerSpec::new("a", 4 * MIB)).unwrap();
+    let b = p.add_owner(OwnerSpec::new("b", 64 * MIB)).unwrap();
+    let mut ca = p.local_cache(a, 8 * MIB).unwrap();
+    let mut cb = p.local_cache(b, 8 * MIB).unwrap();
+    fill(&mut ca, 2, MIB);
+    fill(&mut cb, 2, MIB);
+    // `a` asks past its limit, its cache holding half of it.
+    assert!(matches!(
+        p.alloc(a, 3 * MIB, S1),
+        Err(PoolError::QuotaExceeded { .. })
+    ));
+    // `b`'s cache keeps its blocks; `a`'s gives them back at its next call.
+    let x = cb.alloc(MIB, S1).unwrap();
+    assert_eq!((cb.stats().flushes, cb.stats().hits), (0, 1));
+    let y = ca.alloc(256, S1).unwrap();
+    assert_eq!(ca.stats().flushes, 1);
+    assert_eq!(live(&p, a), 256);
+    cb.free(x).unwrap();
+    ca.free(y).unwrap();
+}
+
+#[test]
+fn a_miss_gives_the_caches_blocks_back_before_anyones_buffer_is_evicted() {
+    let p = pool(
+        PoolConfig::default()
+            .capacity(8 * MIB)
+            .cache_bytes_per_shard(0),
+    );
+    let rec = Arc::new(common::Recorder::default());
+    p.set_evictor(rec.clone());
+    let a = p.add_owner(OwnerSpec::new("a", 16 * MIB)).unwrap();
+    let be = p.add_owner(OwnerSpec::new("be", 8 * MIB)).unwrap();
+    let (victim, _) = p.alloc_evictable(be, 2 * MIB, 0, S1).unwrap();
+    p.unpin(&victim).unwrap();
+    let mut c = p.local_cache(a, 8 * MIB).unwrap();
+    // The pool is full: 6 MiB idle in the cache, 2 MiB of `be`'s evictable buffer.
+    fill(&mut c, 3, 2 * MIB);
+    let big = c.alloc(4 * MIB, S1).unwrap();
+    assert!(
+        rec.evicted.lock().unwrap().is_empty(),
+        "evicted for idle blocks"
+    );
+    assert!(p.is_resident(&victim).unwrap());
+    assert_eq!(c.stats().held_bytes, 0);
+    c.free(big).unwrap();
+    drop(c);
+    p.free_evictable(victim).map_err(|(_, e)| e).unwrap();
 }
 
 #[test]
