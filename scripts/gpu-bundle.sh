@@ -59,7 +59,7 @@ strip "$out"/tests/* "$out"/examples/* "$out"/benches/*
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the bundled tests (--ignored: the CUDA suites) and figure examples on a GPU machine.
-# Logs go to $OUT/results.tar.gz (default ./gpu-out). Exits non-zero if anything failed or timed out.
+# Logs go to $OUT/results.tar.gz (default ./gpu-out; results-2.tar.gz, ... for later runs). Exits non-zero if anything failed or timed out.
 #   ONLY="tests"                 only the test binaries
 #   ONLY="examples"              only the figure examples
 #   ONLY="gpu_report isolation"  only the named binaries (tests or examples)
@@ -127,8 +127,15 @@ for b in "$here"/benches/*; do
   echo "   rc=$rc in $((SECONDS - start)) s" >&2
   [ $rc -ne 0 ] && failed=1
 done
-tar czf "$FINAL/results.tar.gz" -C "$FINAL" results && rm -rf "$OUT"
-echo "results in $FINAL/results.tar.gz" >&2
+# A second run into the same $OUT keeps the first one's results: results-2.tar.gz, ...
+tarball=$FINAL/results.tar.gz
+n=1
+while [ -e "$tarball" ]; do
+  n=$((n + 1))
+  tarball=$FINAL/results-$n.tar.gz
+done
+tar czf "$tarball" -C "$FINAL" results && rm -rf "$OUT"
+echo "results in $tarball" >&2
 exit $failed
 RUN
 chmod +x "$out/run.sh"

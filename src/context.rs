@@ -78,7 +78,7 @@ pub(crate) struct CtxInner {
     /// context's working set (0: never). It compacts at most once until memory is
     /// released again.
     pub compacted_at: AtomicU64,
-    /// What its events share: the device, its stream and the spare device events.
+    /// What its events share: the device, its stream and the kept event handles.
     pub events: Arc<crate::event::EventHome>,
 }
 

@@ -5,6 +5,7 @@ use crate::error::{Result, RuntimeError};
 use crate::runtime::RtInner;
 use gpushare_device::{Device, EventFlags, Stream};
 use parking_lot::Mutex;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
@@ -26,8 +27,7 @@ impl EventHome {
         EventHome {
             dev,
             recent: Mutex::new(Recent {
-                handles: Vec::new(),
-                next: 0,
+                handles: VecDeque::new(),
             }),
             stream,
         }
@@ -36,8 +36,8 @@ impl EventHome {
 
 /// Most handles a context keeps for reuse.
 const RECENT: usize = 256;
-/// Handles looked at, from the cursor on, before a record makes a new one.
-const SCAN: usize = 4;
+/// Handles looked at, from the front, before a record makes a new one.
+const SCAN: usize = 8;
 
 /// Event handles kept for reuse. Reusing the whole handle, not only its device event,
 /// spares a record and the last drop of its handle an allocation, a free and four atomic
@@ -47,34 +47,42 @@ const SCAN: usize = 4;
 /// context empties the list when it is dropped (events recorded on a partition's stream
 /// were made in that partition's green context, and must not outlive it in a list).
 pub(crate) struct Recent {
-    handles: Vec<Arc<Inner>>,
-    /// Where the next search starts: just after the handle handed out last.
-    next: usize,
+    /// Least recently handed out first: the front is the likeliest to be free again.
+    handles: VecDeque<Arc<Inner>>,
 }
 
 impl Recent {
     /// Let go of every kept handle (those still held elsewhere live on with their home).
     pub(crate) fn clear(&mut self) {
         self.handles.clear();
-        self.next = 0;
     }
 
-    /// A kept handle that no one else holds, claimed (counted once more) for a record.
+    /// A kept handle that no one else holds, claimed (counted once more) for a record; it
+    /// goes to the back. Busy handles looked at go to the back too, so that handles held
+    /// for long (markers a user keeps, events of stream-ordered frees) do not stay in front
+    /// of the free ones.
     fn claim(&mut self) -> Option<Arc<Inner>> {
-        let n = self.handles.len();
-        for k in 0..n.min(SCAN) {
-            let i = (self.next + k) % n;
+        for _ in 0..self.handles.len().min(SCAN) {
+            let h = self.handles.pop_front()?;
             // Held only by this list: every other handle was dropped, and no new one can
             // appear but through this list, whose lock is held. No `Weak` is ever made.
-            if Arc::strong_count(&self.handles[i]) == 1 {
+            let free = Arc::strong_count(&h) == 1;
+            self.handles.push_back(h);
+            if free {
                 // Pairs with the release of the last other handle's drop: whatever its
                 // holder did with the event happens before the event is recorded again.
                 fence(Ordering::Acquire);
-                self.next = (i + 1) % n;
-                return Some(self.handles[i].clone());
+                return self.handles.back().cloned();
             }
         }
         None
+    }
+
+    /// Keep a new handle, if there is room.
+    fn keep(&mut self, h: &Arc<Inner>) {
+        if self.handles.len() < RECENT {
+            self.handles.push_back(h.clone());
+        }
     }
 }
 
@@ -119,10 +127,7 @@ impl Event {
                     ev: home.dev.create_event(EventFlags::default())?,
                     home: home.clone(),
                 });
-                let mut recent = home.recent.lock();
-                if recent.handles.len() < RECENT {
-                    recent.handles.push(inner.clone());
-                }
+                home.recent.lock().keep(&inner);
                 inner
             }
         };
