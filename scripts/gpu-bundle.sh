@@ -69,8 +69,8 @@ cat > "$out/run.sh" <<'RUN'
 #   BENCH_ARGS                   criterion flags (default: 1 s warm-up, 2 s measurement, no plots)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-# Everything is written under $OUT/results and packed into $OUT/results.tar.gz at the end
-# (the device tool brings back only a few files).
+# Everything is written under $OUT/results and packed into $OUT/results.tar.gz at the end (or
+# results-2.tar.gz, ... if that exists; the device tool brings back only a few files).
 FINAL=${OUT:-$PWD/gpu-out}
 OUT=$FINAL/results
 ONLY=${ONLY:-}
@@ -78,6 +78,8 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-120}
 EXAMPLE_TIMEOUT=${EXAMPLE_TIMEOUT:-150}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
 BENCH_ARGS=${BENCH_ARGS:---warm-up-time 1 --measurement-time 2 --noplot}
+# Logs a run killed before packing them left behind are not this run's.
+rm -rf "$OUT"
 mkdir -p "$OUT/tests" "$OUT/examples" "$OUT/benches"
 export GPUSHARE_DEVICE=cuda
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
@@ -134,7 +136,12 @@ while [ -e "$tarball" ]; do
   n=$((n + 1))
   tarball=$FINAL/results-$n.tar.gz
 done
-tar czf "$tarball" -C "$FINAL" results && rm -rf "$OUT"
+if tar czf "$tarball" -C "$FINAL" results; then
+  rm -rf "$OUT"
+else
+  echo "packing the results failed; they are in $OUT" >&2
+  failed=1
+fi
 echo "results in $tarball" >&2
 exit $failed
 RUN

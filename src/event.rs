@@ -78,11 +78,13 @@ impl Recent {
         None
     }
 
-    /// Keep a new handle, if there is room.
+    /// Keep a new handle. With the list full (of handles held for long: a record found no
+    /// free one among the first), the front one goes to make room; its holders keep it.
     fn keep(&mut self, h: &Arc<Inner>) {
-        if self.handles.len() < RECENT {
-            self.handles.push_back(h.clone());
+        if self.handles.len() >= RECENT {
+            self.handles.pop_front();
         }
+        self.handles.push_back(h.clone());
     }
 }
 

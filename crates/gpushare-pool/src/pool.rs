@@ -467,8 +467,9 @@ struct OwnerSlot {
     /// Generation; odd while the slot holds an owner.
     gen: AtomicU32,
     /// Times the owner's limit was short; its local caches give their blocks back when they
-    /// see it move (see [`crate::LocalCache`]).
-    reclaims: AtomicU64,
+    /// see it move (see [`crate::LocalCache`]). Padded: `gen`, beside it, is read on every
+    /// allocation.
+    reclaims: CachePadded<AtomicU64>,
     /// Padded so that threads working on neighbouring shards do not share cache lines.
     shards: Box<[CachePadded<ShardCell>]>,
 }
@@ -774,7 +775,7 @@ impl<S: ChunkSource> Pool<S> {
         let slots = (0..cfg.max_owners)
             .map(|_| OwnerSlot {
                 gen: AtomicU32::new(0),
-                reclaims: AtomicU64::new(0),
+                reclaims: CachePadded::new(AtomicU64::new(0)),
                 shards: (0..shards)
                     .map(|_| CachePadded::new(ShardCell::new(cache_classes, g / 16)))
                     .collect(),
@@ -983,7 +984,7 @@ impl<S: ChunkSource> Pool<S> {
     /// The counter that moves when `owner`'s limit is short (see [`OwnerSlot::reclaims`]),
     /// if `owner` is registered with this pool.
     pub(crate) fn owner_reclaims(&self, owner: OwnerId) -> Result<&AtomicU64, PoolError> {
-        self.slot(owner).map(|s| &s.reclaims)
+        self.slot(owner).map(|s| &*s.reclaims)
     }
 
     /// The largest block the caches keep.
@@ -994,7 +995,16 @@ impl<S: ChunkSource> Pool<S> {
     /// Allocate `size` bytes for `owner`, to be used on `stream`, aligned to 256 bytes.
     #[inline]
     pub fn alloc(&self, owner: OwnerId, size: u64, stream: StreamId) -> Result<Block, PoolError> {
-        // Fast path: a cached block of about this size, usable on this stream.
+        if let Some(b) = self.alloc_cached(owner, size, stream) {
+            return Ok(b);
+        }
+        self.alloc_unit_central(owner, size, stream)
+    }
+
+    /// The fast path of [`Pool::alloc`]: a block of about `size` bytes from the calling
+    /// thread's shard of `owner`'s cache, usable on `stream`.
+    #[inline(always)]
+    fn alloc_cached(&self, owner: OwnerId, size: u64, stream: StreamId) -> Option<Block> {
         if let Some(slot) = self.pool_slot(owner) {
             let cell = self.cell(slot);
             // An empty shard (where large sizes that do not repeat go uncached) costs one
@@ -1014,16 +1024,16 @@ impl<S: ChunkSource> Pool<S> {
                         // Kept apart from the general search below so that the entry
                         // stays in registers.
                         if let Some(c) = sh.pop_top(fc, size_r, stream) {
-                            return Ok(Self::hand_out(cell, sh, c, owner));
+                            return Some(Self::hand_out(cell, sh, c, owner));
                         }
                         if let Some(c) = sh.take_fit(size_r, stream) {
-                            return Ok(Self::hand_out(cell, sh, c, owner));
+                            return Some(Self::hand_out(cell, sh, c, owner));
                         }
                     }
                 }
             }
         }
-        self.alloc_unit_central(owner, size, stream)
+        None
     }
 
     /// A request at the allocation unit's alignment that missed the cache: the common
@@ -1139,6 +1149,9 @@ impl<S: ChunkSource> Pool<S> {
         size: u64,
         stream: StreamId,
     ) -> Result<Block, PoolError> {
+        if let Some(b) = self.alloc_cached(owner, size, stream) {
+            return Ok(b);
+        }
         self.alloc_general(owner, size, ALIGN_UNIT, stream, true)
     }
 
@@ -1472,8 +1485,11 @@ impl<S: ChunkSource> Pool<S> {
             let borrows = evictable && a.spec.tier != Tier::Guaranteed;
             if charged + size > limit {
                 // The owner's own cache counts against its limit: give it back once. Its
-                // local caches are asked too, and only its own.
-                self.slots[i].reclaims.fetch_add(1, Ordering::Relaxed);
+                // local caches are asked too, and only its own (not by a spared request,
+                // whose cache gives its blocks back itself).
+                if !rq.spare {
+                    self.slots[i].reclaims.fetch_add(1, Ordering::Relaxed);
+                }
                 if !flushed && self.flush_all(c) > 0 {
                     flushed = true;
                     continue;
@@ -1496,7 +1512,9 @@ impl<S: ChunkSource> Pool<S> {
                 c.peak_in_use = c.peak_in_use.max(c.in_use);
                 return Ok(());
             }
-            self.ask_local_caches();
+            if !rq.spare {
+                self.ask_local_caches();
+            }
             if !flushed && self.flush_all(c) > 0 {
                 flushed = true;
                 continue;
@@ -1530,7 +1548,7 @@ impl<S: ChunkSource> Pool<S> {
                     requested: size,
                     owner,
                     stream: StreamId(0),
-                    report: Box::new(self.report(c, &rq.failures)),
+                    report: self.report_for(c, rq),
                 }
             }));
         }
@@ -1604,6 +1622,16 @@ impl<S: ChunkSource> Pool<S> {
                         rq.failed(&err);
                         rq.skip.push(idx);
                     }
+                }
+                // A spared request (see `alloc_sparing`) does not wait for others' moves
+                // either: its caller has idle blocks of its own to give back first.
+                Err(Stop::Wait) if rq.spare => {
+                    break Err(PoolError::OutOfMemory {
+                        requested: size,
+                        owner,
+                        stream,
+                        report: Box::default(),
+                    })
                 }
                 Err(Stop::Wait) => c = self.moved.wait(c),
             }
@@ -1716,7 +1744,9 @@ impl<S: ChunkSource> Pool<S> {
                 // evict more (each eviction costs a copy out now and a restore later).
                 Grow::Full if c.evicting >= size + align - UNIT => return Err(Stop::Wait),
                 Grow::Full => {
-                    self.ask_local_caches();
+                    if !rq.spare {
+                        self.ask_local_caches();
+                    }
                     self.evict_one(c, owner, rq, Need::Space)?
                 }
             };
@@ -1734,7 +1764,7 @@ impl<S: ChunkSource> Pool<S> {
             requested: size,
             owner,
             stream,
-            report: Box::new(self.report(c, &rq.failures)),
+            report: self.report_for(c, rq),
         }))
     }
 
@@ -2088,6 +2118,15 @@ impl<S: ChunkSource> Pool<S> {
             }
             return Ok(true);
         }
+    }
+
+    /// The out-of-memory report of a failed request: none for a spared one, whose caller
+    /// (a local cache) gives its blocks back and asks again rather than report.
+    fn report_for(&self, c: &Central, rq: &Reclaiming) -> Box<OomReport> {
+        if rq.spare {
+            return Box::default();
+        }
+        Box::new(self.report(c, &rq.failures))
     }
 
     fn report(&self, c: &Central, eviction_failures: &[String]) -> OomReport {
