@@ -148,8 +148,10 @@ impl<'p, S: ChunkSource> LocalCache<'p, S> {
     }
 
     /// Allocate `size` bytes for the cache's owner, to be used on `stream`: a held block of
-    /// the size's class if there is one, else from the pool ([`Pool::alloc`]). If the pool
-    /// or the owner's limit is short, the cache gives its blocks back and asks once more.
+    /// the size's class if there is one, else from the pool ([`Pool::alloc`]). While the
+    /// cache holds blocks, it asks the pool first for memory that takes no eviction; where
+    /// the pool or the owner's limit is short of that, it gives its blocks back and asks as
+    /// [`Pool::alloc`] does (which may evict other owners' buffers).
     #[inline]
     pub fn alloc(&mut self, size: u64, stream: StreamId) -> Result<Block, PoolError> {
         if self.asked() == self.seen {
