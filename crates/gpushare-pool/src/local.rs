@@ -11,22 +11,8 @@
 //! with anyone until the pool asks for them back. [`LocalCache`] keeps them in plain
 //! vectors owned by the caller (`&mut self`), so a hit is a handful of loads and stores.
 //!
-//! What the pool sees: the blocks a local cache holds are live blocks of its owner, charged
-//! as such, exactly as if the caller held them. Its hits and frees do not reach the pool's
-//! allocation and free counts ([`LocalCache::stats`] has them). The blocks come back to the
-//! pool:
-//! - when the cache is flushed or dropped, or a free would take it over its budget;
-//! - when a request through it misses while it holds blocks, and the pool could serve the
-//!   request only by evicting someone's buffers, or not at all (the owner's limit, the
-//!   pool's capacity): the cache first asks the pool for memory without evicting, and
-//!   failing that gives its blocks back and asks as usual;
-//! - when the pool has run short elsewhere (commitments over capacity, no room to grow) or
-//!   trims, or the owner's limit was short for another request: the pool moves a counter
-//!   (the owner's own for its limit), which each local cache reads (two relaxed loads) at
-//!   its next call, giving its blocks back on seeing it move.
-//!
-//! A cache that nobody calls keeps its blocks until it is dropped, even while the pool
-//! evicts buffers for other requests, so its budget bounds what it can withhold.
+//! What the pool sees of a local cache, and when it gives its blocks back, is on
+//! [`LocalCache`].
 
 use crate::pool::Pool;
 use crate::sync::{AtomicU64, Ordering};
@@ -48,8 +34,25 @@ pub struct LocalCacheStats {
     pub flushes: u64,
 }
 
-/// A per-thread cache of one owner's freed blocks in front of a [`Pool`]. See
-/// [`Pool::local_cache`] and the [module documentation](self) for what it holds back.
+/// A per-thread cache of one owner's freed blocks in front of a [`Pool`] (see
+/// [`Pool::local_cache`]).
+///
+/// What the pool sees: the blocks a local cache holds are live blocks of its owner, charged
+/// as such, exactly as if the caller held them. Its hits and frees do not reach the pool's
+/// allocation and free counts ([`LocalCache::stats`] has them). The blocks come back to the
+/// pool:
+/// - when the cache is flushed or dropped, or a free would take it over its budget;
+/// - when a request through it misses while it holds blocks, and the pool could serve the
+///   request only by evicting someone's buffers, or not at all (the owner's limit, the
+///   pool's capacity): the cache first asks the pool for memory without evicting, and
+///   failing that gives its blocks back and asks as usual;
+/// - when the pool has run short elsewhere (commitments over capacity, no room to grow) or
+///   trims, or the owner's limit was short for another request: the pool moves a counter
+///   (the owner's own for its limit), which each local cache reads (two relaxed loads) at
+///   its next call, giving its blocks back on seeing it move.
+///
+/// A cache that nobody calls keeps its blocks until it is dropped, even while the pool
+/// evicts buffers for other requests, so its budget bounds what it can withhold.
 ///
 /// ```
 /// use gpushare_pool::{HostSource, OwnerSpec, Pool, PoolConfig, StreamId};
