@@ -231,10 +231,12 @@ impl RuntimeBuilder {
         let copy_stream = dev.create_stream(info.priority_range.greatest)?;
         let buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>> = Arc::default();
         let pool = Arc::new(pool);
+        let waits = Arc::new(SessionGate::new(aging));
         pool.set_evictor(Arc::new(Offloader {
             dev: dev.clone(),
             stream: copy_stream,
             buffers: buffers.clone(),
+            waits: waits.clone(),
         }));
         static NEXT: AtomicU64 = AtomicU64::new(1);
         Ok(Runtime {
@@ -250,7 +252,7 @@ impl RuntimeBuilder {
                 buffers,
                 contexts: Mutex::new(Vec::new()),
                 handlers: Arc::default(),
-                waits: Arc::new(SessionGate::new(aging)),
+                waits,
                 next_stream: AtomicU64::new(1),
                 pin_lock: TierLock::new(aging),
                 create_lock: Mutex::new(()),
@@ -368,6 +370,9 @@ struct Offloader {
     dev: Arc<dyn Device>,
     stream: Stream,
     buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>>,
+    /// Woken when a buffer dropped while its bytes moved out has gone (see
+    /// [`Evictor::freed_while_moving`]): its drop woke waiting sessions before that.
+    waits: Arc<SessionGate>,
 }
 
 impl Offloader {
@@ -483,6 +488,10 @@ impl Evictor for Offloader {
                 }))
             }
         }
+    }
+
+    fn freed_while_moving(&self) {
+        self.waits.released();
     }
 
     fn restore(&self, r: &RestoreInfo) -> std::result::Result<(), EvictError> {

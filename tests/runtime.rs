@@ -60,17 +60,28 @@ fn wait_until(what: &str, done: impl Fn() -> bool) {
     }
 }
 
-/// A BestEffort context `a` whose 40 MiB buffer holds `data`, offloaded to make room for
-/// another context `b`'s; with `a`'s stream, for holding it.
-fn offloaded(
-    rt: &Runtime,
-    data: &[u8],
-) -> (
+/// Two contexts, a buffer of the first and the first's stream (see [`written`]).
+type TwoContexts = (
     gpushare::Context,
     gpushare::Context,
     gpushare::Buffer,
     gpushare::device::Stream,
-) {
+);
+
+/// A BestEffort context `a` whose 40 MiB buffer holds `data`, offloaded to make room for
+/// another context `b`'s; with `a`'s stream, for holding it.
+fn offloaded(rt: &Runtime, data: &[u8]) -> TwoContexts {
+    let (a, b, buf, a_stream) = written(rt, data);
+    // The other context takes its place: the buffer is offloaded.
+    drop(b.create_buffer(40 * MIB).unwrap());
+    assert!(!buf.is_resident());
+    (a, b, buf, a_stream)
+}
+
+/// A BestEffort context "a" whose 40 MiB buffer holds `data`, written in a session that
+/// has ended, and a context "b" (of the default tier) that can take its place; with `a`'s
+/// stream.
+fn written(rt: &Runtime, data: &[u8]) -> TwoContexts {
     let a = rt
         .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
         .unwrap();
@@ -81,9 +92,6 @@ fn offloaded(
         s.write(&buf, 0, data).unwrap();
         s.stream().clone()
     };
-    // The other context takes its place: the buffer is offloaded.
-    drop(b.create_buffer(40 * MIB).unwrap());
-    assert!(!buf.is_resident());
     (a, b, buf, a_stream)
 }
 
@@ -1795,4 +1803,30 @@ fn event_handles_held_for_long_do_not_stop_the_reuse_of_the_others() {
     // however long it runs.
     let made = sim.live().events - base;
     assert!(made <= 2 * (kept.len() as i64 + 10), "{made} device events");
+}
+
+#[test]
+fn a_buffer_dropped_on_the_executor_while_its_bytes_move_out_does_not_wait_for_the_copy() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let (a, b, buf, a_stream) = written(&rt, &pattern(40 * MIB as usize, 12));
+    // The eviction fences on `a`'s stream: its bytes stay in flight until the held kernel
+    // goes on, which is only once the drop below has returned.
+    let go = hold(&sim, &a_stream);
+    let b2 = b.clone();
+    let maker = std::thread::spawn(move || b2.create_buffer(40 * MIB));
+    let rt2 = rt.clone();
+    let stuck = "dropping a buffer whose bytes were moving out held the executor's only thread";
+    on_one_thread(stuck, async move {
+        a_move_in_flight(&rt2).await;
+        drop(buf);
+        go.send(()).unwrap();
+    });
+    let made = maker.join().unwrap().unwrap();
+    // The dropped buffer went when its move ended: nothing of it is left.
+    let u = a.usage();
+    assert_eq!((u.resident, u.evicted, u.used), (0, 0, 0), "{u:?}");
+    assert!(made.is_resident());
+    drop(made);
+    drop((a, b));
+    assert_eq!(rt.pool_stats().in_use_bytes, 0);
 }

@@ -113,6 +113,11 @@ pub trait Evictor: Send + Sync {
     /// the evictor must then leave no work queued that touches that memory, which the pool
     /// hands on to other requests.
     fn restore(&self, info: &RestoreInfo) -> Result<(), EvictError>;
+    /// A block freed while its bytes were moving out ([`crate::Pool::free_evictable`]
+    /// returns at once then) has now been freed, its memory or its evicted copy released.
+    /// Called with the pool's lock held: it must not call the pool. For an owner that
+    /// signals waiters when memory is released, since the free came before the memory.
+    fn freed_while_moving(&self) {}
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +193,9 @@ pub(crate) struct Entry {
     pub pins: u32,
     /// Queued work that may still use the block (see [`LastUse`]).
     pub last_use: LastUse,
+    /// Freed while its bytes were moving out: the eviction's finish frees it, evicted or
+    /// kept. Its handle is gone, and every reference to it fails as already freed.
+    pub doomed: bool,
     gen: u32,
     prev: u32,
     next: u32,
@@ -243,6 +251,7 @@ impl EvState {
             residency: Residency::Resident { node, offset },
             pins: 1,
             last_use: LastUse::default(),
+            doomed: false,
             gen,
             prev: NONE,
             next: NONE,
@@ -268,9 +277,14 @@ impl EvState {
             });
         }
         match self.entries.get(id.key.idx as usize) {
-            Some(e) if e.gen == id.key.gen => Ok(id.key.idx),
+            Some(e) if e.gen == id.key.gen && !e.doomed => Ok(id.key.idx),
             _ => Err(PoolError::DoubleFree),
         }
+    }
+
+    /// Mark block `idx`, whose bytes are moving out, to be freed when the move ends.
+    pub fn doom(&mut self, idx: u32) {
+        self.entries[idx as usize].doomed = true;
     }
 
     #[inline]

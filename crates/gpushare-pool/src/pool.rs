@@ -916,10 +916,21 @@ impl<S: ChunkSource> Pool<S> {
         Ok(OwnerId::new(self.id, slot as u32, gen))
     }
 
-    /// Remove an owner that holds nothing (its cache is returned first).
+    /// Remove an owner that holds nothing (its cache is returned first). Evictions of its
+    /// blocks under way are waited for: a block freed while its bytes move out is freed
+    /// when the move ends.
     pub fn remove_owner(&self, owner: OwnerId) -> Result<(), PoolError> {
         let mut c = self.central.lock();
         let slot = self.slot(owner)?;
+        // Blocks freed while their bytes move out go when the move ends (see `doom`): an
+        // owner whose last blocks were freed so is not busy, only not done yet.
+        while c.owners[owner.slot() as usize]
+            .as_ref()
+            .is_some_and(|a| a.evicting > 0)
+        {
+            c = self.moved.wait(c);
+            self.slot(owner)?;
+        }
         self.flush_owner(&mut c, owner.slot() as usize);
         // Completed stream-ordered frees go back now, releasing their events: an owner's
         // departure is when their holder (a stream, a context) is likely to go too.
@@ -2058,6 +2069,13 @@ impl<S: ChunkSource> Pool<S> {
             Ok(()) => Self::evicted(&mut c, idx),
             Err(_) => c.ev.mark_kept(idx),
         }
+        // Freed while its bytes moved: evicted or kept, it goes now.
+        if c.ev.get(idx).doomed {
+            Self::release_entry(&mut c, idx);
+            if let Some(evictor) = &c.evictor {
+                evictor.freed_while_moving();
+            }
+        }
         self.moved.notify_all();
         (c, r)
     }
@@ -2554,7 +2572,9 @@ impl<S: ChunkSource> Pool<S> {
     }
 
     /// Free an evictable block. It must not be pinned; on error the handle comes back. A
-    /// block whose bytes are moving out is freed once they are out. One being restored for
+    /// block whose bytes are moving out is freed when the move ends, and this returns at
+    /// once, without waiting for the copy; its owner stays charged for it until then (and
+    /// [`Pool::remove_owner`] waits for the move). One being restored for
     /// a pin is refused at once with [`PoolError::Restoring`]: the pin will hold it (see
     /// [`Pool::is_held`]). Memory that work recorded by [`Pool::unpin_after`] may still use
     /// stays pending until that work is done.
@@ -2567,8 +2587,8 @@ impl<S: ChunkSource> Pool<S> {
     /// For a block whose last users' work may still be queued (a session ends without
     /// waiting for the GPU): unpin it with [`Pool::unpin_after`] or [`Pool::unpin`] first,
     /// since it must not be pinned; on error the handle comes back. As
-    /// [`Pool::free_evictable`], it waits for an eviction under way to end, and refuses a
-    /// block being restored for a pin.
+    /// [`Pool::free_evictable`], it leaves a block whose bytes are moving out to be freed
+    /// when the move ends, and refuses a block being restored for a pin.
     pub fn free_evictable_after(
         &self,
         id: EvictableId,
@@ -2584,58 +2604,70 @@ impl<S: ChunkSource> Pool<S> {
         after: Option<(StreamId, Arc<dyn FreeEvent>)>,
     ) -> Result<(), (EvictableId, PoolError)> {
         let mut c = self.central.lock();
-        loop {
-            let idx = match c.ev.lookup(self.id, id.to_ref()) {
-                Ok(i) => i,
-                Err(e) => return Err((id, e)),
-            };
-            let e = c.ev.get(idx);
-            if e.pins > 0 {
-                let pins = e.pins;
-                return Err((id, PoolError::Pinned { pins }));
-            }
-            let (owner, size, res) = (e.owner, e.size, e.residency);
-            let slot = owner.slot() as usize;
-            match res {
-                // Its bytes are moving out: free it where they end up.
-                Residency::Evicting { .. } => {
-                    c = self.moved.wait(c);
-                    continue;
-                }
-                // Moving back in for a pin, which will hold it: waiting would only end
-                // in `Pinned`.
-                Residency::Restoring { .. } => return Err((id, PoolError::Restoring)),
-                Residency::Resident { node, .. } => {
-                    // The memory waits for this free's event and for the work of earlier
-                    // unpins that may still use it.
-                    let last_use = c.ev.last_use(idx);
-                    if let Some((stream, event)) = after {
-                        last_use.add(stream, event);
-                    }
-                    let uses = last_use.take();
-                    c.ev.remove(idx);
-                    Self::uncharge(&mut c, slot, size);
-                    match Pending::after_uses(node, size, owner, uses) {
-                        Some(p) => c.pending.push(p),
-                        None => c.tlsf.free(node),
-                    }
-                    if let Some(a) = c.owners[slot].as_mut() {
-                        a.evictable_resident -= size;
-                    }
-                }
-                Residency::Evicted => {
-                    c.ev.remove(idx);
-                    if let Some(a) = c.owners[slot].as_mut() {
-                        a.evicted_bytes -= size;
-                    }
-                }
-            }
-            if let Some(a) = c.owners[slot].as_mut() {
-                a.frees += 1;
-            }
-            c.frees += 1;
-            return Ok(());
+        let idx = match c.ev.lookup(self.id, id.to_ref()) {
+            Ok(i) => i,
+            Err(e) => return Err((id, e)),
+        };
+        let e = c.ev.get(idx);
+        if e.pins > 0 {
+            let pins = e.pins;
+            return Err((id, PoolError::Pinned { pins }));
         }
+        match e.residency {
+            // Its bytes are moving out: the eviction's finish frees it (see `doom`). The
+            // caller does not wait for the copy: on an async executor's thread that would
+            // stall every task for as long as the copy takes.
+            Residency::Evicting { .. } => {
+                if let Some((stream, event)) = after {
+                    c.ev.last_use(idx).add(stream, event);
+                }
+                c.ev.doom(idx);
+                return Ok(());
+            }
+            // Moving back in for a pin, which will hold it: waiting would only end in
+            // `Pinned`.
+            Residency::Restoring { .. } => return Err((id, PoolError::Restoring)),
+            Residency::Resident { .. } | Residency::Evicted => {}
+        }
+        if let Some((stream, event)) = after {
+            c.ev.last_use(idx).add(stream, event);
+        }
+        Self::release_entry(&mut c, idx);
+        Ok(())
+    }
+
+    /// Free evictable block `idx`, resident or evicted, and count the free. A resident
+    /// block's memory waits for the work of its recorded last uses (see [`LastUse`]).
+    fn release_entry(c: &mut Central, idx: u32) {
+        let e = c.ev.get(idx);
+        let (owner, size, res) = (e.owner, e.size, e.residency);
+        let slot = owner.slot() as usize;
+        match res {
+            Residency::Resident { node, .. } => {
+                let uses = c.ev.last_use(idx).take();
+                c.ev.remove(idx);
+                Self::uncharge(c, slot, size);
+                match Pending::after_uses(node, size, owner, uses) {
+                    Some(p) => c.pending.push(p),
+                    None => c.tlsf.free(node),
+                }
+                if let Some(a) = c.owners[slot].as_mut() {
+                    a.evictable_resident -= size;
+                }
+            }
+            Residency::Evicted => {
+                c.ev.remove(idx);
+                if let Some(a) = c.owners[slot].as_mut() {
+                    a.evicted_bytes -= size;
+                }
+            }
+            // Settled by the caller first.
+            Residency::Evicting { .. } | Residency::Restoring { .. } => return,
+        }
+        if let Some(a) = c.owners[slot].as_mut() {
+            a.frees += 1;
+        }
+        c.frees += 1;
     }
 
     /// Statistics, global and per owner. Locks every shard briefly.

@@ -240,23 +240,69 @@ fn a_pin_waits_for_a_failed_move_and_finds_the_block_where_it_was() {
 }
 
 #[test]
-fn a_free_of_a_moving_block_waits_and_frees_it_where_its_bytes_ended() {
+fn a_free_of_a_moving_block_returns_at_once_and_the_block_goes_when_its_bytes_are_out() {
     let s = Setup::new(Outcome::Ok);
     let p = s.pool.clone();
-    let (_, g, id) = s.victim(6 * MIB, 0);
+    let (be, g, id) = s.victim(6 * MIB, 0);
+    let r = id.to_ref();
     let requester = s.request(g, 4 * MIB);
     s.started.recv().unwrap();
+    // The copy is held up; the free does not wait for it.
     let p2 = p.clone();
-    let freer = thread::spawn(move || p2.free_evictable(id).map_err(|(_, e)| e));
-    waiting(&freer);
+    within_patience("a free of a moving block", move || {
+        p2.free_evictable(id).map_err(|(_, e)| e)
+    })
+    .unwrap();
+    // Gone for every reference at once, though its owner is charged until the move ends.
+    assert!(matches!(p.is_resident(r), Err(PoolError::DoubleFree)));
+    assert!(matches!(p.pin(r, S1), Err(PoolError::DoubleFree)));
+    assert_eq!(p.stats().owners[0].in_use_bytes, 6 * MIB);
     s.open_gate();
     let x = requester.join().unwrap().unwrap();
-    freer.join().unwrap().unwrap();
     let st = p.stats();
     assert_eq!(st.evictions, 1);
     assert_eq!(st.owners[0].evicted_bytes, 0);
     assert_eq!(st.owners[0].in_use_bytes, 0);
+    assert_eq!(st.owners[0].frees, 1);
     p.free(x).unwrap();
+    assert_eq!(p.stats().in_use_bytes, 0);
+    p.remove_owner(be).unwrap();
+}
+
+#[test]
+fn a_block_freed_while_its_move_fails_is_freed_where_it_stayed() {
+    let s = Setup::new(Outcome::Fail);
+    let p = s.pool.clone();
+    let (be, g, id) = s.victim(6 * MIB, 0);
+    let requester = s.request(g, 4 * MIB);
+    s.started.recv().unwrap();
+    p.free_evictable(id).unwrap();
+    s.open_gate();
+    // The failed move left the block where it was, and the free took it from there: the
+    // request finds the memory free.
+    let x = requester.join().unwrap().unwrap();
+    let st = p.stats();
+    assert_eq!(st.evictions, 0);
+    assert_eq!(st.owners[0].in_use_bytes, 0);
+    assert_eq!(st.owners[0].evictable_resident_bytes, 0);
+    p.free(x).unwrap();
+    p.remove_owner(be).unwrap();
+}
+
+#[test]
+fn removing_an_owner_waits_for_the_move_of_a_block_it_freed() {
+    let s = Setup::new(Outcome::Ok);
+    let p = s.pool.clone();
+    let (be, g, id) = s.victim(6 * MIB, 0);
+    let requester = s.request(g, 4 * MIB);
+    s.started.recv().unwrap();
+    p.free_evictable(id).unwrap();
+    let p2 = p.clone();
+    let remover = thread::spawn(move || p2.remove_owner(be));
+    waiting(&remover);
+    s.open_gate();
+    remover.join().unwrap().unwrap();
+    p.free(requester.join().unwrap().unwrap()).unwrap();
     assert_eq!(p.stats().in_use_bytes, 0);
 }
 

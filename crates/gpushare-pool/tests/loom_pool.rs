@@ -3,8 +3,8 @@
 #![cfg(loom)]
 
 use gpushare_pool::{
-    EvictError, Eviction, Evictor, FreeEvent, HostSource, OwnerSpec, Pool, PoolConfig, PoolError,
-    RestoreInfo, StreamId, Tier, VictimInfo,
+    EvictError, EvictableId, Eviction, Evictor, FreeEvent, HostSource, OwnerId, OwnerSpec, Pool,
+    PoolConfig, PoolError, RestoreInfo, StreamId, Tier, VictimInfo,
 };
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use loom::sync::Arc;
@@ -108,6 +108,19 @@ impl Evictor for Guarded {
     }
 }
 
+/// Give `pool` the evictor `guarded`, a BestEffort owner with one unpinned evictable block
+/// of the whole pool, and a Guaranteed owner to ask for its memory.
+fn one_victim(pool: &Pool<HostSource>, guarded: Guarded) -> (OwnerId, OwnerId, EvictableId) {
+    pool.set_evictor(std::sync::Arc::new(guarded));
+    let be = pool.add_owner(OwnerSpec::new("be", G)).unwrap();
+    let g = pool
+        .add_owner(OwnerSpec::new("g", G).tier(Tier::Guaranteed))
+        .unwrap();
+    let (id, _) = pool.alloc_evictable(be, G, 0, StreamId(0)).unwrap();
+    pool.unpin(&id).unwrap();
+    (be, g, id)
+}
+
 #[test]
 fn eviction_racing_a_pin() {
     loom::model(|| {
@@ -115,13 +128,7 @@ fn eviction_racing_a_pin() {
         let in_use = Arc::new(AtomicBool::new(false));
         let guarded = Guarded::new(in_use.clone());
         let violated = guarded.violated.clone();
-        pool.set_evictor(std::sync::Arc::new(guarded));
-        let be = pool.add_owner(OwnerSpec::new("be", G)).unwrap();
-        let g = pool
-            .add_owner(OwnerSpec::new("g", G).tier(Tier::Guaranteed))
-            .unwrap();
-        let (id, _) = pool.alloc_evictable(be, G, 0, StreamId(0)).unwrap();
-        pool.unpin(&id).unwrap();
+        let (be, g, id) = one_victim(&pool, guarded);
         let p2 = pool.clone();
         let flag = in_use.clone();
         let t = thread::spawn(move || {
@@ -329,5 +336,32 @@ fn a_local_cache_and_another_owner_short_of_memory() {
         assert!(s.peak_in_use_bytes <= 2 * G);
         pool.free(pool.alloc(b, 2 * G, StreamId(0)).unwrap())
             .unwrap();
+    });
+}
+
+#[test]
+fn a_free_racing_an_evictions_move() {
+    loom::model(|| {
+        let pool = Arc::new(small_pool(G));
+        let guarded = Guarded::new(Arc::new(AtomicBool::new(false)));
+        let evictions = guarded.evictions.clone();
+        let (be, g, id) = one_victim(&pool, guarded);
+        let r = id.to_ref();
+        // The free runs before, during or after the move out that the request starts.
+        let t = {
+            let pool = pool.clone();
+            thread::spawn(move || pool.free_evictable(id).map_err(|(_, e)| e))
+        };
+        let got = pool.alloc(g, G, StreamId(0));
+        t.join().unwrap().unwrap();
+        // Freed once, whatever the order: gone for its reference, nothing of it charged.
+        assert!(matches!(pool.is_resident(r), Err(PoolError::DoubleFree)));
+        let s = pool.stats();
+        assert_eq!(s.owners[0].in_use_bytes + s.owners[0].evicted_bytes, 0);
+        assert!(evictions.load(Ordering::SeqCst) <= 1);
+        // The request had the pool, or finds it free now.
+        let b = got.or_else(|_| pool.alloc(g, G, StreamId(0))).unwrap();
+        pool.free(b).unwrap();
+        pool.remove_owner(be).unwrap();
     });
 }
