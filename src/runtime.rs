@@ -490,7 +490,8 @@ impl Evictor for Offloader {
         }
     }
 
-    fn freed_while_moving(&self) {
+    fn freed_while_moving(&self, _: EvictableKey) {
+        // The buffer's entry went with its drop; its staging goes with the eviction's finish.
         self.waits.released();
     }
 

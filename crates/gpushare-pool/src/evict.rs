@@ -113,11 +113,13 @@ pub trait Evictor: Send + Sync {
     /// the evictor must then leave no work queued that touches that memory, which the pool
     /// hands on to other requests.
     fn restore(&self, info: &RestoreInfo) -> Result<(), EvictError>;
-    /// A block freed while its bytes were moving out ([`crate::Pool::free_evictable`]
-    /// returns at once then) has now been freed, its memory or its evicted copy released.
-    /// Called with the pool's lock held: it must not call the pool. For an owner that
-    /// signals waiters when memory is released, since the free came before the memory.
-    fn freed_while_moving(&self) {}
+    /// Block `id`, freed while its bytes were moving out ([`crate::Pool::free_evictable`]
+    /// returns at once then), has now been freed, its memory or its evicted copy released:
+    /// drop anything kept for it, and wake whoever waits for memory (the free came before
+    /// the memory). Called without the pool's lock.
+    fn freed_while_moving(&self, id: EvictableKey) {
+        let _ = id;
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

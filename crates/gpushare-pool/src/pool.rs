@@ -1627,11 +1627,14 @@ impl<S: ChunkSource> Pool<S> {
                 Err(Stop::Fail(e)) => break Err(e),
                 Err(Stop::Finish(f)) => {
                     let idx = f.idx;
-                    let (g, r) = self.finish_eviction(c, f);
+                    let (g, r, freed) = self.finish_eviction(c, f);
                     c = g;
                     if let Err(err) = r {
                         rq.failed(&err);
-                        rq.skip.push(idx);
+                        // A block freed during its move is gone: its slot may serve another.
+                        if !freed {
+                            rq.skip.push(idx);
+                        }
                     }
                 }
                 // A spared request (see `alloc_sparing`) does not wait for others' moves
@@ -2049,7 +2052,7 @@ impl<S: ChunkSource> Pool<S> {
         &'a self,
         c: CentralGuard<'a>,
         moving: InFlight,
-    ) -> (CentralGuard<'a>, Result<(), EvictError>) {
+    ) -> (CentralGuard<'a>, Result<(), EvictError>, bool) {
         let InFlight { idx, finish } = moving;
         drop(c);
         let r = catch_unwind(AssertUnwindSafe(finish)).unwrap_or_else(|_| {
@@ -2070,14 +2073,22 @@ impl<S: ChunkSource> Pool<S> {
             Err(_) => c.ev.mark_kept(idx),
         }
         // Freed while its bytes moved: evicted or kept, it goes now.
-        if c.ev.get(idx).doomed {
+        let freed = c.ev.get(idx).doomed;
+        let key = c.ev.public_id(self.id, idx).key;
+        if freed {
             Self::release_entry(&mut c, idx);
-            if let Some(evictor) = &c.evictor {
-                evictor.freed_while_moving();
-            }
         }
         self.moved.notify_all();
-        (c, r)
+        if freed {
+            // Without the lock: the evictor's owner may wake waiters, whose wake-ups may
+            // run anything.
+            if let Some(evictor) = c.evictor.clone() {
+                drop(c);
+                evictor.freed_while_moving(key);
+                c = self.central.lock();
+            }
+        }
+        (c, r, freed)
     }
 
     /// The block `idx` is out: free its memory and count the eviction.

@@ -1,6 +1,6 @@
-//! Evictions whose bytes move while the pool's lock is free: other requests go on, pins and
-//! frees of the victim wait for the outcome, and a failed or panicking move leaves the
-//! block where it was.
+//! Evictions whose bytes move while the pool's lock is free: other requests go on, pins of
+//! the victim wait for the outcome, a free of it returns at once and leaves it to the move's
+//! end, and a failed or panicking move leaves the block where it was.
 
 use gpushare_pool::{
     Block, EvictError, EvictableId, Eviction, Evictor, HostSource, OwnerId, OwnerSpec, Pool,
@@ -276,7 +276,10 @@ fn a_block_freed_while_its_move_fails_is_freed_where_it_stayed() {
     let (be, g, id) = s.victim(6 * MIB, 0);
     let requester = s.request(g, 4 * MIB);
     s.started.recv().unwrap();
-    p.free_evictable(id).unwrap();
+    let p2 = p.clone();
+    assert!(within_patience("a free of a moving block", move || {
+        p2.free_evictable(id).is_ok()
+    }));
     s.open_gate();
     // The failed move left the block where it was, and the free took it from there: the
     // request finds the memory free.
@@ -296,7 +299,10 @@ fn removing_an_owner_waits_for_the_move_of_a_block_it_freed() {
     let (be, g, id) = s.victim(6 * MIB, 0);
     let requester = s.request(g, 4 * MIB);
     s.started.recv().unwrap();
-    p.free_evictable(id).unwrap();
+    let p2 = p.clone();
+    assert!(within_patience("a free of a moving block", move || {
+        p2.free_evictable(id).is_ok()
+    }));
     let p2 = p.clone();
     let remover = thread::spawn(move || p2.remove_owner(be));
     waiting(&remover);
