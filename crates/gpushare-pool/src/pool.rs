@@ -564,6 +564,8 @@ pub(crate) struct OwnerAcct {
     pub evicted_bytes: u64,
     /// Resident bytes whose move out has started (still charged until it ends).
     pub evicting: u64,
+    /// Of those, bytes of blocks freed during their move: freed when it ends.
+    pub doomed: u64,
     pub allocs: u64,
     pub frees: u64,
     pub evictions: u64,
@@ -905,6 +907,7 @@ impl<S: ChunkSource> Pool<S> {
             evictable_pinned: 0,
             evicted_bytes: 0,
             evicting: 0,
+            doomed: 0,
             allocs: 0,
             frees: 0,
             evictions: 0,
@@ -916,32 +919,33 @@ impl<S: ChunkSource> Pool<S> {
         Ok(OwnerId::new(self.id, slot as u32, gen))
     }
 
-    /// Remove an owner that holds nothing (its cache is returned first). Evictions of its
-    /// blocks under way are waited for: a block freed while its bytes move out is freed
-    /// when the move ends.
+    /// Remove an owner that holds nothing (its cache is returned first). A block freed
+    /// while its bytes move out is freed when the move ends, and that is waited for; any
+    /// other block, moving or not, makes the owner busy at once.
     pub fn remove_owner(&self, owner: OwnerId) -> Result<(), PoolError> {
         let mut c = self.central.lock();
         let slot = self.slot(owner)?;
-        // Blocks freed while their bytes move out go when the move ends (see `doom`): an
-        // owner whose last blocks were freed so is not busy, only not done yet.
-        while c.owners[owner.slot() as usize]
-            .as_ref()
-            .is_some_and(|a| a.evicting > 0)
-        {
+        let acct = loop {
+            self.flush_owner(&mut c, owner.slot() as usize);
+            // Completed stream-ordered frees go back now, releasing their events: an
+            // owner's departure is when their holder (a stream, a context) is likely to go
+            // too.
+            self.retire_pending(&mut c);
+            let acct = c.owners[owner.slot() as usize]
+                .as_ref()
+                .ok_or_else(|| PoolError::UnknownOwner(owner))?;
+            // Blocks freed while their bytes move out go when the move ends (see `doom`):
+            // an owner that holds nothing else is not busy, only not done yet.
+            let held = acct.charged + acct.evicted_bytes - acct.doomed;
+            if held > 0 {
+                return Err(PoolError::OwnerBusy { owner, bytes: held });
+            }
+            if acct.doomed == 0 {
+                break acct;
+            }
             c = self.moved.wait(c);
             self.slot(owner)?;
-        }
-        self.flush_owner(&mut c, owner.slot() as usize);
-        // Completed stream-ordered frees go back now, releasing their events: an owner's
-        // departure is when their holder (a stream, a context) is likely to go too.
-        self.retire_pending(&mut c);
-        let acct = c.owners[owner.slot() as usize]
-            .as_ref()
-            .ok_or_else(|| PoolError::UnknownOwner(owner))?;
-        let held = acct.charged + acct.evicted_bytes;
-        if held > 0 {
-            return Err(PoolError::OwnerBusy { owner, bytes: held });
-        }
+        };
         let base = acct.spec.base;
         c.committed -= base;
         c.owners[owner.slot() as usize] = None;
@@ -2076,6 +2080,9 @@ impl<S: ChunkSource> Pool<S> {
         let freed = c.ev.get(idx).doomed;
         let key = c.ev.public_id(self.id, idx).key;
         if freed {
+            if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
+                a.doomed -= size;
+            }
             Self::release_entry(&mut c, idx);
         }
         self.moved.notify_all();
@@ -2629,10 +2636,14 @@ impl<S: ChunkSource> Pool<S> {
             // caller does not wait for the copy: on an async executor's thread that would
             // stall every task for as long as the copy takes.
             Residency::Evicting { .. } => {
+                let (slot, size) = (e.owner.slot() as usize, e.size);
                 if let Some((stream, event)) = after {
                     c.ev.last_use(idx).add(stream, event);
                 }
                 c.ev.doom(idx);
+                if let Some(a) = c.owners[slot].as_mut() {
+                    a.doomed += size;
+                }
                 return Ok(());
             }
             // Moving back in for a pin, which will hold it: waiting would only end in

@@ -127,11 +127,34 @@ impl Setup {
         (be, g, id)
     }
 
+    /// A 6 MiB victim whose move out a Guaranteed owner's request of 4 MiB has started
+    /// (held at the gate): its owner, the block and the request.
+    fn moving(
+        &self,
+    ) -> (
+        OwnerId,
+        EvictableId,
+        thread::JoinHandle<Result<Block, PoolError>>,
+    ) {
+        let (be, g, id) = self.victim(6 * MIB, 0);
+        let requester = self.request(g, 4 * MIB);
+        self.started.recv().unwrap();
+        (be, id, requester)
+    }
+
     /// `owner` requests `size` bytes on another thread.
     fn request(&self, owner: OwnerId, size: u64) -> thread::JoinHandle<Result<Block, PoolError>> {
         let p = self.pool.clone();
         thread::spawn(move || p.alloc(owner, size, S1))
     }
+}
+
+/// Free `id`, failing the test unless it returns at once (its bytes may be moving out).
+fn freed_at_once(p: &Arc<Pool<HostSource>>, id: EvictableId) {
+    let p = p.clone();
+    assert!(within_patience("a free of a moving block", move || {
+        p.free_evictable(id).is_ok()
+    }));
 }
 
 /// Run `f` on another thread and wait for it, failing the test if it does not return.
@@ -273,13 +296,8 @@ fn a_free_of_a_moving_block_returns_at_once_and_the_block_goes_when_its_bytes_ar
 fn a_block_freed_while_its_move_fails_is_freed_where_it_stayed() {
     let s = Setup::new(Outcome::Fail);
     let p = s.pool.clone();
-    let (be, g, id) = s.victim(6 * MIB, 0);
-    let requester = s.request(g, 4 * MIB);
-    s.started.recv().unwrap();
-    let p2 = p.clone();
-    assert!(within_patience("a free of a moving block", move || {
-        p2.free_evictable(id).is_ok()
-    }));
+    let (be, id, requester) = s.moving();
+    freed_at_once(&p, id);
     s.open_gate();
     // The failed move left the block where it was, and the free took it from there: the
     // request finds the memory free.
@@ -296,13 +314,8 @@ fn a_block_freed_while_its_move_fails_is_freed_where_it_stayed() {
 fn removing_an_owner_waits_for_the_move_of_a_block_it_freed() {
     let s = Setup::new(Outcome::Ok);
     let p = s.pool.clone();
-    let (be, g, id) = s.victim(6 * MIB, 0);
-    let requester = s.request(g, 4 * MIB);
-    s.started.recv().unwrap();
-    let p2 = p.clone();
-    assert!(within_patience("a free of a moving block", move || {
-        p2.free_evictable(id).is_ok()
-    }));
+    let (be, id, requester) = s.moving();
+    freed_at_once(&p, id);
     let p2 = p.clone();
     let remover = thread::spawn(move || p2.remove_owner(be));
     waiting(&remover);
@@ -310,6 +323,26 @@ fn removing_an_owner_waits_for_the_move_of_a_block_it_freed() {
     remover.join().unwrap().unwrap();
     p.free(requester.join().unwrap().unwrap()).unwrap();
     assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+#[test]
+fn removing_an_owner_whose_block_is_moving_out_and_not_freed_is_refused_at_once() {
+    let s = Setup::new(Outcome::Ok);
+    let p = s.pool.clone();
+    let (be, id, requester) = s.moving();
+    // The block will still be the owner's once out (evicted): no use waiting for the move.
+    let p2 = p.clone();
+    let removed = within_patience("removing an owner busy with a move", move || {
+        p2.remove_owner(be)
+    });
+    assert!(
+        matches!(removed, Err(PoolError::OwnerBusy { .. })),
+        "{removed:?}"
+    );
+    s.open_gate();
+    p.free(requester.join().unwrap().unwrap()).unwrap();
+    p.free_evictable(id).unwrap();
+    p.remove_owner(be).unwrap();
 }
 
 #[test]
