@@ -78,14 +78,20 @@ fn offloaded(rt: &Runtime, data: &[u8]) -> TwoContexts {
     (a, b, buf, a_stream)
 }
 
-/// A BestEffort context "a" whose 40 MiB buffer holds `data`, written in a session that
-/// has ended, and a context "b" (of the default tier) that can take its place; with `a`'s
-/// stream.
-fn written(rt: &Runtime, data: &[u8]) -> TwoContexts {
+/// A BestEffort context "a" and a context "b" of the default tier, of 64 MiB each.
+fn contexts_a_b(rt: &Runtime) -> (gpushare::Context, gpushare::Context) {
     let a = rt
         .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
         .unwrap();
     let b = rt.create_context(ContextSpec::new("b", 64 * MIB)).unwrap();
+    (a, b)
+}
+
+/// A BestEffort context "a" whose 40 MiB buffer holds `data`, written in a session that
+/// has ended, and a context "b" (of the default tier) that can take its place; with `a`'s
+/// stream.
+fn written(rt: &Runtime, data: &[u8]) -> TwoContexts {
+    let (a, b) = contexts_a_b(rt);
     let buf = a.create_buffer(40 * MIB).unwrap();
     let a_stream = {
         let mut s = a.session().unwrap();
@@ -1392,10 +1398,7 @@ fn a_borrow_that_cannot_restore_its_buffer_leaves_no_use_of_the_owner_behind() {
 #[test]
 fn a_buffer_dropped_on_the_executor_while_its_context_restores_does_not_wait_for_the_copy() {
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);
-    let a = rt
-        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
-        .unwrap();
-    let b = rt.create_context(ContextSpec::new("b", 64 * MIB)).unwrap();
+    let (a, b) = contexts_a_b(&rt);
     let buf = a.create_buffer(40 * MIB).unwrap();
     let small = a.create_buffer(MIB).unwrap();
     let data = pattern(40 * MIB as usize, 8);
@@ -1454,10 +1457,7 @@ fn a_buffer_dropped_while_a_session_restores_it_is_freed_when_the_session_ends()
 #[test]
 fn a_session_ended_on_the_executor_while_another_of_its_context_restores_does_not_wait() {
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);
-    let a = rt
-        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
-        .unwrap();
-    let b = rt.create_context(ContextSpec::new("b", 64 * MIB)).unwrap();
+    let (a, b) = contexts_a_b(&rt);
     let small = a.create_buffer(MIB).unwrap();
     let first = a.session().unwrap();
     // Made while the first session lives, which does not pin it; written through a

@@ -104,12 +104,9 @@ impl<'p, S: ChunkSource> LocalCache<'p, S> {
         owner: OwnerId,
         owner_reclaims: &'p AtomicU64,
         budget: u64,
-        max_block: u64,
     ) -> Self {
-        let classes = max_block
-            .checked_next_multiple_of(UNIT)
-            .and_then(ceil_class)
-            .map_or(0, |c| c + 1);
+        // The pool's shards keep the same sizes.
+        let (max_block, classes) = pool.cache_limits();
         let seen = pool
             .reclaims()
             .wrapping_add(owner_reclaims.load(Ordering::Relaxed));
@@ -297,12 +294,6 @@ impl<S: ChunkSource> Pool<S> {
     /// [`PoolConfig::cache_max_block`]: crate::PoolConfig::cache_max_block
     pub fn local_cache(&self, owner: OwnerId, budget: u64) -> Result<LocalCache<'_, S>, PoolError> {
         let owner_reclaims = self.owner_reclaims(owner)?;
-        Ok(LocalCache::new(
-            self,
-            owner,
-            owner_reclaims,
-            budget,
-            self.cache_max_block(),
-        ))
+        Ok(LocalCache::new(self, owner, owner_reclaims, budget))
     }
 }

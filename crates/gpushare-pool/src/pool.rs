@@ -1002,9 +1002,9 @@ impl<S: ChunkSource> Pool<S> {
         self.slot(owner).map(|s| &*s.reclaims)
     }
 
-    /// The largest block the caches keep.
-    pub(crate) fn cache_max_block(&self) -> u64 {
-        self.cfg.cache_max_block
+    /// The largest block the caches keep, and how many size classes that makes.
+    pub(crate) fn cache_limits(&self) -> (u64, usize) {
+        (self.cfg.cache_max_block, self.cache_classes)
     }
 
     /// Allocate `size` bytes for `owner`, to be used on `stream`, aligned to 256 bytes.
@@ -1502,9 +1502,7 @@ impl<S: ChunkSource> Pool<S> {
                 // The owner's own cache counts against its limit: give it back once. Its
                 // local caches are asked too, and only its own (not by a spared request,
                 // whose cache gives its blocks back itself).
-                if !rq.spare {
-                    self.slots[i].reclaims.fetch_add(1, Ordering::Relaxed);
-                }
+                self.ask_local_caches(rq.spare, Some(i));
                 if !flushed && self.flush_all(c) > 0 {
                     flushed = true;
                     continue;
@@ -1527,9 +1525,7 @@ impl<S: ChunkSource> Pool<S> {
                 c.peak_in_use = c.peak_in_use.max(c.in_use);
                 return Ok(());
             }
-            if !rq.spare {
-                self.ask_local_caches();
-            }
+            self.ask_local_caches(rq.spare, None);
             if !flushed && self.flush_all(c) > 0 {
                 flushed = true;
                 continue;
@@ -1762,9 +1758,7 @@ impl<S: ChunkSource> Pool<S> {
                 // evict more (each eviction costs a copy out now and a restore later).
                 Grow::Full if c.evicting >= size + align - UNIT => return Err(Stop::Wait),
                 Grow::Full => {
-                    if !rq.spare {
-                        self.ask_local_caches();
-                    }
+                    self.ask_local_caches(rq.spare, None);
                     self.evict_one(c, owner, rq, Need::Space)?
                 }
             };
@@ -1826,11 +1820,21 @@ impl<S: ChunkSource> Pool<S> {
         n
     }
 
-    /// Ask every local cache to give its blocks back at its next call: the pool is short of
-    /// memory, or trims. (Not when it merely grows: a growth is not a shortage, and local
-    /// caches that gave back on every one would lose their blocks through a warm-up.)
-    fn ask_local_caches(&self) {
-        self.reclaims.fetch_add(1, Ordering::Relaxed);
+    /// Ask local caches to give their blocks back at their next call: those of owner slot
+    /// `owner`, whose limit is short, or with `None` every one (the pool is short of memory,
+    /// or trims). Not for a `spare` request: its own cache gives its blocks back itself, and
+    /// no other need go for it. (Nor when the pool merely grows: a growth is not a shortage,
+    /// and local caches that gave back on every one would lose their blocks through a
+    /// warm-up.)
+    fn ask_local_caches(&self, spare: bool, owner: Option<usize>) {
+        if spare {
+            return;
+        }
+        let counter = match owner {
+            Some(i) => &*self.slots[i].reclaims,
+            None => &*self.reclaims,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Return every owner's cached blocks to the central allocator. Returns bytes returned.
@@ -2077,25 +2081,23 @@ impl<S: ChunkSource> Pool<S> {
             Err(_) => c.ev.mark_kept(idx),
         }
         // Freed while its bytes moved: evicted or kept, it goes now.
-        let freed = c.ev.get(idx).doomed;
-        let key = c.ev.public_id(self.id, idx).key;
-        if freed {
+        let freed = c.ev.get(idx).doomed.then(|| {
+            let key = c.ev.public_id(self.id, idx).key;
             if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
                 a.doomed -= size;
             }
             Self::release_entry(&mut c, idx);
-        }
+            key
+        });
         self.moved.notify_all();
-        if freed {
+        if let (Some(key), Some(evictor)) = (freed, c.evictor.clone()) {
             // Without the lock: the evictor's owner may wake waiters, whose wake-ups may
             // run anything.
-            if let Some(evictor) = c.evictor.clone() {
-                drop(c);
-                evictor.freed_while_moving(key);
-                c = self.central.lock();
-            }
+            drop(c);
+            evictor.freed_while_moving(key);
+            c = self.central.lock();
         }
-        (c, r, freed)
+        (c, r, freed.is_some())
     }
 
     /// The block `idx` is out: free its memory and count the eviction.
@@ -2210,7 +2212,7 @@ impl<S: ChunkSource> Pool<S> {
     /// block of snapshots.
     pub fn trim(&self) -> Result<u64, PoolError> {
         let mut c = self.central.lock();
-        self.ask_local_caches();
+        self.ask_local_caches(false, None);
         self.flush_all(&mut c);
         self.retire_pending(&mut c);
         let chunks: Vec<(u64, u64)> = c.chunks.iter().map(|(&o, &s)| (o, s)).collect();
@@ -2631,30 +2633,29 @@ impl<S: ChunkSource> Pool<S> {
             let pins = e.pins;
             return Err((id, PoolError::Pinned { pins }));
         }
-        match e.residency {
-            // Its bytes are moving out: the eviction's finish frees it (see `doom`). The
-            // caller does not wait for the copy: on an async executor's thread that would
-            // stall every task for as long as the copy takes.
-            Residency::Evicting { .. } => {
-                let (slot, size) = (e.owner.slot() as usize, e.size);
-                if let Some((stream, event)) = after {
-                    c.ev.last_use(idx).add(stream, event);
-                }
-                c.ev.doom(idx);
-                if let Some(a) = c.owners[slot].as_mut() {
-                    a.doomed += size;
-                }
-                return Ok(());
-            }
-            // Moving back in for a pin, which will hold it: waiting would only end in
-            // `Pinned`.
-            Residency::Restoring { .. } => return Err((id, PoolError::Restoring)),
-            Residency::Resident { .. } | Residency::Evicted => {}
+        // Moving back in for a pin, which will hold it: waiting would only end in `Pinned`.
+        if matches!(e.residency, Residency::Restoring { .. }) {
+            return Err((id, PoolError::Restoring));
         }
+        let (evicting, slot, size) = (
+            matches!(e.residency, Residency::Evicting { .. }),
+            e.owner.slot() as usize,
+            e.size,
+        );
         if let Some((stream, event)) = after {
             c.ev.last_use(idx).add(stream, event);
         }
-        Self::release_entry(&mut c, idx);
+        if evicting {
+            // Its bytes are moving out: the eviction's finish frees it (see `doom`). The
+            // caller does not wait for the copy: on an async executor's thread that would
+            // stall every task for as long as the copy takes.
+            c.ev.doom(idx);
+            if let Some(a) = c.owners[slot].as_mut() {
+                a.doomed += size;
+            }
+        } else {
+            Self::release_entry(&mut c, idx);
+        }
         Ok(())
     }
 
