@@ -666,6 +666,10 @@ impl Reclaiming {
     }
 }
 
+/// How often a request that waits for moves under way looks again at the pending
+/// stream-ordered frees (see [`Pool::place`]).
+const PENDING_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// What an eviction is for.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Need {
@@ -1646,6 +1650,13 @@ impl<S: ChunkSource> Pool<S> {
                         stream,
                         report: Box::default(),
                     })
+                }
+                // Memory that pending stream-ordered frees hold comes free when their work
+                // completes, which nothing signals here: look again now and then rather than
+                // wait for the moves under way alone (they may wait on a long kernel, while
+                // the pending memory would serve this request at once).
+                Err(Stop::Wait) if !c.pending.is_empty() => {
+                    c = self.moved.wait_for(c, PENDING_POLL)
                 }
                 Err(Stop::Wait) => c = self.moved.wait(c),
             }

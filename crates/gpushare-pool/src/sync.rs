@@ -27,6 +27,27 @@ impl Condvar {
         }
     }
 
+    /// Let `guard`'s lock go until notified or until `dur` has passed, then take it again.
+    #[cfg(not(loom))]
+    pub(crate) fn wait_for<'a, T>(
+        &self,
+        mut guard: MutexGuard<'a, T>,
+        dur: std::time::Duration,
+    ) -> MutexGuard<'a, T> {
+        let _ = self.0.wait_for(&mut guard, dur);
+        guard
+    }
+
+    /// Let `guard`'s lock go until notified, then take it again: loom does not time out.
+    #[cfg(loom)]
+    pub(crate) fn wait_for<'a, T>(
+        &self,
+        guard: MutexGuard<'a, T>,
+        _dur: std::time::Duration,
+    ) -> MutexGuard<'a, T> {
+        self.wait(guard)
+    }
+
     /// Wake every waiter.
     pub(crate) fn notify_all(&self) {
         self.0.notify_all();

@@ -2,6 +2,8 @@
 //! the victim wait for the outcome, a free of it returns at once and leaves it to the move's
 //! end, and a failed or panicking move leaves the block where it was.
 
+mod common;
+
 use gpushare_pool::{
     Block, EvictError, EvictableId, Eviction, Evictor, HostSource, OwnerId, OwnerSpec, Pool,
     PoolConfig, PoolError, RestoreInfo, StreamId, Tier, VictimInfo,
@@ -343,6 +345,35 @@ fn removing_an_owner_whose_block_is_moving_out_and_not_freed_is_refused_at_once(
     p.free(requester.join().unwrap().unwrap()).unwrap();
     p.free_evictable(id).unwrap();
     p.remove_owner(be).unwrap();
+}
+
+#[test]
+fn a_request_waiting_for_a_move_takes_memory_a_pending_free_releases_meanwhile() {
+    let s = Setup::new(Outcome::Ok);
+    let p = s.pool.clone();
+    let (_be, g, _id) = s.victim(6 * MIB, 0);
+    // Another owner's 2 MiB, freed in order on a stream whose work is still running.
+    let other = p.add_owner(OwnerSpec::new("other", 8 * MIB)).unwrap();
+    let work = common::Flag::new();
+    let b = p.alloc(other, 2 * MIB, S1).unwrap();
+    p.free_after(b, S1, work.clone()).unwrap();
+    // The pool is full; a move out is under way, held at the gate.
+    let requester = s.request(g, 4 * MIB);
+    s.started.recv().unwrap();
+    // A request on another stream waits for the move, which covers it...
+    let p2 = p.clone();
+    let waiter = thread::spawn(move || p2.alloc(other, 2 * MIB, StreamId(2)));
+    waiting(&waiter);
+    // ...until the pending free's work completes: then it takes that memory, while the move
+    // is still held.
+    work.set();
+    let b = within_patience("a request served by a completed pending free", move || {
+        waiter.join().unwrap()
+    })
+    .unwrap();
+    p.free(b).unwrap();
+    s.open_gate();
+    p.free(requester.join().unwrap().unwrap()).unwrap();
 }
 
 #[test]
