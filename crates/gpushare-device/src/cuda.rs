@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::mem::{ManuallyDrop, MaybeUninit};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// A real GPU. Cheap to clone; clones share the device.
@@ -447,48 +448,95 @@ impl Drop for GreenStream {
 
 /// A device-level event: one CUDA event per context it has been recorded in (an event can
 /// only be recorded on a stream of its own context), and which one was recorded last.
+///
+/// Nearly every event is recorded in one context only (a runtime context records its events
+/// on its own stream), so the first context's event, `home`, is recorded, waited on and
+/// queried without a lock: a record there is one `cuEventRecord` and a store, a wait one
+/// load and one `cuStreamWaitEvent`. Events of other contexts sit behind a lock. Records of
+/// one event from several threads at once race, as CUDA's own do: whichever ends last is
+/// the one waited for.
 #[derive(Debug)]
 pub(crate) struct CudaEventSet {
     flags: sys::CUevent_flags,
-    inner: parking_lot::Mutex<EvSet>,
+    /// The event of the first context it was recorded in; set once, under `others`' lock.
+    home: OnceLock<cudarc::driver::CudaEvent>,
+    /// Which event was recorded last: [`NEVER`], [`HOME`], or [`OTHER`] plus its index in
+    /// `others`.
+    last: AtomicUsize,
+    /// Events of the other contexts it was recorded in.
+    others: parking_lot::Mutex<Vec<cudarc::driver::CudaEvent>>,
 }
 
-#[derive(Debug, Default)]
-struct EvSet {
-    events: Vec<cudarc::driver::CudaEvent>,
-    last: Option<usize>,
-}
+/// [`CudaEventSet::last`]: never recorded.
+const NEVER: usize = 0;
+/// [`CudaEventSet::last`]: the home event.
+const HOME: usize = 1;
+/// [`CudaEventSet::last`]: `OTHER + i` is `others[i]`.
+const OTHER: usize = 2;
 
 impl CudaEventSet {
+    fn new(flags: sys::CUevent_flags) -> Self {
+        CudaEventSet {
+            flags,
+            home: OnceLock::new(),
+            last: AtomicUsize::new(NEVER),
+            others: parking_lot::Mutex::new(Vec::new()),
+        }
+    }
+
     /// The CUDA event recorded last, if any.
     fn with_last<T>(
         &self,
         f: impl FnOnce(&cudarc::driver::CudaEvent) -> Result<T>,
     ) -> Result<Option<T>> {
-        let g = self.inner.lock();
-        match g.last {
-            Some(i) => f(&g.events[i]).map(Some),
-            None => Ok(None),
+        // Acquire: pairs with the store after a record, so that the home event it names
+        // is set.
+        match self.last.load(Ordering::Acquire) {
+            NEVER => Ok(None),
+            HOME => self.home.get().map(f).transpose(),
+            i => {
+                let others = self.others.lock();
+                others.get(i - OTHER).map(f).transpose()
+            }
         }
     }
 
     fn record(&self, stream: &Arc<CudaStream>) -> Result<()> {
         let ctx = stream.context();
-        let mut g = self.inner.lock();
-        let i = match g
-            .events
+        if let Some(home) = self.home.get() {
+            if home.context().cu_ctx() == ctx.cu_ctx() {
+                record_on(home, stream)?;
+                self.last.store(HOME, Ordering::Release);
+                return Ok(());
+            }
+        }
+        let mut others = self.others.lock();
+        // Under the lock, where the home event is set: another thread's first record may
+        // have set it since the look above.
+        let home = match self.home.get() {
+            Some(home) => home,
+            None => {
+                let ev = new_event(ctx, self.flags)?;
+                self.home.get_or_init(|| ev)
+            }
+        };
+        if home.context().cu_ctx() == ctx.cu_ctx() {
+            record_on(home, stream)?;
+            self.last.store(HOME, Ordering::Release);
+            return Ok(());
+        }
+        let i = match others
             .iter()
             .position(|e| e.context().cu_ctx() == ctx.cu_ctx())
         {
             Some(i) => i,
             None => {
-                let e = new_event(ctx, self.flags)?;
-                g.events.push(e);
-                g.events.len() - 1
+                others.push(new_event(ctx, self.flags)?);
+                others.len() - 1
             }
         };
-        record_on(&g.events[i], stream)?;
-        g.last = Some(i);
+        record_on(&others[i], stream)?;
+        self.last.store(OTHER + i, Ordering::Release);
         Ok(())
     }
 }
@@ -795,19 +843,12 @@ impl Device for CudaDevice {
         } else {
             sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
         };
-        // One event in the primary context up front; others are made on first record on a
-        // stream of another context (an SM partition).
-        let e = new_event(&self.inner.ctx, f)?;
+        // The CUDA events are made on first record, each in the context of the stream it
+        // is recorded on (the primary one, or an SM partition's).
         Ok(Event {
             device: self.inner.id,
             flags,
-            inner: EventInner::Cuda(Arc::new(CudaEventSet {
-                flags: f,
-                inner: parking_lot::Mutex::new(EvSet {
-                    events: vec![e],
-                    last: None,
-                }),
-            })),
+            inner: EventInner::Cuda(Arc::new(CudaEventSet::new(f))),
         })
     }
 

@@ -441,6 +441,19 @@ mod contract {
         let mut out = vec![0u8; 4096];
         dev.read_sync(&mut out, r, &plain).unwrap();
         assert!(out.iter().all(|&x| x == 5));
+        // The same event recorded in turn in the other context (the primary one) and back
+        // in the partition's: each wait follows the latest record, whichever context's.
+        dev.memset(r, 6, &plain).unwrap();
+        dev.record_event(&e, &plain).unwrap();
+        dev.wait_event(&s, &e).unwrap();
+        dev.read_sync(&mut out, r, &s).unwrap();
+        assert!(out.iter().all(|&x| x == 6));
+        dev.memset(r, 7, &s).unwrap();
+        dev.record_event(&e, &s).unwrap();
+        dev.wait_event(&plain, &e).unwrap();
+        dev.read_sync(&mut out, r, &plain).unwrap();
+        assert!(out.iter().all(|&x| x == 7));
+        assert!(dev.query_event(&e).is_ok());
         assert!(matches!(
             dev.split_sms(&[info.sm_count + 1]),
             Err(DeviceError::InvalidSmSplit { .. })
