@@ -10,6 +10,7 @@ use gpushare_qos::{Admission, ContextSpec, Isolation, PartitionLimits, Tier};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// What the evictor knows of a buffer.
 pub(crate) struct BufMeta {
@@ -679,6 +680,33 @@ impl Context {
             Ok(n) => Ok(Session::new(self.inner.clone(), n)),
             Err(e) if !e.is_oom() => Err(e),
             Err(_) => block_on(SessionFuture::blocking(self.clone())),
+        }
+    }
+
+    /// [`Context::session`], waiting at most `timeout`: then it fails with
+    /// [`RuntimeError::SessionTimedOut`], leaving nothing pinned or queued. A thread that
+    /// holds a session of another context and needs this one too cannot wait for its own
+    /// session to end; with this call it gets an error instead of waiting for ever. A try
+    /// that restores buffers when the time runs out finishes its copies first.
+    ///
+    /// (For [`Context::session_async`], `tokio::time::timeout` does the same: the future
+    /// is cancellation-safe.)
+    pub fn session_timeout(&self, timeout: Duration) -> Result<Session> {
+        let start = Instant::now();
+        match crate::session::pin_all(&self.inner, true, None) {
+            Ok(n) => return Ok(Session::new(self.inner.clone(), n)),
+            Err(e) if !e.is_oom() => return Err(e),
+            Err(_) => {}
+        }
+        let future = std::pin::pin!(SessionFuture::blocking(self.clone()));
+        match crate::session::block_on_until(future, start.checked_add(timeout)) {
+            Some(r) => r,
+            None => Err(RuntimeError::SessionTimedOut {
+                context: self.inner.name.clone(),
+                waited: start.elapsed(),
+                missing: crate::session::evicted_bytes(&self.inner),
+                available: self.inner.rt.available(),
+            }),
         }
     }
 

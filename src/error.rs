@@ -62,6 +62,21 @@ pub enum RuntimeError {
         /// Bytes available.
         available: u64,
     },
+    /// [`Context::session_timeout`](crate::Context::session_timeout) ran out of time: the
+    /// context's working set did not fit beside what live sessions hold.
+    #[error(
+        "no session on {context:?} within {waited:?}: {missing} B of its buffers are not resident and {available} B are free, the rest held by live sessions; end a session this thread holds, if any (waiting on it would never end), or try again later"
+    )]
+    SessionTimedOut {
+        /// The context.
+        context: String,
+        /// How long it waited.
+        waited: std::time::Duration,
+        /// Bytes of its buffers not on the device when it gave up.
+        missing: u64,
+        /// Bytes free in the runtime then.
+        available: u64,
+    },
     /// A context's persistent buffers can never all be resident.
     #[error("the buffers of {context:?} take {bytes} B but the runtime holds only {capacity} B; free some or raise the memory fraction")]
     WorkingSetTooLarge {

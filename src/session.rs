@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context as TaskCx, Poll, Wake, Waker};
+use std::time::Instant;
 
 /// Run a future to completion on this thread, sleeping between polls until its waker is
 /// called.
@@ -22,6 +23,21 @@ use std::task::{Context as TaskCx, Poll, Wake, Waker};
 /// meant for the outer future, which would then sleep for ever (the server example's test
 /// hung that way).
 pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    loop {
+        // Without a deadline this returns only with the output.
+        if let Some(v) = block_on_until(f.as_mut(), None) {
+            return v;
+        }
+    }
+}
+
+/// [`block_on`], giving up at `deadline` (then `None`, and the caller drops the future or
+/// drives it again). A poll in progress at the deadline is not cut short.
+pub(crate) fn block_on_until<F: Future>(
+    mut f: Pin<&mut F>,
+    deadline: Option<Instant>,
+) -> Option<F::Output> {
     struct Signal {
         woken: parking_lot::Mutex<bool>,
         cv: parking_lot::Condvar,
@@ -41,14 +57,20 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
     });
     let waker = Waker::from(signal.clone());
     let mut cx = TaskCx::from_waker(&waker);
-    let mut f = std::pin::pin!(f);
     loop {
         if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
+            return Some(v);
         }
         let mut woken = signal.woken.lock();
         while !*woken {
-            signal.cv.wait(&mut woken);
+            match deadline {
+                Some(d) => {
+                    if signal.cv.wait_until(&mut woken, d).timed_out() && !*woken {
+                        return None;
+                    }
+                }
+                None => signal.cv.wait(&mut woken),
+            }
         }
         *woken = false;
     }
@@ -134,7 +156,7 @@ fn offload_own(ctx: &CtxInner, set: &[Member], offload: &[bool]) -> usize {
 }
 
 /// Bytes of the context's working set not on the device: what a session must restore.
-fn evicted_bytes(ctx: &CtxInner) -> u64 {
+pub(crate) fn evicted_bytes(ctx: &CtxInner) -> u64 {
     let slots = ctx.buffers.lock();
     slots
         .iter()

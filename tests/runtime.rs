@@ -137,7 +137,7 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back],
+    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
@@ -178,6 +178,60 @@ mod tests {
             Ok(Ok(())) => panic!("the vision buffer cannot fit beside the weights"),
             Err(_) => panic!("the session neither succeeded nor failed in 20 s"),
         }
+    }
+
+    pub fn a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in(open: Open) {
+        let rt = runtime(open, 64 * MIB, 4.0);
+        let data = pattern(4096, 9);
+        let (a, b, buf, _) = written(&rt, &data);
+        // b's buffer pushes a's out, and b's session pins it: a's set cannot come back.
+        let theirs = b.create_buffer(40 * MIB).unwrap();
+        assert!(!buf.is_resident());
+        let held = b.session().unwrap();
+        // Whoever holds b's session and asks for a's with a plain session would wait for
+        // ever. (Asked on another thread, so that a regression fails instead of hanging.)
+        let timeout = Duration::from_millis(100);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let a2 = a.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(a2.session_timeout(timeout).map(drop));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the session neither timed out nor was granted in 20 s");
+        match r {
+            Err(RuntimeError::SessionTimedOut {
+                context,
+                waited,
+                missing,
+                ..
+            }) => {
+                assert_eq!(context, "a");
+                assert!(waited >= timeout, "gave up after {waited:?}");
+                assert_eq!(missing, 40 * MIB);
+            }
+            Err(e) => panic!("expected a timeout, got {e}"),
+            Ok(()) => panic!("a's set cannot fit beside b's pinned buffer"),
+        }
+        // Nothing of the try is left: no waiter in line, no use of a, nothing pinned.
+        assert_eq!(rt.waiting_sessions(), 0);
+        let snap = rt.snapshot();
+        let row = snap.contexts.iter().find(|c| c.name == "a").unwrap();
+        assert_eq!(row.sessions, 0, "the timed-out session left a use: {snap}");
+        assert_nothing_pinned(&rt, "a");
+        // Once b's session ends (on another thread, while a waits), a gets in, its bytes
+        // back.
+        let ender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(held);
+        });
+        let mut s = a.session_timeout(Duration::from_secs(60)).unwrap();
+        ender.join().unwrap();
+        let mut back = vec![0u8; data.len()];
+        s.read(&buf, 0, &mut back).unwrap();
+        assert_eq!(back, data);
+        drop(s);
+        drop(theirs);
     }
 
     pub fn a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it(open: Open) {
