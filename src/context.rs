@@ -683,14 +683,18 @@ impl Context {
         }
     }
 
-    /// [`Context::session`], waiting at most `timeout`: then it fails with
+    /// [`Context::session`], waiting at most about `timeout`: then it fails with
     /// [`RuntimeError::SessionTimedOut`], leaving nothing pinned or queued. A thread that
     /// holds a session of another context and needs this one too cannot wait for its own
-    /// session to end; with this call it gets an error instead of waiting for ever. A try
-    /// that restores buffers when the time runs out finishes its copies first.
+    /// session to end; with this call it gets an error instead of waiting for ever.
     ///
-    /// (For [`Context::session_async`], `tokio::time::timeout` does the same: the future
-    /// is cancellation-safe.)
+    /// The time is checked between tries, not within one: a try waits for the restores of
+    /// other contexts' sessions under way (one at a time, in tier order), and if it
+    /// restores buffers itself it finishes those copies, before the timeout can end it.
+    ///
+    /// For [`Context::session_async`], `tokio::time::timeout` bounds the wait the same way.
+    /// There the future may be dropped while a blocking thread restores for it: that try
+    /// keeps its pins until its copies are done, then ends the session it opened.
     pub fn session_timeout(&self, timeout: Duration) -> Result<Session> {
         let start = Instant::now();
         match crate::session::pin_all(&self.inner, true, None) {

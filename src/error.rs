@@ -63,9 +63,10 @@ pub enum RuntimeError {
         available: u64,
     },
     /// [`Context::session_timeout`](crate::Context::session_timeout) ran out of time: the
-    /// context's working set did not fit beside what live sessions hold.
+    /// context's working set did not fit beside what live sessions pin and what is
+    /// reserved for other contexts, or sessions ahead of it in line were served first.
     #[error(
-        "no session on {context:?} within {waited:?}: {missing} B of its buffers are not resident and {available} B are free, the rest held by live sessions; end a session this thread holds, if any (waiting on it would never end), or try again later"
+        "no session on {context:?} within {waited:?}: {missing} B of its buffers are not resident and {available} B are free (the rest pinned by live sessions, reserved for other contexts, or in use); end a session this thread holds, if any (waiting on it would never end), or try again later"
     )]
     SessionTimedOut {
         /// The context.

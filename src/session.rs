@@ -61,6 +61,11 @@ pub(crate) fn block_on_until<F: Future>(
         if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
             return Some(v);
         }
+        // Checked after every poll, not only when a wait times out: a future woken during
+        // each of its polls (every session's end wakes the whole line) never waits.
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
+        }
         let mut woken = signal.woken.lock();
         while !*woken {
             match deadline {

@@ -137,7 +137,7 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in],
+    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
@@ -232,6 +232,41 @@ mod tests {
         assert_eq!(back, data);
         drop(s);
         drop(theirs);
+    }
+
+    pub fn a_session_times_out_while_other_sessions_keep_waking_the_line(open: Open) {
+        let rt = runtime(open, 64 * MIB, 4.0);
+        let (a, b, buf, _) = written(&rt, &pattern(4096, 3));
+        let _theirs = b.create_buffer(40 * MIB).unwrap();
+        assert!(!buf.is_resident());
+        let _held = b.session().unwrap();
+        // During each of a's tries, a handler ends a session of a third context, which
+        // wakes the line: the waiting session is woken during every poll, and never waits.
+        let c = rt.create_context(ContextSpec::new("c", 8 * MIB)).unwrap();
+        let _small = c.create_buffer(4 * MIB).unwrap();
+        let tries = Arc::new(AtomicUsize::new(0));
+        let _waker = {
+            let tries = tries.clone();
+            rt.on_memory_pressure(move |info| {
+                if info.context.name() == "a" {
+                    tries.fetch_add(1, Ordering::Relaxed);
+                    drop(c.session());
+                }
+                Pressure::Deny
+            })
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(a.session_timeout(Duration::from_millis(100)).map(drop));
+        });
+        let r = rx.recv_timeout(Duration::from_secs(20));
+        match r.expect("the session neither timed out nor was granted in 20 s") {
+            Err(RuntimeError::SessionTimedOut { .. }) => {}
+            Err(e) => panic!("expected a timeout, got {e}"),
+            Ok(()) => panic!("a's set cannot fit beside b's pinned buffer"),
+        }
+        assert!(tries.load(Ordering::Relaxed) > 1);
+        assert_eq!(rt.waiting_sessions(), 0);
     }
 
     pub fn a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it(open: Open) {
