@@ -61,26 +61,31 @@ impl Recent {
     /// A kept handle that no one else holds, claimed (counted once more) for a record; it
     /// goes to the back. Busy handles looked at go to the back too, so that handles held
     /// for long (markers a user keeps, events of stream-ordered frees) do not stay in front
-    /// of the free ones.
+    /// of the free ones; with the list full, they leave it instead (their holders keep
+    /// them), making room for handles that come back. Otherwise a list full of held
+    /// handles would keep cycling them, and a record would make a new device event nearly
+    /// every time.
     fn claim(&mut self) -> Option<Arc<Inner>> {
         for _ in 0..self.handles.len().min(SCAN) {
             let h = self.handles.pop_front()?;
             // Held only by this list: every other handle was dropped, and no new one can
             // appear but through this list, whose lock is held. No `Weak` is ever made.
-            let free = Arc::strong_count(&h) == 1;
-            self.handles.push_back(h);
-            if free {
+            if Arc::strong_count(&h) == 1 {
+                self.handles.push_back(h);
                 // Pairs with the release of the last other handle's drop: whatever its
                 // holder did with the event happens before the event is recorded again.
                 fence(Ordering::Acquire);
                 return self.handles.back().cloned();
             }
+            if self.handles.len() + 1 < RECENT {
+                self.handles.push_back(h);
+            }
         }
         None
     }
 
-    /// Keep a new handle. With the list full (of handles held for long: a record found no
-    /// free one among the first), the front one goes to make room; its holders keep it.
+    /// Keep a new handle. With the list full (a record found no free one among the
+    /// first), the front one goes to make room; its holders, if any, keep it.
     fn keep(&mut self, h: &Arc<Inner>) {
         if self.handles.len() >= RECENT {
             self.handles.pop_front();

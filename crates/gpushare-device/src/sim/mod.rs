@@ -143,6 +143,8 @@ struct Accounts {
     mappings: AtomicI64,
     streams: AtomicI64,
     events: AtomicI64,
+    /// Events made since the device was opened, live or not.
+    events_made: AtomicU64,
     pinned: AtomicI64,
 }
 
@@ -684,6 +686,12 @@ impl SimDevice {
         lock(&self.shared.faults).counts[op_index(op)]
     }
 
+    /// Events made since the device was opened, live or not: how often a caller that
+    /// reuses its events still had to make one.
+    pub fn events_made(&self) -> u64 {
+        self.shared.acc.events_made.load(Ordering::Relaxed)
+    }
+
     /// Counts of live resources, for leak checks.
     pub fn live(&self) -> LiveResources {
         let a = &self.shared.acc;
@@ -974,6 +982,7 @@ impl Device for SimDevice {
 
     fn create_event(&self, flags: EventFlags) -> Result<Event> {
         inc(&self.shared.acc.events);
+        self.shared.acc.events_made.fetch_add(1, Ordering::Relaxed);
         Ok(Event {
             device: self.shared.id,
             flags,
