@@ -2,7 +2,7 @@
 
 use crate::error::{Result, RuntimeError};
 use crate::runtime::{Handlers, Pressure, PressureInfo, PressureRegistration, RtInner};
-use crate::session::{block_on, SessionFuture};
+use crate::session::{block_on, CtxRef, SessionFuture};
 use crate::{EvictPolicy, Session};
 use gpushare_device::{PinnedBuffer, Stream};
 use gpushare_pool::{EvictableId, EvictableKey, OwnerId, OwnerSpec, PoolError, StreamId};
@@ -368,6 +368,8 @@ impl Drop for CtxInner {
 }
 
 /// A context: one model's budget, tier, stream and buffers. Cheap to clone; `Send + Sync`.
+/// A [`Session`] borrows the handle it was opened on: a server task owns a clone and opens
+/// its sessions on that.
 #[derive(Clone)]
 pub struct Context {
     pub(crate) inner: Arc<CtxInner>,
@@ -674,12 +676,12 @@ impl Context {
 
     /// Wait (blocking the thread) until the context's buffers are resident, and open a
     /// session on it.
-    pub fn session(&self) -> Result<Session> {
+    pub fn session(&self) -> Result<Session<'_>> {
         // Most sessions are granted at once: try before building a future and a waker.
         match crate::session::pin_all(&self.inner, true, None) {
-            Ok(n) => Ok(Session::new(self.inner.clone(), n)),
+            Ok(n) => Ok(Session::new(CtxRef::Borrowed(&self.inner), n)),
             Err(e) if !e.is_oom() => Err(e),
-            Err(_) => block_on(SessionFuture::blocking(self.clone())),
+            Err(_) => block_on(SessionFuture::blocking(self)),
         }
     }
 
@@ -695,14 +697,14 @@ impl Context {
     /// For [`Context::session_async`], `tokio::time::timeout` bounds the wait the same way.
     /// There the future may be dropped while a blocking thread restores for it: that try
     /// keeps its pins until its copies are done, then ends the session it opened.
-    pub fn session_timeout(&self, timeout: Duration) -> Result<Session> {
+    pub fn session_timeout(&self, timeout: Duration) -> Result<Session<'_>> {
         let start = Instant::now();
         match crate::session::pin_all(&self.inner, true, None) {
-            Ok(n) => return Ok(Session::new(self.inner.clone(), n)),
+            Ok(n) => return Ok(Session::new(CtxRef::Borrowed(&self.inner), n)),
             Err(e) if !e.is_oom() => return Err(e),
             Err(_) => {}
         }
-        let future = std::pin::pin!(SessionFuture::blocking(self.clone()));
+        let future = std::pin::pin!(SessionFuture::blocking(self));
         match crate::session::block_on_until(future, start.checked_add(timeout)) {
             Some(r) => r,
             None => Err(RuntimeError::SessionTimedOut {
@@ -723,8 +725,8 @@ impl Context {
     /// memory run and are waited for (about 20 ms per GiB on an H100). Outside a tokio
     /// runtime the try runs in the poll. A working set already in place is pinned in the
     /// poll, without a thread hop.
-    pub fn session_async(&self) -> SessionFuture {
-        SessionFuture::new(self.clone())
+    pub fn session_async(&self) -> SessionFuture<'_> {
+        SessionFuture::new(self)
     }
 }
 

@@ -221,16 +221,16 @@ mod tests {
         assert_nothing_pinned(&rt, "a");
         // Once b's session ends (on another thread, while a waits), a gets in, its bytes
         // back.
-        let ender = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            drop(held);
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                drop(held);
+            });
+            let mut s = a.session_timeout(Duration::from_secs(60)).unwrap();
+            let mut back = vec![0u8; data.len()];
+            s.read(&buf, 0, &mut back).unwrap();
+            assert_eq!(back, data);
         });
-        let mut s = a.session_timeout(Duration::from_secs(60)).unwrap();
-        ender.join().unwrap();
-        let mut back = vec![0u8; data.len()];
-        s.read(&buf, 0, &mut back).unwrap();
-        assert_eq!(back, data);
-        drop(s);
         drop(theirs);
     }
 
@@ -788,12 +788,17 @@ mod tests {
             .create_context(ContextSpec::new("m", 32 * MIB).base(16 * MIB))
             .unwrap();
         let buf = ctx.create_buffer(MIB).unwrap();
-        let mut s = ctx.session().unwrap();
+        // A session borrows the handle it was opened on, so that handle cannot go first
+        // (`drop(ctx)` here does not compile); every other handle can.
+        let opener = ctx.clone();
+        let mut s = opener.session().unwrap();
         drop(ctx);
         s.write(&buf, 0, &[1, 2, 3]).unwrap();
         drop(buf); // freed when the session ends
         assert_eq!(rt.pool_stats().owners.len(), 1);
         drop(s);
+        assert_eq!(rt.pool_stats().owners.len(), 1, "a handle is left");
+        drop(opener);
         assert_context_gone(&rt, "m", 64 * MIB);
     }
 
@@ -904,7 +909,8 @@ fn compute_shares_added_later_never_oversubscribe_the_sms() {
         "{err}"
     );
     // `a` goes while `b` runs: a new share takes `a`'s SMs, and `b` keeps its own.
-    drop((sa, a));
+    drop(sa);
+    drop(a);
     let c = rt
         .create_context(ContextSpec::new("c", MIB).compute(0.3))
         .unwrap();
@@ -1548,7 +1554,10 @@ fn a_session_ended_on_the_executor_while_another_of_its_context_restores_does_no
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);
     let (a, b) = contexts_a_b(&rt);
     let small = a.create_buffer(MIB).unwrap();
-    let first = a.session().unwrap();
+    // The first session is ended on the executor: it goes into a task, with the handle it
+    // borrows (leaked, so that the task can hold it for good if the test fails).
+    let a_first: &'static gpushare::Context = Box::leak(Box::new(a.clone()));
+    let first = a_first.session().unwrap();
     // Made while the first session lives, which does not pin it; written through a
     // second session.
     let big = a.create_buffer(40 * MIB).unwrap();
