@@ -152,7 +152,9 @@ impl CtxInner {
             }
         }
         drop(slots);
-        self.free_doomed(free);
+        if !free.is_empty() {
+            self.free_doomed(free);
+        }
     }
 
     /// If no use pins the dropped buffer of `s` any more, nor is restoring it for a pin,
@@ -679,7 +681,7 @@ impl Context {
     pub fn session(&self) -> Result<Session<'_>> {
         // Most sessions are granted at once: try before building a future and a waker.
         match crate::session::pin_all(&self.inner, true, None) {
-            Ok(n) => Ok(Session::new(CtxRef::Borrowed(&self.inner), n)),
+            Ok(n) => Ok(Session::new(CtxRef::Borrowed(self), n)),
             Err(e) if !e.is_oom() => Err(e),
             Err(_) => block_on(SessionFuture::blocking(self)),
         }
@@ -700,7 +702,7 @@ impl Context {
     pub fn session_timeout(&self, timeout: Duration) -> Result<Session<'_>> {
         let start = Instant::now();
         match crate::session::pin_all(&self.inner, true, None) {
-            Ok(n) => return Ok(Session::new(CtxRef::Borrowed(&self.inner), n)),
+            Ok(n) => return Ok(Session::new(CtxRef::Borrowed(self), n)),
             Err(e) if !e.is_oom() => return Err(e),
             Err(_) => {}
         }

@@ -459,7 +459,7 @@ impl<'a> SessionFuture<'a> {
             }
             match Self::try_now(&ctx, Some(&*gone)) {
                 Step::Done(r) => {
-                    Restored::Done(r.map(|pinned| Session::new(CtxRef::Owned(ctx.inner), pinned)))
+                    Restored::Done(r.map(|pinned| Session::new(CtxRef::Owned(ctx), pinned)))
                 }
                 Step::Wait => Restored::Wait { since },
             }
@@ -511,7 +511,7 @@ impl<'a> SessionFuture<'a> {
         self.state = State::Done;
         let ctx = self.ctx.take();
         Poll::Ready(r.and_then(|pinned| match ctx {
-            Some(ctx) => Ok(Session::new(CtxRef::Borrowed(&ctx.inner), pinned)),
+            Some(ctx) => Ok(Session::new(CtxRef::Borrowed(ctx), pinned)),
             None => Err(completed()),
         }))
     }
@@ -705,18 +705,26 @@ struct Held {
 /// The context of a session: the handle it was opened on, or, for a session opened on a
 /// blocking thread for an async caller, a reference of its own.
 pub(crate) enum CtxRef<'a> {
-    Borrowed(&'a Arc<CtxInner>),
-    Owned(Arc<CtxInner>),
+    Borrowed(&'a Context),
+    Owned(Context),
+}
+
+impl CtxRef<'_> {
+    /// The handle, for calls that take one (pressure handlers are given it).
+    #[inline]
+    fn handle(&self) -> &Context {
+        match self {
+            CtxRef::Borrowed(c) => c,
+            CtxRef::Owned(c) => c,
+        }
+    }
 }
 
 impl std::ops::Deref for CtxRef<'_> {
     type Target = Arc<CtxInner>;
     #[inline]
     fn deref(&self) -> &Arc<CtxInner> {
-        match self {
-            CtxRef::Borrowed(c) => c,
-            CtxRef::Owned(c) => c,
-        }
+        &self.handle().inner
     }
 }
 
@@ -759,9 +767,7 @@ impl<'a> Session<'a> {
 
     /// The context.
     pub fn context(&self) -> Context {
-        Context {
-            inner: Arc::clone(&self.ctx),
-        }
+        self.ctx.handle().clone()
     }
 
     /// Allocate scratch memory, freed in stream order when the session ends.
@@ -770,9 +776,8 @@ impl<'a> Session<'a> {
     /// thread: it may wait for memory freed in stream order, run the pressure handlers,
     /// and evict other contexts' buffers, waiting for their copies out.
     pub fn alloc(&mut self, size: u64) -> Result<Scratch> {
-        let ctx = self.context();
         let c = &self.ctx;
-        let b = ctx.with_relief(size, || {
+        let b = c.handle().with_relief(size, || {
             c.rt.pool
                 .alloc(c.owner, size, c.stream_id)
                 .map_err(|e| RuntimeError::from_pool(e, &c.name))
