@@ -8,7 +8,7 @@ use gpushare_device::{PinnedBuffer, Stream};
 use gpushare_pool::{EvictableId, EvictableKey, OwnerId, OwnerSpec, PoolError, StreamId};
 use gpushare_qos::{Admission, ContextSpec, Isolation, PartitionLimits, Tier};
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,7 +81,16 @@ pub(crate) struct CtxInner {
     pub compacted_at: AtomicU64,
     /// What its events share: the device, its stream and the kept event handles.
     pub events: Arc<crate::event::EventHome>,
+    /// The hold: the first `held` slots' buffers stay pinned from a session's end on, so
+    /// that the next session pins nothing ([`NO_HOLD`]: none). See [`CtxInner::end_use`].
+    /// Written only with `buffers` locked.
+    pub held: AtomicUsize,
+    /// The release generation when its last use ended: holds are let go oldest first.
+    pub last_used: AtomicU64,
 }
+
+/// [`CtxInner::held`] of a context that keeps no hold.
+pub(crate) const NO_HOLD: usize = usize::MAX;
 
 impl CtxInner {
     /// One more session or borrow; `buffers` must be locked, and its guard is asked for.
@@ -96,9 +105,36 @@ impl CtxInner {
     /// buffers no use pins any more. (While any use is live, slots are only appended,
     /// never removed or reordered, so a prefix of them stays the same buffers; the last
     /// use clears out the freed ones.)
-    pub fn end_use(&self, prefix: usize, epoch: u64, extra: &[EvictableKey]) {
+    ///
+    /// `rode`: the use pinned none of its prefix itself, the context's hold kept it pinned.
+    ///
+    /// The last use to end keeps what it pinned, as the hold, when that is every buffer
+    /// (none made since it began, none dropped, none pinned on the way): the next session
+    /// then rides the hold and pins nothing, and neither end takes the pool's lock. Held
+    /// buffers are not evicted; so that memory goes as before, the pool has the runtime let
+    /// go of every hold not in use before it chooses a victim (see
+    /// [`gpushare_pool::Evictor::release_idle_pins`]), oldest first, which puts those buffers
+    /// in least-recently-used order behind the ones unpinned earlier.
+    pub fn end_use(&self, prefix: usize, epoch: u64, rode: bool, extra: &[EvictableKey]) {
         let slots = self.buffers.lock();
+        self.last_used
+            .store(self.rt.waits.generation(), Ordering::Relaxed);
+        if !rode
+            && extra.is_empty()
+            && prefix == slots.len()
+            && self.sessions.load(Ordering::Relaxed) == 1
+            && slots.iter().all(BufSlot::live)
+        {
+            self.keep_hold(&slots);
+            self.sessions.store(0, Ordering::Relaxed);
+            return;
+        }
+        if rode && extra.is_empty() {
+            // It pinned nothing: the pool is not asked.
+            return self.release_use(slots, prefix, epoch, extra);
+        }
         let (head, tail) = slots.split_at(prefix.min(slots.len()));
+        let head = if rode { &head[..0] } else { head };
         let unpinned = self.rt.pool.unpin_all(
             head.iter()
                 .filter(|s| s.pinned_since(epoch))
@@ -109,6 +145,55 @@ impl CtxInner {
             tracing::error!(context = %self.name, error = %e, "unpinning buffers failed");
         }
         self.release_use(slots, prefix, epoch, extra);
+    }
+
+    /// Make the pins of the last use, which ends now and pinned every buffer, the hold. A
+    /// hold kept already covers a prefix of them: the use's own pins there go.
+    fn keep_hold(&self, slots: &[BufSlot]) {
+        match self.held.load(Ordering::Relaxed) {
+            NO_HOLD => {
+                self.rt.holds.fetch_add(1, Ordering::Relaxed);
+            }
+            h => {
+                let twice = slots.get(..h).unwrap_or(slots);
+                if let Err(e) = self
+                    .rt
+                    .pool
+                    .unpin_all(twice.iter().filter_map(|s| s.id.as_ref()))
+                {
+                    tracing::error!(context = %self.name, error = %e, "unpinning buffers failed");
+                }
+            }
+        }
+        self.held.store(slots.len(), Ordering::Relaxed);
+    }
+
+    /// Let go of the hold if there is one and no use relies on it (none is live); `slots`:
+    /// the locked list. Returns whether it did.
+    pub fn release_hold(&self, slots: &[BufSlot]) -> bool {
+        if self.sessions.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        self.drop_hold(slots)
+    }
+
+    /// Unpin what the hold keeps, if there is one. Only once no use relies on it.
+    fn drop_hold(&self, slots: &[BufSlot]) -> bool {
+        let h = self.held.load(Ordering::Relaxed);
+        if h == NO_HOLD {
+            return false;
+        }
+        self.held.store(NO_HOLD, Ordering::Relaxed);
+        self.rt.holds.fetch_sub(1, Ordering::Relaxed);
+        let kept = slots.get(..h).unwrap_or(slots);
+        if let Err(e) = self
+            .rt
+            .pool
+            .unpin_all(kept.iter().filter_map(|s| s.id.as_ref()))
+        {
+            tracing::error!(context = %self.name, error = %e, "letting go of held buffers failed");
+        }
+        true
     }
 
     /// The rest of [`CtxInner::end_use`], for a use whose pins are gone already (or that
@@ -127,6 +212,8 @@ impl CtxInner {
         let mut free = Vec::new();
         if left == 0 {
             if slots.iter().any(|s| !s.live()) {
+                // The hold may keep dropped buffers pinned, for uses that ended now.
+                self.drop_hold(&slots);
                 slots.retain_mut(|s| {
                     if !s.live() {
                         free.extend(s.id.take().map(|id| (s.key, id)));
@@ -343,6 +430,7 @@ impl Drop for CtxInner {
             tracing::warn!(context = %self.name, error = %e, "waiting for a dropped context's stream failed");
         }
         let slots = std::mem::take(&mut *self.buffers.lock());
+        self.drop_hold(&slots);
         for s in slots {
             if let Some(id) = s.id {
                 let _ = self.rt.pool.free_evictable(id);
@@ -524,6 +612,8 @@ impl Context {
             sessions: AtomicU64::new(0),
             dooms: AtomicU64::new(0),
             compacted_at: AtomicU64::new(0),
+            held: AtomicUsize::new(NO_HOLD),
+            last_used: AtomicU64::new(0),
         });
         let mut live = rt.contexts.lock();
         live.retain(|w| w.strong_count() > 0);
@@ -797,6 +887,9 @@ impl Drop for Buffer {
             self.ctx.free_doomed(free);
             return;
         }
+        // No use is live: the hold, if any, goes, and with it the only pin that is not made
+        // under a use. (The slots are reordered below, and the hold names a prefix of them.)
+        self.ctx.release_hold(&slots);
         let slot = slots.swap_remove(i);
         drop(slots);
         // No use is live, and every pin is made under a use: none can hold it.

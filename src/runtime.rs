@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::Waker;
 use std::time::Duration;
@@ -232,11 +232,15 @@ impl RuntimeBuilder {
         let buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>> = Arc::default();
         let pool = Arc::new(pool);
         let waits = Arc::new(SessionGate::new(aging));
+        let contexts: Arc<Mutex<Vec<Weak<CtxInner>>>> = Arc::default();
+        let holds = Arc::new(AtomicUsize::new(0));
         pool.set_evictor(Arc::new(Offloader {
             dev: dev.clone(),
             stream: copy_stream,
             buffers: buffers.clone(),
             waits: waits.clone(),
+            contexts: contexts.clone(),
+            holds: holds.clone(),
         }));
         static NEXT: AtomicU64 = AtomicU64::new(1);
         Ok(Runtime {
@@ -250,7 +254,8 @@ impl RuntimeBuilder {
                 capacity,
                 policy,
                 buffers,
-                contexts: Mutex::new(Vec::new()),
+                contexts,
+                holds,
                 handlers: Arc::default(),
                 waits,
                 next_stream: AtomicU64::new(1),
@@ -271,7 +276,10 @@ pub(crate) struct RtInner {
     pub capacity: u64,
     pub policy: EvictPolicy,
     pub buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>>,
-    pub contexts: Mutex<Vec<Weak<CtxInner>>>,
+    pub contexts: Arc<Mutex<Vec<Weak<CtxInner>>>>,
+    /// Contexts that keep a hold on their buffers between sessions (see
+    /// [`CtxInner::end_use`]). Changed only when a hold is kept or let go, not per session.
+    pub holds: Arc<AtomicUsize>,
     pub handlers: Arc<Handlers>,
     /// Waiting sessions, live sessions and pending frees: the protocol sessions wait under.
     /// Shared with host callbacks, which must not hold anything whose release is a device
@@ -373,6 +381,29 @@ struct Offloader {
     /// Woken when a buffer dropped while its bytes moved out has gone (see
     /// [`Evictor::freed_while_moving`]): its drop woke waiting sessions before that.
     waits: Arc<SessionGate>,
+    /// The runtime's contexts, and how many keep a hold: the holds of those with no use
+    /// live go before the pool chooses a victim.
+    contexts: Arc<Mutex<Vec<Weak<CtxInner>>>>,
+    holds: Arc<AtomicUsize>,
+}
+
+/// Let go of the holds of the contexts of `contexts` that no use relies on, the least
+/// recently used first: their buffers join the pool's least-recently-used order in that
+/// order, behind the buffers unpinned before (whose last use came before every hold).
+/// Without `all`, Guaranteed contexts keep theirs: their buffers are never evicted, so
+/// letting go would only make their next session pin again.
+pub(crate) fn release_holds(contexts: &Mutex<Vec<Weak<CtxInner>>>, all: bool) {
+    let ctxs: Vec<Arc<CtxInner>> = contexts.lock().iter().filter_map(Weak::upgrade).collect();
+    let mut held: Vec<&Arc<CtxInner>> = ctxs
+        .iter()
+        .filter(|c| all || c.tier != Tier::Guaranteed)
+        .filter(|c| c.held.load(Ordering::Relaxed) != crate::context::NO_HOLD)
+        .collect();
+    held.sort_by_key(|c| c.last_used.load(Ordering::Relaxed));
+    for c in held {
+        let slots = c.buffers.lock();
+        c.release_hold(&slots);
+    }
 }
 
 impl Offloader {
@@ -493,6 +524,14 @@ impl Evictor for Offloader {
     fn freed_while_moving(&self, _: EvictableKey) {
         // The buffer's entry went with its drop; its staging goes with the eviction's finish.
         self.waits.released();
+    }
+
+    fn holds_idle_pins(&self) -> bool {
+        self.holds.load(Ordering::Relaxed) > 0
+    }
+
+    fn release_idle_pins(&self) {
+        release_holds(&self.contexts, false);
     }
 
     fn restore(&self, r: &RestoreInfo) -> std::result::Result<(), EvictError> {
@@ -654,6 +693,16 @@ impl Runtime {
     /// before them completes).
     pub fn available_vram(&self) -> u64 {
         self.inner.available()
+    }
+
+    /// Let go of the buffers that contexts keep pinned between their sessions. A context
+    /// whose last session ended keeps its buffers pinned (when that session pinned them
+    /// all), so that its next session pins nothing; the pool has them let go, oldest first,
+    /// before it evicts anything, so this changes no eviction. It only makes the pool's
+    /// pinned figures ([`Runtime::pool_stats`]) count the pins of live sessions alone. The
+    /// next session of each context pins again.
+    pub fn unpin_idle(&self) {
+        crate::runtime::release_holds(&self.inner.contexts, true);
     }
 
     /// Sessions waiting for their buffers to fit (the queue depth).

@@ -82,11 +82,13 @@ pub(crate) fn block_on_until<F: Future>(
 }
 
 /// The buffers a session pinned when it started: the first `len` slots of its context,
-/// less those dropped before doom epoch `epoch` (see [`CtxInner::end_use`]).
+/// less those dropped before doom epoch `epoch` (see [`CtxInner::end_use`]). With `rode`,
+/// the context's hold keeps them pinned, and the session pinned none itself.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Prefix {
     pub len: usize,
     pub epoch: u64,
+    pub rode: bool,
 }
 
 impl Prefix {
@@ -94,6 +96,7 @@ impl Prefix {
         Prefix {
             len: slots.len(),
             epoch: ctx.dooms.load(Ordering::Relaxed),
+            rode: false,
         }
     }
 }
@@ -199,6 +202,14 @@ fn pin_resident(ctx: &Arc<CtxInner>, wait: bool) -> Result<Option<Prefix>> {
         }
     };
     ctx.rt.waits.started();
+    // The hold keeps every buffer pinned (no slot was added since it was kept): ride it.
+    if ctx.held.load(Ordering::Relaxed) == slots.len() {
+        ctx.add_use(&slots);
+        return Ok(Some(Prefix {
+            rode: true,
+            ..Prefix::of(ctx, &slots)
+        }));
+    }
     let live = slots
         .iter()
         .filter(|s| s.live())
@@ -344,6 +355,9 @@ impl<'a> TryUse<'a> {
     /// as a use, under one lock of the list.
     fn start(ctx: &'a CtxInner) -> (Vec<Member>, Self) {
         let slots = ctx.buffers.lock();
+        // Pinned one by one below, and its own resident buffers may have to move out to
+        // make room for the rest in one piece (`offload_own`): a hold no use relies on goes.
+        ctx.release_hold(&slots);
         let set = slots
             .iter()
             .filter(|s| s.live())
@@ -917,7 +931,7 @@ impl<'a> Session<'a> {
                     let _ = rt.dev.synchronize_stream(&self.ctx.stream);
                 }
             }
-            owner.end_use(0, 0, std::slice::from_ref(key));
+            owner.end_use(0, 0, false, std::slice::from_ref(key));
         }
     }
 
@@ -971,7 +985,8 @@ impl Drop for Session<'_> {
     fn drop(&mut self) {
         let Some(more) = self.more.take() else {
             // Nothing but the prefix: the common case.
-            self.ctx.end_use(self.pinned.len, self.pinned.epoch, &[]);
+            self.ctx
+                .end_use(self.pinned.len, self.pinned.epoch, self.pinned.rode, &[]);
             self.ctx.rt.waits.ended();
             return;
         };
@@ -1009,7 +1024,8 @@ impl Drop for Session<'_> {
         if !borrowed.is_empty() {
             self.end_borrows(borrowed);
         }
-        self.ctx.end_use(self.pinned.len, self.pinned.epoch, &extra);
+        self.ctx
+            .end_use(self.pinned.len, self.pinned.epoch, self.pinned.rode, &extra);
         self.ctx.rt.waits.ended();
     }
 }

@@ -137,7 +137,7 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line],
+    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line, a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short, held_buffers_go_to_eviction_least_recently_used_first],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
@@ -267,6 +267,87 @@ mod tests {
         }
         assert!(tries.load(Ordering::Relaxed) > 1);
         assert_eq!(rt.waiting_sessions(), 0);
+    }
+
+    /// Bytes of `name`'s evictable buffers that are pinned.
+    fn pinned(rt: &Runtime, name: &str) -> u64 {
+        let st = rt.pool_stats();
+        let owner = st.owners.iter().find(|o| o.name == name).unwrap();
+        owner.evictable_pinned_bytes
+    }
+
+    pub fn a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short(open: Open) {
+        let rt = runtime(open, 64 * MIB, 4.0);
+        let data = pattern(4096, 21);
+        let (a, b, buf, _) = written(&rt, &data);
+        // The session has ended; its pins stay, as the context's hold, and the next
+        // sessions ride it.
+        assert_eq!(pinned(&rt, "a"), 40 * MIB);
+        for _ in 0..3 {
+            let mut s = a.session().unwrap();
+            let mut back = vec![0u8; data.len()];
+            s.read(&buf, 0, &mut back).unwrap();
+            assert_eq!(back, data);
+        }
+        assert_eq!(pinned(&rt, "a"), 40 * MIB);
+        // Let go on request; the next session pins again and keeps the hold.
+        rt.unpin_idle();
+        assert_eq!(pinned(&rt, "a"), 0);
+        drop(a.session().unwrap());
+        assert_eq!(pinned(&rt, "a"), 40 * MIB);
+        // A buffer made since is pinned by the next session, and held with the rest.
+        let more = a.create_buffer(4 * MIB).unwrap();
+        assert_eq!(pinned(&rt, "a"), 40 * MIB);
+        a.session().unwrap().write(&more, 0, &data).unwrap();
+        assert_eq!(pinned(&rt, "a"), 44 * MIB);
+        // Dropped with no session live, a held buffer is freed at once.
+        drop(more);
+        assert_eq!(a.usage().resident, 40 * MIB);
+        assert_eq!(pinned(&rt, "a"), 0);
+        drop(a.session().unwrap());
+        assert_eq!(pinned(&rt, "a"), 40 * MIB);
+        // Short of memory, the pool has the hold let go before it picks a victim: the
+        // BestEffort buffer goes, as it would have without the hold.
+        let theirs = b.create_buffer(40 * MIB).unwrap();
+        assert!(!buf.is_resident());
+        assert_eq!(pinned(&rt, "a"), 0);
+        drop(theirs);
+        let mut s = a.session().unwrap();
+        let mut back = vec![0u8; data.len()];
+        s.read(&buf, 0, &mut back).unwrap();
+        assert_eq!(back, data, "restored bytes differ");
+        drop(s);
+        // A context that goes with a hold leaves nothing behind.
+        drop((buf, a));
+        assert_eq!(
+            rt.pool_stats().owners.len(),
+            1,
+            "a's pool owner is still there"
+        );
+    }
+
+    pub fn held_buffers_go_to_eviction_least_recently_used_first(open: Open) {
+        let rt = runtime(open, 64 * MIB, 4.0);
+        let spec = |n: &str| ContextSpec::new(n, 64 * MIB).tier(Tier::BestEffort);
+        let (old, new) = (
+            rt.create_context(spec("old")).unwrap(),
+            rt.create_context(spec("new")).unwrap(),
+        );
+        let (ob, nb) = (
+            old.create_buffer(24 * MIB).unwrap(),
+            new.create_buffer(24 * MIB).unwrap(),
+        );
+        // Used in this order, both hold their buffers afterwards.
+        drop(old.session().unwrap());
+        drop(new.session().unwrap());
+        assert_eq!(pinned(&rt, "old") + pinned(&rt, "new"), 48 * MIB);
+        // Room for one more: the buffer used longest ago goes, the other stays.
+        let g = rt
+            .create_context(ContextSpec::new("g", 24 * MIB).tier(Tier::Guaranteed))
+            .unwrap();
+        let _weights = g.create_buffer(24 * MIB).unwrap();
+        assert!(!ob.is_resident(), "the least recently used buffer stays");
+        assert!(nb.is_resident(), "the most recently used buffer went");
     }
 
     pub fn a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it(open: Open) {

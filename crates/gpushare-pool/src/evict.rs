@@ -91,8 +91,9 @@ impl std::fmt::Debug for Eviction {
 
 /// Moves evicted blocks out and back in.
 ///
-/// Neither method, nor an [`Eviction`]'s finish, may call back into the pool: a call that
-/// meets the block being moved would wait for that very move to end.
+/// Neither `evict` nor `restore`, nor an [`Eviction`]'s finish, may call back into the
+/// pool: a call that meets the block being moved would wait for that very move to end.
+/// [`Evictor::release_idle_pins`] may (it runs with no move of its request under way).
 pub trait Evictor: Send + Sync {
     /// Start moving the block's bytes out (offload) or dropping them (discard). The pool
     /// calls this with its central lock held, so it should only queue the work, and
@@ -120,6 +121,18 @@ pub trait Evictor: Send + Sync {
     fn freed_while_moving(&self, id: EvictableKey) {
         let _ = id;
     }
+    /// Whether the evictor's owners keep blocks pinned that they do not use now, only to
+    /// skip pinning them again (a runtime keeps a context's buffers pinned between its
+    /// sessions). Asked under the pool's lock before a victim is chosen: keep it to a
+    /// load.
+    fn holds_idle_pins(&self) -> bool {
+        false
+    }
+    /// Let go of those pins, oldest first, through [`crate::Pool::unpin_all`] or the like,
+    /// so that their blocks are chosen as victims in tier and least-recently-used order.
+    /// Called without the pool's lock, at most once per request, when
+    /// [`Evictor::holds_idle_pins`] said so and the request is about to choose a victim.
+    fn release_idle_pins(&self) {}
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -655,6 +655,9 @@ struct Reclaiming {
     skip: Vec<u32>,
     /// The request evicts nothing: it fails instead (see [`Pool::alloc_sparing`]).
     spare: bool,
+    /// The evictor was asked to let go of its idle pins for this request (once is enough:
+    /// pins kept again meanwhile belong to sessions that ended after it began).
+    idle_released: bool,
 }
 
 impl Reclaiming {
@@ -695,6 +698,10 @@ enum Stop {
     /// Other requests' evictions or restores are in flight, and may free what this one
     /// needs: wait for one to end, then try again.
     Wait,
+    /// It is about to choose a victim while the evictor's owners keep idle pins (see
+    /// [`Evictor::release_idle_pins`]): have them let go, without the lock, then try
+    /// again.
+    ReleaseIdle,
 }
 
 impl From<PoolError> for Stop {
@@ -1659,6 +1666,19 @@ impl<S: ChunkSource> Pool<S> {
                     c = self.moved.wait_for(c, PENDING_POLL)
                 }
                 Err(Stop::Wait) => c = self.moved.wait(c),
+                Err(Stop::ReleaseIdle) => {
+                    rq.idle_released = true;
+                    let evictor = c.evictor.clone();
+                    drop(c);
+                    if let Some(evictor) = evictor {
+                        // The evictor unpins through the pool's own calls: the lock is free,
+                        // and this request has no move under way that they could meet.
+                        if catch_unwind(AssertUnwindSafe(|| evictor.release_idle_pins())).is_err() {
+                            tracing::error!("the evictor panicked while letting go of idle pins");
+                        }
+                    }
+                    c = self.central.lock();
+                }
             }
             // The lock was let go: the owner may have been removed meanwhile.
             if let Err(e) = self.slot(owner) {
@@ -1962,6 +1982,11 @@ impl<S: ChunkSource> Pool<S> {
         let Some(evictor) = c.evictor.clone() else {
             return Ok(false);
         };
+        // Victims are chosen with every idle pin gone, so that blocks their owners keep
+        // pinned only for reuse go in tier and least-recently-used order like the others.
+        if !rq.idle_released && evictor.holds_idle_pins() {
+            return Err(Stop::ReleaseIdle);
+        }
         for tier in [Tier::BestEffort, Tier::Burstable] {
             let mut cur = c.ev.lru_head(tier);
             while let Some(idx) = cur {

@@ -4,8 +4,8 @@ mod common;
 
 use common::{Flag, Recorder};
 use gpushare_pool::{
-    BlockState, ChunkSource, HostSource, OwnerSpec, Pool, PoolConfig, PoolError, SourceError,
-    StreamId, Tier,
+    BlockState, ChunkSource, EvictError, EvictableRef, Eviction, Evictor, HostSource, OwnerSpec,
+    Pool, PoolConfig, PoolError, RestoreInfo, SourceError, StreamId, Tier, VictimInfo,
 };
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -1135,4 +1135,82 @@ fn the_memory_of_a_restore_that_panicked_is_never_handed_out() {
     p.free(half).unwrap();
     // The block is still evicted, and can be freed.
     p.free_evictable(id).unwrap();
+}
+
+/// An evictor whose owners keep some blocks pinned between uses (idle pins, as the
+/// runtime's contexts do between sessions), letting them go in the order they were kept.
+struct IdleKeeper {
+    rec: Recorder,
+    pool: std::sync::OnceLock<std::sync::Weak<Pool<HostSource>>>,
+    idle: std::sync::Mutex<Vec<EvictableRef>>,
+    releases: std::sync::atomic::AtomicUsize,
+}
+
+impl Evictor for IdleKeeper {
+    fn evict(&self, v: &VictimInfo) -> Result<Eviction, EvictError> {
+        self.rec.evict(v)
+    }
+    fn restore(&self, r: &RestoreInfo) -> Result<(), EvictError> {
+        self.rec.restore(r)
+    }
+    fn holds_idle_pins(&self) -> bool {
+        !self.idle.lock().unwrap().is_empty()
+    }
+    fn release_idle_pins(&self) {
+        self.releases.fetch_add(1, Ordering::SeqCst);
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap());
+        let pool = self.pool.get().and_then(std::sync::Weak::upgrade).unwrap();
+        pool.unpin_all(idle).unwrap();
+    }
+}
+
+#[test]
+fn idle_pins_are_let_go_before_a_victim_is_chosen_oldest_first() {
+    let p = Arc::new(pool(
+        PoolConfig::default()
+            .capacity(8 * MIB)
+            .cache_bytes_per_shard(0),
+    ));
+    let keeper = Arc::new(IdleKeeper {
+        rec: Recorder::two_halves(),
+        pool: std::sync::OnceLock::new(),
+        idle: std::sync::Mutex::new(Vec::new()),
+        releases: std::sync::atomic::AtomicUsize::new(0),
+    });
+    keeper.pool.set(Arc::downgrade(&p)).unwrap();
+    p.set_evictor(keeper.clone());
+    let g = p
+        .add_owner(OwnerSpec::new("g", 8 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    let be1 = p.add_owner(OwnerSpec::new("be1", 8 * MIB)).unwrap();
+    let be2 = p.add_owner(OwnerSpec::new("be2", 8 * MIB)).unwrap();
+    // `a` is unpinned, then `b` and `c` are kept pinned, idle, in that order.
+    let (a, _) = p.alloc_evictable(be1, 2 * MIB, 0, S1).unwrap();
+    let (b, _) = p.alloc_evictable(be2, 2 * MIB, 1, S1).unwrap();
+    let (c, _) = p.alloc_evictable(be1, 2 * MIB, 2, S1).unwrap();
+    p.unpin(&a).unwrap();
+    keeper.idle.lock().unwrap().extend([b.to_ref(), c.to_ref()]);
+    let x = p.alloc(g, 2 * MIB, S1).unwrap();
+    // Room is there: nothing is evicted, and the idle pins stay.
+    assert!(rec_tags(&keeper.rec).is_empty());
+    assert_eq!(keeper.releases.load(Ordering::SeqCst), 0);
+    assert_eq!(p.stats().owners[2].evictable_pinned_bytes, 2 * MIB);
+    // Short of room, the idle pins go before a victim is chosen, and the blocks join the
+    // least-recently-used order behind the one unpinned before them, oldest first.
+    let y = p.alloc(g, 2 * MIB, S1).unwrap();
+    assert_eq!(keeper.releases.load(Ordering::SeqCst), 1);
+    assert_eq!(rec_tags(&keeper.rec), [0]);
+    let z = p.alloc(g, 2 * MIB, S1).unwrap();
+    assert_eq!(rec_tags(&keeper.rec), [0, 1]);
+    assert!(p.is_resident(&c).unwrap());
+    for blk in [x, y, z] {
+        p.free(blk).unwrap();
+    }
+    for id in [a, b, c] {
+        p.free_evictable(id).unwrap();
+    }
+}
+
+fn rec_tags(rec: &Recorder) -> Vec<u64> {
+    rec.evicted.lock().unwrap().iter().map(|v| v.tag).collect()
 }
