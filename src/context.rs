@@ -85,7 +85,12 @@ pub(crate) struct CtxInner {
     /// that the next session pins nothing ([`NO_HOLD`]: none). See [`CtxInner::end_use`].
     /// Written only with `buffers` locked.
     pub held: AtomicUsize,
-    /// The release generation when its last use ended: holds are let go oldest first.
+    /// [`CtxInner::dooms`] when the hold was kept: once a buffer it covers is dropped, no
+    /// session rides it any more (it would keep the dropped buffer pinned).
+    pub held_at: AtomicU64,
+    /// Live sessions that ride the hold: it goes only when none does.
+    pub riders: AtomicU64,
+    /// The runtime's release clock when its last use ended: holds are let go oldest first.
     pub last_used: AtomicU64,
 }
 
@@ -118,9 +123,22 @@ impl CtxInner {
     pub fn end_use(&self, prefix: usize, epoch: u64, rode: bool, extra: &[EvictableKey]) {
         let slots = self.buffers.lock();
         self.last_used
-            .store(self.rt.waits.generation(), Ordering::Relaxed);
-        if !rode
-            && extra.is_empty()
+            .store(self.rt.waits.clock(), Ordering::Relaxed);
+        if rode {
+            let riders = self.riders.load(Ordering::Relaxed) - 1;
+            self.riders.store(riders, Ordering::Relaxed);
+            // The last rider of a hold that covers a dropped buffer lets it go, so that the
+            // buffer is freed once the uses that pinned it themselves end too.
+            if riders == 0
+                && self.held_at.load(Ordering::Relaxed) != self.dooms.load(Ordering::Relaxed)
+            {
+                self.drop_hold(&slots);
+            }
+            if extra.is_empty() {
+                // It pinned nothing: the pool is not asked.
+                return self.release_use(slots, prefix, epoch, extra);
+            }
+        } else if extra.is_empty()
             && prefix == slots.len()
             && self.sessions.load(Ordering::Relaxed) == 1
             && slots.iter().all(BufSlot::live)
@@ -128,10 +146,6 @@ impl CtxInner {
             self.keep_hold(&slots);
             self.sessions.store(0, Ordering::Relaxed);
             return;
-        }
-        if rode && extra.is_empty() {
-            // It pinned nothing: the pool is not asked.
-            return self.release_use(slots, prefix, epoch, extra);
         }
         let (head, tail) = slots.split_at(prefix.min(slots.len()));
         let head = if rode { &head[..0] } else { head };
@@ -147,44 +161,77 @@ impl CtxInner {
         self.release_use(slots, prefix, epoch, extra);
     }
 
+    /// Whether a new session can ride the hold: it covers every buffer (none made since),
+    /// and none of them was dropped since it was kept. If so, it counts the rider.
+    pub fn ride(&self, slots: &[BufSlot]) -> bool {
+        if self.held.load(Ordering::Relaxed) != slots.len()
+            || self.held_at.load(Ordering::Relaxed) != self.dooms.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        let riders = self.riders.load(Ordering::Relaxed);
+        self.riders.store(riders + 1, Ordering::Relaxed);
+        true
+    }
+
+    /// Whether a hold of `h` slots counts among the runtime's holds, those the pool has
+    /// let go before it evicts: a hold of nothing has nothing to let go, and Guaranteed
+    /// buffers are never evicted.
+    fn counted(&self, h: usize) -> bool {
+        h != NO_HOLD && h > 0 && self.tier != Tier::Guaranteed
+    }
+
+    /// Set the hold to `h` slots, keeping the runtime's count of holds.
+    fn set_hold(&self, h: usize) {
+        let before = self.held.load(Ordering::Relaxed);
+        match (self.counted(before), self.counted(h)) {
+            (false, true) => {
+                self.rt.holds.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                self.rt.holds.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        self.held.store(h, Ordering::Relaxed);
+    }
+
     /// Make the pins of the last use, which ends now and pinned every buffer, the hold. A
     /// hold kept already covers a prefix of them: the use's own pins there go.
     fn keep_hold(&self, slots: &[BufSlot]) {
-        match self.held.load(Ordering::Relaxed) {
-            NO_HOLD => {
-                self.rt.holds.fetch_add(1, Ordering::Relaxed);
-            }
-            h => {
-                let twice = slots.get(..h).unwrap_or(slots);
-                if let Err(e) = self
-                    .rt
-                    .pool
-                    .unpin_all(twice.iter().filter_map(|s| s.id.as_ref()))
-                {
-                    tracing::error!(context = %self.name, error = %e, "unpinning buffers failed");
-                }
+        let h = self.held.load(Ordering::Relaxed);
+        if h != NO_HOLD {
+            let twice = slots.get(..h).unwrap_or(slots);
+            if let Err(e) = self
+                .rt
+                .pool
+                .unpin_all(twice.iter().filter_map(|s| s.id.as_ref()))
+            {
+                tracing::error!(context = %self.name, error = %e, "unpinning buffers failed");
             }
         }
-        self.held.store(slots.len(), Ordering::Relaxed);
+        self.held_at
+            .store(self.dooms.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.set_hold(slots.len());
     }
 
-    /// Let go of the hold if there is one and no use relies on it (none is live); `slots`:
-    /// the locked list. Returns whether it did.
+    /// Let go of the hold if there is one and no session rides it (sessions that pinned
+    /// their buffers themselves do not need it); `slots`: the locked list. Returns whether
+    /// it did.
     pub fn release_hold(&self, slots: &[BufSlot]) -> bool {
-        if self.sessions.load(Ordering::Relaxed) > 0 {
+        if self.riders.load(Ordering::Relaxed) > 0 {
             return false;
         }
         self.drop_hold(slots)
     }
 
-    /// Unpin what the hold keeps, if there is one. Only once no use relies on it.
+    /// Unpin what the hold keeps, if there is one. Only once no session rides it.
     fn drop_hold(&self, slots: &[BufSlot]) -> bool {
         let h = self.held.load(Ordering::Relaxed);
         if h == NO_HOLD {
             return false;
         }
-        self.held.store(NO_HOLD, Ordering::Relaxed);
-        self.rt.holds.fetch_sub(1, Ordering::Relaxed);
+        self.set_hold(NO_HOLD);
         let kept = slots.get(..h).unwrap_or(slots);
         if let Err(e) = self
             .rt
@@ -613,6 +660,8 @@ impl Context {
             dooms: AtomicU64::new(0),
             compacted_at: AtomicU64::new(0),
             held: AtomicUsize::new(NO_HOLD),
+            held_at: AtomicU64::new(0),
+            riders: AtomicU64::new(0),
             last_used: AtomicU64::new(0),
         });
         let mut live = rt.contexts.lock();
@@ -881,6 +930,9 @@ impl Drop for Buffer {
             let epoch = self.ctx.dooms.load(Ordering::Relaxed) + 1;
             self.ctx.dooms.store(epoch, Ordering::Relaxed);
             slots[i].doomed_at = epoch;
+            // With no session riding it, the hold goes now (the live uses pinned their
+            // buffers themselves); otherwise its last rider lets it go.
+            self.ctx.release_hold(&slots);
             let mut free = Vec::new();
             self.ctx.take_if_unpinned(&mut slots[i], &mut free);
             drop(slots);

@@ -392,6 +392,9 @@ struct Offloader {
 /// order, behind the buffers unpinned before (whose last use came before every hold).
 /// Without `all`, Guaranteed contexts keep theirs: their buffers are never evicted, so
 /// letting go would only make their next session pin again.
+///
+/// A context whose other handles all go meanwhile is dropped here, when `ctxs` goes: inside
+/// the pool's request that asked, with no lock held that its drop takes.
 pub(crate) fn release_holds(contexts: &Mutex<Vec<Weak<CtxInner>>>, all: bool) {
     let ctxs: Vec<Arc<CtxInner>> = contexts.lock().iter().filter_map(Weak::upgrade).collect();
     let mut held: Vec<&Arc<CtxInner>> = ctxs

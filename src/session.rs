@@ -202,8 +202,9 @@ fn pin_resident(ctx: &Arc<CtxInner>, wait: bool) -> Result<Option<Prefix>> {
         }
     };
     ctx.rt.waits.started();
-    // The hold keeps every buffer pinned (no slot was added since it was kept): ride it.
-    if ctx.held.load(Ordering::Relaxed) == slots.len() {
+    // The hold keeps every buffer pinned (none was made or dropped since it was kept):
+    // ride it.
+    if ctx.ride(&slots) {
         ctx.add_use(&slots);
         return Ok(Some(Prefix {
             rode: true,

@@ -137,7 +137,7 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line, a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short, held_buffers_go_to_eviction_least_recently_used_first],
+    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line, a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short, held_buffers_go_to_eviction_least_recently_used_first, a_buffer_dropped_under_a_hold_while_sessions_overlap_is_freed_when_its_users_end],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
@@ -324,6 +324,37 @@ mod tests {
             1,
             "a's pool owner is still there"
         );
+    }
+
+    pub fn a_buffer_dropped_under_a_hold_while_sessions_overlap_is_freed_when_its_users_end(
+        open: Open,
+    ) {
+        let rt = runtime(open, 64 * MIB, 1.0);
+        let ctx = rt.create_context(ContextSpec::new("m", 64 * MIB)).unwrap();
+        let _w = ctx.create_buffer(4 * MIB).unwrap();
+        let kv = ctx.create_buffer(8 * MIB).unwrap();
+        drop(ctx.session().unwrap());
+        assert_eq!(pinned(&rt, "m"), 12 * MIB, "the hold");
+        // A server under load: sessions overlap, so none is ever the last to end.
+        let first = ctx.session().unwrap();
+        drop(kv);
+        let second = ctx.session().unwrap();
+        assert_eq!(
+            ctx.usage().resident,
+            12 * MIB,
+            "the first session still uses it"
+        );
+        drop(first);
+        // The only session that used the dropped buffer has ended: it is freed, though
+        // another session is live and the hold covered it.
+        assert_eq!(ctx.usage().resident, 4 * MIB);
+        let third = ctx.session().unwrap();
+        drop(second);
+        drop(third);
+        assert_eq!(ctx.usage().resident, 4 * MIB);
+        // Sessions that follow keep a hold on what is left.
+        drop(ctx.session().unwrap());
+        assert_eq!(pinned(&rt, "m"), 4 * MIB);
     }
 
     pub fn held_buffers_go_to_eviction_least_recently_used_first(open: Open) {

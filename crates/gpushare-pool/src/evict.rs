@@ -130,8 +130,9 @@ pub trait Evictor: Send + Sync {
     }
     /// Let go of those pins, oldest first, through [`crate::Pool::unpin_all`] or the like,
     /// so that their blocks are chosen as victims in tier and least-recently-used order.
-    /// Called without the pool's lock, at most once per request, when
-    /// [`Evictor::holds_idle_pins`] said so and the request is about to choose a victim.
+    /// Called without the pool's lock when [`Evictor::holds_idle_pins`] said so and a
+    /// request is about to choose a victim: once, and again after each time the request
+    /// waited for moves under way or finished an eviction.
     fn release_idle_pins(&self) {}
 }
 

@@ -655,8 +655,9 @@ struct Reclaiming {
     skip: Vec<u32>,
     /// The request evicts nothing: it fails instead (see [`Pool::alloc_sparing`]).
     spare: bool,
-    /// The evictor was asked to let go of its idle pins for this request (once is enough:
-    /// pins kept again meanwhile belong to sessions that ended after it began).
+    /// The evictor was asked to let go of its idle pins since the request last let the
+    /// lock go to wait or to finish an eviction (it asks again after those: pins that were
+    /// in use when it asked may be idle by then).
     idle_released: bool,
 }
 
@@ -1637,6 +1638,7 @@ impl<S: ChunkSource> Pool<S> {
                 Ok(p) => break Ok(p),
                 Err(Stop::Fail(e)) => break Err(e),
                 Err(Stop::Finish(f)) => {
+                    rq.idle_released = false;
                     let idx = f.idx;
                     let (g, r, freed) = self.finish_eviction(c, f);
                     c = g;
@@ -1663,9 +1665,13 @@ impl<S: ChunkSource> Pool<S> {
                 // wait for the moves under way alone (they may wait on a long kernel, while
                 // the pending memory would serve this request at once).
                 Err(Stop::Wait) if !c.pending.is_empty() => {
+                    rq.idle_released = false;
                     c = self.moved.wait_for(c, PENDING_POLL)
                 }
-                Err(Stop::Wait) => c = self.moved.wait(c),
+                Err(Stop::Wait) => {
+                    rq.idle_released = false;
+                    c = self.moved.wait(c)
+                }
                 Err(Stop::ReleaseIdle) => {
                     rq.idle_released = true;
                     let evictor = c.evictor.clone();

@@ -1144,6 +1144,8 @@ struct IdleKeeper {
     pool: std::sync::OnceLock<std::sync::Weak<Pool<HostSource>>>,
     idle: std::sync::Mutex<Vec<EvictableRef>>,
     releases: std::sync::atomic::AtomicUsize,
+    /// Asks to let go that find the idle pins still in use (they are let go only after).
+    busy_asks: std::sync::atomic::AtomicUsize,
 }
 
 impl Evictor for IdleKeeper {
@@ -1158,27 +1160,38 @@ impl Evictor for IdleKeeper {
     }
     fn release_idle_pins(&self) {
         self.releases.fetch_add(1, Ordering::SeqCst);
+        if self
+            .busy_asks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return;
+        }
         let idle = std::mem::take(&mut *self.idle.lock().unwrap());
         let pool = self.pool.get().and_then(std::sync::Weak::upgrade).unwrap();
         pool.unpin_all(idle).unwrap();
     }
 }
 
-#[test]
-fn idle_pins_are_let_go_before_a_victim_is_chosen_oldest_first() {
+fn idle_keeping_pool(cap: u64) -> (Arc<Pool<HostSource>>, Arc<IdleKeeper>) {
     let p = Arc::new(pool(
-        PoolConfig::default()
-            .capacity(8 * MIB)
-            .cache_bytes_per_shard(0),
+        PoolConfig::default().capacity(cap).cache_bytes_per_shard(0),
     ));
     let keeper = Arc::new(IdleKeeper {
         rec: Recorder::two_halves(),
         pool: std::sync::OnceLock::new(),
         idle: std::sync::Mutex::new(Vec::new()),
         releases: std::sync::atomic::AtomicUsize::new(0),
+        busy_asks: std::sync::atomic::AtomicUsize::new(0),
     });
     keeper.pool.set(Arc::downgrade(&p)).unwrap();
     p.set_evictor(keeper.clone());
+    (p, keeper)
+}
+
+#[test]
+fn idle_pins_are_let_go_before_a_victim_is_chosen_oldest_first() {
+    let (p, keeper) = idle_keeping_pool(8 * MIB);
     let g = p
         .add_owner(OwnerSpec::new("g", 8 * MIB).tier(Tier::Guaranteed))
         .unwrap();
@@ -1213,4 +1226,29 @@ fn idle_pins_are_let_go_before_a_victim_is_chosen_oldest_first() {
 
 fn rec_tags(rec: &Recorder) -> Vec<u64> {
     rec.evicted.lock().unwrap().iter().map(|v| v.tag).collect()
+}
+
+#[test]
+fn a_request_asks_again_for_idle_pins_once_it_has_evicted() {
+    let (p, keeper) = idle_keeping_pool(8 * MIB);
+    let g = p
+        .add_owner(OwnerSpec::new("g", 8 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    let be1 = p.add_owner(OwnerSpec::new("be1", 8 * MIB)).unwrap();
+    let be2 = p.add_owner(OwnerSpec::new("be2", 8 * MIB)).unwrap();
+    let (a, _) = p.alloc_evictable(be1, 2 * MIB, 0, S1).unwrap();
+    let (b, _) = p.alloc_evictable(be2, 2 * MIB, 1, S1).unwrap();
+    p.unpin(&a).unwrap();
+    keeper.idle.lock().unwrap().push(b.to_ref());
+    let x = p.alloc(g, 4 * MIB, S1).unwrap();
+    // The first ask finds `b` still in use; once `a` is out, the request asks again, and
+    // `b` goes too.
+    keeper.busy_asks.store(1, Ordering::SeqCst);
+    let y = p.alloc(g, 4 * MIB, S1).unwrap();
+    assert_eq!(keeper.releases.load(Ordering::SeqCst), 2);
+    assert_eq!(rec_tags(&keeper.rec), [0, 1]);
+    p.free(x).unwrap();
+    p.free(y).unwrap();
+    p.free_evictable(a).unwrap();
+    p.free_evictable(b).unwrap();
 }
