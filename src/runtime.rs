@@ -241,6 +241,7 @@ impl RuntimeBuilder {
             waits: waits.clone(),
             contexts: contexts.clone(),
             holds: holds.clone(),
+            walked_at: AtomicU64::new(0),
         }));
         static NEXT: AtomicU64 = AtomicU64::new(1);
         Ok(Runtime {
@@ -385,6 +386,11 @@ struct Offloader {
     /// live go before the pool chooses a victim.
     contexts: Arc<Mutex<Vec<Weak<CtxInner>>>>,
     holds: Arc<AtomicUsize>,
+    /// One more than the session gate's release clock at the last walk of the contexts
+    /// for idle holds (0: none yet). A hold goes idle only at a session's end, which moves
+    /// the clock after it: with the clock where it was, a walk would find nothing new, so
+    /// none is made (a request waiting on pending frees asks every millisecond).
+    walked_at: AtomicU64,
 }
 
 /// Let go of the holds of the contexts of `contexts` that no use relies on, the least
@@ -531,9 +537,14 @@ impl Evictor for Offloader {
 
     fn holds_idle_pins(&self) -> bool {
         self.holds.load(Ordering::Relaxed) > 0
+            && self.walked_at.load(Ordering::Relaxed) != self.waits.clock() + 1
     }
 
     fn release_idle_pins(&self) {
+        // The clock is read before the walk: a session that ends during it moves the clock
+        // again, and the next ask walks.
+        self.walked_at
+            .store(self.waits.clock() + 1, Ordering::Relaxed);
         release_holds(&self.contexts, false);
     }
 

@@ -659,6 +659,9 @@ struct Reclaiming {
     /// lock go to wait or to finish an eviction (it asks again after those: pins that were
     /// in use when it asked may be idle by then).
     idle_released: bool,
+    /// The request was about to fail for lack of memory and asked for idle pins once more
+    /// (pins ridden when it last asked may have gone idle since).
+    last_ask: bool,
 }
 
 impl Reclaiming {
@@ -1636,6 +1639,14 @@ impl<S: ChunkSource> Pool<S> {
         let placed = loop {
             match self.alloc_central(&mut c, &mut rq, owner, size, align, stream, evictable) {
                 Ok(p) => break Ok(p),
+                Err(Stop::Fail(PoolError::OutOfMemory { .. }))
+                    if !rq.last_ask
+                        && !rq.spare
+                        && c.evictor.as_ref().is_some_and(|e| e.holds_idle_pins()) =>
+                {
+                    rq.last_ask = true;
+                    rq.idle_released = false;
+                }
                 Err(Stop::Fail(e)) => break Err(e),
                 Err(Stop::Finish(f)) => {
                     rq.idle_released = false;

@@ -1174,11 +1174,15 @@ impl Evictor for IdleKeeper {
 }
 
 fn idle_keeping_pool(cap: u64) -> (Arc<Pool<HostSource>>, Arc<IdleKeeper>) {
+    idle_keeping_pool_with(cap, Recorder::two_halves())
+}
+
+fn idle_keeping_pool_with(cap: u64, rec: Recorder) -> (Arc<Pool<HostSource>>, Arc<IdleKeeper>) {
     let p = Arc::new(pool(
         PoolConfig::default().capacity(cap).cache_bytes_per_shard(0),
     ));
     let keeper = Arc::new(IdleKeeper {
-        rec: Recorder::two_halves(),
+        rec,
         pool: std::sync::OnceLock::new(),
         idle: std::sync::Mutex::new(Vec::new()),
         releases: std::sync::atomic::AtomicUsize::new(0),
@@ -1243,6 +1247,31 @@ fn a_request_asks_again_for_idle_pins_once_it_has_evicted() {
     let x = p.alloc(g, 4 * MIB, S1).unwrap();
     // The first ask finds `b` still in use; once `a` is out, the request asks again, and
     // `b` goes too.
+    keeper.busy_asks.store(1, Ordering::SeqCst);
+    let y = p.alloc(g, 4 * MIB, S1).unwrap();
+    assert_eq!(keeper.releases.load(Ordering::SeqCst), 2);
+    assert_eq!(rec_tags(&keeper.rec), [0, 1]);
+    p.free(x).unwrap();
+    p.free(y).unwrap();
+    p.free_evictable(a).unwrap();
+    p.free_evictable(b).unwrap();
+}
+
+#[test]
+fn a_request_short_of_memory_asks_for_idle_pins_once_more_before_it_fails() {
+    // Evictions that end at once: the request never waits nor finishes one later.
+    let (p, keeper) = idle_keeping_pool_with(8 * MIB, Recorder::default());
+    let g = p
+        .add_owner(OwnerSpec::new("g", 8 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    let be1 = p.add_owner(OwnerSpec::new("be1", 8 * MIB)).unwrap();
+    let be2 = p.add_owner(OwnerSpec::new("be2", 8 * MIB)).unwrap();
+    let (a, _) = p.alloc_evictable(be1, 2 * MIB, 0, S1).unwrap();
+    let (b, _) = p.alloc_evictable(be2, 2 * MIB, 1, S1).unwrap();
+    p.unpin(&a).unwrap();
+    keeper.idle.lock().unwrap().push(b.to_ref());
+    let x = p.alloc(g, 4 * MIB, S1).unwrap();
+    // `b` is still in use at the first ask and idle by the time nothing else is left.
     keeper.busy_asks.store(1, Ordering::SeqCst);
     let y = p.alloc(g, 4 * MIB, S1).unwrap();
     assert_eq!(keeper.releases.load(Ordering::SeqCst), 2);

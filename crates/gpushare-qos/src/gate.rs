@@ -219,7 +219,7 @@ impl SessionGate {
 
     /// Releases so far, counting the generation's wraps (it has 24 bits, and wraps after
     /// 16 million releases): a clock that orders what happened at releases, such as the
-    /// ends of sessions, over any span. Two loads and no read-modify-write. Read in the
+    /// ends of sessions, over any span. Three loads and no read-modify-write. Read in the
     /// few nanoseconds between a wrap and its count, it is 2^24 short; it is meant for
     /// ordering heuristics, not for the waiting protocol.
     pub fn clock(&self) -> u64 {
