@@ -5,8 +5,8 @@
 mod common;
 
 use gpushare_pool::{
-    Block, EvictError, EvictableId, Eviction, Evictor, HostSource, OwnerId, OwnerSpec, Pool,
-    PoolConfig, PoolError, RestoreInfo, StreamId, Tier, VictimInfo,
+    Block, EvictError, EvictableId, EvictableKey, Eviction, Evictor, HostSource, OwnerId,
+    OwnerSpec, Pool, PoolConfig, PoolError, RestoreInfo, StreamId, Tier, VictimInfo,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -35,6 +35,10 @@ struct Gated {
     finished: Arc<AtomicUsize>,
     /// Restores wait for this gate (open unless a test closes it).
     restores_open: Arc<(Mutex<bool>, Condvar)>,
+    /// Blocks the pool said were freed during their moves, with the bytes the pool had in
+    /// use when it said so (read from the pool: the hook runs without its lock).
+    freed: Arc<Mutex<Vec<(EvictableKey, u64)>>>,
+    pool: Arc<std::sync::OnceLock<std::sync::Weak<Pool<HostSource>>>>,
 }
 
 fn wait_open(gate: &(Mutex<bool>, Condvar)) {
@@ -69,6 +73,14 @@ impl Evictor for Gated {
         wait_open(&self.restores_open);
         Ok(())
     }
+    fn freed_while_moving(&self, id: EvictableKey) {
+        let in_use = self
+            .pool
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .map_or(u64::MAX, |p| p.stats().in_use_bytes);
+        self.freed.lock().unwrap().push((id, in_use));
+    }
 }
 
 struct Setup {
@@ -77,6 +89,7 @@ struct Setup {
     restores_open: Arc<(Mutex<bool>, Condvar)>,
     started: mpsc::Receiver<u64>,
     finished: Arc<AtomicUsize>,
+    freed: Arc<Mutex<Vec<(EvictableKey, u64)>>>,
 }
 
 impl Setup {
@@ -96,19 +109,26 @@ impl Setup {
         let open = Arc::new((Mutex::new(false), Condvar::new()));
         let finished = Arc::new(AtomicUsize::new(0));
         let restores_open = Arc::new((Mutex::new(restores_open), Condvar::new()));
+        let freed = Arc::default();
+        let weak = Arc::new(std::sync::OnceLock::new());
         pool.set_evictor(Arc::new(Gated {
             outcome,
             open: open.clone(),
             started: Mutex::new(tx),
             finished: finished.clone(),
             restores_open: restores_open.clone(),
+            freed: Arc::clone(&freed),
+            pool: Arc::clone(&weak),
         }));
+        let pool = Arc::new(pool);
+        let _ = weak.set(Arc::downgrade(&pool));
         Setup {
-            pool: Arc::new(pool),
+            pool,
             open,
             restores_open,
             started,
             finished,
+            freed,
         }
     }
 
@@ -292,6 +312,41 @@ fn a_free_of_a_moving_block_returns_at_once_and_the_block_goes_when_its_bytes_ar
     p.free(x).unwrap();
     assert_eq!(p.stats().in_use_bytes, 0);
     p.remove_owner(be).unwrap();
+}
+
+#[test]
+fn the_evictor_hears_of_a_block_freed_during_its_move_once_it_is_gone() {
+    for outcome in [Outcome::Ok, Outcome::Fail] {
+        let s = Setup::new(outcome);
+        let p = s.pool.clone();
+        let (be, id, requester) = s.moving();
+        let key = id.key();
+        freed_at_once(&p, id);
+        // Not yet: the block is still there, its bytes moving.
+        assert!(s.freed.lock().unwrap().is_empty());
+        s.open_gate();
+        let x = within_patience("the request behind the move", move || requester.join())
+            .unwrap()
+            .unwrap();
+        // Told once, with the pool's lock free (the hook read its statistics), and once
+        // the block's memory was freed: the request's 4 MiB is all that was in use then
+        // (before it took them, nothing).
+        let freed = s.freed.lock().unwrap().clone();
+        assert_eq!(freed.len(), 1);
+        assert_eq!(freed[0].0, key);
+        assert!(freed[0].1 <= 4 * MIB, "{} B in use when told", freed[0].1);
+        p.free(x).unwrap();
+        p.remove_owner(be).unwrap();
+    }
+    // A move whose block is not freed tells nothing.
+    let s = Setup::new(Outcome::Ok);
+    let (_, id, requester) = s.moving();
+    s.open_gate();
+    let x = requester.join().unwrap().unwrap();
+    assert!(s.freed.lock().unwrap().is_empty());
+    s.pool.free(x).unwrap();
+    s.pool.free_evictable(id).unwrap();
+    assert!(s.freed.lock().unwrap().is_empty());
 }
 
 #[test]
