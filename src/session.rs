@@ -692,7 +692,9 @@ impl FreeEvent for Done {
 }
 
 /// A context's turn on the GPU: its buffers stay resident and pinned until the session
-/// ends. Ending it (dropping it) frees its scratch memory in stream order and unpins.
+/// ends. Ending it (dropping it) frees its scratch memory in stream order and unpins; the
+/// last session of a context may instead leave its buffers pinned as the context's hold,
+/// for the next session, until memory runs short (see [`crate::Runtime::unpin_idle`]).
 ///
 /// It borrows the [`Context`] handle it was opened on, as a lock's guard borrows its lock:
 /// opening and ending one counts no reference to the context (two atomic
