@@ -1,6 +1,7 @@
 //! Runtime costs on whichever device `GPUSHARE_DEVICE` selects: session acquire+release
-//! (sync and async, uncontended), event record + cross-context wait beside the raw device
-//! pair, and a buffer's offload+restore round trip.
+//! (sync and async, uncontended), event record + cross-context wait beside the device
+//! layer's pair and (on CUDA) the bare driver calls, and a buffer's offload+restore round
+//! trip.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gpushare::device::EventFlags;
@@ -67,6 +68,14 @@ fn events(c: &mut Criterion) {
             dev.wait_event(&s2, &ev).unwrap();
         })
     });
+    // The bare driver calls, with nothing of gpushare's around them.
+    if let Some(cuda) = dev.as_cuda() {
+        let pair = cuda.raw_event_pair().unwrap();
+        g.bench_function("raw CUDA cuEventRecord + cuStreamWaitEvent", |bch| {
+            bch.iter(|| pair.record_and_wait().unwrap())
+        });
+        pair.synchronize().unwrap();
+    }
     g.finish();
     sa.synchronize().unwrap();
     sb.synchronize().unwrap();

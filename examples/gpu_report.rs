@@ -328,6 +328,9 @@ fn run(iters: usize) -> Res<String> {
         let n = iters * 25;
         let (s1, s2) = (dev.create_stream(0)?, dev.create_stream(0)?);
         let ev = dev.create_event(EventFlags::default())?;
+        // On CUDA the bare driver calls (`cuEventRecord`, `cuStreamWaitEvent`); on the
+        // simulated device, its own pair through the device layer.
+        let raw_cuda = cuda.as_ref().map(|c| c.raw_event_pair()).transpose()?;
         // Batches of the two alternate, so that both see the same host and queues: timed
         // one after the other, the raw pair's figure moved by ±150 ns from run to run.
         let (ours, raw) = per_op_alternating(
@@ -338,13 +341,21 @@ fn run(iters: usize) -> Res<String> {
                 Ok(())
             },
             || {
-                dev.record_event(&ev, &s1)?;
-                dev.wait_event(&s2, &ev)?;
+                match &raw_cuda {
+                    Some(pair) => pair.record_and_wait()?,
+                    None => {
+                        dev.record_event(&ev, &s1)?;
+                        dev.wait_event(&s2, &ev)?;
+                    }
+                }
                 Ok(())
             },
         )?;
         sa.synchronize()?;
         sb.synchronize()?;
+        if let Some(pair) = &raw_cuda {
+            pair.synchronize()?;
+        }
         let label = if cuda.is_some() {
             "raw CUDA pair"
         } else {

@@ -1257,6 +1257,61 @@ impl CudaDevice {
     }
 }
 
+/// Two streams and an event of the primary context, for timing the bare driver calls of an
+/// event record and a cross-stream wait: the raw pair a runtime's events are compared with.
+/// Made by [`CudaDevice::raw_event_pair`].
+pub struct RawEventPair {
+    ev: cudarc::driver::CudaEvent,
+    a: Arc<CudaStream>,
+    b: Arc<CudaStream>,
+}
+
+impl std::fmt::Debug for RawEventPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RawEventPair")
+    }
+}
+
+impl RawEventPair {
+    /// Record the event on the first stream and make the second wait for it:
+    /// `cuEventRecord` and `cuStreamWaitEvent`, with no context check, lock or count around
+    /// them. Call it on a thread whose current context is the device's primary one (as
+    /// [`CudaDevice::raw_event_pair`] leaves it, and as gpushare's own calls leave it for
+    /// streams outside SM partitions).
+    pub fn record_and_wait(&self) -> Result<()> {
+        // SAFETY: the event and both streams are alive (owned here) and belong to the
+        // primary context; waiting on an event of the same context is allowed.
+        unsafe {
+            result::event::record(self.ev.cu_event(), self.a.cu_stream()).call("cuEventRecord")?;
+            result::stream::wait_event(
+                self.b.cu_stream(),
+                self.ev.cu_event(),
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+            .call("cuStreamWaitEvent")
+        }
+    }
+
+    /// Wait on the host for both streams' work.
+    pub fn synchronize(&self) -> Result<()> {
+        sync_stream(&self.a)?;
+        sync_stream(&self.b)
+    }
+}
+
+impl CudaDevice {
+    /// Two new streams and an event of the primary context, for [`RawEventPair`]; leaves
+    /// the primary context current on this thread.
+    pub fn raw_event_pair(&self) -> Result<RawEventPair> {
+        drain_stored_error(&self.inner.ctx);
+        let a = self.inner.ctx.new_stream().call("cuStreamCreate")?;
+        let b = self.inner.ctx.new_stream().call("cuStreamCreate")?;
+        let ev = new_event(&self.inner.ctx, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
+        self.bind()?;
+        Ok(RawEventPair { ev, a, b })
+    }
+}
+
 impl CudaDevice {
     /// Churn through the driver's stream-ordered pool: allocate `fill` live blocks, then
     /// for each `(victim, size)` free that live block and allocate a new one in its place.

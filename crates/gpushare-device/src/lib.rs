@@ -40,7 +40,7 @@ pub mod sim;
 mod source;
 mod sync;
 
-pub use cuda::CudaDevice;
+pub use cuda::{CudaDevice, RawEventPair};
 pub use error::{DeviceError, FaultOp, Result};
 pub use handles::{
     Event, LinearAlloc, Mapping, PhysChunk, PinnedBuffer, PinnedSlice, SmPartition, SmSplit,

@@ -621,6 +621,19 @@ fn cuda_open_never_panics() {
     }
 }
 
+/// The bare driver pair that benchmarks compare gpushare's events with runs on the thread
+/// that made it: a thousand records and waits, then both streams finish.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_raw_event_pair_orders_its_streams() {
+    let dev = CudaDevice::new(0).expect("this test needs a CUDA GPU");
+    let pair = dev.raw_event_pair().unwrap();
+    for _ in 0..1000 {
+        pair.record_and_wait().unwrap();
+    }
+    pair.synchronize().unwrap();
+}
+
 /// A range helper used by the suite is itself checked.
 #[test]
 fn device_range_slicing() {
