@@ -353,9 +353,25 @@ fn run(iters: usize) -> Res<String> {
         )?;
         sa.synchronize()?;
         sb.synchronize()?;
-        if let Some(pair) = &raw_cuda {
-            pair.synchronize()?;
-        }
+        // On CUDA, the device layer's own pair against the bare calls too: what of the
+        // difference above is the device layer's, and what the runtime's.
+        let layer = match &raw_cuda {
+            Some(pair) => {
+                let (layer, bare) = per_op_alternating(
+                    n,
+                    || {
+                        dev.record_event(&ev, &s1)?;
+                        dev.wait_event(&s2, &ev)?;
+                        Ok(())
+                    },
+                    || Ok(pair.record_and_wait()?),
+                )?;
+                dev.synchronize_stream(&s2)?;
+                pair.synchronize()?;
+                Some((layer, bare))
+            }
+            None => None,
+        };
         let label = if cuda.is_some() {
             "raw CUDA pair"
         } else {
@@ -367,6 +383,14 @@ fn run(iters: usize) -> Res<String> {
             format!("{ours:.0} ns"),
             format!("{label} {raw:.0} ns ({:+.0} ns)", ours - raw),
         );
+        if let Some((layer, bare)) = layer {
+            row(
+                &mut rows,
+                "device layer's event record + wait",
+                format!("{layer:.0} ns"),
+                format!("{label} {bare:.0} ns ({:+.0} ns)", layer - bare),
+            );
+        }
     }
     {
         // 150 kernels of ~20 µs on one block: serialized on one stream, over three
