@@ -83,7 +83,7 @@ pub(crate) struct CtxInner {
     pub events: Arc<crate::event::EventHome>,
     /// The hold: the first `held` slots' buffers stay pinned from a session's end on, so
     /// that the next session pins nothing ([`NO_HOLD`]: none). See [`CtxInner::end_use`].
-    /// Written only with `buffers` locked.
+    /// Written only with `buffers` locked (or by the context's drop, which has it alone).
     pub held: AtomicUsize,
     /// [`CtxInner::dooms`] when the hold was kept: once a buffer it covers is dropped, no
     /// session rides it any more (it would keep the dropped buffer pinned).
@@ -858,7 +858,9 @@ impl Context {
     }
 
     /// Wait until the context's buffers are resident, and open a session on it.
-    /// Cancellation-safe: dropping the future leaves nothing pinned or queued.
+    /// Cancellation-safe: dropping the future leaves nothing queued, and nothing pinned but
+    /// by a try that restores on a blocking thread (below), which ends the session it
+    /// opens once its copies are done.
     ///
     /// Waiting for memory does not block the thread. Neither does restoring evicted
     /// buffers inside a tokio runtime: a try whose working set is not all resident runs on

@@ -61,10 +61,10 @@ impl Recent {
     /// A kept handle that no one else holds, claimed (counted once more) for a record; it
     /// goes to the back. Busy handles looked at go to the back too, so that handles held
     /// for long (markers a user keeps, events of stream-ordered frees) do not stay in front
-    /// of the free ones; with the list full, they leave it instead (their holders keep
-    /// them), making room for handles that come back. Otherwise a list full of held
-    /// handles would keep cycling them, and a record would make a new device event nearly
-    /// every time.
+    /// of the free ones; with the list full, the first one met leaves it instead (its
+    /// holders keep it; at most one per record), making room for handles that come back.
+    /// Otherwise a list full of held handles would keep cycling them, and a record would
+    /// make a new device event nearly every time.
     fn claim(&mut self) -> Option<Arc<Inner>> {
         for _ in 0..self.handles.len().min(SCAN) {
             let h = self.handles.pop_front()?;
@@ -84,8 +84,9 @@ impl Recent {
         None
     }
 
-    /// Keep a new handle. With the list full (a record found no free one among the
-    /// first), the front one goes to make room; its holders, if any, keep it.
+    /// Keep a new handle. A record that found no free one has made room already (see
+    /// [`Recent::claim`]); should another record have filled the list meanwhile, the front
+    /// one goes to make room, and its holders, if any, keep it.
     fn keep(&mut self, h: &Arc<Inner>) {
         if self.handles.len() >= RECENT {
             self.handles.pop_front();

@@ -279,7 +279,9 @@ pub(crate) struct RtInner {
     pub buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>>,
     pub contexts: Arc<Mutex<Vec<Weak<CtxInner>>>>,
     /// Contexts that keep a hold on their buffers between sessions (see
-    /// [`CtxInner::end_use`]). Changed only when a hold is kept or let go, not per session.
+    /// [`CtxInner::end_use`]) that the pool would have let go: holds of Guaranteed contexts
+    /// and empty ones do not count. Changed only when a hold is kept, grows from nothing or
+    /// is let go, not per session.
     pub holds: Arc<AtomicUsize>,
     pub handlers: Arc<Handlers>,
     /// Waiting sessions, live sessions and pending frees: the protocol sessions wait under.
@@ -382,8 +384,8 @@ struct Offloader {
     /// Woken when a buffer dropped while its bytes moved out has gone (see
     /// [`Evictor::freed_while_moving`]): its drop woke waiting sessions before that.
     waits: Arc<SessionGate>,
-    /// The runtime's contexts, and how many keep a hold: the holds of those with no use
-    /// live go before the pool chooses a victim.
+    /// The runtime's contexts, and how many keep a hold the pool could use: the holds no
+    /// session rides go before the pool chooses a victim.
     contexts: Arc<Mutex<Vec<Weak<CtxInner>>>>,
     holds: Arc<AtomicUsize>,
     /// One more than the session gate's release clock at the last walk of the contexts

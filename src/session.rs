@@ -178,7 +178,8 @@ pub(crate) fn evicted_bytes(ctx: &CtxInner) -> u64 {
 /// The fast path of [`pin_all`]: if the whole working set is resident, pin it and return
 /// which buffers; if not, pin nothing and return `None`.
 ///
-/// Pinning a resident set takes one pool lock and waits for nothing; it holds nothing
+/// Pinning a resident set takes one pool lock (none when it rides the context's hold, see
+/// [`CtxInner::end_use`]) and waits for nothing; it holds nothing
 /// partly, so it needs no `pin_lock`, and it takes no memory from anyone. The session
 /// counts as live from before it pins: a session short of memory meanwhile then waits for
 /// this one instead of failing. If this path gives up, `ended` moves the release
@@ -521,7 +522,7 @@ impl<'a> SessionFuture<'a> {
         }
     }
 
-    /// The outcome of a finished round: the session, holding the context.
+    /// The outcome of a finished round: the session, borrowing the context's handle.
     fn finish(&mut self, r: Result<Prefix>) -> Poll<Result<Session<'a>>> {
         self.state = State::Done;
         let ctx = self.ctx.take();

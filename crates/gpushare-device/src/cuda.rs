@@ -451,8 +451,10 @@ impl Drop for GreenStream {
 ///
 /// Nearly every event is recorded in one context only (a runtime context records its events
 /// on its own stream), so the first context's event, `home`, is recorded, waited on and
-/// queried without a lock: a record there is one `cuEventRecord` and a store, a wait one
-/// load and one `cuStreamWaitEvent`. Events of other contexts sit behind a lock. Records of
+/// queried without a lock once made: a record there is a `cuCtxGetCurrent` (to make the
+/// stream's context current if it is not), one `cuEventRecord` and a store, a wait one
+/// load, a `cuCtxGetCurrent` and one `cuStreamWaitEvent`. The first record makes the home
+/// event under the lock. Events of other contexts sit behind a lock. Records of
 /// one event from several threads at once race, as CUDA's own do: whichever ends last is
 /// the one waited for.
 #[derive(Debug)]

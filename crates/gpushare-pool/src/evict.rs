@@ -123,16 +123,17 @@ pub trait Evictor: Send + Sync {
     }
     /// Whether the evictor's owners keep blocks pinned that they do not use now, only to
     /// skip pinning them again (a runtime keeps a context's buffers pinned between its
-    /// sessions). Asked under the pool's lock before a victim is chosen: keep it to a
-    /// load.
+    /// sessions). Asked under the pool's lock before a victim is chosen, and before a
+    /// request fails for lack of memory: keep it to a few loads.
     fn holds_idle_pins(&self) -> bool {
         false
     }
     /// Let go of those pins, oldest first, through [`crate::Pool::unpin_all`] or the like,
     /// so that their blocks are chosen as victims in tier and least-recently-used order.
     /// Called without the pool's lock when [`Evictor::holds_idle_pins`] said so and a
-    /// request is about to choose a victim: once, and again after each time the request
-    /// waited for moves under way or finished an eviction.
+    /// request is about to choose a victim: once, again after each time the request
+    /// waited for moves under way or finished an eviction, and once more before it fails
+    /// for lack of memory.
     fn release_idle_pins(&self) {}
 }
 

@@ -657,7 +657,8 @@ struct Reclaiming {
     spare: bool,
     /// The evictor was asked to let go of its idle pins since the request last let the
     /// lock go to wait or to finish an eviction (it asks again after those: pins that were
-    /// in use when it asked may be idle by then).
+    /// in use when it asked may be idle by then). Also cleared for the last ask before
+    /// the request fails.
     idle_released: bool,
     /// The request was about to fail for lack of memory and asked for idle pins once more
     /// (pins ridden when it last asked may have gone idle since).
@@ -1619,8 +1620,9 @@ impl<S: ChunkSource> Pool<S> {
     /// The general central path, for requests that [`Pool::alloc_within_means`] cannot
     /// serve. It lets the lock go while the bytes of an eviction it started move out (and
     /// waits, without the lock, for those of other requests where nothing else is left),
-    /// so that other owners' requests go on meanwhile; it gives the lock back with the
-    /// outcome. On failure nothing stays charged.
+    /// so that other owners' requests go on meanwhile, and while the evictor lets go of
+    /// idle pins ([`Stop::ReleaseIdle`]); it gives the lock back with the outcome. On
+    /// failure nothing stays charged.
     #[allow(clippy::too_many_arguments)]
     fn place<'a>(
         &'a self,
@@ -1985,7 +1987,9 @@ impl<S: ChunkSource> Pool<S> {
     }
 
     /// Evict the least recently used block that helps with `need`. `Ok(true)` once it is
-    /// out, [`Stop::Finish`] while its bytes move, `Ok(false)` if no block is eligible.
+    /// out, [`Stop::Finish`] while its bytes move, `Ok(false)` if no block is eligible,
+    /// [`Stop::ReleaseIdle`] first while the evictor holds idle pins and has not been asked
+    /// since the request last let the lock go.
     fn evict_one(
         &self,
         c: &mut Central,
