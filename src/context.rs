@@ -201,14 +201,7 @@ impl CtxInner {
     fn keep_hold(&self, slots: &[BufSlot]) {
         let h = self.held.load(Ordering::Relaxed);
         if h != NO_HOLD {
-            let twice = slots.get(..h).unwrap_or(slots);
-            if let Err(e) = self
-                .rt
-                .pool
-                .unpin_all(twice.iter().filter_map(|s| s.id.as_ref()))
-            {
-                tracing::error!(context = %self.name, error = %e, "unpinning buffers failed");
-            }
+            self.unpin_first(slots, h);
         }
         self.held_at
             .store(self.dooms.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -216,31 +209,32 @@ impl CtxInner {
     }
 
     /// Let go of the hold if there is one and no session rides it (sessions that pinned
-    /// their buffers themselves do not need it); `slots`: the locked list. Returns whether
-    /// it did.
-    pub fn release_hold(&self, slots: &[BufSlot]) -> bool {
-        if self.riders.load(Ordering::Relaxed) > 0 {
-            return false;
+    /// their buffers themselves do not need it); `slots`: the locked list.
+    pub fn release_hold(&self, slots: &[BufSlot]) {
+        if self.riders.load(Ordering::Relaxed) == 0 {
+            self.drop_hold(slots);
         }
-        self.drop_hold(slots)
     }
 
     /// Unpin what the hold keeps, if there is one. Only once no session rides it.
-    fn drop_hold(&self, slots: &[BufSlot]) -> bool {
+    fn drop_hold(&self, slots: &[BufSlot]) {
         let h = self.held.load(Ordering::Relaxed);
-        if h == NO_HOLD {
-            return false;
+        if h != NO_HOLD {
+            self.set_hold(NO_HOLD);
+            self.unpin_first(slots, h);
         }
-        self.set_hold(NO_HOLD);
-        let kept = slots.get(..h).unwrap_or(slots);
+    }
+
+    /// Drop one pin of each buffer of the first `n` slots (the hold's).
+    fn unpin_first(&self, slots: &[BufSlot], n: usize) {
+        let first = slots.get(..n).unwrap_or(slots);
         if let Err(e) = self
             .rt
             .pool
-            .unpin_all(kept.iter().filter_map(|s| s.id.as_ref()))
+            .unpin_all(first.iter().filter_map(|s| s.id.as_ref()))
         {
-            tracing::error!(context = %self.name, error = %e, "letting go of held buffers failed");
+            tracing::error!(context = %self.name, error = %e, "unpinning held buffers failed");
         }
-        true
     }
 
     /// The rest of [`CtxInner::end_use`], for a use whose pins are gone already (or that
