@@ -153,6 +153,32 @@ impl<A: Alloc> Alloc for Locked<A> {
     }
 }
 
+/// A peer whose handle is padded to the 32 bytes of the pool's [`Block`] (which carries the
+/// offset, size, node, owner and pool that a checked free needs), the padding written on
+/// allocation and read on free as a handle's fields would be: it shows what a trace's
+/// handle table and moves cost apart from the allocator's own work.
+pub struct Wide<A>(pub A);
+
+impl<A: Alloc> Alloc for Wide<A> {
+    type H = (A::H, [u64; 3]);
+    fn name(&self) -> &'static str {
+        "offset-allocator, 32-byte handle"
+    }
+    #[inline]
+    fn alloc(&mut self, size: u64) -> Option<Self::H> {
+        let h = self.0.alloc(size)?;
+        Some((h, [size, size ^ 1, size ^ 2]))
+    }
+    #[inline]
+    fn free(&mut self, (h, pad): Self::H) {
+        std::hint::black_box(pad);
+        self.0.free(h);
+    }
+    fn peak_footprint(&self) -> u64 {
+        self.0.peak_footprint()
+    }
+}
+
 /// A plain best-fit allocator: free blocks in ordered sets, coalescing, behind a mutex.
 pub struct BestFit {
     inner: Mutex<BestFitInner>,

@@ -1,0 +1,35 @@
+//! The churn of `pool_bench` at one number of live blocks on one allocator, in a bare
+//! loop, for profilers (callgrind, perf): `pool` (gpushare's pool), `offset` (the
+//! `offset-allocator` crate) or `wide` (that crate with its handle padded to the pool's
+//! 32 bytes). Prints the median ns per free+alloc pair and the footprint.
+//!
+//! ```text
+//! cargo run --release -p gpushare-pool --example churn_loop -- [pool|offset|wide] [live] [runs]
+//! ```
+
+#[path = "../benches/support/peers.rs"]
+mod peers;
+
+use peers::*;
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let which = args.next().unwrap_or_else(|| "pool".into());
+    let live: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
+    if !["pool", "offset", "wide"].contains(&which.as_str()) || live == 0 {
+        eprintln!("usage: churn_loop [pool|offset|wide] [live blocks, at least 1] [runs]");
+        std::process::exit(2);
+    }
+    // The trace of `pool_bench` at this number of live blocks.
+    let trace = Churn::new(live, 200_000, 42 + live as u64);
+    println!("{live} live blocks, 200000 free+alloc pairs");
+    for _ in 0..runs {
+        let (ns, footprint) = match which.as_str() {
+            "pool" => trace.run(&mut Gpushare::new(), 1000),
+            "offset" => trace.run(&mut OffsetAlloc::new(), 1000),
+            _ => trace.run(&mut Wide(OffsetAlloc::new()), 1000),
+        };
+        println!("{which}: {ns:.1} ns per pair, peak footprint ÷ peak live {footprint:.3}");
+    }
+}
