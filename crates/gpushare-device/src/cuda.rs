@@ -38,6 +38,8 @@ struct Inner {
     /// because an async copy to an unmapped address is an MMU fault that poisons the whole
     /// CUDA context, not an error the caller could handle.
     regions: parking_lot::RwLock<BTreeMap<u64, u64>>,
+    /// Green contexts made and not yet destroyed (see [`CudaDevice::live_partitions`]).
+    green_live: Arc<AtomicUsize>,
 }
 
 fn vmm_prop(ordinal: usize) -> sys::CUmemAllocationProp {
@@ -197,6 +199,7 @@ impl CudaDevice {
                 ctx,
                 info,
                 regions: parking_lot::RwLock::new(BTreeMap::new()),
+                green_live: Arc::new(AtomicUsize::new(0)),
             }),
         })
     }
@@ -215,6 +218,18 @@ impl CudaDevice {
         check_owner(self.inner.id, "stream", s.device)?;
         match &s.inner {
             StreamInner::Cuda(c, _) => Ok(c),
+            StreamInner::Sim(_) => Err(foreign("stream")),
+        }
+    }
+
+    /// The stream, and its green context if it is an SM partition's.
+    fn stream_in<'s>(
+        &self,
+        s: &'s Stream,
+    ) -> Result<(&'s Arc<CudaStream>, Option<&'s Arc<GreenCtx>>)> {
+        check_owner(self.inner.id, "stream", s.device)?;
+        match &s.inner {
+            StreamInner::Cuda(c, g) => Ok((c, g.as_deref().map(|g| &g.green))),
             StreamInner::Sim(_) => Err(foreign("stream")),
         }
     }
@@ -291,7 +306,8 @@ impl Drop for CudaVa {
     fn drop(&mut self) {
         let _ = make_current(&self.ctx);
         // SAFETY: the range was reserved by cuMemAddressReserve with exactly this base and
-        // size, and every mapping inside it holds this struct alive, so none remains.
+        // size, and every mapping inside it holds this struct alive, so none remains (a
+        // mapping that could not be unmapped keeps its hold for good: see CudaMapping).
         let r = unsafe { sys::cuMemAddressFree(self.base, self.size as usize) }.result();
         if let Err(e) = r {
             tracing::warn!(error = %e, base = self.base, "cuMemAddressFree failed");
@@ -350,7 +366,11 @@ impl CudaMapping {
 impl Drop for CudaMapping {
     fn drop(&mut self) {
         if let Err(e) = self.do_unmap() {
-            tracing::warn!(error = %e, addr = self.addr, "cuMemUnmap failed");
+            // The range is still mapped: its reservation must never be freed (a later
+            // reservation could be handed the same addresses), so this mapping's hold on it
+            // is kept for the rest of the process.
+            std::mem::forget(self._va.clone());
+            tracing::warn!(error = %e, addr = self.addr, "cuMemUnmap failed; the range stays mapped and reserved");
         }
     }
 }
@@ -382,9 +402,17 @@ pub(crate) struct GreenCtx {
     /// cuGreenCtxDestroy (below). The cost is one small allocation per partition.
     ctx: ManuallyDrop<Arc<CudaContext>>,
     primary: Arc<CudaContext>,
+    /// The device's count of green contexts not yet destroyed.
+    live: Arc<AtomicUsize>,
 }
 
-// SAFETY: a CUgreenCtx is an opaque driver handle that the driver lets any thread use.
+// SAFETY: a CUgreenCtx is an opaque driver handle, valid on any thread until destroyed
+// (once, in Drop). The driver documents that a green context can be current to one thread
+// at a time and does not synchronise API calls that reach it from several threads: this
+// layer makes it current for the calls on its events (making, recording, querying and
+// waiting for them) and for destroying its streams, and cudarc makes it current for work a user
+// launches on a partition's stream. Those calls are not serialised per green context; a
+// GPU test (`partition_events_from_many_threads`) drives them from several threads at once.
 unsafe impl Send for GreenCtx {}
 // SAFETY: as above; GreenCtx has no interior state besides the handle.
 unsafe impl Sync for GreenCtx {}
@@ -399,11 +427,14 @@ impl Drop for GreenCtx {
             return;
         }
         let _ = make_current(&self.primary);
-        // SAFETY: the handle came from cuGreenCtxCreate; no stream or cudarc object refers
-        // to it any more (checked above, and every GreenStream holds this struct alive); it
-        // is destroyed once, here.
-        if let Err(e) = unsafe { sys::cuGreenCtxDestroy(self.handle) }.result() {
-            tracing::warn!(error = %e, "cuGreenCtxDestroy failed");
+        // SAFETY: the handle came from cuGreenCtxCreate; no stream, event or cudarc object
+        // refers to it any more (checked above, and every GreenStream and every event made
+        // in it hold this struct alive); it is destroyed once, here.
+        match unsafe { sys::cuGreenCtxDestroy(self.handle) }.result() {
+            Ok(()) => {
+                self.live.fetch_sub(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "cuGreenCtxDestroy failed"),
         }
     }
 }
@@ -443,6 +474,33 @@ impl Drop for GreenStream {
                 tracing::warn!(error = %e, "cuStreamDestroy failed");
             }
         }
+        // The green context goes back from this thread as soon as it is not needed.
+        let _ = make_current(&self.green.primary);
+    }
+}
+
+/// A CUDA event and what keeps its context alive: for an event made in an SM partition,
+/// the partition's green context. Declared after the event, so that the green context
+/// can only go once the event is destroyed; a green context whose last user is an event
+/// is then destroyed with it, where the partition's own end would have found it still in
+/// use and left it to the process.
+#[derive(Debug)]
+struct CtxEvent {
+    ev: cudarc::driver::CudaEvent,
+    _green: Option<Arc<GreenCtx>>,
+}
+
+impl CtxEvent {
+    /// A new event in the context of `stream`, whose green context is `green` if any.
+    fn on(
+        stream: &CudaStream,
+        green: Option<&Arc<GreenCtx>>,
+        flags: sys::CUevent_flags,
+    ) -> Result<Self> {
+        Ok(CtxEvent {
+            ev: new_event(stream.context(), flags)?,
+            _green: green.cloned(),
+        })
     }
 }
 
@@ -461,12 +519,13 @@ impl Drop for GreenStream {
 pub(crate) struct CudaEventSet {
     flags: sys::CUevent_flags,
     /// The event of the first context it was recorded in; set once, under `others`' lock.
-    home: OnceLock<cudarc::driver::CudaEvent>,
+    home: OnceLock<CtxEvent>,
     /// Which event was recorded last: [`NEVER`], [`HOME`], or [`OTHER`] plus its index in
     /// `others`.
     last: AtomicUsize,
-    /// Events of the other contexts it was recorded in.
-    others: parking_lot::Mutex<Vec<cudarc::driver::CudaEvent>>,
+    /// Events of the other contexts it was recorded in. Shared, so that a wait on one
+    /// (a blocking `cuEventSynchronize`, say) runs with the lock released.
+    others: parking_lot::Mutex<Vec<Arc<CtxEvent>>>,
 }
 
 /// [`CudaEventSet::last`]: never recorded.
@@ -495,19 +554,22 @@ impl CudaEventSet {
         // is set.
         match self.last.load(Ordering::Acquire) {
             NEVER => Ok(None),
-            HOME => self.home.get().map(f).transpose(),
+            HOME => self.home.get().map(|e| f(&e.ev)).transpose(),
             i => {
-                let others = self.others.lock();
-                others.get(i - OTHER).map(f).transpose()
+                // Taken out of the list, so that a record in another context does not wait
+                // for `f`, which may block until the GPU gets there.
+                let e = self.others.lock().get(i - OTHER).cloned();
+                e.map(|e| f(&e.ev)).transpose()
             }
         }
     }
 
-    fn record(&self, stream: &Arc<CudaStream>) -> Result<()> {
+    /// Record on `stream`, whose green context is `green` if it is an SM partition's.
+    fn record(&self, stream: &Arc<CudaStream>, green: Option<&Arc<GreenCtx>>) -> Result<()> {
         let ctx = stream.context();
         if let Some(home) = self.home.get() {
-            if home.context().cu_ctx() == ctx.cu_ctx() {
-                record_on(home, stream)?;
+            if home.ev.context().cu_ctx() == ctx.cu_ctx() {
+                record_on(&home.ev, stream)?;
                 self.last.store(HOME, Ordering::Release);
                 return Ok(());
             }
@@ -518,26 +580,26 @@ impl CudaEventSet {
         let home = match self.home.get() {
             Some(home) => home,
             None => {
-                let ev = new_event(ctx, self.flags)?;
+                let ev = CtxEvent::on(stream, green, self.flags)?;
                 self.home.get_or_init(|| ev)
             }
         };
-        if home.context().cu_ctx() == ctx.cu_ctx() {
-            record_on(home, stream)?;
+        if home.ev.context().cu_ctx() == ctx.cu_ctx() {
+            record_on(&home.ev, stream)?;
             self.last.store(HOME, Ordering::Release);
             return Ok(());
         }
         let i = match others
             .iter()
-            .position(|e| e.context().cu_ctx() == ctx.cu_ctx())
+            .position(|e| e.ev.context().cu_ctx() == ctx.cu_ctx())
         {
             Some(i) => i,
             None => {
-                others.push(new_event(ctx, self.flags)?);
+                others.push(Arc::new(CtxEvent::on(stream, green, self.flags)?));
                 others.len() - 1
             }
         };
-        record_on(&others[i], stream)?;
+        record_on(&others[i].ev, stream)?;
         self.last.store(OTHER + i, Ordering::Release);
         Ok(())
     }
@@ -549,7 +611,12 @@ impl CudaEventSet {
 pub(crate) struct CudaPinned {
     ptr: *mut u8,
     len: usize,
-    last: Option<cudarc::driver::CudaEvent>,
+    last: Option<CtxEvent>,
+    /// Set when a copy could be neither recorded nor waited for: it may still be using the
+    /// bytes, so they are never read, written or freed again.
+    untracked: Option<String>,
+    /// The device's primary context, current when the allocation is freed.
+    ctx: Arc<CudaContext>,
     /// Owns the allocation; freed by `Drop::drop` below once it has waited for `last`, and
     /// leaked if that wait fails (a copy may still be using it).
     slice: std::mem::ManuallyDrop<cudarc::driver::PinnedHostSlice<u8>>,
@@ -564,7 +631,12 @@ unsafe impl Sync for CudaPinned {}
 impl CudaPinned {
     /// Wait for the last copy.
     fn wait_idle(&self) -> Result<()> {
-        self.last.as_ref().map_or(Ok(()), sync_event)
+        if let Some(why) = &self.untracked {
+            return Err(DeviceError::StreamBroken(format!(
+                "a copy of this pinned buffer may still be running ({why}); the buffer cannot be used again"
+            )));
+        }
+        self.last.as_ref().map_or(Ok(()), |e| sync_event(&e.ev))
     }
 
     /// The bytes, once every copy that used them has completed.
@@ -590,7 +662,7 @@ impl CudaPinned {
             unsafe {
                 result::stream::wait_event(
                     stream.cu_stream(),
-                    e.cu_event(),
+                    e.ev.cu_event(),
                     sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
                 )
             }
@@ -602,28 +674,37 @@ impl CudaPinned {
     /// Remember that a copy on `stream` uses the buffer. The copy is already queued: if it
     /// cannot be recorded, the stream is waited for here, so that no copy runs untracked
     /// while the buffer is rewritten or freed.
-    fn after_copy(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
-        let r = self.record_last(stream);
+    fn after_copy(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        green: Option<&Arc<GreenCtx>>,
+    ) -> Result<()> {
+        let r = self.record_last(stream, green);
         if r.is_err() {
             if let Err(e) = sync_stream(stream) {
                 tracing::error!(error = %e, "waiting for an untracked copy of a pinned buffer failed");
+                self.untracked = Some(e.to_string());
             }
         }
         r
     }
 
-    fn record_last(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+    fn record_last(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        green: Option<&Arc<GreenCtx>>,
+    ) -> Result<()> {
         let ctx = stream.context();
         match &self.last {
-            Some(e) if e.context().cu_ctx() == ctx.cu_ctx() => record_on(e, stream),
+            Some(e) if e.ev.context().cu_ctx() == ctx.cu_ctx() => record_on(&e.ev, stream),
             _ => {
                 // The last copy ran in another context (a partition's), or none ran yet.
                 // Replacing its event loses no track of it: `before_copy` made this stream
                 // wait for that event, so the new one completes only after the old copy
                 // did. The old one goes only once the new one is recorded: should the
                 // record fail, `last` still tracks the earlier copies.
-                let e = new_event(ctx, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
-                record_on(&e, stream)?;
+                let e = CtxEvent::on(stream, green, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
+                record_on(&e.ev, stream)?;
                 self.last = Some(e);
                 Ok(())
             }
@@ -634,8 +715,14 @@ impl CudaPinned {
 impl Drop for CudaPinned {
     fn drop(&mut self) {
         match self.wait_idle() {
-            // SAFETY: dropped exactly once, here, and never used again.
-            Ok(()) => unsafe { std::mem::ManuallyDrop::drop(&mut self.slice) },
+            Ok(()) => {
+                // cudarc frees the memory in the context current now, and skips making its
+                // own current if it holds an error stored by another handle's release.
+                let _ = make_current(&self.ctx);
+                drain_stored_error(&self.ctx);
+                // SAFETY: dropped exactly once, here, and never used again.
+                unsafe { std::mem::ManuallyDrop::drop(&mut self.slice) }
+            }
             Err(e) => tracing::error!(
                 error = %e,
                 bytes = self.len,
@@ -645,9 +732,21 @@ impl Drop for CudaPinned {
     }
 }
 
-unsafe extern "C" fn run_host_fn(data: *mut c_void) {
+/// The callback of [`Device::host_callback`], added with `cuStreamAddCallback`. Not
+/// `cuLaunchHostFunc`, which the driver skips once its context has met an error: the
+/// callback's box would leak, and whatever it wakes (an event's waiting task, the pool's
+/// waiters for stream-ordered frees) would wait for ever. The driver calls this one with
+/// the error instead, so it runs in every case, and what it wakes finds the error when it
+/// next asks the device.
+unsafe extern "C" fn run_host_fn(_stream: sys::CUstream, status: sys::CUresult, data: *mut c_void) {
+    if status != sys::CUresult::CUDA_SUCCESS {
+        tracing::warn!(
+            ?status,
+            "a host callback runs after an error in its CUDA context"
+        );
+    }
     // SAFETY: `data` is the pointer made by Box::into_raw in `host_callback`, and the driver
-    // calls this function exactly once per launch.
+    // calls this function exactly once per callback added.
     let f: Box<HostFn> = unsafe { Box::from_raw(data as *mut HostFn) };
     // A panic must not unwind into the driver.
     if catch_unwind(AssertUnwindSafe(f)).is_err() {
@@ -855,8 +954,8 @@ impl Device for CudaDevice {
     }
 
     fn record_event(&self, event: &Event, stream: &Stream) -> Result<()> {
-        let (e, s) = (self.event(event)?, self.stream(stream)?);
-        e.record(s)
+        let (e, (s, green)) = (self.event(event)?, self.stream_in(stream)?);
+        e.record(s, green)
     }
 
     fn wait_event(&self, stream: &Stream, event: &Event) -> Result<()> {
@@ -925,11 +1024,13 @@ impl Device for CudaDevice {
         self.bind()?;
         let data = Box::into_raw(Box::new(f)) as *mut c_void;
         // SAFETY: `run_host_fn` takes back ownership of `data` exactly once when the driver
-        // calls it; if the launch fails the driver never calls it and we free it below.
-        let r = unsafe { result::stream::launch_host_function(s.cu_stream(), run_host_fn, data) }
-            .call("cuLaunchHostFunc");
+        // calls it, which it does after an error too; if adding it fails the driver never
+        // calls it and we free it below. Flags must be 0.
+        let r = unsafe { sys::cuStreamAddCallback(s.cu_stream(), Some(run_host_fn), data, 0) }
+            .result()
+            .call("cuStreamAddCallback");
         if r.is_err() {
-            // SAFETY: the launch failed, so the driver holds no copy of `data`.
+            // SAFETY: adding it failed, so the driver holds no copy of `data`.
             drop(unsafe { Box::from_raw(data as *mut HostFn) });
         }
         r
@@ -966,6 +1067,8 @@ impl Device for CudaDevice {
                 ptr,
                 len: len as usize,
                 last: None,
+                untracked: None,
+                ctx: self.inner.ctx.clone(),
                 slice: std::mem::ManuallyDrop::new(p),
             })),
         })
@@ -975,7 +1078,7 @@ impl Device for CudaDevice {
         check_lengths(src.len, dst.len)?;
         Self::nonzero(dst.len)?;
         let m = self.pinned(&src)?;
-        let s = self.stream(stream)?;
+        let (s, green) = self.stream_in(stream)?;
         self.check_mapped(dst)?;
         let mut g = m.lock();
         g.before_copy(s)?;
@@ -988,14 +1091,14 @@ impl Device for CudaDevice {
         // SAFETY: as above.
         unsafe { result::memcpy_htod_async(dst.ptr.0, host, s.cu_stream()) }
             .call("cuMemcpyHtoDAsync")?;
-        g.after_copy(s)
+        g.after_copy(s, green)
     }
 
     fn copy_dtoh(&self, dst: PinnedSlice<'_>, src: DeviceRange, stream: &Stream) -> Result<()> {
         check_lengths(src.len, dst.len)?;
         Self::nonzero(src.len)?;
         let m = self.pinned(&dst)?;
-        let s = self.stream(stream)?;
+        let (s, green) = self.stream_in(stream)?;
         self.check_mapped(src)?;
         let mut g = m.lock();
         g.before_copy(s)?;
@@ -1007,7 +1110,7 @@ impl Device for CudaDevice {
         // SAFETY: as above.
         unsafe { result::memcpy_dtoh_async(host, src.ptr.0, s.cu_stream()) }
             .call("cuMemcpyDtoHAsync")?;
-        g.after_copy(s)
+        g.after_copy(s, green)
     }
 
     fn copy_dtod(&self, dst: DeviceRange, src: DeviceRange, stream: &Stream) -> Result<()> {
@@ -1302,6 +1405,14 @@ impl RawEventPair {
 }
 
 impl CudaDevice {
+    /// How many green contexts (the driver's SM partitions) this device has made and not
+    /// yet destroyed: those of live splits, streams and events, plus any left to the
+    /// process because a cudarc handle made in one outlived it (logged when it happens).
+    /// With no partition in use it is 0; a count that stays above that is a leak.
+    pub fn live_partitions(&self) -> usize {
+        self.inner.green_live.load(Ordering::Relaxed)
+    }
+
     /// Two new streams and an event of the primary context, for [`RawEventPair`]; leaves
     /// the primary context current on this thread.
     pub fn raw_event_pair(&self) -> Result<RawEventPair> {
@@ -1391,38 +1502,57 @@ impl CudaDevice {
         .result()
         .call("cuGreenCtxCreate")?;
         let mut raw_ctx: sys::CUcontext = std::ptr::null_mut();
-        // SAFETY: `handle` is a live green context; out-pointer valid.
-        let r = unsafe { sys::cuCtxFromGreenCtx(&mut raw_ctx, handle) }
-            .result()
-            .call("cuCtxFromGreenCtx")
-            .and_then(|()| {
-                // SAFETY: `raw_ctx` is a valid context of this device. Its wrapper is never
-                // dropped (see GreenCtx::ctx), so cudarc never destroys it.
-                unsafe { CudaContext::from_raw_context(self.inner.info.ordinal, dev, raw_ctx) }
-                    .call("cuCtxSetCurrent")
-            });
-        let ctx = match r {
+        // cudarc's wrapper (below) makes the context current and reads an attribute of the
+        // device, and drops itself if either fails, destroying the context with
+        // cuCtxDestroy, which a green context's handle must never go through. So both are
+        // done here first, where a failure destroys the green context the right way.
+        let checked = (|| {
+            // SAFETY: `handle` is a live green context; out-pointer valid.
+            unsafe { sys::cuCtxFromGreenCtx(&mut raw_ctx, handle) }
+                .result()
+                .call("cuCtxFromGreenCtx")?;
+            // SAFETY: `raw_ctx` is the live green context's handle, made current on this
+            // thread only for the calls below.
+            unsafe { result::ctx::set_current(raw_ctx) }.call("cuCtxSetCurrent")?;
+            // SAFETY: `dev` is this device's handle, valid while the driver is loaded.
+            unsafe {
+                result::device::get_attribute(
+                    dev,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED,
+                )
+            }
+            .call("cuDeviceGetAttribute")
+        })();
+        if let Err(e) = checked {
+            // SAFETY: created above and not shared; destroyed once.
+            let _ = unsafe { sys::cuGreenCtxDestroy(handle) };
+            let _ = self.bind();
+            return Err(e);
+        }
+        // SAFETY: `raw_ctx` is a valid context of this device. Its wrapper is never dropped
+        // (see GreenCtx::ctx), so cudarc never destroys it.
+        let ctx = match unsafe {
+            CudaContext::from_raw_context(self.inner.info.ordinal, dev, raw_ctx)
+        } {
             Ok(c) => ManuallyDrop::new(c),
             Err(e) => {
-                if matches!(
-                    e,
-                    DeviceError::Driver {
-                        call: "cuCtxFromGreenCtx",
-                        ..
-                    }
-                ) {
-                    // SAFETY: created above and not shared; destroyed once.
-                    let _ = unsafe { sys::cuGreenCtxDestroy(handle) };
-                }
-                // Otherwise cudarc's wrapper failed after taking the context and has
-                // released it itself; destroying it again would be a double destroy.
-                return Err(e);
+                // The same two calls just succeeded, so this is not expected. cudarc has
+                // dropped its wrapper, which may have destroyed the context already: it
+                // is left alone rather than destroyed twice.
+                tracing::error!(error = %e, "wrapping a green context failed; it is left to the process");
+                let _ = self.bind();
+                return Err(DeviceError::Driver {
+                    call: "cuCtxSetCurrent",
+                    source: e,
+                });
             }
         };
+        self.inner.green_live.fetch_add(1, Ordering::Relaxed);
         let green = Arc::new(GreenCtx {
             handle,
             ctx,
             primary: self.inner.ctx.clone(),
+            live: self.inner.green_live.clone(),
         });
         // Leave the primary context current for the caller's next calls.
         self.bind()?;

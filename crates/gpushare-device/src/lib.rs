@@ -308,6 +308,9 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     /// stream waits for it. On CUDA `f` runs on the driver's callback thread, where device
     /// calls are forbidden: `f` must not call into the device, nor drop the last handle of a
     /// device resource (a stream, an event, a buffer), whose release is a device call.
+    /// Once queued, `f` runs in every case: where earlier work failed (a simulated stream
+    /// broken by a fault, a CUDA context that met an error), it runs all the same, so that
+    /// whatever it wakes finds the error when it next asks the device.
     fn host_callback(&self, stream: &Stream, f: HostFn) -> Result<()>;
 
     /// Allocate `len` bytes of page-locked host memory for fast async copies. This is

@@ -482,6 +482,53 @@ mod contract {
         ));
     }
 
+    /// Events of SM partitions recorded, queried, waited for and synchronised from many
+    /// threads at once, each thread's work checked after every wait.
+    pub fn partition_events_from_many_threads(open: Open) {
+        let dev = open();
+        let info = dev.info().clone();
+        if !info.green_contexts {
+            return;
+        }
+        let split = dev.split_sms(&[16, 16]).unwrap();
+        let g = info.granularity;
+        let va = dev.reserve_va(g).unwrap();
+        let c = dev.create_chunk(g).unwrap();
+        let m = dev.map_chunk(&va, 0, &c).unwrap();
+        let n = 4096u64;
+        std::thread::scope(|scope| {
+            for t in 0..8usize {
+                let (dev, split, m) = (&dev, &split, &m);
+                let least = info.priority_range.least;
+                scope.spawn(move || {
+                    // Each thread writes in one partition and reads in the other.
+                    let s = dev
+                        .create_stream_in(&split.partitions[t % 2], least)
+                        .unwrap();
+                    let o = dev
+                        .create_stream_in(&split.partitions[(t + 1) % 2], least)
+                        .unwrap();
+                    let e = dev.create_event(EventFlags::default()).unwrap();
+                    let r = m.range().slice(t as u64 * n, n).unwrap();
+                    let mut out = vec![0u8; n as usize];
+                    for i in 0..200u32 {
+                        let v = (i as u8).wrapping_mul(7).wrapping_add(t as u8);
+                        dev.memset(r, v, &s).unwrap();
+                        dev.record_event(&e, &s).unwrap();
+                        dev.query_event(&e).unwrap();
+                        dev.wait_event(&o, &e).unwrap();
+                        if i % 4 == 0 {
+                            dev.synchronize_event(&e).unwrap();
+                            assert!(dev.query_event(&e).unwrap(), "thread {t}, round {i}");
+                        }
+                        dev.read_sync(&mut out, r, &o).unwrap();
+                        assert!(out.iter().all(|&x| x == v), "thread {t}, round {i}");
+                    }
+                });
+            }
+        });
+    }
+
     pub fn linear_fallback_allocation(open: Open) {
         let dev = open();
         let g = dev.info().granularity;
@@ -600,6 +647,7 @@ suite!(
     one_range_is_mapped_once_when_two_threads_race,
     priorities_are_checked,
     sm_partitions,
+    partition_events_from_many_threads,
     linear_fallback_allocation,
     mappings_outlive_dropped_handles,
     memory_is_accounted,
@@ -632,6 +680,41 @@ fn the_raw_event_pair_orders_its_streams() {
         pair.record_and_wait().unwrap();
     }
     pair.synchronize().unwrap();
+}
+
+/// An event recorded in an SM partition keeps the partition's green context until the
+/// event goes, and no longer: the partition's own end finds it in use, and the event's
+/// end destroys it.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn an_event_keeps_its_partition_until_it_goes() {
+    let dev = CudaDevice::new(0).expect("this test needs a CUDA GPU");
+    if !dev.info().green_contexts {
+        return;
+    }
+    let before = dev.live_partitions();
+    let split = dev.split_sms(&[16]).unwrap();
+    let s = dev
+        .create_stream_in(&split.partitions[0], dev.info().priority_range.least)
+        .unwrap();
+    let e = dev.create_event(EventFlags::default()).unwrap();
+    dev.record_event(&e, &s).unwrap();
+    assert!(dev.live_partitions() > before);
+    drop(s);
+    drop(split);
+    dev.synchronize_event(&e).unwrap();
+    assert!(dev.query_event(&e).unwrap());
+    assert_eq!(
+        dev.live_partitions(),
+        before + 1,
+        "the event's partition stays while the event lives"
+    );
+    drop(e);
+    assert_eq!(
+        dev.live_partitions(),
+        before,
+        "the partition goes with its event"
+    );
 }
 
 /// A range helper used by the suite is itself checked.

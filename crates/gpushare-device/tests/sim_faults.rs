@@ -173,6 +173,14 @@ fn work_queued_behind_a_fault_does_not_run_and_the_faults_stay_with_their_stream
     dev.record_event(&e, &s).unwrap();
     let waiter = dev.create_stream(0).unwrap();
     dev.wait_event(&waiter, &e).unwrap();
+    let (ran, callback_ran) = std::sync::mpsc::channel::<()>();
+    dev.host_callback(
+        &s,
+        Box::new(move || {
+            let _ = ran.send(());
+        }),
+    )
+    .unwrap();
     open.send(()).unwrap();
 
     assert!(matches!(
@@ -182,7 +190,11 @@ fn work_queued_behind_a_fault_does_not_run_and_the_faults_stay_with_their_stream
     let mut out = [1u8; 8];
     dev.peek(r, &mut out).unwrap();
     assert_eq!(out, [0; 8], "work queued behind the fault must not run");
-    // Its event still completes, and a stream that waited on it carries on.
+    // A host callback queued behind the fault still runs (what it wakes finds the error),
+    // its event still completes, and a stream that waited on it carries on.
+    callback_ran
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("a host callback queued behind a fault runs");
     dev.synchronize_event(&e).unwrap();
     dev.memset(r, 9, &waiter).unwrap();
     dev.synchronize_stream(&waiter).unwrap();
