@@ -88,6 +88,19 @@ pub enum RuntimeError {
         /// Runtime capacity.
         capacity: u64,
     },
+    /// A context's persistent buffers cannot all be resident beside the buffers of the
+    /// Guaranteed contexts, which are never evicted: no session's end would make room.
+    #[error("the buffers of {context:?} take {bytes} B, but Guaranteed contexts' buffers, which are never evicted, hold {guaranteed} B of the runtime's {capacity} B; free buffers of either, or raise the memory fraction")]
+    WorkingSetBesideGuaranteed {
+        /// The context.
+        context: String,
+        /// Bytes of its buffers.
+        bytes: u64,
+        /// Bytes of the other Guaranteed contexts' resident buffers.
+        guaranteed: u64,
+        /// Runtime capacity.
+        capacity: u64,
+    },
     /// A handle of another runtime or context.
     #[error(
         "the {what} belongs to another {owner}; use it with the runtime and context that made it"

@@ -189,6 +189,18 @@ pub struct EventWait {
     signal: Option<Arc<Signal>>,
 }
 
+impl Drop for EventWait {
+    fn drop(&mut self) {
+        // The callback stays queued until the stream gets there, with the signal: the
+        // waker goes now, so that a dropped wait neither keeps its task until then nor
+        // wakes it for nothing.
+        if let Some(s) = &self.signal {
+            let waker = s.waker.lock().take();
+            drop(waker);
+        }
+    }
+}
+
 impl Future for EventWait {
     type Output = Result<()>;
 

@@ -544,10 +544,13 @@ impl Evictor for Offloader {
 
     fn release_idle_pins(&self) {
         // The clock is read before the walk: a session that ends during it moves the clock
-        // again, and the next ask walks.
-        self.walked_at
-            .store(self.waits.clock() + 1, Ordering::Relaxed);
+        // again, and the next ask walks. It is stored after the walk: a request that asks
+        // while another's walk is under way walks too (what the first has let go, it finds
+        // let go), where seeing the walk as done it would pick its victims, or give up,
+        // with the idle holds still pinned.
+        let clock = self.waits.clock();
         release_holds(&self.contexts, false);
+        self.walked_at.store(clock + 1, Ordering::Relaxed);
     }
 
     fn restore(&self, r: &RestoreInfo) -> std::result::Result<(), EvictError> {

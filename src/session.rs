@@ -106,6 +106,33 @@ fn round(size: u64) -> u64 {
     size.next_multiple_of(gpushare_pool::ALIGN)
 }
 
+/// Why `ctx`'s working set can never be resident while the buffers of the other
+/// Guaranteed contexts stay (they are never evicted), if it cannot.
+fn beside_guaranteed(ctx: &CtxInner) -> Option<RuntimeError> {
+    let bytes: u64 = {
+        let slots = ctx.buffers.lock();
+        slots
+            .iter()
+            .filter(|s| s.live())
+            .map(|s| round(s.size))
+            .sum()
+    };
+    let stats = ctx.rt.pool.stats();
+    let guaranteed: u64 = stats
+        .owners
+        .iter()
+        .filter(|o| o.id != ctx.owner && o.tier == gpushare_pool::Tier::Guaranteed)
+        .map(|o| o.evictable_resident_bytes)
+        .sum();
+    let room = ctx.rt.capacity.saturating_sub(guaranteed);
+    (bytes > room).then(|| RuntimeError::WorkingSetBesideGuaranteed {
+        context: ctx.name.clone(),
+        bytes,
+        guaranteed,
+        capacity: ctx.rt.capacity,
+    })
+}
+
 /// A buffer of a working set, as a try of [`pin_all`] takes it from its context's list.
 struct Member {
     key: EvictableKey,
@@ -187,19 +214,19 @@ pub(crate) fn evicted_bytes(ctx: &CtxInner) -> u64 {
 /// yet in line take it: a waiter whose failed try woke the line would wake itself, and the
 /// line would spin.
 ///
-/// Without `wait` it gives up (`None`) if the context's buffer list is locked: whoever
-/// holds it holds it briefly (a try that restores lets it go, see [`pin_all`]), but a
-/// future's poll does not wait for another thread at all. While another session's try
-/// restores, a newcomer's fast path finds the set not whole and gives up; its `ended`
-/// moves the release generation, so a waiting session may try once more than it needs
-/// to, once per newcomer.
-fn pin_resident(ctx: &Arc<CtxInner>, wait: bool) -> Result<Option<Prefix>> {
+/// Without `wait` it tries nothing ([`Fast::Busy`]) if the context's buffer list is
+/// locked: whoever holds it holds it briefly (a try that restores lets it go, see
+/// [`pin_all`]), but a future's poll does not wait for another thread at all; its caller
+/// tries again where it may wait. While another session's try restores, a newcomer's fast
+/// path finds the set not whole and gives up; its `ended` moves the release generation, so
+/// a waiting session may try once more than it needs to, once per newcomer.
+fn pin_resident(ctx: &Arc<CtxInner>, wait: bool) -> Result<Fast> {
     let slots = if wait {
         ctx.buffers.lock()
     } else {
         match ctx.buffers.try_lock() {
             Some(slots) => slots,
-            None => return Ok(None),
+            None => return Ok(Fast::Busy),
         }
     };
     ctx.rt.waits.started();
@@ -207,7 +234,7 @@ fn pin_resident(ctx: &Arc<CtxInner>, wait: bool) -> Result<Option<Prefix>> {
     // ride it.
     if ctx.ride(&slots) {
         ctx.add_use(&slots);
-        return Ok(Some(Prefix {
+        return Ok(Fast::Pinned(Prefix {
             rode: true,
             ..Prefix::of(ctx, &slots)
         }));
@@ -219,16 +246,26 @@ fn pin_resident(ctx: &Arc<CtxInner>, wait: bool) -> Result<Option<Prefix>> {
     match ctx.rt.pool.pin_all_resident(live) {
         Ok(true) => {
             ctx.add_use(&slots);
-            Ok(Some(Prefix::of(ctx, &slots)))
+            Ok(Fast::Pinned(Prefix::of(ctx, &slots)))
         }
         not_all => {
             drop(slots);
             ctx.rt.waits.ended();
             not_all
-                .map(|_| None)
+                .map(|_| Fast::NotResident)
                 .map_err(|e| RuntimeError::from_pool(e, &ctx.name))
         }
     }
+}
+
+/// What [`pin_resident`] found.
+enum Fast {
+    /// The working set, pinned.
+    Pinned(Prefix),
+    /// Not all of it resident: nothing pinned.
+    NotResident,
+    /// The context's buffer list was locked (only without `wait`): nothing tried.
+    Busy,
 }
 
 /// Pin every buffer of the context whose handle lives, or none, and return which: the
@@ -259,7 +296,7 @@ pub(crate) fn pin_all(
 ) -> Result<Prefix> {
     let gone = || dropped.is_some_and(|d| d.load(Ordering::Acquire));
     if fast {
-        if let Some(p) = pin_resident(ctx, true)? {
+        if let Fast::Pinned(p) = pin_resident(ctx, true)? {
             return Ok(p);
         }
     }
@@ -459,8 +496,13 @@ impl<'a> SessionFuture<'a> {
     }
 
     /// A try that must restore, on a blocking thread of the current tokio runtime; `None`
-    /// outside one (the try then runs in the poll).
-    fn restore_off_thread(&self, ctx: &Context) -> Option<State> {
+    /// outside one (the try then runs in the poll). With `fast`, a newcomer's fast path
+    /// found the context's buffer list locked: the thread tries it first, waiting for the
+    /// lock. Without that second look, a set that is whole and pinned by the context's
+    /// hold would take the general path whenever a session of the same context was
+    /// ending at the moment of the poll: a blocking thread, the runtime's restore lock
+    /// behind other contexts' restores, and the hold let go.
+    fn restore_off_thread(&self, ctx: &Context, fast: bool) -> Option<State> {
         if !self.offload_restores {
             return None;
         }
@@ -469,6 +511,16 @@ impl<'a> SessionFuture<'a> {
         let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let gone = dropped.clone();
         let task = handle.spawn_blocking(move || {
+            if fast && !gone.load(Ordering::Acquire) {
+                match pin_resident(&ctx.inner, true) {
+                    Ok(Fast::Pinned(pinned)) => {
+                        return Restored::Done(Ok(Session::new(CtxRef::Owned(ctx), pinned)))
+                    }
+                    Err(e) => return Restored::Done(Err(e)),
+                    Ok(_) => {}
+                }
+            }
+            // Read after the fast path, whose giving up moved the generation.
             let since = ctx.inner.rt.waits.generation();
             if gone.load(Ordering::Acquire) {
                 return Restored::Wait { since };
@@ -491,13 +543,25 @@ impl<'a> SessionFuture<'a> {
     /// set lacks (its evicted buffers); if they allow, it tries again. A denial does not
     /// fail the session: it waits for memory that live sessions release, as without
     /// handlers.
+    ///
+    /// A set that cannot be resident beside the buffers of Guaranteed contexts, which are
+    /// never evicted, fails here instead of waiting: no session's end would make room for
+    /// it, and at the head of the line it would hold up those behind it for as long as
+    /// some session is live.
     fn attempt(ctx: &Context, dropped: Option<&std::sync::atomic::AtomicBool>) -> Result<Prefix> {
         let c = &ctx.inner;
-        match pin_all(c, false, dropped) {
-            Err(e) if e.is_oom() => match c.rt.relieve(ctx, evicted_bytes(c)) {
-                Some(Pressure::Allow) => pin_all(c, false, dropped),
-                _ => Err(e),
-            },
+        let r = match pin_all(c, false, dropped) {
+            // A try whose future was dropped asks no handler to free memory for it.
+            Err(e) if e.is_oom() && !dropped.is_some_and(|d| d.load(Ordering::Acquire)) => {
+                match c.rt.relieve(ctx, evicted_bytes(c)) {
+                    Some(Pressure::Allow) => pin_all(c, false, dropped),
+                    _ => Err(e),
+                }
+            }
+            r => r,
+        };
+        match r {
+            Err(e) if e.is_oom() => Err(beside_guaranteed(c).unwrap_or(e)),
             r => r,
         }
     }
@@ -573,14 +637,25 @@ impl<'a> Future for SessionFuture<'a> {
             State::Start => {
                 // A working set already in place is pinned here, without restoring (and
                 // without waiting for another session's restore: that try goes on below).
-                match pin_resident(&ctx.inner, false) {
-                    Ok(Some(pinned)) => return this.finish(Ok(pinned)),
+                // A blocked thread may wait for the buffer list's lock; an executor's poll
+                // does not.
+                let busy = match pin_resident(&ctx.inner, !this.offload_restores) {
+                    Ok(Fast::Pinned(pinned)) => return this.finish(Ok(pinned)),
                     Err(e) => return this.finish(Err(e)),
-                    Ok(None) => {}
-                }
-                if let Some(restoring) = this.restore_off_thread(ctx) {
+                    Ok(Fast::NotResident) => false,
+                    Ok(Fast::Busy) => true,
+                };
+                if let Some(restoring) = this.restore_off_thread(ctx, busy) {
                     this.state = restoring;
                     return Pin::new(&mut *this).poll(cx);
+                }
+                if busy {
+                    // Outside a tokio runtime, where the try runs in the poll anyway.
+                    match pin_resident(&ctx.inner, true) {
+                        Ok(Fast::Pinned(pinned)) => return this.finish(Ok(pinned)),
+                        Err(e) => return this.finish(Err(e)),
+                        Ok(_) => {}
+                    }
                 }
                 Self::try_now(ctx, None)
             }
@@ -588,7 +663,7 @@ impl<'a> Future for SessionFuture<'a> {
                 if !rt.is_head(*id, cx.waker()) {
                     return Poll::Pending;
                 }
-                if let Some(restoring) = this.restore_off_thread(ctx) {
+                if let Some(restoring) = this.restore_off_thread(ctx, false) {
                     this.state = restoring;
                     return Pin::new(&mut *this).poll(cx);
                 }
@@ -685,9 +760,23 @@ impl FreeEvent for Done {
     fn is_complete(&self) -> bool {
         self.0.is_complete().unwrap_or(false)
     }
+    /// Polls the event with a growing sleep (20 µs up to 1 ms) rather than synchronising
+    /// with it: session events are recorded without blocking sync, which keeps records
+    /// cheap, and on CUDA a synchronisation with such an event spins a core for as long as
+    /// the other session's kernels run. A request short of memory waits here.
     fn wait(&self) {
-        if let Err(e) = self.0.synchronize() {
-            tracing::warn!(error = %e, "waiting for a session's scratch to be released failed");
+        let mut nap = std::time::Duration::from_micros(20);
+        loop {
+            match self.0.is_complete() {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "waiting for a session's scratch to be released failed");
+                    return;
+                }
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(std::time::Duration::from_millis(1));
         }
     }
 }
@@ -1057,6 +1146,37 @@ mod tests {
             }
             Poll::Pending
         }
+    }
+
+    /// A newcomer whose poll finds its context's buffer list locked (a session of the
+    /// context ending, say) still rides the context's hold, from a blocking thread that
+    /// waits for the lock, instead of taking the general path that lets the hold go.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_async_session_that_finds_its_buffer_list_locked_still_rides_the_hold() {
+        let rt = crate::Runtime::builder()
+            .device(gpushare_device::BackendChoice::Sim)
+            .build()
+            .unwrap();
+        let ctx = rt
+            .create_context(gpushare_qos::ContextSpec::new("a", 64 << 20))
+            .unwrap();
+        let _buf = ctx.create_buffer(1 << 20).unwrap();
+        drop(ctx.session_async().await.unwrap());
+        // The ended session kept its pins as the context's hold.
+        assert!(ctx.session_async().await.unwrap().pinned.rode);
+        let (locked, unlock) = std::sync::mpsc::channel::<()>();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let inner = ctx.inner.clone();
+        let holder = std::thread::spawn(move || {
+            let _slots = inner.buffers.lock();
+            let _ = tx.send(());
+            let _ = unlock.recv_timeout(Duration::from_millis(100));
+        });
+        rx.recv().unwrap();
+        let s = ctx.session_async().await.unwrap();
+        assert!(s.pinned.rode, "the session took the general path");
+        drop(locked);
+        holder.join().unwrap();
     }
 
     #[test]

@@ -137,7 +137,7 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [a_session_short_of_memory_with_none_live_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line, a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short, held_buffers_go_to_eviction_least_recently_used_first, a_buffer_dropped_under_a_hold_while_sessions_overlap_is_freed_when_its_users_end],
+    sync: [a_session_that_cannot_fit_beside_guaranteed_buffers_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line, a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short, held_buffers_go_to_eviction_least_recently_used_first, a_buffer_dropped_under_a_hold_while_sessions_overlap_is_freed_when_its_users_end],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
@@ -145,7 +145,7 @@ suite!(
 mod tests {
     use super::*;
 
-    pub fn a_session_short_of_memory_with_none_live_fails_at_once(open: Open) {
+    pub fn a_session_that_cannot_fit_beside_guaranteed_buffers_fails_at_once(open: Open) {
         let rt = runtime(open, 64 * MIB, 4.0);
         let llm = rt
             .create_context(ContextSpec::new("llm", 64 * MIB).tier(Tier::Guaranteed))
@@ -163,21 +163,42 @@ mod tests {
         let _weights = llm.create_buffer(48 * MIB).unwrap();
         drop(llm.session().unwrap());
         assert!(!off.is_resident());
-        // Nothing live can free memory for it: the session fails, and does not retry for
-        // ever on the release its own fast path made when it gave up.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let v = vision.clone();
-        std::thread::spawn(move || {
-            let _ = tx.send(v.session().map(drop));
-        });
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(Err(e)) => assert!(
-                matches!(e, RuntimeError::OutOfMemory { .. } | RuntimeError::Pool(_)),
-                "{e}"
-            ),
-            Ok(Ok(())) => panic!("the vision buffer cannot fit beside the weights"),
-            Err(_) => panic!("the session neither succeeded nor failed in 20 s"),
-        }
+        // Asked on another thread, so that a regression fails instead of hanging.
+        let ask = |v: gpushare::Context| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(v.session_timeout(Duration::from_secs(20)).map(drop));
+            });
+            rx.recv_timeout(Duration::from_secs(30))
+                .expect("the session neither failed nor was granted")
+        };
+        let expect_fails = |r: Result<(), RuntimeError>| match r {
+            Err(RuntimeError::WorkingSetBesideGuaranteed {
+                context,
+                bytes,
+                guaranteed,
+                capacity,
+            }) => {
+                assert_eq!(context, "vision");
+                assert_eq!(
+                    (bytes, guaranteed, capacity),
+                    (32 * MIB, 48 * MIB, 64 * MIB)
+                );
+            }
+            Err(e) => panic!("expected the set not to fit beside the weights, got {e}"),
+            Ok(()) => panic!("the vision buffer cannot fit beside the weights"),
+        };
+        // With nothing live, the session fails at once, and does not retry for ever on the
+        // release its own fast path made when it gave up.
+        expect_fails(ask(vision.clone()));
+        // Nor does it wait while a Guaranteed session is live: that session's end would
+        // not make room (its weights stay), and the waiting session would hold up the line
+        // behind it for as long as some session is live.
+        let live = llm.session().unwrap();
+        expect_fails(ask(vision.clone()));
+        drop(live);
+        assert_eq!(rt.waiting_sessions(), 0);
+        assert_nothing_pinned(&rt, "vision");
     }
 
     pub fn a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in(open: Open) {
@@ -1384,6 +1405,43 @@ fn hold(sim: &SimDevice, stream: &gpushare::device::Stream) -> std::sync::mpsc::
     })
     .unwrap();
     go
+}
+
+#[test]
+fn a_dropped_event_wait_lets_its_waker_go() {
+    use std::future::Future;
+    struct Wakes;
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {}
+    }
+    let (rt, sim) = sim_runtime(64 * MIB, 1.0);
+    let a = rt.create_context(ContextSpec::new("a", 8 * MIB)).unwrap();
+    let s = a.session().unwrap();
+    let go = hold(&sim, s.stream());
+    let ev = s.record_event().unwrap();
+    let wakes = Arc::new(Wakes);
+    let waker = std::task::Waker::from(wakes.clone());
+    let mut wait = Box::pin(ev.wait());
+    let pending = wait
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(&waker));
+    assert!(pending.is_pending());
+    drop(waker);
+    assert_eq!(
+        Arc::strong_count(&wakes),
+        2,
+        "the waiting future keeps its waker"
+    );
+    // Dropped while the stream is still held: its callback has not run, and the task
+    // that polled it is not kept, nor woken, until it does.
+    drop(wait);
+    assert_eq!(
+        Arc::strong_count(&wakes),
+        1,
+        "a dropped wait kept its waker"
+    );
+    drop(go);
+    s.synchronize().unwrap();
 }
 
 #[test]
