@@ -186,8 +186,9 @@ impl LastUse {
     /// Record the last use on `stream`. A later event on a stream completes after the
     /// earlier ones there, so it takes their place: one entry per stream.
     pub fn add(&mut self, stream: StreamId, event: Arc<dyn FreeEvent>) {
-        self.0.retain(|(s, e)| *s != stream && !e.is_complete());
-        if !event.is_complete() {
+        self.0
+            .retain(|(s, e)| *s != stream && !crate::pool::complete(&**e));
+        if !crate::pool::complete(&*event) {
             self.0.push((stream, event));
         }
     }
@@ -195,7 +196,7 @@ impl LastUse {
     /// The uses not yet complete, leaving none recorded.
     pub fn take(&mut self) -> Vec<(StreamId, Arc<dyn FreeEvent>)> {
         let mut uses = std::mem::take(&mut self.0);
-        uses.retain(|(_, e)| !e.is_complete());
+        uses.retain(|(_, e)| !crate::pool::complete(&**e));
         uses
     }
 }
@@ -213,7 +214,7 @@ pub(crate) struct Entry {
     /// Freed while its bytes were moving out: the eviction's finish frees it, evicted or
     /// kept. Its handle is gone, and every reference to it fails as already freed.
     pub doomed: bool,
-    gen: u32,
+    gen: u64,
     prev: u32,
     next: u32,
     in_lru: bool,
@@ -233,7 +234,7 @@ pub(crate) struct EvState {
     entries: Slab<Entry>,
     heads: [u32; 3],
     tails: [u32; 3],
-    next_gen: u32,
+    next_gen: u64,
 }
 
 impl Default for EvState {
@@ -259,7 +260,7 @@ impl EvState {
         offset: u64,
     ) -> u32 {
         let gen = self.next_gen;
-        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        self.next_gen = self.next_gen.wrapping_add(1);
         self.entries.insert(Entry {
             owner,
             tier,

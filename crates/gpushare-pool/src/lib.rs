@@ -198,9 +198,18 @@ pub struct Block {
     /// The owner's key ([`OwnerId`]'s first field), apart from its pool: an [`OwnerId`]
     /// field would bring its padding and make the block 40 bytes.
     owner_key: u64,
+    /// The block's node; its top bit ([`INHERITS`]) is set while the block may still be in
+    /// use by work queued before it was handed out (see [`INHERITS`]).
     node: u32,
     pool: PoolId,
 }
+
+/// Set in [`Block::node`] when the block was handed out on the stream of a stream-ordered
+/// free whose work may still be running: the pool keeps that free's event in its owner's
+/// table until the block is freed, and its free waits for it on other streams (a plain
+/// free, which says that no stream uses the block, knows nothing of that earlier work).
+/// Node indices stay below it: the TLSF refuses to grow its table that far.
+pub(crate) const INHERITS: u32 = 1 << 31;
 
 impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -208,7 +217,7 @@ impl std::fmt::Debug for Block {
             .field("offset", &self.offset)
             .field("size", &self.size)
             .field("owner", &self.owner())
-            .field("node", &self.node)
+            .field("node", &(self.node & !INHERITS))
             .finish()
     }
 }
@@ -244,7 +253,11 @@ impl Block {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EvictableKey {
     idx: u32,
-    gen: u32,
+    /// The pool's count of evictable blocks made, when this one was: 64 bits, so that no
+    /// later block in the same slot takes a stale key's generation (a 32-bit count would
+    /// wrap after four billion blocks, and a stale handle could then pin or free another
+    /// owner's block).
+    gen: u64,
 }
 
 /// A handle to an evictable block. Not `Clone`: [`Pool::free_evictable`] consumes it.

@@ -231,8 +231,11 @@ impl<'p, S: ChunkSource> LocalCache<'p, S> {
     /// pool, returning it).
     #[inline]
     pub fn free(&mut self, block: Block) -> Result<(), FreeError> {
+        // A block that inherits a stream order goes to the pool, which keeps its event:
+        // a held block serves any stream at once.
         if block.pool == self.owner.pool
             && block.owner_key == self.owner.key
+            && block.node & crate::INHERITS == 0
             && block.size <= self.max_block
             && self.stats.held_bytes + block.size <= self.budget
             && self.asked() == self.seen

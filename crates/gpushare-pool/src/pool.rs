@@ -15,10 +15,10 @@ use crate::tlsf::{ceil_class, floor_class, Tlsf, NONE, UNIT};
 const ALIGN_UNIT: u64 = UNIT;
 use crate::{
     Block, EvictableId, EvictableRef, FreeEvent, OwnerId, OwnerSpec, OwnerStats, Pinned, PoolId,
-    PoolStats, StreamId, Tier,
+    PoolStats, StreamId, Tier, INHERITS,
 };
 use crossbeam_utils::CachePadded;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -233,7 +233,7 @@ impl Shard {
             entry.is_some(),
             "a cached block lost its stream-ordering event"
         );
-        entry.is_some_and(|(s, e)| *s == stream || e.is_complete())
+        entry.is_some_and(|(s, e)| *s == stream || complete(&**e))
     }
 
     /// A block leaving the cache for good: its stream and event come out of `ordered`.
@@ -259,13 +259,17 @@ impl Shard {
         }
     }
 
-    /// Drop the event of a block handed out for reuse (usable, so its event no longer
-    /// orders anything).
+    /// Take the event of a block handed out for reuse on `stream`. Usable there, it was
+    /// freed on that stream (its work may still run, ahead of the new user's: returned,
+    /// for the block to inherit) or its event has completed (dropped).
     #[inline]
-    fn reused(&mut self, c: &Cached) {
-        if c.ev != NO_EVENT {
-            self.ordered.try_remove(c.ev as usize);
+    fn reused(&mut self, c: &Cached, stream: StreamId) -> Option<StreamOrder> {
+        if c.ev == NO_EVENT {
+            return None;
         }
+        self.ordered
+            .try_remove(c.ev as usize)
+            .filter(|(s, _)| *s == stream)
     }
 
     /// Whether frees may be cached here.
@@ -472,6 +476,24 @@ struct OwnerSlot {
     reclaims: CachePadded<AtomicU64>,
     /// Padded so that threads working on neighbouring shards do not share cache lines.
     shards: Box<[CachePadded<ShardCell>]>,
+    /// The stream-ordered frees whose work may still be running in the blocks handed out
+    /// on their streams, by node: the blocks marked [`INHERITS`]. Their free takes the
+    /// entry back and waits for it on other streams.
+    inherited: Mutex<HashMap<u32, StreamOrder>>,
+}
+
+/// A stream-ordered free: its stream, and the event that completes with its work there.
+type StreamOrder = (StreamId, Arc<dyn FreeEvent>);
+
+impl OwnerSlot {
+    /// Keep `order`, a stream-ordered free of the memory of block `node` whose stream it is
+    /// handed out on, until the block is freed; returns the node marked [`INHERITS`].
+    #[cold]
+    #[inline(never)]
+    fn inherit(&self, node: u32, order: StreamOrder) -> u32 {
+        self.inherited.lock().insert(node, order);
+        node | INHERITS
+    }
 }
 
 /// Where the central allocator placed a request.
@@ -543,14 +565,42 @@ struct AllOf(Vec<Arc<dyn FreeEvent>>);
 
 impl FreeEvent for AllOf {
     fn is_complete(&self) -> bool {
-        self.0.iter().all(|e| e.is_complete())
+        self.0.iter().all(|e| complete(&**e))
     }
 
     fn wait(&self) {
         for e in &self.0 {
-            e.wait();
+            wait_for(&**e);
         }
     }
+}
+
+/// Whether `e`'s work is done. The pool asks with its lock held, between steps that must
+/// all happen: a panic in the user's event is taken for "not yet" (the memory it orders
+/// stays where it is) rather than let unwind through them.
+pub(crate) fn complete(e: &dyn FreeEvent) -> bool {
+    catch_unwind(AssertUnwindSafe(|| e.is_complete())).unwrap_or_else(|_| {
+        tracing::error!(
+            "a free event panicked when asked whether its work is done; taken for not yet"
+        );
+        false
+    })
+}
+
+/// Wait for `e`'s work; a panic in it is logged, and its memory stays ordered (see
+/// [`complete`]).
+pub(crate) fn wait_for(e: &dyn FreeEvent) {
+    if catch_unwind(AssertUnwindSafe(|| e.wait())).is_err() {
+        tracing::error!("a free event panicked while waited for");
+    }
+}
+
+/// Whether `evictor` holds idle pins; a panic in it is taken for "none" (see [`complete`]).
+fn holds_idle(evictor: &dyn Evictor) -> bool {
+    catch_unwind(AssertUnwindSafe(|| evictor.holds_idle_pins())).unwrap_or_else(|_| {
+        tracing::error!("the evictor panicked when asked for idle pins; taken for none");
+        false
+    })
 }
 
 pub(crate) struct OwnerAcct {
@@ -797,6 +847,7 @@ impl<S: ChunkSource> Pool<S> {
                 shards: (0..shards)
                     .map(|_| CachePadded::new(ShardCell::new(cache_classes, g / 16)))
                     .collect(),
+                inherited: Mutex::new(HashMap::new()),
             })
             .collect();
         let owners = (0..cfg.max_owners).map(|_| None).collect();
@@ -1067,10 +1118,10 @@ impl<S: ChunkSource> Pool<S> {
                         // Kept apart from the general search below so that the entry
                         // stays in registers.
                         if let Some(c) = sh.pop_top(fc, size_r, stream) {
-                            return Some(Self::hand_out(cell, sh, c, owner));
+                            return Some(Self::hand_out(slot, cell, sh, c, owner, stream));
                         }
                         if let Some(c) = sh.take_fit(size_r, stream) {
-                            return Some(Self::hand_out(cell, sh, c, owner));
+                            return Some(Self::hand_out(slot, cell, sh, c, owner, stream));
                         }
                     }
                 }
@@ -1122,19 +1173,25 @@ impl<S: ChunkSource> Pool<S> {
     /// goes, the hints follow, and the shard is unlocked before the block is built.
     #[inline(always)]
     fn hand_out(
+        slot: &OwnerSlot,
         cell: &ShardCell,
         mut sh: impl std::ops::DerefMut<Target = Shard>,
         c: Cached,
         owner: OwnerId,
+        stream: StreamId,
     ) -> Block {
-        sh.reused(&c);
+        let order = sh.reused(&c, stream);
         cell.publish(&sh, c.class as usize, c.size);
         drop(sh);
+        let node = match order {
+            None => c.node,
+            Some(order) => slot.inherit(c.node, order),
+        };
         Block {
             offset: c.offset,
             size: c.size,
             owner_key: owner.key,
-            node: c.node,
+            node,
             pool: owner.pool,
         }
     }
@@ -1224,7 +1281,7 @@ impl<S: ChunkSource> Pool<S> {
             };
             if let Some(c) = taken {
                 if c.offset.is_multiple_of(align) {
-                    return Ok(Self::hand_out(cell, sh, c, owner));
+                    return Ok(Self::hand_out(slot, cell, sh, c, owner, stream));
                 }
                 let (class, csz) = (c.class as usize, c.size);
                 sh.put(c);
@@ -1251,12 +1308,23 @@ impl<S: ChunkSource> Pool<S> {
                 Some(placed) => placed,
                 None => {
                     let (mut c, placed) = self.place(c, owner, csize, align, stream, false, spare);
-                    let Placed { node, offset, .. } = placed?;
+                    let Placed {
+                        node,
+                        offset,
+                        reused,
+                    } = placed?;
                     let acct = c.owners[owner.slot() as usize]
                         .as_mut()
                         .ok_or_else(|| PoolError::UnknownOwner(owner))?;
                     acct.allocs += 1;
                     c.allocs += 1;
+                    drop(c);
+                    // A stream-ordered free of the owner's on this stream: its work may
+                    // still use the memory, ahead of the new user's.
+                    let node = match reused {
+                        Some(p) => slot.inherit(node, (stream, p.event)),
+                        None => node,
+                    };
                     (node, offset)
                 }
             };
@@ -1275,6 +1343,9 @@ impl<S: ChunkSource> Pool<S> {
         let Some((i, slot)) = self.block_slot(&block) else {
             return Err(FreeError { block });
         };
+        if block.node & INHERITS != 0 {
+            return self.free_inheriting(i, slot, block, None);
+        }
         let cell = self.cell(slot);
         if block.size <= self.cfg.cache_max_block {
             // One look at the hints first, whether the shard takes blocks of this size (it
@@ -1376,6 +1447,9 @@ impl<S: ChunkSource> Pool<S> {
         let Some((i, slot)) = self.block_slot(&block) else {
             return Err(FreeError { block });
         };
+        if block.node & INHERITS != 0 {
+            return self.free_inheriting(i, slot, block, Some((stream, event)));
+        }
         let cell = self.cell(slot);
         let cached = Freed {
             stream,
@@ -1401,6 +1475,52 @@ impl<S: ChunkSource> Pool<S> {
         let mut c = self.central.lock();
         self.release_freed(&mut c, i, cached.node, cached.size, stream, cached.event);
         Ok(())
+    }
+
+    /// Free a block marked [`INHERITS`] (of owner slot `i`), plainly or after `then`: it
+    /// is ordered after the earlier free it inherited as well. On that free's stream, the
+    /// work of both is in stream order, the later last; on another, neither stream may
+    /// reuse it before both are done.
+    #[cold]
+    #[inline(never)]
+    fn free_inheriting(
+        &self,
+        i: usize,
+        slot: &OwnerSlot,
+        block: Block,
+        then: Option<StreamOrder>,
+    ) -> Result<(), FreeError> {
+        let node = block.node & !INHERITS;
+        let block = Block { node, ..block };
+        let earlier = slot.inherited.lock().remove(&node);
+        match (earlier, then) {
+            (None, None) => self.free(block),
+            (None, Some((s, e))) => self.free_after(block, s, e),
+            (Some((s, e)), None) => self.free_after(block, s, e),
+            (Some((s0, _)), Some((s, e))) if s == s0 => self.free_after(block, s, e),
+            (Some((_, e0)), Some((_, e))) => {
+                let mut c = self.central.lock();
+                if let Some(a) = c.owners[i].as_mut() {
+                    a.frees += 1;
+                }
+                c.frees += 1;
+                Self::uncharge(&mut c, i, block.size);
+                let both: Arc<dyn FreeEvent> = Arc::new(AllOf(vec![e0, e]));
+                if complete(&*both) {
+                    c.tlsf.free(node);
+                } else {
+                    let owner = OwnerId::new(self.id, i as u32, slot.gen.load(Ordering::Relaxed));
+                    c.pending.push(Pending {
+                        node,
+                        size: block.size,
+                        owner,
+                        stream: None,
+                        event: both,
+                    });
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Cache `e` in `sh`, making room for its bin first.
@@ -1469,7 +1589,7 @@ impl<S: ChunkSource> Pool<S> {
     ) {
         Self::uncharge(c, slot, size);
         match event {
-            Some(e) if !e.is_complete() => c.pending.push(Pending {
+            Some(e) if !complete(&*e) => c.pending.push(Pending {
                 node,
                 size,
                 owner: OwnerId::new(
@@ -1501,7 +1621,9 @@ impl<S: ChunkSource> Pool<S> {
     ///
     /// An evictable block may borrow memory that other owners reserved but do not use: it
     /// is evicted when they need it, so it skips the reservation check (the hard limit
-    /// still applies). Not a Guaranteed owner's, which is never evicted. A borrower that is
+    /// still applies). Not a Guaranteed owner's, which is never evicted, nor a Burstable
+    /// owner's below its base, whose eviction would take it below (see
+    /// [`Pool::evict_one`]'s last pass for one left there since it borrowed). A borrower that is
     /// pinned gives the memory back only once unpinned: nothing takes bytes from under
     /// work that uses them, so a request inside its base meanwhile fails, its report
     /// showing the pinned bytes.
@@ -1520,7 +1642,16 @@ impl<S: ChunkSource> Pool<S> {
                 .as_ref()
                 .ok_or_else(|| PoolError::UnknownOwner(owner))?;
             let (charged, limit, delta) = (a.charged, a.spec.limit, a.commitment_added(size));
-            let borrows = evictable && a.spec.tier != Tier::Guaranteed;
+            // Only a block that eviction would let go may borrow: a BestEffort one, or a
+            // Burstable one whose owner holds its base without it (one that would take
+            // its owner below its base if evicted is never chosen, and would keep the
+            // borrowed base for good).
+            let borrows = evictable
+                && match a.spec.tier {
+                    Tier::Guaranteed => false,
+                    Tier::Burstable => charged - a.evicting >= a.spec.base,
+                    Tier::BestEffort => true,
+                };
             if charged + size > limit {
                 // The owner's own cache counts against its limit: give it back once. Its
                 // local caches are asked too, and only its own (not by a spared request,
@@ -1648,11 +1779,11 @@ impl<S: ChunkSource> Pool<S> {
         let placed = loop {
             match self.alloc_central(&mut c, &mut rq, owner, size, align, stream, evictable) {
                 Ok(p) => break Ok(p),
-                Err(Stop::Fail(PoolError::OutOfMemory { .. }))
-                    if !rq.last_ask
-                        && !rq.spare
-                        && c.evictor.as_ref().is_some_and(|e| e.holds_idle_pins()) =>
-                {
+                // Either shortage: of memory, or of memory not reserved by others (a
+                // victim that a released hold would have made could have freed either).
+                Err(Stop::Fail(
+                    PoolError::OutOfMemory { .. } | PoolError::ReservedElsewhere { .. },
+                )) if !rq.last_ask && !rq.spare && c.evictor.as_deref().is_some_and(holds_idle) => {
                     rq.last_ask = true;
                     rq.idle_released = false;
                 }
@@ -1851,7 +1982,7 @@ impl<S: ChunkSource> Pool<S> {
         };
         let mut bytes = 0;
         for (e, size) in &events {
-            e.wait();
+            wait_for(&**e);
             bytes += size;
         }
         if !events.is_empty() {
@@ -1866,7 +1997,7 @@ impl<S: ChunkSource> Pool<S> {
         let mut n = 0;
         let mut i = 0;
         while i < c.pending.len() {
-            if c.pending[i].event.is_complete() {
+            if complete(&*c.pending[i].event) {
                 let p = c.pending.swap_remove(i);
                 c.tlsf.free(p.node);
                 n += 1;
@@ -2012,10 +2143,23 @@ impl<S: ChunkSource> Pool<S> {
         };
         // Victims are chosen with every idle pin gone, so that blocks their owners keep
         // pinned only for reuse go in tier and least-recently-used order like the others.
-        if !rq.idle_released && evictor.holds_idle_pins() {
+        if !rq.idle_released && holds_idle(evictor.as_ref()) {
             return Err(Stop::ReleaseIdle);
         }
-        for tier in [Tier::BestEffort, Tier::Burstable] {
+        // A last pass, while the commitments exceed the capacity (some block borrowed an
+        // owner's base): a Burstable block whose eviction takes its owner below its base,
+        // if its owner is above it. Such a block borrowed while its owner held its base
+        // with other blocks, which have gone since; it holds memory reserved for others,
+        // whose claim comes before the owner's base.
+        let overcommitted = c.committed > self.limit;
+        for (tier, below_base) in [
+            (Tier::BestEffort, false),
+            (Tier::Burstable, false),
+            (Tier::Burstable, true),
+        ] {
+            if below_base && !overcommitted {
+                break;
+            }
             let mut cur = c.ev.lru_head(tier);
             while let Some(idx) = cur {
                 cur = c.ev.lru_next(idx);
@@ -2033,7 +2177,10 @@ impl<S: ChunkSource> Pool<S> {
                 // A Burstable owner keeps its base: only blocks whose eviction leaves it at or
                 // above its base may go, counting the moves out already under way.
                 let kept = a.charged - a.evicting;
-                if tier == Tier::Burstable && kept < a.spec.base.saturating_add(e_size) {
+                if tier == Tier::Burstable
+                    && kept < a.spec.base.saturating_add(e_size)
+                    && !(below_base && kept > a.spec.base)
+                {
                     continue;
                 }
                 // Commitments count an owner's base whatever it holds: evicting an owner
@@ -2101,7 +2248,7 @@ impl<S: ChunkSource> Pool<S> {
             let evictor = evictor.clone();
             Box::new(move || {
                 for (_, e) in &uses {
-                    e.wait();
+                    wait_for(&**e);
                 }
                 match start(evictor.as_ref(), &info)?.0 {
                     None => Ok(()),
@@ -2358,8 +2505,17 @@ impl<S: ChunkSource> Pool<S> {
             .spec
             .tier;
         let (mut c, placed) = self.place(c, owner, csize, UNIT, stream, true, false);
-        let Placed { node, offset, .. } = placed?;
+        let Placed {
+            node,
+            offset,
+            reused,
+        } = placed?;
         let idx = c.ev.insert(owner, tier, csize, tag, node, offset);
+        // A stream-ordered free of the owner's on this stream, whose work may still use
+        // the memory: the block's eviction and free wait for it as for its own users'.
+        if let Some(p) = reused {
+            c.ev.last_use(idx).add(stream, p.event);
+        }
         let a = c.owners[owner.slot() as usize]
             .as_mut()
             .ok_or_else(|| PoolError::UnknownOwner(owner))?;
@@ -2497,6 +2653,10 @@ impl<S: ChunkSource> Pool<S> {
             return Err(PoolError::RestoreFailed(why));
         }
         c.ev.mark_restored(idx, node, offset);
+        // As in `alloc_evictable`: work of a reused stream-ordered free may still run.
+        if let Some(p) = placed.reused {
+            c.ev.last_use(idx).add(stream, p.event);
+        }
         c.ev.pin(idx);
         if let Some(a) = c.owners[oslot].as_mut() {
             a.restores += 1;

@@ -307,7 +307,7 @@ impl Tlsf {
             prev_free: NONE,
             next_free: USED,
         });
-        debug_assert!(idx < USED as usize);
+        debug_assert!(idx < crate::INHERITS as usize);
         idx as u32
     }
 
@@ -329,6 +329,12 @@ impl Tlsf {
         debug_assert!(
             size > 0 && size.is_multiple_of(UNIT) && align.is_power_of_two() && align >= UNIT
         );
+        // An allocation adds at most two nodes (an alignment pad and a remainder); node
+        // indices must stay below the top bit, which blocks use as a flag
+        // (`crate::INHERITS`). That many blocks would take 512 GiB at the least.
+        if self.nodes.len() + 2 >= crate::INHERITS as usize {
+            return None;
+        }
         let need = if align > UNIT {
             size.checked_add(align - UNIT)?
         } else {

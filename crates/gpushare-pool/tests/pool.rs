@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Flag, Recorder};
+use common::{Flag, Recorder, Work};
 use gpushare_pool::{
     BlockState, ChunkSource, EvictError, EvictableRef, Eviction, Evictor, HostSource, OwnerSpec,
     Pool, PoolConfig, PoolError, RestoreInfo, SourceError, StreamId, Tier, VictimInfo,
@@ -613,6 +613,141 @@ fn an_evictable_block_freed_in_stream_order_waits_for_its_event() {
     assert_eq!(p.stats().pending_bytes, 0);
 }
 
+#[test]
+fn a_block_reused_on_the_stream_of_a_pending_free_passes_its_order_on() {
+    // Through the owner's cache, and through the central allocator's pending frees.
+    for cfg in [
+        PoolConfig::default(),
+        PoolConfig::default().cache_bytes_per_shard(0),
+    ] {
+        let p = pool(cfg);
+        let a = p.add_owner(OwnerSpec::new("a", 64 * MIB)).unwrap();
+        let b = p.add_owner(OwnerSpec::new("b", 64 * MIB)).unwrap();
+        let first = p.alloc(a, 2 * MIB, S1).unwrap();
+        let off = first.offset();
+        let work = Flag::new();
+        p.free_after(first, S1, work.clone()).unwrap();
+        // Reused at once on its stream, behind the work queued there...
+        let again = p.alloc(a, 2 * MIB, S1).unwrap();
+        assert_eq!(again.offset(), off, "not reused: the test tests nothing");
+        // ...and freed by a user who never used it: as far as it knows, no stream does.
+        p.free(again).unwrap();
+        // The earlier work may still run there: neither another stream nor another owner
+        // may have the memory yet.
+        let elsewhere = p.alloc(a, 2 * MIB, S2).unwrap();
+        let theirs = p.alloc(b, 2 * MIB, S2).unwrap();
+        assert_ne!(elsewhere.offset(), off, "another stream reused it");
+        assert_ne!(theirs.offset(), off, "another owner reused it");
+        // Its own stream still may.
+        let on_s1 = p.alloc(a, 2 * MIB, S1).unwrap();
+        assert_eq!(on_s1.offset(), off);
+        // Freed in stream order on another stream too: both streams' work may use it.
+        let later = Flag::new();
+        p.free_after(on_s1, S2, later.clone()).unwrap();
+        let s1 = p.alloc(a, 2 * MIB, S1).unwrap();
+        let s2 = p.alloc(a, 2 * MIB, S2).unwrap();
+        assert_ne!(s1.offset(), off, "reused on S1 before S2's work was done");
+        assert_ne!(s2.offset(), off, "reused on S2 before S1's work was done");
+        work.set();
+        later.set();
+        for blk in [elsewhere, theirs, s1, s2] {
+            p.free(blk).unwrap();
+        }
+        p.wait_pending();
+        let st = p.stats();
+        assert_eq!(st.owners.iter().map(|o| o.live_bytes).sum::<u64>(), 0);
+        assert_eq!(st.pending_bytes, 0);
+    }
+}
+
+#[test]
+fn a_local_cache_does_not_keep_a_block_that_inherits_a_stream_order() {
+    let p = pool(PoolConfig::default().cache_bytes_per_shard(0));
+    let a = p.add_owner(OwnerSpec::new("a", 64 * MIB)).unwrap();
+    let first = p.alloc(a, 2 * MIB, S1).unwrap();
+    let off = first.offset();
+    let work = Flag::new();
+    p.free_after(first, S1, work.clone()).unwrap();
+    let mut local = p.local_cache(a, 64 * MIB).unwrap();
+    let again = local.alloc(2 * MIB, S1).unwrap();
+    assert_eq!(again.offset(), off, "not reused: the test tests nothing");
+    local.free(again).unwrap();
+    // A held block serves any stream at once: this one was not held.
+    let elsewhere = local.alloc(2 * MIB, S2).unwrap();
+    assert_ne!(elsewhere.offset(), off);
+    work.set();
+    local.free(elsewhere).unwrap();
+}
+
+#[test]
+fn an_evictable_block_placed_in_a_pending_free_waits_for_its_work_before_it_goes() {
+    let p = pool(
+        PoolConfig::default()
+            .capacity(2 * MIB)
+            .cache_bytes_per_shard(0),
+    );
+    let rec = Arc::new(Recorder::default());
+    p.set_evictor(rec.clone());
+    let a = p
+        .add_owner(OwnerSpec::new("a", 2 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let b = p.add_owner(OwnerSpec::new("b", 2 * MIB)).unwrap();
+    let first = p.alloc(a, 2 * MIB, S1).unwrap();
+    let off = first.offset();
+    let work = Work::new();
+    p.free_after(first, S1, work.clone()).unwrap();
+    let (id, pinned) = p.alloc_evictable(a, 2 * MIB, 7, S1).unwrap();
+    assert_eq!(
+        p.source().addr(off),
+        pinned.addr,
+        "not reused: the test tests nothing"
+    );
+    p.unpin(&id).unwrap();
+    // The only memory is that block's: `b`'s request evicts it, once the work queued on
+    // it before it was handed out is done.
+    let blk = p.alloc(b, 2 * MIB, S2).unwrap();
+    assert_eq!(rec.evicted.lock().unwrap().len(), 1);
+    assert!(
+        work.waited.load(Ordering::SeqCst),
+        "evicted while the work of the free it reused might still run"
+    );
+    p.free(blk).unwrap();
+    p.free_evictable(id).unwrap();
+}
+
+/// A free event whose every question panics.
+struct Panicky;
+
+impl gpushare_pool::FreeEvent for Panicky {
+    fn is_complete(&self) -> bool {
+        panic!("the event cannot say")
+    }
+}
+
+#[test]
+fn a_free_event_that_panics_is_taken_for_work_not_done_and_leaves_the_accounting_whole() {
+    let p = pool(
+        PoolConfig::default()
+            .capacity(2 * MIB)
+            .cache_bytes_per_shard(0),
+    );
+    let a = p.add_owner(OwnerSpec::new("a", 2 * MIB)).unwrap();
+    let b = p.add_owner(OwnerSpec::new("b", 2 * MIB)).unwrap();
+    let blk = p.alloc(a, 2 * MIB, S1).unwrap();
+    p.free_after(blk, S1, Arc::new(Panicky)).unwrap();
+    // The only memory is held behind an event that cannot say whether its work is done:
+    // another owner's request is refused, typed, and charges nothing.
+    assert!(matches!(
+        p.alloc(b, 2 * MIB, S2),
+        Err(PoolError::OutOfMemory { .. })
+    ));
+    let st = p.stats();
+    assert_eq!(st.pending_bytes, 2 * MIB);
+    assert!(st.owners.iter().all(|o| o.in_use_bytes == 0), "{st:?}");
+    // The owner goes, and so may the other: nothing is left charged.
+    p.remove_owner(b).unwrap();
+}
+
 /// A pool whose evictor ends its evictions in two halves, as the runtime's does (the
 /// proptest covers evictions that end at once too).
 fn evicting_pool(cap: u64) -> (Pool<HostSource>, Arc<Recorder>) {
@@ -1057,6 +1192,62 @@ fn a_guaranteed_owners_evictable_block_does_not_borrow_a_base_it_would_never_giv
 }
 
 #[test]
+fn a_burstable_owner_below_its_base_does_not_borrow_a_base_it_would_never_give_back() {
+    let p = pool(PoolConfig::default().capacity(4 * MIB));
+    p.set_evictor(Arc::new(Recorder::default()));
+    let r = p
+        .add_owner(
+            OwnerSpec::new("r", 2 * MIB)
+                .base(2 * MIB)
+                .tier(Tier::Guaranteed),
+        )
+        .unwrap();
+    let b = p.add_owner(OwnerSpec::new("b", 4 * MIB).base(MIB)).unwrap();
+    // Evicting a 3 MiB block would take `b` below its base, so the block would never go:
+    // it may not borrow `r`'s base. Its base and the unreserved MiB are `b`'s.
+    assert!(matches!(
+        p.alloc_evictable(b, 3 * MIB, 0, S1),
+        Err(PoolError::ReservedElsewhere { .. })
+    ));
+    let (id, _) = p.alloc_evictable(b, 2 * MIB, 0, S1).unwrap();
+    p.unpin(&id).unwrap();
+    let blk = p.alloc(r, 2 * MIB, S2).unwrap();
+    p.free(blk).unwrap();
+    p.free_evictable(id).unwrap();
+}
+
+#[test]
+fn a_block_that_borrowed_a_base_goes_when_its_owner_is_left_below_its_own() {
+    let p = pool(PoolConfig::default().capacity(8 * MIB));
+    let rec = Arc::new(Recorder::default());
+    p.set_evictor(rec.clone());
+    let r = p
+        .add_owner(
+            OwnerSpec::new("r", 4 * MIB)
+                .base(4 * MIB)
+                .tier(Tier::Guaranteed),
+        )
+        .unwrap();
+    let b = p
+        .add_owner(OwnerSpec::new("b", 8 * MIB).base(2 * MIB))
+        .unwrap();
+    // At its base, `b` borrows 4 MiB of `r`'s base for a block it could give back...
+    let (small, _) = p.alloc_evictable(b, 2 * MIB, 0, S1).unwrap();
+    let (big, _) = p.alloc_evictable(b, 6 * MIB, 1, S1).unwrap();
+    p.unpin(&big).unwrap();
+    // ...until its other block goes: evicting the big one now takes `b` below its base.
+    p.unpin(&small).unwrap();
+    p.free_evictable(small).unwrap();
+    // `r` asks for its base all the same: the block that borrowed it goes.
+    let blk = p.alloc(r, 4 * MIB, S2).unwrap();
+    assert_eq!(rec.evicted.lock().unwrap().len(), 1);
+    assert_eq!(rec.evicted.lock().unwrap()[0].tag, 1);
+    assert!(!p.is_resident(&big).unwrap());
+    p.free(blk).unwrap();
+    p.free_evictable(big).unwrap();
+}
+
+#[test]
 fn making_room_in_the_commitments_evicts_nothing_that_frees_none() {
     let p = pool(PoolConfig::default().capacity(4 * MIB));
     let rec = Arc::new(Recorder::default());
@@ -1226,6 +1417,37 @@ fn idle_pins_are_let_go_before_a_victim_is_chosen_oldest_first() {
     for id in [a, b, c] {
         p.free_evictable(id).unwrap();
     }
+}
+
+/// The last ask before failing comes for a request short of memory that others reserved,
+/// as for one short of memory: an idle pin released then lets the request evict the block
+/// that borrowed the reservation.
+#[test]
+fn a_request_short_of_unreserved_memory_asks_again_for_idle_pins_before_it_fails() {
+    let (p, keeper) = idle_keeping_pool_with(8 * MIB, Recorder::default());
+    let _r = p
+        .add_owner(
+            OwnerSpec::new("r", 4 * MIB)
+                .base(4 * MIB)
+                .tier(Tier::Guaranteed),
+        )
+        .unwrap();
+    let be = p
+        .add_owner(OwnerSpec::new("be", 8 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let q = p
+        .add_owner(OwnerSpec::new("q", 8 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    // `be` holds 2 MiB pinned, idle; with `r`'s 4 MiB reserved, 2 MiB are left to `q`.
+    let (b, _) = p.alloc_evictable(be, 2 * MIB, 1, S1).unwrap();
+    keeper.idle.lock().unwrap().push(b.to_ref());
+    // `b` is still in use at the first ask; at the last one it is idle, and goes.
+    keeper.busy_asks.store(1, Ordering::SeqCst);
+    let x = p.alloc(q, 4 * MIB, S2).unwrap();
+    assert_eq!(keeper.releases.load(Ordering::SeqCst), 2);
+    assert_eq!(rec_tags(&keeper.rec), [1]);
+    p.free(x).unwrap();
+    p.free_evictable(b).unwrap();
 }
 
 fn rec_tags(rec: &Recorder) -> Vec<u64> {

@@ -87,8 +87,10 @@ struct Model {
 
 impl Model {
     /// A range `[off, end)` was just handed out for `stream`: it must not overlap a range
-    /// freed on another stream whose event is pending. Records it overlaps are settled:
-    /// the range's next free carries its order from now on.
+    /// freed on another stream whose event is pending. Records it overlaps stay until
+    /// their events complete: handed out on their own stream, the range may still be in
+    /// use by their work, whatever its next user does with it (a plain free says only
+    /// that the new user is done).
     fn handed_out(&mut self, off: u64, end: u64, stream: u64) -> Result<(), TestCaseError> {
         for (o, e, s, ev) in &self.ordered {
             if *o < end && off < *e && *s != stream {
@@ -102,7 +104,8 @@ impl Model {
                 );
             }
         }
-        self.ordered.retain(|(o, e, _, _)| !(*o < end && off < *e));
+        self.ordered
+            .retain(|(o, e, _, ev)| !(*o < end && off < *e) || !ev.is_complete());
         Ok(())
     }
 
