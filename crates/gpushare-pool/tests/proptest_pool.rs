@@ -105,7 +105,7 @@ impl Model {
             }
         }
         self.ordered
-            .retain(|(o, e, _, ev)| !(*o < end && off < *e) || !ev.is_complete());
+            .retain(|(o, e, _, ev)| !(*o < end && off < *e && ev.is_complete()));
         Ok(())
     }
 
