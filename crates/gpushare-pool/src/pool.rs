@@ -1621,9 +1621,9 @@ impl<S: ChunkSource> Pool<S> {
     ///
     /// An evictable block may borrow memory that other owners reserved but do not use: it
     /// is evicted when they need it, so it skips the reservation check (the hard limit
-    /// still applies). Not a Guaranteed owner's, which is never evicted, nor a Burstable
-    /// owner's below its base, whose eviction would take it below (see
-    /// [`Pool::evict_one`]'s last pass for one left there since it borrowed). A borrower that is
+    /// still applies). Not a Guaranteed owner's, which is never evicted. A Burstable
+    /// block whose eviction would take its owner below its base is evicted only by
+    /// [`Pool::evict_one`]'s last pass, while the commitments exceed the capacity. A borrower that is
     /// pinned gives the memory back only once unpinned: nothing takes bytes from under
     /// work that uses them, so a request inside its base meanwhile fails, its report
     /// showing the pinned bytes.
@@ -1642,16 +1642,7 @@ impl<S: ChunkSource> Pool<S> {
                 .as_ref()
                 .ok_or_else(|| PoolError::UnknownOwner(owner))?;
             let (charged, limit, delta) = (a.charged, a.spec.limit, a.commitment_added(size));
-            // Only a block that eviction would let go may borrow: a BestEffort one, or a
-            // Burstable one whose owner holds its base without it (one that would take
-            // its owner below its base if evicted is never chosen, and would keep the
-            // borrowed base for good).
-            let borrows = evictable
-                && match a.spec.tier {
-                    Tier::Guaranteed => false,
-                    Tier::Burstable => charged - a.evicting >= a.spec.base,
-                    Tier::BestEffort => true,
-                };
+            let borrows = evictable && a.spec.tier != Tier::Guaranteed;
             if charged + size > limit {
                 // The owner's own cache counts against its limit: give it back once. Its
                 // local caches are asked too, and only its own (not by a spared request,
@@ -2148,9 +2139,10 @@ impl<S: ChunkSource> Pool<S> {
         }
         // A last pass, while the commitments exceed the capacity (some block borrowed an
         // owner's base): a Burstable block whose eviction takes its owner below its base,
-        // if its owner is above it. Such a block borrowed while its owner held its base
-        // with other blocks, which have gone since; it holds memory reserved for others,
-        // whose claim comes before the owner's base.
+        // if its owner is above it. Its owner holds more than its base in it, memory that
+        // others reserved, whose claim comes before the owner's base: such a block may
+        // have borrowed with its owner below its base (a large buffer made before a small
+        // one), or at it with blocks that have gone since.
         let overcommitted = c.committed > self.limit;
         for (tier, below_base) in [
             (Tier::BestEffort, false),

@@ -1192,9 +1192,10 @@ fn a_guaranteed_owners_evictable_block_does_not_borrow_a_base_it_would_never_giv
 }
 
 #[test]
-fn a_burstable_owner_below_its_base_does_not_borrow_a_base_it_would_never_give_back() {
+fn a_block_that_borrowed_a_base_below_its_owners_goes_when_the_base_is_claimed() {
     let p = pool(PoolConfig::default().capacity(4 * MIB));
-    p.set_evictor(Arc::new(Recorder::default()));
+    let rec = Arc::new(Recorder::default());
+    p.set_evictor(rec.clone());
     let r = p
         .add_owner(
             OwnerSpec::new("r", 2 * MIB)
@@ -1203,15 +1204,13 @@ fn a_burstable_owner_below_its_base_does_not_borrow_a_base_it_would_never_give_b
         )
         .unwrap();
     let b = p.add_owner(OwnerSpec::new("b", 4 * MIB).base(MIB)).unwrap();
-    // Evicting a 3 MiB block would take `b` below its base, so the block would never go:
-    // it may not borrow `r`'s base. Its base and the unreserved MiB are `b`'s.
-    assert!(matches!(
-        p.alloc_evictable(b, 3 * MIB, 0, S1),
-        Err(PoolError::ReservedElsewhere { .. })
-    ));
-    let (id, _) = p.alloc_evictable(b, 2 * MIB, 0, S1).unwrap();
+    // `b` borrows 2 MiB of `r`'s base for a block whose eviction takes it below its own.
+    let (id, _) = p.alloc_evictable(b, 3 * MIB, 0, S1).unwrap();
     p.unpin(&id).unwrap();
+    // `r` claims its base: the block goes all the same.
     let blk = p.alloc(r, 2 * MIB, S2).unwrap();
+    assert_eq!(rec.evicted.lock().unwrap().len(), 1);
+    assert!(!p.is_resident(&id).unwrap());
     p.free(blk).unwrap();
     p.free_evictable(id).unwrap();
 }
