@@ -452,8 +452,11 @@ struct StreamTail {
 }
 
 impl gpushare_pool::FreeEvent for StreamTail {
+    /// An event that reports a fault of its stream counts as complete: the stream runs no
+    /// more work that touches memory, so the memory is free to go (a context whose kernel
+    /// faulted keeps nothing that others need).
     fn is_complete(&self) -> bool {
-        self.dev.query_event(&self.ev).unwrap_or(false)
+        self.dev.query_event(&self.ev).unwrap_or(true)
     }
     fn wait(&self) {
         if let Err(e) = self.dev.synchronize_event(&self.ev) {

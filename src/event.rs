@@ -160,6 +160,12 @@ impl Event {
         Ok(self.inner.home.dev.query_event(self.device_event())?)
     }
 
+    /// Once the callback queued behind the event has run: whether the recorded work ran,
+    /// or the fault that stopped it (the callback runs after a fault too).
+    fn outcome(&self) -> Result<()> {
+        self.is_complete().map(|_| ())
+    }
+
     /// Block until the recorded work has completed.
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.inner.home.dev.synchronize_event(self.device_event())?)
@@ -207,12 +213,12 @@ impl Future for EventWait {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Some(s) = &self.signal {
             if s.done.load(Ordering::Acquire) {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(self.ev.outcome());
             }
             *s.waker.lock() = Some(cx.waker().clone());
             // The callback may have fired between the check and storing the waker.
             if s.done.load(Ordering::Acquire) {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(self.ev.outcome());
             }
             return Poll::Pending;
         }

@@ -443,9 +443,23 @@ impl Offloader {
     /// Block until everything queued on `owner` so far has run.
     fn wait_owner(&self, owner: &Stream) -> gpushare_device::Result<()> {
         match self.fence(owner)? {
-            Some(fence) => self.dev.synchronize_event(&fence),
+            Some(fence) => wait_fence(self.dev.as_ref(), &fence),
             None => Ok(()),
         }
+    }
+}
+
+/// Wait on the host for a fence recorded on an owner's stream. A fence recorded before
+/// the stream faulted, and reached after, reports the fault; that stream runs no more work
+/// that touches memory either way, so there is nothing left to wait for (see
+/// [`Offloader::fence`]).
+fn wait_fence(dev: &dyn Device, fence: &gpushare_device::Event) -> gpushare_device::Result<()> {
+    match dev.synchronize_event(fence) {
+        Err(gpushare_device::DeviceError::StreamBroken(why)) => {
+            tracing::debug!(%why, "the owner's stream faulted; nothing to fence on");
+            Ok(())
+        }
+        r => r,
     }
 }
 
@@ -502,7 +516,7 @@ impl Evictor for Offloader {
                 let discarded = meta.discarded.clone();
                 Ok(Eviction::in_flight(move || {
                     if let Some(fence) = fence {
-                        dev.synchronize_event(&fence).map_err(e)?;
+                        wait_fence(dev.as_ref(), &fence).map_err(e)?;
                     }
                     discarded.store(true, Ordering::Release);
                     Ok(())
@@ -521,7 +535,7 @@ impl Evictor for Offloader {
                 let copies = self.stream.clone();
                 Ok(Eviction::in_flight(move || {
                     if let Some(fence) = fence {
-                        dev.synchronize_event(&fence).map_err(e)?;
+                        wait_fence(dev.as_ref(), &fence).map_err(e)?;
                     }
                     copy_and_wait(dev.as_ref(), &copies, || {
                         dev.copy_dtoh(host.full(), src, &copies)

@@ -757,8 +757,10 @@ pub struct Scratch {
 struct Done(Event);
 
 impl FreeEvent for Done {
+    /// As [`crate::context`]'s stream tails: an event that reports its stream's fault
+    /// counts as complete, as that stream touches no more memory.
     fn is_complete(&self) -> bool {
-        self.0.is_complete().unwrap_or(false)
+        self.0.is_complete().unwrap_or(true)
     }
     /// Polls the event with a growing sleep (20 µs up to 1 ms) rather than synchronising
     /// with it: session events are recorded without blocking sync, which keeps records

@@ -155,8 +155,35 @@ impl ChunkSource for LinearSource {
         }
     }
     fn map(&self, offset: u64, size: u64) -> Result<(), SourceError> {
+        let end = offset
+            .checked_add(size)
+            .filter(|&e| e <= self.va_size)
+            .ok_or_else(|| {
+                SourceError::Other(format!(
+                    "offsets {offset}+{size} lie outside the source's {} bytes",
+                    self.va_size
+                ))
+            })?;
+        let taken = |c: &BTreeMap<u64, LinearAlloc>| {
+            c.range(..end)
+                .next_back()
+                .is_some_and(|(&o, a)| o + a.range().len > offset)
+        };
+        if taken(&self.chunks.lock()) {
+            return Err(SourceError::Other(format!(
+                "offsets {offset}+{size} overlap a chunk already allocated; unmap it first"
+            )));
+        }
         let a = self.dev.alloc_linear(size).map_err(to_source)?;
-        self.chunks.lock().insert(offset, a);
+        let mut c = self.chunks.lock();
+        // Looked at again: another map may have taken the offsets while this one allocated
+        // (its allocation is freed as it goes).
+        if taken(&c) {
+            return Err(SourceError::Other(format!(
+                "offsets {offset}+{size} overlap a chunk already allocated; unmap it first"
+            )));
+        }
+        c.insert(offset, a);
         Ok(())
     }
     fn unmap(&self, offset: u64, size: u64) -> Result<(), SourceError> {
@@ -190,5 +217,25 @@ mod tests {
                 other => panic!("granularity {g}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_linear_source_refuses_offsets_it_already_holds_or_lacks() {
+        let dev: Arc<dyn Device> = Arc::new(crate::SimDevice::new());
+        let g = dev.info().granularity;
+        let src = LinearSource::new(dev.clone(), 8 * g);
+        src.map(0, 2 * g).unwrap();
+        // The same offsets, or a part of them, would drop the allocation under its blocks.
+        assert!(src.map(0, g).is_err());
+        assert!(src.map(g, g).is_err());
+        assert!(src.map(7 * g, 2 * g).is_err(), "past the end of the source");
+        src.map(2 * g, g).unwrap();
+        assert_eq!(
+            src.addr(g + 5),
+            src.addr(0) + g + 5,
+            "the first allocation stayed"
+        );
+        src.unmap(0, 2 * g).unwrap();
+        src.unmap(2 * g, g).unwrap();
     }
 }

@@ -2,6 +2,7 @@
 
 use gpushare_device::sim::LiveResources;
 use gpushare_device::{Device, DeviceError, EventFlags, FaultOp, SimConfig, SimDevice};
+use std::sync::Arc;
 
 fn injected(r: Result<impl std::fmt::Debug, DeviceError>, op: FaultOp, nth: u64) {
     match r {
@@ -190,12 +191,20 @@ fn work_queued_behind_a_fault_does_not_run_and_the_faults_stay_with_their_stream
     let mut out = [1u8; 8];
     dev.peek(r, &mut out).unwrap();
     assert_eq!(out, [0; 8], "work queued behind the fault must not run");
-    // A host callback queued behind the fault still runs (what it wakes finds the error),
-    // its event still completes, and a stream that waited on it carries on.
+    // A host callback queued behind the fault still runs (what it wakes finds the error);
+    // its event completes, so that nothing waits for ever, but reports the fault to whoever
+    // asks; a stream that waited on it carries on.
     callback_ran
         .recv_timeout(std::time::Duration::from_secs(10))
         .expect("a host callback queued behind a fault runs");
-    dev.synchronize_event(&e).unwrap();
+    assert!(matches!(
+        dev.synchronize_event(&e),
+        Err(DeviceError::StreamBroken(_))
+    ));
+    assert!(matches!(
+        dev.query_event(&e),
+        Err(DeviceError::StreamBroken(_))
+    ));
     dev.memset(r, 9, &waiter).unwrap();
     dev.synchronize_stream(&waiter).unwrap();
     dev.peek(r, &mut out).unwrap();
@@ -303,4 +312,82 @@ fn a_simulated_device_that_runs_out_of_addresses_says_so() {
         Some((i, DeviceError::Unsupported { .. })) => assert!(i > 1000, "ran out after {i}"),
         other => panic!("expected the address space to run out, got {other:?}"),
     }
+}
+
+/// Synchronous copies, queued behind other work, find the memory unmapped meanwhile as
+/// the stream's other work does: the stream faults, and the copy's caller hears of it.
+#[test]
+fn a_synchronous_copy_that_runs_after_its_memory_was_unmapped_faults_its_stream() {
+    let dev = Arc::new(SimDevice::new());
+    let g = dev.info().granularity;
+    for write in [true, false] {
+        let va = dev.reserve_va(g).unwrap();
+        let chunk = dev.create_chunk(g).unwrap();
+        let m = dev.map_chunk(&va, 0, &chunk).unwrap();
+        let r = m.range().slice(0, 8).unwrap();
+        let s = dev.create_stream(0).unwrap();
+        let (open, gate) = std::sync::mpsc::channel::<()>();
+        dev.host_callback(
+            &s,
+            Box::new(move || {
+                let _ = gate.recv();
+            }),
+        )
+        .unwrap();
+        let copier = {
+            let (dev, s) = (dev.clone(), s.clone());
+            std::thread::spawn(move || {
+                if write {
+                    dev.write_sync(r, &[7; 8], &s)
+                } else {
+                    dev.read_sync(&mut [0; 8], r, &s)
+                }
+            })
+        };
+        // The copy is queued (or about to be) behind the held callback; the memory goes.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(m);
+        open.send(()).unwrap();
+        // (Should the copy come after the unmap, on a slow machine, it is refused at once.)
+        assert!(
+            matches!(
+                copier.join().unwrap(),
+                Err(DeviceError::StreamBroken(_) | DeviceError::InvalidAddress { .. })
+            ),
+            "a {} of unmapped memory succeeded",
+            if write { "write" } else { "read" }
+        );
+    }
+}
+
+#[test]
+fn two_faults_asked_for_one_operation_fail_two() {
+    let dev = SimDevice::new();
+    dev.fail_nth(FaultOp::StreamOp, 1);
+    dev.fail_nth(FaultOp::StreamOp, 1);
+    assert!(dev.create_stream(0).is_err());
+    assert!(dev.create_stream(0).is_err());
+    assert!(dev.create_stream(0).is_ok());
+}
+
+#[test]
+fn host_memory_the_host_cannot_give_is_out_of_memory() {
+    let dev = SimDevice::new();
+    for len in [1u64 << 62, 1 << 50] {
+        assert!(matches!(
+            dev.alloc_pinned(len),
+            Err(DeviceError::OutOfMemory { .. })
+        ));
+    }
+    let huge = SimDevice::with_config(SimConfig::default().total_memory(1 << 60)).unwrap();
+    let before = huge.mem_info().unwrap().free;
+    assert!(matches!(
+        huge.create_chunk(1 << 50),
+        Err(DeviceError::OutOfMemory { .. })
+    ));
+    assert_eq!(
+        huge.mem_info().unwrap().free,
+        before,
+        "the failed chunk stayed charged"
+    );
 }

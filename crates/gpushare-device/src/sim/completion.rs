@@ -1,7 +1,7 @@
 //! The generation counter behind simulated events.
 
 use crate::sync::{lock, wait, Condvar, Mutex};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 #[derive(Debug, Default)]
@@ -14,7 +14,13 @@ struct State {
     done_above: BTreeSet<u64>,
     /// When the latest record completed.
     at: Option<Instant>,
+    /// Generations whose stream had faulted before they completed, with the fault: the
+    /// work recorded before them did not all run. Few, and the oldest go past a bound.
+    failed: BTreeMap<u64, String>,
 }
+
+/// Most failed generations a marker remembers.
+const FAILED_KEPT: usize = 64;
 
 impl State {
     fn done(&self, g: u64) -> bool {
@@ -64,7 +70,23 @@ impl Completion {
 
     /// Mark generation `g` complete and wake waiters.
     pub fn complete(&self, g: u64) {
+        self.finish(g, None);
+    }
+
+    /// Mark generation `g` complete, but failed with `why` (its stream had faulted: the
+    /// work recorded before it did not all run), and wake waiters.
+    pub fn fail(&self, g: u64, why: String) {
+        self.finish(g, Some(why));
+    }
+
+    fn finish(&self, g: u64, failed: Option<String>) {
         let mut st = lock(&self.state);
+        if let Some(why) = failed {
+            st.failed.insert(g, why);
+            if st.failed.len() > FAILED_KEPT {
+                st.failed.pop_first();
+            }
+        }
         if !st.done(g) {
             st.done_above.insert(g);
             loop {
@@ -85,6 +107,11 @@ impl Completion {
     /// Whether generation `g` has completed.
     pub fn is_done(&self, g: u64) -> bool {
         lock(&self.state).done(g)
+    }
+
+    /// The fault behind generation `g`, if it failed.
+    pub fn failure(&self, g: u64) -> Option<String> {
+        lock(&self.state).failed.get(&g).cloned()
     }
 
     /// The latest recorded generation (0 if never recorded).

@@ -181,13 +181,42 @@ struct ChunkMem {
 }
 
 impl ChunkMem {
-    fn new(size: u64, acc: &Arc<Accounts>) -> Arc<Self> {
+    /// `size` bytes, already charged; `OutOfMemory` (the charge given back) if the host
+    /// cannot hold them.
+    fn new(size: u64, acc: &Arc<Accounts>) -> Result<Arc<Self>> {
+        let Some(data) = zeroed(size) else {
+            acc.used.fetch_sub(size, Ordering::Relaxed);
+            return Err(DeviceError::OutOfMemory {
+                requested: size,
+                free: 0,
+            });
+        };
         inc(&acc.chunks);
-        Arc::new(ChunkMem {
-            data: Mutex::new(vec![0u8; size as usize].into_boxed_slice()),
+        Ok(Arc::new(ChunkMem {
+            data: Mutex::new(data),
             acc: acc.clone(),
-        })
+        }))
     }
+}
+
+/// `len` zeroed host bytes, or `None` if the host cannot provide them. The pages come
+/// zeroed from the allocator and are touched only when used, as with `vec![0; len]`, but
+/// a request the host cannot serve (a simulated device larger than the host, a pinned
+/// buffer of terabytes) is an error here, where `vec!` would abort the process.
+fn zeroed(len: u64) -> Option<Box<[u8]>> {
+    let len = usize::try_from(len).ok()?;
+    if len == 0 {
+        return Some(Box::default());
+    }
+    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+    // SAFETY: the layout's size is not zero (`len > 0`).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: `ptr` holds `len` zeroed bytes (valid `u8`s) from the global allocator with
+    // the layout of `[u8; len]`, owned by nothing else; the box frees it with that layout.
+    Some(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) })
 }
 
 impl Drop for ChunkMem {
@@ -323,6 +352,16 @@ impl Shared {
                 s.base + s.off as u64
             )),
         }
+    }
+}
+
+/// The error of an event's generation `g` whose stream had faulted before it completed.
+fn failed(done: &Completion, g: u64) -> Result<()> {
+    match done.failure(g) {
+        Some(why) => Err(DeviceError::StreamBroken(format!(
+            "the work recorded before this event did not all run: {why}"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -478,8 +517,8 @@ impl SimStream {
     /// Queue work that touches memory. Once the stream has faulted, queued work no longer
     /// runs, as on a GPU, where a fault is sticky: it would run on results that were never
     /// produced. Completions, waits and host callbacks still run, so nothing waits forever.
-    /// The fault stays with its stream: events recorded behind it still complete and
-    /// streams that wait on them carry on. On a GPU the whole context would be lost; the
+    /// The fault stays with its stream: events recorded behind it still complete (and
+    /// report the fault to the host's questions) and streams that wait on them carry on. On a GPU the whole context would be lost; the
     /// simulator keeps the other streams (and the runtime's other contexts) usable, so that
     /// tests can check that one context's fault loses nothing of the others'.
     fn submit_work(&self, op: Op) -> Result<()> {
@@ -661,11 +700,15 @@ impl SimDevice {
     }
 
     /// Make the `n`th next operation of kind `op` fail (n = 1 is the very next). Several
-    /// faults may be pending at once.
+    /// faults may be pending at once; one asked for an operation that already has one fails
+    /// the next operation without one.
     pub fn fail_nth(&self, op: FaultOp, n: u64) {
         let mut f = lock(&self.shared.faults);
         // A fault past u64::MAX operations never fires; saturating keeps it pending.
-        let at = f.counts[op_index(op)].saturating_add(n.max(1));
+        let mut at = f.counts[op_index(op)].saturating_add(n.max(1));
+        while at < u64::MAX && f.pending.iter().any(|&(o, a, _)| o == op && a == at) {
+            at += 1;
+        }
         f.pending.push((op, at, n.max(1)));
     }
 
@@ -890,7 +933,7 @@ impl Device for SimDevice {
             device: self.shared.id,
             size,
             inner: Arc::new(ChunkInner::Sim(SimChunk {
-                mem: ChunkMem::new(size, &self.shared.acc),
+                mem: ChunkMem::new(size, &self.shared.acc)?,
             })),
         })
     }
@@ -959,7 +1002,7 @@ impl Device for SimDevice {
         self.shared.tick(FaultOp::ChunkCreate)?;
         let addr = self.shared.alloc_va(size)?;
         self.shared.charge(size)?;
-        let mem = ChunkMem::new(size, &self.shared.acc);
+        let mem = ChunkMem::new(size, &self.shared.acc)?;
         let m = self.map_region(addr, size, mem, None);
         Ok(LinearAlloc {
             device: self.shared.id,
@@ -998,8 +1041,21 @@ impl Device for SimDevice {
         let s = self.sim_stream(stream)?;
         self.shared.tick(FaultOp::StreamOp)?;
         let done = e.done.clone();
+        // Behind a fault the record still completes (so that nothing waits for ever), but
+        // failed: the work before it did not all run, and the host's questions say so.
+        let broken = s.error.clone();
         e.done
-            .record_with(|g| s.submit(Box::new(move || done.complete(g))))
+            .record_with(|g| {
+                s.submit(Box::new(move || {
+                    // The stream's error lock is let go first: a record holds the event's
+                    // lock while it takes the stream's.
+                    let why = lock(&broken).clone();
+                    match why {
+                        Some(why) => done.fail(g, why),
+                        None => done.complete(g),
+                    }
+                }))
+            })
             .map(|_| ())
     }
 
@@ -1016,12 +1072,19 @@ impl Device for SimDevice {
     }
 
     fn query_event(&self, event: &Event) -> Result<bool> {
-        Ok(self.sim_event(event)?.done.is_complete())
+        let e = self.sim_event(event)?;
+        let g = e.done.target();
+        if !e.done.is_done(g) {
+            return Ok(false);
+        }
+        failed(&e.done, g).map(|()| true)
     }
 
     fn synchronize_event(&self, event: &Event) -> Result<()> {
-        self.sim_event(event)?.done.wait_latest();
-        Ok(())
+        let e = self.sim_event(event)?;
+        let g = e.done.target();
+        e.done.wait_for(g);
+        failed(&e.done, g)
     }
 
     fn elapsed(&self, start: &Event, end: &Event) -> Result<Duration> {
@@ -1032,8 +1095,11 @@ impl Device for SimDevice {
                 reason: "both events must be created with EventFlags::timing()".into(),
             });
         }
-        a.done.wait_latest();
-        b.done.wait_latest();
+        let (ga, gb) = (a.done.target(), b.done.target());
+        a.done.wait_for(ga);
+        b.done.wait_for(gb);
+        failed(&a.done, ga)?;
+        failed(&b.done, gb)?;
         match (a.done.completed_at(), b.done.completed_at()) {
             (Some(t0), Some(t1)) => Ok(t1.saturating_duration_since(t0)),
             _ => Err(DeviceError::Unsupported {
@@ -1062,16 +1128,16 @@ impl Device for SimDevice {
             });
         }
         self.shared.tick(FaultOp::PinnedAlloc)?;
-        let n = usize::try_from(len).map_err(|_| DeviceError::OutOfMemory {
+        let data = zeroed(len).ok_or(DeviceError::OutOfMemory {
             requested: len,
-            free: usize::MAX as u64,
+            free: 0,
         })?;
         inc(&self.shared.acc.pinned);
         Ok(PinnedBuffer {
             device: self.shared.id,
             len,
             inner: PinnedInner::Sim(Arc::new(SimPinned {
-                data: Mutex::new(vec![0u8; n].into_boxed_slice()),
+                data: Mutex::new(data),
                 in_flight: Mutex::new(0),
                 idle: Condvar::new(),
                 acc: self.shared.acc.clone(),
@@ -1149,7 +1215,13 @@ impl Device for SimDevice {
         let segs = self.shared.resolve(dst)?;
         self.shared.tick(FaultOp::Copy)?;
         let bytes = src.to_vec();
-        s.submit_work(Box::new(move || write_segs(&segs, &bytes)))?;
+        let sh = self.shared.clone();
+        s.submit_work(Box::new(move || {
+            if let Err(e) = sh.still_mapped(&segs) {
+                panic!("{e}");
+            }
+            write_segs(&segs, &bytes)
+        }))?;
         s.drain()
     }
 
@@ -1161,7 +1233,13 @@ impl Device for SimDevice {
         self.shared.tick(FaultOp::Copy)?;
         let out = Arc::new(Mutex::new(vec![0u8; dst.len()]));
         let o2 = out.clone();
-        s.submit_work(Box::new(move || read_segs(&segs, &mut lock(&o2))))?;
+        let sh = self.shared.clone();
+        s.submit_work(Box::new(move || {
+            if let Err(e) = sh.still_mapped(&segs) {
+                panic!("{e}");
+            }
+            read_segs(&segs, &mut lock(&o2))
+        }))?;
         s.drain()?;
         dst.copy_from_slice(&lock(&out));
         Ok(())
