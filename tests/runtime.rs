@@ -1444,6 +1444,33 @@ fn a_dropped_event_wait_lets_its_waker_go() {
     s.synchronize().unwrap();
 }
 
+/// An event recorded before its stream's fault, and reached after it, reports the fault:
+/// to a blocked thread, to an awaiting task and to a query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_behind_a_fault_reports_it() {
+    let (rt, sim) = sim_runtime(64 * MIB, 1.0);
+    let a = rt.create_context(ContextSpec::new("a", 16 * MIB)).unwrap();
+    let s = a.session().unwrap();
+    let go = hold(&sim, s.stream());
+    let bad = gpushare::device::DeviceRange::new(gpushare::device::DevicePtr(8), 8);
+    sim.launch_host(s.stream(), move |mem| mem.write(bad, &[0; 8]))
+        .unwrap();
+    let ev = s.record_event().unwrap();
+    let waiting = tokio::spawn({
+        let ev = ev.clone();
+        async move { ev.wait().await }
+    });
+    drop(go);
+    assert!(matches!(
+        waiting.await.unwrap(),
+        Err(RuntimeError::Device(
+            gpushare::device::DeviceError::StreamBroken(_)
+        ))
+    ));
+    assert!(ev.synchronize().is_err());
+    assert!(ev.is_complete().is_err());
+}
+
 #[test]
 fn admission_and_partitions_promise_only_what_the_pool_can_map() {
     // 65 MiB usable on a device of 2 MiB granules: the pool maps 64 MiB.
