@@ -40,7 +40,9 @@ impl Config {
             if explicit(k) {
                 None
             } else {
-                std::env::var(k).ok()
+                // A value that is not UTF-8 is read lossily, so that it fails to parse with
+                // a typed error that shows it, rather than pass for unset.
+                std::env::var_os(k).map(|v| v.to_string_lossy().into_owned())
             }
         })
     }

@@ -497,6 +497,7 @@ impl Drop for CtxInner {
             let _ = parts.remove_partition(&self.name);
         }
         drop(parts);
+        self.rt.names.lock().remove(&self.name);
         self.rt.wake_waiters();
     }
 }
@@ -539,15 +540,10 @@ impl Context {
     pub(crate) fn create(rt: Arc<RtInner>, spec: ContextSpec) -> Result<Context> {
         let name = spec.name.clone();
         let _one_at_a_time = rt.create_lock.lock();
-        {
-            let live = rt.contexts.lock();
-            if live
-                .iter()
-                .filter_map(|w| w.upgrade())
-                .any(|c| c.name == name)
-            {
-                return Err(RuntimeError::DuplicateContext(name));
-            }
+        // A name stays taken until its context's drop has ended: a drop under way (waiting
+        // for its stream) still has its placement in a partition to undo, by name.
+        if rt.names.lock().contains(&name) {
+            return Err(RuntimeError::DuplicateContext(name));
         }
         let admission =
             rt.admission
@@ -592,10 +588,14 @@ impl Context {
             }
         };
         let (stream, isolation) = (|| -> Result<(Stream, Isolation)> {
-            let part = match (&spec.partition, own_partition) {
-                (Some(p), _) => Some(p.clone()),
+            // The partition is made, split for and placed in under one hold of the lock:
+            // until it is placed, a context dropped meanwhile would see no group in use
+            // behind its own, remove its partition outright rather than leave a vacancy,
+            // and leave this one's group out of place.
+            let mut parts = rt.parts.lock();
+            let p = match (&spec.partition, own_partition) {
+                (Some(p), _) => p.clone(),
                 (None, true) => {
-                    let mut parts = rt.parts.lock();
                     parts.create_private_partition(
                         &name,
                         PartitionLimits::default().compute(r.compute),
@@ -605,14 +605,13 @@ impl Context {
                         undo_partition(false);
                         return Err(e.into());
                     }
-                    Some(name.clone())
+                    name.clone()
                 }
-                (None, false) => None,
+                (None, false) => {
+                    drop(parts);
+                    return Ok((rt.dev.create_stream(prio)?, Isolation::None));
+                }
             };
-            let Some(p) = part else {
-                return Ok((rt.dev.create_stream(prio)?, Isolation::None));
-            };
-            let mut parts = rt.parts.lock();
             if let Err(e) = parts.place(&r, &p) {
                 drop(parts);
                 undo_partition(false);
@@ -661,6 +660,7 @@ impl Context {
             riders: AtomicU64::new(0),
             last_used: AtomicU64::new(0),
         });
+        rt.names.lock().insert(inner.name.clone());
         let mut live = rt.contexts.lock();
         live.retain(|w| w.strong_count() > 0);
         live.push(Arc::downgrade(&inner));
@@ -731,12 +731,15 @@ impl Context {
         let c = &self.inner;
         // The new block stays pinned while its staging is allocated (slow): until then it
         // counts as a live use, so a session short of memory meanwhile waits rather than
-        // failing, and is woken when it ends.
-        let _live = LiveUse::start(&c.rt.waits);
-        let (id, _) = self.with_relief(size, || {
-            c.rt.pool
-                .alloc_evictable(c.owner, size, 0, c.stream_id)
-                .map_err(|e| RuntimeError::from_pool(e, &c.name))
+        // failing, and is woken when it ends. Not before it is placed: while the request
+        // runs short, its pressure handlers may open sessions, which must not wait for
+        // the very request that called them.
+        let (id, _, _live) = self.with_relief(size, || {
+            let (id, pinned) =
+                c.rt.pool
+                    .alloc_evictable(c.owner, size, 0, c.stream_id)
+                    .map_err(|e| RuntimeError::from_pool(e, &c.name))?;
+            Ok((id, pinned, LiveUse::start(&c.rt.waits)))
         })?;
         let key = id.key();
         let discarded = Arc::new(AtomicBool::new(false));

@@ -25,8 +25,8 @@ pub enum RuntimeError {
         /// Why, with the numbers.
         rejection: Rejection,
     },
-    /// A context name in use.
-    #[error("a context named {0:?} already exists; choose another name")]
+    /// A context name in use (by a live context, or by one whose drop has not ended).
+    #[error("a context named {0:?} already exists (or is still being dropped); choose another name, or drop the old context first")]
     DuplicateContext(String),
     /// A context would exceed its budget.
     #[error("context {context:?} would exceed its budget: {used} B in use + {requested} B > {limit} B; free buffers or raise max_vram")]

@@ -262,6 +262,7 @@ impl RuntimeBuilder {
                 next_stream: AtomicU64::new(1),
                 pin_lock: TierLock::new(aging),
                 create_lock: Mutex::new(()),
+                names: Mutex::default(),
             }),
         })
     }
@@ -298,6 +299,8 @@ pub(crate) struct RtInner {
     /// Held while a context is created, so that two contexts of one name cannot both pass
     /// the check, and partitions are not split anew under a context being placed.
     pub create_lock: Mutex<()>,
+    /// Names of the contexts made and not yet wholly dropped (see [`Context::create`]).
+    pub names: Mutex<std::collections::HashSet<String>>,
 }
 
 impl RtInner {

@@ -23,4 +23,20 @@ fn explicit_settings_win_over_bad_variables_and_unset_ones_are_checked() {
     }
     std::env::remove_var("GPUSHARE_DEVICE");
     std::env::remove_var("GPUSHARE_OVERCOMMIT");
+    // A value that is not UTF-8 is an error too, not a variable left unset.
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        std::env::set_var(
+            "GPUSHARE_MEMORY_FRACTION",
+            std::ffi::OsStr::from_bytes(b"0.\xff5"),
+        );
+        match Runtime::builder().device(BackendChoice::Sim).build() {
+            Err(RuntimeError::Device(e)) => {
+                assert!(e.to_string().contains("GPUSHARE_MEMORY_FRACTION"), "{e}")
+            }
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+        std::env::remove_var("GPUSHARE_MEMORY_FRACTION");
+    }
 }

@@ -1471,6 +1471,73 @@ async fn an_event_behind_a_fault_reports_it() {
     assert!(ev.is_complete().is_err());
 }
 
+/// A context's name stays taken until its drop has ended: a drop waiting for its stream
+/// still has its placement to undo, by name, and must not undo a new context's.
+#[test]
+fn a_name_is_taken_until_its_contexts_drop_has_ended() {
+    let (rt, sim) = sim_runtime(64 * MIB, 1.0);
+    let old = rt.create_context(ContextSpec::new("llm", 8 * MIB)).unwrap();
+    let stream = old.session().unwrap().stream().clone();
+    let go = hold(&sim, &stream);
+    drop(stream);
+    let dropping = std::thread::spawn(move || drop(old));
+    wait_until("the old context is no longer listed", || {
+        rt.snapshot().contexts.is_empty()
+    });
+    // Its drop waits for the held stream.
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(matches!(
+        rt.create_context(ContextSpec::new("llm", 8 * MIB)),
+        Err(RuntimeError::DuplicateContext(_))
+    ));
+    drop(go);
+    dropping.join().unwrap();
+    rt.create_context(ContextSpec::new("llm", 8 * MIB)).unwrap();
+}
+
+/// A pressure handler that opens another context's session, called for a buffer's
+/// creation, does not wait for the very creation that called it.
+#[test]
+fn a_pressure_handler_of_a_buffers_creation_may_open_a_session() {
+    let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
+    // `g` keeps its 40 MiB (its base), `b`'s 28 MiB went out for them, and 24 MiB are
+    // free: neither `a`'s 30 MiB nor `b`'s set fits.
+    let g = rt
+        .create_context(
+            ContextSpec::new("g", 64 * MIB)
+                .base(40 * MIB)
+                .tier(Tier::Burstable),
+        )
+        .unwrap();
+    let a = rt
+        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let b = rt
+        .create_context(ContextSpec::new("b", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let _theirs = b.create_buffer(28 * MIB).unwrap();
+    let _kept = g.create_buffer(40 * MIB).unwrap();
+    assert!(!_theirs.is_resident());
+    let outcome = Arc::new(std::sync::Mutex::new(None));
+    let _handler = {
+        let (b, outcome) = (b.clone(), outcome.clone());
+        rt.on_memory_pressure(move |info| {
+            if info.context.name() == "a" {
+                let t = std::time::Instant::now();
+                let r = b.session_timeout(Duration::from_secs(5)).map(drop);
+                *outcome.lock().unwrap() = Some((r, t.elapsed()));
+            }
+            Pressure::Deny
+        })
+    };
+    assert!(a.create_buffer(30 * MIB).is_err());
+    let (r, took) = outcome.lock().unwrap().take().expect("the handler ran");
+    assert!(
+        !matches!(r, Err(RuntimeError::SessionTimedOut { .. })),
+        "the handler's session waited for the creation that called it ({took:?})"
+    );
+}
+
 #[test]
 fn admission_and_partitions_promise_only_what_the_pool_can_map() {
     // 65 MiB usable on a device of 2 MiB granules: the pool maps 64 MiB.

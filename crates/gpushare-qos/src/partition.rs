@@ -475,6 +475,9 @@ impl PartitionManager {
             self.partitions.insert(at, moved);
             // The vacancy now follows the share: it keeps the rest, or goes.
             let v = at + 1;
+            // The share went from `i` to `at`, ahead of the vacancy, which is now at
+            // `at + 1`: the partitions after `i` kept their places if the vacancy stays,
+            // and moved back one if it goes.
             match self.partitions[v].group {
                 Some(g) if g.requested > want => {
                     self.partitions[v].group = Some(Group {
@@ -483,12 +486,12 @@ impl PartitionManager {
                         requested: g.requested - want,
                         granted: g.granted.saturating_sub(want),
                     });
+                    i += 1;
                 }
                 _ => {
                     self.partitions.remove(v);
                 }
             }
-            i += 1;
         }
     }
 
@@ -559,8 +562,14 @@ impl PartitionManager {
                 let mut first = 0u32;
                 for (slot, ((i, requested), got)) in plan.into_iter().zip(granted).enumerate() {
                     if !self.partitions[i].vacant {
+                        // What the share asked for, before the plan trimmed it to the SMs
+                        // left: the caller can tell that it got less.
+                        let asked = self.partitions[i]
+                            .limits
+                            .compute
+                            .map_or(requested, |share| Self::wanted(share, sm_count, min, step));
                         self.partitions[i].isolation = Isolation::SmPartition {
-                            requested,
+                            requested: asked,
                             granted: got,
                         };
                     }

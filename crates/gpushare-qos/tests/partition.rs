@@ -198,7 +198,7 @@ fn compute_shares_become_sm_splits() {
     assert_eq!(
         m.partition("rest").unwrap().isolation(),
         &Isolation::SmPartition {
-            requested: 112,
+            requested: 120,
             granted: 112
         }
     );
@@ -290,9 +290,17 @@ fn a_group_removed_ahead_of_one_in_use_is_held_vacant_and_reused() {
     m.remove_partition("a").unwrap();
     assert!(m.partition("a").is_none());
     assert_eq!(m.partitions().count(), 1);
-    // A share too large for the vacancy goes after `b`, trimmed to what is left.
+    // A share too large for the vacancy goes after `b`, trimmed to what is left, and says
+    // so.
     add_own(&mut m, &hw, "c", 0.5);
     assert_eq!(hw.calls.borrow().last().unwrap(), &vec![40, 40, 48]);
+    assert_eq!(
+        m.partition("c").unwrap().isolation(),
+        &Isolation::SmPartition {
+            requested: 64,
+            granted: 48
+        }
+    );
     // One that fits takes the vacancy's first SMs; the rest stays vacant.
     add_own(&mut m, &hw, "d", 0.2);
     assert_eq!(hw.calls.borrow().last().unwrap(), &vec![24, 16, 40, 48]);
@@ -315,6 +323,29 @@ fn a_group_removed_ahead_of_one_in_use_is_held_vacant_and_reused() {
     m.realize(&hw).unwrap();
     assert_eq!(hw.calls.borrow().last().unwrap(), &vec![40]);
     assert_eq!(m.partition("e").unwrap().split_slot(), Some(0));
+}
+
+#[test]
+fn two_shares_split_for_at_once_each_take_a_vacancy() {
+    let hw = hopper(false);
+    let mut m = manager();
+    for n in ["a", "b", "c"] {
+        add_own(&mut m, &hw, n, 0.3);
+    }
+    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![40, 40, 40]);
+    // `a` and `b` go; `c` still runs on SMs 80..120, so theirs stay, vacant.
+    for n in ["a", "b"] {
+        m.unplace(n).unwrap();
+        m.remove_partition(n).unwrap();
+    }
+    // Two shares that fit them, split for together: each takes one.
+    for n in ["e", "f"] {
+        m.create_private_partition(n, PartitionLimits::default().compute(0.3))
+            .unwrap();
+    }
+    m.realize(&hw).unwrap();
+    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![40, 40, 40]);
+    assert_eq!(slots(&m, &["e", "f", "c"]), [Some(0), Some(1), Some(2)]);
 }
 
 #[test]
