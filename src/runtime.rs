@@ -299,7 +299,7 @@ pub(crate) struct RtInner {
     /// Held while a context is created, so that two contexts of one name cannot both pass
     /// the check, and partitions are not split anew under a context being placed.
     pub create_lock: Mutex<()>,
-    /// Names of the contexts made and not yet wholly dropped (see [`Context::create`]).
+    /// Names of the contexts made and not yet wholly dropped (see `Context::create`).
     pub names: Mutex<std::collections::HashSet<String>>,
 }
 

@@ -4,6 +4,19 @@ use gpushare_device::sim::LiveResources;
 use gpushare_device::{Device, DeviceError, EventFlags, FaultOp, SimConfig, SimDevice};
 use std::sync::Arc;
 
+/// Hold `stream` with a host callback until the returned sender sends (or is dropped).
+fn hold(dev: &dyn Device, stream: &gpushare_device::Stream) -> std::sync::mpsc::Sender<()> {
+    let (open, gate) = std::sync::mpsc::channel::<()>();
+    dev.host_callback(
+        stream,
+        Box::new(move || {
+            let _ = gate.recv();
+        }),
+    )
+    .unwrap();
+    open
+}
+
 fn injected(r: Result<impl std::fmt::Debug, DeviceError>, op: FaultOp, nth: u64) {
     match r {
         Err(DeviceError::InjectedFault { op: o, nth: n }) => {
@@ -157,14 +170,7 @@ fn work_queued_behind_a_fault_does_not_run_and_the_faults_stay_with_their_stream
     pinned.write(0, &[5; 8]).unwrap();
     // Everything below is queued before the stream runs any of it, behind a kernel that
     // will fault.
-    let (open, gate) = std::sync::mpsc::channel::<()>();
-    dev.host_callback(
-        &s,
-        Box::new(move || {
-            let _ = gate.recv();
-        }),
-    )
-    .unwrap();
+    let open = hold(&dev, &s);
     let bad = gpushare_device::DeviceRange::new(gpushare_device::DevicePtr(8), 8);
     dev.launch_host(&s, move |mem| mem.write(bad, &[0; 8]))
         .unwrap();
@@ -326,14 +332,7 @@ fn a_synchronous_copy_that_runs_after_its_memory_was_unmapped_faults_its_stream(
         let m = dev.map_chunk(&va, 0, &chunk).unwrap();
         let r = m.range().slice(0, 8).unwrap();
         let s = dev.create_stream(0).unwrap();
-        let (open, gate) = std::sync::mpsc::channel::<()>();
-        dev.host_callback(
-            &s,
-            Box::new(move || {
-                let _ = gate.recv();
-            }),
-        )
-        .unwrap();
+        let open = hold(&*dev, &s);
         let copier = {
             let (dev, s) = (dev.clone(), s.clone());
             std::thread::spawn(move || {
