@@ -47,6 +47,15 @@ impl SmBackend for DeviceSms {
 
     fn split(&self, sm_counts: &[u32]) -> Result<Vec<u32>, SplitError> {
         match self.dev.split_sms(sm_counts) {
+            // A split of another shape is refused before it replaces the current one: the
+            // partitions' slots index into the split that is kept.
+            Ok(split) if split.partitions.len() != sm_counts.len() => {
+                Err(SplitError::Failed(format!(
+                    "the device made {} groups where {} were asked for",
+                    split.partitions.len(),
+                    sm_counts.len()
+                )))
+            }
             Ok(split) => {
                 let got = split.partitions.iter().map(|p| p.sm_count()).collect();
                 *self.made.lock() = split.partitions;
