@@ -1425,7 +1425,7 @@ impl<S: ChunkSource> Pool<S> {
         slot: usize,
         node: u32,
         size: u64,
-        stream: StreamId,
+        stream: Option<StreamId>,
         event: Option<Arc<dyn FreeEvent>>,
     ) {
         if let Some(a) = c.owners[slot].as_mut() {
@@ -1473,7 +1473,14 @@ impl<S: ChunkSource> Pool<S> {
             }
         }
         let mut c = self.central.lock();
-        self.release_freed(&mut c, i, cached.node, cached.size, stream, cached.event);
+        self.release_freed(
+            &mut c,
+            i,
+            cached.node,
+            cached.size,
+            Some(stream),
+            cached.event,
+        );
         Ok(())
     }
 
@@ -1495,29 +1502,12 @@ impl<S: ChunkSource> Pool<S> {
         let earlier = slot.inherited.lock().remove(&node);
         match (earlier, then) {
             (None, None) => self.free(block),
-            (None, Some((s, e))) => self.free_after(block, s, e),
-            (Some((s, e)), None) => self.free_after(block, s, e),
+            (Some((s, e)), None) | (None, Some((s, e))) => self.free_after(block, s, e),
             (Some((s0, _)), Some((s, e))) if s == s0 => self.free_after(block, s, e),
             (Some((_, e0)), Some((_, e))) => {
-                let mut c = self.central.lock();
-                if let Some(a) = c.owners[i].as_mut() {
-                    a.frees += 1;
-                }
-                c.frees += 1;
-                Self::uncharge(&mut c, i, block.size);
                 let both: Arc<dyn FreeEvent> = Arc::new(AllOf(vec![e0, e]));
-                if complete(&*both) {
-                    c.tlsf.free(node);
-                } else {
-                    let owner = OwnerId::new(self.id, i as u32, slot.gen.load(Ordering::Relaxed));
-                    c.pending.push(Pending {
-                        node,
-                        size: block.size,
-                        owner,
-                        stream: None,
-                        event: both,
-                    });
-                }
+                let mut c = self.central.lock();
+                self.release_freed(&mut c, i, node, block.size, None, Some(both));
                 Ok(())
             }
         }
@@ -1543,7 +1533,7 @@ impl<S: ChunkSource> Pool<S> {
         let mut c = self.central.lock();
         if let Some(e) = self.return_probe(&mut c, i, cell, Some(e)) {
             // No room for it: an ordinary free.
-            self.release_freed(&mut c, i, e.node, e.size, e.stream, e.event);
+            self.release_freed(&mut c, i, e.node, e.size, Some(e.stream), e.event);
         }
         Ok(())
     }
@@ -1561,7 +1551,7 @@ impl<S: ChunkSource> Pool<S> {
         let mut sh = cell.lock.lock();
         if let Some(old) = sh.take_probe() {
             sh.returned_unused(old.size);
-            self.release_node(c, i, old.node, old.size, old.stream, old.event);
+            self.release_node(c, i, old.node, old.size, Some(old.stream), old.event);
         }
         cell.hint_probe.store(0, Ordering::Relaxed);
         let left = match next {
@@ -1577,14 +1567,17 @@ impl<S: ChunkSource> Pool<S> {
         left
     }
 
-    /// Give a block's node back to the central allocator and uncharge its owner.
+    /// Give a block's node back to the central allocator and uncharge its owner. With an
+    /// event not yet complete, the node waits in the pending list: reusable at once on
+    /// `stream`, where the event's work runs, and by no stream if that is `None` (work on
+    /// several streams may still use it).
     fn release_node(
         &self,
         c: &mut Central,
         slot: usize,
         node: u32,
         size: u64,
-        stream: StreamId,
+        stream: Option<StreamId>,
         event: Option<Arc<dyn FreeEvent>>,
     ) {
         Self::uncharge(c, slot, size);
@@ -1597,7 +1590,7 @@ impl<S: ChunkSource> Pool<S> {
                     slot as u32,
                     self.slots[slot].gen.load(Ordering::Relaxed),
                 ),
-                stream: Some(stream),
+                stream,
                 event: e,
             }),
             _ => c.tlsf.free(node),
@@ -2051,7 +2044,7 @@ impl<S: ChunkSource> Pool<S> {
                     if e.size > shr.small {
                         shr.debt = (shr.debt + 1).min(DEBT_CAP);
                     }
-                    self.release_node(c, i, e.node, e.size, e.stream, e.event);
+                    self.release_node(c, i, e.node, e.size, Some(e.stream), e.event);
                 }
             }
         }

@@ -4,8 +4,8 @@ mod common;
 
 use common::{Flag, Recorder, Work};
 use gpushare_pool::{
-    BlockState, ChunkSource, EvictError, EvictableRef, Eviction, Evictor, HostSource, OwnerSpec,
-    Pool, PoolConfig, PoolError, RestoreInfo, SourceError, StreamId, Tier, VictimInfo,
+    BlockState, ChunkSource, EvictError, EvictableRef, Eviction, Evictor, HostSource, OwnerId,
+    OwnerSpec, Pool, PoolConfig, PoolError, RestoreInfo, SourceError, StreamId, Tier, VictimInfo,
 };
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -1191,19 +1191,30 @@ fn a_guaranteed_owners_evictable_block_does_not_borrow_a_base_it_would_never_giv
     p.free_evictable(id).unwrap();
 }
 
-#[test]
-fn a_block_that_borrowed_a_base_below_its_owners_goes_when_the_base_is_claimed() {
-    let p = pool(PoolConfig::default().capacity(4 * MIB));
+/// A pool of `cap` bytes with an evictor, a Guaranteed owner `r` whose base and limit are
+/// `r_base`, and a Burstable owner `b` with base `b_base` and the whole pool as its limit.
+fn base_and_borrower(
+    cap: u64,
+    r_base: u64,
+    b_base: u64,
+) -> (Pool<HostSource>, Arc<Recorder>, OwnerId, OwnerId) {
+    let p = pool(PoolConfig::default().capacity(cap));
     let rec = Arc::new(Recorder::default());
     p.set_evictor(rec.clone());
     let r = p
         .add_owner(
-            OwnerSpec::new("r", 2 * MIB)
-                .base(2 * MIB)
+            OwnerSpec::new("r", r_base)
+                .base(r_base)
                 .tier(Tier::Guaranteed),
         )
         .unwrap();
-    let b = p.add_owner(OwnerSpec::new("b", 4 * MIB).base(MIB)).unwrap();
+    let b = p.add_owner(OwnerSpec::new("b", cap).base(b_base)).unwrap();
+    (p, rec, r, b)
+}
+
+#[test]
+fn a_block_that_borrowed_a_base_below_its_owners_goes_when_the_base_is_claimed() {
+    let (p, rec, r, b) = base_and_borrower(4 * MIB, 2 * MIB, MIB);
     // `b` borrows 2 MiB of `r`'s base for a block whose eviction takes it below its own.
     let (id, _) = p.alloc_evictable(b, 3 * MIB, 0, S1).unwrap();
     p.unpin(&id).unwrap();
@@ -1217,19 +1228,7 @@ fn a_block_that_borrowed_a_base_below_its_owners_goes_when_the_base_is_claimed()
 
 #[test]
 fn a_block_that_borrowed_a_base_goes_when_its_owner_is_left_below_its_own() {
-    let p = pool(PoolConfig::default().capacity(8 * MIB));
-    let rec = Arc::new(Recorder::default());
-    p.set_evictor(rec.clone());
-    let r = p
-        .add_owner(
-            OwnerSpec::new("r", 4 * MIB)
-                .base(4 * MIB)
-                .tier(Tier::Guaranteed),
-        )
-        .unwrap();
-    let b = p
-        .add_owner(OwnerSpec::new("b", 8 * MIB).base(2 * MIB))
-        .unwrap();
+    let (p, rec, r, b) = base_and_borrower(8 * MIB, 4 * MIB, 2 * MIB);
     // At its base, `b` borrows 4 MiB of `r`'s base for a block it could give back...
     let (small, _) = p.alloc_evictable(b, 2 * MIB, 0, S1).unwrap();
     let (big, _) = p.alloc_evictable(b, 6 * MIB, 1, S1).unwrap();
