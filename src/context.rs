@@ -98,6 +98,12 @@ pub(crate) struct CtxInner {
 pub(crate) const NO_HOLD: usize = usize::MAX;
 
 impl CtxInner {
+    /// The context's group in the session line (its waiters are woken together when one
+    /// of them is served): its address, distinct among contexts alive at once.
+    pub fn group(&self) -> u64 {
+        self as *const Self as usize as u64
+    }
+
     /// One more session or borrow; `buffers` must be locked, and its guard is asked for.
     pub fn add_use(&self, _locked: &parking_lot::MutexGuard<'_, Vec<BufSlot>>) {
         let n = self.sessions.load(Ordering::Relaxed);
@@ -818,12 +824,16 @@ impl Context {
     /// Wait (blocking the thread) until the context's buffers are resident, and open a
     /// session on it.
     pub fn session(&self) -> Result<Session<'_>> {
-        // Most sessions are granted at once: try before building a future and a waker.
-        match crate::session::pin_all(&self.inner, true, None) {
-            Ok(n) => Ok(Session::new(CtxRef::Borrowed(self), n)),
-            Err(e) if !e.is_oom() => Err(e),
-            Err(_) => block_on(SessionFuture::blocking(self)),
+        // Most sessions are granted at once: try before building a future and a waker
+        // (unless the line has waited too long for a newcomer to go first).
+        if self.inner.rt.waits.may_pass(self.inner.tier.rank()) {
+            match crate::session::pin_all(&self.inner, true, None) {
+                Ok(n) => return Ok(Session::new(CtxRef::Borrowed(self), n)),
+                Err(e) if !e.is_oom() => return Err(e),
+                Err(_) => {}
+            }
         }
+        block_on(SessionFuture::blocking(self))
     }
 
     /// [`Context::session`], waiting at most about `timeout`: then it fails with
@@ -840,10 +850,12 @@ impl Context {
     /// keeps its pins until its copies are done, then ends the session it opened.
     pub fn session_timeout(&self, timeout: Duration) -> Result<Session<'_>> {
         let start = Instant::now();
-        match crate::session::pin_all(&self.inner, true, None) {
-            Ok(n) => return Ok(Session::new(CtxRef::Borrowed(self), n)),
-            Err(e) if !e.is_oom() => return Err(e),
-            Err(_) => {}
+        if self.inner.rt.waits.may_pass(self.inner.tier.rank()) {
+            match crate::session::pin_all(&self.inner, true, None) {
+                Ok(n) => return Ok(Session::new(CtxRef::Borrowed(self), n)),
+                Err(e) if !e.is_oom() => return Err(e),
+                Err(_) => {}
+            }
         }
         let future = std::pin::pin!(SessionFuture::blocking(self));
         match crate::session::block_on_until(future, start.checked_add(timeout)) {

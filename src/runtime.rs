@@ -168,7 +168,10 @@ impl RuntimeBuilder {
         self.partitions.push((name.into(), limits));
         self
     }
-    /// How fast waiting sessions and admissions rise a tier (default 1 s).
+    /// How fast waiting sessions and admissions rise a tier (default 1 s). It is also how
+    /// long new sessions whose buffers are in place may go ahead of the first session in
+    /// line before they wait behind it (longer for a higher tier than its own): a longer
+    /// period switches contexts less often, a shorter one bounds a waiter's wait tighter.
     pub fn aging(mut self, d: Duration) -> Self {
         self.aging = Some(d);
         self
@@ -351,9 +354,9 @@ impl RtInner {
         Some(Pressure::Allow)
     }
 
-    /// Join the session queue.
-    pub fn enqueue(&self, tier: Tier, waker: &Waker) -> u64 {
-        self.waits.enqueue(tier.rank(), waker)
+    /// Join the session queue, in the group of context `group` (see [`CtxInner::group`]).
+    pub fn enqueue(&self, tier: Tier, group: u64, waker: &Waker) -> u64 {
+        self.waits.enqueue(tier.rank(), group, waker)
     }
 
     /// Whether waiter `id` is first in line (registering its waker).
@@ -361,9 +364,14 @@ impl RtInner {
         self.waits.is_head(id, waker)
     }
 
-    /// Leave the queue (served or cancelled) and wake the next in line.
-    pub fn dequeue(&self, id: u64) {
-        self.waits.remove(id);
+    /// Leave the queue (served or cancelled) and wake the next in line; when `served`,
+    /// wake the other waiters of context group `group` too.
+    pub fn dequeue(&self, id: u64, group: u64, served: bool) {
+        if served {
+            self.waits.served(id, group);
+        } else {
+            self.waits.remove(id);
+        }
     }
 
     /// Memory was released: let waiting sessions try again.

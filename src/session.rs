@@ -628,12 +628,15 @@ impl<'a> Future for SessionFuture<'a> {
         let rt = &ctx.inner.rt;
         let step = match &mut this.state {
             State::Done => return Poll::Ready(Err(completed())),
-            // A newcomer tries at once, before any in line. Making it join the line behind
-            // them instead (when it needs memory) was tried: with everyone in line and
-            // nobody live, a head whose set did not fit a fragmented pool failed for good
-            // where it used to wait for a live session, and the stress test's failed
-            // sessions went from a handful to thousands a run. Eviction takes lower tiers
-            // first, so a newcomer cannot take a higher tier's buffers.
+            // A newcomer tries at once, before any in line, unless the first in line has
+            // waited too long for that (`SessionGate::may_pass`): then it joins the line.
+            // Making every newcomer that needs memory join the line was tried: with
+            // everyone in line and nobody live, a head whose set did not fit a fragmented
+            // pool failed for good where it used to wait for a live session, and the
+            // stress test's failed sessions went from a handful to thousands a run.
+            // Eviction takes lower tiers first, so a newcomer cannot take a higher tier's
+            // buffers.
+            State::Start if !rt.waits.may_pass(ctx.inner.tier.rank()) => Step::Wait,
             State::Start => {
                 // A working set already in place is pinned here, without restoring (and
                 // without waiting for another session's restore: that try goes on below).
@@ -660,7 +663,24 @@ impl<'a> Future for SessionFuture<'a> {
                 Self::try_now(ctx, None)
             }
             State::Waiting(id) => {
-                if !rt.is_head(*id, cx.waker()) {
+                let id = *id;
+                if !rt.is_head(id, cx.waker()) {
+                    // Behind the first in line, a waiter whose working set is in place may
+                    // go ahead as a newcomer may (it is woken for this when a session of
+                    // its context is served from the line). It leaves without waking its
+                    // context's others: the serve that woke it woke them.
+                    if rt.waits.may_pass(ctx.inner.tier.rank()) {
+                        match pin_resident(&ctx.inner, !this.offload_restores) {
+                            Ok(Fast::Pinned(pinned)) => {
+                                rt.dequeue(id, ctx.inner.group(), false);
+                                return this.finish(Ok(pinned));
+                            }
+                            // The context's list was locked for a moment: look again soon.
+                            Ok(Fast::Busy) => cx.waker().wake_by_ref(),
+                            // Its turn at the head of the line will tell.
+                            Ok(Fast::NotResident) | Err(_) => {}
+                        }
+                    }
                     return Poll::Pending;
                 }
                 if let Some(restoring) = this.restore_off_thread(ctx, false) {
@@ -689,7 +709,7 @@ impl<'a> Future for SessionFuture<'a> {
                 match outcome {
                     Restored::Done(r) => {
                         if let Some(id) = id {
-                            rt.dequeue(id);
+                            rt.dequeue(id, ctx.inner.group(), r.is_ok());
                         }
                         this.state = State::Done;
                         this.ctx = None;
@@ -714,14 +734,14 @@ impl<'a> Future for SessionFuture<'a> {
         };
         match (step, &this.state) {
             (Step::Done(r), State::Waiting(id)) => {
-                rt.dequeue(*id);
+                rt.dequeue(*id, ctx.inner.group(), r.is_ok());
                 this.finish(r)
             }
             (Step::Done(r), _) => this.finish(r),
             // Its waker is in line (`is_head` above).
             (Step::Wait, State::Waiting(_)) => Poll::Pending,
             (Step::Wait, _) => {
-                let id = rt.enqueue(ctx.inner.tier, cx.waker());
+                let id = rt.enqueue(ctx.inner.tier, ctx.inner.group(), cx.waker());
                 this.state = State::Waiting(id);
                 // Memory may have been freed between the attempt and joining the line.
                 cx.waker().wake_by_ref();
@@ -741,7 +761,7 @@ impl Drop for SessionFuture<'_> {
             _ => return,
         };
         if let Some(ctx) = self.ctx {
-            ctx.inner.rt.dequeue(id);
+            ctx.inner.rt.dequeue(id, ctx.inner.group(), false);
         }
     }
 }

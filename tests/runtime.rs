@@ -137,7 +137,7 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [a_session_that_cannot_fit_beside_guaranteed_buffers_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line, a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short, held_buffers_go_to_eviction_least_recently_used_first, a_buffer_dropped_under_a_hold_while_sessions_overlap_is_freed_when_its_users_end],
+    sync: [a_session_that_cannot_fit_beside_guaranteed_buffers_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line, a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short, held_buffers_go_to_eviction_least_recently_used_first, a_buffer_dropped_under_a_hold_while_sessions_overlap_is_freed_when_its_users_end, a_waiter_gets_in_while_another_contexts_sessions_never_stop_overlapping, waiters_of_a_context_just_served_go_ahead_of_the_line],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
@@ -987,6 +987,130 @@ mod tests {
         assert!(needy.create_buffer(32 * MIB).is_err());
         assert_eq!(ran.load(Ordering::SeqCst), 1, "only the kept handler ran");
         drop(kept);
+    }
+
+    pub fn a_waiter_gets_in_while_another_contexts_sessions_never_stop_overlapping(open: Open) {
+        let rt = Runtime::builder()
+            .with_device(open())
+            .memory_fraction(1.0)
+            .memory_limit(64 * MIB)
+            .overcommit(4.0)
+            .aging(Duration::from_millis(20))
+            .build()
+            .unwrap();
+        let (a, b) = contexts_a_b(&rt);
+        let _a_buf = a.create_buffer(40 * MIB).unwrap();
+        let _b_buf = b.create_buffer(40 * MIB).unwrap();
+        // Two threads keep sessions of `a` live without a gap: each opens its next one
+        // while the other's is live, so `a`'s buffer stays pinned for as long as they go on.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let turns = Arc::new(AtomicUsize::new(0));
+        let users: Vec<_> = (0..2)
+            .map(|i| {
+                let (a, stop, turns) = (a.clone(), stop.clone(), turns.clone());
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(1) * i);
+                    while !stop.load(Ordering::SeqCst) {
+                        let s = a.session_timeout(Duration::from_secs(20)).unwrap();
+                        turns.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(2));
+                        drop(s);
+                    }
+                })
+            })
+            .collect();
+        wait_until("a's sessions started", || turns.load(Ordering::SeqCst) > 4);
+        // `b` needs the memory `a`'s buffer holds. Newcomers of `a` go ahead of it for
+        // one aging period (20 ms), then wait behind it; `a`'s live sessions end, and `b`
+        // gets in. Before the line held newcomers back, `b` waited for as long as `a`'s
+        // sessions kept coming, here until the timeout.
+        let got = b.session_timeout(Duration::from_secs(10));
+        stop.store(true, Ordering::SeqCst);
+        let got = got.expect("b waited for as long as a's sessions came");
+        drop(got);
+        for u in users {
+            u.join().unwrap();
+        }
+        assert_eq!(rt.waiting_sessions(), 0);
+    }
+
+    pub fn waiters_of_a_context_just_served_go_ahead_of_the_line(open: Open) {
+        use std::future::Future;
+        use std::task::{Context as TaskCx, Poll, Wake, Waker};
+        /// Counts its wake-ups.
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let counter = || Arc::new(Count(AtomicUsize::new(0)));
+        let rt = runtime(open, 64 * MIB, 4.0);
+        let mk = |name: &str| {
+            rt.create_context(ContextSpec::new(name, 64 * MIB).tier(Tier::BestEffort))
+                .unwrap()
+        };
+        let (a, b, c) = (mk("a"), mk("b"), mk("c"));
+        let _bufs: Vec<_> = [&a, &b, &c]
+            .iter()
+            .map(|ctx| ctx.create_buffer(40 * MIB).unwrap())
+            .collect();
+        let live_b = b.session().unwrap();
+        // Outside a tokio runtime the futures try in their polls. Each joins the line: a
+        // first session of `a`, one of `c`, a second of `a`; all need what `b` holds.
+        let (w1, wc, w2) = (counter(), counter(), counter());
+        let (k1, kc, k2) = (
+            Waker::from(w1.clone()),
+            Waker::from(wc.clone()),
+            Waker::from(w2.clone()),
+        );
+        let mut a1 = Box::pin(a.session_async());
+        let mut on_c = Box::pin(c.session_async());
+        let mut a2 = Box::pin(a.session_async());
+        assert!(a1.as_mut().poll(&mut TaskCx::from_waker(&k1)).is_pending());
+        assert!(on_c
+            .as_mut()
+            .poll(&mut TaskCx::from_waker(&kc))
+            .is_pending());
+        assert!(a2.as_mut().poll(&mut TaskCx::from_waker(&k2)).is_pending());
+        assert_eq!(rt.waiting_sessions(), 3);
+        // Each looks again, as an executor would after the wake-ups of the tries (a look
+        // that finds its set not resident wakes the first in line, which looks last): all
+        // registered, none woken since.
+        assert!(on_c
+            .as_mut()
+            .poll(&mut TaskCx::from_waker(&kc))
+            .is_pending());
+        assert!(a2.as_mut().poll(&mut TaskCx::from_waker(&k2)).is_pending());
+        assert!(a1.as_mut().poll(&mut TaskCx::from_waker(&k1)).is_pending());
+        let (w1_before, w2_before) = (w1.0.load(Ordering::SeqCst), w2.0.load(Ordering::SeqCst));
+        drop(live_b);
+        assert!(
+            w1.0.load(Ordering::SeqCst) > w1_before,
+            "the first in line is woken"
+        );
+        let Poll::Ready(Ok(s1)) = a1.as_mut().poll(&mut TaskCx::from_waker(&k1)) else {
+            panic!("the first of `a` gets `b`'s memory");
+        };
+        // `c` is first in line now, and waits for memory `a`'s live session holds. The
+        // second of `a` needs nothing more: it is woken, and goes ahead of `c`.
+        assert!(
+            w2.0.load(Ordering::SeqCst) > w2_before,
+            "the other waiter of the context just served was not woken"
+        );
+        let Poll::Ready(Ok(s2)) = a2.as_mut().poll(&mut TaskCx::from_waker(&k2)) else {
+            panic!("the second of `a` waits behind `c`");
+        };
+        assert!(on_c
+            .as_mut()
+            .poll(&mut TaskCx::from_waker(&kc))
+            .is_pending());
+        drop((s1, s2));
+        let Poll::Ready(Ok(s)) = on_c.as_mut().poll(&mut TaskCx::from_waker(&kc)) else {
+            panic!("`c` gets in once `a`'s sessions end");
+        };
+        drop(s);
+        assert_eq!(rt.waiting_sessions(), 0);
     }
 
     pub fn a_context_with_its_own_compute_share_gives_it_back(open: Open) {

@@ -8,10 +8,10 @@
 //! - otherwise nothing can free memory, and waiting would be forever: it fails.
 //!
 //! Every release ([`SessionGate::ended`], [`SessionGate::pending_done`],
-//! [`SessionGate::released`]) bumps the generation and wakes every waiter, so the first
-//! in line tries again. A waiter registers its waker ([`SessionGate::enqueue`] or
-//! [`SessionGate::is_head`]) before each attempt, so a release after the attempt's check
-//! finds it.
+//! [`SessionGate::released`]) bumps the generation and wakes the first in line, which
+//! tries again; a first in line that leaves wakes the next. A waiter registers its waker
+//! ([`SessionGate::enqueue`] or [`SessionGate::is_head`]) before each attempt, so a
+//! release after the attempt's check finds it.
 //!
 //! The generation, the number of live sessions and the number of waiters share one atomic
 //! word. A session's start is one read-modify-write of it, and its end is one more that
@@ -99,6 +99,23 @@ impl SessionGate {
         }
     }
 
+    /// Whether a newcomer of tier rank `rank` may try at once, ahead of those in line
+    /// (and whether a waiter behind the first in line may go ahead of it): nobody waits,
+    /// or [`WaitQueue::would_lead`] says so. Otherwise it joins the line (or stays).
+    ///
+    /// Without this, newcomers whose working set is resident could always start: sessions
+    /// of one context that overlapped without a gap kept its buffers pinned, and a waiter
+    /// that needed their memory waited for as long as they kept coming. The period the
+    /// first in line lets others pass lets the context in place run on for a while before
+    /// the switch (each switch evicts and restores buffers), and bounds the first in
+    /// line's wait for the context it waits on.
+    ///
+    /// One atomic load when nobody waits.
+    #[inline]
+    pub fn may_pass(&self, rank: u32) -> bool {
+        self.state.load(Ordering::Acquire) & WAITERS == 0 || self.queue.would_lead(rank)
+    }
+
     /// A session started (it will release when it ends).
     #[inline]
     pub fn started(&self) {
@@ -173,13 +190,14 @@ impl SessionGate {
     #[inline]
     fn wake(&self, waiters: u64) {
         if waiters > 0 {
-            self.queue.wake_all();
+            self.queue.wake_head();
         }
     }
 
-    /// Join the line with the tier rank `rank`; returns the ticket.
-    pub fn enqueue(&self, rank: u32, waker: &Waker) -> u64 {
-        let id = self.queue.enqueue(rank, waker);
+    /// Join the line with the tier rank `rank`, in `group` (the waiter's context: see
+    /// [`SessionGate::served`]); returns the ticket.
+    pub fn enqueue(&self, rank: u32, group: u64, waker: &Waker) -> u64 {
+        let id = self.queue.enqueue_in(rank, group, waker);
         // After the waker is in the queue: a release that reads this sees it there.
         self.state.fetch_add(1, Ordering::AcqRel);
         id
@@ -204,10 +222,18 @@ impl SessionGate {
         self.generation() != since
     }
 
-    /// Leave the line (served or cancelled).
+    /// Leave the line (cancelled, or served and failed).
     pub fn remove(&self, id: u64) {
         self.queue.remove(id);
         self.state.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Leave the line with a session granted: the others of `group` are woken too, as
+    /// they may now go ahead of the line if [`SessionGate::may_pass`] lets them (their
+    /// working set is the one just made resident).
+    pub fn served(&self, id: u64, group: u64) {
+        self.remove(id);
+        self.queue.wake_group(group);
     }
 
     /// The release generation: it moves on every release, so a caller can tell whether

@@ -105,8 +105,7 @@ impl<'a> Future for Acquire<'a> {
         // release after the look finds it in line and wakes it.
         if lock.queue.is_head(id, cx.waker()) && lock.try_take() {
             self.id = None;
-            // Leaving the line wakes the others, so that the next in line registers as
-            // the new head.
+            // Leaving the line wakes the next in line, which then waits for this guard.
             lock.queue.remove(id);
             return Poll::Ready(TierGuard { lock });
         }
@@ -132,7 +131,7 @@ pub struct TierGuard<'a> {
 impl Drop for TierGuard<'_> {
     fn drop(&mut self) {
         self.lock.held.store(false, Ordering::Release);
-        self.lock.queue.wake_all();
+        self.lock.queue.wake_head();
     }
 }
 

@@ -50,7 +50,7 @@ fn a_release_after_the_check_still_wakes_the_waiter() {
         let (q2, f2) = (q.clone(), free.clone());
         let releaser = thread::spawn(move || {
             f2.store(true, Ordering::SeqCst);
-            q2.wake_all();
+            q2.wake_head();
         });
         loom::future::block_on(Wait {
             q: q.clone(),
@@ -86,7 +86,7 @@ fn the_first_in_line_goes_first() {
         let (q2, f2) = (q.clone(), free.clone());
         let releaser = thread::spawn(move || {
             f2.store(true, Ordering::SeqCst);
-            q2.wake_all();
+            q2.wake_head();
         });
         let first = important.join().unwrap();
         releaser.join().unwrap();
