@@ -175,6 +175,21 @@ impl ChunkSource for LinearSource {
             )));
         }
         let a = self.dev.alloc_linear(size).map_err(to_source)?;
+        // The pool's alignments hold for addresses only if chunks start aligned (CUDA
+        // promises 256 bytes for cuMemAlloc, and gives chunk-sized allocations more).
+        if a.range()
+            .ptr
+            .0
+            .checked_rem(self.granularity)
+            .is_some_and(|r| r != 0)
+        {
+            return Err(SourceError::Other(format!(
+                "the device placed a chunk at {:#x}, not aligned to the {}-byte granularity \
+                 that the pool's alignments need; use a device with virtual memory management",
+                a.range().ptr.0,
+                self.granularity
+            )));
+        }
         let mut c = self.chunks.lock();
         // Looked at again: another map may have taken the offsets while this one allocated
         // (its allocation is freed as it goes).

@@ -1636,12 +1636,13 @@ impl<S: ChunkSource> Pool<S> {
                 .ok_or_else(|| PoolError::UnknownOwner(owner))?;
             let (charged, limit, delta) = (a.charged, a.spec.limit, a.commitment_added(size));
             let borrows = evictable && a.spec.tier != Tier::Guaranteed;
-            if charged + size > limit {
+            if charged.saturating_add(size) > limit {
                 // The owner's own cache counts against its limit: give it back once. Its
                 // local caches are asked too, and only its own (not by a spared request,
-                // whose cache gives its blocks back itself).
+                // whose cache gives its blocks back itself). Other owners' caches count
+                // against their limits, not this one's: they keep their blocks.
                 self.ask_local_caches(rq.spare, Some(i));
-                if !flushed && self.flush_all(c) > 0 {
+                if !flushed && self.flush_owner(c, i) > 0 {
                     flushed = true;
                     continue;
                 }
@@ -1718,7 +1719,7 @@ impl<S: ChunkSource> Pool<S> {
         capacity: u64,
     ) -> Option<(u32, u64)> {
         let a = c.owners.get_mut(slot as usize)?.as_mut()?;
-        if a.charged + size > a.spec.limit {
+        if a.charged.saturating_add(size) > a.spec.limit {
             return None;
         }
         // As in `charge`.
@@ -1924,11 +1925,13 @@ impl<S: ChunkSource> Pool<S> {
         // again: a victim at the end of the range turns into a free tail that a smaller
         // mapping can extend.
         loop {
-            let progressed = match self.grow(c, size + align - UNIT)? {
+            let progressed = match self.grow(c, size, align)? {
                 Grow::Grew => true,
                 // Evictions under way free at least this much: wait for them rather than
                 // evict more (each eviction costs a copy out now and a restore later).
-                Grow::Full if c.evicting >= size + align - UNIT => return Err(Stop::Wait),
+                Grow::Full if c.evicting >= size.saturating_add(align - UNIT) => {
+                    return Err(Stop::Wait)
+                }
                 Grow::Full => {
                     self.ask_local_caches(rq.spare, None);
                     self.evict_one(c, owner, rq, Need::Space)?
@@ -2055,12 +2058,20 @@ impl<S: ChunkSource> Pool<S> {
         total
     }
 
-    /// Map more memory: at least `need` bytes of free space at the end of the range, or
-    /// in a hole left by trimming.
-    fn grow(&self, c: &mut Central, need: u64) -> Result<Grow, PoolError> {
+    /// Map more memory: enough free space for `size` bytes at an `align`-aligned start, at
+    /// the end of the range or in a hole left by trimming.
+    ///
+    /// Chunks start at multiples of the granularity, and no alignment above it is allowed,
+    /// so a new chunk needs no padding: only a free tail that the mapping extends may. (A
+    /// request of a whole chunk aligned above 256 bytes used to need one more chunk than
+    /// it used, and failed at the capacity.)
+    fn grow(&self, c: &mut Central, size: u64, align: u64) -> Result<Grow, PoolError> {
         let g = self.granularity;
         let step = self.cfg.min_grow.next_multiple_of(g);
-        let need = need.next_multiple_of(g);
+        // A size this close to 2^64 cannot be mapped anyway.
+        let Some(need) = size.checked_next_multiple_of(g) else {
+            return Ok(Grow::Full);
+        };
         // Without a contiguous range, chunks stay a granule apart so no block spans two.
         let gap = if self.source.contiguous() { 0 } else { g };
         // Prefer a hole that fits; otherwise extend the end, reusing a free tail.
@@ -2080,8 +2091,17 @@ impl<S: ChunkSource> Pool<S> {
         let (offset, size, required) = match at {
             Some((o, sz)) => (o, sz, need),
             None if gap == 0 => {
+                // The block starts at the tail's first aligned offset, at or before the
+                // range's end (a multiple of the granularity).
                 let tail = c.tlsf.tail_free(prev_end);
-                let want = need.saturating_sub(tail).max(1).next_multiple_of(g);
+                let start = prev_end - tail;
+                let pad = start.next_multiple_of(align) - start;
+                let want = pad
+                    .saturating_add(size)
+                    .saturating_sub(tail)
+                    .max(1)
+                    .checked_next_multiple_of(g)
+                    .unwrap_or(u64::MAX);
                 (prev_end, want.max(step), want)
             }
             None => (
@@ -2092,7 +2112,7 @@ impl<S: ChunkSource> Pool<S> {
         };
         let size = size.min(self.limit.saturating_sub(c.mapped));
         // Map nothing that could not satisfy the request.
-        if size < required || offset + size > self.source.va_size() {
+        if size < required || offset.saturating_add(size) > self.source.va_size() {
             return Ok(Grow::Full);
         }
         match self.source.map(offset, size) {
@@ -2395,8 +2415,12 @@ impl<S: ChunkSource> Pool<S> {
         }
     }
 
-    /// Unmap every chunk that is wholly free, after returning cached blocks. Returns the
-    /// bytes given back.
+    /// Unmap every chunk that is wholly free, after returning the owners' shard caches'
+    /// blocks. Returns the bytes given back.
+    ///
+    /// A [`LocalCache`](crate::LocalCache) keeps its blocks until its next call or its
+    /// drop (trim asks it to give them back then): a chunk under one of its blocks stays
+    /// mapped for this trim.
     ///
     /// # Errors
     ///

@@ -31,6 +31,10 @@ pub trait ChunkSource: Send + Sync {
         true
     }
     /// The address of `offset`. By default `base() + offset`.
+    ///
+    /// The address of each mapped chunk's first byte must be a multiple of the
+    /// granularity: the pool aligns offsets, and an alignment (up to the granularity)
+    /// holds for addresses only if chunks start aligned.
     fn addr(&self, offset: u64) -> u64 {
         self.base() + offset
     }
@@ -127,7 +131,13 @@ impl ChunkSource for HostSource {
                 "range {offset}+{size} is already mapped"
             )));
         }
-        c.insert(offset, Vec::with_capacity(size as usize));
+        // A chunk the host cannot allocate is out of memory, not an abort.
+        let mut chunk = Vec::new();
+        usize::try_from(size)
+            .ok()
+            .and_then(|bytes| chunk.try_reserve_exact(bytes).ok())
+            .ok_or(SourceError::OutOfMemory { requested: size })?;
+        c.insert(offset, chunk);
         self.mapped
             .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
         Ok(())

@@ -272,12 +272,12 @@ impl Tlsf {
         Some(self.heads[fl][sl_map.trailing_zeros() as usize])
     }
 
-    /// A block of at least `need` bytes from the bin `need` itself falls in, looking at a
-    /// few of its blocks. Rounding the request up to the next bin (below) guarantees a fit
-    /// in O(1) but skips blocks that would fit better; trying the own bin first keeps
-    /// fragmentation close to best fit at a bounded cost.
+    /// A block that holds `size` bytes from an `align`-aligned start, from the bin `need`
+    /// falls in, looking at a few of its blocks. Rounding the request up to the next bin
+    /// (below) guarantees a fit in O(1) but skips blocks that would fit better; trying the
+    /// own bin first keeps fragmentation close to best fit at a bounded cost.
     #[inline]
-    fn fit_in_own_bin(&self, need: u64) -> Option<u32> {
+    fn fit_in_own_bin(&self, need: u64, size: u64, align: u64) -> Option<u32> {
         let (fl, sl) = mapping(need >> UNIT_LOG2);
         if fl >= FL_COUNT || self.sl_bitmap[fl] & (1 << sl) == 0 {
             return None;
@@ -288,7 +288,16 @@ impl Tlsf {
                 return None;
             }
             let n = &self.nodes[cur as usize];
-            if n.size() >= need {
+            // Every block starts at a multiple of UNIT; a larger alignment may need padding.
+            let fits = if align == UNIT {
+                n.size() >= size
+            } else {
+                n.offset
+                    .checked_next_multiple_of(align)
+                    .and_then(|start| start.checked_add(size))
+                    .is_some_and(|end| end <= n.offset + n.size())
+            };
+            if fits {
                 return Some(cur);
             }
             cur = n.next_free;
@@ -340,7 +349,16 @@ impl Tlsf {
         } else {
             size
         };
-        let n = match self.fit_in_own_bin(need) {
+        // An aligned request looks first among blocks of its own size whose start needs
+        // little or no padding (an aligned block of exactly the size is used whole), then
+        // among blocks large enough for any padding.
+        let found = if align > UNIT {
+            self.fit_in_own_bin(size, size, align)
+                .or_else(|| self.fit_in_own_bin(need, size, align))
+        } else {
+            self.fit_in_own_bin(size, size, UNIT)
+        };
+        let n = match found {
             Some(n) => n,
             None => {
                 let units = round_units(need >> UNIT_LOG2)?;

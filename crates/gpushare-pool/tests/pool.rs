@@ -359,6 +359,44 @@ fn a_chunk_whose_unmap_failed_is_never_handed_out_again() {
 }
 
 #[test]
+fn aligned_whole_chunks_fill_the_capacity() {
+    // Chunks start at multiples of the granularity: a chunk-sized request aligned to any
+    // allowed alignment needs one chunk, not two.
+    let p = pool(PoolConfig::default().capacity(4 * MIB));
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let a = p.alloc_aligned(o, 2 * MIB, 2 * MIB, S1).unwrap();
+    let b = p.alloc_aligned(o, 2 * MIB, 512, S1).unwrap();
+    assert_eq!(p.stats().mapped_bytes, 4 * MIB);
+    for blk in [&a, &b] {
+        assert_eq!(p.addr(blk) % 512, 0);
+    }
+    p.free(a).unwrap();
+    p.free(b).unwrap();
+    // A free block of exactly the size, already aligned, is used whole.
+    let c = p.alloc_aligned(o, 2 * MIB, 2 * MIB, S1).unwrap();
+    let d = p.alloc_aligned(o, 2 * MIB, 2 * MIB, S1).unwrap();
+    assert_eq!(p.stats().mapped_bytes, 4 * MIB);
+    p.free(c).unwrap();
+    p.free(d).unwrap();
+}
+
+#[test]
+fn an_aligned_request_extends_a_free_tail_by_what_it_lacks() {
+    // An aligned request is cut from the start of its block: 1 MiB used, 1 MiB free at the
+    // end of the first chunk. 3 MiB aligned to 64 KiB then needs one more chunk (the tail's
+    // start is aligned already), which the capacity allows; asking for the request's
+    // worst-case padding on top would need two.
+    let p = pool(PoolConfig::default().capacity(4 * MIB));
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let head = p.alloc_aligned(o, MIB, 512, S1).unwrap();
+    let big = p.alloc_aligned(o, 3 * MIB, 64 * 1024, S1).unwrap();
+    assert_eq!(p.addr(&big) % (64 * 1024), 0);
+    assert_eq!(p.stats().mapped_bytes, 4 * MIB);
+    p.free(head).unwrap();
+    p.free(big).unwrap();
+}
+
+#[test]
 fn capacity_caps_mapping_and_oom_reports_holders() {
     let p = pool(PoolConfig::default().capacity(8 * MIB));
     let o = p.add_owner(OwnerSpec::new("hog", 1 << 30)).unwrap();
@@ -389,6 +427,39 @@ fn capacity_caps_mapping_and_oom_reports_holders() {
     // A failed allocation leaves nothing charged.
     assert_eq!(p.stats().owners[0].in_use_bytes, 6 * MIB);
     p.free(a).unwrap();
+}
+
+#[test]
+fn an_owner_over_its_limit_leaves_other_owners_caches_alone() {
+    let p = pool(PoolConfig::default());
+    let a = p.add_owner(OwnerSpec::new("a", MIB)).unwrap();
+    let b = p.add_owner(OwnerSpec::new("b", 1 << 30)).unwrap();
+    p.free(p.alloc(b, 64 * 1024, S1).unwrap()).unwrap();
+    let cached = p.stats().owners[1].cached_bytes;
+    assert!(cached > 0, "b's freed block is cached");
+    let held = p.alloc(a, 768 * 1024, S1).unwrap();
+    assert!(matches!(
+        p.alloc(a, 512 * 1024, S1),
+        Err(PoolError::QuotaExceeded { .. })
+    ));
+    p.free(held).unwrap();
+    assert_eq!(
+        p.stats().owners[1].cached_bytes,
+        cached,
+        "a's request over its own limit emptied b's cache"
+    );
+}
+
+#[test]
+fn a_host_chunk_the_host_cannot_allocate_is_out_of_memory() {
+    let src = HostSource::new(2 * MIB, 1 << 62);
+    assert!(matches!(
+        src.map(0, 1 << 61),
+        Err(SourceError::OutOfMemory { .. })
+    ));
+    assert_eq!(src.mapped(), 0);
+    src.map(0, 2 * MIB).unwrap();
+    src.unmap(0, 2 * MIB).unwrap();
 }
 
 #[test]
