@@ -503,6 +503,9 @@ impl Drop for CtxInner {
             let _ = parts.remove_partition(&self.name);
         }
         drop(parts);
+        // The reservation goes before the name: a context of the same name made once the
+        // name is free must find the memory free too.
+        self.admission.reservation.release_now();
         self.rt.names.lock().remove(&self.name);
         self.rt.wake_waiters();
     }

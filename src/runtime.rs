@@ -153,7 +153,12 @@ impl RuntimeBuilder {
         self.memory_limit = Some(bytes);
         self
     }
-    /// Admission overcommit ratio (default 1.0, off).
+    /// Admission overcommit ratio (default 1.0, off): the contexts' maxima may add up to
+    /// `ratio` times the memory, to be met by evicting their buffers. Reserved bases still
+    /// add up to the memory at most. Above 1.0, a base is only as good as what eviction can
+    /// free: memory that other contexts hold and that cannot be evicted (live sessions'
+    /// scratch, pinned buffers) is not given back until they let it go, and a request
+    /// inside a base meanwhile fails with out of memory.
     pub fn overcommit(mut self, ratio: f64) -> Self {
         self.overcommit = Some(ratio);
         self

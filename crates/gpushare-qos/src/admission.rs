@@ -102,7 +102,7 @@ pub enum Rejection {
         capacity: u64,
     },
     /// The sum of maxima would exceed what overcommit allows.
-    #[error("{name:?} would raise the sum of context maxima to {potential} B, above {allowed} B ({capacity} B × overcommit {ratio}); lower its max_vram or enable overcommit")]
+    #[error("{name:?} would raise the sum of context maxima to {potential} B, above {allowed} B ({capacity} B × overcommit {ratio}); lower its max_vram, wait, free a context, or raise the overcommit ratio")]
     Overcommit {
         /// The context.
         name: String,
@@ -127,6 +127,15 @@ pub enum Rejection {
         /// Share already reserved.
         taken: f64,
     },
+    /// The request could not be admitted even with nothing else admitted: waiting is
+    /// pointless.
+    #[error("{name:?} can never be admitted: {why}; lower its base, max_vram or shares")]
+    NeverFits {
+        /// The context.
+        name: String,
+        /// What does not fit, with the numbers.
+        why: String,
+    },
     /// Contexts of the same or a higher tier are waiting first.
     #[error("{name:?} is behind {waiting} waiting context(s) of the same or a higher tier; use admit().await to queue")]
     QueuedAhead {
@@ -144,7 +153,10 @@ impl Rejection {
     /// Whether waiting can never help: true when the request cannot fit even an empty
     /// device (or is otherwise invalid), or the admission already completed.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Rejection::Invalid(_) | Rejection::Finished)
+        matches!(
+            self,
+            Rejection::Invalid(_) | Rejection::NeverFits { .. } | Rejection::Finished
+        )
     }
 }
 
@@ -242,11 +254,29 @@ impl Inner {
     /// Whether `r` could fit an empty evaluator; if not, waiting is pointless.
     fn check_empty(&self, r: &Resolved) -> Result<(), Rejection> {
         self.check(&State::default(), r).map_err(|e| {
-            Rejection::Invalid(QosError::BadConfig {
-                what: "context size",
-                value: e.to_string(),
-                expected: "a request that fits the device when nothing else is admitted",
-            })
+            let why = match e {
+                Rejection::Memory {
+                    requested,
+                    capacity,
+                    ..
+                } => format!("it reserves {requested} B, and only {capacity} B are usable"),
+                Rejection::Overcommit {
+                    potential,
+                    allowed,
+                    ratio,
+                    ..
+                } => format!(
+                    "its maximum alone, {potential} B, is above the {allowed} B that overcommit {ratio} allows"
+                ),
+                Rejection::Share {
+                    what, requested, ..
+                } => format!("its {what} share of {requested} is more than the whole"),
+                other => return other,
+            };
+            Rejection::NeverFits {
+                name: r.name.clone(),
+                why,
+            }
         })
     }
 
@@ -445,6 +475,7 @@ impl AdmissionEvaluator {
                 grant,
                 spec: r,
                 kept: false,
+                released: false,
             },
         }
     }
@@ -479,6 +510,8 @@ pub struct Reservation {
     spec: Resolved,
     /// Set by [`Reservation::keep_after_drop`].
     kept: bool,
+    /// Set once it has been given back ([`Reservation::release_now`] or the drop).
+    released: bool,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -509,10 +542,19 @@ impl Reservation {
     pub fn keep_after_drop(&mut self) {
         self.kept = true;
     }
-}
 
-impl Drop for Reservation {
-    fn drop(&mut self) {
+    /// Give the reservation back now (as its drop would, keeping the memory if
+    /// [`Reservation::keep_after_drop`] was called); its drop then gives back nothing.
+    /// For an owner that must know the reservation is gone before it lets go of something
+    /// else, such as the context's name.
+    pub fn release_now(&mut self) {
+        if !self.released {
+            self.released = true;
+            self.give_back();
+        }
+    }
+
+    fn give_back(&self) {
         // A kept reservation gives back its compute and bandwidth shares and its place
         // among the admitted, but not its memory.
         let grant = if self.kept {
@@ -530,6 +572,12 @@ impl Drop for Reservation {
             self.inner.pump(&mut st)
         };
         wake.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.release_now();
     }
 }
 

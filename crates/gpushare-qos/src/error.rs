@@ -58,7 +58,7 @@ pub enum QosError {
     #[error("no partition is named {0:?}; create it first")]
     UnknownPartition(String),
     /// Shares or memory limits that do not fit.
-    #[error("partitions would take {total} of the {what} (at most {limit}); lower the shares or enable overcommit")]
+    #[error("partitions would take {total} of the {what} (at most {limit}); lower the shares (a PartitionManager of your own may allow overcommit)")]
     PartitionsOverfull {
         /// Compute or memory.
         what: &'static str,

@@ -158,10 +158,13 @@ impl SessionGate {
         self.wake(waiters);
     }
 
-    /// A pending free will not be signalled after all.
+    /// A pending free will not be signalled after all. An attempt that saw it pending may
+    /// have chosen to wait for it: as in [`SessionGate::pending_done`], the generation
+    /// moves before the count drops, and the first in line is woken to look again (it then
+    /// fails if nothing else will release memory).
     #[inline]
     pub fn pending_cancelled(&self) {
-        self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.pending_done();
     }
 
     /// Memory was released: let waiting sessions try again.
@@ -222,10 +225,12 @@ impl SessionGate {
         self.generation() != since
     }
 
-    /// Leave the line (cancelled, or served and failed).
+    /// Leave the line (cancelled, or served and failed). A ticket already removed is
+    /// ignored, and does not count as a waiter leaving twice.
     pub fn remove(&self, id: u64) {
-        self.queue.remove(id);
-        self.state.fetch_sub(1, Ordering::AcqRel);
+        if self.queue.remove(id) {
+            self.state.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Leave the line with a session granted: the others of `group` are woken too, as
@@ -272,6 +277,51 @@ impl SessionGate {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_cancelled_pending_free_wakes_a_waiter_that_waited_for_it() {
+        let gate = SessionGate::new(Duration::from_secs(1));
+        gate.pending_added();
+        // Short of memory, nobody live, a free pending: wait for it.
+        assert_eq!(gate.attempt(|| Err::<(), ()>(()), |_| true), Attempt::Wait);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let id = gate.enqueue(1, 0, &waker);
+        gate.pending_cancelled();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the waiter sleeps on");
+        // Looking again, it finds nothing that will release memory, and fails.
+        assert_eq!(
+            gate.attempt(|| Err::<(), ()>(()), |_| true),
+            Attempt::Done(Err(()))
+        );
+        gate.remove(id);
+    }
+
+    #[test]
+    fn a_ticket_removed_twice_leaves_once() {
+        let gate = SessionGate::new(Duration::from_secs(1));
+        let id = gate.enqueue(1, 0, Waker::noop());
+        gate.remove(id);
+        gate.remove(id);
+        gate.served(id, 0);
+        assert_eq!((gate.live(), gate.waiting()), (0, 0));
+        // A release finds no waiter to wake and no live session was invented.
+        assert_eq!(
+            gate.attempt(|| Err::<(), ()>(()), |_| true),
+            Attempt::Done(Err(()))
+        );
+    }
 
     #[test]
     fn the_clock_counts_releases_across_the_generations_wrap() {

@@ -416,11 +416,18 @@ impl PartitionManager {
                 p.limits.compute.is_some() || (p.vacant && kept.is_some_and(|k| *i < k))
             })
             .map(|(i, p)| {
-                let fixed = kept.filter(|&k| i <= k).and(p.group).map(|g| g.requested);
-                let n = fixed.unwrap_or_else(|| {
-                    Self::wanted(p.limits.compute.unwrap_or(0.0), sm_count, min, step)
-                });
-                (i, n, fixed.is_some())
+                // Up to the last group in use, nothing may change size: that would move
+                // the group. A share moved into a vacancy there has no group yet, and takes
+                // the SMs it asked for (as the vacancy was cut for it).
+                let fixed = kept.is_some_and(|k| i <= k);
+                let n = p
+                    .group
+                    .filter(|_| fixed)
+                    .map(|g| g.requested)
+                    .unwrap_or_else(|| {
+                        Self::wanted(p.limits.compute.unwrap_or(0.0), sm_count, min, step)
+                    });
+                (i, n, fixed)
             })
             .collect();
         while plan.iter().map(|(_, n, _)| u64::from(*n)).sum::<u64>() > u64::from(sm_count) {

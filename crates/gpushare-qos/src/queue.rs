@@ -162,11 +162,12 @@ impl WaitQueue {
     }
 
     /// Leave the queue (served or cancelled); if it was first in line, the next is woken.
-    pub fn remove(&self, id: u64) {
+    /// Returns whether the ticket was in line (false for one already removed).
+    pub fn remove(&self, id: u64) -> bool {
         let next = {
             let mut q = self.state.lock();
             let Some(place) = q.places.remove(&id) else {
-                return;
+                return false;
             };
             let was_head = q.line.first_key_value().map(|(&k, _)| k) == Some((place, id));
             q.line.remove(&(place, id));
@@ -180,6 +181,7 @@ impl WaitQueue {
         if let Some(w) = next {
             w.wake();
         }
+        true
     }
 
     /// Something was released: wake the first in line, if it is not awake already.
@@ -271,7 +273,7 @@ mod tests {
         assert!(q.is_empty());
         // Unknown and removed tickets are neither first nor an error.
         assert!(!q.is_head(b, &high_w));
-        q.remove(b);
+        assert!(!q.remove(b));
     }
 
     #[test]

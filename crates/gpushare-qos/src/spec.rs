@@ -70,7 +70,7 @@ impl ContextSpec {
             partition: None,
         }
     }
-    /// Reserve `bytes` for it.
+    /// Reserve `bytes` for it (0 reserves nothing, as if no base were given).
     pub fn base(mut self, bytes: u64) -> Self {
         self.base_vram = Some(bytes);
         self
@@ -80,7 +80,8 @@ impl ContextSpec {
         self.tier = Some(tier);
         self
     }
-    /// Ask for a fraction of the SMs.
+    /// Ask for a fraction of the SMs (gpushare's runtime gives the context a partition of
+    /// its own, removed with it).
     pub fn compute(mut self, share: f64) -> Self {
         self.compute_share = Some(share);
         self
@@ -90,7 +91,8 @@ impl ContextSpec {
         self.bandwidth_share = Some(share);
         self
     }
-    /// Place it in a partition.
+    /// Place it in a partition. Its contexts run on the partition's share of the SMs, so a
+    /// context placed in one asks for no compute share of its own.
     pub fn partition(mut self, name: impl Into<String>) -> Self {
         self.partition = Some(name.into());
         self
@@ -140,13 +142,21 @@ impl ContextSpec {
                 ))
             }
             (Some(Tier::Burstable), None) => {
-                return Err(contradiction("Burstable needs a base to reserve; give one with .base()"))
+                return Err(contradiction(
+                    "Burstable needs a base above zero to reserve; give one with .base()",
+                ))
             }
             (Some(Tier::BestEffort), None) => (Tier::BestEffort, 0),
             (Some(Tier::BestEffort), Some(_)) => {
                 return Err(contradiction("BestEffort reserves nothing: drop the base"))
             }
         };
+        if self.partition.is_some() && self.compute_share.is_some() {
+            return Err(contradiction(
+                "a context in a named partition runs on that partition's SMs: give the compute \
+                 share to the partition, or drop .partition() for a partition of its own",
+            ));
+        }
         for (what, share) in [
             ("compute", self.compute_share),
             ("bandwidth", self.bandwidth_share),

@@ -75,6 +75,9 @@ fn bad_specs_are_typed() {
         ContextSpec::new("a", 8).tier(Tier::Burstable),
         ContextSpec::new("a", 8).base(8).tier(Tier::Burstable),
         ContextSpec::new("a", 8).base(3).tier(Tier::BestEffort),
+        // A named partition's contexts run on its SMs: a share of their own would be
+        // dropped (and counted by admission all the same).
+        ContextSpec::new("a", 8).partition("p").compute(0.5),
     ] {
         assert!(matches!(e(s), QosError::Contradiction { .. }));
     }
@@ -299,7 +302,14 @@ fn a_request_that_can_never_fit_fails_at_once() {
     let w = Arc::new(Count::default());
     let mut f = ev.admit(ContextSpec::new("huge", 11 * GIB).base(11 * GIB));
     match poll(&mut f, &w) {
-        Poll::Ready(Err(e)) => assert!(e.is_permanent(), "{e}"),
+        Poll::Ready(Err(e @ Rejection::NeverFits { .. })) => {
+            assert!(e.is_permanent(), "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("11811160064 B") && !msg.contains("wait"),
+                "{msg}"
+            );
+        }
         other => panic!("{other:?}"),
     }
     let mut bad = ev.admit(ContextSpec::new("bad", 0));

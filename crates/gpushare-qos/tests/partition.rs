@@ -326,6 +326,36 @@ fn a_group_removed_ahead_of_one_in_use_is_held_vacant_and_reused() {
 }
 
 #[test]
+fn a_share_moved_into_a_vacancy_is_not_trimmed_under_a_group_in_use() {
+    let hw = hopper(false);
+    let mut m = PartitionManager::new(PartitionConfig::new(64 * GIB)).unwrap();
+    m.create_partition("a", PartitionLimits::default().compute(0.4))
+        .unwrap();
+    m.create_partition("b", PartitionLimits::default().compute(0.3))
+        .unwrap();
+    m.realize(&hw).unwrap();
+    m.place(&ContextSpec::new("x", GIB).resolve().unwrap(), "b")
+        .unwrap();
+    m.remove_partition("a").unwrap();
+    // "c" takes the 56 SMs "a" left; "b" keeps its 40 in place; "d" gets what is left
+    // (40 wanted, 32 free). Trimming "c" instead would move "b"'s group.
+    m.create_partition("c", PartitionLimits::default().compute(0.4))
+        .unwrap();
+    m.create_partition("d", PartitionLimits::default().compute(0.3))
+        .unwrap();
+    m.realize(&hw).unwrap();
+    assert_eq!(
+        m.sm_plan(132, 8, 8),
+        [
+            ("c".to_string(), 56),
+            ("b".to_string(), 40),
+            ("d".to_string(), 32)
+        ]
+    );
+    assert_eq!(hw.calls.borrow().last().unwrap(), &vec![56, 40, 32]);
+}
+
+#[test]
 fn two_shares_split_for_at_once_each_take_a_vacancy() {
     let hw = hopper(false);
     let mut m = manager();
