@@ -1,5 +1,6 @@
 //! loom models of the wait queue sessions wait in: no lost wake-up between a waiter's check and a
-//! release, and the first in line goes first.
+//! release, the first in line goes first, and a waiter behind the first in line is woken when
+//! a session of its group is served.
 //! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom_wait_queue`.
 #![cfg(loom)]
 
@@ -97,6 +98,53 @@ fn the_first_in_line_goes_first() {
             id: None,
         });
         assert_eq!(first, 0);
+        assert!(q.is_empty());
+    });
+}
+
+/// Waits behind the first in line until `resident` is set, as a waiter whose context's
+/// working set is being made resident by another session: it registers its waker (through
+/// `is_head`), then checks, and leaves the line once it may go.
+struct Behind {
+    q: Arc<WaitQueue>,
+    resident: Arc<AtomicBool>,
+    id: u64,
+}
+
+impl Future for Behind {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let head = self.q.is_head(self.id, cx.waker());
+        assert!(!head, "the first in line never leaves in this model");
+        if self.resident.load(Ordering::SeqCst) {
+            self.q.remove(self.id);
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+#[test]
+fn a_served_session_wakes_the_other_waiters_of_its_group() {
+    loom::model(|| {
+        let q = Arc::new(WaitQueue::new(Duration::from_secs(3600)));
+        let resident = Arc::new(AtomicBool::new(false));
+        // The first in line, of another group, stays for the whole model.
+        let head = q.enqueue_in(0, 8, std::task::Waker::noop());
+        let id = q.enqueue_in(1, 7, std::task::Waker::noop());
+        let (q2, r2) = (q.clone(), resident.clone());
+        let server = thread::spawn(move || {
+            // A session of group 7 was served: its set is resident; wake the group.
+            r2.store(true, Ordering::SeqCst);
+            q2.wake_group(7);
+        });
+        loom::future::block_on(Behind {
+            q: q.clone(),
+            resident,
+            id,
+        });
+        server.join().unwrap();
+        q.remove(head);
         assert!(q.is_empty());
     });
 }
