@@ -829,9 +829,12 @@ impl Context {
     pub fn session(&self) -> Result<Session<'_>> {
         // Most sessions are granted at once: try before building a future and a waker
         // (unless the line has waited too long for a newcomer to go first).
-        if self.inner.rt.waits.may_pass(self.inner.tier.rank()) {
+        if crate::session::may_pass(&self.inner) {
             match crate::session::pin_all(&self.inner, true, None) {
-                Ok(n) => return Ok(Session::new(CtxRef::Borrowed(self), n)),
+                Ok(n) => {
+                    crate::session::granted(&self.inner, &n);
+                    return Ok(Session::new(CtxRef::Borrowed(self), n));
+                }
                 Err(e) if !e.is_oom() => return Err(e),
                 Err(_) => {}
             }
@@ -841,8 +844,10 @@ impl Context {
 
     /// [`Context::session`], waiting at most about `timeout`: then it fails with
     /// [`RuntimeError::SessionTimedOut`], leaving nothing pinned or queued. A thread that
-    /// holds a session of another context and needs this one too cannot wait for its own
-    /// session to end; with this call it gets an error instead of waiting for ever.
+    /// holds a session (of this context or another) and asks for another cannot wait for
+    /// its own session to end, nor behind a waiter that needs that session's memory (once
+    /// the first in line has waited an aging period, newcomers wait behind it); with this
+    /// call it gets an error instead of waiting for ever.
     ///
     /// The time is checked between tries, not within one: a try waits for the restores of
     /// other contexts' sessions under way (one at a time, in tier order), and if it
@@ -853,9 +858,12 @@ impl Context {
     /// keeps its pins until its copies are done, then ends the session it opened.
     pub fn session_timeout(&self, timeout: Duration) -> Result<Session<'_>> {
         let start = Instant::now();
-        if self.inner.rt.waits.may_pass(self.inner.tier.rank()) {
+        if crate::session::may_pass(&self.inner) {
             match crate::session::pin_all(&self.inner, true, None) {
-                Ok(n) => return Ok(Session::new(CtxRef::Borrowed(self), n)),
+                Ok(n) => {
+                    crate::session::granted(&self.inner, &n);
+                    return Ok(Session::new(CtxRef::Borrowed(self), n));
+                }
                 Err(e) if !e.is_oom() => return Err(e),
                 Err(_) => {}
             }

@@ -341,6 +341,8 @@ impl RtInner {
         if handlers.is_empty() {
             return None;
         }
+        // A session a handler opens goes ahead of the line (see `in_pressure_handler`).
+        let _scope = crate::session::HandlerScope::enter();
         for h in handlers {
             let info = PressureInfo {
                 context: requester,
@@ -369,8 +371,8 @@ impl RtInner {
         self.waits.is_head(id, waker)
     }
 
-    /// Leave the queue (served or cancelled) and wake the next in line; when `served`,
-    /// wake the other waiters of context group `group` too.
+    /// Leave the queue (served or cancelled), waking the next in line if this was the
+    /// first; when `served`, wake the other waiters of context group `group` too.
     pub fn dequeue(&self, id: u64, group: u64, served: bool) {
         if served {
             self.waits.served(id, group);

@@ -62,7 +62,7 @@ pub(crate) fn block_on_until<F: Future>(
             return Some(v);
         }
         // Checked after every poll, not only when a wait times out: a future woken during
-        // each of its polls (every session's end wakes the whole line) never waits.
+        // each of its polls (every session's end wakes the first in line) never waits.
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return None;
         }
@@ -89,6 +89,9 @@ pub(crate) struct Prefix {
     pub len: usize,
     pub epoch: u64,
     pub rode: bool,
+    /// Pinned by the general path of [`pin_all`], which may have restored buffers: the
+    /// context's waiters in line may then go (see [`granted`]).
+    pub general: bool,
 }
 
 impl Prefix {
@@ -97,8 +100,53 @@ impl Prefix {
             len: slots.len(),
             epoch: ctx.dooms.load(Ordering::Relaxed),
             rode: false,
+            general: false,
         }
     }
+}
+
+/// A session of `ctx` was granted outside the line (a newcomer's try) with `p`: if its
+/// try may have made the working set resident, the context's waiters in line are woken,
+/// since they may now go ahead of the first in line as it did (see
+/// `SessionGate::may_pass`). A session served from the line wakes them through
+/// `SessionGate::served` instead.
+pub(crate) fn granted(ctx: &CtxInner, p: &Prefix) {
+    if p.general {
+        ctx.rt.waits.granted(ctx.group());
+    }
+}
+
+thread_local! {
+    /// Memory-pressure handlers running on this thread (see [`in_pressure_handler`]).
+    static IN_HANDLER: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether a memory-pressure handler is running on this thread. A session it opens goes
+/// ahead of the line whatever `SessionGate::may_pass` says: the handler may run inside the
+/// try of the first in line, which would otherwise wait behind itself.
+pub(crate) fn in_pressure_handler() -> bool {
+    IN_HANDLER.with(|n| n.get() > 0)
+}
+
+/// Marks this thread as running a memory-pressure handler while it lives.
+pub(crate) struct HandlerScope(());
+
+impl HandlerScope {
+    pub(crate) fn enter() -> Self {
+        IN_HANDLER.with(|n| n.set(n.get() + 1));
+        HandlerScope(())
+    }
+}
+
+impl Drop for HandlerScope {
+    fn drop(&mut self) {
+        IN_HANDLER.with(|n| n.set(n.get().saturating_sub(1)));
+    }
+}
+
+/// Whether a newcomer of `ctx` may try at once, ahead of those in line.
+pub(crate) fn may_pass(ctx: &CtxInner) -> bool {
+    ctx.rt.waits.may_pass(ctx.tier.rank()) || in_pressure_handler()
 }
 
 /// A buffer's size as the pool holds it.
@@ -210,9 +258,10 @@ pub(crate) fn evicted_bytes(ctx: &CtxInner) -> u64 {
 /// partly, so it needs no `pin_lock`, and it takes no memory from anyone. The session
 /// counts as live from before it pins: a session short of memory meanwhile then waits for
 /// this one instead of failing. If this path gives up, `ended` moves the release
-/// generation and wakes the line, so that such a session tries again. Only sessions not
-/// yet in line take it: a waiter whose failed try woke the line would wake itself, and the
-/// line would spin.
+/// generation and wakes the first in line, so that such a session tries again. The first
+/// in line does not take it: its failed try would wake itself, and it would spin. A
+/// waiter behind it takes it when woken to go ahead (see `SessionFuture::poll`); its
+/// failed try wakes the first in line once.
 ///
 /// Without `wait` it tries nothing ([`Fast::Busy`]) if the context's buffer list is
 /// locked: whoever holds it holds it briefly (a try that restores lets it go, see
@@ -282,8 +331,8 @@ enum Fast {
 /// restored when dropped, the pool refuses to free it, and the session frees it when it
 /// unpins it (see [`CtxInner::free_doomed`]).
 ///
-/// With `fast`, a path that does not take `pin_lock` is tried first; a session already
-/// waiting in line skips it (see below), so that its failed tries never wake the line.
+/// With `fast`, a path that does not take `pin_lock` is tried first; the first in line
+/// skips it (see [`pin_resident`]), so that its failed tries never wake itself.
 ///
 /// `dropped`: set when the future that asked for the session was dropped. Checked once the
 /// pin lock is held and before each pin, so that a try whose future is gone restores
@@ -375,7 +424,8 @@ pub(crate) fn pin_all(
         }
         break;
     }
-    let prefix = tried.succeeded();
+    let mut prefix = tried.succeeded();
+    prefix.general = true;
     ctx.rt.waits.started();
     Ok(prefix)
 }
@@ -636,7 +686,7 @@ impl<'a> Future for SessionFuture<'a> {
             // stress test's failed sessions went from a handful to thousands a run.
             // Eviction takes lower tiers first, so a newcomer cannot take a higher tier's
             // buffers.
-            State::Start if !rt.waits.may_pass(ctx.inner.tier.rank()) => Step::Wait,
+            State::Start if !may_pass(&ctx.inner) => Step::Wait,
             State::Start => {
                 // A working set already in place is pinned here, without restoring (and
                 // without waiting for another session's restore: that try goes on below).
@@ -666,10 +716,13 @@ impl<'a> Future for SessionFuture<'a> {
                 let id = *id;
                 if !rt.is_head(id, cx.waker()) {
                     // Behind the first in line, a waiter whose working set is in place may
-                    // go ahead as a newcomer may (it is woken for this when a session of
-                    // its context is served from the line). It leaves without waking its
-                    // context's others: the serve that woke it woke them.
-                    if rt.waits.may_pass(ctx.inner.tier.rank()) {
+                    // go ahead as a newcomer may. It is woken for this when a session of
+                    // its context is served from the line or granted to a newcomer whose
+                    // try may have restored the set (`granted`), and it leaves without
+                    // waking its context's others: what woke it woke them. A new first in
+                    // line opens a new period, and wakes nobody behind it: they go at their
+                    // context's next grant or at their turn.
+                    if may_pass(&ctx.inner) {
                         match pin_resident(&ctx.inner, !this.offload_restores) {
                             Ok(Fast::Pinned(pinned)) => {
                                 rt.dequeue(id, ctx.inner.group(), false);
@@ -708,8 +761,10 @@ impl<'a> Future for SessionFuture<'a> {
                 };
                 match outcome {
                     Restored::Done(r) => {
-                        if let Some(id) = id {
-                            rt.dequeue(id, ctx.inner.group(), r.is_ok());
+                        match (id, &r) {
+                            (Some(id), _) => rt.dequeue(id, ctx.inner.group(), r.is_ok()),
+                            (None, Ok(s)) => granted(&ctx.inner, &s.pinned),
+                            (None, Err(_)) => {}
                         }
                         this.state = State::Done;
                         this.ctx = None;
@@ -737,7 +792,12 @@ impl<'a> Future for SessionFuture<'a> {
                 rt.dequeue(*id, ctx.inner.group(), r.is_ok());
                 this.finish(r)
             }
-            (Step::Done(r), _) => this.finish(r),
+            (Step::Done(r), _) => {
+                if let Ok(p) = &r {
+                    granted(&ctx.inner, p);
+                }
+                this.finish(r)
+            }
             // Its waker is in line (`is_head` above).
             (Step::Wait, State::Waiting(_)) => Poll::Pending,
             (Step::Wait, _) => {

@@ -101,6 +101,25 @@ fn written(rt: &Runtime, data: &[u8]) -> TwoContexts {
     (a, b, buf, a_stream)
 }
 
+/// A waker that counts its wake-ups.
+struct Count(AtomicUsize);
+
+impl std::task::Wake for Count {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Count {
+    fn wakes(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn counter() -> Arc<Count> {
+    Arc::new(Count(AtomicUsize::new(0)))
+}
+
 /// Assert that the context named `name` has no evictable bytes pinned.
 fn assert_nothing_pinned(rt: &Runtime, name: &str) {
     let st = rt.pool_stats();
@@ -137,7 +156,7 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [a_session_that_cannot_fit_beside_guaranteed_buffers_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line, a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short, held_buffers_go_to_eviction_least_recently_used_first, a_buffer_dropped_under_a_hold_while_sessions_overlap_is_freed_when_its_users_end, a_waiter_gets_in_while_another_contexts_sessions_never_stop_overlapping, waiters_of_a_context_just_served_go_ahead_of_the_line],
+    sync: [a_session_that_cannot_fit_beside_guaranteed_buffers_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line, a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short, held_buffers_go_to_eviction_least_recently_used_first, a_buffer_dropped_under_a_hold_while_sessions_overlap_is_freed_when_its_users_end, a_waiter_gets_in_while_another_contexts_sessions_never_stop_overlapping, waiters_of_a_context_just_served_go_ahead_of_the_line, a_newcomer_that_restores_its_context_wakes_its_waiters_in_line, a_pressure_handler_opens_a_session_ahead_of_a_line_that_waited_long],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
@@ -1036,15 +1055,7 @@ mod tests {
 
     pub fn waiters_of_a_context_just_served_go_ahead_of_the_line(open: Open) {
         use std::future::Future;
-        use std::task::{Context as TaskCx, Poll, Wake, Waker};
-        /// Counts its wake-ups.
-        struct Count(AtomicUsize);
-        impl Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        let counter = || Arc::new(Count(AtomicUsize::new(0)));
+        use std::task::{Context as TaskCx, Poll, Waker};
         let rt = runtime(open, 64 * MIB, 4.0);
         let mk = |name: &str| {
             rt.create_context(ContextSpec::new(name, 64 * MIB).tier(Tier::BestEffort))
@@ -1083,19 +1094,16 @@ mod tests {
             .is_pending());
         assert!(a2.as_mut().poll(&mut TaskCx::from_waker(&k2)).is_pending());
         assert!(a1.as_mut().poll(&mut TaskCx::from_waker(&k1)).is_pending());
-        let (w1_before, w2_before) = (w1.0.load(Ordering::SeqCst), w2.0.load(Ordering::SeqCst));
+        let (w1_before, w2_before) = (w1.wakes(), w2.wakes());
         drop(live_b);
-        assert!(
-            w1.0.load(Ordering::SeqCst) > w1_before,
-            "the first in line is woken"
-        );
+        assert!(w1.wakes() > w1_before, "the first in line is woken");
         let Poll::Ready(Ok(s1)) = a1.as_mut().poll(&mut TaskCx::from_waker(&k1)) else {
             panic!("the first of `a` gets `b`'s memory");
         };
         // `c` is first in line now, and waits for memory `a`'s live session holds. The
         // second of `a` needs nothing more: it is woken, and goes ahead of `c`.
         assert!(
-            w2.0.load(Ordering::SeqCst) > w2_before,
+            w2.wakes() > w2_before,
             "the other waiter of the context just served was not woken"
         );
         let Poll::Ready(Ok(s2)) = a2.as_mut().poll(&mut TaskCx::from_waker(&k2)) else {
@@ -1110,6 +1118,123 @@ mod tests {
             panic!("`c` gets in once `a`'s sessions end");
         };
         drop(s);
+        assert_eq!(rt.waiting_sessions(), 0);
+    }
+
+    pub fn a_newcomer_that_restores_its_context_wakes_its_waiters_in_line(open: Open) {
+        use std::future::Future;
+        use std::task::{Context as TaskCx, Poll, Waker};
+        let rt = runtime(open, 64 * MIB, 4.0);
+        let mk = |name: &str| {
+            rt.create_context(ContextSpec::new(name, 64 * MIB).tier(Tier::BestEffort))
+                .unwrap()
+        };
+        let (a, b, c, d) = (mk("a"), mk("b"), mk("c"), mk("d"));
+        let _a_buf = a.create_buffer(20 * MIB).unwrap();
+        let _c_buf = c.create_buffer(60 * MIB).unwrap();
+        let _b_buf = b.create_buffer(40 * MIB).unwrap();
+        let d_buf = d.create_buffer(20 * MIB).unwrap();
+        // `b` and `d` are live and hold 60 MiB; `a` and `c` are evicted.
+        let live_b = b.session().unwrap();
+        let live_d = d.session().unwrap();
+        let (wc, w1) = (counter(), counter());
+        let (kc, k1) = (Waker::from(wc.clone()), Waker::from(w1.clone()));
+        // Outside a tokio runtime the futures try in their polls: `c` (60 MiB) waits first
+        // in line, `a` (20 MiB) behind it.
+        let mut on_c = Box::pin(c.session_async());
+        let mut a1 = Box::pin(a.session_async());
+        assert!(on_c
+            .as_mut()
+            .poll(&mut TaskCx::from_waker(&kc))
+            .is_pending());
+        assert!(a1.as_mut().poll(&mut TaskCx::from_waker(&k1)).is_pending());
+        assert!(on_c
+            .as_mut()
+            .poll(&mut TaskCx::from_waker(&kc))
+            .is_pending());
+        assert_eq!(rt.waiting_sessions(), 2);
+        // `d` goes: 24 MiB free, too little for `c`, which stays first and waits for `b`.
+        let d_stream = live_d.stream().clone();
+        drop(live_d);
+        drop(d_buf);
+        // Its buffer is freed in stream order: once the work queued on its stream is done.
+        rt.device().synchronize_stream(&d_stream).unwrap();
+        assert!(on_c
+            .as_mut()
+            .poll(&mut TaskCx::from_waker(&kc))
+            .is_pending());
+        let before = w1.wakes();
+        // A newcomer of `a` goes ahead of `c` (first for less than an aging period) and
+        // restores `a`'s buffer into the free memory. The waiter of `a` behind `c` is woken,
+        // and goes too.
+        let a2 = a.session_timeout(Duration::from_secs(20)).unwrap();
+        assert!(
+            w1.wakes() > before,
+            "the waiter of the context the newcomer made resident was not woken"
+        );
+        let Poll::Ready(Ok(s1)) = a1.as_mut().poll(&mut TaskCx::from_waker(&k1)) else {
+            panic!("the waiter of `a` waits behind `c` although `a` is resident");
+        };
+        assert!(on_c
+            .as_mut()
+            .poll(&mut TaskCx::from_waker(&kc))
+            .is_pending());
+        drop((s1, a2, live_b));
+        drop(on_c);
+        assert_eq!(rt.waiting_sessions(), 0);
+    }
+
+    pub fn a_pressure_handler_opens_a_session_ahead_of_a_line_that_waited_long(open: Open) {
+        use std::future::Future;
+        use std::task::{Context as TaskCx, Waker};
+        let rt = Runtime::builder()
+            .with_device(open())
+            .memory_fraction(1.0)
+            .memory_limit(64 * MIB)
+            .overcommit(4.0)
+            .aging(Duration::from_millis(20))
+            .build()
+            .unwrap();
+        let best_effort = |name: &str| {
+            rt.create_context(ContextSpec::new(name, 64 * MIB).tier(Tier::BestEffort))
+                .unwrap()
+        };
+        let (a, b, z) = (best_effort("a"), best_effort("b"), best_effort("z"));
+        // A small Guaranteed context, whose buffer is never evicted.
+        let k = rt
+            .create_context(ContextSpec::new("k", 4 * MIB).tier(Tier::Guaranteed))
+            .unwrap();
+        let _k_buf = k.create_buffer(4 * MIB).unwrap();
+        let _b_buf = b.create_buffer(40 * MIB).unwrap();
+        let _a_buf = a.create_buffer(40 * MIB).unwrap();
+        let live_a = a.session().unwrap();
+        // `b` waits first in line for `a`'s memory, for longer than an aging period: from
+        // then on newcomers wait behind it.
+        let mut on_b = Box::pin(b.session_async());
+        assert!(on_b
+            .as_mut()
+            .poll(&mut TaskCx::from_waker(Waker::noop()))
+            .is_pending());
+        std::thread::sleep(Duration::from_millis(60));
+        // A handler that needs a session of `k` to give memory back. It runs on this
+        // thread, which holds `a`'s session: behind `b`, its session would wait for ever.
+        let got = Arc::new(std::sync::Mutex::new(None));
+        let _handler = {
+            let (k, got) = (k.clone(), got.clone());
+            rt.on_memory_pressure(move |_| {
+                let r = k.session_timeout(Duration::from_secs(5)).map(drop);
+                *got.lock().unwrap() = Some(r);
+                Pressure::Deny
+            })
+        };
+        assert!(z.create_buffer(30 * MIB).is_err());
+        let got = got.lock().unwrap().take();
+        assert!(
+            matches!(got, Some(Ok(()))),
+            "the handler's session waited behind the line: {got:?}"
+        );
+        drop(live_a);
+        drop(on_b);
         assert_eq!(rt.waiting_sessions(), 0);
     }
 

@@ -241,6 +241,16 @@ impl SessionGate {
         self.queue.wake_group(group);
     }
 
+    /// A session of `group` was granted outside the line and may have made its working
+    /// set resident: wake the group's waiters, if anyone waits, as [`SessionGate::served`]
+    /// does.
+    #[inline]
+    pub fn granted(&self, group: u64) {
+        if self.state.load(Ordering::Acquire) & WAITERS != 0 {
+            self.queue.wake_group(group);
+        }
+    }
+
     /// The release generation: it moves on every release, so a caller can tell whether
     /// anything was released since it last looked.
     #[inline]

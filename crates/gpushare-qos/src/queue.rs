@@ -11,7 +11,8 @@ struct Waiter {
     /// Waiters of one group (a context's sessions) are woken together when one of them is
     /// served: see [`WaitQueue::wake_group`].
     group: u64,
-    /// Called when it becomes, or is, first in line and something is released.
+    /// Called when it becomes, or is, first in line and something is released, and when
+    /// a waiter of its group is served ([`WaitQueue::wake_group`]).
     waker: Option<Waker>,
 }
 
@@ -69,7 +70,8 @@ impl std::fmt::Debug for WaitQueue {
 }
 
 impl WaitQueue {
-    /// An empty queue whose waiters rise one rank per `aging` waited.
+    /// An empty queue whose waiters rise one rank per `aging` waited. With an aging of
+    /// zero the line is in arrival order and nobody goes ahead of the first in line.
     pub fn new(aging: Duration) -> Self {
         WaitQueue {
             aging,
