@@ -192,6 +192,10 @@ struct Waiter {
 struct State {
     reserved: u64,
     potential: u64,
+    /// The memory of reservations kept after their drop ([`Reservation::keep_after_drop`]),
+    /// counted in `reserved` and `potential` for good: no request can have it.
+    kept_reserved: u64,
+    kept_potential: u64,
     compute: f64,
     bandwidth: f64,
     admitted: usize,
@@ -251,9 +255,18 @@ impl Inner {
         Ok(())
     }
 
-    /// Whether `r` could fit an empty evaluator; if not, waiting is pointless.
+    /// Whether `r` could fit an evaluator with nothing admitted (but the memory of kept
+    /// reservations, which never comes back); if not, waiting is pointless.
     fn check_empty(&self, r: &Resolved) -> Result<(), Rejection> {
-        self.check(&State::default(), r).map_err(|e| {
+        let empty = {
+            let st = self.state.lock();
+            State {
+                reserved: st.kept_reserved,
+                potential: st.kept_potential,
+                ..State::default()
+            }
+        };
+        self.check(&empty, r).map_err(|e| {
             let why = match e {
                 Rejection::Memory {
                     requested,
@@ -569,6 +582,10 @@ impl Reservation {
         let wake = {
             let mut st = self.inner.state.lock();
             Inner::release(&mut st, &grant);
+            if self.kept {
+                st.kept_reserved += self.grant.reserve;
+                st.kept_potential += self.grant.max;
+            }
             self.inner.pump(&mut st)
         };
         wake.into_iter().for_each(Waker::wake);
