@@ -326,8 +326,13 @@ impl RtInner {
 
     /// Run pressure handlers in reclaim order: contexts from BestEffort to Guaranteed,
     /// then the runtime's. A panicking handler is logged and counts as a denial. `None`
-    /// when no handler is registered.
+    /// when no handler is registered, and when a handler is already running on this thread:
+    /// a shortage met by what a handler does (a session it opens, a buffer it makes) is
+    /// that handler's to handle, and asking the handlers again would recurse without end.
     pub fn relieve(&self, requester: &Context, requested: u64) -> Option<Pressure> {
+        if crate::session::in_pressure_handler() {
+            return None;
+        }
         let mut ctxs: Vec<Arc<CtxInner>> = self
             .contexts
             .lock()

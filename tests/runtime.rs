@@ -156,7 +156,7 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [a_session_that_cannot_fit_beside_guaranteed_buffers_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line, a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short, held_buffers_go_to_eviction_least_recently_used_first, a_buffer_dropped_under_a_hold_while_sessions_overlap_is_freed_when_its_users_end, a_waiter_gets_in_while_another_contexts_sessions_never_stop_overlapping, waiters_of_a_context_just_served_go_ahead_of_the_line, a_newcomer_that_restores_its_context_wakes_its_waiters_in_line, a_pressure_handler_opens_a_session_ahead_of_a_line_that_waited_long],
+    sync: [a_session_that_cannot_fit_beside_guaranteed_buffers_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line, a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short, held_buffers_go_to_eviction_least_recently_used_first, a_buffer_dropped_under_a_hold_while_sessions_overlap_is_freed_when_its_users_end, a_waiter_gets_in_while_another_contexts_sessions_never_stop_overlapping, waiters_of_a_context_just_served_go_ahead_of_the_line, a_newcomer_that_restores_its_context_wakes_its_waiters_in_line, a_pressure_handler_opens_a_session_ahead_of_a_line_that_waited_long, a_shortage_met_inside_a_pressure_handler_is_not_handed_to_the_handlers_again],
     async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
 );
 
@@ -1235,6 +1235,40 @@ mod tests {
         );
         drop(live_a);
         drop(on_b);
+        assert_eq!(rt.waiting_sessions(), 0);
+    }
+
+    pub fn a_shortage_met_inside_a_pressure_handler_is_not_handed_to_the_handlers_again(
+        open: Open,
+    ) {
+        let rt = runtime(open, 64 * MIB, 4.0);
+        let (a, k) = contexts_a_b(&rt);
+        let z = rt.create_context(ContextSpec::new("z", 64 * MIB)).unwrap();
+        let _k_buf = k.create_buffer(30 * MIB).unwrap();
+        let _a_buf = a.create_buffer(40 * MIB).unwrap(); // `k`'s buffer goes out
+        let live_a = a.session().unwrap();
+        // The handler opens a session of `k`, whose buffer cannot come back beside `a`'s.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let got = Arc::new(std::sync::Mutex::new(None));
+        let _handler = {
+            let (k, calls, got) = (k.clone(), calls.clone(), got.clone());
+            rt.on_memory_pressure(move |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let r = k.session_timeout(Duration::from_millis(300)).map(drop);
+                *got.lock().unwrap() = Some(r);
+                Pressure::Deny
+            })
+        };
+        assert!(z.create_buffer(30 * MIB).is_err());
+        // Asking the handler again from its own session's try recursed until the stack ran
+        // out.
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let got = got.lock().unwrap().take();
+        assert!(
+            matches!(got, Some(Err(RuntimeError::SessionTimedOut { .. }))),
+            "{got:?}"
+        );
+        drop(live_a);
         assert_eq!(rt.waiting_sessions(), 0);
     }
 

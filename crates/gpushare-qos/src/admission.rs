@@ -150,8 +150,9 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    /// Whether waiting can never help: true when the request cannot fit even an empty
-    /// device (or is otherwise invalid), or the admission already completed.
+    /// Whether waiting can never help: true when the request cannot fit even with nothing
+    /// else admitted (but memory kept for good, see [`Reservation::keep_after_drop`]), or is
+    /// otherwise invalid, or the admission already completed.
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
@@ -258,38 +259,59 @@ impl Inner {
     /// Whether `r` could fit an evaluator with nothing admitted (but the memory of kept
     /// reservations, which never comes back); if not, waiting is pointless.
     fn check_empty(&self, r: &Resolved) -> Result<(), Rejection> {
-        let empty = {
-            let st = self.state.lock();
-            State {
-                reserved: st.kept_reserved,
-                potential: st.kept_potential,
-                ..State::default()
+        let st = self.state.lock();
+        self.never_fits(&st, r).map_or(Ok(()), Err)
+    }
+
+    /// Why `r` can never be admitted given `st`'s kept reservations, if it cannot.
+    fn never_fits(&self, st: &State, r: &Resolved) -> Option<Rejection> {
+        let empty = State {
+            reserved: st.kept_reserved,
+            potential: st.kept_potential,
+            ..State::default()
+        };
+        let kept = |bytes: u64| {
+            if bytes > 0 {
+                format!(" ({bytes} B of it kept by contexts whose memory could not be given back)")
+            } else {
+                String::new()
             }
         };
-        self.check(&empty, r).map_err(|e| {
-            let why = match e {
-                Rejection::Memory {
-                    requested,
-                    capacity,
-                    ..
-                } => format!("it reserves {requested} B, and only {capacity} B are usable"),
-                Rejection::Overcommit {
-                    potential,
-                    allowed,
-                    ratio,
-                    ..
-                } => format!(
-                    "its maximum alone, {potential} B, is above the {allowed} B that overcommit {ratio} allows"
-                ),
-                Rejection::Share {
-                    what, requested, ..
-                } => format!("its {what} share of {requested} is more than the whole"),
-                other => return other,
-            };
-            Rejection::NeverFits {
-                name: r.name.clone(),
-                why,
+        let why = match self.check(&empty, r).err()? {
+            Rejection::Memory {
+                requested,
+                capacity,
+                ..
+            } if st.kept_reserved == 0 => {
+                format!("it reserves {requested} B, and only {capacity} B are usable")
             }
+            Rejection::Memory {
+                requested,
+                free,
+                capacity,
+                ..
+            } => format!(
+                "it reserves {requested} B, and at most {free} B of the {capacity} B usable can be \
+                 free: {} B are kept by contexts whose memory could not be given back",
+                st.kept_reserved
+            ),
+            Rejection::Overcommit {
+                potential,
+                allowed,
+                ratio,
+                ..
+            } => format!(
+                "its maximum brings the sum of maxima to {potential} B{}, above the {allowed} B that overcommit {ratio} allows",
+                kept(st.kept_potential)
+            ),
+            Rejection::Share {
+                what, requested, ..
+            } => format!("its {what} share of {requested} is more than the whole"),
+            other => return Some(other),
+        };
+        Some(Rejection::NeverFits {
+            name: r.name.clone(),
+            why,
         })
     }
 
@@ -582,11 +604,15 @@ impl Reservation {
         let wake = {
             let mut st = self.inner.state.lock();
             Inner::release(&mut st, &grant);
+            let mut wake = Vec::new();
             if self.kept {
                 st.kept_reserved += self.grant.reserve;
                 st.kept_potential += self.grant.max;
+                // Waiters look again: some may never fit now (see `Admit::poll`).
+                wake.extend(st.waiters.iter_mut().filter_map(|w| w.waker.take()));
             }
-            self.inner.pump(&mut st)
+            wake.extend(self.inner.pump(&mut st));
+            wake
         };
         wake.into_iter().for_each(Waker::wake);
     }
@@ -671,6 +697,17 @@ impl Future for Admit {
                     this.id = None;
                     let g = Grant::of(&w.spec);
                     return Poll::Ready(Ok(this.eval.admission(w.spec, g)));
+                }
+                // A reservation kept for good since it joined may leave it no chance.
+                if let Some(never) = inner.never_fits(&st, &st.waiters[i].spec) {
+                    st.waiters.swap_remove(i);
+                    // It may have held up the line.
+                    let wake = inner.pump(&mut st);
+                    drop(st);
+                    wake.into_iter().for_each(Waker::wake);
+                    this.done = true;
+                    this.id = None;
+                    return Poll::Ready(Err(never));
                 }
                 st.waiters[i].waker = Some(cx.waker().clone());
                 Poll::Pending

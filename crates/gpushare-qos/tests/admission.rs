@@ -398,6 +398,31 @@ fn stream_priorities_never_overflow() {
 }
 
 #[test]
+fn a_waiter_that_a_kept_reservation_leaves_no_chance_fails_and_frees_the_line() {
+    let e = eval(10 * GIB);
+    let w = Arc::new(Count::default());
+    let mut stuck = e
+        .try_admit(&ContextSpec::new("stuck", 6 * GIB).base(6 * GIB))
+        .unwrap();
+    // Waits for the 6 GiB to come back, and a small one waits behind it.
+    let mut big = e.admit(ContextSpec::new("big", 6 * GIB).base(6 * GIB));
+    assert!(poll(&mut big, &w).is_pending());
+    let mut small = e.admit(ContextSpec::new("small", 2 * GIB).base(GIB));
+    assert!(poll(&mut small, &w).is_pending(), "behind the first waiter");
+    // The memory is kept for good: the first waiter can never fit.
+    stuck.reservation.keep_after_drop();
+    drop(stuck);
+    match poll(&mut big, &w) {
+        Poll::Ready(Err(r)) => assert!(r.is_permanent(), "{r}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        matches!(poll(&mut small, &w), Poll::Ready(Ok(_))),
+        "the line stayed blocked"
+    );
+}
+
+#[test]
 fn a_kept_reservation_stays_taken_after_its_drop() {
     let e = eval(10 * GIB);
     let spec = ContextSpec::new("stuck", 6 * GIB)
@@ -409,7 +434,10 @@ fn a_kept_reservation_stays_taken_after_its_drop() {
     // Its memory is still counted: a second context of that size does not fit, and never
     // will (waiting in `admit` would be for ever).
     match e.try_admit(&ContextSpec::new("next", 6 * GIB).base(6 * GIB)) {
-        Err(r) => assert!(r.is_permanent(), "{r}"),
+        Err(r) => {
+            assert!(r.is_permanent(), "{r}");
+            assert!(r.to_string().contains("kept"), "{r}");
+        }
         Ok(_) => panic!("the kept memory was handed out"),
     }
     // Its compute share is given back.
