@@ -827,19 +827,27 @@ impl Context {
     /// Wait (blocking the thread) until the context's buffers are resident, and open a
     /// session on it.
     pub fn session(&self) -> Result<Session<'_>> {
-        // Most sessions are granted at once: try before building a future and a waker
-        // (unless the line has waited too long for a newcomer to go first).
-        if crate::session::may_pass(&self.inner) {
-            match crate::session::pin_all(&self.inner, true, None) {
-                Ok(n) => {
-                    crate::session::granted(&self.inner, &n);
-                    return Ok(Session::new(CtxRef::Borrowed(self), n));
-                }
-                Err(e) if !e.is_oom() => return Err(e),
-                Err(_) => {}
-            }
+        match self.session_at_once() {
+            Some(r) => r,
+            None => block_on(SessionFuture::blocking(self)),
         }
-        block_on(SessionFuture::blocking(self))
+    }
+
+    /// The blocking calls' first try: most sessions are granted at once, so they try
+    /// before building a future and a waker (unless the line has waited too long for a
+    /// newcomer to go first). `None` when the session must wait.
+    fn session_at_once(&self) -> Option<Result<Session<'_>>> {
+        if !crate::session::may_pass(&self.inner) {
+            return None;
+        }
+        match crate::session::pin_all(&self.inner, true, None) {
+            Ok(n) => {
+                crate::session::granted(&self.inner, &n);
+                Some(Ok(Session::new(CtxRef::Borrowed(self), n)))
+            }
+            Err(e) if !e.is_oom() => Some(Err(e)),
+            Err(_) => None,
+        }
     }
 
     /// [`Context::session`], waiting at most about `timeout`: then it fails with
@@ -858,15 +866,8 @@ impl Context {
     /// keeps its pins until its copies are done, then ends the session it opened.
     pub fn session_timeout(&self, timeout: Duration) -> Result<Session<'_>> {
         let start = Instant::now();
-        if crate::session::may_pass(&self.inner) {
-            match crate::session::pin_all(&self.inner, true, None) {
-                Ok(n) => {
-                    crate::session::granted(&self.inner, &n);
-                    return Ok(Session::new(CtxRef::Borrowed(self), n));
-                }
-                Err(e) if !e.is_oom() => return Err(e),
-                Err(_) => {}
-            }
+        if let Some(r) = self.session_at_once() {
+            return r;
         }
         let future = std::pin::pin!(SessionFuture::blocking(self));
         match crate::session::block_on_until(future, start.checked_add(timeout)) {

@@ -256,14 +256,9 @@ impl Inner {
         Ok(())
     }
 
-    /// Whether `r` could fit an evaluator with nothing admitted (but the memory of kept
-    /// reservations, which never comes back); if not, waiting is pointless.
-    fn check_empty(&self, r: &Resolved) -> Result<(), Rejection> {
-        let st = self.state.lock();
-        self.never_fits(&st, r).map_or(Ok(()), Err)
-    }
-
-    /// Why `r` can never be admitted given `st`'s kept reservations, if it cannot.
+    /// Why `r` can never be admitted, if it cannot: it would not fit an evaluator with
+    /// nothing admitted but `st`'s kept reservations (whose memory never comes back), so
+    /// waiting is pointless.
     fn never_fits(&self, st: &State, r: &Resolved) -> Option<Rejection> {
         let empty = State {
             reserved: st.kept_reserved,
@@ -479,8 +474,10 @@ impl AdmissionEvaluator {
     /// first, so this never overtakes them.
     pub fn try_admit(&self, spec: &ContextSpec) -> Result<Admission, Rejection> {
         let r = spec.resolve()?;
-        self.inner.check_empty(&r)?;
         let mut st = self.inner.state.lock();
+        if let Some(never) = self.inner.never_fits(&st, &r) {
+            return Err(never);
+        }
         // Waiters rise with age exactly as in `admit`, so repeated tries cannot starve them.
         let now = Instant::now();
         let rank = f64::from(r.tier.rank());
@@ -648,17 +645,19 @@ impl Future for Admit {
                     this.done = true;
                     return Poll::Ready(Err(Rejection::Finished));
                 };
-                let r = match spec.resolve().map_err(Rejection::from).and_then(|r| {
-                    inner.check_empty(&r)?;
-                    Ok(r)
-                }) {
+                let mut st = inner.state.lock();
+                // Checked with the state locked: a reservation kept meanwhile counts.
+                let r = match spec
+                    .resolve()
+                    .map_err(Rejection::from)
+                    .and_then(|r| inner.never_fits(&st, &r).map_or(Ok(r), Err))
+                {
                     Ok(r) => r,
                     Err(e) => {
                         this.done = true;
                         return Poll::Ready(Err(e));
                     }
                 };
-                let mut st = inner.state.lock();
                 let now = Instant::now();
                 let rank = f64::from(r.tier.rank());
                 let ahead = st

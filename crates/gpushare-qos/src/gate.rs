@@ -287,17 +287,7 @@ impl SessionGate {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-    use std::sync::Arc;
-    use std::task::Wake;
-
-    struct Count(AtomicUsize);
-
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::queue::tests::{counter, woken};
 
     #[test]
     fn a_cancelled_pending_free_wakes_a_waiter_that_waited_for_it() {
@@ -305,11 +295,10 @@ mod tests {
         gate.pending_added();
         // Short of memory, nobody live, a free pending: wait for it.
         assert_eq!(gate.attempt(|| Err::<(), ()>(()), |_| true), Attempt::Wait);
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
+        let (count, waker) = counter();
         let id = gate.enqueue(1, 0, &waker);
         gate.pending_cancelled();
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the waiter sleeps on");
+        assert_eq!(woken(&count), 1, "the waiter sleeps on");
         // Looking again, it finds nothing that will release memory, and fails.
         assert_eq!(
             gate.attempt(|| Err::<(), ()>(()), |_| true),
