@@ -233,9 +233,9 @@ impl<'p, S: ChunkSource> LocalCache<'p, S> {
     pub fn free(&mut self, block: Block) -> Result<(), FreeError> {
         // A block that inherits a stream order goes to the pool, which keeps its event:
         // a held block serves any stream at once.
-        if block.pool == self.owner.pool
+        if block.pool_id() == self.owner.pool.get()
             && block.owner_key == self.owner.key
-            && block.node & crate::INHERITS == 0
+            && block.node() & crate::INHERITS == 0
             && block.size <= self.max_block
             && self.stats.held_bytes + block.size <= self.budget
             && self.asked() == self.seen

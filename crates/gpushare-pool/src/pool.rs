@@ -92,7 +92,7 @@ impl Freed {
     fn plain(b: &Block) -> Self {
         Freed {
             class: b.class() as u32,
-            node: b.node,
+            node: b.node(),
             offset: b.offset,
             size: b.size,
             stream: StreamId(0),
@@ -1086,13 +1086,12 @@ impl<S: ChunkSource> Pool<S> {
         }
         // The central path checked that the rounded size neither overflows nor exceeds the
         // pool's limit.
-        Ok(Block {
+        Ok(Block::new(
             offset,
-            size: size.wrapping_add(UNIT - 1) & !(UNIT - 1),
-            owner_key: owner.key,
+            size.wrapping_add(UNIT - 1) & !(UNIT - 1),
+            owner,
             node,
-            pool: owner.pool,
-        })
+        ))
     }
 
     /// The fast path of [`Pool::alloc`]: a block of about `size` bytes from the calling
@@ -1187,13 +1186,7 @@ impl<S: ChunkSource> Pool<S> {
             None => c.node,
             Some(order) => slot.inherit(c.node, order),
         };
-        Block {
-            offset: c.offset,
-            size: c.size,
-            owner_key: owner.key,
-            node,
-            pool: owner.pool,
-        }
+        Block::new(c.offset, c.size, owner, node)
     }
 
     /// Allocate with an alignment (a power of two up to the granularity).
@@ -1328,13 +1321,7 @@ impl<S: ChunkSource> Pool<S> {
                     (node, offset)
                 }
             };
-        Ok(Block {
-            offset,
-            size: csize,
-            owner_key: owner.key,
-            node,
-            pool: owner.pool,
-        })
+        Ok(Block::new(offset, csize, owner, node))
     }
 
     /// Free a block whose memory no stream uses any more: any stream may reuse it at once.
@@ -1343,7 +1330,7 @@ impl<S: ChunkSource> Pool<S> {
         let Some((i, slot)) = self.block_slot(&block) else {
             return Err(FreeError { block });
         };
-        if block.node & INHERITS != 0 {
+        if block.node() & INHERITS != 0 {
             return self.free_inheriting(i, slot, block, None);
         }
         let cell = self.cell(slot);
@@ -1360,7 +1347,7 @@ impl<S: ChunkSource> Pool<S> {
                         sh.push(Cached {
                             offset: block.offset,
                             size: block.size,
-                            node: block.node,
+                            node: block.node(),
                             class: class as u32,
                             ev: NO_EVENT,
                         });
@@ -1378,7 +1365,7 @@ impl<S: ChunkSource> Pool<S> {
                 return self.probe_cache(i, cell, Freed::plain(&block));
             }
         }
-        self.free_central(i, block.node, block.size);
+        self.free_central(i, block.node(), block.size);
         Ok(())
     }
 
@@ -1388,7 +1375,7 @@ impl<S: ChunkSource> Pool<S> {
     fn block_slot(&self, block: &Block) -> Option<(usize, &OwnerSlot)> {
         let i = block.owner_key as u32 as usize;
         let slot = self.slots.get(i)?;
-        (block.pool == self.id).then_some((i, slot))
+        (block.pool_id() == self.id.get()).then_some((i, slot))
     }
 
     /// Count a large free that a shard refused; true for the one in [`PROBE_EVERY`] that
@@ -1447,7 +1434,7 @@ impl<S: ChunkSource> Pool<S> {
         let Some((i, slot)) = self.block_slot(&block) else {
             return Err(FreeError { block });
         };
-        if block.node & INHERITS != 0 {
+        if block.node() & INHERITS != 0 {
             return self.free_inheriting(i, slot, block, Some((stream, event)));
         }
         let cell = self.cell(slot);
@@ -1497,8 +1484,8 @@ impl<S: ChunkSource> Pool<S> {
         block: Block,
         then: Option<StreamOrder>,
     ) -> Result<(), FreeError> {
-        let node = block.node & !INHERITS;
-        let block = Block { node, ..block };
+        let node = block.node() & !INHERITS;
+        let block = block.with_node(node);
         let earlier = slot.inherited.lock().remove(&node);
         match (earlier, then) {
             (None, None) => self.free(block),

@@ -6,14 +6,11 @@
 //! its bin wastes at most 3.1%. Both levels have bitmaps, so finding a free block that
 //! fits is two bit scans: O(1) whatever the number of blocks.
 //!
-//! Blocks live in a slab and link to their physical neighbours, so freeing coalesces in O(1).
+//! Blocks live in a vector of nodes and link to their physical neighbours, so freeing
+//! coalesces in O(1).
 //! Memory comes in *runs*: maximal mapped ranges. Blocks never link across the end of a
 //! run, which lets the pool unmap a wholly free chunk in the middle of its address range
 //! and map it again later.
-
-use std::num::NonZeroU64;
-
-use slab::Slab;
 
 /// log2 of the allocation unit.
 pub(crate) const UNIT_LOG2: u32 = 8;
@@ -29,15 +26,15 @@ pub(crate) const NONE: u32 = u32::MAX;
 /// [`Node::next_free`] of a used block. Node indices stay below it.
 const USED: u32 = u32::MAX - 1;
 
-/// A block of the managed range: 32 bytes, and 32 in the slab as well, whose vacant entries
-/// take the size's niche. A used block needs no free-list links, so it keeps its owner in
-/// one and [`USED`] in the other. At 40 bytes (a flag and an owner field of their own) a
-/// node took a quarter more cache, which is what a churn of many live blocks pays for.
+/// A block of the managed range: 32 bytes. A used block needs no free-list links, so it
+/// keeps its owner in one and [`USED`] in the other ([`VACANT`] marks an unused entry). At
+/// 40 bytes (a flag and an owner field of their own) a node took a quarter more cache,
+/// which is what a churn of many live blocks pays for.
 #[derive(Clone, Debug)]
 #[repr(align(32))]
 pub(crate) struct Node {
     offset: u64,
-    size: NonZeroU64,
+    size: u64,
     prev_phys: u32,
     next_phys: u32,
     /// Free: the previous block in its free list, or [`NONE`]. Used: the owner slot (for
@@ -57,7 +54,7 @@ impl Node {
     /// The block's size in bytes.
     #[inline]
     pub fn size(&self) -> u64 {
-        self.size.get()
+        self.size
     }
 
     /// Whether the block is free.
@@ -73,12 +70,11 @@ impl Node {
     }
 
     /// Callers pass a positive size: every size they compute is a difference they checked
-    /// (a remainder, a pad) or a sum of positive sizes. Debug builds assert it; a release
-    /// build has no branch to fail on, only the niche's one-byte floor.
+    /// (a remainder, a pad) or a sum of positive sizes. Debug builds assert it.
     #[inline]
     fn set_size(&mut self, size: u64) {
         debug_assert!(size > 0, "a block of zero bytes");
-        self.size = NonZeroU64::new(size).unwrap_or(NonZeroU64::MIN);
+        self.size = size;
     }
 
     #[inline]
@@ -88,15 +84,84 @@ impl Node {
     }
 }
 
-// The slab stores its vacant entries in the size's niche. Its entry type is private; this
-// mirror of it (slab 0.4: `enum Entry<T> { Vacant(usize), Occupied(T) }`) checks the size.
-#[allow(dead_code)]
-enum SlabEntry {
-    Vacant(usize),
-    Occupied(Node),
-}
 const _: () = assert!(std::mem::size_of::<Node>() == 32);
-const _: () = assert!(std::mem::size_of::<SlabEntry>() == 32);
+
+/// [`Node::next_free`] of a vacant entry of [`Nodes`]. Node indices stay below it (below
+/// `crate::INHERITS`, in fact).
+const VACANT: u32 = u32::MAX - 2;
+
+/// The TLSF's nodes: a vector, and a stack of its vacant entries for reuse.
+///
+/// A slab did this before. Its index checks that the entry is occupied, a load and a
+/// branch on the entry before every write to it; in the free-list updates, where a
+/// neighbour's entry is often not in cache, the write then waited for that line where a
+/// plain store would not. Here an index is checked against the length only (a register),
+/// and debug builds check that the entry is not vacant.
+#[derive(Debug, Default)]
+struct Nodes {
+    v: Vec<Node>,
+    vacant: Vec<u32>,
+}
+
+impl Nodes {
+    /// Store `node` in a vacant entry or a new one; returns its index.
+    #[inline]
+    fn insert(&mut self, node: Node) -> usize {
+        match self.vacant.pop() {
+            Some(i) => {
+                self.v[i as usize] = node;
+                i as usize
+            }
+            None => {
+                self.v.push(node);
+                self.v.len() - 1
+            }
+        }
+    }
+
+    /// Take the node at `i` out, leaving its entry vacant.
+    #[inline]
+    fn remove(&mut self, i: usize) -> Node {
+        let e = &mut self.v[i];
+        debug_assert_ne!(e.next_free, VACANT, "node {i} removed twice");
+        let node = e.clone();
+        e.next_free = VACANT;
+        self.vacant.push(i as u32);
+        node
+    }
+
+    /// Nodes in use.
+    fn len(&self) -> usize {
+        self.v.len() - self.vacant.len()
+    }
+
+    /// The nodes in use, with their indices.
+    fn iter(&self) -> impl Iterator<Item = (usize, &Node)> {
+        self.v
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.next_free != VACANT)
+    }
+}
+
+impl std::ops::Index<usize> for Nodes {
+    type Output = Node;
+    #[inline(always)]
+    fn index(&self, i: usize) -> &Node {
+        let n = &self.v[i];
+        debug_assert_ne!(n.next_free, VACANT, "node {i} is vacant");
+        n
+    }
+}
+
+impl std::ops::IndexMut<usize> for Nodes {
+    #[inline(always)]
+    fn index_mut(&mut self, i: usize) -> &mut Node {
+        let n = &mut self.v[i];
+        debug_assert_ne!(n.next_free, VACANT, "node {i} is vacant");
+        n
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Run {
@@ -148,7 +213,7 @@ pub(crate) fn ceil_class(bytes: u64) -> Option<usize> {
 /// The TLSF bookkeeping. Single-threaded; the pool guards it with a lock.
 #[derive(Debug)]
 pub(crate) struct Tlsf {
-    nodes: Slab<Node>,
+    nodes: Nodes,
     fl_bitmap: u64,
     sl_bitmap: [u32; FL_COUNT],
     heads: Box<[[u32; SL_COUNT]; FL_COUNT]>,
@@ -163,7 +228,7 @@ pub(crate) struct Tlsf {
 impl Tlsf {
     pub fn new() -> Self {
         Tlsf {
-            nodes: Slab::new(),
+            nodes: Nodes::default(),
             fl_bitmap: 0,
             sl_bitmap: [0; FL_COUNT],
             heads: Box::new([[NONE; SL_COUNT]; FL_COUNT]),
@@ -310,7 +375,7 @@ impl Tlsf {
         debug_assert!(size > 0, "a block of zero bytes");
         let idx = self.nodes.insert(Node {
             offset,
-            size: NonZeroU64::new(size).unwrap_or(NonZeroU64::MIN),
+            size,
             prev_phys,
             next_phys,
             prev_free: NONE,
@@ -469,7 +534,7 @@ impl Tlsf {
         let right = self.nodes[left as usize].next_phys;
         let r = self.nodes.remove(right as usize);
         let l = &mut self.nodes[left as usize];
-        l.size = l.size.saturating_add(r.size());
+        l.size += r.size;
         l.next_phys = r.next_phys;
         if r.next_phys != NONE {
             self.nodes[r.next_phys as usize].prev_phys = left;
@@ -704,6 +769,33 @@ mod tests {
             }
         }
         assert!(round_units(u64::MAX).is_none());
+    }
+
+    #[test]
+    fn nodes_reuse_vacant_entries_and_skip_them() {
+        let node = |offset| Node {
+            offset,
+            size: UNIT,
+            prev_phys: NONE,
+            next_phys: NONE,
+            prev_free: NONE,
+            next_free: USED,
+        };
+        let mut nodes = Nodes::default();
+        let ids: Vec<usize> = (0..3).map(|i| nodes.insert(node(i * UNIT))).collect();
+        assert_eq!(ids, [0, 1, 2]);
+        assert_eq!(nodes.remove(1).offset, UNIT);
+        assert_eq!(nodes.len(), 2);
+        let live: Vec<(usize, u64)> = nodes.iter().map(|(i, n)| (i, n.offset)).collect();
+        assert_eq!(live, [(0, 0), (2, 2 * UNIT)]);
+        assert_eq!(
+            nodes.insert(node(7 * UNIT)),
+            1,
+            "a vacant entry is reused first"
+        );
+        assert_eq!(nodes[1].offset, 7 * UNIT);
+        assert_eq!(nodes.len(), 3);
+        assert_eq!(nodes.insert(node(8 * UNIT)), 3);
     }
 
     #[test]
