@@ -152,6 +152,10 @@ fn eviction_racing_a_pin() {
             pool.free(b).unwrap();
         }
         let _ = pool.free_evictable(id);
+        // Whichever way the race went, the victim's owner is charged for nothing now.
+        let stats = pool.stats();
+        let victim = stats.owners.iter().find(|o| o.id == be).unwrap();
+        assert_eq!((victim.live_bytes, victim.in_use_bytes), (0, 0));
     });
 }
 
