@@ -6,7 +6,7 @@
 //! simulated device memory. All matrices are f32, column-major.
 
 use gpushare::device::cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use gpushare::device::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use gpushare::device::cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use gpushare::device::cudarc::nvrtc::Ptx;
 use gpushare::device::sim::SimMemory;
 use gpushare::device::{Device, DevicePtr, DeviceRange, Stream};
@@ -102,8 +102,14 @@ impl Kernels {
         Ok(Kernels { dev, cuda })
     }
 
-    fn funcs(&self, c: &Cuda, s: &Stream) -> Res<Arc<Funcs>> {
-        let cs = s.cuda_stream().ok_or("a CUDA stream is needed")?;
+    /// Run `f` on the cudarc stream of `s`, in the context cudarc needs current for it (a
+    /// partition's green context, one thread at a time: see `Stream::with_cuda_stream`).
+    fn on_cuda<R>(s: &Stream, f: impl FnOnce(&Arc<CudaStream>) -> Res<R>) -> Res<R> {
+        s.with_cuda_stream(f)?
+            .unwrap_or_else(|| Err("a CUDA stream is needed".into()))
+    }
+
+    fn funcs(&self, c: &Cuda, cs: &Arc<CudaStream>) -> Res<Arc<Funcs>> {
         let key = cs.context().cu_ctx() as usize;
         let mut all = c.funcs.lock().map_err(|_| "kernel cache poisoned")?;
         if let Some((_, f)) = all.iter().find(|(k, _)| *k == key) {
@@ -119,8 +125,7 @@ impl Kernels {
         Ok(f)
     }
 
-    fn blas(&self, c: &Cuda, s: &Stream) -> Res<Arc<CudaBlas>> {
-        let cs = s.cuda_stream().ok_or("a CUDA stream is needed")?;
+    fn blas(&self, c: &Cuda, cs: &Arc<CudaStream>) -> Res<Arc<CudaBlas>> {
         let key = cs.cu_stream() as usize;
         let mut all = c.blas.lock().map_err(|_| "cuBLAS cache poisoned")?;
         if let Some((_, b)) = all.iter().find(|(k, _)| *k == key) {
@@ -134,16 +139,15 @@ impl Kernels {
     /// `p[0..n] = v`.
     pub fn fill(&self, s: &Stream, p: DevicePtr, n: u64, v: f32) -> Res<()> {
         match &self.cuda {
-            Some(c) => {
-                let f = self.funcs(c, s)?;
-                let cs = s.cuda_stream().ok_or("a CUDA stream is needed")?;
+            Some(c) => Self::on_cuda(s, |cs| {
+                let f = self.funcs(c, cs)?;
                 let mut b = cs.launch_builder(&f.fill);
                 b.arg(&p.0).arg(&n).arg(&v);
                 // SAFETY: `p` points to `n` floats of device memory that the caller's
                 // session keeps pinned until this stream's work completes.
                 unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }?;
                 Ok(())
-            }
+            }),
             None => self.host(s, move |m| write_f32(m, p, &vec![v; n as usize])),
         }
     }
@@ -161,8 +165,8 @@ impl Kernels {
         c: DevicePtr,
     ) -> Res<()> {
         match &self.cuda {
-            Some(cu) => {
-                let h = self.blas(cu, s)?;
+            Some(cu) => Self::on_cuda(s, |cs| {
+                let h = self.blas(cu, cs)?;
                 let (alpha, beta) = (1.0f32, 0.0f32);
                 let (mi, ni, ki) = (m as i32, n as i32, k as i32);
                 // SAFETY: A, B and C are device allocations of m·k, k·n and m·n floats that
@@ -187,7 +191,7 @@ impl Kernels {
                     )
                 }?;
                 Ok(())
-            }
+            }),
             None => self.host(s, move |mem| {
                 let av = read_f32(mem, a, m * k)?;
                 let bv = read_f32(mem, b, k * n)?;
@@ -216,16 +220,15 @@ impl Kernels {
         ntaps: u32,
     ) -> Res<()> {
         match &self.cuda {
-            Some(c) => {
-                let f = self.funcs(c, s)?;
-                let cs = s.cuda_stream().ok_or("a CUDA stream is needed")?;
+            Some(c) => Self::on_cuda(s, |cs| {
+                let f = self.funcs(c, cs)?;
                 let mut b = cs.launch_builder(&f.fir);
                 b.arg(&input.0).arg(&taps.0).arg(&out.0).arg(&n).arg(&ntaps);
                 // SAFETY: input and out hold n floats, taps ntaps floats, all pinned by the
                 // caller's session until this stream's work completes.
                 unsafe { b.launch(LaunchConfig::for_num_elems(n)) }?;
                 Ok(())
-            }
+            }),
             None => self.host(s, move |m| {
                 let x = read_f32(m, input, n as usize)?;
                 let h = read_f32(m, taps, ntaps as usize)?;
@@ -251,9 +254,8 @@ impl Kernels {
         w: u32,
     ) -> Res<()> {
         match &self.cuda {
-            Some(c) => {
-                let f = self.funcs(c, s)?;
-                let cs = s.cuda_stream().ok_or("a CUDA stream is needed")?;
+            Some(c) => Self::on_cuda(s, |cs| {
+                let f = self.funcs(c, cs)?;
                 let mut b = cs.launch_builder(&f.conv);
                 b.arg(&img.0)
                     .arg(&filt.0)
@@ -270,7 +272,7 @@ impl Kernels {
                 // the caller's session until this stream's work completes.
                 unsafe { b.launch(cfg) }?;
                 Ok(())
-            }
+            }),
             None => self.host(s, move |m| {
                 let (c_out, h, w) = (c_out as usize, h as usize, w as usize);
                 let im = read_f32(m, img, h * w)?;

@@ -83,28 +83,30 @@ fn new_event(
     ctx.new_event(Some(flags)).call("cuEventCreate")
 }
 
-/// Wait on the host for everything queued on `s` so far. Not through cudarc's
-/// `synchronize`, which may report an error stored earlier without waiting: callers hand
-/// memory on, or read it, once this returns.
-fn sync_stream(s: &CudaStream) -> Result<()> {
-    make_current(s.context())?;
-    // SAFETY: the stream is alive (borrowed) and its context is current.
+/// Wait on the host for everything queued on `s` so far, with `primary` (the device's
+/// primary context) current: a stream's handle names its context, an SM partition's
+/// included (see [`GreenCtx`]). Not through cudarc's `synchronize`, which may report an
+/// error stored earlier without waiting, and would make a partition's green context
+/// current: callers hand memory on, or read it, once this returns.
+fn sync_stream(primary: &CudaContext, s: &CudaStream) -> Result<()> {
+    make_current(primary)?;
+    // SAFETY: the stream is alive (borrowed); a context of its device is current.
     unsafe { result::stream::synchronize(s.cu_stream()) }.call("cuStreamSynchronize")
 }
 
-/// Record `e` on `s`. Both must belong to `s`'s context.
-fn record_on(e: &cudarc::driver::CudaEvent, s: &CudaStream) -> Result<()> {
-    make_current(s.context())?;
-    // SAFETY: the event and the stream are alive (borrowed) and of the context made
-    // current here.
-    unsafe { result::event::record(e.cu_event(), s.cu_stream()) }.call("cuEventRecord")
+/// Record `e` on `s`, which must belong to the context `e` was made in, with the primary
+/// context current (see [`GreenCtx`]).
+fn record_on(e: &CtxEvent, s: &CudaStream) -> Result<()> {
+    make_current(&e.primary)?;
+    // SAFETY: the event and the stream are alive (borrowed) and of one context.
+    unsafe { result::event::record(e.ev, s.cu_stream()) }.call("cuEventRecord")
 }
 
 /// Wait on the host for event `e` (see [`sync_stream`]).
-fn sync_event(e: &cudarc::driver::CudaEvent) -> Result<()> {
-    make_current(e.context())?;
-    // SAFETY: the event is alive (borrowed) and its context is current.
-    unsafe { result::event::synchronize(e.cu_event()) }.call("cuEventSynchronize")
+fn sync_event(e: &CtxEvent) -> Result<()> {
+    make_current(&e.primary)?;
+    // SAFETY: the event is alive (borrowed).
+    unsafe { result::event::synchronize(e.ev) }.call("cuEventSynchronize")
 }
 
 fn symbol_present(name: &[u8]) -> bool {
@@ -404,17 +406,43 @@ pub(crate) struct GreenCtx {
     primary: Arc<CudaContext>,
     /// The device's count of green contexts not yet destroyed.
     live: Arc<AtomicUsize>,
+    /// Held while this layer has the green context current on a thread (see
+    /// [`GreenCtx::with_current`]). Reentrant: a user's closure run in the context may
+    /// make gpushare calls that take it again on the same thread.
+    current: parking_lot::ReentrantMutex<()>,
+}
+
+impl GreenCtx {
+    /// Run `f` with the green context current on this thread, and the primary context
+    /// current again after it, under this green context's lock.
+    ///
+    /// The driver documents that a green context can be current to one thread at a time,
+    /// with no synchronisation of calls that reach it from several threads. So this layer
+    /// makes it current only where a call takes its context from the thread (making an
+    /// event in it) and where that is the conservative choice (destroying its events and
+    /// streams), one thread at a time; every other call on its handles (recording,
+    /// querying and waiting for events, waiting for streams, copies, waits between
+    /// streams, host callbacks) names its context through the handle and runs with the
+    /// primary context current. Work a user launches on a partition's stream through
+    /// cudarc makes the green context current as well; `Stream::with_cuda_stream` runs it
+    /// here. A call nested in `f` on the same thread takes the lock again and leaves the
+    /// primary context current when it returns; cudarc makes the green one current again
+    /// for its next call.
+    fn with_current<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _one = self.current.lock();
+        make_current(&self.ctx)?;
+        let r = f();
+        let back = make_current(&self.primary);
+        let r = r?;
+        back.map(|()| r)
+    }
 }
 
 // SAFETY: a CUgreenCtx is an opaque driver handle, valid on any thread until destroyed
-// (once, in Drop). The driver documents that a green context can be current to one thread
-// at a time and does not synchronise API calls that reach it from several threads: this
-// layer makes it current for the calls on its events (making, recording, querying and
-// waiting for them) and for destroying its streams, and cudarc makes it current for work a user
-// launches on a partition's stream. Those calls are not serialised per green context; a
-// GPU test (`partition_events_from_many_threads`) drives them from several threads at once.
+// (once, in Drop). This layer makes the green context current on one thread at a time
+// (`with_current`), as the driver requires; see there for the calls that reach it.
 unsafe impl Send for GreenCtx {}
-// SAFETY: as above; GreenCtx has no interior state besides the handle.
+// SAFETY: as above; besides the handle, its only interior state is a lock.
 unsafe impl Sync for GreenCtx {}
 
 impl Drop for GreenCtx {
@@ -436,6 +464,19 @@ impl Drop for GreenCtx {
             }
             Err(e) => tracing::warn!(error = %e, "cuGreenCtxDestroy failed"),
         }
+    }
+}
+
+/// Run `f`, which makes cudarc calls on a stream whose owner is `green` if the stream is
+/// an SM partition's: then with its green context current, one thread at a time (see
+/// [`GreenCtx::with_current`]), for cudarc makes a stream's context current for its calls.
+pub(crate) fn in_stream_context<T>(
+    green: Option<&GreenStream>,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    match green {
+        Some(g) => g.green.with_current(f),
+        None => f(),
     }
 }
 
@@ -462,20 +503,22 @@ impl Drop for GreenStream {
             );
             return;
         }
-        let _ = make_current(&self.green.ctx);
-        // SAFETY: created by cuGreenCtxStreamCreate, referenced by nothing but `self.cuda`
-        // (checked above, and dropped right after this), and destroyed once, here, after its
-        // pending work has run and before its green context (held by `green`).
-        unsafe {
-            if let Err(e) = sys::cuStreamSynchronize(self.stream).result() {
-                tracing::warn!(error = %e, "cuStreamSynchronize failed");
-            }
-            if let Err(e) = sys::cuStreamDestroy_v2(self.stream).result() {
-                tracing::warn!(error = %e, "cuStreamDestroy failed");
-            }
+        // Its pending work runs first, waited for outside the green context's lock.
+        if let Err(e) = sync_stream(&self.green.primary, &self.cuda) {
+            tracing::warn!(error = %e, "cuStreamSynchronize failed");
         }
-        // The green context goes back from this thread as soon as it is not needed.
-        let _ = make_current(&self.green.primary);
+        let destroyed = self.green.with_current(|| {
+            // SAFETY: created by cuGreenCtxStreamCreate, referenced by nothing but
+            // `self.cuda` (checked above, and dropped right after this), and destroyed once,
+            // here, after its pending work has run and before its green context (held by
+            // `green`).
+            unsafe { sys::cuStreamDestroy_v2(self.stream) }
+                .result()
+                .call("cuStreamDestroy")
+        });
+        if let Err(e) = destroyed {
+            tracing::warn!(error = %e, "destroying a partition's stream failed");
+        }
     }
 }
 
@@ -484,11 +527,24 @@ impl Drop for GreenStream {
 /// can only go once the event is destroyed; a green context whose last user is an event
 /// is then destroyed with it, where the partition's own end would have found it still in
 /// use and left it to the process.
+///
+/// The event is a raw handle, not cudarc's `CudaEvent`, whose calls and drop make the
+/// event's context current: for a partition's event, its green context (see [`GreenCtx`]).
 #[derive(Debug)]
 struct CtxEvent {
-    ev: cudarc::driver::CudaEvent,
-    _green: Option<Arc<GreenCtx>>,
+    ev: sys::CUevent,
+    /// The context the event was made in, to compare with streams' contexts.
+    ctx: sys::CUcontext,
+    /// The device's primary context, current for the calls on the event.
+    primary: Arc<CudaContext>,
+    green: Option<Arc<GreenCtx>>,
 }
+
+// SAFETY: a CUevent is an opaque driver handle usable from any thread; it is destroyed
+// once, in Drop, and the calls on it are the driver's, which synchronise themselves.
+unsafe impl Send for CtxEvent {}
+// SAFETY: as above; `ctx` is only compared, never used as a context.
+unsafe impl Sync for CtxEvent {}
 
 impl CtxEvent {
     /// A new event in the context of `stream`, whose green context is `green` if any.
@@ -497,10 +553,36 @@ impl CtxEvent {
         green: Option<&Arc<GreenCtx>>,
         flags: sys::CUevent_flags,
     ) -> Result<Self> {
+        // An event is made in the context current on the thread.
+        let create = || result::event::create(flags).call("cuEventCreate");
+        let (ev, primary) = match green {
+            Some(g) => (g.with_current(create)?, g.primary.clone()),
+            None => {
+                make_current(stream.context())?;
+                (create()?, stream.context().clone())
+            }
+        };
         Ok(CtxEvent {
-            ev: new_event(stream.context(), flags)?,
-            _green: green.cloned(),
+            ev,
+            ctx: stream.context().cu_ctx(),
+            primary,
+            green: green.cloned(),
         })
+    }
+}
+
+impl Drop for CtxEvent {
+    fn drop(&mut self) {
+        // SAFETY: the event came from cuEventCreate in `on` and is destroyed once, here;
+        // the driver lets an event go while work it was recorded behind is still queued.
+        let destroy = || unsafe { result::event::destroy(self.ev) }.call("cuEventDestroy");
+        let r = match &self.green {
+            Some(g) => g.with_current(destroy),
+            None => make_current(&self.primary).and_then(|()| destroy()),
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "destroying a CUDA event failed");
+        }
     }
 }
 
@@ -510,7 +592,7 @@ impl CtxEvent {
 /// Nearly every event is recorded in one context only (a runtime context records its events
 /// on its own stream), so the first context's event, `home`, is recorded, waited on and
 /// queried without a lock once made: a record there is a `cuCtxGetCurrent` (to make the
-/// stream's context current if it is not), one `cuEventRecord` and a store, a wait one
+/// primary context current if it is not), one `cuEventRecord` and a store, a wait one
 /// load, a `cuCtxGetCurrent` and one `cuStreamWaitEvent`. The first record makes the home
 /// event under the lock. Events of other contexts sit behind a lock. Records of
 /// one event from several threads at once race, as CUDA's own do: whichever ends last is
@@ -546,20 +628,17 @@ impl CudaEventSet {
     }
 
     /// The CUDA event recorded last, if any.
-    fn with_last<T>(
-        &self,
-        f: impl FnOnce(&cudarc::driver::CudaEvent) -> Result<T>,
-    ) -> Result<Option<T>> {
+    fn with_last<T>(&self, f: impl FnOnce(&CtxEvent) -> Result<T>) -> Result<Option<T>> {
         // Acquire: pairs with the store after a record, so that the home event it names
         // is set.
         match self.last.load(Ordering::Acquire) {
             NEVER => Ok(None),
-            HOME => self.home.get().map(|e| f(&e.ev)).transpose(),
+            HOME => self.home.get().map(f).transpose(),
             i => {
                 // Taken out of the list, so that a record in another context does not wait
                 // for `f`, which may block until the GPU gets there.
                 let e = self.others.lock().get(i - OTHER).cloned();
-                e.map(|e| f(&e.ev)).transpose()
+                e.map(|e| f(&e)).transpose()
             }
         }
     }
@@ -568,8 +647,8 @@ impl CudaEventSet {
     fn record(&self, stream: &Arc<CudaStream>, green: Option<&Arc<GreenCtx>>) -> Result<()> {
         let ctx = stream.context();
         if let Some(home) = self.home.get() {
-            if home.ev.context().cu_ctx() == ctx.cu_ctx() {
-                record_on(&home.ev, stream)?;
+            if home.ctx == ctx.cu_ctx() {
+                record_on(home, stream)?;
                 self.last.store(HOME, Ordering::Release);
                 return Ok(());
             }
@@ -584,22 +663,19 @@ impl CudaEventSet {
                 self.home.get_or_init(|| ev)
             }
         };
-        if home.ev.context().cu_ctx() == ctx.cu_ctx() {
-            record_on(&home.ev, stream)?;
+        if home.ctx == ctx.cu_ctx() {
+            record_on(home, stream)?;
             self.last.store(HOME, Ordering::Release);
             return Ok(());
         }
-        let i = match others
-            .iter()
-            .position(|e| e.ev.context().cu_ctx() == ctx.cu_ctx())
-        {
+        let i = match others.iter().position(|e| e.ctx == ctx.cu_ctx()) {
             Some(i) => i,
             None => {
                 others.push(Arc::new(CtxEvent::on(stream, green, self.flags)?));
                 others.len() - 1
             }
         };
-        record_on(&others[i].ev, stream)?;
+        record_on(&others[i], stream)?;
         self.last.store(OTHER + i, Ordering::Release);
         Ok(())
     }
@@ -636,7 +712,7 @@ impl CudaPinned {
                 "a copy of this pinned buffer may still be running ({why}); the buffer cannot be used again"
             )));
         }
-        self.last.as_ref().map_or(Ok(()), |e| sync_event(&e.ev))
+        self.last.as_ref().map_or(Ok(()), sync_event)
     }
 
     /// The bytes, once every copy that used them has completed.
@@ -657,12 +733,12 @@ impl CudaPinned {
     /// Order `stream` after earlier copies of this buffer.
     fn before_copy(&self, stream: &CudaStream) -> Result<()> {
         if let Some(e) = &self.last {
-            make_current(stream.context())?;
+            make_current(&self.ctx)?;
             // SAFETY: both handles are alive; waiting across contexts of a device is allowed.
             unsafe {
                 result::stream::wait_event(
                     stream.cu_stream(),
-                    e.ev.cu_event(),
+                    e.ev,
                     sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
                 )
             }
@@ -673,20 +749,27 @@ impl CudaPinned {
 
     /// Remember that a copy on `stream` uses the buffer. The copy is already queued: if it
     /// cannot be recorded, the stream is waited for here, so that no copy runs untracked
-    /// while the buffer is rewritten or freed.
+    /// while the buffer is rewritten or freed. A copy waited for so is complete, and the
+    /// copy succeeds; if the wait fails too, the record's error is returned.
     fn after_copy(
         &mut self,
         stream: &Arc<CudaStream>,
         green: Option<&Arc<GreenCtx>>,
     ) -> Result<()> {
-        let r = self.record_last(stream, green);
-        if r.is_err() {
-            if let Err(e) = sync_stream(stream) {
+        let Err(recorded) = self.record_last(stream, green) else {
+            return Ok(());
+        };
+        match sync_stream(&self.ctx, stream) {
+            Ok(()) => {
+                tracing::warn!(error = %recorded, "recording a pinned buffer's copy failed; the copy was waited for instead");
+                Ok(())
+            }
+            Err(e) => {
                 tracing::error!(error = %e, "waiting for an untracked copy of a pinned buffer failed");
                 self.untracked = Some(e.to_string());
+                Err(recorded)
             }
         }
-        r
     }
 
     fn record_last(
@@ -696,7 +779,7 @@ impl CudaPinned {
     ) -> Result<()> {
         let ctx = stream.context();
         match &self.last {
-            Some(e) if e.ev.context().cu_ctx() == ctx.cu_ctx() => record_on(&e.ev, stream),
+            Some(e) if e.ctx == ctx.cu_ctx() => record_on(e, stream),
             _ => {
                 // The last copy ran in another context (a partition's), or none ran yet.
                 // Replacing its event loses no track of it: `before_copy` made this stream
@@ -704,7 +787,7 @@ impl CudaPinned {
                 // did. The old one goes only once the new one is recorded: should the
                 // record fail, `last` still tracks the earlier copies.
                 let e = CtxEvent::on(stream, green, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
-                record_on(&e.ev, stream)?;
+                record_on(&e, stream)?;
                 self.last = Some(e);
                 Ok(())
             }
@@ -967,7 +1050,7 @@ impl Device for CudaDevice {
             unsafe {
                 result::stream::wait_event(
                     s.cu_stream(),
-                    ev.cu_event(),
+                    ev.ev,
                     sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
                 )
             }
@@ -980,8 +1063,15 @@ impl Device for CudaDevice {
         Ok(self
             .event(event)?
             .with_last(|ev| {
-                make_current(ev.context())?;
-                ev.try_is_complete().call("cuEventQuery")
+                make_current(&ev.primary)?;
+                // SAFETY: the event is alive (borrowed).
+                match unsafe { result::event::query(ev.ev) } {
+                    Ok(()) => Ok(true),
+                    Err(cudarc::driver::DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) => {
+                        Ok(false)
+                    }
+                    Err(e) => Err(e).call("cuEventQuery"),
+                }
             })?
             .unwrap_or(true))
     }
@@ -1004,7 +1094,7 @@ impl Device for CudaDevice {
         };
         // The last recorded CUDA event of each, once complete.
         let synced = |set: &CudaEventSet| {
-            set.with_last(|e| sync_event(e).map(|()| e.cu_event()))?
+            set.with_last(|e| sync_event(e).map(|()| e.ev))?
                 .ok_or_else(never)
         };
         let (ea, eb) = (synced(a)?, synced(b)?);
@@ -1016,7 +1106,7 @@ impl Device for CudaDevice {
     }
 
     fn synchronize_stream(&self, stream: &Stream) -> Result<()> {
-        sync_stream(self.stream(stream)?)
+        sync_stream(&self.inner.ctx, self.stream(stream)?)
     }
 
     fn host_callback(&self, stream: &Stream, f: HostFn) -> Result<()> {
@@ -1145,7 +1235,7 @@ impl Device for CudaDevice {
         // the stream before returning, so `src` outlives the copy.
         unsafe { result::memcpy_htod_async(dst.ptr.0, src, s.cu_stream()) }
             .call("cuMemcpyHtoDAsync")?;
-        sync_stream(s)
+        sync_stream(&self.inner.ctx, s)
     }
 
     fn read_sync(&self, dst: &mut [u8], src: DeviceRange, stream: &Stream) -> Result<()> {
@@ -1157,7 +1247,7 @@ impl Device for CudaDevice {
         // SAFETY: `dst` is borrowed mutably until the stream is synchronized below.
         unsafe { result::memcpy_dtoh_async(dst, src.ptr.0, s.cu_stream()) }
             .call("cuMemcpyDtoHAsync")?;
-        sync_stream(s)
+        sync_stream(&self.inner.ctx, s)
     }
 
     fn split_sms(&self, sm_counts: &[u32]) -> Result<SmSplit> {
@@ -1357,7 +1447,7 @@ impl CudaDevice {
             }
             v.push(t.elapsed() / BATCH);
         }
-        sync_stream(self.stream(stream)?)?;
+        sync_stream(&self.inner.ctx, self.stream(stream)?)?;
         Ok(v)
     }
 }
@@ -1381,8 +1471,7 @@ impl RawEventPair {
     /// Record the event on the first stream and make the second wait for it:
     /// `cuEventRecord` and `cuStreamWaitEvent`, with no context check, lock or count around
     /// them. Call it on a thread whose current context is the device's primary one (as
-    /// [`CudaDevice::raw_event_pair`] leaves it, and as gpushare's own calls leave it for
-    /// streams outside SM partitions).
+    /// [`CudaDevice::raw_event_pair`] leaves it, and as gpushare's own calls leave it).
     pub fn record_and_wait(&self) -> Result<()> {
         // SAFETY: the event and both streams are alive (owned here) and belong to the
         // primary context; waiting on an event of the same context is allowed.
@@ -1399,16 +1488,17 @@ impl RawEventPair {
 
     /// Wait on the host for both streams' work.
     pub fn synchronize(&self) -> Result<()> {
-        sync_stream(&self.a)?;
-        sync_stream(&self.b)
+        sync_stream(self.a.context(), &self.a)?;
+        sync_stream(self.b.context(), &self.b)
     }
 }
 
 impl CudaDevice {
     /// How many green contexts (the driver's SM partitions) this device has made and not
-    /// yet destroyed: those of live splits, streams and events, plus any left to the
-    /// process because a cudarc handle made in one outlived it (logged when it happens).
-    /// With no partition in use it is 0; a count that stays above that is a leak.
+    /// yet destroyed: those of live splits, streams and events (a pinned buffer's last
+    /// copy in a partition keeps an event there until its next copy), plus any left to the
+    /// process because a cudarc handle made in one outlived it (a module loaded into a
+    /// partition's context, say; logged when the partition ends).
     pub fn live_partitions(&self) -> usize {
         self.inner.green_live.load(Ordering::Relaxed)
     }
@@ -1478,7 +1568,7 @@ impl CudaDevice {
             // SAFETY: each pointer is a live allocation of this stream, freed once.
             let _ = unsafe { result::free_async(p, s) };
         }
-        sync_stream(self.stream(stream)?)?;
+        sync_stream(&self.inner.ctx, self.stream(stream)?)?;
         r.map(|()| out)
     }
 
@@ -1524,9 +1614,10 @@ impl CudaDevice {
             .call("cuDeviceGetAttribute")
         })();
         if let Err(e) = checked {
+            // Not current on this thread when it goes.
+            let _ = self.bind();
             // SAFETY: created above and not shared; destroyed once.
             let _ = unsafe { sys::cuGreenCtxDestroy(handle) };
-            let _ = self.bind();
             return Err(e);
         }
         // SAFETY: `raw_ctx` is a valid context of this device. Its wrapper is never dropped
@@ -1542,7 +1633,7 @@ impl CudaDevice {
                 tracing::error!(error = %e, "wrapping a green context failed; it is left to the process");
                 let _ = self.bind();
                 return Err(DeviceError::Driver {
-                    call: "cuCtxSetCurrent",
+                    call: "CudaContext::from_raw_context (cuCtxSetCurrent, cuDeviceGetAttribute)",
                     source: e,
                 });
             }
@@ -1553,6 +1644,7 @@ impl CudaDevice {
             ctx,
             primary: self.inner.ctx.clone(),
             live: self.inner.green_live.clone(),
+            current: parking_lot::ReentrantMutex::new(()),
         });
         // Leave the primary context current for the caller's next calls.
         self.bind()?;

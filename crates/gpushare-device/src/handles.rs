@@ -187,10 +187,39 @@ impl Stream {
     }
     /// The cudarc stream, on the CUDA backend: launch kernels and cuBLAS calls on it. Its
     /// context is the one to load modules into.
+    ///
+    /// On a stream of an SM partition, that context is the partition's green context, and
+    /// cudarc makes it current on the thread that calls it. CUDA allows a green context to
+    /// be current on one thread at a time, so launch on a partition's stream inside
+    /// [`Stream::with_cuda_stream`], which takes care of that.
+    ///
+    /// A capture of this stream into a CUDA graph must end before gpushare queues its own
+    /// work behind it: a recorded event's wait, or the stream-ordered release of memory
+    /// freed on it (a session's scratch, at the latest when the session ends). The driver
+    /// refuses the host callbacks that work uses while a capture is under way.
     pub fn cuda_stream(&self) -> Option<&Arc<cudarc::driver::CudaStream>> {
         match &self.inner {
             StreamInner::Cuda(s, _) => Some(s),
             StreamInner::Sim(_) => None,
+        }
+    }
+
+    /// Run `f` with the cudarc stream, on the CUDA backend (`Ok(None)` on the simulated
+    /// device): load modules, make cuBLAS handles and launch work on it there. On a stream
+    /// of an SM partition, `f` runs with the partition's green context current on this
+    /// thread and no other thread's gpushare call in that context meanwhile, as CUDA
+    /// requires (a green context can be current on one thread at a time); the primary
+    /// context is current again afterwards. Elsewhere it just calls `f`. Keep `f` to this
+    /// stream's work: other threads' calls that need the partition's context wait for it.
+    pub fn with_cuda_stream<R>(
+        &self,
+        f: impl FnOnce(&Arc<cudarc::driver::CudaStream>) -> R,
+    ) -> crate::Result<Option<R>> {
+        match &self.inner {
+            StreamInner::Cuda(s, green) => {
+                cuda::in_stream_context(green.as_deref(), || Ok(f(s))).map(Some)
+            }
+            StreamInner::Sim(_) => Ok(None),
         }
     }
     /// Whether two handles refer to the same stream.

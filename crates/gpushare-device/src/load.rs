@@ -90,36 +90,40 @@ impl SpinLoad {
         }
         crate::check_owner(self.dev.id(), "stream", stream.device)?;
         match (&self.cuda, &stream.inner) {
-            (Some(c), StreamInner::Cuda(s, _)) => {
-                let key = s.context().cu_ctx() as usize;
-                let f = {
-                    let mut funcs = c.funcs.lock();
-                    match funcs.iter().find(|(k, _)| *k == key) {
-                        Some((_, f)) => f.clone(),
-                        None => {
-                            let m = s
-                                .context()
-                                .load_module(c.ptx.clone())
-                                .call("cuModuleLoadData")?;
-                            let f = m
-                                .load_function("gpushare_spin")
-                                .call("cuModuleGetFunction")?;
-                            funcs.push((key, f.clone()));
-                            f
+            // A partition's module and launch go through cudarc, which makes the stream's
+            // green context current: one thread at a time, and the primary after.
+            (Some(c), StreamInner::Cuda(s, green)) => {
+                crate::cuda::in_stream_context(green.as_deref(), || {
+                    let key = s.context().cu_ctx() as usize;
+                    let f = {
+                        let mut funcs = c.funcs.lock();
+                        match funcs.iter().find(|(k, _)| *k == key) {
+                            Some((_, f)) => f.clone(),
+                            None => {
+                                let m = s
+                                    .context()
+                                    .load_module(c.ptx.clone())
+                                    .call("cuModuleLoadData")?;
+                                let f = m
+                                    .load_function("gpushare_spin")
+                                    .call("cuModuleGetFunction")?;
+                                funcs.push((key, f.clone()));
+                                f
+                            }
                         }
-                    }
-                };
-                let cfg = LaunchConfig {
-                    grid_dim: (blocks, 1, 1),
-                    block_dim: (threads, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let mut b = s.launch_builder(&f);
-                b.arg(&cycles);
-                // SAFETY: the kernel takes one u64 by value, which is what is pushed, and
-                // touches no memory.
-                unsafe { b.launch(cfg) }.call("cuLaunchKernel")?;
-                Ok(())
+                    };
+                    let cfg = LaunchConfig {
+                        grid_dim: (blocks, 1, 1),
+                        block_dim: (threads, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let mut b = s.launch_builder(&f);
+                    b.arg(&cycles);
+                    // SAFETY: the kernel takes one u64 by value, which is what is pushed, and
+                    // touches no memory.
+                    unsafe { b.launch(cfg) }.call("cuLaunchKernel")?;
+                    Ok(())
+                })
             }
             (None, StreamInner::Sim(_)) => {
                 let d = Duration::from_secs_f64(cycles as f64 / SIM_CLOCK_HZ as f64);

@@ -670,10 +670,11 @@ fn cuda_open_never_panics() {
 }
 
 /// The bare driver pair that benchmarks compare gpushare's events with runs on the thread
-/// that made it: a thousand records and waits, then both streams finish.
+/// that made it: a thousand records and waits without a driver error, then both streams
+/// finish. (Their order is the driver's to keep; the pair is a yardstick.)
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn the_raw_event_pair_orders_its_streams() {
+fn the_raw_event_pair_records_and_waits() {
     let dev = CudaDevice::new(0).expect("this test needs a CUDA GPU");
     let pair = dev.raw_event_pair().unwrap();
     for _ in 0..1000 {
@@ -715,6 +716,66 @@ fn an_event_keeps_its_partition_until_it_goes() {
         before,
         "the partition goes with its event"
     );
+}
+
+/// Work launched in an SM partition from several threads at once runs with the partition's
+/// green context current inside `Stream::with_cuda_stream` (and inside `SpinLoad::launch`),
+/// one thread at a time, and leaves the primary context current on every thread, as every
+/// call on a partition's events and streams does.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn partition_work_leaves_the_primary_context_current() {
+    use gpushare_device::cudarc::driver::result::ctx::get_current;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let cuda = CudaDevice::new(0).expect("this test needs a CUDA GPU");
+    if !cuda.info().green_contexts {
+        return;
+    }
+    // As an address: a raw pointer does not cross threads.
+    let primary = cuda.context().cu_ctx() as usize;
+    let current = || get_current().unwrap().map(|c| c as usize);
+    let dev: Arc<dyn Device> = Arc::new(cuda);
+    let split = dev.split_sms(&[16]).unwrap();
+    let load = gpushare_device::SpinLoad::new(dev.clone()).unwrap();
+    let inside = AtomicU32::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            let (dev, split, load, inside, current) = (&dev, &split, &load, &inside, &current);
+            scope.spawn(move || {
+                let s = dev
+                    .create_stream_in(&split.partitions[0], dev.info().priority_range.least)
+                    .unwrap();
+                let e = dev.create_event(EventFlags::default()).unwrap();
+                for _ in 0..50 {
+                    let green = s
+                        .with_cuda_stream(|cs| {
+                            // One thread at a time in here.
+                            let others = inside.fetch_add(1, Ordering::SeqCst);
+                            assert_eq!(others, 0, "two threads inside one partition's context");
+                            std::thread::yield_now();
+                            let now = current();
+                            inside.fetch_sub(1, Ordering::SeqCst);
+                            (now, cs.context().cu_ctx() as usize)
+                        })
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(green.0, Some(green.1), "the partition's context is current");
+                    assert_ne!(green.1, primary);
+                    assert_eq!(current(), Some(primary));
+                    load.launch(&s, 1, 32, 10_000).unwrap();
+                    assert_eq!(current(), Some(primary));
+                    dev.record_event(&e, &s).unwrap();
+                    dev.query_event(&e).unwrap();
+                    dev.synchronize_event(&e).unwrap();
+                    assert_eq!(current(), Some(primary));
+                }
+                dev.synchronize_stream(&s).unwrap();
+                drop(e);
+                drop(s);
+                assert_eq!(current(), Some(primary));
+            });
+        }
+    });
 }
 
 /// A range helper used by the suite is itself checked.
