@@ -948,8 +948,9 @@ impl<'a> Session<'a> {
         self.more.as_ref().is_some_and(|m| m.extra.contains(key))
     }
 
-    /// The context's stream. On CUDA, `stream().cuda_stream()` is the cudarc stream to
-    /// launch kernels and cuBLAS calls on.
+    /// The context's stream. On CUDA, launch kernels and cuBLAS calls on its cudarc
+    /// stream inside `stream().with_cuda_stream(|cs| ...)`, which makes an SM partition's
+    /// context current for them, one thread at a time.
     pub fn stream(&self) -> &Stream {
         &self.ctx.stream
     }

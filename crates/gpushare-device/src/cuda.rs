@@ -407,9 +407,12 @@ pub(crate) struct GreenCtx {
     /// The device's count of green contexts not yet destroyed.
     live: Arc<AtomicUsize>,
     /// Held while this layer has the green context current on a thread (see
-    /// [`GreenCtx::with_current`]). Reentrant: a user's closure run in the context may
-    /// make gpushare calls that take it again on the same thread.
+    /// [`GreenCtx::with_current`]). Reentrant, so that a call nested in a user's closure
+    /// on the same thread does not wait for itself.
     current: parking_lot::ReentrantMutex<()>,
+    /// Events made in this context and no longer used, for reuse, by flags (see
+    /// [`GreenCtx::event`]); destroyed with the context.
+    spare: parking_lot::Mutex<Vec<(sys::CUevent_flags, sys::CUevent)>>,
 }
 
 impl GreenCtx {
@@ -418,23 +421,60 @@ impl GreenCtx {
     ///
     /// The driver documents that a green context can be current to one thread at a time,
     /// with no synchronisation of calls that reach it from several threads. So this layer
-    /// makes it current only where a call takes its context from the thread (making an
-    /// event in it) and where that is the conservative choice (destroying its events and
-    /// streams), one thread at a time; every other call on its handles (recording,
-    /// querying and waiting for events, waiting for streams, copies, waits between
-    /// streams, host callbacks) names its context through the handle and runs with the
-    /// primary context current. Work a user launches on a partition's stream through
-    /// cudarc makes the green context current as well; `Stream::with_cuda_stream` runs it
-    /// here. A call nested in `f` on the same thread takes the lock again and leaves the
-    /// primary context current when it returns; cudarc makes the green one current again
-    /// for its next call.
-    fn with_current<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// makes it current only where a call takes its context from the thread: making an
+    /// event in it, and work a user runs on a partition's stream through cudarc
+    /// (`Stream::with_cuda_stream`, `SpinLoad`). Every other call on its handles
+    /// (recording, querying, waiting for and destroying events, waiting for and destroying
+    /// streams, copies, waits between streams, host callbacks) names its context through
+    /// the handle and runs with the primary context current.
+    ///
+    /// The lock is a leaf for this layer's own calls: nothing here takes another lock, or
+    /// waits for anything, while holding it. A user's closure must keep to that (see
+    /// `Stream::with_cuda_stream`): the runtime may make a partition's event while holding
+    /// the pool's lock (an eviction's fence), so a closure that waited for the pool would
+    /// deadlock with it. Made events are reused ([`GreenCtx::event`]), so such a wait is
+    /// rare as well as short.
+    ///
+    /// After `f` (or its panic), the context current before is current again if it was
+    /// this one (a nested call), and the primary context otherwise.
+    pub(crate) fn with_current<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        struct Back<'a>(&'a GreenCtx, bool);
+        impl Drop for Back<'_> {
+            fn drop(&mut self) {
+                let to: &CudaContext = if self.1 { &self.0.ctx } else { &self.0.primary };
+                if let Err(e) = make_current(to) {
+                    tracing::warn!(error = %e, "making a context current again failed");
+                }
+            }
+        }
         let _one = self.current.lock();
+        let nested = result::ctx::get_current()
+            .call("cuCtxGetCurrent")?
+            .is_some_and(|c| c == self.ctx.cu_ctx());
+        let _back = Back(self, nested);
         make_current(&self.ctx)?;
-        let r = f();
-        let back = make_current(&self.primary);
-        let r = r?;
-        back.map(|()| r)
+        f()
+    }
+
+    /// An event of this context with `flags`: a spare one if there is one, else a new one
+    /// (made with the context current, under its lock).
+    fn event(&self, flags: sys::CUevent_flags) -> Result<sys::CUevent> {
+        let spare = {
+            let mut spare = self.spare.lock();
+            let i = spare.iter().position(|&(f, _)| f == flags);
+            i.map(|i| spare.swap_remove(i).1)
+        };
+        match spare {
+            Some(ev) => Ok(ev),
+            // An event is made in the context current on the thread.
+            None => self.with_current(|| result::event::create(flags).call("cuEventCreate")),
+        }
+    }
+
+    /// Keep an event of this context, no longer used, for reuse. A wait already queued on
+    /// it is not affected by its next record.
+    fn give_back(&self, flags: sys::CUevent_flags, ev: sys::CUevent) {
+        self.spare.lock().push((flags, ev));
     }
 }
 
@@ -442,7 +482,8 @@ impl GreenCtx {
 // (once, in Drop). This layer makes the green context current on one thread at a time
 // (`with_current`), as the driver requires; see there for the calls that reach it.
 unsafe impl Send for GreenCtx {}
-// SAFETY: as above; besides the handle, its only interior state is a lock.
+// SAFETY: as above; its other state is behind locks, and the spare events are opaque
+// driver handles too.
 unsafe impl Sync for GreenCtx {}
 
 impl Drop for GreenCtx {
@@ -455,6 +496,13 @@ impl Drop for GreenCtx {
             return;
         }
         let _ = make_current(&self.primary);
+        for (_, ev) in self.spare.get_mut().drain(..) {
+            // SAFETY: a spare event of this context, unused since it was given back, and
+            // destroyed once, here.
+            if let Err(e) = unsafe { result::event::destroy(ev) } {
+                tracing::warn!(error = %e, "cuEventDestroy failed");
+            }
+        }
         // SAFETY: the handle came from cuGreenCtxCreate; no stream, event or cudarc object
         // refers to it any more (checked above, and every GreenStream and every event made
         // in it hold this struct alive); it is destroyed once, here.
@@ -469,7 +517,8 @@ impl Drop for GreenCtx {
 
 /// Run `f`, which makes cudarc calls on a stream whose owner is `green` if the stream is
 /// an SM partition's: then with its green context current, one thread at a time (see
-/// [`GreenCtx::with_current`]), for cudarc makes a stream's context current for its calls.
+/// [`GreenCtx::with_current`], and its rule for `f`), for cudarc makes a stream's context
+/// current for its calls.
 pub(crate) fn in_stream_context<T>(
     green: Option<&GreenStream>,
     f: impl FnOnce() -> Result<T>,
@@ -486,6 +535,13 @@ pub(crate) struct GreenStream {
     cuda: Arc<CudaStream>,
     stream: sys::CUstream,
     green: Arc<GreenCtx>,
+}
+
+impl GreenStream {
+    /// The partition's green context.
+    pub(crate) fn green(&self) -> &Arc<GreenCtx> {
+        &self.green
+    }
 }
 
 // SAFETY: a CUstream is an opaque driver handle usable from any thread.
@@ -507,17 +563,12 @@ impl Drop for GreenStream {
         if let Err(e) = sync_stream(&self.green.primary, &self.cuda) {
             tracing::warn!(error = %e, "cuStreamSynchronize failed");
         }
-        let destroyed = self.green.with_current(|| {
-            // SAFETY: created by cuGreenCtxStreamCreate, referenced by nothing but
-            // `self.cuda` (checked above, and dropped right after this), and destroyed once,
-            // here, after its pending work has run and before its green context (held by
-            // `green`).
-            unsafe { sys::cuStreamDestroy_v2(self.stream) }
-                .result()
-                .call("cuStreamDestroy")
-        });
-        if let Err(e) = destroyed {
-            tracing::warn!(error = %e, "destroying a partition's stream failed");
+        // SAFETY: created by cuGreenCtxStreamCreate, referenced by nothing but `self.cuda`
+        // (checked above, and dropped right after this), and destroyed once, here, after
+        // its pending work has run and before its green context (held by `green`). The
+        // primary context is current (`sync_stream`): the handle names its context.
+        if let Err(e) = unsafe { sys::cuStreamDestroy_v2(self.stream) }.result() {
+            tracing::warn!(error = %e, "cuStreamDestroy failed");
         }
     }
 }
@@ -537,7 +588,9 @@ struct CtxEvent {
     ctx: sys::CUcontext,
     /// The device's primary context, current for the calls on the event.
     primary: Arc<CudaContext>,
+    /// The partition's green context, which takes the event back for reuse.
     green: Option<Arc<GreenCtx>>,
+    flags: sys::CUevent_flags,
 }
 
 // SAFETY: a CUevent is an opaque driver handle usable from any thread; it is destroyed
@@ -553,13 +606,13 @@ impl CtxEvent {
         green: Option<&Arc<GreenCtx>>,
         flags: sys::CUevent_flags,
     ) -> Result<Self> {
-        // An event is made in the context current on the thread.
-        let create = || result::event::create(flags).call("cuEventCreate");
         let (ev, primary) = match green {
-            Some(g) => (g.with_current(create)?, g.primary.clone()),
+            Some(g) => (g.event(flags)?, g.primary.clone()),
             None => {
+                // An event is made in the context current on the thread.
                 make_current(stream.context())?;
-                (create()?, stream.context().clone())
+                let ev = result::event::create(flags).call("cuEventCreate")?;
+                (ev, stream.context().clone())
             }
         };
         Ok(CtxEvent {
@@ -567,21 +620,24 @@ impl CtxEvent {
             ctx: stream.context().cu_ctx(),
             primary,
             green: green.cloned(),
+            flags,
         })
     }
 }
 
 impl Drop for CtxEvent {
     fn drop(&mut self) {
+        // A partition's event goes back to its context for reuse: making one takes the
+        // context's lock, which a drop under other locks must not wait for.
+        if let Some(g) = &self.green {
+            g.give_back(self.flags, self.ev);
+            return;
+        }
+        let _ = make_current(&self.primary);
         // SAFETY: the event came from cuEventCreate in `on` and is destroyed once, here;
         // the driver lets an event go while work it was recorded behind is still queued.
-        let destroy = || unsafe { result::event::destroy(self.ev) }.call("cuEventDestroy");
-        let r = match &self.green {
-            Some(g) => g.with_current(destroy),
-            None => make_current(&self.primary).and_then(|()| destroy()),
-        };
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "destroying a CUDA event failed");
+        if let Err(e) = unsafe { result::event::destroy(self.ev) } {
+            tracing::warn!(error = %e, "cuEventDestroy failed");
         }
     }
 }
@@ -1645,6 +1701,7 @@ impl CudaDevice {
             primary: self.inner.ctx.clone(),
             live: self.inner.green_live.clone(),
             current: parking_lot::ReentrantMutex::new(()),
+            spare: parking_lot::Mutex::new(Vec::new()),
         });
         // Leave the primary context current for the caller's next calls.
         self.bind()?;

@@ -209,8 +209,16 @@ impl Stream {
     /// of an SM partition, `f` runs with the partition's green context current on this
     /// thread and no other thread's gpushare call in that context meanwhile, as CUDA
     /// requires (a green context can be current on one thread at a time); the primary
-    /// context is current again afterwards. Elsewhere it just calls `f`. Keep `f` to this
-    /// stream's work: other threads' calls that need the partition's context wait for it.
+    /// context is current again afterwards, even if `f` panics. Elsewhere it just calls
+    /// `f`.
+    ///
+    /// Keep `f` to launching work through cudarc (or cuBLAS, or your own driver calls):
+    /// no gpushare calls in it (allocating or freeing, recording or waiting for events,
+    /// copies, dropping buffers, scratch or sessions). The runtime may hold the memory
+    /// pool's lock while it waits for the partition's context to make an event (an
+    /// eviction's fence), so an `f` that waited for the pool would wait for ever; and
+    /// while `f` runs, such an eviction waits for it. Make slow one-time set-up (a first
+    /// module load, a cuBLAS handle) short or early.
     pub fn with_cuda_stream<R>(
         &self,
         f: impl FnOnce(&Arc<cudarc::driver::CudaStream>) -> R,

@@ -32,8 +32,31 @@ pub struct SpinLoad {
 
 struct CudaSpin {
     ptx: cudarc::nvrtc::Ptx,
-    /// One loaded function per context, keyed by the raw context handle.
-    funcs: Mutex<Vec<(usize, CudaFunction)>>,
+    /// One loaded function per context.
+    funcs: Mutex<Vec<Loaded>>,
+}
+
+/// The function loaded in one context, keyed by the raw context handle. In a partition's
+/// context it holds the partition, and goes with it current: cudarc's module makes its
+/// context current to unload, and a green context may be current on one thread at a time.
+/// Without the hold, the partition would find the module alive at its end, and be left to
+/// the process.
+struct Loaded {
+    key: usize,
+    f: Option<CudaFunction>,
+    green: Option<Arc<crate::cuda::GreenCtx>>,
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        if let Some(g) = &self.green {
+            let f = self.f.take();
+            let _ = g.with_current(|| {
+                drop(f);
+                Ok(())
+            });
+        }
+    }
 }
 
 impl std::fmt::Debug for SpinLoad {
@@ -97,8 +120,12 @@ impl SpinLoad {
                     let key = s.context().cu_ctx() as usize;
                     let f = {
                         let mut funcs = c.funcs.lock();
-                        match funcs.iter().find(|(k, _)| *k == key) {
-                            Some((_, f)) => f.clone(),
+                        match funcs
+                            .iter()
+                            .find(|l| l.key == key)
+                            .and_then(|l| l.f.clone())
+                        {
+                            Some(f) => f,
                             None => {
                                 let m = s
                                     .context()
@@ -107,7 +134,11 @@ impl SpinLoad {
                                 let f = m
                                     .load_function("gpushare_spin")
                                     .call("cuModuleGetFunction")?;
-                                funcs.push((key, f.clone()));
+                                funcs.push(Loaded {
+                                    key,
+                                    f: Some(f.clone()),
+                                    green: green.as_deref().map(|g| g.green().clone()),
+                                });
                                 f
                             }
                         }

@@ -738,21 +738,25 @@ fn partition_work_leaves_the_primary_context_current() {
     let split = dev.split_sms(&[16]).unwrap();
     let load = gpushare_device::SpinLoad::new(dev.clone()).unwrap();
     let inside = AtomicU32::new(0);
+    // The threads enter each round together, so that they contend for the context.
+    let round = std::sync::Barrier::new(4);
     std::thread::scope(|scope| {
         for _ in 0..4 {
-            let (dev, split, load, inside, current) = (&dev, &split, &load, &inside, &current);
+            let (dev, split, load, inside, current, round) =
+                (&dev, &split, &load, &inside, &current, &round);
             scope.spawn(move || {
                 let s = dev
                     .create_stream_in(&split.partitions[0], dev.info().priority_range.least)
                     .unwrap();
                 let e = dev.create_event(EventFlags::default()).unwrap();
                 for _ in 0..50 {
+                    round.wait();
                     let green = s
                         .with_cuda_stream(|cs| {
                             // One thread at a time in here.
                             let others = inside.fetch_add(1, Ordering::SeqCst);
                             assert_eq!(others, 0, "two threads inside one partition's context");
-                            std::thread::yield_now();
+                            std::thread::sleep(Duration::from_micros(200));
                             let now = current();
                             inside.fetch_sub(1, Ordering::SeqCst);
                             (now, cs.context().cu_ctx() as usize)
