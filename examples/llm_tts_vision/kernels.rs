@@ -51,10 +51,26 @@ struct Funcs {
 
 struct Cuda {
     ptx: Ptx,
-    /// Kernels loaded per CUDA context (a partition's stream lives in its own context).
-    funcs: Mutex<Vec<(usize, Arc<Funcs>)>>,
-    /// One cuBLAS handle per stream.
-    blas: Mutex<Vec<(usize, Arc<CudaBlas>)>>,
+    /// Kernels loaded per CUDA context (a partition's stream lives in its own context),
+    /// with a stream of that context.
+    funcs: Mutex<Vec<(usize, Arc<Funcs>, Stream)>>,
+    /// One cuBLAS handle per stream, with the stream.
+    blas: Mutex<Vec<(usize, Arc<CudaBlas>, Stream)>>,
+}
+
+impl Drop for Cuda {
+    /// cudarc makes a module's or a cuBLAS handle's context current to release it: a
+    /// partition's goes inside `with_cuda_stream` of one of its streams, like its launches.
+    fn drop(&mut self) {
+        let blas = self.blas.get_mut().map(std::mem::take).unwrap_or_default();
+        let funcs = self.funcs.get_mut().map(std::mem::take).unwrap_or_default();
+        for (_, b, s) in blas {
+            let _ = s.with_cuda_stream(|_| drop(b));
+        }
+        for (_, f, s) in funcs {
+            let _ = s.with_cuda_stream(|_| drop(f));
+        }
+    }
 }
 
 /// The kernels, ready to launch on any stream of one device.
@@ -109,10 +125,10 @@ impl Kernels {
             .unwrap_or_else(|| Err("a CUDA stream is needed".into()))
     }
 
-    fn funcs(&self, c: &Cuda, cs: &Arc<CudaStream>) -> Res<Arc<Funcs>> {
+    fn funcs(&self, c: &Cuda, s: &Stream, cs: &Arc<CudaStream>) -> Res<Arc<Funcs>> {
         let key = cs.context().cu_ctx() as usize;
         let mut all = c.funcs.lock().map_err(|_| "kernel cache poisoned")?;
-        if let Some((_, f)) = all.iter().find(|(k, _)| *k == key) {
+        if let Some((_, f, _)) = all.iter().find(|(k, _, _)| *k == key) {
             return Ok(f.clone());
         }
         let m = cs.context().load_module(c.ptx.clone())?;
@@ -121,18 +137,18 @@ impl Kernels {
             fir: m.load_function("gs_fir")?,
             conv: m.load_function("gs_conv3x3")?,
         });
-        all.push((key, f.clone()));
+        all.push((key, f.clone(), s.clone()));
         Ok(f)
     }
 
-    fn blas(&self, c: &Cuda, cs: &Arc<CudaStream>) -> Res<Arc<CudaBlas>> {
+    fn blas(&self, c: &Cuda, s: &Stream, cs: &Arc<CudaStream>) -> Res<Arc<CudaBlas>> {
         let key = cs.cu_stream() as usize;
         let mut all = c.blas.lock().map_err(|_| "cuBLAS cache poisoned")?;
-        if let Some((_, b)) = all.iter().find(|(k, _)| *k == key) {
+        if let Some((_, b, _)) = all.iter().find(|(k, _, _)| *k == key) {
             return Ok(b.clone());
         }
         let b = Arc::new(CudaBlas::new(cs.clone())?);
-        all.push((key, b.clone()));
+        all.push((key, b.clone(), s.clone()));
         Ok(b)
     }
 
@@ -140,7 +156,7 @@ impl Kernels {
     pub fn fill(&self, s: &Stream, p: DevicePtr, n: u64, v: f32) -> Res<()> {
         match &self.cuda {
             Some(c) => Self::on_cuda(s, |cs| {
-                let f = self.funcs(c, cs)?;
+                let f = self.funcs(c, s, cs)?;
                 let mut b = cs.launch_builder(&f.fill);
                 b.arg(&p.0).arg(&n).arg(&v);
                 // SAFETY: `p` points to `n` floats of device memory that the caller's
@@ -166,7 +182,7 @@ impl Kernels {
     ) -> Res<()> {
         match &self.cuda {
             Some(cu) => Self::on_cuda(s, |cs| {
-                let h = self.blas(cu, cs)?;
+                let h = self.blas(cu, s, cs)?;
                 let (alpha, beta) = (1.0f32, 0.0f32);
                 let (mi, ni, ki) = (m as i32, n as i32, k as i32);
                 // SAFETY: A, B and C are device allocations of m·k, k·n and m·n floats that
@@ -221,7 +237,7 @@ impl Kernels {
     ) -> Res<()> {
         match &self.cuda {
             Some(c) => Self::on_cuda(s, |cs| {
-                let f = self.funcs(c, cs)?;
+                let f = self.funcs(c, s, cs)?;
                 let mut b = cs.launch_builder(&f.fir);
                 b.arg(&input.0).arg(&taps.0).arg(&out.0).arg(&n).arg(&ntaps);
                 // SAFETY: input and out hold n floats, taps ntaps floats, all pinned by the
@@ -255,7 +271,7 @@ impl Kernels {
     ) -> Res<()> {
         match &self.cuda {
             Some(c) => Self::on_cuda(s, |cs| {
-                let f = self.funcs(c, cs)?;
+                let f = self.funcs(c, s, cs)?;
                 let mut b = cs.launch_builder(&f.conv);
                 b.arg(&img.0)
                     .arg(&filt.0)

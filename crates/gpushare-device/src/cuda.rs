@@ -428,12 +428,12 @@ impl GreenCtx {
     /// streams, copies, waits between streams, host callbacks) names its context through
     /// the handle and runs with the primary context current.
     ///
-    /// The lock is a leaf for this layer's own calls: nothing here takes another lock, or
-    /// waits for anything, while holding it. A user's closure must keep to that (see
-    /// `Stream::with_cuda_stream`): the runtime may make a partition's event while holding
-    /// the pool's lock (an eviction's fence), so a closure that waited for the pool would
-    /// deadlock with it. Made events are reused ([`GreenCtx::event`]), so such a wait is
-    /// rare as well as short.
+    /// Under the lock, this layer's own calls take no other lock of gpushare's but
+    /// `SpinLoad`'s cache of loaded functions, which is never held while the lock is
+    /// taken. A user's closure must keep to that (see `Stream::with_cuda_stream`): the
+    /// runtime may make a partition's event while holding the pool's lock (an eviction's
+    /// fence), so a closure that waited for the pool would deadlock with it. Made events
+    /// are reused ([`GreenCtx::event`]), so such a wait is rare.
     ///
     /// After `f` (or its panic), the context current before is current again if it was
     /// this one (a nested call), and the primary context otherwise.
@@ -447,10 +447,10 @@ impl GreenCtx {
                 }
             }
         }
+        // Nested if this thread holds the lock already: the green context being current is
+        // not enough, for a cudarc drop outside the lock may have left it so.
+        let nested = self.current.is_owned_by_current_thread();
         let _one = self.current.lock();
-        let nested = result::ctx::get_current()
-            .call("cuCtxGetCurrent")?
-            .is_some_and(|c| c == self.ctx.cu_ctx());
         let _back = Back(self, nested);
         make_current(&self.ctx)?;
         f()
@@ -480,7 +480,13 @@ impl GreenCtx {
 
 // SAFETY: a CUgreenCtx is an opaque driver handle, valid on any thread until destroyed
 // (once, in Drop). This layer makes the green context current on one thread at a time
-// (`with_current`), as the driver requires; see there for the calls that reach it.
+// (`with_current`), as the driver requires, and makes the calls that take the green
+// context's own handle (creating a stream in it) under the same lock. It takes the calls
+// that name one of its streams or events by that handle (records, waits, queries, copies,
+// callbacks, destroys) not to reach the green context in the sense of that rule: they run
+// from many threads with the primary context current. The GPU tests
+// `partition_events_from_many_threads` and `partition_work_leaves_the_primary_context_current`
+// exercise exactly that.
 unsafe impl Send for GreenCtx {}
 // SAFETY: as above; its other state is behind locks, and the spare events are opaque
 // driver handles too.
@@ -593,8 +599,10 @@ struct CtxEvent {
     flags: sys::CUevent_flags,
 }
 
-// SAFETY: a CUevent is an opaque driver handle usable from any thread; it is destroyed
-// once, in Drop, and the calls on it are the driver's, which synchronise themselves.
+// SAFETY: a CUevent is an opaque driver handle usable from any thread. It is destroyed
+// once: in Drop, or, for a partition's event, given back to the partition in Drop and
+// destroyed with it (`GreenCtx::drop`). The calls on it are the driver's, which synchronise
+// themselves.
 unsafe impl Send for CtxEvent {}
 // SAFETY: as above; `ctx` is only compared, never used as a context.
 unsafe impl Sync for CtxEvent {}
@@ -1415,17 +1423,22 @@ impl Device for CudaDevice {
             PartitionInner::Sim => return Err(foreign("SM partition")),
         };
         let mut raw: sys::CUstream = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; the green context is alive (held by `green`).
-        unsafe {
-            sys::cuGreenCtxStreamCreate(
-                &mut raw,
-                green.handle,
-                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-                priority,
-            )
+        {
+            // A call on the green context's own handle: one thread at a time (see
+            // `GreenCtx::with_current`), though it needs no current context.
+            let _one = green.current.lock();
+            // SAFETY: valid out-pointer; the green context is alive (held by `green`).
+            unsafe {
+                sys::cuGreenCtxStreamCreate(
+                    &mut raw,
+                    green.handle,
+                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                    priority,
+                )
+            }
+            .result()
+            .call("cuGreenCtxStreamCreate")?;
         }
-        .result()
-        .call("cuGreenCtxStreamCreate")?;
         // SAFETY: `raw` belongs to the green context that `green.ctx` wraps; GreenStream
         // destroys it only once no clone of this wrapper remains.
         let s = unsafe { green.ctx.wrap_borrowed_stream(raw) };

@@ -219,6 +219,11 @@ impl Stream {
     /// eviction's fence), so an `f` that waited for the pool would wait for ever; and
     /// while `f` runs, such an eviction waits for it. Make slow one-time set-up (a first
     /// module load, a cuBLAS handle) short or early.
+    ///
+    /// cudarc makes an object's context current when it drops the object, so drop what
+    /// `f` makes in a partition (modules, slices, cuBLAS handles, events) inside a
+    /// `with_cuda_stream` of that partition's stream as well. A clone of the stream kept
+    /// past `f` keeps the stream, and its partition, alive until it goes.
     pub fn with_cuda_stream<R>(
         &self,
         f: impl FnOnce(&Arc<cudarc::driver::CudaStream>) -> R,

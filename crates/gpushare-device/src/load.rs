@@ -50,11 +50,17 @@ struct Loaded {
 impl Drop for Loaded {
     fn drop(&mut self) {
         if let Some(g) = &self.green {
-            let f = self.f.take();
-            let _ = g.with_current(|| {
-                drop(f);
+            let mut f = self.f.take();
+            let r = g.with_current(|| {
+                drop(f.take());
                 Ok(())
             });
+            if let (Err(e), Some(f)) = (r, f) {
+                // The partition's context could not be made current: unloading without it
+                // would make it current unguarded, so the module is left to the process.
+                tracing::warn!(error = %e, "a partition's spin kernel is left loaded");
+                std::mem::forget(f);
+            }
         }
     }
 }

@@ -738,40 +738,61 @@ fn partition_work_leaves_the_primary_context_current() {
     let split = dev.split_sms(&[16]).unwrap();
     let load = gpushare_device::SpinLoad::new(dev.clone()).unwrap();
     let inside = AtomicU32::new(0);
-    // The threads enter each round together, so that they contend for the context.
+    // The threads enter each round together, so that they contend for the context. A
+    // round's failure is collected rather than unwound, so that no thread is left waiting
+    // at the barrier for one that is gone.
     let round = std::sync::Barrier::new(4);
+    let failures = Mutex::new(Vec::new());
+    let least = dev.info().priority_range.least;
+    let work: Vec<_> = (0..4)
+        .map(|_| {
+            let s = dev.create_stream_in(&split.partitions[0], least).unwrap();
+            (s, dev.create_event(EventFlags::default()).unwrap())
+        })
+        .collect();
     std::thread::scope(|scope| {
-        for _ in 0..4 {
-            let (dev, split, load, inside, current, round) =
-                (&dev, &split, &load, &inside, &current, &round);
+        for (t, (s, e)) in work.into_iter().enumerate() {
+            let (dev, load, inside, current, round, failures) =
+                (&dev, &load, &inside, &current, &round, &failures);
             scope.spawn(move || {
-                let s = dev
-                    .create_stream_in(&split.partitions[0], dev.info().priority_range.least)
-                    .unwrap();
-                let e = dev.create_event(EventFlags::default()).unwrap();
-                for _ in 0..50 {
+                for i in 0..50 {
                     round.wait();
-                    let green = s
-                        .with_cuda_stream(|cs| {
-                            // One thread at a time in here.
-                            let others = inside.fetch_add(1, Ordering::SeqCst);
-                            assert_eq!(others, 0, "two threads inside one partition's context");
-                            std::thread::sleep(Duration::from_micros(200));
-                            let now = current();
-                            inside.fetch_sub(1, Ordering::SeqCst);
-                            (now, cs.context().cu_ctx() as usize)
-                        })
-                        .unwrap()
-                        .unwrap();
-                    assert_eq!(green.0, Some(green.1), "the partition's context is current");
-                    assert_ne!(green.1, primary);
-                    assert_eq!(current(), Some(primary));
-                    load.launch(&s, 1, 32, 10_000).unwrap();
-                    assert_eq!(current(), Some(primary));
-                    dev.record_event(&e, &s).unwrap();
-                    dev.query_event(&e).unwrap();
-                    dev.synchronize_event(&e).unwrap();
-                    assert_eq!(current(), Some(primary));
+                    let one_round = || {
+                        let green = s
+                            .with_cuda_stream(|cs| {
+                                // One thread at a time in here.
+                                let others = inside.fetch_add(1, Ordering::SeqCst);
+                                std::thread::sleep(Duration::from_micros(200));
+                                let now = current();
+                                inside.fetch_sub(1, Ordering::SeqCst);
+                                assert_eq!(others, 0, "two threads inside one partition's context");
+                                (now, cs.context().cu_ctx() as usize)
+                            })
+                            .unwrap()
+                            .unwrap();
+                        assert_eq!(green.0, Some(green.1), "the partition's context is current");
+                        assert_ne!(green.1, primary);
+                        assert_eq!(current(), Some(primary));
+                        load.launch(&s, 1, 32, 10_000).unwrap();
+                        assert_eq!(current(), Some(primary));
+                        dev.record_event(&e, &s).unwrap();
+                        dev.query_event(&e).unwrap();
+                        dev.synchronize_event(&e).unwrap();
+                        assert_eq!(current(), Some(primary));
+                    };
+                    if let Err(p) =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(one_round))
+                    {
+                        let why = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("thread {t}, round {i}: {why}"));
+                    }
                 }
                 dev.synchronize_stream(&s).unwrap();
                 drop(e);
@@ -780,6 +801,8 @@ fn partition_work_leaves_the_primary_context_current() {
             });
         }
     });
+    let failures = failures.into_inner().unwrap();
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 /// A range helper used by the suite is itself checked.
