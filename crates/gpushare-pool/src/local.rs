@@ -154,12 +154,16 @@ impl<'p, S: ChunkSource> LocalCache<'p, S> {
     /// [`Pool::alloc`] does (which may evict other owners' buffers).
     #[inline]
     pub fn alloc(&mut self, size: u64, stream: StreamId) -> Result<Block, PoolError> {
-        if self.asked() == self.seen {
-            if let Some(b) = self.take(size) {
-                return Ok(b);
+        // Built once from either path's fields (see `Pool::alloc`).
+        let b = 'got: {
+            if self.asked() == self.seen {
+                if let Some(b) = self.take(size) {
+                    break 'got b;
+                }
             }
-        }
-        self.alloc_miss(size, stream)
+            self.alloc_miss(size, stream)?
+        };
+        Ok(Block::new(b.offset, b.size, self.owner, b.node()))
     }
 
     /// The most recent held block of `size`'s class, if it is large enough.

@@ -698,21 +698,25 @@ impl<S: ChunkSource> Pool<S> {
     /// Allocate `size` bytes for `owner`, to be used on `stream`, aligned to 256 bytes.
     #[inline]
     pub fn alloc(&self, owner: OwnerId, size: u64, stream: StreamId) -> Result<Block, PoolError> {
-        if let Some(b) = self.alloc_cached(owner, size, stream) {
-            return Ok(b);
-        }
-        let (offset, node) = self.alloc_unit_central(owner, size);
-        if node == NONE {
-            return self.alloc_slow(owner, size, ALIGN_UNIT, stream);
-        }
-        // The central path checked that the rounded size neither overflows nor exceeds the
-        // pool's limit.
-        Ok(Block::new(
-            offset,
-            size.wrapping_add(UNIT - 1) & !(UNIT - 1),
-            owner,
-            node,
-        ))
+        // Each path yields the block's scalars, and the block is built once, here. Where
+        // the paths returned blocks of their own, the result was merged in memory, built
+        // by 8-byte stores and read back in 16-byte loads that the CPU cannot forward;
+        // built once from scalars, a block the caller uses at once stays in registers.
+        // `hot_loop ... shared`: 30–38 ns a pair before, 15.5–24 after (alternate runs).
+        let (offset, size, node) = 'placed: {
+            if let Some(b) = self.alloc_cached(owner, size, stream) {
+                break 'placed (b.offset, b.size, b.node());
+            }
+            let (offset, node) = self.alloc_unit_central(owner, size);
+            if node != NONE {
+                // The central path checked that the rounded size neither overflows nor
+                // exceeds the pool's limit.
+                break 'placed (offset, size.wrapping_add(UNIT - 1) & !(UNIT - 1), node);
+            }
+            let b = self.alloc_slow(owner, size, ALIGN_UNIT, stream)?;
+            (b.offset, b.size, b.node())
+        };
+        Ok(Block::new(offset, size, owner, node))
     }
 
     /// The fast path of [`Pool::alloc`]: a block of about `size` bytes from the calling
