@@ -119,14 +119,18 @@ impl Nodes {
         }
     }
 
-    /// Take the node at `i` out, leaving its entry vacant.
+    /// Take the node at `i` out, leaving its entry vacant. An entry already vacant is not
+    /// listed again: two later nodes would share it.
     #[inline]
     fn remove(&mut self, i: usize) -> Node {
         let e = &mut self.v[i];
-        debug_assert_ne!(e.next_free, VACANT, "node {i} removed twice");
         let node = e.clone();
-        e.next_free = VACANT;
-        self.vacant.push(i as u32);
+        if e.next_free != VACANT {
+            e.next_free = VACANT;
+            self.vacant.push(i as u32);
+        } else {
+            debug_assert!(false, "node {i} removed twice");
+        }
         node
     }
 
