@@ -1,0 +1,343 @@
+//! The future a session is awaited through: its tries, its place in the line, and what
+//! dropping it gives back.
+
+use super::*;
+
+/// The outcome of a try on a blocking thread.
+pub(super) enum Restored {
+    Done(Result<Session<'static>>),
+    /// It has to wait. `since`: the release generation when the try began. A release
+    /// after the try gave up wakes this future while it still waits for the task, and that
+    /// wake is spent; the future tries again if the generation has moved since.
+    Wait {
+        since: u64,
+    },
+}
+
+pub(super) enum State {
+    Start,
+    Waiting(u64),
+    /// A try whose working set is not all resident runs on a blocking thread: restoring
+    /// evicted buffers copies them back and waits for the copies (about 20 ms per GiB on
+    /// an H100), which would stall the executor's thread. `id`: the session's place in
+    /// line, if it has one. The task owns what it takes: if this future is dropped, the
+    /// session it may have opened is dropped (ended) with the task's output.
+    Restoring {
+        id: Option<u64>,
+        task: tokio::task::JoinHandle<Restored>,
+        /// Set when the future is dropped: a task that has not begun its try skips it.
+        dropped: Arc<std::sync::atomic::AtomicBool>,
+    },
+    Done,
+}
+
+/// The future of [`Context::session_async`]. Sessions that cannot get their buffers
+/// resident wait in line, in tier order with aging.
+pub struct SessionFuture<'a> {
+    /// The context, borrowed (as the session it grants borrows it): neither the future
+    /// nor the session counts a reference to it. `None` once the future is done.
+    ctx: Option<&'a Context>,
+    state: State,
+    /// Whether tries that restore run on blocking threads (inside a tokio runtime, for
+    /// futures that are awaited rather than blocked on).
+    offload_restores: bool,
+}
+
+impl<'a> SessionFuture<'a> {
+    pub(crate) fn new(ctx: &'a Context) -> Self {
+        SessionFuture {
+            ctx: Some(ctx),
+            state: State::Start,
+            offload_restores: true,
+        }
+    }
+
+    /// For [`Context::session`], which blocks its thread anyway: tries run in the poll.
+    pub(crate) fn blocking(ctx: &'a Context) -> Self {
+        SessionFuture {
+            ctx: Some(ctx),
+            state: State::Start,
+            offload_restores: false,
+        }
+    }
+
+    /// A try that must restore, on a blocking thread of the current tokio runtime; `None`
+    /// outside one (the try then runs in the poll). With `fast`, a newcomer's fast path
+    /// found the context's buffer list locked: the thread tries it first, waiting for the
+    /// lock. Without that second look, a set that is whole and pinned by the context's
+    /// hold would take the general path whenever a session of the same context was
+    /// ending at the moment of the poll: a blocking thread, the runtime's restore lock
+    /// behind other contexts' restores, and the hold let go.
+    fn restore_off_thread(&self, ctx: &Context, fast: bool) -> Option<State> {
+        if !self.offload_restores {
+            return None;
+        }
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        let ctx = ctx.clone();
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gone = dropped.clone();
+        let task = handle.spawn_blocking(move || {
+            if fast && !gone.load(Ordering::Acquire) {
+                match pin_resident(&ctx.inner, true) {
+                    Ok(Fast::Pinned(pinned)) => {
+                        return Restored::Done(Ok(Session::new(CtxRef::Owned(ctx), pinned)))
+                    }
+                    Err(e) => return Restored::Done(Err(e)),
+                    Ok(_) => {}
+                }
+            }
+            // Read after the fast path, whose giving up moved the generation.
+            let since = ctx.inner.rt.waits.generation();
+            if gone.load(Ordering::Acquire) {
+                return Restored::Wait { since };
+            }
+            match Self::try_now(&ctx, Some(&*gone)) {
+                Step::Done(r) => {
+                    Restored::Done(r.map(|pinned| Session::new(CtxRef::Owned(ctx), pinned)))
+                }
+                Step::Wait => Restored::Wait { since },
+            }
+        });
+        let id = match self.state {
+            State::Waiting(id) => Some(id),
+            _ => None,
+        };
+        Some(State::Restoring { id, task, dropped })
+    }
+
+    /// One try. Short of memory, the pressure handlers are asked for what the working
+    /// set lacks (its evicted buffers); if they allow, it tries again. A denial does not
+    /// fail the session: it waits for memory that live sessions release, as without
+    /// handlers.
+    ///
+    /// A set that cannot be resident beside the buffers of Guaranteed contexts, which are
+    /// never evicted, fails here instead of waiting: no session's end would make room for
+    /// it, and at the head of the line it would hold up those behind it for as long as
+    /// some session is live.
+    fn attempt(ctx: &Context, dropped: Option<&std::sync::atomic::AtomicBool>) -> Result<Prefix> {
+        let c = &ctx.inner;
+        let r = match pin_all(c, false, dropped) {
+            // A try whose future was dropped asks no handler to free memory for it.
+            Err(e) if e.is_oom() && !dropped.is_some_and(|d| d.load(Ordering::Acquire)) => {
+                match c.rt.relieve(ctx, evicted_bytes(c)) {
+                    Some(Pressure::Allow) => pin_all(c, false, dropped),
+                    _ => Err(e),
+                }
+            }
+            r => r,
+        };
+        match r {
+            Err(e) if e.is_oom() => Err(beside_guaranteed(c).unwrap_or(e)),
+            r => r,
+        }
+    }
+
+    /// Try until it succeeds, fails for good, or has to wait (see
+    /// [`gpushare_qos::gate`]).
+    ///
+    /// The fast path ([`pin_resident`]) is not tried here. When it gives up it ends the
+    /// session it started, which moves the release generation; the gate would take that
+    /// for memory released by someone else and try again, and a session short of memory
+    /// with no other session live would loop here for ever. A newcomer takes it once,
+    /// before its first try.
+    fn try_now(ctx: &Context, dropped: Option<&std::sync::atomic::AtomicBool>) -> Step {
+        match ctx
+            .inner
+            .rt
+            .waits
+            .attempt(|| Self::attempt(ctx, dropped), RuntimeError::is_oom)
+        {
+            Attempt::Done(r) => Step::Done(r),
+            Attempt::Wait => Step::Wait,
+        }
+    }
+
+    /// The outcome of a finished round: the session, borrowing the context's handle.
+    fn finish(&mut self, r: Result<Prefix>) -> Poll<Result<Session<'a>>> {
+        self.state = State::Done;
+        let ctx = self.ctx.take();
+        Poll::Ready(r.and_then(|pinned| match ctx {
+            Some(ctx) => Ok(Session::new(CtxRef::Borrowed(ctx), pinned)),
+            None => Err(completed()),
+        }))
+    }
+}
+
+/// The error of a try whose future was dropped: nobody reads it.
+pub(super) fn abandoned() -> RuntimeError {
+    RuntimeError::Foreign {
+        what: "session future",
+        owner: "dropped future",
+    }
+}
+
+pub(super) fn completed() -> RuntimeError {
+    RuntimeError::Foreign {
+        what: "session future",
+        owner: "completed poll",
+    }
+}
+
+pub(super) enum Step {
+    Done(Result<Prefix>),
+    Wait,
+}
+
+impl<'a> Future for SessionFuture<'a> {
+    type Output = Result<Session<'a>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let Some(ctx) = this.ctx else {
+            return Poll::Ready(Err(completed()));
+        };
+        let rt = &ctx.inner.rt;
+        let step = match &mut this.state {
+            State::Done => return Poll::Ready(Err(completed())),
+            // A newcomer tries at once, before any in line, unless the first in line has
+            // waited too long for that (`SessionGate::may_pass`): then it joins the line.
+            // Making every newcomer that needs memory join the line was tried: with
+            // everyone in line and nobody live, a head whose set did not fit a fragmented
+            // pool failed for good where it used to wait for a live session, and the
+            // stress test's failed sessions went from a handful to thousands a run.
+            // Eviction takes lower tiers first, so a newcomer cannot take a higher tier's
+            // buffers.
+            State::Start if !may_pass(&ctx.inner) => Step::Wait,
+            State::Start => {
+                // A working set already in place is pinned here, without restoring (and
+                // without waiting for another session's restore: that try goes on below).
+                // A blocked thread may wait for the buffer list's lock; an executor's poll
+                // does not.
+                let busy = match pin_resident(&ctx.inner, !this.offload_restores) {
+                    Ok(Fast::Pinned(pinned)) => return this.finish(Ok(pinned)),
+                    Err(e) => return this.finish(Err(e)),
+                    Ok(Fast::NotResident) => false,
+                    Ok(Fast::Busy) => true,
+                };
+                if let Some(restoring) = this.restore_off_thread(ctx, busy) {
+                    this.state = restoring;
+                    return Pin::new(&mut *this).poll(cx);
+                }
+                if busy {
+                    // Outside a tokio runtime, where the try runs in the poll anyway.
+                    match pin_resident(&ctx.inner, true) {
+                        Ok(Fast::Pinned(pinned)) => return this.finish(Ok(pinned)),
+                        Err(e) => return this.finish(Err(e)),
+                        Ok(_) => {}
+                    }
+                }
+                Self::try_now(ctx, None)
+            }
+            State::Waiting(id) => {
+                let id = *id;
+                if !rt.is_head(id, cx.waker()) {
+                    // Behind the first in line, a waiter whose working set is in place may
+                    // go ahead as a newcomer may. It is woken for this when a session of
+                    // its context is served from the line or granted to a newcomer whose
+                    // try may have restored the set (`granted`), and it leaves without
+                    // waking its context's others: what woke it woke them. A new first in
+                    // line opens a new period, and wakes nobody behind it: they go at their
+                    // context's next grant or at their turn.
+                    if may_pass(&ctx.inner) {
+                        match pin_resident(&ctx.inner, !this.offload_restores) {
+                            Ok(Fast::Pinned(pinned)) => {
+                                rt.dequeue(id, ctx.inner.group(), false);
+                                return this.finish(Ok(pinned));
+                            }
+                            // The context's list was locked for a moment: look again soon.
+                            Ok(Fast::Busy) => cx.waker().wake_by_ref(),
+                            // Its turn at the head of the line will tell.
+                            Ok(Fast::NotResident) | Err(_) => {}
+                        }
+                    }
+                    return Poll::Pending;
+                }
+                if let Some(restoring) = this.restore_off_thread(ctx, false) {
+                    this.state = restoring;
+                    return Pin::new(&mut *this).poll(cx);
+                }
+                Self::try_now(ctx, None)
+            }
+            State::Restoring { id, task, .. } => {
+                let id = *id;
+                let outcome = match Pin::new(task).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(outcome)) => outcome,
+                    Poll::Ready(Err(join)) => {
+                        tracing::error!(context = %ctx.inner.name, error = %join, "a session's try on a blocking thread did not finish");
+                        Restored::Done(Err(RuntimeError::Foreign {
+                            what: "session restore",
+                            owner: if join.is_panic() {
+                                "a panicked blocking task"
+                            } else {
+                                "a cancelled blocking task"
+                            },
+                        }))
+                    }
+                };
+                match outcome {
+                    Restored::Done(r) => {
+                        match (id, &r) {
+                            (Some(id), _) => rt.dequeue(id, ctx.inner.group(), r.is_ok()),
+                            (None, Ok(s)) => granted(&ctx.inner, &s.pinned),
+                            (None, Err(_)) => {}
+                        }
+                        this.state = State::Done;
+                        this.ctx = None;
+                        return Poll::Ready(r);
+                    }
+                    Restored::Wait { since } => match id {
+                        Some(id) => {
+                            this.state = State::Waiting(id);
+                            if rt.waits.rejoin(id, cx.waker(), since) {
+                                cx.waker().wake_by_ref();
+                            }
+                            return Poll::Pending;
+                        }
+                        // It joins the line below, and tries again at once.
+                        None => {
+                            this.state = State::Start;
+                            Step::Wait
+                        }
+                    },
+                }
+            }
+        };
+        match (step, &this.state) {
+            (Step::Done(r), State::Waiting(id)) => {
+                rt.dequeue(*id, ctx.inner.group(), r.is_ok());
+                this.finish(r)
+            }
+            (Step::Done(r), _) => {
+                if let Ok(p) = &r {
+                    granted(&ctx.inner, p);
+                }
+                this.finish(r)
+            }
+            // Its waker is in line (`is_head` above).
+            (Step::Wait, State::Waiting(_)) => Poll::Pending,
+            (Step::Wait, _) => {
+                let id = rt.enqueue(ctx.inner.tier, ctx.inner.group(), cx.waker());
+                this.state = State::Waiting(id);
+                // Memory may have been freed between the attempt and joining the line.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for SessionFuture<'_> {
+    fn drop(&mut self) {
+        if let State::Restoring { dropped, .. } = &self.state {
+            dropped.store(true, Ordering::Release);
+        }
+        let id = match &self.state {
+            State::Waiting(id) | State::Restoring { id: Some(id), .. } => *id,
+            _ => return,
+        };
+        if let Some(ctx) = self.ctx {
+            ctx.inner.rt.dequeue(id, ctx.inner.group(), false);
+        }
+    }
+}
