@@ -286,9 +286,17 @@ fn run(iters: usize) -> Res<String> {
     }
 
     // 4-6 and 8 go through the runtime.
+    if info.total_memory < 4 << 30 {
+        return Err(format!(
+            "the runtime rows need 4 GiB of device memory; this device has {} MiB",
+            info.total_memory >> 20
+        )
+        .into());
+    }
     let rt = Runtime::builder()
         .with_device(dev.clone())
-        .memory_fraction((4u64 << 30) as f64 / info.total_memory as f64)
+        .memory_fraction(1.0)
+        .memory_limit(4 << 30)
         .overcommit(4.0)
         .build()?;
     {

@@ -37,6 +37,7 @@ async fn serve_under_load(dev: Arc<dyn Device>) {
         .memory_fraction(1.0)
         .memory_limit(256 * MIB)
         .overcommit(4.0)
+        .evict_policy(gpushare::EvictPolicy::Offload)
         .build()
         .unwrap();
     let models = app::default_models(rt.capacity());

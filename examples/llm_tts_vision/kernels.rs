@@ -9,8 +9,10 @@ use gpushare::device::cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas
 use gpushare::device::cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use gpushare::device::cudarc::nvrtc::Ptx;
 use gpushare::device::sim::SimMemory;
+use gpushare::device::SpinLoad;
 use gpushare::device::{Device, DevicePtr, DeviceRange, Stream};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -56,14 +58,16 @@ struct Cuda {
     funcs: Mutex<Vec<(usize, Arc<Funcs>, Stream)>>,
     /// One cuBLAS handle per stream, with the stream.
     blas: Mutex<Vec<(usize, Arc<CudaBlas>, Stream)>>,
+    /// A spin kernel, for [`Kernels::delay`].
+    spin: SpinLoad,
 }
 
 impl Drop for Cuda {
     /// cudarc makes a module's or a cuBLAS handle's context current to release it: a
     /// partition's goes inside `with_cuda_stream` of one of its streams, like its launches.
     fn drop(&mut self) {
-        let blas = self.blas.get_mut().map(std::mem::take).unwrap_or_default();
-        let funcs = self.funcs.get_mut().map(std::mem::take).unwrap_or_default();
+        let blas = std::mem::take(self.blas.get_mut().unwrap_or_else(PoisonError::into_inner));
+        let funcs = std::mem::take(self.funcs.get_mut().unwrap_or_else(PoisonError::into_inner));
         for (_, b, s) in blas {
             let _ = s.with_cuda_stream(|_| drop(b));
         }
@@ -109,13 +113,40 @@ impl Kernels {
     pub fn new(dev: Arc<dyn Device>) -> Res<Self> {
         let cuda = match dev.as_cuda() {
             None => None,
-            Some(_) => Some(Cuda {
-                ptx: gpushare::device::cudarc::nvrtc::compile_ptx(SRC)?,
-                funcs: Mutex::new(Vec::new()),
-                blas: Mutex::new(Vec::new()),
-            }),
+            Some(_) => {
+                // cudarc panics when a library it loads is missing: say so instead.
+                // SAFETY: each call only tries to dlopen the library; no call into it is made.
+                let (nvrtc, cublas) = unsafe {
+                    (
+                        gpushare::device::cudarc::nvrtc::sys::is_culib_present(),
+                        gpushare::device::cudarc::cublas::sys::is_culib_present(),
+                    )
+                };
+                if !(nvrtc && cublas) {
+                    return Err("NVRTC (libnvrtc) and cuBLAS (libcublas) are needed on a GPU: install the CUDA toolkit, or run on the simulated device with GPUSHARE_DEVICE=sim".into());
+                }
+                Some(Cuda {
+                    ptx: gpushare::device::cudarc::nvrtc::compile_ptx(SRC)?,
+                    funcs: Mutex::new(Vec::new()),
+                    blas: Mutex::new(Vec::new()),
+                    spin: SpinLoad::new(dev.clone())?,
+                })
+            }
         };
         Ok(Kernels { dev, cuda })
+    }
+
+    /// Hold `s` up for about `d` before its next work: a spin kernel on CUDA, a sleeping
+    /// host kernel on the simulated device. For checks that work queued behind it waits.
+    pub fn delay(&self, s: &Stream, d: Duration) -> Res<()> {
+        match &self.cuda {
+            // 1.5 GHz is below any data-centre GPU's clock: at least `d`.
+            Some(c) => Ok(c.spin.launch(s, 1, 32, (d.as_secs_f64() * 1.5e9) as u64)?),
+            None => self.host(s, move |_| {
+                std::thread::sleep(d);
+                Ok(())
+            }),
+        }
     }
 
     /// Run `f` on the cudarc stream of `s`, in the context cudarc needs current for it (a

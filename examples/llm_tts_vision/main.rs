@@ -107,7 +107,7 @@ struct Stats {
 
 fn check(what: &str, got: &[f32], want: &[f32]) -> Res<()> {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        if (g - w).abs() > 1e-3 * w.abs().max(1.0) {
+        if g.is_nan() || (g - w).abs() > 1e-3 * w.abs().max(1.0) {
             return Err(format!("{what}: element {i} is {g}, expected {w}").into());
         }
     }
@@ -148,25 +148,11 @@ impl Model {
                 ) else {
                     return Ok(false);
                 };
-                k.fill(s.stream(), x.ptr, (d * b) as u64, value)?;
-                let mut outs = Vec::with_capacity(layers);
-                for t in &self.tensors[..layers] {
-                    let w = s.range(&t.buf)?;
-                    let out = y.slice((outs.len() * d * b * 4) as u64, (d * b * 4) as u64)?;
-                    k.gemm(s.stream(), d, b, d, w.ptr, x.ptr, out.ptr)?;
-                    outs.push(out);
-                }
-                if let Some(slot) = publish {
-                    // The last layer's first column is the step's output.
-                    let dst = s.range(&self.ring[slot % RING])?;
-                    dev.copy_dtod(dst, outs[layers - 1].slice(0, dst.len)?, s.stream())?;
-                }
-                let l = pick % layers;
-                let got = read_back(&*dev, s.stream(), outs[l], d)?;
-                let want: Vec<f32> = self.tensors[l].row_sums.iter().map(|r| r * value).collect();
-                check("matmul", &got, &want)?;
                 if let Some(step) = feed {
-                    // The LLM's output, on the GPU, once the LLM's step is done there.
+                    // The LLM's output, on the GPU, once the LLM's step is done there. It
+                    // comes first, while the LLM's copy into the ring slot may still be
+                    // queued behind a delay (see below): without the wait, the vocoder
+                    // would read the slot's previous step, of another value, and fail.
                     s.wait_event(&step.done)?;
                     let input = s.borrow(&self.ring[step.slot % RING])?;
                     let taps = s.range(&self.tensors[layers].buf)?;
@@ -182,6 +168,27 @@ impl Model {
                     let want: Vec<f32> = self.fir_expected.iter().map(|v| v * step.value).collect();
                     check("vocoder over the LLM's output", &got, &want)?;
                 }
+                k.fill(s.stream(), x.ptr, (d * b) as u64, value)?;
+                let mut outs = Vec::with_capacity(layers);
+                for t in &self.tensors[..layers] {
+                    let w = s.range(&t.buf)?;
+                    let out = y.slice((outs.len() * d * b * 4) as u64, (d * b * 4) as u64)?;
+                    k.gemm(s.stream(), d, b, d, w.ptr, x.ptr, out.ptr)?;
+                    outs.push(out);
+                }
+                let l = pick % layers;
+                let got = read_back(&*dev, s.stream(), outs[l], d)?;
+                let want: Vec<f32> = self.tensors[l].row_sums.iter().map(|r| r * value).collect();
+                check("matmul", &got, &want)?;
+                if let Some(slot) = publish {
+                    // The last layer's first column is the step's output. Its copy into the
+                    // ring slot waits behind a delay, and nothing here waits for it: the
+                    // TTS gets the step at once, so only its GPU-side wait on the step's
+                    // event keeps it from reading the slot too early.
+                    k.delay(s.stream(), Duration::from_micros(500))?;
+                    let dst = s.range(&self.ring[slot % RING])?;
+                    dev.copy_dtod(dst, outs[layers - 1].slice(0, dst.len)?, s.stream())?;
+                }
             }
             Kind::Vision => {
                 let (Some(img), Some(out)) = (
@@ -190,7 +197,7 @@ impl Model {
                 ) else {
                     return Ok(false);
                 };
-                k.fill(s.stream(), img.ptr, (SIDE * SIDE) as u64, 1.0)?;
+                k.fill(s.stream(), img.ptr, (SIDE * SIDE) as u64, value)?;
                 for t in &self.tensors {
                     let w = s.range(&t.buf)?;
                     k.conv3x3(
@@ -205,11 +212,19 @@ impl Model {
                 }
                 // Plane c, row 1 of the last convolution: interior pixels are the sum of
                 // the filter's nine weights (the first floats of the tensor's column 0).
-                let (l, c) = (self.tensors.len() - 1, pick % C_OUT);
-                let sum: f32 = (0..9).map(|i| weight(self.seed, l, c * 9 + i, 0)).sum();
+                // A plane whose weights sum to zero would be checked against zeros: the next
+                // plane is taken instead.
+                let l = self.tensors.len() - 1;
+                let sum =
+                    |c: usize| -> f32 { (0..9).map(|i| weight(self.seed, l, c * 9 + i, 0)).sum() };
+                let c = (0..C_OUT)
+                    .map(|i| (pick + i) % C_OUT)
+                    .find(|&c| sum(c) != 0.0)
+                    .unwrap_or(pick % C_OUT);
+                let want = sum(c) * value;
                 let row = out.slice(((c * SIDE + 1) * SIDE * 4) as u64, (SIDE * 4) as u64)?;
                 let got = read_back(&*dev, s.stream(), row, SIDE)?;
-                check("convolution", &got[1..SIDE - 1], &vec![sum; SIDE - 2])?;
+                check("convolution", &got[1..SIDE - 1], &vec![want; SIDE - 2])?;
             }
         }
         Ok(true)
@@ -311,14 +326,26 @@ fn tensors(ctx: &Context, n: usize, d: usize, seed: usize) -> Res<Vec<Tensor>> {
 async fn run(args: Args) -> Res<()> {
     // The runtime gets `--mib` of the device; the weights add up to more than that.
     let dev: Arc<dyn Device> = gpushare::device::open(gpushare::Config::from_env()?.device)?;
-    if args.mib * MIB > dev.info().total_memory {
-        return Err(format!("the device has only {} MiB", dev.info().total_memory / MIB).into());
+    if args
+        .mib
+        .checked_mul(MIB)
+        .is_none_or(|b| b > dev.info().total_memory)
+    {
+        return Err(format!(
+            "--mib {} is more than the device's {} MiB; give a smaller --mib",
+            args.mib,
+            dev.info().total_memory / MIB
+        )
+        .into());
     }
     let rt = Runtime::builder()
         .with_device(dev.clone())
         .memory_fraction(1.0)
         .memory_limit(args.mib * MIB)
         .overcommit(3.0)
+        // The weights are checked after every restore: their bytes must come back, whatever
+        // GPUSHARE_OFFLOAD says.
+        .evict_policy(gpushare::EvictPolicy::Offload)
         .build()?;
     let cap = rt.capacity();
     let sim = dev.as_sim().is_some();
@@ -423,7 +450,10 @@ async fn run(args: Args) -> Res<()> {
                         }
                     }
                     Err(_) => {
-                        request(&m, &k, started, n, 1.0, None, None, &mut st).await?;
+                        // Each request's input differs from the one before, so that a result
+                        // left in reused scratch by an earlier request cannot pass the check.
+                        let value = (n % 5 + 1) as f32;
+                        request(&m, &k, started, n, value, None, None, &mut st).await?;
                     }
                 }
                 // A request whose session and event are ready at once never returns
@@ -445,7 +475,8 @@ async fn run(args: Args) -> Res<()> {
                     continue;
                 };
                 n += 1;
-                request(&m, &k, started, n, 1.0, None, Some(&step), &mut st).await?;
+                let value = (n % 5 + 1) as f32;
+                request(&m, &k, started, n, value, None, Some(&step), &mut st).await?;
                 tokio::task::yield_now().await;
             }
             Res::Ok(st)
@@ -458,7 +489,8 @@ async fn run(args: Args) -> Res<()> {
             let mut n = 0;
             while Instant::now() < until {
                 n += 1;
-                request(&m, &k, started, n, 1.0, None, None, &mut st).await?;
+                let value = (n % 5 + 1) as f32;
+                request(&m, &k, started, n, value, None, None, &mut st).await?;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Res::Ok(st)
@@ -489,6 +521,12 @@ async fn run(args: Args) -> Res<()> {
             row.map_or(0, |r| r.restores),
             st.refused,
         );
+    }
+    if let Some((name, _)) = all.iter().find(|(_, st)| st.latencies_us.is_empty()) {
+        return Err(format!(
+            "the {name} model completed no request, so its outputs went unchecked; run for longer (--seconds) or give the runtime more memory (--mib)"
+        )
+        .into());
     }
     println!("\nEvery request's output matched the host's reference values, the TTS's vocoder output\nincluded: it ran over the LLM's published output, read from the LLM's buffer.");
     println!("\ntimeline (requests completed per second):\n");

@@ -46,6 +46,9 @@ async fn run(addr: &str, mib: u64) -> Result<(), Box<dyn std::error::Error>> {
         .with_device(dev)
         .memory_fraction(fraction)
         .overcommit(4.0)
+        // The server answers from its weights after every restore: their bytes must come
+        // back, whatever GPUSHARE_OFFLOAD says.
+        .evict_policy(gpushare::EvictPolicy::Offload)
         .build()?;
     let models = app::default_models(rt.capacity());
     let app = Arc::new(app::App::new(rt, &models)?);
