@@ -140,8 +140,8 @@ impl Kernels {
     /// host kernel on the simulated device. For checks that work queued behind it waits.
     pub fn delay(&self, s: &Stream, d: Duration) -> Res<()> {
         match &self.cuda {
-            // 1.5 GHz is below any data-centre GPU's clock: at least `d`.
-            Some(c) => Ok(c.spin.launch(s, 1, 32, (d.as_secs_f64() * 1.5e9) as u64)?),
+            // No data-centre GPU clocks above 2 GHz: at least `d`.
+            Some(c) => Ok(c.spin.launch(s, 1, 32, (d.as_secs_f64() * 2.0e9) as u64)?),
             None => self.host(s, move |_| {
                 std::thread::sleep(d);
                 Ok(())
