@@ -480,8 +480,8 @@ fn run(iters: usize) -> Res<String> {
     }
     {
         // The `isolation` experiment: a victim on 12% of the SMs next to a saturating
-        // neighbour, 3000 kernels of ~50 µs per setting.
-        let out = experiment::measure(dev.clone(), 0.12, 3000, 50.0)?;
+        // neighbour, 1.5 × --iters kernels of ~50 µs per setting (3000 by default).
+        let out = experiment::measure(dev.clone(), 0.12, (iters * 3 / 2).max(300), 50.0)?;
         let solo = experiment::pct(&out.solo, 0.99);
         let ratio = |v: &[f64]| experiment::pct(v, 0.99) / solo;
         let with = match (&out.partitioned, &out.isolation) {

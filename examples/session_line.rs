@@ -122,7 +122,10 @@ fn main() {
         })
         .collect();
     let sessions = f.count("--sessions", 200_000) as usize;
-    let aging = Duration::from_secs_f64(f.positive("--aging-ms", 5.0) / 1e3);
+    let aging =
+        Duration::try_from_secs_f64(f.positive("--aging-ms", 5.0) / 1e3).unwrap_or_else(|_| {
+            common::fail("--aging-ms is too large for a duration; give at most a few hours")
+        });
     println!("aging {aging:?}, about {sessions} sessions a run");
     println!("| tasks | sessions/s | median wait | worst wait | switches |");
     println!("|---|---|---|---|---|");
