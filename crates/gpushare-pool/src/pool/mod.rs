@@ -702,7 +702,8 @@ impl<S: ChunkSource> Pool<S> {
         // the paths returned blocks of their own, the result was merged in memory, built
         // by 8-byte stores and read back in 16-byte loads that the CPU cannot forward;
         // built once from scalars, a block the caller uses at once stays in registers.
-        // `hot_loop ... shared`: 30–38 ns a pair before, 15.5–24 after (alternate runs).
+        // `hot_loop ... shared` went from 27.7–34.2 to 14.8–25.7 ns a pair (see
+        // `docs/BENCHMARKS.md`, "One block built at the end of an allocation").
         let (offset, size, node) = 'placed: {
             if let Some(b) = self.alloc_cached(owner, size, stream) {
                 break 'placed (b.offset, b.size, b.node());
