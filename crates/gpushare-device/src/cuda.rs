@@ -885,10 +885,14 @@ impl Drop for CudaPinned {
 /// waiters for stream-ordered frees) would wait for ever. The driver calls this one with
 /// the error instead, so it runs in every case, and what it wakes finds the error when it
 /// next asks the device.
-unsafe extern "C" fn run_host_fn(_stream: sys::CUstream, status: sys::CUresult, data: *mut c_void) {
-    if status != sys::CUresult::CUDA_SUCCESS {
+///
+/// The status is taken as the plain `unsigned int` that the driver passes, not as cudarc's
+/// `CUresult` enum: a code that a newer driver knows and the enum does not would be an
+/// invalid value of the enum, which Rust does not allow to exist.
+unsafe extern "C" fn run_host_fn(_stream: sys::CUstream, status: u32, data: *mut c_void) {
+    if status != sys::CUresult::CUDA_SUCCESS as u32 {
         tracing::warn!(
-            ?status,
+            cu_result = status,
             "a host callback runs after an error in its CUDA context"
         );
     }
@@ -1177,10 +1181,17 @@ impl Device for CudaDevice {
         let s = self.stream(stream)?;
         self.bind()?;
         let data = Box::into_raw(Box::new(f)) as *mut c_void;
+        type StatusAsU32 = unsafe extern "C" fn(sys::CUstream, u32, *mut c_void);
+        type StatusAsEnum = unsafe extern "C" fn(sys::CUstream, sys::CUresult, *mut c_void);
+        // SAFETY: only the driver calls this pointer, through the C ABI, in which its
+        // `CUresult` parameter is an `unsigned int`: the same as `run_host_fn`'s `u32`
+        // (cudarc's enum is `repr(u32)`). Rust never calls it through the enum's type.
+        let callback =
+            Some(unsafe { std::mem::transmute::<StatusAsU32, StatusAsEnum>(run_host_fn) });
         // SAFETY: `run_host_fn` takes back ownership of `data` exactly once when the driver
         // calls it, which it does after an error too; if adding it fails the driver never
         // calls it and we free it below. Flags must be 0.
-        let r = unsafe { sys::cuStreamAddCallback(s.cu_stream(), Some(run_host_fn), data, 0) }
+        let r = unsafe { sys::cuStreamAddCallback(s.cu_stream(), callback, data, 0) }
             .result()
             .call("cuStreamAddCallback");
         if r.is_err() {
