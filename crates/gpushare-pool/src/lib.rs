@@ -408,8 +408,8 @@ pub struct PoolStats {
     /// Bytes mapped from the source.
     pub mapped_bytes: u64,
     /// Bytes retired for good, never handed out again: chunks whose unmap failed (see
-    /// [`Pool::trim`]) and blocks of restores that panicked. Part of `mapped_bytes`. So `mapped_bytes` is `free_bytes + pending_bytes +
-    /// in_use_bytes + retired_bytes`.
+    /// [`Pool::trim`]) and blocks of restores that panicked. Part of `mapped_bytes`, which
+    /// is `free_bytes + pending_bytes + in_use_bytes + retired_bytes`.
     pub retired_bytes: u64,
     /// Peak of `mapped_bytes` (exact).
     pub peak_mapped_bytes: u64,
@@ -427,7 +427,8 @@ pub struct PoolStats {
     pub peak_in_use_bytes: u64,
     /// Free bytes in the central allocator.
     pub free_bytes: u64,
-    /// Bytes freed with an event that has not completed yet.
+    /// Bytes freed with an event that has not completed yet (at the time of the call:
+    /// those whose event has completed are counted as free).
     pub pending_bytes: u64,
     /// Largest free block.
     pub largest_free_bytes: u64,

@@ -47,6 +47,10 @@ impl<S: ChunkSource> Pool<S> {
     /// Statistics, global and per owner. Locks every shard briefly.
     pub fn stats(&self) -> PoolStats {
         let mut c = self.central.lock();
+        // Stream-ordered frees whose work has completed are free memory: return them to
+        // the free lists first, or they would read as pending (and the runtime's available
+        // memory as lower) until some later allocation took the central path.
+        self.retire_pending(&mut c);
         let mut owners = Vec::new();
         let (mut live, mut cached) = (0u64, 0u64);
         let (mut allocs, mut frees, mut hits) = (c.allocs, c.frees, c.retired_hits);
@@ -124,7 +128,9 @@ impl<S: ChunkSource> Pool<S> {
 
     /// Every block the pool knows: used (live or cached), free, and evicted sizes per owner.
     pub fn snapshot(&self) -> crate::Snapshot {
-        let c = self.central.lock();
+        let mut c = self.central.lock();
+        // As in `stats`: completed frees are free blocks.
+        self.retire_pending(&mut c);
         let mut cached_nodes = std::collections::HashSet::new();
         for (i, a) in c.owners.iter().enumerate() {
             if a.is_none() {
