@@ -701,10 +701,11 @@ impl Context {
         &self.inner.isolation
     }
 
-    /// Register a handler called when memory runs short; contexts' handlers run in
-    /// reclaim order, BestEffort first. It stays registered until the returned
-    /// registration drops (see [`PressureRegistration`]: why it does not stay for good, and
-    /// what `let _ =` does).
+    /// Register a handler called when memory runs short (the request of any context);
+    /// contexts' handlers run in reclaim order, BestEffort first, after the pool has
+    /// evicted what it may (see [`crate::PressureHandler`]). It stays registered until the
+    /// returned registration drops (see [`PressureRegistration`]: why it does not stay for
+    /// good, and what `let _ =` does).
     pub fn on_memory_pressure(
         &self,
         handler: impl Fn(&PressureInfo<'_>) -> Pressure + Send + Sync + 'static,
@@ -758,6 +759,18 @@ impl Context {
             EvictPolicy::Offload => match c.rt.dev.alloc_pinned(size) {
                 Ok(h) => Some(Arc::new(h)),
                 Err(e) => {
+                    // Unpinned, the block may be picked to make room before it is freed: it
+                    // is listed meanwhile as a buffer to discard (it holds no data yet), so
+                    // that the eviction drops it rather than fail on an unknown buffer.
+                    c.rt.buffers.lock().insert(
+                        key,
+                        BufMeta {
+                            policy: EvictPolicy::Discard,
+                            discarded: discarded.clone(),
+                            host: None,
+                            stream: c.stream.clone(),
+                        },
+                    );
                     let _ = c.rt.pool.unpin(&id);
                     // The block may be memory this context freed in order on its stream,
                     // reused at once on the same stream: work queued there may still use it.
@@ -765,6 +778,8 @@ impl Context {
                     if let Err(id) = c.free_after_stream(id) {
                         tracing::error!(context = %c.name, key = ?id.key(), "a new buffer is held by a pin; it is not freed");
                     }
+                    // A discard under way holds what it needs; the entry can go.
+                    c.rt.buffers.lock().remove(&key);
                     c.rt.wake_waiters();
                     return Err(e.into());
                 }
@@ -801,16 +816,18 @@ impl Context {
 
     /// Run `f`; if memory ran short, run the pressure handlers and retry once.
     pub(crate) fn with_relief<T>(&self, requested: u64, f: impl Fn() -> Result<T>) -> Result<T> {
-        let first = match f() {
-            // Memory freed in stream order whose work is still queued comes back once that
-            // work is done: wait for it rather than fail (the caller blocks anyway).
+        // Memory freed in stream order whose work is still queued comes back once that
+        // work is done: wait for it rather than fail (the caller blocks anyway). So too
+        // after the handlers: a buffer one of them dropped may still be in use by work
+        // queued on its context's stream.
+        let try_waiting = || match f() {
             Err(e) if e.is_oom() && self.inner.rt.pool.wait_pending() > 0 => f(),
             r => r,
         };
-        match first {
+        match try_waiting() {
             Err(e) if e.is_oom() => match self.inner.rt.relieve(self, requested) {
                 None => Err(e),
-                Some(Pressure::Allow) => f(),
+                Some(Pressure::Allow) => try_waiting(),
                 Some(Pressure::Deny) => Err(match e {
                     RuntimeError::OutOfMemory { .. } => RuntimeError::PressureDenied {
                         context: self.inner.name.clone(),

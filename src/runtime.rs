@@ -31,9 +31,12 @@ pub(crate) type DevPool = Pool<Box<dyn ChunkSource>>;
 /// What a memory-pressure handler decides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pressure {
-    /// It freed what it could; retry the allocation.
+    /// It freed what it could (perhaps nothing: see [`PressureInfo::available`]); the
+    /// round goes on to the next handler, and the request is tried again after the last.
     Allow,
-    /// Refuse the allocation.
+    /// Refuse the request: the round ends here, no later handler is asked, and the
+    /// request fails with [`crate::RuntimeError::PressureDenied`] (a session waits for
+    /// memory that live sessions release instead, as it would without handlers).
     Deny,
 }
 
@@ -44,12 +47,31 @@ pub struct PressureInfo<'a> {
     pub context: &'a Context,
     /// Bytes it asked for.
     pub requested: u64,
-    /// Bytes the runtime could still hand out.
+    /// Bytes the runtime could still hand out, read just before this handler is called:
+    /// it counts what the handlers before it in the round freed, once that memory's work
+    /// on the GPU is done. A handler that finds it at least `requested` may allow without
+    /// freeing anything.
     pub available: u64,
 }
 
 /// A memory-pressure handler: it may free memory (drop buffers, shrink a KV cache) and
 /// returns whether the allocation should be retried.
+///
+/// Handlers are the last step of the reclaim order. When a request (a buffer, scratch, a
+/// session's working set) does not fit, the pool first takes free cached memory, then
+/// evicts unpinned buffers: BestEffort ones, then Burstable ones above their base, least
+/// recently used first; Guaranteed buffers are never evicted. Only if that is not enough
+/// does a round of handlers run, on the requesting thread: the contexts' handlers from
+/// BestEffort to Guaranteed (each context's in registration order), then the runtime's.
+/// Each is told what the others before it left available. The first [`Pressure::Deny`],
+/// or a handler's panic (logged), ends the round and refuses the request. When every
+/// handler allows, the request is tried again once, waiting for memory freed behind work
+/// still queued on a stream.
+///
+/// A handler runs inside the request that ran short, perhaps that of the session first in
+/// line. So what it does meets no handlers of its own: a buffer it creates or a session
+/// it opens fails with [`crate::RuntimeError::OutOfMemory`] if memory is short, and such
+/// a session is tried at once, ahead of the line, and never waits in line.
 pub type PressureHandler = Arc<dyn Fn(&PressureInfo<'_>) -> Pressure + Send + Sync>;
 
 /// The memory-pressure handlers of a context or of the runtime, in registration order.
@@ -779,8 +801,9 @@ impl Runtime {
     }
 
     /// Register a handler called when any context runs short of memory, after the
-    /// contexts' own handlers. It stays registered until the returned registration drops
-    /// (see [`PressureRegistration`]; `let _ =` drops it at once).
+    /// contexts' own handlers, unless one of those denied (see [`PressureHandler`] for
+    /// the round). It stays registered until the returned registration drops (see
+    /// [`PressureRegistration`]; `let _ =` drops it at once).
     pub fn on_memory_pressure(
         &self,
         handler: impl Fn(&PressureInfo<'_>) -> Pressure + Send + Sync + 'static,
@@ -818,6 +841,7 @@ impl Runtime {
                 }
             })
             .collect();
+        let_go(ctxs);
         Snapshot {
             device: info.name.clone(),
             backend: info.backend.to_string(),
@@ -825,6 +849,27 @@ impl Runtime {
             capacity_bytes: self.inner.capacity,
             available_bytes: self.inner.available_in(&stats),
             contexts,
+        }
+    }
+}
+
+/// Let go of references to contexts that a bystander (a snapshot) took for a moment. A
+/// context whose handles all went meanwhile would be torn down here, and its teardown
+/// waits for the work queued on its stream, which may be work that the calling thread is
+/// itself to let finish: it hung a test whose thread held that stream. Such a context is
+/// torn down on a thread of its own.
+fn let_go(ctxs: Vec<Arc<CtxInner>>) {
+    for c in ctxs {
+        let Some(last) = Arc::into_inner(c) else {
+            continue;
+        };
+        let name = last.name.clone();
+        let spawned = std::thread::Builder::new()
+            .name("gpushare-context-drop".into())
+            .spawn(move || drop(last));
+        if let Err(e) = spawned {
+            // The context went with the closure, on this thread.
+            tracing::warn!(context = %name, error = %e, "no thread for a context's teardown; it ran on the caller's");
         }
     }
 }

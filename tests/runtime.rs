@@ -1263,9 +1263,11 @@ mod tests {
         // Asking the handler again from its own session's try recursed until the stack ran
         // out.
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Nor does that session wait (here it would until its timeout): short of memory,
+        // it fails at once.
         let got = got.lock().unwrap().take();
         assert!(
-            matches!(got, Some(Err(RuntimeError::SessionTimedOut { .. }))),
+            matches!(got, Some(Err(RuntimeError::OutOfMemory { .. }))),
             "{got:?}"
         );
         drop(live_a);
@@ -1775,7 +1777,11 @@ fn a_name_is_taken_until_its_contexts_drop_has_ended() {
     ));
     drop(go);
     dropping.join().unwrap();
-    rt.create_context(ContextSpec::new("llm", 8 * MIB)).unwrap();
+    // A snapshot that listed the context as its last handle went lets it go on a thread
+    // of its own, whose teardown may end a moment after the join.
+    wait_until("the name is free once the drop has ended", || {
+        rt.create_context(ContextSpec::new("llm", 8 * MIB)).is_ok()
+    });
 }
 
 /// A pressure handler that opens another context's session, called for a buffer's
@@ -1819,6 +1825,99 @@ fn a_pressure_handler_of_a_buffers_creation_may_open_a_session() {
         !matches!(r, Err(RuntimeError::SessionTimedOut { .. })),
         "the handler's session waited for the creation that called it ({took:?})"
     );
+}
+
+/// A session that a pressure handler opens is tried once and never waits in line: the
+/// handler runs inside another request's try, so it could wait for ever (here for a
+/// session that the thread which called the handler holds).
+#[test]
+fn a_session_a_pressure_handler_opens_fails_rather_than_waits() {
+    let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
+    // As above: `g` keeps its 40 MiB, `b`'s 28 MiB went out for them, 24 MiB are free.
+    let g = rt
+        .create_context(
+            ContextSpec::new("g", 64 * MIB)
+                .base(40 * MIB)
+                .tier(Tier::Burstable),
+        )
+        .unwrap();
+    let a = rt
+        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let b = rt
+        .create_context(ContextSpec::new("b", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let _theirs = b.create_buffer(28 * MIB).unwrap();
+    let _kept = g.create_buffer(40 * MIB).unwrap();
+    assert!(!_theirs.is_resident());
+    let outcome = Arc::new(std::sync::Mutex::new(None));
+    let _handler = {
+        let (b, outcome) = (b.clone(), outcome.clone());
+        rt.on_memory_pressure(move |info| {
+            if info.context.name() == "a" {
+                *outcome.lock().unwrap() = Some(b.session().map(drop));
+            }
+            Pressure::Deny
+        })
+    };
+    // A live session of `g`, held by the thread that asks for `a`'s buffer: the only
+    // session whose end could make room for `b`'s set.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let asker = std::thread::spawn(move || {
+        let live = g.session().unwrap();
+        tx.send(a.create_buffer(30 * MIB).map(drop)).unwrap();
+        drop(live);
+    });
+    let asked = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the handler's session waited in line for a session its own thread holds");
+    assert!(asked.is_err(), "the handler denied");
+    let r = outcome.lock().unwrap().take().expect("the handler ran");
+    assert!(matches!(r, Err(RuntimeError::OutOfMemory { .. })), "{r:?}");
+    asker.join().unwrap();
+}
+
+/// A pressure handler that drops a buffer whose last work is still queued on its
+/// context's stream makes room for the request that called it: the retry waits for that
+/// work rather than fail.
+#[test]
+fn memory_a_handler_frees_behind_queued_work_serves_the_retry() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let keeper = rt
+        .create_context(ContextSpec::new("keeper", 48 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    let needy = rt
+        .create_context(ContextSpec::new("needy", 48 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    // Never evicted (Guaranteed): only its handler can give it up.
+    let cache = keeper.create_buffer(48 * MIB).unwrap();
+    let go = {
+        let mut s = keeper.session().unwrap();
+        s.write(&cache, 0, &[7; 64]).unwrap();
+        // Work queued after the write: the buffer's last use ends only with it.
+        hold(&sim, s.stream())
+    };
+    let cache = Arc::new(std::sync::Mutex::new(Some(cache)));
+    let _handler = {
+        let cache = cache.clone();
+        keeper.on_memory_pressure(move |_| {
+            let dropped = cache.lock().unwrap().take();
+            drop(dropped);
+            // The queued work ends a moment after the handler has returned.
+            let go = go.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                let _ = go.send(());
+            });
+            Pressure::Allow
+        })
+    };
+    let buf = needy
+        .create_buffer(32 * MIB)
+        .expect("the dropped cache's memory, once its work was done");
+    assert!(cache.lock().unwrap().is_none());
+    drop(buf);
+    assert_eq!(rt.pool_stats().in_use_bytes, 0);
 }
 
 #[test]

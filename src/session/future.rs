@@ -132,6 +132,24 @@ impl<'a> SessionFuture<'a> {
         }
     }
 
+    /// The one try of a session that a memory-pressure handler opens, in the poll: it
+    /// never waits in line. The handler runs inside another request's try, perhaps that
+    /// of the first in line, and a session in line behind it would wait for that try to
+    /// end, or for wake-ups that go to it, for ever. Only stream-ordered frees still
+    /// queued are waited for: their work ends without anyone's help.
+    fn attempt_in_handler(ctx: &Context) -> Result<Prefix> {
+        let r = match Self::attempt(ctx, None) {
+            Err(e) if e.is_oom() && ctx.inner.rt.pool.wait_pending() > 0 => {
+                Self::attempt(ctx, None)
+            }
+            r => r,
+        };
+        if let Ok(p) = &r {
+            granted(&ctx.inner, p);
+        }
+        r
+    }
+
     /// Try until it succeeds, fails for good, or has to wait (see
     /// [`gpushare_qos::gate`]).
     ///
@@ -214,6 +232,9 @@ impl<'a> Future for SessionFuture<'a> {
                     Ok(Fast::NotResident) => false,
                     Ok(Fast::Busy) => true,
                 };
+                if in_pressure_handler() {
+                    return this.finish(Self::attempt_in_handler(ctx));
+                }
                 if let Some(restoring) = this.restore_off_thread(ctx, busy) {
                     this.state = restoring;
                     return Pin::new(&mut *this).poll(cx);
