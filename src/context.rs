@@ -774,13 +774,12 @@ impl Context {
                     let _ = c.rt.pool.unpin(&id);
                     // The block may be memory this context freed in order on its stream,
                     // reused at once on the same stream: work queued there may still use it.
-                    // Nothing else has seen the block, so no pin can hold it.
-                    if let Err(id) = c.free_after_stream(id) {
+                    // Nothing else has seen the block, so no pin can hold it. Its entry
+                    // goes as a dropped buffer's does (an eviction whose finish asks for
+                    // it later fails, and the block is freed when that move ends).
+                    if let Err(id) = c.free_buffer(key, id) {
                         tracing::error!(context = %c.name, key = ?id.key(), "a new buffer is held by a pin; it is not freed");
                     }
-                    // A discard under way holds what it needs; the entry can go.
-                    c.rt.buffers.lock().remove(&key);
-                    c.rt.wake_waiters();
                     return Err(e.into());
                 }
             },
@@ -842,7 +841,9 @@ impl Context {
     }
 
     /// Wait (blocking the thread) until the context's buffers are resident, and open a
-    /// session on it.
+    /// session on it. Inside a memory-pressure handler it does not wait in line (see
+    /// [`crate::PressureHandler`]), nor do [`Context::session_timeout`] and
+    /// [`Context::session_async`].
     pub fn session(&self) -> Result<Session<'_>> {
         match self.session_at_once() {
             Some(r) => r,

@@ -34,9 +34,10 @@ pub enum Pressure {
     /// It freed what it could (perhaps nothing: see [`PressureInfo::available`]); the
     /// round goes on to the next handler, and the request is tried again after the last.
     Allow,
-    /// Refuse the request: the round ends here, no later handler is asked, and the
-    /// request fails with [`crate::RuntimeError::PressureDenied`] (a session waits for
-    /// memory that live sessions release instead, as it would without handlers).
+    /// Refuse the request: the round ends here and no later handler is asked. A buffer
+    /// or scratch request fails (out of memory, with
+    /// [`crate::RuntimeError::PressureDenied`]); a session's try waits instead, as it
+    /// would without handlers, for memory that live sessions release.
     Deny,
 }
 
@@ -50,12 +51,14 @@ pub struct PressureInfo<'a> {
     /// Bytes the runtime could still hand out, read just before this handler is called:
     /// it counts what the handlers before it in the round freed, once that memory's work
     /// on the GPU is done. A handler that finds it at least `requested` may allow without
-    /// freeing anything.
+    /// freeing anything, though the retry may still fail: the free memory may be in
+    /// pieces, or reserved as other contexts' bases, or the request may exceed its
+    /// context's budget.
     pub available: u64,
 }
 
 /// A memory-pressure handler: it may free memory (drop buffers, shrink a KV cache) and
-/// returns whether the allocation should be retried.
+/// returns whether the request may go on (see [`Pressure`]).
 ///
 /// Handlers are the last step of the reclaim order. When a request (a buffer, scratch, a
 /// session's working set) does not fit, the pool first takes free cached memory, then
@@ -65,13 +68,18 @@ pub struct PressureInfo<'a> {
 /// BestEffort to Guaranteed (each context's in registration order), then the runtime's.
 /// Each is told what the others before it left available. The first [`Pressure::Deny`],
 /// or a handler's panic (logged), ends the round and refuses the request. When every
-/// handler allows, the request is tried again once, waiting for memory freed behind work
-/// still queued on a stream.
+/// handler allows, the request is tried again: a buffer or scratch once, waiting first for
+/// memory freed behind work still queued on a stream; a session's try as any try, which
+/// waits in line (for such memory too) if it still does not fit. A session's try asks the
+/// handlers once.
 ///
 /// A handler runs inside the request that ran short, perhaps that of the session first in
-/// line. So what it does meets no handlers of its own: a buffer it creates or a session
-/// it opens fails with [`crate::RuntimeError::OutOfMemory`] if memory is short, and such
-/// a session is tried at once, ahead of the line, and never waits in line.
+/// line. So what it does on its own thread meets no handlers of its own: a buffer it
+/// creates or a session it opens fails with [`crate::RuntimeError::OutOfMemory`] if memory
+/// is short. Such a session goes ahead of the line and never waits in it (it waits only
+/// for memory freed behind queued work), whether opened with `session`,
+/// `session_timeout` or a blocked-on `session_async`, whose restores then run in the
+/// poll.
 pub type PressureHandler = Arc<dyn Fn(&PressureInfo<'_>) -> Pressure + Send + Sync>;
 
 /// The memory-pressure handlers of a context or of the runtime, in registration order.
@@ -293,6 +301,7 @@ impl RuntimeBuilder {
                 pin_lock: TierLock::new(aging),
                 create_lock: Mutex::new(()),
                 names: Mutex::default(),
+                teardowns: Arc::default(),
             }),
         })
     }
@@ -331,6 +340,8 @@ pub(crate) struct RtInner {
     pub create_lock: Mutex<()>,
     /// Names of the contexts made and not yet wholly dropped (see `Context::create`).
     pub names: Mutex<std::collections::HashSet<String>>,
+    /// Contexts being torn down on threads of their own (see [`let_go`]).
+    pub teardowns: Arc<Teardowns>,
 }
 
 impl RtInner {
@@ -841,7 +852,7 @@ impl Runtime {
                 }
             })
             .collect();
-        let_go(ctxs);
+        let_go(ctxs, &self.inner.teardowns);
         Snapshot {
             device: info.name.clone(),
             backend: info.backend.to_string(),
@@ -853,24 +864,70 @@ impl Runtime {
     }
 }
 
+/// Contexts being torn down on threads of their own (see [`let_go`]).
+#[derive(Default)]
+pub(crate) struct Teardowns {
+    running: Mutex<usize>,
+    done: parking_lot::Condvar,
+}
+
+thread_local! {
+    /// Whether this thread is tearing a context down for [`let_go`].
+    static TEARING_DOWN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Teardowns {
+    /// Wait until no context is being torn down on a thread of its own. Not on such a
+    /// thread: a `Runtime` dropped there (one that a context's handler held, say) would
+    /// wait for itself.
+    fn wait(&self) {
+        if TEARING_DOWN.with(|t| t.get()) {
+            return;
+        }
+        let mut running = self.running.lock();
+        while *running > 0 {
+            self.done.wait(&mut running);
+        }
+    }
+}
+
 /// Let go of references to contexts that a bystander (a snapshot) took for a moment. A
 /// context whose handles all went meanwhile would be torn down here, and its teardown
 /// waits for the work queued on its stream, which may be work that the calling thread is
 /// itself to let finish: it hung a test whose thread held that stream. Such a context is
-/// torn down on a thread of its own.
-fn let_go(ctxs: Vec<Arc<CtxInner>>) {
+/// torn down on a thread of its own, which a `Runtime` handle's drop waits for: the pool's
+/// memory goes back with the runtime, and a driver call must not be left running at exit.
+///
+/// A round of pressure handlers and the release of idle holds let go of theirs inline:
+/// there, a context that a handler dropped gives its memory back before the retry.
+fn let_go(ctxs: Vec<Arc<CtxInner>>, teardowns: &Arc<Teardowns>) {
     for c in ctxs {
         let Some(last) = Arc::into_inner(c) else {
             continue;
         };
         let name = last.name.clone();
+        *teardowns.running.lock() += 1;
+        let t = teardowns.clone();
         let spawned = std::thread::Builder::new()
             .name("gpushare-context-drop".into())
-            .spawn(move || drop(last));
+            .spawn(move || {
+                TEARING_DOWN.with(|f| f.set(true));
+                drop(last);
+                *t.running.lock() -= 1;
+                t.done.notify_all();
+            });
         if let Err(e) = spawned {
-            // The context went with the closure, on this thread.
+            // The closure, and the context with it, went on this thread.
             tracing::warn!(context = %name, error = %e, "no thread for a context's teardown; it ran on the caller's");
+            *teardowns.running.lock() -= 1;
+            teardowns.done.notify_all();
         }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.inner.teardowns.wait();
     }
 }
 
@@ -921,5 +978,51 @@ mod tests {
                 "the error came back while the copy was still queued"
             );
         });
+    }
+
+    /// A bystander that holds a context's last reference lets it go at once; the
+    /// context's teardown, which waits for its stream, runs on a thread of its own, and a
+    /// `Runtime` handle's drop waits for it.
+    #[test]
+    fn a_bystanders_last_reference_is_torn_down_elsewhere() {
+        let sim = SimDevice::new();
+        let rt = Runtime::builder()
+            .with_device(Arc::new(sim.clone()))
+            .build()
+            .unwrap();
+        let ctx = rt
+            .create_context(gpushare_qos::ContextSpec::new("m", 1 << 20))
+            .unwrap();
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        sim.launch_host(&ctx.inner.stream, move |_| {
+            let _ = gate.recv();
+            Ok(())
+        })
+        .unwrap();
+        let bystander = ctx.inner.clone();
+        drop(ctx);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let teardowns = rt.inner.teardowns.clone();
+        // Inline, the teardown would wait here for the held stream.
+        std::thread::spawn(move || {
+            let_go(vec![bystander], &teardowns);
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("let_go waited for the context's teardown");
+        assert!(rt.inner.names.lock().contains("m"), "torn down already");
+        let (rt2, dropped) = (rt.clone(), Arc::new(AtomicUsize::new(0)));
+        let waiter = {
+            let dropped = dropped.clone();
+            std::thread::spawn(move || {
+                drop(rt2);
+                dropped.store(1, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(dropped.load(Ordering::SeqCst), 0, "the drop waits");
+        go.send(()).unwrap();
+        waiter.join().unwrap();
+        assert!(rt.inner.names.lock().is_empty(), "the teardown ended");
     }
 }

@@ -1784,13 +1784,17 @@ fn a_name_is_taken_until_its_contexts_drop_has_ended() {
     });
 }
 
-/// A pressure handler that opens another context's session, called for a buffer's
-/// creation, does not wait for the very creation that called it.
-#[test]
-fn a_pressure_handler_of_a_buffers_creation_may_open_a_session() {
-    let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
-    // `g` keeps its 40 MiB (its base), `b`'s 28 MiB went out for them, and 24 MiB are
-    // free: neither `a`'s 30 MiB nor `b`'s set fits.
+/// Contexts `g` (Burstable), `a` and `b` (BestEffort) in 64 MiB: `g` keeps its 40 MiB (its
+/// base), `b`'s 28 MiB went out for them, and 24 MiB are free, so neither 30 MiB for `a`
+/// nor `b`'s set fits. With `b`'s buffer and `g`'s.
+fn a_base_kept_and_a_set_out(
+    rt: &Runtime,
+) -> (
+    gpushare::Context,
+    gpushare::Context,
+    gpushare::Context,
+    [gpushare::Buffer; 2],
+) {
     let g = rt
         .create_context(
             ContextSpec::new("g", 64 * MIB)
@@ -1798,15 +1802,23 @@ fn a_pressure_handler_of_a_buffers_creation_may_open_a_session() {
                 .tier(Tier::Burstable),
         )
         .unwrap();
-    let a = rt
-        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
-        .unwrap();
-    let b = rt
-        .create_context(ContextSpec::new("b", 64 * MIB).tier(Tier::BestEffort))
-        .unwrap();
-    let _theirs = b.create_buffer(28 * MIB).unwrap();
-    let _kept = g.create_buffer(40 * MIB).unwrap();
-    assert!(!_theirs.is_resident());
+    let best_effort = |name: &str| {
+        rt.create_context(ContextSpec::new(name, 64 * MIB).tier(Tier::BestEffort))
+            .unwrap()
+    };
+    let (a, b) = (best_effort("a"), best_effort("b"));
+    let theirs = b.create_buffer(28 * MIB).unwrap();
+    let kept = g.create_buffer(40 * MIB).unwrap();
+    assert!(!theirs.is_resident());
+    (g, a, b, [theirs, kept])
+}
+
+/// A pressure handler that opens another context's session, called for a buffer's
+/// creation, does not wait for the very creation that called it.
+#[test]
+fn a_pressure_handler_of_a_buffers_creation_may_open_a_session() {
+    let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
+    let (_g, a, b, _buffers) = a_base_kept_and_a_set_out(&rt);
     let outcome = Arc::new(std::sync::Mutex::new(None));
     let _handler = {
         let (b, outcome) = (b.clone(), outcome.clone());
@@ -1833,23 +1845,7 @@ fn a_pressure_handler_of_a_buffers_creation_may_open_a_session() {
 #[test]
 fn a_session_a_pressure_handler_opens_fails_rather_than_waits() {
     let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
-    // As above: `g` keeps its 40 MiB, `b`'s 28 MiB went out for them, 24 MiB are free.
-    let g = rt
-        .create_context(
-            ContextSpec::new("g", 64 * MIB)
-                .base(40 * MIB)
-                .tier(Tier::Burstable),
-        )
-        .unwrap();
-    let a = rt
-        .create_context(ContextSpec::new("a", 64 * MIB).tier(Tier::BestEffort))
-        .unwrap();
-    let b = rt
-        .create_context(ContextSpec::new("b", 64 * MIB).tier(Tier::BestEffort))
-        .unwrap();
-    let _theirs = b.create_buffer(28 * MIB).unwrap();
-    let _kept = g.create_buffer(40 * MIB).unwrap();
-    assert!(!_theirs.is_resident());
+    let (g, a, b, _buffers) = a_base_kept_and_a_set_out(&rt);
     let outcome = Arc::new(std::sync::Mutex::new(None));
     let _handler = {
         let (b, outcome) = (b.clone(), outcome.clone());
@@ -1875,6 +1871,51 @@ fn a_session_a_pressure_handler_opens_fails_rather_than_waits() {
     let r = outcome.lock().unwrap().take().expect("the handler ran");
     assert!(matches!(r, Err(RuntimeError::OutOfMemory { .. })), "{r:?}");
     asker.join().unwrap();
+}
+
+/// A handler that opens a session (which moves the session gate's release generation)
+/// is asked once per try: the gate, seeing the generation moved with nothing live, tried
+/// again, asked the handler again, and so on for ever.
+#[test]
+fn a_handler_that_opens_sessions_is_asked_once_per_try() {
+    let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
+    let z = rt
+        .create_context(ContextSpec::new("z", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let k = rt
+        .create_context(ContextSpec::new("k", 4 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    let g = rt
+        .create_context(
+            ContextSpec::new("g", 64 * MIB)
+                .base(40 * MIB)
+                .tier(Tier::Burstable),
+        )
+        .unwrap();
+    let _k_buf = k.create_buffer(4 * MIB).unwrap();
+    let _z_buf = z.create_buffer(28 * MIB).unwrap();
+    let _g_buf = g.create_buffer(40 * MIB).unwrap(); // `z`'s buffer goes out
+    assert!(!_z_buf.is_resident());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let _handler = {
+        let (k, calls) = (k.clone(), calls.clone());
+        rt.on_memory_pressure(move |_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            drop(k.session());
+            Pressure::Deny
+        })
+    };
+    // Nothing is live and 20 MiB are free: `z`'s 28 MiB cannot come back.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        tx.send(z.session_timeout(Duration::from_secs(1)).map(drop))
+            .unwrap()
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the try asked the handler again and again");
+    assert!(matches!(r, Err(RuntimeError::OutOfMemory { .. })), "{r:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
 /// A pressure handler that drops a buffer whose last work is still queued on its

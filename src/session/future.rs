@@ -106,19 +106,24 @@ impl<'a> SessionFuture<'a> {
     }
 
     /// One try. Short of memory, the pressure handlers are asked for what the working
-    /// set lacks (its evicted buffers); if they allow, it tries again. A denial does not
-    /// fail the session: it waits for memory that live sessions release, as without
-    /// handlers.
+    /// set lacks (its evicted buffers), if `ask` (then cleared); if they allow, it tries
+    /// again. A denial does not fail the session: it waits for memory that live sessions
+    /// release, as without handlers.
     ///
     /// A set that cannot be resident beside the buffers of Guaranteed contexts, which are
     /// never evicted, fails here instead of waiting: no session's end would make room for
     /// it, and at the head of the line it would hold up those behind it for as long as
     /// some session is live.
-    fn attempt(ctx: &Context, dropped: Option<&std::sync::atomic::AtomicBool>) -> Result<Prefix> {
+    fn attempt(
+        ctx: &Context,
+        dropped: Option<&std::sync::atomic::AtomicBool>,
+        ask: &mut bool,
+    ) -> Result<Prefix> {
         let c = &ctx.inner;
         let r = match pin_all(c, false, dropped) {
             // A try whose future was dropped asks no handler to free memory for it.
-            Err(e) if e.is_oom() && !dropped.is_some_and(|d| d.load(Ordering::Acquire)) => {
+            Err(e) if e.is_oom() && *ask && !dropped.is_some_and(|d| d.load(Ordering::Acquire)) => {
+                *ask = false;
                 match c.rt.relieve(ctx, evicted_bytes(c)) {
                     Some(Pressure::Allow) => pin_all(c, false, dropped),
                     _ => Err(e),
@@ -138,9 +143,11 @@ impl<'a> SessionFuture<'a> {
     /// end, or for wake-ups that go to it, for ever. Only stream-ordered frees still
     /// queued are waited for: their work ends without anyone's help.
     fn attempt_in_handler(ctx: &Context) -> Result<Prefix> {
-        let r = match Self::attempt(ctx, None) {
+        // No handler is asked from inside one (see `RtInner::relieve`).
+        let ask = &mut false;
+        let r = match Self::attempt(ctx, None, ask) {
             Err(e) if e.is_oom() && ctx.inner.rt.pool.wait_pending() > 0 => {
-                Self::attempt(ctx, None)
+                Self::attempt(ctx, None, ask)
             }
             r => r,
         };
@@ -158,12 +165,17 @@ impl<'a> SessionFuture<'a> {
     /// for memory released by someone else and try again, and a session short of memory
     /// with no other session live would loop here for ever. A newcomer takes it once,
     /// before its first try.
+    ///
+    /// For the same reason the pressure handlers are asked once here, on the first try
+    /// short of memory: a handler that opens a session moves the generation too, and the
+    /// gate's next try would ask it again, for as long as nothing is live.
     fn try_now(ctx: &Context, dropped: Option<&std::sync::atomic::AtomicBool>) -> Step {
+        let ask = &mut true;
         match ctx
             .inner
             .rt
             .waits
-            .attempt(|| Self::attempt(ctx, dropped), RuntimeError::is_oom)
+            .attempt(|| Self::attempt(ctx, dropped, ask), RuntimeError::is_oom)
         {
             Attempt::Done(r) => Step::Done(r),
             Attempt::Wait => Step::Wait,

@@ -44,7 +44,10 @@ impl<S: ChunkSource> Pool<S> {
         }
     }
 
-    /// Statistics, global and per owner. Locks every shard briefly.
+    /// Statistics, global and per owner. Locks every shard briefly, and first returns the
+    /// stream-ordered frees whose event has completed to the free lists (asking each
+    /// pending event, through [`crate::FreeEvent::is_complete`]: not from inside a device
+    /// callback where the device may not be called).
     pub fn stats(&self) -> PoolStats {
         let mut c = self.central.lock();
         // Stream-ordered frees whose work has completed are free memory: return them to
@@ -127,6 +130,7 @@ impl<S: ChunkSource> Pool<S> {
     }
 
     /// Every block the pool knows: used (live or cached), free, and evicted sizes per owner.
+    /// As [`Pool::stats`], it first returns completed stream-ordered frees to the free lists.
     pub fn snapshot(&self) -> crate::Snapshot {
         let mut c = self.central.lock();
         // As in `stats`: completed frees are free blocks.
