@@ -36,8 +36,9 @@ pub enum Pressure {
     Allow,
     /// Refuse the request: the round ends here and no later handler is asked. A buffer
     /// or scratch request fails (out of memory, with
-    /// [`crate::RuntimeError::PressureDenied`]); a session's try waits instead, as it
-    /// would without handlers, for memory that live sessions release.
+    /// [`crate::RuntimeError::PressureDenied`]); a session's try goes on as it would
+    /// without handlers: it waits for memory that live sessions or queued frees release,
+    /// and fails with [`crate::RuntimeError::OutOfMemory`] if there are none.
     Deny,
 }
 
@@ -302,6 +303,7 @@ impl RuntimeBuilder {
                 create_lock: Mutex::new(()),
                 names: Mutex::default(),
                 teardowns: Arc::default(),
+                handles: AtomicUsize::new(1),
             }),
         })
     }
@@ -342,6 +344,8 @@ pub(crate) struct RtInner {
     pub names: Mutex<std::collections::HashSet<String>>,
     /// Contexts being torn down on threads of their own (see [`let_go`]).
     pub teardowns: Arc<Teardowns>,
+    /// `Runtime` handles alive (contexts hold this state too, without a handle).
+    pub handles: AtomicUsize,
 }
 
 impl RtInner {
@@ -655,7 +659,6 @@ impl Evictor for Offloader {
 }
 
 /// The runtime: contexts on one device sharing one pool. Cheap to clone.
-#[derive(Clone)]
 pub struct Runtime {
     pub(crate) inner: Arc<RtInner>,
 }
@@ -877,9 +880,9 @@ thread_local! {
 }
 
 impl Teardowns {
-    /// Wait until no context is being torn down on a thread of its own. Not on such a
-    /// thread: a `Runtime` dropped there (one that a context's handler held, say) would
-    /// wait for itself.
+    /// Wait until no context is being torn down on a thread of its own. Not from inside
+    /// such a teardown: the last `Runtime` handle, held by a context's handler say, may go
+    /// there, and would wait for itself.
     fn wait(&self) {
         if TEARING_DOWN.with(|t| t.get()) {
             return;
@@ -891,12 +894,36 @@ impl Teardowns {
     }
 }
 
+/// A context to tear down, counted in [`Teardowns`] until its drop has ended, whether it
+/// ends on the thread made for it, on the caller's (no thread could be made), or with a
+/// panic.
+struct Teardown {
+    ctx: Option<CtxInner>,
+    teardowns: Arc<Teardowns>,
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        struct Ended<'a>(&'a Teardowns, bool);
+        impl Drop for Ended<'_> {
+            fn drop(&mut self) {
+                TEARING_DOWN.with(|t| t.set(self.1));
+                *self.0.running.lock() -= 1;
+                self.0.done.notify_all();
+            }
+        }
+        let _ended = Ended(&self.teardowns, TEARING_DOWN.with(|t| t.replace(true)));
+        drop(self.ctx.take());
+    }
+}
+
 /// Let go of references to contexts that a bystander (a snapshot) took for a moment. A
 /// context whose handles all went meanwhile would be torn down here, and its teardown
 /// waits for the work queued on its stream, which may be work that the calling thread is
 /// itself to let finish: it hung a test whose thread held that stream. Such a context is
-/// torn down on a thread of its own, which a `Runtime` handle's drop waits for: the pool's
-/// memory goes back with the runtime, and a driver call must not be left running at exit.
+/// torn down on a thread of its own. The drop of the last `Runtime` handle waits for those
+/// threads: the pool's memory goes back with the runtime, and no driver call is left
+/// running at exit.
 ///
 /// A round of pressure handlers and the release of idle holds let go of theirs inline:
 /// there, a context that a handler dropped gives its memory back before the retry.
@@ -907,27 +934,36 @@ fn let_go(ctxs: Vec<Arc<CtxInner>>, teardowns: &Arc<Teardowns>) {
         };
         let name = last.name.clone();
         *teardowns.running.lock() += 1;
-        let t = teardowns.clone();
+        let teardown = Teardown {
+            ctx: Some(last),
+            teardowns: teardowns.clone(),
+        };
         let spawned = std::thread::Builder::new()
             .name("gpushare-context-drop".into())
-            .spawn(move || {
-                TEARING_DOWN.with(|f| f.set(true));
-                drop(last);
-                *t.running.lock() -= 1;
-                t.done.notify_all();
-            });
+            .spawn(move || drop(teardown));
         if let Err(e) = spawned {
-            // The closure, and the context with it, went on this thread.
+            // The teardown went with the closure, on this thread.
             tracing::warn!(context = %name, error = %e, "no thread for a context's teardown; it ran on the caller's");
-            *teardowns.running.lock() -= 1;
-            teardowns.done.notify_all();
+        }
+    }
+}
+
+impl Clone for Runtime {
+    fn clone(&self) -> Self {
+        self.inner.handles.fetch_add(1, Ordering::Relaxed);
+        Runtime {
+            inner: self.inner.clone(),
         }
     }
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.inner.teardowns.wait();
+        // The last handle: contexts may still hold the runtime's state, but no user can
+        // reach it now.
+        if self.inner.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.teardowns.wait();
+        }
     }
 }
 
@@ -1011,18 +1047,92 @@ mod tests {
         rx.recv_timeout(std::time::Duration::from_secs(30))
             .expect("let_go waited for the context's teardown");
         assert!(rt.inner.names.lock().contains("m"), "torn down already");
-        let (rt2, dropped) = (rt.clone(), Arc::new(AtomicUsize::new(0)));
+        // Another handle's drop does not wait; the last one's does.
+        drop(rt.clone());
+        let (inner, dropped) = (rt.inner.clone(), Arc::new(AtomicUsize::new(0)));
         let waiter = {
             let dropped = dropped.clone();
             std::thread::spawn(move || {
-                drop(rt2);
+                drop(rt);
                 dropped.store(1, Ordering::SeqCst);
             })
         };
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!(dropped.load(Ordering::SeqCst), 0, "the drop waits");
+        assert_eq!(dropped.load(Ordering::SeqCst), 0, "the last drop waits");
         go.send(()).unwrap();
         waiter.join().unwrap();
-        assert!(rt.inner.names.lock().is_empty(), "the teardown ended");
+        assert!(inner.names.lock().is_empty(), "the teardown ended");
+    }
+
+    /// A teardown whose thread could not be made, or that panicked, still counts as
+    /// ended; and the last `Runtime` handle going inside it does not wait for itself.
+    #[test]
+    fn a_teardown_ends_its_count_however_it_ends() {
+        let sim = SimDevice::new();
+        let rt = Runtime::builder()
+            .with_device(Arc::new(sim))
+            .build()
+            .unwrap();
+        let ctx = rt
+            .create_context(gpushare_qos::ContextSpec::new("m", 1 << 20))
+            .unwrap();
+        // The context's handler holds the last handle once `rt` goes.
+        let _kept = ctx.on_memory_pressure({
+            let rt = rt.clone();
+            move |_| {
+                let _ = &rt;
+                Pressure::Allow
+            }
+        });
+        let (inner, teardowns) = (ctx.inner.clone(), rt.inner.teardowns.clone());
+        drop((ctx, rt));
+        *teardowns.running.lock() += 1;
+        let ctx = Arc::into_inner(inner).expect("the last reference");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // As when no thread could be made: the teardown runs where it is dropped.
+            drop(Teardown {
+                ctx: Some(ctx),
+                teardowns,
+            });
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the last handle, dropped in the teardown, waited for it");
+        // A teardown that panics (here a handler's drop) ends its count too.
+        struct Boom;
+        impl Drop for Boom {
+            fn drop(&mut self) {
+                panic!("a handler's drop panicked");
+            }
+        }
+        let rt = Runtime::builder()
+            .with_device(Arc::new(SimDevice::new()))
+            .build()
+            .unwrap();
+        let ctx = rt
+            .create_context(gpushare_qos::ContextSpec::new("p", 1 << 20))
+            .unwrap();
+        let _kept = ctx.on_memory_pressure({
+            let boom = Boom;
+            move |_| {
+                let _ = &boom;
+                Pressure::Allow
+            }
+        });
+        let (inner, teardowns) = (ctx.inner.clone(), rt.inner.teardowns.clone());
+        drop(ctx);
+        *teardowns.running.lock() += 1;
+        let ctx = Arc::into_inner(inner).expect("the last reference");
+        let t = teardowns.clone();
+        let panicked = std::thread::spawn(move || {
+            drop(Teardown {
+                ctx: Some(ctx),
+                teardowns: t,
+            })
+        })
+        .join();
+        assert!(panicked.is_err(), "the handler's drop panicked");
+        assert_eq!(*teardowns.running.lock(), 0);
     }
 }
