@@ -167,6 +167,11 @@ impl Event {
     }
 
     /// Block until the recorded work has completed.
+    ///
+    /// On CUDA this may spin a core until then: session events are recorded without
+    /// blocking sync, which keeps a record cheap, and the driver's default is to spin. For
+    /// work that may run long, await [`Event::wait`], or poll [`Event::is_complete`] with
+    /// a sleep in between.
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.inner.home.dev.synchronize_event(self.device_event())?)
     }
@@ -176,6 +181,12 @@ impl Event {
     /// stream when the future is first polled, so if more was queued after the record, the
     /// task wakes when that is done too; [`Event::is_complete`] and
     /// [`Event::synchronize`] see the event itself.
+    ///
+    /// Each future that finds the event not yet complete queues its own callback, and
+    /// dropping the future does not take it back: the recording stream's later work waits
+    /// for each callback to run on the host. Await one future per waiter rather than a fresh one on every turn of a
+    /// loop (as `tokio::time::timeout(d, e.wait())` in a loop would make). A callback is
+    /// not allowed while the recording stream is being captured into a CUDA graph.
     pub fn wait(&self) -> EventWait {
         EventWait {
             ev: self.clone(),
