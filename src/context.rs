@@ -753,6 +753,13 @@ impl Context {
         })?;
         let key = id.key();
         let discarded = Arc::new(AtomicBool::new(false));
+        // Its entry for the offloader.
+        let meta = |policy, host| BufMeta {
+            policy,
+            discarded: discarded.clone(),
+            host,
+            stream: c.stream.clone(),
+        };
         // Pinned staging for offloading is allocated now, once: pinning is slow (about 0.6 s
         // per GiB on an H100) and eviction runs on the path of another context's request.
         let host = match policy {
@@ -762,15 +769,9 @@ impl Context {
                     // Unpinned, the block may be picked to make room before it is freed: it
                     // is listed meanwhile as a buffer to discard (it holds no data yet), so
                     // that the eviction drops it rather than fail on an unknown buffer.
-                    c.rt.buffers.lock().insert(
-                        key,
-                        BufMeta {
-                            policy: EvictPolicy::Discard,
-                            discarded: discarded.clone(),
-                            host: None,
-                            stream: c.stream.clone(),
-                        },
-                    );
+                    c.rt.buffers
+                        .lock()
+                        .insert(key, meta(EvictPolicy::Discard, None));
                     let _ = c.rt.pool.unpin(&id);
                     // The block may be memory this context freed in order on its stream,
                     // reused at once on the same stream: work queued there may still use it.
@@ -785,15 +786,7 @@ impl Context {
             },
             EvictPolicy::Discard => None,
         };
-        c.rt.buffers.lock().insert(
-            key,
-            BufMeta {
-                policy,
-                discarded: discarded.clone(),
-                host,
-                stream: c.stream.clone(),
-            },
-        );
+        c.rt.buffers.lock().insert(key, meta(policy, host));
         // Allocated pinned once: sessions pin it when they use it.
         if let Err(e) = c.rt.pool.unpin(&id) {
             tracing::error!(error = %e, "unpinning a new buffer failed");
@@ -819,10 +812,7 @@ impl Context {
         // work is done: wait for it rather than fail (the caller blocks anyway). So too
         // after the handlers: a buffer one of them dropped may still be in use by work
         // queued on its context's stream.
-        let try_waiting = || match f() {
-            Err(e) if e.is_oom() && self.inner.rt.pool.wait_pending() > 0 => f(),
-            r => r,
-        };
+        let try_waiting = || self.inner.rt.waiting_for_frees(&f);
         match try_waiting() {
             Err(e) if e.is_oom() => match self.inner.rt.relieve(self, requested) {
                 None => Err(e),

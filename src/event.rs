@@ -184,9 +184,10 @@ impl Event {
     ///
     /// Each future that finds the event not yet complete queues its own callback, and
     /// dropping the future does not take it back: the recording stream's later work waits
-    /// for each callback to run on the host. Await one future per waiter rather than a fresh one on every turn of a
-    /// loop (as `tokio::time::timeout(d, e.wait())` in a loop would make). A callback is
-    /// not allowed while the recording stream is being captured into a CUDA graph.
+    /// for each callback to run on the host. Await one future per waiter rather than a
+    /// fresh one on every turn of a loop (as `tokio::time::timeout(d, e.wait())` in a loop
+    /// would make). A callback is not allowed while the recording stream is being captured
+    /// into a CUDA graph.
     pub fn wait(&self) -> EventWait {
         EventWait {
             ev: self.clone(),

@@ -349,6 +349,16 @@ pub(crate) struct RtInner {
 }
 
 impl RtInner {
+    /// Run `f`; if memory ran short while stream-ordered frees were pending (memory whose
+    /// queued work is still running), wait for those (blocking the thread) and run it once
+    /// more: that memory comes back without anyone's help.
+    pub fn waiting_for_frees<T>(&self, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+        match f() {
+            Err(e) if e.is_oom() && self.pool.wait_pending() > 0 => f(),
+            r => r,
+        }
+    }
+
     /// Bytes the runtime could hand out now: not in use, and not waiting for queued work
     /// to finish with them (a stream-ordered free goes to other streams only then).
     pub fn available(&self) -> u64 {

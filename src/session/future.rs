@@ -145,12 +145,10 @@ impl<'a> SessionFuture<'a> {
     fn attempt_in_handler(ctx: &Context) -> Result<Prefix> {
         // No handler is asked from inside one (see `RtInner::relieve`).
         let ask = &mut false;
-        let r = match Self::attempt(ctx, None, ask) {
-            Err(e) if e.is_oom() && ctx.inner.rt.pool.wait_pending() > 0 => {
-                Self::attempt(ctx, None, ask)
-            }
-            r => r,
-        };
+        let r = ctx
+            .inner
+            .rt
+            .waiting_for_frees(|| Self::attempt(ctx, None, ask));
         if let Ok(p) = &r {
             granted(&ctx.inner, p);
         }
