@@ -56,7 +56,7 @@ fn main() {
     );
     let args = Args {
         iters: f.count("--iters", 200) as usize,
-        copy_mib: Some(f.positive("--copy-mib", 0.0) as u64).filter(|&m| m > 0),
+        copy_mib: Some(f.count("--copy-mib", 0)).filter(|&m| m > 0),
     };
     if let Err(e) = run(&args) {
         eprintln!("device_probe failed: {e}");
@@ -65,8 +65,7 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let config = gpushare::Config::from_env()?;
-    let dev = open(config.device)?;
+    let dev = open(gpushare::Config::device_from_env()?)?;
     let info = dev.info().clone();
     println!("# device_probe\n");
     println!("| fact | value |\n|---|---|");
@@ -165,7 +164,15 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         gpushare::device::Backend::Cuda => 1024,
         gpushare::device::Backend::Sim => 128,
     });
-    let bytes = mib << 20;
+    let bytes = mib
+        .checked_mul(1 << 20)
+        .filter(|&b| b <= info.total_memory)
+        .ok_or_else(|| {
+            format!(
+                "--copy-mib {mib} is more than the device's {} MiB",
+                info.total_memory >> 20
+            )
+        })?;
     let g = info.granularity;
     let rounded = bytes.div_ceil(g) * g;
     let va = dev.reserve_va(rounded)?;

@@ -181,7 +181,7 @@ fn main() {
 }
 
 fn run(iters: usize) -> Res<String> {
-    let dev = gpushare::device::open(gpushare::Config::from_env()?.device)?;
+    let dev = gpushare::device::open(gpushare::Config::device_from_env()?)?;
     let info = dev.info().clone();
     let cuda = dev.as_cuda().cloned();
     let na = || "n/a".to_string();

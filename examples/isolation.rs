@@ -50,7 +50,7 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let dev = open(gpushare::Config::from_env()?.device)?;
+    let dev = open(gpushare::Config::device_from_env()?)?;
     let info = dev.info().clone();
     let out = measure(dev, args.share, args.iters, args.victim_us)?;
     let (isolation, solo, shared, partitioned) =

@@ -37,7 +37,7 @@ fn main() {
 }
 
 fn run(iters: usize) -> Result<(), Box<dyn std::error::Error>> {
-    let dev: Arc<dyn Device> = open(gpushare::Config::from_env()?.device)?;
+    let dev: Arc<dyn Device> = open(gpushare::Config::device_from_env()?)?;
     let info = dev.info().clone();
     let src = VmmSource::new(dev.clone(), 16 << 30)?;
     let pool = Pool::new(src, PoolConfig::default().capacity(8 << 30))?;

@@ -27,9 +27,16 @@ pub struct Config {
 }
 
 impl Config {
-    /// Read the settings from the process environment.
+    /// Read the settings from the process environment. A value that is not UTF-8 is an
+    /// error, as any other value that does not parse.
     pub fn from_env() -> Result<Self, DeviceError> {
-        Self::from_lookup(|k| std::env::var(k).ok())
+        Self::from_env_except(|_| false)
+    }
+
+    /// The backend that `GPUSHARE_DEVICE` picks (`Auto` if unset), for code that opens a
+    /// device itself and sets the rest in code: the other variables are not read.
+    pub fn device_from_env() -> Result<BackendChoice, DeviceError> {
+        Ok(Self::from_env_except(|k| k != ENV_DEVICE)?.device)
     }
 
     /// Read the settings from the process environment, skipping the variables for which

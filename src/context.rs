@@ -818,11 +818,13 @@ impl Context {
                 None => Err(e),
                 Some(Pressure::Allow) => try_waiting(),
                 Some(Pressure::Deny) => Err(match e {
-                    RuntimeError::OutOfMemory { .. } => RuntimeError::PressureDenied {
-                        context: self.inner.name.clone(),
-                        requested,
-                        available: self.inner.rt.available(),
-                    },
+                    RuntimeError::OutOfMemory { .. } | RuntimeError::ReservedElsewhere { .. } => {
+                        RuntimeError::PressureDenied {
+                            context: self.inner.name.clone(),
+                            requested,
+                            available: self.inner.rt.available(),
+                        }
+                    }
                     e => e,
                 }),
             },

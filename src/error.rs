@@ -8,7 +8,8 @@ use gpushare_qos::{QosError, Rejection};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RuntimeError {
-    /// The device failed.
+    /// The device failed, or a `GPUSHARE_*` variable holds a value that cannot be used
+    /// (the message names the variable and what it expects).
     #[error(transparent)]
     Device(#[from] DeviceError),
     /// The pool refused for a reason other than memory.
@@ -41,7 +42,7 @@ pub enum RuntimeError {
         limit: u64,
     },
     /// Nothing could be reclaimed; the report says who holds what.
-    #[error("out of memory for {requested} B requested by {context:?}: {report}")]
+    #[error("out of memory for {requested} B requested by {context:?}: {report}; end sessions or drop buffers of the contexts listed, or raise the runtime's memory fraction or limit")]
     OutOfMemory {
         /// The context.
         context: String,
@@ -49,6 +50,17 @@ pub enum RuntimeError {
         requested: u64,
         /// Who holds what.
         report: Box<OomReport>,
+    },
+    /// Memory is free, but reserved as other contexts' bases: a request beyond this
+    /// context's own base may not take it.
+    #[error("{context:?} cannot take {requested} B beyond its reserved base: only {available} B are neither in use nor reserved for other contexts; wait for other contexts to free memory, give this context a larger reserved base, or lower the others'")]
+    ReservedElsewhere {
+        /// The context.
+        context: String,
+        /// Bytes needed beyond the context's reserved base.
+        requested: u64,
+        /// Bytes neither in use nor reserved for other contexts.
+        available: u64,
     },
     /// A memory-pressure handler denied the allocation.
     #[error(
@@ -144,6 +156,15 @@ impl RuntimeError {
                 requested,
                 report,
             },
+            PoolError::ReservedElsewhere {
+                requested,
+                available,
+                ..
+            } => RuntimeError::ReservedElsewhere {
+                context: context.to_string(),
+                requested,
+                available,
+            },
             e => RuntimeError::Pool(e),
         }
     }
@@ -151,8 +172,7 @@ impl RuntimeError {
     pub(crate) fn is_oom(&self) -> bool {
         matches!(
             self,
-            RuntimeError::OutOfMemory { .. }
-                | RuntimeError::Pool(PoolError::ReservedElsewhere { .. })
+            RuntimeError::OutOfMemory { .. } | RuntimeError::ReservedElsewhere { .. }
         )
     }
 }

@@ -12,8 +12,7 @@
 //! Open whatever device this machine has, as `GPUSHARE_DEVICE` says:
 //!
 //! ```
-//! let config = gpushare::Config::from_env()?;
-//! let dev = gpushare::device::open(config.device)?;
+//! let dev = gpushare::device::open(gpushare::Config::device_from_env()?)?;
 //! println!("{} on {}", dev.info().name, dev.info().backend);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -14,7 +14,7 @@ use gpushare_pool::{
 };
 use gpushare_qos::{
     AdmissionConfig, AdmissionEvaluator, ContextSpec, PartitionConfig, PartitionLimits,
-    PartitionManager, SessionGate, Tier, TierLock,
+    PartitionManager, QosError, SessionGate, Tier, TierLock,
 };
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -161,6 +161,29 @@ pub struct RuntimeBuilder {
     aging: Option<Duration>,
 }
 
+/// A bad setting, named by the builder's method that takes it rather than by the
+/// admission evaluator's field.
+fn builder_setting(e: QosError) -> RuntimeError {
+    match e {
+        QosError::BadConfig {
+            what,
+            value,
+            expected,
+        } => RuntimeError::Qos(QosError::BadConfig {
+            what: match what {
+                "usable_fraction" => "RuntimeBuilder::memory_fraction",
+                "usable_limit" => "RuntimeBuilder::memory_limit",
+                "overcommit" => "RuntimeBuilder::overcommit",
+                "aging" => "RuntimeBuilder::aging",
+                w => w,
+            },
+            value,
+            expected,
+        }),
+        e => e.into(),
+    }
+}
+
 impl RuntimeBuilder {
     /// Pick the backend (default: `GPUSHARE_DEVICE`, else auto).
     pub fn device(mut self, choice: BackendChoice) -> Self {
@@ -241,7 +264,9 @@ impl RuntimeBuilder {
         .usable_fraction(fraction)
         .overcommit(overcommit)
         .aging(aging);
-        let usable = AdmissionEvaluator::new(info.total_memory, admission_cfg.clone())?.capacity();
+        let usable = AdmissionEvaluator::new(info.total_memory, admission_cfg.clone())
+            .map_err(builder_setting)?
+            .capacity();
         let g = check_granularity(info.granularity)?;
         if usable < g {
             return Err(RuntimeError::Pool(gpushare_pool::PoolError::BadConfig(format!(

@@ -1,7 +1,7 @@
 //! `GPUSHARE_*` variables against explicit builder settings. One test in its own binary:
 //! it sets the process environment, which no other test here may read meanwhile.
 
-use gpushare::device::BackendChoice;
+use gpushare::device::{BackendChoice, DeviceError};
 use gpushare::{Runtime, RuntimeError};
 
 #[test]
@@ -37,6 +37,18 @@ fn explicit_settings_win_over_bad_variables_and_unset_ones_are_checked() {
             }
             other => panic!("expected a configuration error, got {other:?}"),
         }
+        assert!(
+            matches!(
+                gpushare::Config::from_env(),
+                Err(DeviceError::Config { .. })
+            ),
+            "Config::from_env reads a value that is not UTF-8 as unset"
+        );
+        // Code that reads only the device ignores the other variables.
+        assert_eq!(
+            gpushare::Config::device_from_env().unwrap(),
+            BackendChoice::Auto
+        );
         std::env::remove_var("GPUSHARE_MEMORY_FRACTION");
     }
 }

@@ -2,7 +2,9 @@
 //! The suite runs on the simulated device, and on CUDA with `--ignored`; the fault-injection
 //! tests at the end need the simulated device.
 
-use gpushare::device::{CudaDevice, Device, FaultOp, SimConfig, SimDevice, SpinLoad};
+use gpushare::device::{
+    BackendChoice, CudaDevice, Device, FaultOp, SimConfig, SimDevice, SpinLoad,
+};
 use gpushare::qos::{ContextSpec, Tier};
 use gpushare::{EvictPolicy, Pressure, Runtime, RuntimeError};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -544,6 +546,20 @@ mod tests {
         assert!(
             got == old,
             "the owner overwrote the buffer before the borrower read it"
+        );
+        // `read` and `write` borrow a buffer of another context as `borrow` does.
+        {
+            let mut s = tts.session().unwrap();
+            let mut direct = vec![0u8; 4096];
+            s.read(&out, 0, &mut direct).unwrap();
+            assert!(direct == new[..4096], "a read of the owner's bytes");
+            s.write(&out, 0, &old[..4096]).unwrap();
+        }
+        let mut back = vec![0u8; 4096];
+        be.session().unwrap().read(&out, 0, &mut back).unwrap();
+        assert!(
+            back == old[..4096],
+            "the borrower's write reached the owner"
         );
         // Dropping the owner's handle while a borrow lives frees the buffer after it.
         {
@@ -1454,6 +1470,24 @@ fn contexts_of_one_name_created_at_once_are_admitted_once() {
             .iter()
             .filter_map(|r| r.as_ref().err())
             .all(|e| matches!(e, RuntimeError::DuplicateContext(_))));
+    }
+}
+
+#[test]
+fn a_bad_builder_setting_is_named_as_the_builder_names_it() {
+    for (builder, named) in [
+        (Runtime::builder().memory_fraction(1.5), "memory_fraction"),
+        (Runtime::builder().memory_limit(0), "memory_limit"),
+        (Runtime::builder().overcommit(0.5), "overcommit"),
+        (Runtime::builder().aging(Duration::ZERO), "aging"),
+    ] {
+        match builder.device(BackendChoice::Sim).build() {
+            Err(e @ RuntimeError::Qos(_)) => assert!(
+                e.to_string().contains(&format!("RuntimeBuilder::{named}")),
+                "{e}"
+            ),
+            other => panic!("expected a bad {named}, got {other:?}"),
+        }
     }
 }
 
@@ -2636,4 +2670,36 @@ fn a_buffer_dropped_on_the_executor_while_its_bytes_move_out_does_not_wait_for_t
     drop(made);
     drop((a, b));
     assert_eq!(rt.pool_stats().in_use_bytes, 0);
+}
+
+#[test]
+fn a_request_into_other_contexts_bases_names_its_context_and_what_to_do() {
+    let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
+    let _g = rt
+        .create_context(ContextSpec::new("g", 48 * MIB).base(48 * MIB))
+        .unwrap();
+    let be = rt
+        .create_context(ContextSpec::new("be", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    // 64 MiB are free, but 48 of them are g's base: be may take 16 at most.
+    let e = be.session().unwrap().alloc(32 * MIB).unwrap_err();
+    match &e {
+        RuntimeError::ReservedElsewhere {
+            context,
+            requested,
+            available,
+        } => assert_eq!(
+            (context.as_str(), *requested, *available),
+            ("be", 32 * MIB, 16 * MIB)
+        ),
+        other => panic!("expected ReservedElsewhere, got {other:?}"),
+    }
+    assert!(e.to_string().contains("reserved base"), "{e}");
+    // A handler that denies makes it a denial, as for memory in use.
+    let _deny = rt.on_memory_pressure(|_| Pressure::Deny);
+    let mut s = be.session().unwrap();
+    match s.alloc(32 * MIB) {
+        Err(RuntimeError::PressureDenied { context, .. }) => assert_eq!(context, "be"),
+        other => panic!("expected PressureDenied, got {other:?}"),
+    }
 }

@@ -120,7 +120,7 @@ async fn stress(dev: Arc<dyn Device>) {
                     Err(
                         RuntimeError::OutOfMemory { .. }
                         | RuntimeError::BudgetExceeded { .. }
-                        | RuntimeError::Pool(_),
+                        | RuntimeError::ReservedElsewhere { .. },
                     ) => {
                         short.fetch_add(1, Ordering::Relaxed);
                     }

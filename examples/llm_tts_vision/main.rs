@@ -31,7 +31,7 @@ mod kernels;
 
 use gpushare::device::{Device, DeviceRange};
 use gpushare::qos::ContextSpec;
-use gpushare::{Buffer, Context, Event, Runtime, Session};
+use gpushare::{Buffer, Context, Event, Runtime, RuntimeError, Session};
 use kernels::{read_back, to_bytes, Kernels};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,8 +117,18 @@ fn check(what: &str, got: &[f32], want: &[f32]) -> Res<()> {
 impl Model {
     /// Scratch of `n` floats, or `None` when no memory is left for it (a BestEffort model
     /// may find all unreserved memory taken; the request is then refused, and counted).
-    fn scratch(s: &mut Session, n: usize) -> Option<DeviceRange> {
-        s.alloc(n as u64 * 4).ok().map(|sc| sc.range)
+    /// Any other error ends the run.
+    fn scratch(s: &mut Session, n: usize) -> Res<Option<DeviceRange>> {
+        match s.alloc(n as u64 * 4) {
+            Ok(sc) => Ok(Some(sc.range)),
+            Err(
+                RuntimeError::OutOfMemory { .. }
+                | RuntimeError::ReservedElsewhere { .. }
+                | RuntimeError::PressureDenied { .. }
+                | RuntimeError::BudgetExceeded { .. },
+            ) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The model's GPU work for one request, checked. Returns false if it was refused.
@@ -142,9 +152,9 @@ impl Model {
                     _ => self.tensors.len() - 1, // the last one holds the vocoder taps
                 };
                 let (Some(x), Some(y), Some(f)) = (
-                    Self::scratch(s, d * b),
-                    Self::scratch(s, layers * d * b),
-                    Self::scratch(s, d),
+                    Self::scratch(s, d * b)?,
+                    Self::scratch(s, layers * d * b)?,
+                    Self::scratch(s, d)?,
                 ) else {
                     return Ok(false);
                 };
@@ -192,8 +202,8 @@ impl Model {
             }
             Kind::Vision => {
                 let (Some(img), Some(out)) = (
-                    Self::scratch(s, SIDE * SIDE),
-                    Self::scratch(s, C_OUT * SIDE * SIDE),
+                    Self::scratch(s, SIDE * SIDE)?,
+                    Self::scratch(s, C_OUT * SIDE * SIDE)?,
                 ) else {
                     return Ok(false);
                 };
@@ -246,7 +256,11 @@ async fn request(
 ) -> Res<Option<Event>> {
     let t = Instant::now();
     let mut s = m.ctx.session_async().await?;
-    if !m.work(k, &mut s, n, value, publish.as_ref().map(|p| p.0), feed)? {
+    // The work blocks its thread: scratch allocations may evict and wait for copies, and
+    // the checks wait for reads. tokio hands this worker's other tasks to another thread
+    // meanwhile.
+    let slot = publish.as_ref().map(|p| p.0);
+    if !tokio::task::block_in_place(|| m.work(k, &mut s, n, value, slot, feed))? {
         stats.refused += 1;
         return Ok(None);
     }
@@ -284,15 +298,21 @@ async fn main() {
     common::init_tracing("warn");
     let f = common::Flags::parse(
         &["--seconds", "--mib", "--batch"],
-        "usage: llm_tts_vision [--seconds S] [--mib M] [--batch B]",
+        "usage: llm_tts_vision [--seconds S (at most 600)] [--mib M (at least 256)] [--batch B (1 to 1024)]",
     );
     let args = Args {
-        seconds: f.positive("--seconds", 5.0).min(600.0),
+        seconds: f.positive("--seconds", 5.0),
         mib: f.count("--mib", 512),
         batch: f.count("--batch", 16) as usize,
     };
     if args.mib < 256 {
         common::fail("--mib must be at least 256");
+    }
+    if args.seconds > 600.0 {
+        common::fail("--seconds must be at most 600");
+    }
+    if args.batch > 1024 {
+        common::fail("--batch must be at most 1024");
     }
     if let Err(e) = run(args).await {
         eprintln!("llm_tts_vision failed: {e}");
@@ -325,7 +345,7 @@ fn tensors(ctx: &Context, n: usize, d: usize, seed: usize) -> Res<Vec<Tensor>> {
 
 async fn run(args: Args) -> Res<()> {
     // The runtime gets `--mib` of the device; the weights add up to more than that.
-    let dev: Arc<dyn Device> = gpushare::device::open(gpushare::Config::from_env()?.device)?;
+    let dev: Arc<dyn Device> = gpushare::device::open(gpushare::Config::device_from_env()?)?;
     if args
         .mib
         .checked_mul(MIB)

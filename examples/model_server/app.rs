@@ -233,7 +233,9 @@ async fn infer(State(app): State<Arc<App>>, Path(name): Path<String>, body: Byte
             drop(metrics);
             let status = match e {
                 RuntimeError::OutOfMemory { .. }
+                | RuntimeError::ReservedElsewhere { .. }
                 | RuntimeError::WorkingSetTooLarge { .. }
+                | RuntimeError::WorkingSetBesideGuaranteed { .. }
                 | RuntimeError::PressureDenied { .. }
                 | RuntimeError::Rejected { .. }
                 | RuntimeError::BudgetExceeded { .. } => StatusCode::SERVICE_UNAVAILABLE,

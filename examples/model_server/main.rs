@@ -40,11 +40,22 @@ async fn main() {
 }
 
 async fn run(addr: &str, mib: u64) -> Result<(), Box<dyn std::error::Error>> {
-    let dev = gpushare::device::open(gpushare::Config::from_env()?.device)?;
-    let fraction = ((mib << 20) as f64 / dev.info().total_memory as f64).min(1.0);
+    let dev = gpushare::device::open(gpushare::Config::device_from_env()?)?;
+    let total = dev.info().total_memory;
+    let bytes = match mib.checked_mul(1 << 20) {
+        Some(b) if b <= total => b,
+        _ => {
+            return Err(format!(
+                "--mib {mib} is more than the device's {} MiB; give a smaller --mib",
+                total >> 20
+            )
+            .into())
+        }
+    };
     let rt = gpushare::Runtime::builder()
         .with_device(dev)
-        .memory_fraction(fraction)
+        .memory_fraction(1.0)
+        .memory_limit(bytes)
         .overcommit(4.0)
         // The server answers from its weights after every restore: their bytes must come
         // back, whatever GPUSHARE_OFFLOAD says.

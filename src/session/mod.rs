@@ -442,19 +442,26 @@ impl<'a> Session<'a> {
     }
 
     /// Write bytes into a buffer at `offset`, in stream order, and wait for the copy.
+    ///
+    /// A buffer of another context of this runtime is borrowed first (see
+    /// [`Session::borrow`]); order the write after its owner's work with an event.
     pub fn write(&mut self, buf: &Buffer, offset: u64, bytes: &[u8]) -> Result<()> {
         let r = self.sub(buf, offset, bytes.len() as u64)?;
         Ok(self.ctx.rt.dev.write_sync(r, bytes, &self.ctx.stream)?)
     }
 
     /// Read bytes from a buffer at `offset`, in stream order, and wait for the copy.
+    ///
+    /// A buffer of another context of this runtime is borrowed first (see
+    /// [`Session::borrow`]): wait on an event its owner recorded after writing it
+    /// ([`Session::wait_event`]) before reading it.
     pub fn read(&mut self, buf: &Buffer, offset: u64, out: &mut [u8]) -> Result<()> {
         let r = self.sub(buf, offset, out.len() as u64)?;
         Ok(self.ctx.rt.dev.read_sync(out, r, &self.ctx.stream)?)
     }
 
     fn sub(&mut self, buf: &Buffer, offset: u64, len: u64) -> Result<DeviceRange> {
-        let r = self.range(buf)?;
+        let r = self.borrow(buf)?;
         let end = offset.checked_add(len).filter(|&e| e <= r.len);
         match end {
             Some(_) => Ok(DeviceRange::new(DevicePtr(r.ptr.0 + offset), len)),
