@@ -46,6 +46,9 @@ pub struct OomReport {
     pub free: u64,
     /// Largest free block.
     pub largest_free: u64,
+    /// Bytes freed in stream order whose work is still queued: free once it is done
+    /// ([`Pool::wait_pending`](crate::Pool::wait_pending) waits for it).
+    pub pending: u64,
     /// Per-owner holdings, largest first.
     pub holdings: Vec<Holding>,
     /// Evictions the evictor refused or failed during this request, with its reasons (in a
@@ -64,6 +67,13 @@ impl std::fmt::Display for OomReport {
             self.free,
             self.largest_free
         )?;
+        if self.pending > 0 {
+            write!(
+                f,
+                ", {} B freed behind work still queued (free once it is done)",
+                self.pending
+            )?;
+        }
         if self.retired > 0 {
             write!(
                 f,

@@ -25,6 +25,8 @@ enum Outcome {
     Ok,
     Fail,
     Panic,
+    /// The move ends well, but the evictor panics when told of a block freed during it.
+    PanicWhenTold,
 }
 
 /// An evictor whose moves out end only when the test opens its gate.
@@ -62,7 +64,7 @@ impl Evictor for Gated {
             wait_open(&open);
             finished.fetch_add(1, Ordering::SeqCst);
             match outcome {
-                Outcome::Ok => Ok(()),
+                Outcome::Ok | Outcome::PanicWhenTold => Ok(()),
                 Outcome::Fail => Err(EvictError("the copy out failed".into())),
                 Outcome::Panic => panic!("the copy engine caught fire"),
             }
@@ -80,6 +82,9 @@ impl Evictor for Gated {
             .and_then(std::sync::Weak::upgrade)
             .map_or(u64::MAX, |p| p.stats().in_use_bytes);
         self.freed.lock().unwrap().push((id, in_use));
+        if self.outcome == Outcome::PanicWhenTold {
+            panic!("a bug in the evictor's bookkeeping");
+        }
     }
 }
 
@@ -722,4 +727,47 @@ fn a_request_that_an_eviction_under_way_covers_waits_for_it_and_evicts_nothing_m
         p.free_evictable(id).unwrap();
     }
     assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+#[test]
+fn a_block_freed_after_work_while_it_moves_out_is_reused_only_after_that_work() {
+    let s = Setup::new(Outcome::Ok);
+    let p = s.pool.clone();
+    let (be, id, requester) = s.moving();
+    let g = p.stats().owners[1].id;
+    // Freed after work still queued on another stream, while its bytes move out.
+    let work = common::Flag::new();
+    p.free_evictable_after(id, StreamId(2), work.clone())
+        .map_err(|(_, e)| e)
+        .unwrap();
+    s.open_gate();
+    // The move is done, but the memory waits for that work: the request may not have it.
+    let r = within_patience("the request behind the move", move || requester.join()).unwrap();
+    match r {
+        // The report shows where the memory is.
+        Err(PoolError::OutOfMemory { report, .. }) => assert_eq!(report.pending, 6 * MIB),
+        r => panic!("the request took memory that work on another stream may still use: {r:?}"),
+    }
+    assert_eq!(p.stats().pending_bytes, 6 * MIB);
+    work.set();
+    let x = p.alloc(g, 4 * MIB, S1).unwrap();
+    p.free(x).unwrap();
+    assert_eq!(p.stats().in_use_bytes, 0);
+    p.remove_owner(be).unwrap();
+}
+
+#[test]
+fn a_panic_in_the_evictors_freed_hook_does_not_reach_the_request_that_ended_the_move() {
+    let s = Setup::new(Outcome::PanicWhenTold);
+    let p = s.pool.clone();
+    let (be, id, requester) = s.moving();
+    freed_at_once(&p, id);
+    s.open_gate();
+    let x = within_patience("the request behind the move", move || requester.join())
+        .unwrap()
+        .expect("the request that ended the move got its memory");
+    assert_eq!(s.freed.lock().unwrap().len(), 1, "the evictor was told");
+    p.free(x).unwrap();
+    assert_eq!(p.stats().in_use_bytes, 0);
+    p.remove_owner(be).unwrap();
 }

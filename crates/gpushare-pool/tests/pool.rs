@@ -1557,3 +1557,25 @@ fn asks_again_for_idle_pins(rec: Recorder) {
     p.free_evictable(a).unwrap();
     p.free_evictable(b).unwrap();
 }
+
+#[test]
+fn a_request_over_its_own_limit_and_the_capacity_flushes_other_owners_caches_too() {
+    // The whole capacity is mapped at once, so growth never flushes the caches.
+    let p = pool(PoolConfig::default().capacity(8 * MIB).min_grow(8 * MIB));
+    let c = p.add_owner(OwnerSpec::new("c", 8 * MIB)).unwrap();
+    let a = p.add_owner(OwnerSpec::new("a", 4 * MIB)).unwrap();
+    let cache = |o: OwnerId, n: usize| {
+        let v: Vec<_> = (0..n).map(|_| p.alloc(o, 64 << 10, S1).unwrap()).collect();
+        for b in v {
+            p.free(b).unwrap();
+        }
+    };
+    cache(c, 96); // 6 MiB cached by c
+    cache(a, 16); // 1 MiB cached by a
+    assert_eq!(p.stats().cached_bytes, 7 * MIB);
+    // 1 + 3.5 MiB exceed a's limit: its own cache goes first. Then 6 + 3.5 MiB exceed the
+    // capacity: c's cache must go too.
+    let b = p.alloc(a, 3584 << 10, S1).unwrap();
+    assert_eq!(p.stats().cached_bytes, 0);
+    p.free(b).unwrap();
+}

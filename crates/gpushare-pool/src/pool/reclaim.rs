@@ -25,7 +25,11 @@ impl<S: ChunkSource> Pool<S> {
         evictable: bool,
     ) -> Result<(), Stop> {
         let i = owner.slot() as usize;
-        let mut flushed = false;
+        // The owner's cache, flushed for its limit, and every owner's, flushed for the
+        // pool's capacity: two flushes, each at most once. (One flag for both skipped the
+        // other owners' caches after the owner's own, and went on to evict or fail while
+        // they held what the request needed.)
+        let (mut flushed_own, mut flushed_all) = (false, false);
         loop {
             let a = c.owners[i]
                 .as_ref()
@@ -38,8 +42,8 @@ impl<S: ChunkSource> Pool<S> {
                 // whose cache gives its blocks back itself). Other owners' caches count
                 // against their limits, not this one's: they keep their blocks.
                 self.ask_local_caches(rq.spare, Some(i));
-                if !flushed && self.flush_owner(c, i) > 0 {
-                    flushed = true;
+                if !flushed_own && self.flush_owner(c, i) > 0 {
+                    flushed_own = true;
                     continue;
                 }
                 return Err(Stop::Fail(PoolError::QuotaExceeded {
@@ -61,8 +65,8 @@ impl<S: ChunkSource> Pool<S> {
                 return Ok(());
             }
             self.ask_local_caches(rq.spare, None);
-            if !flushed && self.flush_all(c) > 0 {
-                flushed = true;
+            if !flushed_all && self.flush_all(c) > 0 {
+                flushed_all = true;
                 continue;
             }
             if c.evicting >= c.committed + delta - self.limit {
@@ -643,7 +647,11 @@ impl<S: ChunkSource> Pool<S> {
             // Without the lock: the evictor's owner may wake waiters, whose wake-ups may
             // run anything.
             drop(c);
-            evictor.freed_while_moving(key);
+            // A panic in the hook is the evictor's, not this caller's, who only happened
+            // to end the move: contained and logged, as for the other hooks.
+            if catch_unwind(AssertUnwindSafe(|| evictor.freed_while_moving(key))).is_err() {
+                tracing::error!("the evictor panicked when told of a block freed during its move");
+            }
             c = self.central.lock();
         }
         (c, r, freed.is_some())
@@ -658,9 +666,15 @@ impl<S: ChunkSource> Pool<S> {
             return;
         };
         let oslot = owner.slot() as usize;
+        // Uses recorded while the bytes moved (a free after work on a stream, of a block
+        // being evicted) order the memory's reuse, as any free's do.
+        let uses = c.ev.last_use(idx).take();
         c.ev.mark_evicted(idx);
         Self::uncharge(c, oslot, size);
-        c.tlsf.free(node);
+        match Pending::after_uses(node, size, owner, uses) {
+            Some(p) => c.pending.push(p),
+            None => c.tlsf.free(node),
+        }
         if let Some(a) = c.owners[oslot].as_mut() {
             a.evictable_resident -= size;
             a.evicted_bytes += size;

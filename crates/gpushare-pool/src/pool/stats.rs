@@ -39,6 +39,7 @@ impl<S: ChunkSource> Pool<S> {
             capacity: Some(self.limit),
             free: c.tlsf.free_bytes(),
             largest_free: c.tlsf.largest_free(),
+            pending: c.pending.iter().map(|p| p.size).sum(),
             holdings,
             eviction_failures: eviction_failures.to_vec(),
         }
