@@ -10,7 +10,10 @@
 //! coalesces in O(1).
 //! Memory comes in *runs*: maximal mapped ranges. Blocks never link across the end of a
 //! run, which lets the pool unmap a wholly free chunk in the middle of its address range
-//! and map it again later.
+//! and map it again later. The first block of a run links back, and its last links on, to
+//! the run itself ([`RUN`] and the run's index), so a block that becomes a run's first or
+//! last finds the run in O(1), however many runs there are (a source that is not
+//! contiguous makes each chunk a run of its own).
 
 /// log2 of the allocation unit.
 pub(crate) const UNIT_LOG2: u32 = 8;
@@ -22,6 +25,25 @@ pub(crate) const SL_COUNT: usize = 1 << SL_LOG2;
 const FL_COUNT: usize = 64 - UNIT_LOG2 as usize - SL_LOG2 as usize + 1;
 
 pub(crate) const NONE: u32 = u32::MAX;
+
+/// A physical link with this bit set is no node but the end of a run: the run's index is in
+/// the other bits. Node indices stay below it (below `crate::INHERITS`, the same bit).
+const RUN: u32 = 1 << 31;
+
+const _: () = assert!(RUN == crate::INHERITS);
+
+/// Whether a physical link is a node (not a run's end, nor [`NONE`]).
+#[inline]
+fn is_node(link: u32) -> bool {
+    link & RUN == 0
+}
+
+/// The run whose end a physical link is (see [`RUN`]).
+#[inline]
+fn run_of(link: u32) -> usize {
+    debug_assert!(!is_node(link) && link != NONE);
+    (link & !RUN) as usize
+}
 
 /// [`Node::next_free`] of a used block. Node indices stay below it.
 const USED: u32 = u32::MAX - 1;
@@ -389,16 +411,27 @@ impl Tlsf {
         idx as u32
     }
 
-    /// Point run boundaries at `new` where they pointed at `old`.
-    fn replace_boundary(&mut self, old: u32, new: u32) {
-        for r in &mut self.runs {
-            if r.first == old {
-                r.first = new;
-            }
-            if r.last == old {
-                r.last = new;
-            }
+    /// Link run `i`'s first and last blocks to the run (after it was made or moved).
+    fn link_run(&mut self, i: usize) {
+        let (first, last) = (self.runs[i].first, self.runs[i].last);
+        let link = RUN | i as u32;
+        self.nodes[first as usize].prev_phys = link;
+        self.nodes[last as usize].next_phys = link;
+    }
+
+    /// Take run `i` out of the list; the run that takes its index is linked to it anew.
+    fn take_run(&mut self, i: usize) -> Run {
+        let run = self.runs.swap_remove(i);
+        if i < self.runs.len() {
+            self.link_run(i);
         }
+        run
+    }
+
+    /// Add a run and link its ends to it.
+    fn push_run(&mut self, run: Run) {
+        self.runs.push(run);
+        self.link_run(self.runs.len() - 1);
     }
 
     /// Allocate `size` bytes (a multiple of [`UNIT`]) at an offset aligned to `align` (a
@@ -447,14 +480,10 @@ impl Tlsf {
             let pad = off.next_multiple_of(align) - off;
             if pad > 0 {
                 let front = self.new_node(off, pad, prev, n);
-                if prev != NONE {
+                if is_node(prev) {
                     self.nodes[prev as usize].next_phys = front;
                 } else {
-                    for r in &mut self.runs {
-                        if r.first == n {
-                            r.first = front;
-                        }
-                    }
+                    self.runs[run_of(prev)].first = front;
                 }
                 let node = &mut self.nodes[n as usize];
                 node.offset = off + pad;
@@ -512,14 +541,10 @@ impl Tlsf {
     fn insert_after(&mut self, n: u32, offset: u64, size: u64) -> u32 {
         let next = self.nodes[n as usize].next_phys;
         let back = self.new_node(offset, size, n, next);
-        if next != NONE {
+        if is_node(next) {
             self.nodes[next as usize].prev_phys = back;
         } else {
-            for r in &mut self.runs {
-                if r.last == n {
-                    r.last = back;
-                }
-            }
+            self.runs[run_of(next)].last = back;
         }
         let node = &mut self.nodes[n as usize];
         node.set_size(node.size() - size);
@@ -540,23 +565,23 @@ impl Tlsf {
         let l = &mut self.nodes[left as usize];
         l.size += r.size;
         l.next_phys = r.next_phys;
-        if r.next_phys != NONE {
+        if is_node(r.next_phys) {
             self.nodes[r.next_phys as usize].prev_phys = left;
         } else {
             // `right` ended its run (it cannot have started one: `left` precedes it).
-            self.replace_boundary(right, left);
+            self.runs[run_of(r.next_phys)].last = left;
         }
     }
 
     fn coalesce_insert(&mut self, mut n: u32) {
         let prev = self.nodes[n as usize].prev_phys;
-        if prev != NONE && self.nodes[prev as usize].is_free() {
+        if is_node(prev) && self.nodes[prev as usize].is_free() {
             self.remove_free(prev);
             self.absorb_next(prev);
             n = prev;
         }
         let next = self.nodes[n as usize].next_phys;
-        if next != NONE && self.nodes[next as usize].is_free() {
+        if is_node(next) && self.nodes[next as usize].is_free() {
             self.remove_free(next);
             self.absorb_next(n);
         }
@@ -586,9 +611,9 @@ impl Tlsf {
         let mut drop_idx: Vec<usize> = left.into_iter().chain(right).collect();
         drop_idx.sort_unstable();
         for i in drop_idx.into_iter().rev() {
-            self.runs.swap_remove(i);
+            self.take_run(i);
         }
-        self.runs.push(run);
+        self.push_run(run);
         self.coalesce_insert(n);
     }
 
@@ -612,7 +637,7 @@ impl Tlsf {
         };
         self.remove_free(n);
         let node = self.nodes[n as usize].clone();
-        let run = self.runs.swap_remove(ri);
+        let run = self.take_run(ri);
         let node_end = node.offset + node.size();
         // Left piece keeps the node; right piece gets a new one.
         let left = if node.offset < start {
@@ -621,19 +646,19 @@ impl Tlsf {
             l.next_phys = NONE;
             Some(n)
         } else {
-            if node.prev_phys != NONE {
+            if is_node(node.prev_phys) {
                 self.nodes[node.prev_phys as usize].next_phys = NONE;
             }
             None
         };
         let right = if end < node_end {
             let r = self.new_node(end, node_end - end, NONE, node.next_phys);
-            if node.next_phys != NONE {
+            if is_node(node.next_phys) {
                 self.nodes[node.next_phys as usize].prev_phys = r;
             }
             Some(r)
         } else {
-            if node.next_phys != NONE {
+            if is_node(node.next_phys) {
                 self.nodes[node.next_phys as usize].prev_phys = NONE;
             }
             None
@@ -643,7 +668,7 @@ impl Tlsf {
         }
         if run.start < start {
             let last = left.unwrap_or(node.prev_phys);
-            self.runs.push(Run {
+            self.push_run(Run {
                 start: run.start,
                 end: start,
                 first: if run.first == n { last } else { run.first },
@@ -652,7 +677,7 @@ impl Tlsf {
         }
         if end < run.end {
             let first = right.unwrap_or(node.next_phys);
-            self.runs.push(Run {
+            self.push_run(Run {
                 start: end,
                 end: run.end,
                 first,
@@ -690,10 +715,11 @@ impl Tlsf {
     pub fn check(&self) {
         let mut free_bytes = 0;
         let mut free_blocks = 0;
-        for r in &self.runs {
+        for (ri, r) in self.runs.iter().enumerate() {
+            let link = RUN | ri as u32;
             let mut cur = r.first;
             let mut at = r.start;
-            let mut prev = NONE;
+            let mut prev = link;
             let mut prev_free = false;
             loop {
                 let n = &self.nodes[cur as usize];
@@ -711,11 +737,11 @@ impl Tlsf {
                 prev_free = n.is_free();
                 prev = cur;
                 if cur == r.last {
-                    assert_eq!(n.next_phys, NONE);
+                    assert_eq!(n.next_phys, link, "the last block links to its run");
                     break;
                 }
                 cur = n.next_phys;
-                assert_ne!(cur, NONE, "run ends before its last block");
+                assert!(is_node(cur), "run ends before its last block");
             }
             assert_eq!(at, r.end);
         }
@@ -892,7 +918,7 @@ mod tests {
     proptest! {
         #[test]
         fn random_ops_keep_invariants(
-            ops in proptest::collection::vec((0u8..4, 1u64..20_000, 0u32..4), 1..200),
+            ops in proptest::collection::vec((0u8..5, 1u64..20_000, 0u32..4), 1..200),
             back_max in prop_oneof![Just(0u64), Just(4096), Just(u64::MAX)],
         ) {
             let mut t = Tlsf::new();
@@ -900,6 +926,7 @@ mod tests {
             t.add_region(0, 8 << 20);
             let mut live: Vec<(u32, u64, u64, u32)> = vec![];
             let mut mapped_end = 8u64 << 20;
+            let mut mapped = mapped_end;
             for (op, size, al) in ops {
                 match op {
                     0 | 1 => {
@@ -919,9 +946,20 @@ mod tests {
                         let (n, _, _, _) = live.swap_remove(i);
                         t.free(n);
                     }
+                    // Growth, next to the mapped range or past a gap: a run of its own, as
+                    // a source that is not contiguous maps every chunk.
+                    3 => {
+                        let gap = if al % 2 == 1 { 2 << 20 } else { 0 };
+                        t.add_region(mapped_end + gap, mapped_end + gap + (2 << 20));
+                        mapped_end += gap + (2 << 20);
+                        mapped += 2 << 20;
+                    }
+                    // A trim of a chunk, if one free block covers it.
                     _ => {
-                        t.add_region(mapped_end, mapped_end + (2 << 20));
-                        mapped_end += 2 << 20;
+                        let start = (size % (mapped_end >> 21)) << 21;
+                        if t.remove_region(start, start + (2 << 20)) {
+                            mapped -= 2 << 20;
+                        }
                     }
                 }
                 t.check();
@@ -937,8 +975,8 @@ mod tests {
                 t.free(n);
             }
             t.check();
-            prop_assert_eq!(t.free_bytes(), mapped_end);
-            prop_assert_eq!(t.nodes.len(), 1);
+            prop_assert_eq!(t.free_bytes(), mapped);
+            prop_assert_eq!(t.nodes.len(), t.runs.len(), "a run is one free block");
         }
     }
 }
