@@ -134,7 +134,9 @@ impl Shard {
     pub(super) fn take_probe(&mut self) -> Option<Freed> {
         let (class, node) = self.probe.take()?;
         let bin = self.bins.get_mut(class as usize)?;
-        let i = bin.iter().position(|e| e.node == node)?;
+        // From the top: the probe was pushed there, and only frees of its class since
+        // lie above it (a bin may hold hundreds of blocks under it).
+        let i = bin.iter().rposition(|e| e.node == node)?;
         let e = bin.swap_remove(i);
         if bin.is_empty() {
             self.nonempty[class as usize / 64] &= !(1 << (class % 64));
