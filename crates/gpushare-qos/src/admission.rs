@@ -161,13 +161,13 @@ impl Rejection {
     }
 }
 
-/// What one admission holds.
+/// What one admission holds. Shares are in parts per billion ([`ppb`]).
 #[derive(Clone, Debug, PartialEq)]
 struct Grant {
     reserve: u64,
     max: u64,
-    compute: f64,
-    bandwidth: f64,
+    compute: u64,
+    bandwidth: u64,
 }
 
 impl Grant {
@@ -175,11 +175,23 @@ impl Grant {
         Grant {
             reserve: r.reserve,
             max: r.max,
-            compute: r.compute,
-            bandwidth: r.bandwidth,
+            compute: ppb(r.compute),
+            bandwidth: ppb(r.bandwidth),
         }
     }
 }
+
+/// A share (a fraction in `[0, 1]`) in whole parts per billion. The evaluator adds and
+/// subtracts shares as integers, so what a context gives back is exactly what it took:
+/// summed as floats, shares left rounding residue behind (0.1 and 0.2 admitted and
+/// released left 2.8e-17), which grew with every admission and release. Rounding to a
+/// part per billion also lets shares that add up to one, such as three thirds, fit.
+fn ppb(share: f64) -> u64 {
+    (share * PPB as f64).round() as u64
+}
+
+/// A whole share, in parts per billion.
+const PPB: u64 = 1_000_000_000;
 
 struct Waiter {
     id: u64,
@@ -197,8 +209,9 @@ struct State {
     /// counted in `reserved` and `potential` for good: no request can have it.
     kept_reserved: u64,
     kept_potential: u64,
-    compute: f64,
-    bandwidth: f64,
+    /// Compute and bandwidth shares taken, in parts per billion.
+    compute: u64,
+    bandwidth: u64,
     admitted: usize,
     waiters: Vec<Waiter>,
     next_id: u64,
@@ -209,9 +222,6 @@ struct Inner {
     capacity: u64,
     state: Mutex<State>,
 }
-
-/// Shares are fractions; allow for rounding when they add up to exactly 1.
-const SHARE_EPS: f64 = 1e-9;
 
 impl Inner {
     fn allowed(&self) -> u64 {
@@ -244,12 +254,12 @@ impl Inner {
             ("compute", st.compute, r.compute),
             ("bandwidth", st.bandwidth, r.bandwidth),
         ] {
-            if want > 0.0 && have + want > 1.0 + SHARE_EPS {
+            if want > 0.0 && have + ppb(want) > PPB {
                 return Err(Rejection::Share {
                     name: r.name.clone(),
                     what,
                     requested: want,
-                    taken: have,
+                    taken: have as f64 / PPB as f64,
                 });
             }
         }
@@ -321,8 +331,8 @@ impl Inner {
     fn release(st: &mut State, g: &Grant) {
         st.reserved -= g.reserve;
         st.potential -= g.max;
-        st.compute = (st.compute - g.compute).max(0.0);
-        st.bandwidth = (st.bandwidth - g.bandwidth).max(0.0);
+        st.compute -= g.compute;
+        st.bandwidth -= g.bandwidth;
         st.admitted -= 1;
     }
 
@@ -463,8 +473,8 @@ impl AdmissionEvaluator {
             capacity: self.inner.capacity,
             reserved: st.reserved,
             potential: st.potential,
-            compute: st.compute,
-            bandwidth: st.bandwidth,
+            compute: st.compute as f64 / PPB as f64,
+            bandwidth: st.bandwidth as f64 / PPB as f64,
             admitted: st.admitted,
             waiting: st.waiters.iter().filter(|w| !w.granted).count(),
         }

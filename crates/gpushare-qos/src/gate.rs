@@ -25,8 +25,9 @@
 use crate::queue::WaitQueue;
 use crate::sync::AtomicU64;
 
-/// The fields of [`SessionGate::state`], low to high: waiters (20 bits), live sessions
-/// (20 bits: a million sessions at once), and the release generation (24 bits). The
+/// The fields of [`SessionGate::state`], low to high: waiters (20 bits: a million sessions
+/// waiting at once), live sessions (20 bits: a million sessions at once), and the release
+/// generation (24 bits). Debug builds check both counts. The
 /// generation only tells an attempt whether anything was released while it ran; it would
 /// take 2^24 releases during one attempt for a wrap to hide one.
 const WAITERS: u64 = (1 << 20) - 1;
@@ -202,7 +203,8 @@ impl SessionGate {
     pub fn enqueue(&self, rank: u32, group: u64, waker: &Waker) -> u64 {
         let id = self.queue.enqueue_in(rank, group, waker);
         // After the waker is in the queue: a release that reads this sees it there.
-        self.state.fetch_add(1, Ordering::AcqRel);
+        let before = self.state.fetch_add(1, Ordering::AcqRel);
+        debug_assert!(before & WAITERS != WAITERS, "too many waiting sessions");
         id
     }
 

@@ -193,6 +193,31 @@ fn shares_add_up_to_at_most_one() {
 }
 
 #[test]
+fn shares_given_back_leave_nothing_behind() {
+    let ev = eval(10 * GIB);
+    // Thirds add up to one.
+    let thirds: Vec<_> = (0..3)
+        .map(|i| {
+            ev.try_admit(&ContextSpec::new(format!("t{i}"), GIB).compute(1.0 / 3.0))
+                .unwrap()
+        })
+        .collect();
+    drop(thirds);
+    // What is given back is exactly what was taken, however many times.
+    for _ in 0..1000 {
+        let a = ev
+            .try_admit(&ContextSpec::new("a", GIB).compute(0.1).bandwidth(0.7))
+            .unwrap();
+        let b = ev
+            .try_admit(&ContextSpec::new("b", GIB).compute(0.2).bandwidth(0.3))
+            .unwrap();
+        drop((a, b));
+    }
+    let u = ev.usage();
+    assert_eq!((u.compute, u.bandwidth, u.admitted), (0.0, 0.0, 0));
+}
+
+#[test]
 fn a_waiter_is_admitted_when_memory_is_released() {
     let ev = eval(10 * GIB);
     let first = ev
