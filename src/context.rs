@@ -167,6 +167,34 @@ impl CtxInner {
         self.release_use(slots, prefix, epoch, extra);
     }
 
+    /// A borrow of buffer `key` by another context's session ends. Its work on stream
+    /// `after.0` may still use the buffer until `after.1` completes: the buffer is unpinned
+    /// with that work as a last use, so that the pool lets the memory go (evicted or
+    /// freed) only after it, whatever becomes of this context's own stream. Without
+    /// `after` (its event could not be recorded), the borrower has waited for its stream.
+    pub fn end_borrow(
+        &self,
+        key: EvictableKey,
+        after: Option<(StreamId, Arc<dyn gpushare_pool::FreeEvent>)>,
+    ) {
+        let Some((stream, done)) = after else {
+            return self.end_use(0, 0, false, &[key]);
+        };
+        let slots = self.buffers.lock();
+        self.last_used
+            .store(self.rt.waits.clock(), Ordering::Relaxed);
+        if let Some(id) = slots
+            .iter()
+            .find(|s| s.key == key)
+            .and_then(|s| s.id.as_ref())
+        {
+            if let Err(e) = self.rt.pool.unpin_after(id, stream, done) {
+                tracing::error!(context = %self.name, error = %e, "unpinning a borrowed buffer failed");
+            }
+        }
+        self.release_use(slots, 0, 0, &[key]);
+    }
+
     /// Whether a new session can ride the hold: it covers every buffer (none made since),
     /// and none of them was dropped since it was kept. If so, it counts the rider.
     pub fn ride(&self, slots: &[BufSlot]) -> bool {
@@ -192,10 +220,10 @@ impl CtxInner {
         let before = self.held.load(Ordering::Relaxed);
         match (self.counted(before), self.counted(h)) {
             (false, true) => {
-                self.rt.holds.fetch_add(1, Ordering::Relaxed);
+                self.rt.holds.count.fetch_add(1, Ordering::Relaxed);
             }
             (true, false) => {
-                self.rt.holds.fetch_sub(1, Ordering::Relaxed);
+                self.rt.holds.count.fetch_sub(1, Ordering::Relaxed);
             }
             _ => {}
         }
@@ -212,6 +240,11 @@ impl CtxInner {
         self.held_at
             .store(self.dooms.load(Ordering::Relaxed), Ordering::Relaxed);
         self.set_hold(slots.len());
+        if self.counted(slots.len()) {
+            // Idle from now, before the session gate's clock moves: a walk for idle holds
+            // that saw the clock where it is would otherwise miss it.
+            self.rt.holds.kept.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Let go of the hold if there is one and no session rides it (sessions that pinned
@@ -353,7 +386,11 @@ impl CtxInner {
     /// then. If a pin holds the buffer after all, or is restoring it, the handle comes back.
     pub fn free_buffer(&self, key: EvictableKey, id: EvictableId) -> Result<(), EvictableId> {
         self.free_after_stream(id)?;
-        self.rt.buffers.lock().remove(&key);
+        // The entry may hold the last reference to the buffer's pinned staging, whose free
+        // (on CUDA a host-memory free that may take a while) must not run under the map's
+        // lock: evictions take it under the pool's.
+        let meta = self.rt.buffers.lock().remove(&key);
+        drop(meta);
         self.rt.wake_waiters();
         Ok(())
     }
@@ -363,17 +400,8 @@ impl CtxInner {
     /// the handle comes back; other failures are logged.
     pub fn free_after_stream(&self, id: gpushare_pool::EvictableId) -> Result<(), EvictableId> {
         let dev = &self.rt.dev;
-        // A request short of memory may wait for this event (`Pool::wait_pending`), for as
-        // long as the stream's queued kernels run: it sleeps rather than spin a core.
-        let tail = dev
-            .create_event(gpushare_device::EventFlags::blocking_sync())
-            .and_then(|ev| dev.record_event(&ev, &self.stream).map(|_| ev));
-        let freed = match tail {
-            Ok(ev) => {
-                let done = Arc::new(StreamTail {
-                    dev: dev.clone(),
-                    ev,
-                });
+        let freed = match StreamTail::record(dev, &self.stream) {
+            Ok(done) => {
                 let release = self.stream_release();
                 let r = self.rt.pool.free_evictable_after(id, self.stream_id, done);
                 if r.is_ok() {
@@ -452,9 +480,27 @@ impl Drop for LiveUse<'_> {
 }
 
 /// The tail of a context's stream when one of its buffers was freed.
-struct StreamTail {
+/// The work queued so far on a stream, as a pool's [`gpushare_pool::FreeEvent`].
+pub(crate) struct StreamTail {
     dev: Arc<dyn gpushare_device::Device>,
-    ev: gpushare_device::Event,
+    pub ev: gpushare_device::Event,
+}
+
+impl StreamTail {
+    /// An event recorded now on `stream`. A request short of memory may wait for it
+    /// (`Pool::wait_pending`), for as long as the stream's queued kernels run: it sleeps
+    /// rather than spin a core.
+    pub fn record(
+        dev: &Arc<dyn gpushare_device::Device>,
+        stream: &Stream,
+    ) -> gpushare_device::Result<Arc<Self>> {
+        let ev = dev.create_event(gpushare_device::EventFlags::blocking_sync())?;
+        dev.record_event(&ev, stream)?;
+        Ok(Arc::new(StreamTail {
+            dev: dev.clone(),
+            ev,
+        }))
+    }
 }
 
 impl gpushare_pool::FreeEvent for StreamTail {
@@ -485,7 +531,9 @@ impl Drop for CtxInner {
             if let Some(id) = s.id {
                 let _ = self.rt.pool.free_evictable(id);
             }
-            self.rt.buffers.lock().remove(&s.key);
+            // Dropped once the map's lock is let go (see `free_buffer`).
+            let meta = self.rt.buffers.lock().remove(&s.key);
+            drop(meta);
         }
         if let Err(e) = self.rt.pool.remove_owner(self.owner) {
             // The pool still counts the owner's base and bytes: admission keeps the

@@ -297,7 +297,7 @@ impl RuntimeBuilder {
         let pool = Arc::new(pool);
         let waits = Arc::new(SessionGate::new(aging));
         let contexts: Arc<Mutex<Vec<Weak<CtxInner>>>> = Arc::default();
-        let holds = Arc::new(AtomicUsize::new(0));
+        let holds = Arc::new(Holds::default());
         pool.set_evictor(Arc::new(Offloader {
             dev: dev.clone(),
             stream: copy_stream,
@@ -306,6 +306,7 @@ impl RuntimeBuilder {
             contexts: contexts.clone(),
             holds: holds.clone(),
             walked_at: AtomicU64::new(0),
+            walked_kept: AtomicU64::new(0),
         }));
         static NEXT: AtomicU64 = AtomicU64::new(1);
         Ok(Runtime {
@@ -345,11 +346,8 @@ pub(crate) struct RtInner {
     pub policy: EvictPolicy,
     pub buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>>,
     pub contexts: Arc<Mutex<Vec<Weak<CtxInner>>>>,
-    /// Contexts that keep a hold on their buffers between sessions (see
-    /// [`CtxInner::end_use`]) that the pool would have let go: holds of Guaranteed contexts
-    /// and empty ones do not count. Changed only when a hold is kept, grows from nothing or
-    /// is let go, not per session.
-    pub holds: Arc<AtomicUsize>,
+    /// Contexts' holds on their buffers between sessions that the pool would let go.
+    pub holds: Arc<Holds>,
     pub handlers: Arc<Handlers>,
     /// Waiting sessions, live sessions and pending frees: the protocol sessions wait under.
     /// Shared with host callbacks, which must not hold anything whose release is a device
@@ -482,12 +480,27 @@ struct Offloader {
     /// The runtime's contexts, and how many keep a hold the pool could use: the holds no
     /// session rides go before the pool chooses a victim.
     contexts: Arc<Mutex<Vec<Weak<CtxInner>>>>,
-    holds: Arc<AtomicUsize>,
+    holds: Arc<Holds>,
     /// One more than the session gate's release clock at the last walk of the contexts
     /// for idle holds (0: none yet). A hold goes idle only at a session's end, which moves
     /// the clock after it: with the clock where it was, a walk would find nothing new, so
     /// none is made (a request waiting on pending frees asks every millisecond).
     walked_at: AtomicU64,
+    /// [`Holds::kept`] at the last walk: a hold kept since then went idle before the clock
+    /// moved (the session that kept it ends after), so the walk may have missed it.
+    walked_kept: AtomicU64,
+}
+
+/// Contexts that keep a hold on their buffers between sessions (see
+/// [`CtxInner::end_use`]) that the pool would have let go: holds of Guaranteed contexts and
+/// empty ones do not count.
+#[derive(Debug, Default)]
+pub(crate) struct Holds {
+    /// How many there are. Changed only when a hold is kept, grows from nothing or is let
+    /// go, not per session.
+    pub count: AtomicUsize,
+    /// How many times one was kept.
+    pub kept: AtomicU64,
 }
 
 /// Let go of the holds of the contexts of `contexts` that no use relies on, the least
@@ -647,8 +660,10 @@ impl Evictor for Offloader {
     }
 
     fn holds_idle_pins(&self) -> bool {
-        self.holds.load(Ordering::Relaxed) > 0
-            && self.walked_at.load(Ordering::Relaxed) != self.waits.clock() + 1
+        self.holds.count.load(Ordering::Relaxed) > 0
+            && (self.walked_at.load(Ordering::Relaxed) != self.waits.clock() + 1
+                || self.walked_kept.load(Ordering::Relaxed)
+                    != self.holds.kept.load(Ordering::Relaxed))
     }
 
     fn release_idle_pins(&self) {
@@ -657,9 +672,10 @@ impl Evictor for Offloader {
         // while another's walk is under way walks too (what the first has let go, it finds
         // let go), where seeing the walk as done it would pick its victims, or give up,
         // with the idle holds still pinned.
-        let clock = self.waits.clock();
+        let (clock, kept) = (self.waits.clock(), self.holds.kept.load(Ordering::Relaxed));
         release_holds(&self.contexts, false);
         self.walked_at.store(clock + 1, Ordering::Relaxed);
+        self.walked_kept.store(kept, Ordering::Relaxed);
     }
 
     fn restore(&self, r: &RestoreInfo) -> std::result::Result<(), EvictError> {

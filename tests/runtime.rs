@@ -2703,3 +2703,71 @@ fn a_request_into_other_contexts_bases_names_its_context_and_what_to_do() {
         other => panic!("expected PressureDenied, got {other:?}"),
     }
 }
+
+#[test]
+fn a_borrowers_work_holds_the_buffer_after_its_owners_stream_faulted() {
+    use std::sync::mpsc::channel;
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let owner = rt
+        .create_context(ContextSpec::new("owner", 64 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    let reader = rt
+        .create_context(ContextSpec::new("reader", 16 * MIB))
+        .unwrap();
+    let taker = rt
+        .create_context(ContextSpec::new("taker", 48 * MIB).base(48 * MIB))
+        .unwrap();
+    let buf = owner.create_buffer(32 * MIB).unwrap();
+    owner
+        .session()
+        .unwrap()
+        .write(&buf, 0, &pattern(4096, 3))
+        .unwrap();
+    // The owner's kernel faults when told to; the borrower's writes when told to.
+    let (fault, fault_rx) = channel::<()>();
+    let (write, write_rx) = channel::<()>();
+    let s = owner.session().unwrap();
+    sim.launch_host(s.stream(), move |_| {
+        let _ = fault_rx.recv();
+        Err(gpushare::device::DeviceError::StreamBroken(
+            "the owner's kernel faulted".into(),
+        ))
+    })
+    .unwrap();
+    {
+        let mut b = reader.session().unwrap();
+        let r = b.borrow(&buf).unwrap().slice(0, 4096).unwrap();
+        sim.launch_host(b.stream(), move |mem| {
+            let _ = write_rx.recv();
+            mem.write(r, &[0xBB; 4096])
+        })
+        .unwrap();
+    } // The borrow ends with its write still queued.
+    drop(s);
+    fault.send(()).unwrap();
+    // (Its stream's later work, the wait for the borrower included, never runs; a
+    // synchronisation would wait for that wait.)
+    wait_until("the owner's stream faults", || {
+        owner.session().unwrap().record_event().is_err()
+    });
+    // Another context needs the buffer's memory: its eviction must wait for the write.
+    let rt2 = taker.clone();
+    let took = std::thread::spawn(move || rt2.create_buffer(40 * MIB).map(drop));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !took.is_finished(),
+        "the buffer went while the borrower's write was still queued"
+    );
+    write.send(()).unwrap();
+    took.join().unwrap().unwrap();
+    assert!(!buf.is_resident());
+    // The offloaded bytes include the borrower's write.
+    let mut s = owner.session().unwrap();
+    let range = s.range(&buf).unwrap().slice(0, 4096).unwrap();
+    let mut back = vec![0u8; 4096];
+    sim.peek(range, &mut back).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0xBB),
+        "the borrower's write was lost"
+    );
+}

@@ -4,7 +4,7 @@
 //! makes a context's working set resident (pins, restores, and when a session may go
 //! ahead of the line); [`future`] is the future a session is awaited through.
 
-use crate::context::{Context, CtxInner};
+use crate::context::{Context, CtxInner, StreamTail};
 use crate::error::{Result, RuntimeError};
 use crate::event::Event;
 use crate::runtime::Pressure;
@@ -414,30 +414,34 @@ impl<'a> Session<'a> {
         Ok(DeviceRange::new(DevicePtr(p.addr), buf.size()))
     }
 
-    /// End this session's borrows: each owner's stream waits for this session's work, then
-    /// the buffers are unpinned.
+    /// End this session's borrows. This session's work may use the borrowed buffers until
+    /// it is done: each owner's stream waits for it on the GPU, so the owner's later writes
+    /// come after its reads; and each buffer is unpinned with it as a last use, so that no
+    /// eviction or free lets the memory go before it. The owner's stream alone would not
+    /// do: after a fault there it runs none of its later work, the wait included, and an
+    /// eviction finds nothing on it to wait for.
     fn end_borrows(&self, borrowed: Vec<(Arc<CtxInner>, EvictableKey)>) {
         let rt = &self.ctx.rt;
-        let fence = rt
-            .dev
-            .create_event(gpushare_device::EventFlags::default())
-            .and_then(|ev| rt.dev.record_event(&ev, &self.ctx.stream).map(|_| ev));
+        let fence = match StreamTail::record(&rt.dev, &self.ctx.stream) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(error = %e, "recording the end of a session's borrows failed; waiting for its stream");
+                let _ = rt.dev.synchronize_stream(&self.ctx.stream);
+                None
+            }
+        };
         for (i, (owner, key)) in borrowed.iter().enumerate() {
             let first = borrowed[..i].iter().all(|(c, _)| !Arc::ptr_eq(c, owner));
-            if first {
-                let ordered = match &fence {
-                    Ok(ev) => rt
-                        .dev
-                        .wait_event(&owner.stream, ev)
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = ordered {
+            if let (true, Some(f)) = (first, &fence) {
+                if let Err(e) = rt.dev.wait_event(&owner.stream, &f.ev) {
                     tracing::warn!(error = %e, "ordering a borrow's end failed; waiting for the stream");
                     let _ = rt.dev.synchronize_stream(&self.ctx.stream);
                 }
             }
-            owner.end_use(0, 0, false, std::slice::from_ref(key));
+            let after = fence
+                .clone()
+                .map(|f| (self.ctx.stream_id, f as Arc<dyn FreeEvent>));
+            owner.end_borrow(*key, after);
         }
     }
 
