@@ -135,10 +135,12 @@ impl CtxInner {
             self.riders.store(riders, Ordering::Relaxed);
             // The last rider of a hold that covers a dropped buffer lets it go, so that the
             // buffer is freed once the uses that pinned it themselves end too.
-            if riders == 0
-                && self.held_at.load(Ordering::Relaxed) != self.dooms.load(Ordering::Relaxed)
-            {
-                self.drop_hold(&slots);
+            if riders == 0 {
+                if self.held_at.load(Ordering::Relaxed) != self.dooms.load(Ordering::Relaxed) {
+                    self.drop_hold(&slots);
+                } else {
+                    self.hold_went_idle();
+                }
             }
             if extra.is_empty() {
                 // It pinned nothing: the pool is not asked.
@@ -240,10 +242,16 @@ impl CtxInner {
         self.held_at
             .store(self.dooms.load(Ordering::Relaxed), Ordering::Relaxed);
         self.set_hold(slots.len());
-        if self.counted(slots.len()) {
-            // Idle from now, before the session gate's clock moves: a walk for idle holds
-            // that saw the clock where it is would otherwise miss it.
-            self.rt.holds.kept.fetch_add(1, Ordering::Relaxed);
+        self.hold_went_idle();
+    }
+
+    /// The hold, if it counts, has no session left: idle from now, before the session
+    /// gate's clock moves (the use that ended calls `ended` after). A walk for idle holds
+    /// that saw the clock where it is would miss it without
+    /// [`Holds::kept`](crate::runtime::Holds::kept).
+    fn hold_went_idle(&self) {
+        if self.counted(self.held.load(Ordering::Relaxed)) {
+            self.rt.holds.kept.fetch_add(1, Ordering::Release);
         }
     }
 
@@ -525,6 +533,10 @@ impl Drop for CtxInner {
         if let Err(e) = self.rt.dev.synchronize_stream(&self.stream) {
             tracing::warn!(context = %self.name, error = %e, "waiting for a dropped context's stream failed");
         }
+        // Its sessions' borrows left their ends as last uses of other contexts' buffers
+        // (see `end_borrow`); that work is done, or never runs. Their events would keep
+        // this context's stream's partition alive for as long as those buffers live.
+        self.rt.pool.forget_stream(self.stream_id);
         let slots = std::mem::take(&mut *self.buffers.lock());
         self.drop_hold(&slots);
         for s in slots {

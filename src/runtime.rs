@@ -663,7 +663,7 @@ impl Evictor for Offloader {
         self.holds.count.load(Ordering::Relaxed) > 0
             && (self.walked_at.load(Ordering::Relaxed) != self.waits.clock() + 1
                 || self.walked_kept.load(Ordering::Relaxed)
-                    != self.holds.kept.load(Ordering::Relaxed))
+                    != self.holds.kept.load(Ordering::Acquire))
     }
 
     fn release_idle_pins(&self) {
@@ -672,7 +672,7 @@ impl Evictor for Offloader {
         // while another's walk is under way walks too (what the first has let go, it finds
         // let go), where seeing the walk as done it would pick its victims, or give up,
         // with the idle holds still pinned.
-        let (clock, kept) = (self.waits.clock(), self.holds.kept.load(Ordering::Relaxed));
+        let (clock, kept) = (self.waits.clock(), self.holds.kept.load(Ordering::Acquire));
         release_holds(&self.contexts, false);
         self.walked_at.store(clock + 1, Ordering::Relaxed);
         self.walked_kept.store(kept, Ordering::Relaxed);

@@ -2771,3 +2771,36 @@ fn a_borrowers_work_holds_the_buffer_after_its_owners_stream_faulted() {
         "the borrower's write was lost"
     );
 }
+
+#[test]
+fn a_dropped_borrowers_last_uses_of_other_buffers_go_with_it() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let owner = rt
+        .create_context(ContextSpec::new("owner", 32 * MIB))
+        .unwrap();
+    let weights = owner.create_buffer(8 * MIB).unwrap();
+    owner
+        .session()
+        .unwrap()
+        .write(&weights, 0, &[7; 64])
+        .unwrap();
+    let events = sim.live().events;
+    let reader = rt
+        .create_context(ContextSpec::new("reader", 16 * MIB))
+        .unwrap();
+    {
+        let mut s = reader.session().unwrap();
+        let mut got = [0u8; 64];
+        s.read(&weights, 0, &mut got).unwrap();
+        assert_eq!(got, [7; 64]);
+    }
+    drop(reader);
+    // The borrow's end was kept as a last use of the owner's buffer; it goes with the
+    // borrower (on a GPU its event would keep the borrower's partition alive).
+    assert_eq!(
+        sim.live().events,
+        events,
+        "an event of the dropped borrower lives on"
+    );
+    drop(weights);
+}

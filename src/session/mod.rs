@@ -362,7 +362,8 @@ impl<'a> Session<'a> {
     /// Ordering stays with events, as on a GPU: wait on an event the owner recorded after
     /// writing the buffer ([`Session::wait_event`]) before reading it. When this session
     /// ends, the owner's stream waits (on the GPU) for this session's work, so the owner's
-    /// later writes, and any eviction of the buffer, come after this session's reads.
+    /// later writes come after this session's reads; and the buffer keeps this session's
+    /// work as a last use, so no eviction or free of it comes before that work is done.
     /// A buffer of this session's own context is simply [`Session::range`].
     pub fn borrow(&mut self, buf: &Buffer) -> Result<DeviceRange> {
         if Arc::ptr_eq(&buf.ctx, &self.ctx) {

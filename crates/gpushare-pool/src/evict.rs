@@ -193,6 +193,12 @@ impl LastUse {
         }
     }
 
+    /// Take out the use recorded on `stream`, if any.
+    pub fn forget(&mut self, stream: StreamId) -> Option<Arc<dyn FreeEvent>> {
+        let i = self.0.iter().position(|(s, _)| *s == stream)?;
+        Some(self.0.swap_remove(i).1)
+    }
+
     /// The uses not yet complete, leaving none recorded.
     pub fn take(&mut self) -> Vec<(StreamId, Arc<dyn FreeEvent>)> {
         let mut uses = std::mem::take(&mut self.0);
@@ -313,6 +319,14 @@ impl EvState {
     /// The recorded uses of block `idx` (see [`LastUse`]).
     pub fn last_use(&mut self, idx: u32) -> &mut LastUse {
         &mut self.entries[idx as usize].last_use
+    }
+
+    /// Take out every block's use recorded on `stream`.
+    pub fn forget_stream(&mut self, stream: StreamId) -> Vec<Arc<dyn FreeEvent>> {
+        self.entries
+            .iter_mut()
+            .filter_map(|(_, e)| e.last_use.forget(stream))
+            .collect()
     }
 
     fn unlink(&mut self, idx: u32) {

@@ -267,6 +267,16 @@ impl<S: ChunkSource> Pool<S> {
         Self::unpin_idx(&mut c, idx)
     }
 
+    /// Forget the last uses recorded on `stream` ([`Pool::unpin_after`]) of every
+    /// evictable block, once the stream's work is all done or will never run, as when the
+    /// stream goes: their events may hold what the stream's owner must let go (on a GPU, a
+    /// partition's context). O(evictable blocks); the events are dropped after the pool's
+    /// lock is let go.
+    pub fn forget_stream(&self, stream: StreamId) {
+        let gone = self.central.lock().ev.forget_stream(stream);
+        drop(gone);
+    }
+
     /// Drop one pin of each block of `ids` under one lock. Every block is unpinned even if
     /// one of them fails; the first error is returned.
     pub fn unpin_all<I>(&self, ids: I) -> Result<(), PoolError>
