@@ -131,14 +131,9 @@ async fn serve_under_load(dev: Arc<dyn Device>) {
             e.1 += 1;
         }
     }
-    let ok = by_status.get(&200).copied().unwrap_or(0);
-    let unexpected: u32 = by_status
-        .iter()
-        .filter(|(&s, _)| s >= 500 && s != 503)
-        .map(|(_, n)| n)
-        .sum();
-    assert_eq!(unexpected, 0, "{by_status:?}");
-    assert!(ok >= 2000, "{by_status:?}");
+    // Every request is served: a session waits for memory (up to `SESSION_WAIT`), and
+    // each model's weights fit once others are evicted.
+    assert_eq!(by_status.get(&200), Some(&2400), "{by_status:?}");
 
     // Evictions happened, and no budget was ever exceeded.
     let status: serde_json::Value = client
@@ -155,6 +150,11 @@ async fn serve_under_load(dev: Arc<dyn Device>) {
         .map(|c| c["evictions"].as_u64().unwrap())
         .sum();
     assert!(evictions > 0, "{status}");
+    let restores: u64 = contexts
+        .iter()
+        .map(|c| c["restores"].as_u64().unwrap())
+        .sum();
+    assert!(restores > 0, "{status}");
     let metrics = client
         .get(format!("{base}/metrics"))
         .send()
@@ -197,6 +197,14 @@ async fn serve_under_load(dev: Arc<dyn Device>) {
         "the metrics and the snapshot count the same evictions"
     );
     assert!(metrics.contains("gpushare_waiting_sessions"));
+
+    // Every byte of every model's weights survived the evictions and restores (the
+    // requests read small windows of them).
+    let checked = app.clone();
+    tokio::task::spawn_blocking(move || checked.check_weights())
+        .await
+        .unwrap()
+        .unwrap();
 
     // A result that is not a finite number is refused, not sent as null.
     let r = client

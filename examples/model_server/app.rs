@@ -17,7 +17,12 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How long a request waits for a session on its model before it is answered 503 (with
+/// `Retry-After`): a request blocks a thread of tokio's blocking pool while it waits, and
+/// a client that gave up is better told than served late.
+pub const SESSION_WAIT: Duration = Duration::from_secs(30);
 
 /// Bytes of weights each request reads.
 pub const WINDOW: u64 = 256;
@@ -38,9 +43,12 @@ pub struct ModelSpec {
     pub seed: u8,
 }
 
-/// Byte `i` of the weights of the model with `seed`.
+/// Byte `i` of the weights of the model with `seed`: a hash of both, so that no two
+/// windows of the weights hold the same bytes (a restore that put a chunk in the wrong
+/// place, or left one out, shows).
 pub fn weight_byte(seed: u8, i: u64) -> u8 {
-    (i as u8).wrapping_mul(29) ^ seed ^ ((i >> 10) as u8)
+    let x = (i ^ u64::from(seed) << 56).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (x >> 56) as u8
 }
 
 /// Where a request with `n` inputs reads: which tensor, and where in it (tensors of
@@ -128,6 +136,25 @@ impl App {
     pub fn runtime(&self) -> &Runtime {
         &self.rt
     }
+
+    /// Read every byte of every model's weights back and compare them with what was
+    /// written: they survive any number of evictions and restores. Blocks the thread.
+    pub fn check_weights(&self) -> Result<(), String> {
+        let mut back = Vec::new();
+        for (name, m) in &self.models {
+            let mut s = m.ctx.session().map_err(|e| e.to_string())?;
+            for (t, b) in m.tensors.iter().enumerate() {
+                back.resize(b.size() as usize, 0);
+                s.read(b, 0, &mut back).map_err(|e| e.to_string())?;
+                if let Some(i) =
+                    (0..b.size()).find(|&i| back[i as usize] != tensor_byte(m.seed, t as u64, i))
+                {
+                    return Err(format!("{name}: byte {i} of tensor {t} differs"));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A request body.
@@ -177,7 +204,7 @@ async fn infer(State(app): State<Arc<App>>, Path(name): Path<String>, body: Byte
     let input = req.input;
     let task = tokio::task::spawn_blocking(move || {
         let m = &app2.models[&name2];
-        let mut s = m.ctx.session()?;
+        let mut s = m.ctx.session_timeout(SESSION_WAIT)?;
         let (t, off) = window(input.len(), m.tensors[0].size());
         let mut w = vec![0u8; WINDOW as usize];
         s.read(&m.tensors[t as usize], off, &mut w)?;
@@ -231,17 +258,20 @@ async fn infer(State(app): State<Arc<App>>, Path(name): Path<String>, body: Byte
         Err(e) => {
             mt.errors += 1;
             drop(metrics);
-            let status = match e {
-                RuntimeError::OutOfMemory { .. }
+            // Memory that others hold now is worth a retry; a model whose weights can
+            // never be resident, or any other failure, is not.
+            match e {
+                RuntimeError::SessionTimedOut { .. }
+                | RuntimeError::OutOfMemory { .. }
                 | RuntimeError::ReservedElsewhere { .. }
-                | RuntimeError::WorkingSetTooLarge { .. }
-                | RuntimeError::WorkingSetBesideGuaranteed { .. }
-                | RuntimeError::PressureDenied { .. }
-                | RuntimeError::Rejected { .. }
-                | RuntimeError::BudgetExceeded { .. } => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            error(status, e)
+                | RuntimeError::PressureDenied { .. } => {
+                    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, e);
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                    r
+                }
+                _ => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
         }
     }
 }

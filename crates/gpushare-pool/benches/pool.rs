@@ -46,7 +46,8 @@ fn hot_pairs(c: &mut Criterion) {
     g.finish();
 }
 
-/// Steady-state churn: one free of a random live block and one allocation of a random size.
+/// Steady-state churn: one allocation of a random size in place of a random live block, and
+/// the free of that block.
 fn churn<A: Alloc>(c: &mut Criterion, name: &str, live: usize, mut a: A) {
     let t = Churn::new(live, 1 << 16, 99);
     let mut held: Vec<A::H> = t.fill.iter().map(|&s| a.alloc(s).unwrap()).collect();
@@ -80,21 +81,24 @@ fn replays(c: &mut Criterion) {
     g.bench_function("gpushare", |b| {
         b.iter_batched(
             Gpushare::new,
-            |mut a| replay(&mut a, &trace, ids),
+            // The allocator goes back with the result, to be dropped outside the timing.
+            |mut a| (replay(&mut a, &trace, ids), a),
             BatchSize::PerIteration,
         )
     });
     g.bench_function("offset-allocator", |b| {
         b.iter_batched(
             OffsetAlloc::new,
-            |mut a| replay(&mut a, &trace, ids),
+            // The allocator goes back with the result, to be dropped outside the timing.
+            |mut a| (replay(&mut a, &trace, ids), a),
             BatchSize::PerIteration,
         )
     });
     g.bench_function("best-fit", |b| {
         b.iter_batched(
             BestFit::new,
-            |mut a| replay(&mut a, &trace, ids),
+            // The allocator goes back with the result, to be dropped outside the timing.
+            |mut a| (replay(&mut a, &trace, ids), a),
             BatchSize::PerIteration,
         )
     });

@@ -314,8 +314,8 @@ pub fn hot_pair<A: Alloc>(a: &mut A, size: u64, batches: usize, per: usize) -> f
     median(v)
 }
 
-/// A pre-generated churn trace: `live` blocks, then `pairs` frees of a random live block
-/// each followed by an allocation of a new random size.
+/// A pre-generated churn trace: `live` blocks, then `pairs` steps that each allocate a block
+/// of a new random size in place of a random live block, then free that block.
 pub struct Churn {
     pub live: usize,
     pub fill: Vec<u64>,
@@ -334,8 +334,9 @@ impl Churn {
         }
     }
 
-    /// Median ns per free+alloc pair over batches of `per` pairs, and peak footprint ÷ peak
-    /// live bytes.
+    /// Median ns per alloc+free pair over batches of `per` pairs, and peak footprint ÷ peak
+    /// live bytes. The new block and the one it replaces are both live for a moment, and
+    /// that moment counts towards the peak (each step's, not only each batch's).
     pub fn run<A: Alloc>(&self, a: &mut A, per: usize) -> (f64, f64) {
         let mut live: Vec<(A::H, u64)> = Vec::with_capacity(self.live);
         let mut bytes = 0u64;
@@ -350,11 +351,11 @@ impl Churn {
             let t = Instant::now();
             for (&i, &s) in vi.iter().zip(si) {
                 let (h, old) = std::mem::replace(&mut live[i], (a.alloc(s).expect("churn"), s));
+                peak = peak.max(bytes + s);
                 a.free(h);
                 bytes = bytes - old + s;
             }
             v.push(t.elapsed().as_nanos() as f64 / vi.len() as f64);
-            peak = peak.max(bytes);
         }
         for (h, _) in live {
             a.free(h);
