@@ -1579,3 +1579,69 @@ fn a_request_over_its_own_limit_and_the_capacity_flushes_other_owners_caches_too
     assert_eq!(p.stats().cached_bytes, 0);
     p.free(b).unwrap();
 }
+
+#[test]
+fn a_tiers_blocks_go_in_least_recently_used_order_across_its_owners() {
+    let (p, rec) = evicting_pool(8 * MIB);
+    let g = p
+        .add_owner(OwnerSpec::new("g", 8 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    let a = p.add_owner(OwnerSpec::new("a", 8 * MIB)).unwrap();
+    let b = p.add_owner(OwnerSpec::new("b", 8 * MIB)).unwrap();
+    // Unpinned in the order a0, b1, a2, b3, then a0 touched: b1 a2 b3 a0.
+    let ids: Vec<_> = [(a, 0), (b, 1), (a, 2), (b, 3)]
+        .into_iter()
+        .map(|(o, tag)| p.alloc_evictable(o, 2 * MIB, tag, S1).unwrap().0)
+        .collect();
+    for id in &ids {
+        p.unpin(id).unwrap();
+    }
+    p.pin(&ids[0], S1).unwrap();
+    p.unpin(&ids[0]).unwrap();
+    let taken: Vec<_> = (0..4).map(|_| p.alloc(g, 2 * MIB, S1).unwrap()).collect();
+    let order: Vec<u64> = rec.evicted.lock().unwrap().iter().map(|v| v.tag).collect();
+    assert_eq!(order, [1, 2, 3, 0]);
+    for x in taken {
+        p.free(x).unwrap();
+    }
+    for id in ids {
+        p.free_evictable(id).unwrap();
+    }
+}
+
+#[test]
+fn a_burstable_owner_at_its_base_is_passed_over_for_another_above_it() {
+    let (p, rec) = evicting_pool(8 * MIB);
+    let g = p
+        .add_owner(OwnerSpec::new("g", 8 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    let at = p
+        .add_owner(
+            OwnerSpec::new("at", 8 * MIB)
+                .tier(Tier::Burstable)
+                .base(4 * MIB),
+        )
+        .unwrap();
+    let above = p
+        .add_owner(
+            OwnerSpec::new("above", 8 * MIB)
+                .tier(Tier::Burstable)
+                .base(0),
+        )
+        .unwrap();
+    // The owner at its base was unpinned first (least recently used), the other after.
+    let mut ids = vec![];
+    for (o, tag) in [(at, 0), (at, 1), (above, 2)] {
+        ids.push(p.alloc_evictable(o, 2 * MIB, tag, S1).unwrap().0);
+    }
+    for id in &ids {
+        p.unpin(id).unwrap();
+    }
+    let x = p.alloc(g, 4 * MIB, S1).unwrap();
+    let order: Vec<u64> = rec.evicted.lock().unwrap().iter().map(|v| v.tag).collect();
+    assert_eq!(order, [2], "the owner at its base keeps its blocks");
+    p.free(x).unwrap();
+    for id in ids {
+        p.free_evictable(id).unwrap();
+    }
+}

@@ -502,9 +502,32 @@ impl<S: ChunkSource> Pool<S> {
             if below_base && !overcommitted {
                 break;
             }
-            let mut cur = c.ev.lru_head(tier);
-            while let Some(idx) = cur {
-                cur = c.ev.lru_next(idx);
+            // The tier's owners that may give a block, each with a cursor in its list. An
+            // owner at or below its base gives nothing in these passes when it is
+            // Burstable, nor when the request needs commitment freed: its list is skipped
+            // whole (see `EvState`).
+            let mut cursors: Vec<(usize, u32)> = c
+                .owners
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| {
+                    let a = a.as_ref().filter(|a| a.spec.tier == tier)?;
+                    let gives = a.charged - a.evicting > a.spec.base;
+                    if !gives && (tier == Tier::Burstable || need == Need::Commitment) {
+                        return None;
+                    }
+                    Some((i, c.ev.lru_head_of(i)?))
+                })
+                .collect();
+            // The owners' lists merged into the tier's least-recently-used order.
+            while let Some(k) = (0..cursors.len()).min_by_key(|&k| c.ev.stamp(cursors[k].1)) {
+                let idx = cursors[k].1;
+                match c.ev.lru_next(idx) {
+                    Some(next) => cursors[k].1 = next,
+                    None => {
+                        cursors.swap_remove(k);
+                    }
+                }
                 let e = c.ev.get(idx);
                 if e.pins > 0 {
                     // Pinned since it joined the list (see `EvState::pin`).
