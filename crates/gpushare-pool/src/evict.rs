@@ -1,4 +1,6 @@
-//! Evictable blocks: handles, pin counts, and an intrusive O(1) LRU per tier.
+//! Evictable blocks: handles, pin counts, and an intrusive O(1) LRU list per owner, merged
+//! into a tier's least-recently-used order when victims are chosen (a step of the merge is
+//! O(the tier's owners with blocks listed)).
 
 use crate::error::PoolError;
 use crate::tlsf::NONE;

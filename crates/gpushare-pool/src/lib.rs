@@ -21,7 +21,8 @@
 //! - **Stream-ordered reuse**: [`Pool::free_after`] frees a block on a stream with an event;
 //!   that stream may reuse it at once, others only once the event has completed.
 //! - **Eviction**: evictable blocks are referred to by handle, pinned while in use, and kept
-//!   in an intrusive LRU per tier; under pressure an [`Evictor`] moves victims out and later
+//!   in an intrusive LRU list per owner, merged into each tier's least-recently-used order
+//!   when victims are chosen; under pressure an [`Evictor`] moves victims out and later
 //!   restores them, possibly elsewhere. The bytes move with the pool's lock free (see
 //!   [`Eviction`]), so other owners' requests go on meanwhile.
 //!

@@ -1610,6 +1610,32 @@ fn a_tiers_blocks_go_in_least_recently_used_order_across_its_owners() {
 }
 
 #[test]
+fn a_block_touched_again_goes_behind_other_owners_blocks_touched_since() {
+    let (p, rec) = evicting_pool(8 * MIB);
+    let g = p
+        .add_owner(OwnerSpec::new("g", 8 * MIB).tier(Tier::Guaranteed))
+        .unwrap();
+    let a = p.add_owner(OwnerSpec::new("a", 8 * MIB)).unwrap();
+    let b = p.add_owner(OwnerSpec::new("b", 8 * MIB)).unwrap();
+    let a0 = p.alloc_evictable(a, 2 * MIB, 0, S1).unwrap().0;
+    let b1 = p.alloc_evictable(b, 2 * MIB, 1, S1).unwrap().0;
+    p.unpin(&a0).unwrap();
+    p.unpin(&b1).unwrap();
+    // a0 is still the last of its owner's list, but b1 was unpinned after it: touched
+    // again, a0 becomes the most recent of the tier.
+    p.pin(&a0, S1).unwrap();
+    p.unpin(&a0).unwrap();
+    let taken: Vec<_> = (0..4).map(|_| p.alloc(g, 2 * MIB, S1).unwrap()).collect();
+    let order: Vec<u64> = rec.evicted.lock().unwrap().iter().map(|v| v.tag).collect();
+    assert_eq!(order, [1, 0]);
+    for x in taken {
+        p.free(x).unwrap();
+    }
+    p.free_evictable(a0).unwrap();
+    p.free_evictable(b1).unwrap();
+}
+
+#[test]
 fn a_burstable_owner_at_its_base_is_passed_over_for_another_above_it() {
     let (p, rec) = evicting_pool(8 * MIB);
     let g = p
