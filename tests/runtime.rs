@@ -827,10 +827,18 @@ mod tests {
                 );
             }
         };
+        // A waiter that joins the line tries once more at once, on a blocking thread; a
+        // try begun while it was first in line may still win once memory comes back,
+        // whoever is first by then. Each is given time to end its try before the next
+        // comes (without it, the BestEffort try was served first about once in fifty runs
+        // of the whole suite on a loaded machine).
+        let settle = || tokio::time::sleep(Duration::from_millis(200));
         let t1 = spawn(be.clone(), "be");
         queued(1).await;
+        settle().await;
         let t2 = spawn(bu.clone(), "bu");
         queued(2).await;
+        settle().await;
         assert!(
             order.lock().unwrap().is_empty(),
             "both wait while the hog is pinned"
