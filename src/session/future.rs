@@ -68,7 +68,12 @@ impl<'a> SessionFuture<'a> {
     /// hold would take the general path whenever a session of the same context was
     /// ending at the moment of the poll: a blocking thread, the runtime's restore lock
     /// behind other contexts' restores, and the hold let go.
-    fn restore_off_thread(&self, ctx: &Context, fast: bool) -> Option<State> {
+    ///
+    /// `line`: the waiter's ticket, when it is first in line. The thread may start late,
+    /// after a waiter of a higher tier has become first: it then does not try, and the
+    /// waiter waits for its turn again. (A try started at once could take memory that comes
+    /// back meanwhile, ahead of the new first in line.)
+    fn restore_off_thread(&self, ctx: &Context, fast: bool, line: Option<u64>) -> Option<State> {
         if !self.offload_restores {
             return None;
         }
@@ -88,7 +93,8 @@ impl<'a> SessionFuture<'a> {
             }
             // Read after the fast path, whose giving up moved the generation.
             let since = ctx.inner.rt.waits.generation();
-            if gone.load(Ordering::Acquire) {
+            if gone.load(Ordering::Acquire) || line.is_some_and(|id| !ctx.inner.rt.waits.leads(id))
+            {
                 return Restored::Wait { since };
             }
             match Self::try_now(&ctx, Some(&*gone)) {
@@ -245,7 +251,7 @@ impl<'a> Future for SessionFuture<'a> {
                 if in_pressure_handler() {
                     return this.finish(Self::attempt_in_handler(ctx));
                 }
-                if let Some(restoring) = this.restore_off_thread(ctx, busy) {
+                if let Some(restoring) = this.restore_off_thread(ctx, busy, None) {
                     this.state = restoring;
                     return Pin::new(&mut *this).poll(cx);
                 }
@@ -283,7 +289,7 @@ impl<'a> Future for SessionFuture<'a> {
                     }
                     return Poll::Pending;
                 }
-                if let Some(restoring) = this.restore_off_thread(ctx, false) {
+                if let Some(restoring) = this.restore_off_thread(ctx, false, Some(id)) {
                     this.state = restoring;
                     return Pin::new(&mut *this).poll(cx);
                 }

@@ -213,6 +213,13 @@ impl SessionGate {
         self.queue.is_head(id, waker)
     }
 
+    /// Whether ticket `id` is first in line, without registering a waker: for a try that
+    /// runs apart from its waiter's future (on another thread), which must not take the
+    /// turn of a waiter that became first since the try was started.
+    pub fn leads(&self, id: u64) -> bool {
+        self.queue.leads(id)
+    }
+
     /// Put a waiter back in line after an attempt that ran away from it (on another
     /// thread, while the waiter's future waited for that thread) ended in
     /// [`Attempt::Wait`]: registers `waker` for ticket `id`, and says whether memory was

@@ -138,6 +138,12 @@ impl WaitQueue {
         q.line.first_key_value().map(|(&(_, head), _)| head) == Some(id)
     }
 
+    /// Whether ticket `id` is first in line (its waker is left as it is).
+    pub fn leads(&self, id: u64) -> bool {
+        let q = self.state.lock();
+        q.line.first_key_value().map(|(&(_, head), _)| head) == Some(id)
+    }
+
     /// Whether a newcomer of rank `rank` may go ahead of the first in line: true when the
     /// line is empty, or when the newcomer would stand ahead of the first in line if the
     /// newcomer had waited one aging period and the first had joined when it became first.
