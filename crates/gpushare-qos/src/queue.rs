@@ -252,6 +252,24 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn leads_tells_the_first_in_line_and_keeps_its_waker() {
+        let q = WaitQueue::new(Duration::from_secs(3600));
+        let (low, low_w) = counter();
+        let a = q.enqueue(2, &low_w);
+        assert!(q.leads(a));
+        // A better rank comes: it leads now, and the first's waker is still the one woken
+        // when it leads again.
+        let (_, high_w) = counter();
+        let b = q.enqueue(0, &high_w);
+        assert!(q.leads(b) && !q.leads(a));
+        q.remove(b);
+        assert_eq!(woken(&low), 1);
+        assert!(q.leads(a));
+        q.remove(a);
+        assert!(!q.leads(a));
+    }
+
+    #[test]
     fn a_release_wakes_the_first_in_line_only_and_a_leaving_head_wakes_the_next() {
         let q = WaitQueue::new(Duration::from_secs(3600));
         let (low, low_w) = counter();
