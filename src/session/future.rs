@@ -12,6 +12,10 @@ pub(super) enum Restored {
     Wait {
         since: u64,
     },
+    /// It did not try: its waiter was no longer first in line when the task started. The
+    /// wake-up meant to make it try once it is first again may come, and be spent, while
+    /// the future still waits for the task: the future looks again at once.
+    NotFirst,
 }
 
 pub(super) enum State {
@@ -93,9 +97,11 @@ impl<'a> SessionFuture<'a> {
             }
             // Read after the fast path, whose giving up moved the generation.
             let since = ctx.inner.rt.waits.generation();
-            if gone.load(Ordering::Acquire) || line.is_some_and(|id| !ctx.inner.rt.waits.leads(id))
-            {
+            if gone.load(Ordering::Acquire) {
                 return Restored::Wait { since };
+            }
+            if line.is_some_and(|id| !ctx.inner.rt.waits.leads(id)) {
+                return Restored::NotFirst;
             }
             match Self::try_now(&ctx, Some(&*gone)) {
                 Step::Done(r) => {
@@ -323,6 +329,19 @@ impl<'a> Future for SessionFuture<'a> {
                         this.ctx = None;
                         return Poll::Ready(r);
                     }
+                    // Back in line, it looks again at once: registering its waker and
+                    // asking whether it is first are one step (`is_head`), so a first in
+                    // line that leaves later wakes it, and one that left already is seen.
+                    Restored::NotFirst => match id {
+                        Some(id) => {
+                            this.state = State::Waiting(id);
+                            return Pin::new(&mut *this).poll(cx);
+                        }
+                        None => {
+                            this.state = State::Start;
+                            Step::Wait
+                        }
+                    },
                     Restored::Wait { since } => match id {
                         Some(id) => {
                             this.state = State::Waiting(id);
