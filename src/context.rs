@@ -394,11 +394,7 @@ impl CtxInner {
     /// then. If a pin holds the buffer after all, or is restoring it, the handle comes back.
     pub fn free_buffer(&self, key: EvictableKey, id: EvictableId) -> Result<(), EvictableId> {
         self.free_after_stream(id)?;
-        // The entry may hold the last reference to the buffer's pinned staging, whose free
-        // (on CUDA a host-memory free that may take a while) must not run under the map's
-        // lock: evictions take it under the pool's.
-        let meta = self.rt.buffers.lock().remove(&key);
-        drop(meta);
+        self.rt.forget_buffer(key);
         self.rt.wake_waiters();
         Ok(())
     }
@@ -487,8 +483,8 @@ impl Drop for LiveUse<'_> {
     }
 }
 
-/// The tail of a context's stream when one of its buffers was freed.
-/// The work queued so far on a stream, as a pool's [`gpushare_pool::FreeEvent`].
+/// The work queued so far on a stream, as a pool's [`gpushare_pool::FreeEvent`]: a freed
+/// buffer's memory, or a borrowed one's, waits for it.
 pub(crate) struct StreamTail {
     dev: Arc<dyn gpushare_device::Device>,
     pub ev: gpushare_device::Event,
@@ -543,9 +539,7 @@ impl Drop for CtxInner {
             if let Some(id) = s.id {
                 let _ = self.rt.pool.free_evictable(id);
             }
-            // Dropped once the map's lock is let go (see `free_buffer`).
-            let meta = self.rt.buffers.lock().remove(&s.key);
-            drop(meta);
+            self.rt.forget_buffer(s.key);
         }
         if let Err(e) = self.rt.pool.remove_owner(self.owner) {
             // The pool still counts the owner's base and bytes: admission keeps the

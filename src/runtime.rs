@@ -372,6 +372,15 @@ pub(crate) struct RtInner {
 }
 
 impl RtInner {
+    /// Drop the offloader's entry of a freed buffer. The entry may hold the last reference
+    /// to the buffer's pinned staging, whose free (on CUDA a host-memory free that may take
+    /// a while) runs once the map's lock is let go: evictions take that lock under the
+    /// pool's.
+    pub fn forget_buffer(&self, key: EvictableKey) {
+        let meta = self.buffers.lock().remove(&key);
+        drop(meta);
+    }
+
     /// Run `f`; if memory ran short while stream-ordered frees were pending (memory whose
     /// queued work is still running), wait for those (blocking the thread) and run it once
     /// more: that memory comes back without anyone's help.

@@ -318,8 +318,8 @@ impl<'a> Future for SessionFuture<'a> {
                         }))
                     }
                 };
-                match outcome {
-                    Restored::Done(r) => {
+                match (outcome, id) {
+                    (Restored::Done(r), id) => {
                         match (id, &r) {
                             (Some(id), _) => rt.dequeue(id, ctx.inner.group(), r.is_ok()),
                             (None, Ok(s)) => granted(&ctx.inner, &s.pinned),
@@ -332,30 +332,22 @@ impl<'a> Future for SessionFuture<'a> {
                     // Back in line, it looks again at once: registering its waker and
                     // asking whether it is first are one step (`is_head`), so a first in
                     // line that leaves later wakes it, and one that left already is seen.
-                    Restored::NotFirst => match id {
-                        Some(id) => {
-                            this.state = State::Waiting(id);
-                            return Pin::new(&mut *this).poll(cx);
+                    (Restored::NotFirst, Some(id)) => {
+                        this.state = State::Waiting(id);
+                        return Pin::new(&mut *this).poll(cx);
+                    }
+                    (Restored::Wait { since }, Some(id)) => {
+                        this.state = State::Waiting(id);
+                        if rt.waits.rejoin(id, cx.waker(), since) {
+                            cx.waker().wake_by_ref();
                         }
-                        None => {
-                            this.state = State::Start;
-                            Step::Wait
-                        }
-                    },
-                    Restored::Wait { since } => match id {
-                        Some(id) => {
-                            this.state = State::Waiting(id);
-                            if rt.waits.rejoin(id, cx.waker(), since) {
-                                cx.waker().wake_by_ref();
-                            }
-                            return Poll::Pending;
-                        }
-                        // It joins the line below, and tries again at once.
-                        None => {
-                            this.state = State::Start;
-                            Step::Wait
-                        }
-                    },
+                        return Poll::Pending;
+                    }
+                    // Not in line yet: it joins the line below, and tries again at once.
+                    (Restored::NotFirst | Restored::Wait { .. }, None) => {
+                        this.state = State::Start;
+                        Step::Wait
+                    }
                 }
             }
         };

@@ -1171,7 +1171,7 @@ fn a_block_pinned_in_place_is_skipped_then_ranks_by_its_last_unpin() {
     // Unpinned, it is the most recently used: blocks 2 and 3 go before it.
     p.unpin(&ids[0]).unwrap();
     let y = p.alloc(g, 4 * MIB, S1).unwrap();
-    let tags: Vec<u64> = rec.evicted.lock().unwrap().iter().map(|v| v.tag).collect();
+    let tags = rec_tags(&rec);
     assert_eq!(tags, vec![1, 2, 3]);
     assert!(p.is_resident(&ids[0]).unwrap());
     // Pinned and unpinned again while it is the most recent, it stays the most recent.
@@ -1599,7 +1599,7 @@ fn a_tiers_blocks_go_in_least_recently_used_order_across_its_owners() {
     p.pin(&ids[0], S1).unwrap();
     p.unpin(&ids[0]).unwrap();
     let taken: Vec<_> = (0..4).map(|_| p.alloc(g, 2 * MIB, S1).unwrap()).collect();
-    let order: Vec<u64> = rec.evicted.lock().unwrap().iter().map(|v| v.tag).collect();
+    let order = rec_tags(&rec);
     assert_eq!(order, [1, 2, 3, 0]);
     for x in taken {
         p.free(x).unwrap();
@@ -1626,7 +1626,7 @@ fn a_block_touched_again_goes_behind_other_owners_blocks_touched_since() {
     p.pin(&a0, S1).unwrap();
     p.unpin(&a0).unwrap();
     let taken: Vec<_> = (0..4).map(|_| p.alloc(g, 2 * MIB, S1).unwrap()).collect();
-    let order: Vec<u64> = rec.evicted.lock().unwrap().iter().map(|v| v.tag).collect();
+    let order = rec_tags(&rec);
     assert_eq!(order, [1, 0]);
     for x in taken {
         p.free(x).unwrap();
@@ -1664,7 +1664,7 @@ fn a_burstable_owner_at_its_base_is_passed_over_for_another_above_it() {
         p.unpin(id).unwrap();
     }
     let x = p.alloc(g, 4 * MIB, S1).unwrap();
-    let order: Vec<u64> = rec.evicted.lock().unwrap().iter().map(|v| v.tag).collect();
+    let order = rec_tags(&rec);
     assert_eq!(order, [2], "the owner at its base keeps its blocks");
     p.free(x).unwrap();
     for id in ids {

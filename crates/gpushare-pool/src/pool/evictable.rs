@@ -422,10 +422,7 @@ impl<S: ChunkSource> Pool<S> {
                 let uses = c.ev.last_use(idx).take();
                 c.ev.remove(idx);
                 Self::uncharge(c, slot, size);
-                match Pending::after_uses(node, size, owner, uses) {
-                    Some(p) => c.pending.push(p),
-                    None => c.tlsf.free(node),
-                }
+                c.release_after_uses(node, size, owner, uses);
                 if let Some(a) = c.owners[slot].as_mut() {
                     a.evictable_resident -= size;
                 }

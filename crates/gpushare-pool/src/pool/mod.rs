@@ -296,6 +296,28 @@ pub(crate) struct Central {
     restores: u64,
 }
 
+impl Central {
+    /// Give the memory of `node` back: to the free lists at once if no work of `uses` may
+    /// still use it, else to the pending list until that work is done.
+    fn release_after_uses(
+        &mut self,
+        node: u32,
+        size: u64,
+        owner: OwnerId,
+        uses: Vec<(StreamId, Arc<dyn FreeEvent>)>,
+    ) {
+        match Pending::after_uses(node, size, owner, uses) {
+            Some(p) => self.pending.push(p),
+            None => self.tlsf.free(node),
+        }
+    }
+
+    /// Bytes freed in stream order whose work is still queued.
+    fn pending_bytes(&self) -> u64 {
+        self.pending.iter().map(|p| p.size).sum()
+    }
+}
+
 /// The allocator. `Send + Sync`; share it by reference or in an `Arc`.
 pub struct Pool<S: ChunkSource> {
     id: PoolId,

@@ -694,10 +694,7 @@ impl<S: ChunkSource> Pool<S> {
         let uses = c.ev.last_use(idx).take();
         c.ev.mark_evicted(idx);
         Self::uncharge(c, oslot, size);
-        match Pending::after_uses(node, size, owner, uses) {
-            Some(p) => c.pending.push(p),
-            None => c.tlsf.free(node),
-        }
+        c.release_after_uses(node, size, owner, uses);
         if let Some(a) = c.owners[oslot].as_mut() {
             a.evictable_resident -= size;
             a.evicted_bytes += size;

@@ -39,7 +39,7 @@ impl<S: ChunkSource> Pool<S> {
             capacity: Some(self.limit),
             free: c.tlsf.free_bytes(),
             largest_free: c.tlsf.largest_free(),
-            pending: c.pending.iter().map(|p| p.size).sum(),
+            pending: c.pending_bytes(),
             holdings,
             eviction_failures: eviction_failures.to_vec(),
         }
@@ -113,7 +113,7 @@ impl<S: ChunkSource> Pool<S> {
             in_use_bytes: c.in_use,
             peak_in_use_bytes: c.peak_in_use,
             free_bytes: free,
-            pending_bytes: c.pending.iter().map(|p| p.size).sum(),
+            pending_bytes: c.pending_bytes(),
             largest_free_bytes: largest,
             fragmentation: if free == 0 {
                 0.0
