@@ -158,8 +158,8 @@ macro_rules! suite {
 }
 
 suite!(
-    sync: [a_session_that_cannot_fit_beside_guaranteed_buffers_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line, a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short, held_buffers_go_to_eviction_least_recently_used_first, a_buffer_dropped_under_a_hold_while_sessions_overlap_is_freed_when_its_users_end, a_waiter_gets_in_while_another_contexts_sessions_never_stop_overlapping, waiters_of_a_context_just_served_go_ahead_of_the_line, a_newcomer_that_restores_its_context_wakes_its_waiters_in_line, a_pressure_handler_opens_a_session_ahead_of_a_line_that_waited_long, a_shortage_met_inside_a_pressure_handler_is_not_handed_to_the_handlers_again],
-    async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order]
+    sync: [a_session_that_cannot_fit_beside_guaranteed_buffers_fails_at_once, a_waiting_sessions_handlers_are_told_what_its_working_set_lacks, a_buffer_dropped_while_sessions_overlap_is_freed_once_none_pins_it, eviction_waits_for_work_still_running_on_the_owner_stream, a_dropped_buffer_is_reused_only_after_work_queued_on_it, a_session_borrows_another_contexts_buffer, contexts_are_admitted_with_tier_priorities, buffers_hold_bytes_across_sessions, offloaded_buffers_come_back_bit_exact_and_discarded_ones_say_so, scratch_is_freed_in_stream_order_at_session_end, pressure_handlers_run_in_order_and_panics_are_denials, snapshot_prints_and_serializes, a_context_outlives_its_handles_while_a_session_lives, a_handler_that_owns_a_buffer_goes_with_its_registration, a_context_with_its_own_compute_share_gives_it_back, a_session_that_times_out_leaves_nothing_behind_and_a_later_one_gets_in, a_session_times_out_while_other_sessions_keep_waking_the_line, a_context_keeps_its_buffers_pinned_between_sessions_until_memory_runs_short, held_buffers_go_to_eviction_least_recently_used_first, a_buffer_dropped_under_a_hold_while_sessions_overlap_is_freed_when_its_users_end, a_waiter_gets_in_while_another_contexts_sessions_never_stop_overlapping, waiters_of_a_context_just_served_go_ahead_of_the_line, a_newcomer_that_restores_its_context_wakes_its_waiters_in_line, a_pressure_handler_opens_a_session_ahead_of_a_line_that_waited_long, a_shortage_met_inside_a_pressure_handler_is_not_handed_to_the_handlers_again, a_handler_that_releases_memory_does_not_make_the_waiter_try_again_and_again],
+    async: [events_order_work_across_contexts, waiting_sessions_are_served_in_tier_order, a_handler_that_releases_memory_does_not_make_an_awaited_waiter_try_again_and_again]
 );
 
 /// The backend-generic tests.
@@ -282,17 +282,17 @@ mod tests {
         let _theirs = b.create_buffer(40 * MIB).unwrap();
         assert!(!buf.is_resident());
         let _held = b.session().unwrap();
-        // During each of a's tries, a handler ends a session of a third context, which
-        // wakes the line: the waiting session is woken during every poll, and never waits.
+        // Another thread keeps ending sessions of a third context, each of which wakes
+        // the line: the waiting session tries again and again (asking the handler each
+        // time), and must still time out.
         let c = rt.create_context(ContextSpec::new("c", 8 * MIB)).unwrap();
         let _small = c.create_buffer(4 * MIB).unwrap();
         let tries = Arc::new(AtomicUsize::new(0));
-        let _waker = {
+        let _counter = {
             let tries = tries.clone();
             rt.on_memory_pressure(move |info| {
                 if info.context.name() == "a" {
                     tries.fetch_add(1, Ordering::Relaxed);
-                    drop(c.session());
                 }
                 Pressure::Deny
             })
@@ -301,7 +301,19 @@ mod tests {
         std::thread::spawn(move || {
             let _ = tx.send(a.session_timeout(Duration::from_millis(100)).map(drop));
         });
-        let r = rx.recv_timeout(Duration::from_secs(20));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let r = std::thread::scope(|scope| {
+            let waking = scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    drop(c.session());
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            });
+            let r = rx.recv_timeout(Duration::from_secs(20));
+            stop.store(true, Ordering::Relaxed);
+            waking.join().unwrap();
+            r
+        });
         match r.expect("the session neither timed out nor was granted in 20 s") {
             Err(RuntimeError::SessionTimedOut { .. }) => {}
             Err(e) => panic!("expected a timeout, got {e}"),
@@ -892,6 +904,93 @@ mod tests {
         drop(held);
         t.join().unwrap().unwrap();
         drop((vb, hb));
+    }
+
+    /// A context `v` whose buffer another context, `hog`, pushed out, and a handler that
+    /// releases memory (it opens and ends a session of a third context) and counts its
+    /// calls. Such a release moves the release generation and wakes the first in line:
+    /// the waiter whose try asked the handler. The try itself saw what the handler freed;
+    /// the release must not make it try again, ask again, and so on for as long as the
+    /// memory it waits for stays held.
+    struct ReleasingHandler {
+        v: gpushare::Context,
+        hog: gpushare::Context,
+        calls: Arc<AtomicUsize>,
+        _keep: (
+            gpushare::Buffer,
+            gpushare::Buffer,
+            gpushare::PressureRegistration,
+        ),
+        rt: Runtime,
+    }
+
+    fn releasing_handler(open: Open) -> ReleasingHandler {
+        let rt = runtime(open, 64 * MIB, 4.0);
+        let idle = rt.create_context(ContextSpec::new("idle", MIB)).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let handler = {
+            let calls = calls.clone();
+            rt.on_memory_pressure(move |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                drop(idle.session());
+                Pressure::Allow
+            })
+        };
+        let v = rt.create_context(ContextSpec::new("v", 64 * MIB)).unwrap();
+        let hog = rt
+            .create_context(ContextSpec::new("hog", 64 * MIB))
+            .unwrap();
+        let vb = v.create_buffer(32 * MIB - 4096).unwrap();
+        let hb = hog.create_buffer(48 * MIB).unwrap();
+        assert!(!vb.is_resident());
+        ReleasingHandler {
+            v,
+            hog,
+            calls,
+            _keep: (vb, hb, handler),
+            rt,
+        }
+    }
+
+    impl ReleasingHandler {
+        /// Check that the handler ran once or a few times, not in a loop.
+        fn asked_only_a_few_times(&self) {
+            let n = self.calls.swap(0, Ordering::SeqCst);
+            assert!(
+                (1..=3).contains(&n),
+                "the handler was asked {n} times while nothing else was released"
+            );
+            assert_eq!(self.rt.waiting_sessions(), 0);
+        }
+    }
+
+    pub fn a_handler_that_releases_memory_does_not_make_the_waiter_try_again_and_again(open: Open) {
+        let t = releasing_handler(open);
+        let held = t.hog.session().unwrap();
+        let r = t.v.session_timeout(Duration::from_millis(300)).map(drop);
+        assert!(
+            matches!(r, Err(RuntimeError::SessionTimedOut { .. })),
+            "{r:?}"
+        );
+        t.asked_only_a_few_times();
+        // The hog's end releases its memory: the session gets in.
+        drop(held);
+        drop(t.v.session().unwrap());
+    }
+
+    pub async fn a_handler_that_releases_memory_does_not_make_an_awaited_waiter_try_again_and_again(
+        open: Open,
+    ) {
+        let t = releasing_handler(open);
+        let held = t.hog.session().unwrap();
+        let r = tokio::time::timeout(Duration::from_millis(300), t.v.session_async()).await;
+        assert!(
+            r.is_err(),
+            "the session got in while the hog held the memory"
+        );
+        t.asked_only_a_few_times();
+        drop(held);
+        drop(t.v.session_async().await.unwrap());
     }
 
     pub fn pressure_handlers_run_in_order_and_panics_are_denials(open: Open) {

@@ -20,7 +20,13 @@ pub(super) enum Restored {
 
 pub(super) enum State {
     Start,
-    Waiting(u64),
+    /// In line with ticket `.0`. `.1`: the release generation its latest try began at
+    /// (after the pressure handlers it asked, if any), or `None` if it has not tried since
+    /// it joined or since a try that did not happen. First in line, it tries again only
+    /// once the generation has moved past that: a poll that no release caused (its own
+    /// handlers' releases, or a spurious wake-up) would make the same try, ask the handlers
+    /// again, and, where they release something, wake itself for ever.
+    Waiting(u64, Option<u64>),
     /// A try whose working set is not all resident runs on a blocking thread: restoring
     /// evicted buffers copies them back and waits for the copies (about 20 ms per GiB on
     /// an H100), which would stall the executor's thread. `id`: the session's place in
@@ -95,10 +101,11 @@ impl<'a> SessionFuture<'a> {
                     Ok(_) => {}
                 }
             }
-            // Read after the fast path, whose giving up moved the generation.
-            let since = ctx.inner.rt.waits.generation();
             if gone.load(Ordering::Acquire) {
-                return Restored::Wait { since };
+                // Nobody reads it: the future was dropped.
+                return Restored::Wait {
+                    since: ctx.inner.rt.waits.generation(),
+                };
             }
             if line.is_some_and(|id| !ctx.inner.rt.waits.leads(id)) {
                 return Restored::NotFirst;
@@ -107,11 +114,14 @@ impl<'a> SessionFuture<'a> {
                 Step::Done(r) => {
                     Restored::Done(r.map(|pinned| Session::new(CtxRef::Owned(ctx), pinned)))
                 }
-                Step::Wait => Restored::Wait { since },
+                // A try always runs here, so the generation it began at is known.
+                Step::Wait(since) => Restored::Wait {
+                    since: since.unwrap_or_else(|| ctx.inner.rt.waits.generation()),
+                },
             }
         });
         let id = match self.state {
-            State::Waiting(id) => Some(id),
+            State::Waiting(id, _) => Some(id),
             _ => None,
         };
         Some(State::Restoring { id, task, dropped })
@@ -126,17 +136,26 @@ impl<'a> SessionFuture<'a> {
     /// never evicted, fails here instead of waiting: no session's end would make room for
     /// it, and at the head of the line it would hold up those behind it for as long as
     /// some session is live.
+    ///
+    /// `since` is set to the release generation when the try begins, and again once the
+    /// handlers it asked have returned: what they released is seen by the try that
+    /// follows (or, on a denial, by the gate's next look), and must not count as a release
+    /// that the session waits for (see [`State::Waiting`]).
     fn attempt(
         ctx: &Context,
         dropped: Option<&std::sync::atomic::AtomicBool>,
         ask: &mut bool,
+        since: &std::cell::Cell<u64>,
     ) -> Result<Prefix> {
         let c = &ctx.inner;
+        since.set(c.rt.waits.generation());
         let r = match pin_all(c, false, dropped) {
             // A try whose future was dropped asks no handler to free memory for it.
             Err(e) if e.is_oom() && *ask && !dropped.is_some_and(|d| d.load(Ordering::Acquire)) => {
                 *ask = false;
-                match c.rt.relieve(ctx, evicted_bytes(c)) {
+                let answer = c.rt.relieve(ctx, evicted_bytes(c));
+                since.set(c.rt.waits.generation());
+                match answer {
                     Some(Pressure::Allow) => pin_all(c, false, dropped),
                     _ => Err(e),
                 }
@@ -157,10 +176,11 @@ impl<'a> SessionFuture<'a> {
     fn attempt_in_handler(ctx: &Context) -> Result<Prefix> {
         // No handler is asked from inside one (see `RtInner::relieve`).
         let ask = &mut false;
+        let since = &std::cell::Cell::new(0);
         let r = ctx
             .inner
             .rt
-            .waiting_for_frees(|| Self::attempt(ctx, None, ask));
+            .waiting_for_frees(|| Self::attempt(ctx, None, ask, since));
         if let Ok(p) = &r {
             granted(&ctx.inner, p);
         }
@@ -181,14 +201,13 @@ impl<'a> SessionFuture<'a> {
     /// gate's next try would ask it again, for as long as nothing is live.
     fn try_now(ctx: &Context, dropped: Option<&std::sync::atomic::AtomicBool>) -> Step {
         let ask = &mut true;
-        match ctx
-            .inner
-            .rt
-            .waits
-            .attempt(|| Self::attempt(ctx, dropped, ask), RuntimeError::is_oom)
-        {
+        let since = &std::cell::Cell::new(0);
+        match ctx.inner.rt.waits.attempt(
+            || Self::attempt(ctx, dropped, ask, since),
+            RuntimeError::is_oom,
+        ) {
             Attempt::Done(r) => Step::Done(r),
-            Attempt::Wait => Step::Wait,
+            Attempt::Wait => Step::Wait(Some(since.get())),
         }
     }
 
@@ -220,7 +239,9 @@ pub(super) fn completed() -> RuntimeError {
 
 pub(super) enum Step {
     Done(Result<Prefix>),
-    Wait,
+    /// Wait in line; with the generation the last try began at, if one ran (see
+    /// [`State::Waiting`]).
+    Wait(Option<u64>),
 }
 
 impl<'a> Future for SessionFuture<'a> {
@@ -242,7 +263,7 @@ impl<'a> Future for SessionFuture<'a> {
             // stress test's failed sessions went from a handful to thousands a run.
             // Eviction takes lower tiers first, so a newcomer cannot take a higher tier's
             // buffers.
-            State::Start if !may_pass(&ctx.inner) => Step::Wait,
+            State::Start if !may_pass(&ctx.inner) => Step::Wait(None),
             State::Start => {
                 // A working set already in place is pinned here, without restoring (and
                 // without waiting for another session's restore: that try goes on below).
@@ -271,8 +292,8 @@ impl<'a> Future for SessionFuture<'a> {
                 }
                 Self::try_now(ctx, None)
             }
-            State::Waiting(id) => {
-                let id = *id;
+            State::Waiting(id, since) => {
+                let (id, since) = (*id, *since);
                 if !rt.is_head(id, cx.waker()) {
                     // Behind the first in line, a waiter whose working set is in place may
                     // go ahead as a newcomer may. It is woken for this when a session of
@@ -293,6 +314,12 @@ impl<'a> Future for SessionFuture<'a> {
                             Ok(Fast::NotResident) | Err(_) => {}
                         }
                     }
+                    return Poll::Pending;
+                }
+                // First in line, its waker registered (`is_head`): nothing was released
+                // since its last try failed, so a try now would fail too. A release after
+                // this look wakes it.
+                if since.is_some_and(|s| rt.waits.generation() == s) {
                     return Poll::Pending;
                 }
                 if let Some(restoring) = this.restore_off_thread(ctx, false, Some(id)) {
@@ -333,26 +360,30 @@ impl<'a> Future for SessionFuture<'a> {
                     // asking whether it is first are one step (`is_head`), so a first in
                     // line that leaves later wakes it, and one that left already is seen.
                     (Restored::NotFirst, Some(id)) => {
-                        this.state = State::Waiting(id);
+                        this.state = State::Waiting(id, None);
                         return Pin::new(&mut *this).poll(cx);
                     }
                     (Restored::Wait { since }, Some(id)) => {
-                        this.state = State::Waiting(id);
+                        this.state = State::Waiting(id, Some(since));
                         if rt.waits.rejoin(id, cx.waker(), since) {
                             cx.waker().wake_by_ref();
                         }
                         return Poll::Pending;
                     }
                     // Not in line yet: it joins the line below, and tries again at once.
-                    (Restored::NotFirst | Restored::Wait { .. }, None) => {
+                    (Restored::NotFirst, None) => {
                         this.state = State::Start;
-                        Step::Wait
+                        Step::Wait(None)
+                    }
+                    (Restored::Wait { since }, None) => {
+                        this.state = State::Start;
+                        Step::Wait(Some(since))
                     }
                 }
             }
         };
         match (step, &this.state) {
-            (Step::Done(r), State::Waiting(id)) => {
+            (Step::Done(r), State::Waiting(id, _)) => {
                 rt.dequeue(*id, ctx.inner.group(), r.is_ok());
                 this.finish(r)
             }
@@ -363,11 +394,15 @@ impl<'a> Future for SessionFuture<'a> {
                 this.finish(r)
             }
             // Its waker is in line (`is_head` above).
-            (Step::Wait, State::Waiting(_)) => Poll::Pending,
-            (Step::Wait, _) => {
+            (Step::Wait(since), State::Waiting(id, _)) => {
+                this.state = State::Waiting(*id, since);
+                Poll::Pending
+            }
+            (Step::Wait(since), _) => {
                 let id = rt.enqueue(ctx.inner.tier, ctx.inner.group(), cx.waker());
-                this.state = State::Waiting(id);
-                // Memory may have been freed between the attempt and joining the line.
+                this.state = State::Waiting(id, since);
+                // Memory may have been freed between the attempt and joining the line:
+                // the next poll tries again if so (or if it made no try).
                 cx.waker().wake_by_ref();
                 Poll::Pending
             }
@@ -381,7 +416,7 @@ impl Drop for SessionFuture<'_> {
             dropped.store(true, Ordering::Release);
         }
         let id = match &self.state {
-            State::Waiting(id) | State::Restoring { id: Some(id), .. } => *id,
+            State::Waiting(id, _) | State::Restoring { id: Some(id), .. } => *id,
             _ => return,
         };
         if let Some(ctx) = self.ctx {

@@ -37,31 +37,38 @@ impl ForLoom for PoolConfig {
 fn concurrent_alloc_and_free_under_a_quota() {
     loom::model(|| {
         let pool = Arc::new(small_pool(4 * G));
-        let o = pool.add_owner(OwnerSpec::new("o", 2 * G)).unwrap();
+        // Room for one of the two blocks at a time: the two requests race for it.
+        let o = pool.add_owner(OwnerSpec::new("o", G)).unwrap();
         let handles: Vec<_> = (0..2)
             .map(|_| {
                 let pool = pool.clone();
-                thread::spawn(move || {
-                    let b = pool.alloc(o, G, StreamId(0)).unwrap();
-                    pool.free(b).unwrap();
+                thread::spawn(move || match pool.alloc(o, G, StreamId(0)) {
+                    Ok(b) => {
+                        pool.free(b).unwrap();
+                        true
+                    }
+                    Err(PoolError::QuotaExceeded { .. }) => false,
+                    Err(e) => panic!("unexpected error: {e}"),
                 })
             })
             .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
+        let served = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|&ok| ok)
+            .count();
+        // One of them held the quota first; the other got it after, or was refused.
+        assert!(served >= 1, "both requests were refused");
         let s = pool.stats();
         assert_eq!(s.live_bytes, 0);
-        assert!(s.owners[0].peak_in_use_bytes <= 2 * G);
-        // Both blocks are cached, yet the owner can still use its whole limit.
+        assert!(s.owners[0].peak_in_use_bytes <= G, "the limit was exceeded");
+        // The block is cached, yet the owner can still use its whole limit.
         let a = pool.alloc(o, G, StreamId(0)).unwrap();
-        let b = pool.alloc(o, G, StreamId(0)).unwrap();
         assert!(matches!(
             pool.alloc(o, G, StreamId(0)),
             Err(PoolError::QuotaExceeded { .. })
         ));
         pool.free(a).unwrap();
-        pool.free(b).unwrap();
     });
 }
 
@@ -133,21 +140,27 @@ fn eviction_racing_a_pin() {
         let flag = in_use.clone();
         let t = thread::spawn(move || {
             // Pin (restoring if needed), use, unpin.
-            if let Ok(pin) = p2.pin(&id, StreamId(1)) {
-                flag.store(true, Ordering::SeqCst);
-                assert!(pin.size == G);
-                flag.store(false, Ordering::SeqCst);
-                p2.unpin(&id).unwrap();
-            }
-            id
+            let pinned = match p2.pin(&id, StreamId(1)) {
+                Ok(pin) => {
+                    flag.store(true, Ordering::SeqCst);
+                    assert!(pin.size == G);
+                    flag.store(false, Ordering::SeqCst);
+                    p2.unpin(&id).unwrap();
+                    true
+                }
+                Err(_) => false,
+            };
+            (id, pinned)
         });
         // Needs the whole pool: succeeds only by evicting the unpinned block.
         let r = pool.alloc(g, G, StreamId(0));
-        let id = t.join().unwrap();
+        let (id, pinned) = t.join().unwrap();
         assert!(
             !violated.load(Ordering::SeqCst),
             "a pinned block was evicted, or its bytes moved out while pinned"
         );
+        // The memory went to one of them, whichever came first.
+        assert!(r.is_ok() || pinned, "both the pin and the request failed");
         if let Ok(b) = r {
             pool.free(b).unwrap();
         }

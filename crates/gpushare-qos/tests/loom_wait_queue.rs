@@ -14,17 +14,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// Waits in the queue until `free` is set, as a session waits for memory: it registers
-/// its waker before it checks, then checks.
+/// its waker before it checks, then checks. Served, it takes the next number of `order`
+/// (if given) while still in line, and returns it.
 struct Wait {
     q: Arc<WaitQueue>,
     free: Arc<AtomicBool>,
     rank: u32,
     id: Option<u64>,
+    order: Option<Arc<AtomicUsize>>,
 }
 
 impl Future for Wait {
-    type Output = ();
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    type Output = usize;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<usize> {
         let head = match self.id {
             None => {
                 let id = self.q.enqueue(self.rank, cx.waker());
@@ -34,10 +36,14 @@ impl Future for Wait {
             Some(id) => self.q.is_head(id, cx.waker()),
         };
         if head && self.free.load(Ordering::SeqCst) {
+            let n = self
+                .order
+                .as_ref()
+                .map_or(0, |o| o.fetch_add(1, Ordering::SeqCst));
             if let Some(id) = self.id.take() {
                 self.q.remove(id);
             }
-            return Poll::Ready(());
+            return Poll::Ready(n);
         }
         Poll::Pending
     }
@@ -58,6 +64,7 @@ fn a_release_after_the_check_still_wakes_the_waiter() {
             free,
             rank: 2,
             id: None,
+            order: None,
         });
         releaser.join().unwrap();
         assert!(q.is_empty());
@@ -66,12 +73,20 @@ fn a_release_after_the_check_still_wakes_the_waiter() {
 
 #[test]
 fn the_first_in_line_goes_first() {
-    loom::model(|| {
+    // Three threads on a lock and a map: unbounded, the model runs for many minutes.
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(3);
+    model.check(|| {
         let q = Arc::new(WaitQueue::new(Duration::from_secs(3600)));
         let free = Arc::new(AtomicBool::new(false));
         let order = Arc::new(AtomicUsize::new(0));
-        // A low-rank (important) waiter joins first, then the releaser and a high-rank one
-        // race; the important one must finish first whenever both were queued.
+        // Both wait before memory comes back: a high-rank waiter joins first, then a
+        // low-rank (important) one, which stands ahead of it. Each registers its own waker
+        // when first polled. Whatever the interleaving of the two and the release, the
+        // important one must finish first: in a line in arrival order it would not.
+        let noop = std::task::Waker::noop();
+        let later = q.enqueue(2, noop);
+        let first = q.enqueue(0, noop);
         let important = {
             let (q, free, order) = (q.clone(), free.clone(), order.clone());
             thread::spawn(move || {
@@ -79,9 +94,9 @@ fn the_first_in_line_goes_first() {
                     q,
                     free,
                     rank: 0,
-                    id: None,
-                });
-                order.fetch_add(1, Ordering::SeqCst)
+                    id: Some(first),
+                    order: Some(order),
+                })
             })
         };
         let (q2, f2) = (q.clone(), free.clone());
@@ -89,15 +104,20 @@ fn the_first_in_line_goes_first() {
             f2.store(true, Ordering::SeqCst);
             q2.wake_head();
         });
-        let first = important.join().unwrap();
-        releaser.join().unwrap();
-        loom::future::block_on(Wait {
+        let mine = loom::future::block_on(Wait {
             q: q.clone(),
             free,
             rank: 2,
-            id: None,
+            id: Some(later),
+            order: Some(order),
         });
-        assert_eq!(first, 0);
+        assert_eq!(
+            important.join().unwrap(),
+            0,
+            "the important waiter went second"
+        );
+        assert_eq!(mine, 1);
+        releaser.join().unwrap();
         assert!(q.is_empty());
     });
 }
