@@ -877,6 +877,7 @@ impl Context {
                             context: self.inner.name.clone(),
                             requested,
                             available: self.inner.rt.available(),
+                            shortage: Box::new(e),
                         }
                     }
                     e => e,

@@ -62,9 +62,10 @@ pub enum RuntimeError {
         /// Bytes neither in use nor reserved for other contexts.
         available: u64,
     },
-    /// A memory-pressure handler denied the allocation.
+    /// A memory-pressure handler denied the allocation (or panicked, which counts as a
+    /// denial and is logged).
     #[error(
-        "a memory-pressure handler denied {requested} B for {context:?} ({available} B available)"
+        "a memory-pressure handler denied {requested} B for {context:?} ({available} B available); what it was asked about: {shortage}"
     )]
     PressureDenied {
         /// The context.
@@ -73,6 +74,9 @@ pub enum RuntimeError {
         requested: u64,
         /// Bytes available.
         available: u64,
+        /// The shortage the handlers were asked about: [`RuntimeError::OutOfMemory`],
+        /// whose report says who holds what, or [`RuntimeError::ReservedElsewhere`].
+        shortage: Box<RuntimeError>,
     },
     /// [`Context::session_timeout`](crate::Context::session_timeout) ran out of time: the
     /// context's working set did not fit beside what live sessions pin and what is

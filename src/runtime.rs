@@ -391,16 +391,24 @@ impl RtInner {
         }
     }
 
-    /// Bytes the runtime could hand out now: not in use, and not waiting for queued work
-    /// to finish with them (a stream-ordered free goes to other streams only then).
+    /// Bytes the runtime could hand out now: not live, not waiting for queued work to
+    /// finish with them (a stream-ordered free goes to other streams only then), and not
+    /// retired after a fault. Blocks that the contexts' caches keep count as available:
+    /// any request takes them when it runs short.
     pub fn available(&self) -> u64 {
         self.available_in(&self.pool.stats())
     }
 
     /// [`RtInner::available`] from pool statistics already taken.
     fn available_in(&self, s: &gpushare_pool::PoolStats) -> u64 {
+        let unavailable = [
+            s.live_bytes,
+            s.pending_bytes,
+            s.cached_pending_bytes,
+            s.retired_bytes,
+        ];
         self.capacity
-            .saturating_sub(s.in_use_bytes.saturating_add(s.pending_bytes))
+            .saturating_sub(unavailable.into_iter().fold(0, u64::saturating_add))
     }
 
     /// Run pressure handlers in reclaim order: contexts from BestEffort to Guaranteed,
@@ -840,9 +848,12 @@ impl Runtime {
         self.inner.capacity
     }
 
-    /// Bytes the runtime could hand out now: its capacity less what is in use and what
+    /// Bytes the runtime could hand out now: its capacity less what is live, what
     /// stream-ordered frees still wait on (their memory comes back when the work queued
-    /// before them completes).
+    /// before them completes), and what was retired after a fault. Memory that contexts'
+    /// caches keep after their scratch was freed counts as available: a request that runs
+    /// short takes it back. So this can exceed the capacity less every context's
+    /// [`crate::Usage::used`], which counts those cached bytes.
     pub fn available_vram(&self) -> u64 {
         self.inner.available()
     }

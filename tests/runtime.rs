@@ -8,6 +8,7 @@ use gpushare::device::{
 use gpushare::qos::{ContextSpec, Tier};
 use gpushare::{EvictPolicy, Pressure, Runtime, RuntimeError};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -2155,6 +2156,38 @@ fn the_snapshot_and_available_vram_agree_while_a_free_waits_for_the_stream() {
 }
 
 #[test]
+fn scratch_kept_in_a_cache_counts_as_available_once_its_work_is_done() {
+    let (rt, sim) = sim_runtime(256 * MIB, 2.0);
+    let ctx = rt.create_context(ContextSpec::new("c", 128 * MIB)).unwrap();
+    let mut s = ctx.session().unwrap();
+    let go = hold(&sim, s.stream());
+    // Small enough for the context's cache: freed in stream order as the session ends,
+    // it stays there, charged to the context.
+    s.alloc(64 << 10).unwrap();
+    drop(s);
+    let st = rt.pool_stats();
+    assert_eq!(
+        (st.cached_bytes, st.cached_pending_bytes),
+        (64 << 10, 64 << 10)
+    );
+    assert_eq!(
+        rt.available_vram(),
+        256 * MIB - (64 << 10),
+        "its work still runs"
+    );
+    go.send(()).unwrap();
+    ctx.session().unwrap().synchronize().unwrap();
+    // Its work done, any request may take it (the cache gives it back when memory runs
+    // short), though the context's usage still counts it.
+    assert_eq!(rt.pool_stats().cached_pending_bytes, 0);
+    assert_eq!(rt.available_vram(), 256 * MIB);
+    assert_eq!(rt.snapshot().available_bytes, 256 * MIB);
+    assert_eq!(ctx.usage().used, 64 << 10);
+    let other = rt.create_context(ContextSpec::new("o", 256 * MIB)).unwrap();
+    drop(other.create_buffer(256 * MIB).unwrap());
+}
+
+#[test]
 fn an_offload_waiting_on_its_owners_gpu_work_holds_up_no_other_context() {
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);
     let busy = rt
@@ -2806,9 +2839,111 @@ fn a_request_into_other_contexts_bases_names_its_context_and_what_to_do() {
     let _deny = rt.on_memory_pressure(|_| Pressure::Deny);
     let mut s = be.session().unwrap();
     match s.alloc(32 * MIB) {
-        Err(RuntimeError::PressureDenied { context, .. }) => assert_eq!(context, "be"),
+        Err(RuntimeError::PressureDenied {
+            context, shortage, ..
+        }) => {
+            assert_eq!(context, "be");
+            assert!(
+                matches!(*shortage, RuntimeError::ReservedElsewhere { available, .. } if available == 16 * MIB),
+                "the denial keeps the shortage it was asked about: {shortage:?}"
+            );
+        }
         other => panic!("expected PressureDenied, got {other:?}"),
     }
+}
+
+/// A thread of `ctx` holding a session with `bytes` of scratch (which no eviction can
+/// take) until asked to end it; the channels ask and wait for the end.
+fn scratch_hog(ctx: &gpushare::Context, bytes: u64) -> (Sender<()>, Receiver<()>) {
+    let (ctx, (ask, asked), (done, ended), (ready, started)) =
+        (ctx.clone(), channel(), channel(), channel());
+    std::thread::spawn(move || {
+        let mut s = ctx.session().unwrap();
+        s.alloc(bytes).unwrap();
+        ready.send(()).unwrap();
+        let _ = asked.recv();
+        drop(s);
+        let _ = done.send(());
+    });
+    started.recv().unwrap();
+    (ask, ended)
+}
+
+#[test]
+fn restores_for_a_borrow_and_a_range_ask_the_pressure_handlers() {
+    let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
+    let be = |name| {
+        rt.create_context(ContextSpec::new(name, 64 * MIB).tier(Tier::BestEffort))
+            .unwrap()
+    };
+    let (a, b, c) = (be("a"), be("b"), be("c"));
+    // The handler ends the hog's session: its scratch is freed.
+    let hog = Arc::new(std::sync::Mutex::new(None::<(Sender<()>, Receiver<()>)>));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let _handler = {
+        let (hog, calls) = (hog.clone(), calls.clone());
+        rt.on_memory_pressure(move |_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if let Some((ask, ended)) = hog.lock().unwrap().take() {
+                ask.send(()).unwrap();
+                ended.recv().unwrap();
+            }
+            Pressure::Allow
+        })
+    };
+    // a's buffer goes out for c's scratch; b borrows it back.
+    let data = pattern(4096, 21);
+    let theirs = a.create_buffer(32 * MIB).unwrap();
+    a.session().unwrap().write(&theirs, 0, &data).unwrap();
+    *hog.lock().unwrap() = Some(scratch_hog(&c, 48 * MIB));
+    assert!(!theirs.is_resident());
+    let mut s = b.session().unwrap();
+    s.borrow(&theirs).unwrap();
+    assert_eq!(
+        calls.swap(0, Ordering::SeqCst),
+        1,
+        "the borrow's restore asked"
+    );
+    let mut back = vec![0; data.len()];
+    s.read(&theirs, 0, &mut back).unwrap();
+    assert_eq!(back, data);
+    drop(s);
+    // A buffer of b made during its session goes out for c's scratch; the session's
+    // range brings it back.
+    let mut s = b.session().unwrap();
+    let mine = b.create_buffer(32 * MIB).unwrap();
+    *hog.lock().unwrap() = Some(scratch_hog(&c, 48 * MIB));
+    assert!(!mine.is_resident());
+    s.range(&mine).unwrap();
+    assert_eq!(
+        calls.swap(0, Ordering::SeqCst),
+        1,
+        "the range's restore asked"
+    );
+    assert!(mine.is_resident());
+}
+
+#[test]
+fn a_denial_keeps_the_report_of_who_holds_what() {
+    let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
+    let hog = rt
+        .create_context(ContextSpec::new("hog", 64 * MIB))
+        .unwrap();
+    let needy = rt
+        .create_context(ContextSpec::new("needy", 64 * MIB))
+        .unwrap();
+    let _kept = hog.create_buffer(48 * MIB).unwrap();
+    let _pin = hog.session().unwrap(); // pinned: nothing can be evicted
+    let _deny = rt.on_memory_pressure(|_| Pressure::Deny);
+    let e = needy.create_buffer(32 * MIB).unwrap_err();
+    let RuntimeError::PressureDenied { shortage, .. } = &e else {
+        panic!("expected PressureDenied, got {e:?}");
+    };
+    let RuntimeError::OutOfMemory { report, .. } = &**shortage else {
+        panic!("expected the out-of-memory error it was asked about, got {shortage:?}");
+    };
+    assert_eq!(report.holdings[0].name, "hog", "{report}");
+    assert!(e.to_string().contains("hog"), "{e}");
 }
 
 #[test]

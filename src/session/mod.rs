@@ -321,7 +321,8 @@ impl<'a> Session<'a> {
     /// session started).
     ///
     /// Blocks the thread if it has to restore the buffer (one made after the session
-    /// started, and evicted since). The context's buffer list is not held meanwhile.
+    /// started, and evicted since), and, short of memory for that, runs the pressure
+    /// handlers. The context's buffer list is not held meanwhile.
     pub fn range(&mut self, buf: &Buffer) -> Result<DeviceRange> {
         self.check(buf)?;
         let (id, held) = {
@@ -338,13 +339,14 @@ impl<'a> Session<'a> {
             let at_start = i < self.pinned.len && slot.pinned_since(self.pinned.epoch);
             (id.to_ref(), at_start || self.holds_extra(&buf.key))
         };
-        // `buf` lives, so its slot does, and its block is not freed under the pin.
-        let p = self
-            .ctx
-            .rt
-            .pool
-            .pin(id, self.ctx.stream_id)
-            .map_err(|e| RuntimeError::from_pool(e, &self.ctx.name))?;
+        // `buf` lives, so its slot does, and its block is not freed under the pin. A
+        // restore short of memory asks the pressure handlers, as an allocation does.
+        let c = &self.ctx;
+        let p = c.handle().with_relief(buf.size(), || {
+            c.rt.pool
+                .pin(id, c.stream_id)
+                .map_err(|e| RuntimeError::from_pool(e, &c.name))
+        })?;
         if held {
             // Already pinned by this session: drop the extra pin.
             let _ = self.ctx.rt.pool.unpin(id);
@@ -358,6 +360,8 @@ impl<'a> Session<'a> {
     /// stage reads the output of the stage before it. The buffer is pinned (restored first
     /// if it was evicted, charged to its owner) until this session ends, and counts as in
     /// use by its owner until then, so dropping its handle meanwhile frees it only after.
+    /// A restore short of memory runs the pressure handlers, with this session's context
+    /// as the requester.
     ///
     /// Ordering stays with events, as on a GPU: wait on an event the owner recorded after
     /// writing the buffer ([`Session::wait_event`]) before reading it. When this session
@@ -400,8 +404,15 @@ impl<'a> Session<'a> {
             id
         };
         // Pinned for use on the owner's stream: a restore is ordered after the owner's
-        // work, and this session orders its own work with events.
-        let pinned = owner.rt.pool.pin(id, owner.stream_id);
+        // work, and this session orders its own work with events. A restore short of
+        // memory asks the pressure handlers, as this session's allocations do.
+        let pinned = self.ctx.handle().with_relief(buf.size(), || {
+            owner
+                .rt
+                .pool
+                .pin(id, owner.stream_id)
+                .map_err(|e| RuntimeError::from_pool(e, &owner.name))
+        });
         match (&pinned, already) {
             // Already pinned by this session: drop the extra pin.
             (Ok(_), true) => drop(owner.rt.pool.unpin(id)),
@@ -411,7 +422,7 @@ impl<'a> Session<'a> {
                 owner.release_use(owner.buffers.lock(), 0, 0, std::slice::from_ref(&buf.key))
             }
         }
-        let p = pinned.map_err(|e| RuntimeError::from_pool(e, &owner.name))?;
+        let p = pinned?;
         Ok(DeviceRange::new(DevicePtr(p.addr), buf.size()))
     }
 

@@ -418,8 +418,13 @@ pub struct PoolStats {
     pub live_bytes: u64,
     /// Peak of `live_bytes` as sampled by `stats` calls.
     pub peak_live_bytes: u64,
-    /// Bytes in owner caches.
+    /// Bytes in owner caches. Any owner's request may take them: the caches give their
+    /// blocks back when memory runs short.
     pub cached_bytes: u64,
+    /// Of `cached_bytes`, those of blocks freed in stream order whose work has not
+    /// completed yet (at the time of the call): until it does, only their own owner and
+    /// stream may reuse them, as for `pending_bytes`.
+    pub cached_pending_bytes: u64,
     /// Peak of `cached_bytes` as sampled by `stats` calls.
     pub peak_cached_bytes: u64,
     /// Live plus cached bytes, charged to owners.

@@ -397,6 +397,41 @@ fn an_aligned_request_extends_a_free_tail_by_what_it_lacks() {
 }
 
 #[test]
+fn an_oom_report_does_not_count_the_failed_request_as_held() {
+    let p = pool(PoolConfig::default().capacity(8 * MIB));
+    let hog = p.add_owner(OwnerSpec::new("hog", 1 << 30)).unwrap();
+    let needy = p.add_owner(OwnerSpec::new("needy", 1 << 30)).unwrap();
+    let blocks: Vec<_> = (0..4).map(|_| p.alloc(hog, 2 * MIB, S1).unwrap()).collect();
+    let mut blocks = blocks.into_iter();
+    let (first, kept1, third, kept2) = (
+        blocks.next().unwrap(),
+        blocks.next().unwrap(),
+        blocks.next().unwrap(),
+        blocks.next().unwrap(),
+    );
+    p.free(first).unwrap();
+    p.free(third).unwrap();
+    // 4 MiB are free, in two pieces: the request is charged, but finds no place.
+    match p.alloc(needy, 4 * MIB, S1) {
+        Err(PoolError::OutOfMemory { report, .. }) => {
+            let held = |name| {
+                report
+                    .holdings
+                    .iter()
+                    .find(|h| h.name == name)
+                    .map(|h| h.in_use)
+            };
+            assert_eq!(held("hog"), Some(4 * MIB), "{report}");
+            assert_eq!(held("needy").unwrap_or(0), 0, "{report}");
+        }
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+    assert_eq!(p.stats().in_use_bytes, 4 * MIB);
+    p.free(kept1).unwrap();
+    p.free(kept2).unwrap();
+}
+
+#[test]
 fn capacity_caps_mapping_and_oom_reports_holders() {
     let p = pool(PoolConfig::default().capacity(8 * MIB));
     let o = p.add_owner(OwnerSpec::new("hog", 1 << 30)).unwrap();

@@ -145,6 +145,25 @@ impl Shard {
         Some(self.detach(e))
     }
 
+    /// Bytes of the cached blocks whose stream-ordered free's work has not completed. One
+    /// look at each cached block when some carry an event; none otherwise.
+    pub(super) fn unfinished_bytes(&self) -> u64 {
+        if self.ordered.is_empty() {
+            return 0;
+        }
+        self.bins
+            .iter()
+            .flatten()
+            .filter(|c| c.ev != NO_EVENT)
+            .filter(|c| {
+                self.ordered
+                    .get(c.ev as usize)
+                    .is_none_or(|(_, e)| !complete(&**e))
+            })
+            .map(|c| c.size)
+            .sum()
+    }
+
     /// Whether cached block `c` is usable on `stream` now without any wait.
     #[inline]
     pub(super) fn usable_on(

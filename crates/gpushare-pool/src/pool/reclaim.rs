@@ -265,7 +265,19 @@ impl<S: ChunkSource> Pool<S> {
             Ok(r) => Ok(r),
             Err(e) => {
                 Self::uncharge(c, owner.slot() as usize, size);
-                Err(e)
+                // The report is taken again, uncharged: it says who holds what, and the
+                // request holds nothing (it showed the requester holding what it asked for).
+                Err(match e {
+                    Stop::Fail(PoolError::OutOfMemory {
+                        requested, stream, ..
+                    }) => Stop::Fail(PoolError::OutOfMemory {
+                        requested,
+                        owner,
+                        stream,
+                        report: self.report_for(c, rq),
+                    }),
+                    e => e,
+                })
             }
         }
     }

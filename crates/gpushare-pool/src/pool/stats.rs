@@ -56,7 +56,7 @@ impl<S: ChunkSource> Pool<S> {
         // memory as lower) until some later allocation took the central path.
         self.retire_pending(&mut c);
         let mut owners = Vec::new();
-        let (mut live, mut cached) = (0u64, 0u64);
+        let (mut live, mut cached, mut cached_pending) = (0u64, 0u64, 0u64);
         let (mut allocs, mut frees, mut hits) = (c.allocs, c.frees, c.retired_hits);
         for (i, a) in c.owners.iter().enumerate() {
             let Some(a) = a else { continue };
@@ -65,6 +65,7 @@ impl<S: ChunkSource> Pool<S> {
             for cell in self.slots[i].shards.iter() {
                 let sh = cell.lock.lock();
                 o_cached += sh.bytes;
+                cached_pending += sh.unfinished_bytes();
                 o_allocs += sh.hits;
                 o_frees += sh.frees;
                 hits += sh.hits;
@@ -109,6 +110,7 @@ impl<S: ChunkSource> Pool<S> {
             live_bytes: live,
             peak_live_bytes: c.peak_live,
             cached_bytes: cached,
+            cached_pending_bytes: cached_pending,
             peak_cached_bytes: c.peak_cached,
             in_use_bytes: c.in_use,
             peak_in_use_bytes: c.peak_in_use,
