@@ -9,7 +9,13 @@
 # The runner runs every test binary with --ignored (the CUDA half of each suite) and every
 # example that reports figures, with GPUSHARE_DEVICE=cuda so nothing falls back silently.
 set -euo pipefail
+shopt -s nullglob
 cd "$(dirname "$0")/.."
+
+for tool in cargo python3 strip; do
+  command -v "$tool" > /dev/null || { echo "gpu-bundle: $tool is needed and not on PATH" >&2; exit 1; }
+done
+target=${CARGO_TARGET_DIR:-target}
 
 # Examples that print figures; each runs on the GPU with its default flags.
 FIGURE_EXAMPLES=(gpu_report device_probe pool_device pool_bench eviction_stall isolation llm_tts_vision)
@@ -34,10 +40,17 @@ for line in sys.stdin:
 
 echo "building release tests and examples..." >&2
 cargo build --release --workspace --examples
-cargo test --release --workspace --no-run --message-format=json 2>/dev/null | harnesses > "$out/.test-list"
+# Cargo's progress and errors go to a log, shown if the build fails.
+log=$out/.cargo.log
+cargo test --release --workspace --no-run --message-format=json 2> "$log" | harnesses > "$out/.test-list" \
+  || { cat "$log" >&2; echo "gpu-bundle: building the tests failed" >&2; exit 1; }
 # Criterion benches: the same harnesses `cargo bench` runs, started with --bench.
-cargo bench --workspace --no-run --message-format=json 2>/dev/null | harnesses \
-  | grep '/deps/\(pool\|runtime\)-' > "$out/.bench-list" || true
+cargo bench --workspace --no-run --message-format=json 2> "$log" | harnesses > "$out/.bench-list" \
+  || { cat "$log" >&2; echo "gpu-bundle: building the benches failed" >&2; exit 1; }
+rm "$log"
+grep '/deps/\(pool\|runtime\)-' "$out/.bench-list" > "$out/.benches" \
+  || { echo "gpu-bundle: the pool and runtime benches were not built" >&2; exit 1; }
+mv "$out/.benches" "$out/.bench-list"
 while read -r exe; do
   cp "$exe" "$out/benches/$(basename "$exe")"
 done < "$out/.bench-list"
@@ -51,7 +64,7 @@ done < "$out/.test-list"
 rm "$out/.test-list"
 
 for ex in "${FIGURE_EXAMPLES[@]}"; do
-  cp "target/release/examples/$ex" "$out/examples/$ex"
+  cp "$target/release/examples/$ex" "$out/examples/$ex"
 done
 
 strip "$out"/tests/* "$out"/examples/* "$out"/benches/*

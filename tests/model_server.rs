@@ -155,6 +155,10 @@ async fn serve_under_load(dev: Arc<dyn Device>) {
         .map(|c| c["restores"].as_u64().unwrap())
         .sum();
     assert!(restores > 0, "{status}");
+    for c in contexts {
+        let (peak, max) = (c["peak_bytes"].as_u64(), c["max_bytes"].as_u64());
+        assert!(peak.is_some() && peak <= max, "a budget was exceeded: {c}");
+    }
     let metrics = client
         .get(format!("{base}/metrics"))
         .send()

@@ -1,7 +1,8 @@
 //! 64 tasks over 3 contexts, 10k sessions with random scratch sizes. The contexts'
 //! buffers add up to more than the device holds, so sessions of different contexts evict
 //! and restore each other's buffers throughout. Checks: no budget exceeded, restored bytes
-//! equal the originals, pool back to zero, no task starved. Scratch requests may be refused
+//! equal the originals, pool back to zero, no task starved (each waits for a session at
+//! most 20 s, and gets at least half of its sessions). Scratch requests may be refused
 //! while a BestEffort context's working set fills all unreserved memory; that is an error
 //! returned to the caller, counted, not a failure.
 
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const WINDOW: u64 = 16 << 10;
+/// A task that waits this long for one session is starved.
+const STARVED: Duration = Duration::from_secs(60);
 
 fn byte(buf: usize, i: u64) -> u8 {
     (i as u8).wrapping_mul(31) ^ (buf as u8).wrapping_mul(97) ^ ((i >> 8) as u8)
@@ -96,19 +99,23 @@ async fn stress(dev: Arc<dyn Device>) {
                 r ^= r << 17;
                 r
             };
+            let mut served = 0;
             for _ in 0..per_task {
                 let m = &models[(rand() % 3) as usize];
                 let t0 = Instant::now();
-                let mut s = match m.ctx.session_async().await {
-                    Ok(s) => s,
+                // A starved task fails the test rather than hang it.
+                let session = tokio::time::timeout(STARVED, m.ctx.session_async()).await;
+                worst.fetch_max(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                let mut s = match session {
+                    Ok(Ok(s)) => s,
                     // Memory that only a live session could free ran out with none live.
-                    Err(RuntimeError::OutOfMemory { .. }) => {
+                    Ok(Err(RuntimeError::OutOfMemory { .. })) => {
                         short.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    Err(e) => panic!("{e}"),
+                    Ok(Err(e)) => panic!("{e}"),
+                    Err(_) => panic!("task {t} waited over {STARVED:?} for a session"),
                 };
-                worst.fetch_max(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
                 // Scratch of a random size, used; with 64 tasks it may run short, which is
                 // an error for the caller, not a failure of the runtime.
                 let size = 64 * 1024 + rand() % MIB;
@@ -140,14 +147,21 @@ async fn stress(dev: Arc<dyn Device>) {
                 assert!(u.used <= u.max, "budget exceeded: {u:?}");
                 drop(s);
                 sessions.fetch_add(1, Ordering::Relaxed);
+                served += 1;
                 if rand() % 8 == 0 {
                     tokio::task::yield_now().await;
                 }
             }
+            served
         }));
     }
-    for h in handles {
-        h.await.unwrap();
+    // Every task got most of its sessions: none was starved of memory by the others.
+    for (t, h) in handles.into_iter().enumerate() {
+        let served = h.await.unwrap();
+        assert!(
+            served * 2 >= per_task,
+            "task {t} got {served} of {per_task} sessions"
+        );
     }
     let done = sessions.load(Ordering::Relaxed);
     let short = short.load(Ordering::Relaxed);
@@ -166,6 +180,17 @@ async fn stress(dev: Arc<dyn Device>) {
     assert!(
         worst < Duration::from_secs(20),
         "a task waited {worst:?} for a session"
+    );
+    // No context ever held more than its budget, nor the pool more than the runtime's
+    // memory.
+    for m in &models {
+        let u = m.ctx.usage();
+        assert!(u.peak <= u.max, "{}'s budget exceeded: {u:?}", m.ctx.name());
+    }
+    let st = rt.pool_stats();
+    assert!(
+        st.peak_in_use_bytes.max(st.peak_mapped_bytes) <= rt.capacity(),
+        "{st:?}"
     );
     println!("{snap}\n{done} sessions ({short} short of memory); worst wait {worst:?}; evictions {evictions}, restores {restores}");
     drop(models);

@@ -426,7 +426,10 @@ fn an_oom_report_does_not_count_the_failed_request_as_held() {
         }
         other => panic!("expected OutOfMemory, got {other:?}"),
     }
-    assert_eq!(p.stats().in_use_bytes, 4 * MIB);
+    // Nor do the peaks: the request never had its bytes.
+    let st = p.stats();
+    assert_eq!((st.in_use_bytes, st.peak_in_use_bytes), (4 * MIB, 8 * MIB));
+    assert_eq!(st.owners[1].peak_in_use_bytes, 0, "{st:?}");
     p.free(kept1).unwrap();
     p.free(kept2).unwrap();
 }

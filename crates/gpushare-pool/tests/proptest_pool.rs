@@ -7,8 +7,8 @@ mod common;
 use common::{Flag, Recorder, Work};
 use gpushare_pool::FreeEvent;
 use gpushare_pool::{
-    Block, ChunkSource, EvictableId, HostSource, OwnerId, OwnerSpec, Pool, PoolConfig, StreamId,
-    Tier,
+    Block, ChunkSource, EvictableId, HostSource, OwnerId, OwnerSpec, Pool, PoolConfig, PoolError,
+    StreamId, Tier,
 };
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -207,16 +207,44 @@ proptest! {
             pool, owners, live: vec![], evictable: vec![], events: vec![], works: vec![], ordered: vec![],
             allocs: 0, frees: 0,
         };
+        // A pool that refused every request would keep every invariant: first, each owner
+        // gets a block inside its base or the unreserved memory.
+        for &(id, _) in &m.owners {
+            let b = m.pool.alloc(id, MIB, StreamId(0));
+            prop_assert!(b.is_ok(), "{:?}", b);
+            m.pool.free(b.unwrap()).unwrap();
+            m.allocs += 1;
+            m.frees += 1;
+        }
+        m.check()?;
         for op in ops {
             match op {
                 Op::Alloc { owner, size, stream, align_log } => {
-                    let (id, _) = m.owners[owner];
-                    if let Ok(b) = m.pool.alloc_aligned(id, size, 1 << align_log, StreamId(stream)) {
-                        prop_assert!(b.size() >= size);
-                        prop_assert_eq!(m.pool.addr(&b) % (1 << align_log), 0);
-                        m.handed_out(b.offset(), b.offset() + b.size(), stream)?;
-                        m.live.push(b);
-                        m.allocs += 1;
+                    let (id, limit) = m.owners[owner];
+                    match m.pool.alloc_aligned(id, size, 1 << align_log, StreamId(stream)) {
+                        Ok(b) => {
+                            prop_assert!(b.size() >= size);
+                            prop_assert_eq!(m.pool.addr(&b) % (1 << align_log), 0);
+                            m.handed_out(b.offset(), b.offset() + b.size(), stream)?;
+                            m.live.push(b);
+                            m.allocs += 1;
+                        }
+                        // Refused for the limit only if it is over: its figures are the
+                        // owner's, and what it holds is what the pool says it holds (its
+                        // cache was given back first).
+                        Err(PoolError::QuotaExceeded { used, requested, limit: l, .. }) => {
+                            prop_assert_eq!(l, limit);
+                            prop_assert!(requested >= size && used + requested > limit);
+                            let st = m.pool.stats();
+                            let o = st.owners.iter().find(|o| o.id == id).unwrap();
+                            prop_assert_eq!(o.cached_bytes, 0);
+                            prop_assert_eq!(o.in_use_bytes, used);
+                        }
+                        Err(PoolError::BadAlignment { align, max }) => {
+                            prop_assert!(align == 1 << align_log && align > max);
+                        }
+                        Err(PoolError::OutOfMemory { .. } | PoolError::ReservedElsewhere { .. }) => {}
+                        Err(e) => prop_assert!(false, "unexpected error: {}", e),
                     }
                 }
                 Op::Free { pick } if !m.live.is_empty() => {

@@ -372,7 +372,9 @@ fn try_admit_respects_aged_waiters() {
         10 * GIB,
         AdmissionConfig::default()
             .usable_fraction(1.0)
-            .aging(Duration::from_millis(10)),
+            // Long enough that a thread descheduled between the calls below does not see
+            // the waiter age (on a loaded CI machine 10 ms was not).
+            .aging(Duration::from_millis(500)),
     )
     .unwrap();
     let hog = ev
@@ -387,7 +389,7 @@ fn try_admit_respects_aged_waiters() {
         .unwrap();
     drop(first);
     // ...but not once the waiter has aged past it.
-    std::thread::sleep(Duration::from_millis(40));
+    std::thread::sleep(Duration::from_millis(1100));
     assert!(matches!(
         ev.try_admit(&ContextSpec::new("b2", GIB).base(GIB / 2)),
         Err(Rejection::QueuedAhead { .. })

@@ -58,10 +58,11 @@ impl<S: ChunkSource> Pool<S> {
                 let a = c.owners[i]
                     .as_mut()
                     .ok_or_else(|| PoolError::UnknownOwner(owner))?;
+                // The peaks move once the request has its place (`alloc_central`): a
+                // request charged here may still fail, or take its place only after its
+                // victims, still charged, are gone.
                 a.charged += size;
-                a.peak_charged = a.peak_charged.max(a.charged);
                 c.in_use += size;
-                c.peak_in_use = c.peak_in_use.max(c.in_use);
                 return Ok(());
             }
             self.ask_local_caches(rq.spare, None);
@@ -262,7 +263,13 @@ impl<S: ChunkSource> Pool<S> {
             r => r?,
         }
         match self.find_space(c, rq, owner, size, align, stream) {
-            Ok(r) => Ok(r),
+            Ok(r) => {
+                if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
+                    a.peak_charged = a.peak_charged.max(a.charged);
+                }
+                c.peak_in_use = c.peak_in_use.max(c.in_use);
+                Ok(r)
+            }
             Err(e) => {
                 Self::uncharge(c, owner.slot() as usize, size);
                 // The report is taken again, uncharged: it says who holds what, and the
