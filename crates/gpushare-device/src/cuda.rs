@@ -24,6 +24,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// A real GPU. Cheap to clone; clones share the device.
+///
+/// Its calls leave the device's primary context current on the calling thread (that is one
+/// `cuCtxGetCurrent` per call when it already is, where restoring the thread's earlier
+/// context would add a `cuCtxSetCurrent` to each). Code on the same thread that uses the
+/// CUDA runtime API on another device, or a context of its own, sets its own again
+/// (`cudaSetDevice`, `cuCtxSetCurrent`) after calling into gpushare; cudarc binds its
+/// context on each call and needs nothing.
 #[derive(Clone, Debug)]
 pub struct CudaDevice {
     inner: Arc<Inner>,
@@ -71,6 +78,39 @@ fn make_current(ctx: &CudaContext) -> Result<()> {
 fn drain_stored_error(ctx: &CudaContext) {
     if let Err(e) = ctx.check_err() {
         tracing::warn!(error = %e, "a CUDA error stored when a handle was released earlier");
+    }
+}
+
+/// The driver's event flags (`CU_EVENT_*` bits, combined). cudarc's `event::create` takes
+/// one flag of its enum, so an event that sleeps its waiters could not also go without
+/// timestamps; timestamps cost on every record, and on the queries and cross-stream waits
+/// made on the event (the driver's documentation of `CU_EVENT_DISABLE_TIMING`).
+type EvFlags = std::ffi::c_uint;
+
+/// The driver's flags for an event made with `flags`.
+fn ev_flags(flags: EventFlags) -> EvFlags {
+    use sys::CUevent_flags as F;
+    let mut f = F::CU_EVENT_DEFAULT as EvFlags;
+    if flags.blocking_sync {
+        f |= F::CU_EVENT_BLOCKING_SYNC as EvFlags;
+    }
+    if !flags.timing {
+        f |= F::CU_EVENT_DISABLE_TIMING as EvFlags;
+    }
+    f
+}
+
+/// A new event with `flags`, in the context current on this thread.
+fn create_event(flags: EvFlags) -> Result<sys::CUevent> {
+    let mut ev = std::mem::MaybeUninit::uninit();
+    // SAFETY: the driver writes the new event through the pointer, which is valid for the
+    // call; it is read only once the call succeeded. `flags` holds `CU_EVENT_*` bits only
+    // (`ev_flags`), a combination the driver accepts.
+    unsafe {
+        sys::cuEventCreate(ev.as_mut_ptr(), flags)
+            .result()
+            .call("cuEventCreate")?;
+        Ok(ev.assume_init())
     }
 }
 
@@ -123,8 +163,18 @@ impl CudaDevice {
         if !unsafe { sys::is_culib_present() } {
             return Err(DeviceError::DriverMissing);
         }
-        result::init().call("cuInit")?;
-        let count = result::device::get_count().call("cuDeviceGetCount")? as usize;
+        // Failures here say that this machine's driver cannot be used at all: `Auto` then
+        // falls back to the simulated device.
+        let unusable = |call| {
+            move |e: DeviceError| match e {
+                DeviceError::Driver { source, .. } => DeviceError::DriverUnusable { call, source },
+                e => e,
+            }
+        };
+        result::init().call("cuInit").map_err(unusable("cuInit"))?;
+        let count = result::device::get_count()
+            .call("cuDeviceGetCount")
+            .map_err(unusable("cuDeviceGetCount"))? as usize;
         if count == 0 {
             return Err(DeviceError::NoDevice);
         }
@@ -412,7 +462,7 @@ pub(crate) struct GreenCtx {
     current: parking_lot::ReentrantMutex<()>,
     /// Events made in this context and no longer used, for reuse, by flags (see
     /// [`GreenCtx::event`]); destroyed with the context.
-    spare: parking_lot::Mutex<Vec<(sys::CUevent_flags, sys::CUevent)>>,
+    spare: parking_lot::Mutex<Vec<(EvFlags, sys::CUevent)>>,
 }
 
 impl GreenCtx {
@@ -458,7 +508,7 @@ impl GreenCtx {
 
     /// An event of this context with `flags`: a spare one if there is one, else a new one
     /// (made with the context current, under its lock).
-    fn event(&self, flags: sys::CUevent_flags) -> Result<sys::CUevent> {
+    fn event(&self, flags: EvFlags) -> Result<sys::CUevent> {
         let spare = {
             let mut spare = self.spare.lock();
             let i = spare.iter().position(|&(f, _)| f == flags);
@@ -467,13 +517,13 @@ impl GreenCtx {
         match spare {
             Some(ev) => Ok(ev),
             // An event is made in the context current on the thread.
-            None => self.with_current(|| result::event::create(flags).call("cuEventCreate")),
+            None => self.with_current(|| create_event(flags)),
         }
     }
 
     /// Keep an event of this context, no longer used, for reuse. A wait already queued on
     /// it is not affected by its next record.
-    fn give_back(&self, flags: sys::CUevent_flags, ev: sys::CUevent) {
+    fn give_back(&self, flags: EvFlags, ev: sys::CUevent) {
         self.spare.lock().push((flags, ev));
     }
 }
@@ -596,7 +646,7 @@ struct CtxEvent {
     primary: Arc<CudaContext>,
     /// The partition's green context, which takes the event back for reuse.
     green: Option<Arc<GreenCtx>>,
-    flags: sys::CUevent_flags,
+    flags: EvFlags,
 }
 
 // SAFETY: a CUevent is an opaque driver handle usable from any thread. It is destroyed
@@ -609,17 +659,13 @@ unsafe impl Sync for CtxEvent {}
 
 impl CtxEvent {
     /// A new event in the context of `stream`, whose green context is `green` if any.
-    fn on(
-        stream: &CudaStream,
-        green: Option<&Arc<GreenCtx>>,
-        flags: sys::CUevent_flags,
-    ) -> Result<Self> {
+    fn on(stream: &CudaStream, green: Option<&Arc<GreenCtx>>, flags: EvFlags) -> Result<Self> {
         let (ev, primary) = match green {
             Some(g) => (g.event(flags)?, g.primary.clone()),
             None => {
                 // An event is made in the context current on the thread.
                 make_current(stream.context())?;
-                let ev = result::event::create(flags).call("cuEventCreate")?;
+                let ev = create_event(flags)?;
                 (ev, stream.context().clone())
             }
         };
@@ -663,7 +709,7 @@ impl Drop for CtxEvent {
 /// the one waited for.
 #[derive(Debug)]
 pub(crate) struct CudaEventSet {
-    flags: sys::CUevent_flags,
+    flags: EvFlags,
     /// The event of the first context it was recorded in; set once, under `others`' lock.
     home: OnceLock<CtxEvent>,
     /// Which event was recorded last: [`NEVER`], [`HOME`], or [`OTHER`] plus its index in
@@ -682,7 +728,7 @@ const HOME: usize = 1;
 const OTHER: usize = 2;
 
 impl CudaEventSet {
-    fn new(flags: sys::CUevent_flags) -> Self {
+    fn new(flags: EvFlags) -> Self {
         CudaEventSet {
             flags,
             home: OnceLock::new(),
@@ -850,7 +896,7 @@ impl CudaPinned {
                 // wait for that event, so the new one completes only after the old copy
                 // did. The old one goes only once the new one is recorded: should the
                 // record fail, `last` still tracks the earlier copies.
-                let e = CtxEvent::on(stream, green, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
+                let e = CtxEvent::on(stream, green, ev_flags(EventFlags::default()))?;
                 record_on(&e, stream)?;
                 self.last = Some(e);
                 Ok(())
@@ -1088,13 +1134,7 @@ impl Device for CudaDevice {
     }
 
     fn create_event(&self, flags: EventFlags) -> Result<Event> {
-        let f = if flags.blocking_sync {
-            sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC
-        } else if flags.timing {
-            sys::CUevent_flags::CU_EVENT_DEFAULT
-        } else {
-            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
-        };
+        let f = ev_flags(flags);
         // The CUDA events are made on first record, each in the context of the stream it
         // is recorded on (the primary one, or an SM partition's).
         Ok(Event {
@@ -1160,12 +1200,19 @@ impl Device for CudaDevice {
             what: "elapsed time",
             reason: "both events must have been recorded".into(),
         };
-        // The last recorded CUDA event of each, once complete.
+        // The last recorded CUDA event of each, once complete, and its context.
         let synced = |set: &CudaEventSet| {
-            set.with_last(|e| sync_event(e).map(|()| e.ev))?
+            set.with_last(|e| sync_event(e).map(|()| (e.ev, e.ctx)))?
                 .ok_or_else(never)
         };
-        let (ea, eb) = (synced(a)?, synced(b)?);
+        let ((ea, ca), (eb, cb)) = (synced(a)?, synced(b)?);
+        if ca != cb {
+            // The driver times only events of one context.
+            return Err(DeviceError::Unsupported {
+                what: "elapsed time",
+                reason: "the two events were last recorded on streams of different contexts (an SM partition's and another's); record both on the same stream".into(),
+            });
+        }
         self.bind()?;
         // SAFETY: both events are alive (held by the Event handles borrowed here) and
         // complete.
@@ -1639,7 +1686,8 @@ impl CudaDevice {
                             Some(result::malloc_async(s, size as usize).call("cuMemAllocAsync")?);
                     }
                 }
-                out.push(t.elapsed() / chunk.len() as u32);
+                // A chunk is never empty; its length may not fit a u32.
+                out.push(t.elapsed().div_f64(chunk.len() as f64));
             }
             Ok(())
         };

@@ -37,6 +37,17 @@ pub enum DeviceError {
     /// libcuda could not be loaded.
     #[error("the CUDA driver library (libcuda) was not found; install the NVIDIA driver, or set GPUSHARE_DEVICE=sim to use the simulated device")]
     DriverMissing,
+    /// The driver library loaded but cannot be used: a stub library, a driver older than
+    /// the CUDA version this was built for, no access to the device nodes, and the like
+    /// (`cuInit` or `cuDeviceGetCount` failed).
+    #[error("the CUDA driver cannot be used ({call} failed: {source}); check `nvidia-smi` and that the driver supports CUDA 12.8 or later, or set GPUSHARE_DEVICE=sim to use the simulated device")]
+    DriverUnusable {
+        /// The driver call that failed.
+        call: &'static str,
+        /// The driver's error.
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
     /// The driver loaded but reports no GPU.
     #[error("the CUDA driver reports no GPU; check `nvidia-smi`, or set GPUSHARE_DEVICE=sim to use the simulated device")]
     NoDevice,

@@ -234,9 +234,8 @@ pub struct EventFlags {
     pub timing: bool,
     /// A host thread that waits for the event ([`Device::synchronize_event`]) sleeps until
     /// it completes, instead of spinning on a core. The wake-up costs some microseconds;
-    /// use it for long waits, such as for a large copy. On CUDA such an event also records
-    /// timestamps: cudarc takes the driver's event flags as an enum, one flag at a time.
-    /// Recording a timed event costs a little more than an untimed one.
+    /// use it for long waits, such as for a large copy. It records timestamps only if
+    /// `timing` is set too.
     pub blocking_sync: bool,
 }
 

@@ -39,7 +39,8 @@ pub fn open_cuda() -> Result<Arc<dyn Device>> {
 }
 
 /// Open a device as `choice` says. `Auto` falls back to a default [`SimDevice`] when no
-/// driver or GPU is found, and logs the choice once per process.
+/// driver or GPU is found, or the driver cannot be used, and logs the choice once per
+/// process.
 pub fn open(choice: BackendChoice) -> Result<Arc<dyn Device>> {
     match choice {
         BackendChoice::Cuda => open_cuda(),
@@ -51,7 +52,11 @@ pub fn open(choice: BackendChoice) -> Result<Arc<dyn Device>> {
                 );
                 Ok(Arc::new(d))
             }
-            Err(e @ (DeviceError::DriverMissing | DeviceError::NoDevice)) => {
+            Err(
+                e @ (DeviceError::DriverMissing
+                | DeviceError::DriverUnusable { .. }
+                | DeviceError::NoDevice),
+            ) => {
                 log_once(
                     || tracing::warn!(reason = %e, "gpushare: no usable GPU, falling back to the simulated device"),
                 );

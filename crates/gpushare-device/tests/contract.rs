@@ -661,7 +661,10 @@ fn cuda_open_never_panics() {
         Ok(d) => assert!(d.info().sm_count > 0),
         Err(e) => assert!(matches!(
             e,
-            DeviceError::DriverMissing | DeviceError::NoDevice | DeviceError::Driver { .. }
+            DeviceError::DriverMissing
+                | DeviceError::DriverUnusable { .. }
+                | DeviceError::NoDevice
+                | DeviceError::Driver { .. }
         )),
     }
     if let Err(e) = CudaDevice::new(10_000) {
