@@ -2110,6 +2110,33 @@ fn memory_a_handler_frees_behind_queued_work_serves_the_retry() {
 }
 
 #[test]
+fn a_context_named_as_a_declared_partition_is_told_why_it_cannot_have_its_own_share() {
+    let sim = Arc::new(SimDevice::with_config(SimConfig::default()).unwrap());
+    let rt = Runtime::builder()
+        .with_device(sim)
+        .partition(
+            "serving",
+            gpushare::qos::PartitionLimits::default().compute(0.5),
+        )
+        .build()
+        .unwrap();
+    let err = rt
+        .create_context(ContextSpec::new("serving", MIB).compute(0.3))
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            RuntimeError::Qos(gpushare::qos::QosError::PrivatePartitionNameTaken(n)) if n == "serving"
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("ContextSpec::partition"), "{err}");
+    // Nothing of it is left: the name is free, and the declared partition takes it.
+    rt.create_context(ContextSpec::new("serving", MIB).partition("serving"))
+        .unwrap();
+}
+
+#[test]
 fn admission_and_partitions_promise_only_what_the_pool_can_map() {
     // 65 MiB usable on a device of 2 MiB granules: the pool maps 64 MiB.
     let sim =

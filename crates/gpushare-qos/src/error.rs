@@ -54,6 +54,10 @@ pub enum QosError {
     /// A partition name used twice.
     #[error("a partition named {0:?} already exists; choose another name")]
     DuplicatePartition(String),
+    /// A context asks for a compute share of its own, whose partition is named after it,
+    /// and a partition of that name exists already.
+    #[error("context {0:?} asks for a compute share of its own, in a partition named after it, but a partition of that name exists already; give the context another name, or place it in that partition (ContextSpec::partition)")]
+    PrivatePartitionNameTaken(String),
     /// A partition that does not exist.
     #[error("no partition is named {0:?}; create it first")]
     UnknownPartition(String),

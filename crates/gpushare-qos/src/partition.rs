@@ -272,7 +272,10 @@ impl PartitionManager {
         name: &str,
         limits: PartitionLimits,
     ) -> Result<(), QosError> {
-        self.create_partition(name, limits)?;
+        self.create_partition(name, limits).map_err(|e| match e {
+            QosError::DuplicatePartition(n) => QosError::PrivatePartitionNameTaken(n),
+            e => e,
+        })?;
         if let Some(p) = self.partitions.last_mut() {
             p.private = true;
         }

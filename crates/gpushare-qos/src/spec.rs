@@ -86,7 +86,10 @@ impl ContextSpec {
         self.compute_share = Some(share);
         self
     }
-    /// Ask for a fraction of memory bandwidth.
+    /// Declare a fraction of memory bandwidth. Admission refuses shares that add up to more
+    /// than the whole, but nothing throttles a context to its share: the GPU offers no
+    /// control of bandwidth per stream or per SM partition. Use it to keep the declared
+    /// shares within what the workloads were measured to need.
     pub fn bandwidth(mut self, share: f64) -> Self {
         self.bandwidth_share = Some(share);
         self
