@@ -483,6 +483,24 @@ impl Drop for LiveUse<'_> {
     }
 }
 
+/// A request that is placing a pinned block, counted as a pending release while it lives
+/// (see [`Context::create_buffer_with`]); its end moves the release generation, and wakes
+/// the first in line.
+struct Placing<'a>(&'a gpushare_qos::SessionGate);
+
+impl<'a> Placing<'a> {
+    fn start(gate: &'a gpushare_qos::SessionGate) -> Self {
+        gate.pending_added();
+        Placing(gate)
+    }
+}
+
+impl Drop for Placing<'_> {
+    fn drop(&mut self) {
+        self.0.pending_done();
+    }
+}
+
 /// The work queued so far on a stream, as a pool's [`gpushare_pool::FreeEvent`]: a freed
 /// buffer's memory, or a borrowed one's, waits for it.
 pub(crate) struct StreamTail {
@@ -798,7 +816,12 @@ impl Context {
         // failing, and is woken when it ends. Not before it is placed: while the request
         // runs short, its pressure handlers may open sessions, which must not wait for
         // the very request that called them.
+        //
+        // From just before the block is placed (pinned) until it counts as a live use, it
+        // counts as a pending release: a session short of memory in between would see
+        // neither, and fail for good where it should wait for this pin to go.
         let (id, _, _live) = self.with_relief(size, || {
+            let _placing = Placing::start(&c.rt.waits);
             let (id, pinned) =
                 c.rt.pool
                     .alloc_evictable(c.owner, size, 0, c.stream_id)

@@ -94,6 +94,14 @@ pub enum RuntimeError {
         /// Bytes free in the runtime then.
         available: u64,
     },
+    /// Too many sessions wait for memory already: the line holds about a million.
+    #[error("{waiting} sessions wait for memory already, as many as the line holds; {context:?} cannot join it: bound the requests in flight (with a semaphore, say), or retry later")]
+    LineFull {
+        /// The context.
+        context: String,
+        /// Sessions waiting.
+        waiting: u64,
+    },
     /// A context's persistent buffers can never all be resident.
     #[error("the buffers of {context:?} take {bytes} B but the runtime holds only {capacity} B; free some or raise the memory fraction")]
     WorkingSetTooLarge {

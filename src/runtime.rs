@@ -453,8 +453,9 @@ impl RtInner {
         Some(Pressure::Allow)
     }
 
-    /// Join the session queue, in the group of context `group` (see [`CtxInner::group`]).
-    pub fn enqueue(&self, tier: Tier, group: u64, waker: &Waker) -> u64 {
+    /// Join the session queue, in the group of context `group` (see [`CtxInner::group`]);
+    /// `None` if the line is full.
+    pub fn enqueue(&self, tier: Tier, group: u64, waker: &Waker) -> Option<u64> {
         self.waits.enqueue(tier.rank(), group, waker)
     }
 

@@ -264,7 +264,8 @@ async fn infer(State(app): State<Arc<App>>, Path(name): Path<String>, body: Byte
                 RuntimeError::SessionTimedOut { .. }
                 | RuntimeError::OutOfMemory { .. }
                 | RuntimeError::ReservedElsewhere { .. }
-                | RuntimeError::PressureDenied { .. } => {
+                | RuntimeError::PressureDenied { .. }
+                | RuntimeError::LineFull { .. } => {
                     let mut r = error(StatusCode::SERVICE_UNAVAILABLE, e);
                     r.headers_mut()
                         .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));

@@ -399,7 +399,12 @@ impl<'a> Future for SessionFuture<'a> {
                 Poll::Pending
             }
             (Step::Wait(since), _) => {
-                let id = rt.enqueue(ctx.inner.tier, ctx.inner.group(), cx.waker());
+                let Some(id) = rt.enqueue(ctx.inner.tier, ctx.inner.group(), cx.waker()) else {
+                    return this.finish(Err(RuntimeError::LineFull {
+                        context: ctx.inner.name.clone(),
+                        waiting: gpushare_qos::SessionGate::MAX_WAITING,
+                    }));
+                };
                 this.state = State::Waiting(id, since);
                 // Memory may have been freed between the attempt and joining the line:
                 // the next poll tries again if so (or if it made no try).

@@ -26,8 +26,9 @@ use crate::queue::WaitQueue;
 use crate::sync::AtomicU64;
 
 /// The fields of [`SessionGate::state`], low to high: waiters (20 bits: a million sessions
-/// waiting at once), live sessions (20 bits: a million sessions at once), and the release
-/// generation (24 bits). Debug builds check both counts. The
+/// waiting at once; [`SessionGate::enqueue`] refuses more), live sessions (20 bits: a
+/// million sessions at once; debug builds check it), and the release generation (24
+/// bits). The
 /// generation only tells an attempt whether anything was released while it ran; it would
 /// take 2^24 releases during one attempt for a wrap to hide one.
 const WAITERS: u64 = (1 << 20) - 1;
@@ -198,14 +199,32 @@ impl SessionGate {
         }
     }
 
+    /// The most sessions that may wait at once (see [`SessionGate::enqueue`]).
+    pub const MAX_WAITING: u64 = WAITERS;
+
     /// Join the line with the tier rank `rank`, in `group` (the waiter's context: see
-    /// [`SessionGate::served`]); returns the ticket.
-    pub fn enqueue(&self, rank: u32, group: u64, waker: &Waker) -> u64 {
+    /// [`SessionGate::served`]); returns the ticket, or `None` when
+    /// [`SessionGate::MAX_WAITING`] sessions wait already (the count would carry into the
+    /// live sessions' field, and a release would see nobody waiting).
+    pub fn enqueue(&self, rank: u32, group: u64, waker: &Waker) -> Option<u64> {
         let id = self.queue.enqueue_in(rank, group, waker);
         // After the waker is in the queue: a release that reads this sees it there.
-        let before = self.state.fetch_add(1, Ordering::AcqRel);
-        debug_assert!(before & WAITERS != WAITERS, "too many waiting sessions");
-        id
+        let mut now = self.state.load(Ordering::Acquire);
+        loop {
+            if now & WAITERS == WAITERS {
+                self.queue.remove(id);
+                return None;
+            }
+            match self.state.compare_exchange_weak(
+                now,
+                now + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(id),
+                Err(seen) => now = seen,
+            }
+        }
     }
 
     /// Register `waker` for ticket `id`, and say whether it is first in line.
@@ -305,7 +324,7 @@ mod tests {
         // Short of memory, nobody live, a free pending: wait for it.
         assert_eq!(gate.attempt(|| Err::<(), ()>(()), |_| true), Attempt::Wait);
         let (count, waker) = counter();
-        let id = gate.enqueue(1, 0, &waker);
+        let id = gate.enqueue(1, 0, &waker).unwrap();
         gate.pending_cancelled();
         assert_eq!(woken(&count), 1, "the waiter sleeps on");
         // Looking again, it finds nothing that will release memory, and fails.
@@ -317,9 +336,28 @@ mod tests {
     }
 
     #[test]
+    fn a_full_line_refuses_a_waiter_and_still_wakes_its_head() {
+        let gate = SessionGate::new(Duration::from_secs(1));
+        let (count, waker) = counter();
+        let head = gate.enqueue(0, 0, &waker).unwrap();
+        for _ in 1..SessionGate::MAX_WAITING {
+            gate.enqueue(1, 0, Waker::noop()).unwrap();
+        }
+        assert_eq!(gate.waiting() as u64, SessionGate::MAX_WAITING);
+        // One more would carry into the live count, and hide the waiters from releases.
+        assert_eq!(gate.enqueue(1, 0, Waker::noop()), None);
+        assert_eq!(gate.waiting() as u64, SessionGate::MAX_WAITING);
+        assert_eq!(gate.live(), 0);
+        gate.released();
+        assert_eq!(woken(&count), 1, "a release did not wake the first in line");
+        gate.remove(head);
+        assert!(gate.enqueue(1, 0, Waker::noop()).is_some());
+    }
+
+    #[test]
     fn a_ticket_removed_twice_leaves_once() {
         let gate = SessionGate::new(Duration::from_secs(1));
-        let id = gate.enqueue(1, 0, Waker::noop());
+        let id = gate.enqueue(1, 0, Waker::noop()).unwrap();
         gate.remove(id);
         gate.remove(id);
         gate.served(id, 0);

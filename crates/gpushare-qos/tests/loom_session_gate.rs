@@ -46,7 +46,7 @@ impl Future for Session {
             None => match self.attempt() {
                 Attempt::Done(r) => Poll::Ready(r),
                 Attempt::Wait => {
-                    self.id = Some(self.gate.enqueue(1, 0, cx.waker()));
+                    self.id = Some(self.gate.enqueue(1, 0, cx.waker()).unwrap());
                     // Memory may have come between the attempt and joining the line.
                     cx.waker().wake_by_ref();
                     Poll::Pending
@@ -178,7 +178,7 @@ impl Future for AwaySession {
         let this = &mut *self;
         let id = *this
             .id
-            .get_or_insert_with(|| this.gate.enqueue(1, 0, cx.waker()));
+            .get_or_insert_with(|| this.gate.enqueue(1, 0, cx.waker()).unwrap());
         if let Some(running) = &this.running {
             running.done.register_by_ref(cx.waker());
             let Some((outcome, since)) = running.out.lock().unwrap().take() else {
