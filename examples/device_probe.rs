@@ -1,8 +1,8 @@
 //! Prints the device's facts and measures the device layer's basic costs on whichever
 //! backend `GPUSHARE_DEVICE` selects (default: CUDA if present, else the simulated device):
 //! chunk create/map/unmap/release, event record, record+wait and record+synchronize, event
-//! query, and pinned copy bandwidth in both directions. The H100 column repeats
-//! `BASELINES.md`, measured with raw CUDA on an H100.
+//! query, and pinned copy bandwidth in both directions. The H100 column repeats the
+//! reference figures of `docs/BENCHMARKS.md`, measured with raw CUDA on an H100.
 //!
 //! ```text
 //! cargo run --release --example device_probe -- [--iters N] [--copy-mib N]

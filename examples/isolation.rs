@@ -1,4 +1,5 @@
-//! The victim/neighbour experiment of `BASELINES.md`, through gpushare's own API.
+//! The victim/neighbour experiment of the reference figures (`docs/BENCHMARKS.md`,
+//! "Reference figures"), through gpushare's own API.
 //!
 //! A Guaranteed context ("victim", a small compute share) runs short kernels of about
 //! 50 µs on 16 blocks, and its latency is measured with events:

@@ -83,7 +83,7 @@ cat > "$out/run.sh" <<'RUN'
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # Everything is written under $OUT/results and packed into $OUT/results.tar.gz at the end (or
-# results-2.tar.gz, ... if that exists; the device tool brings back only a few files).
+# results-2.tar.gz, ... if that exists; a remote runner may bring back only a few files).
 FINAL=${OUT:-$PWD/gpu-out}
 OUT=$FINAL/results
 ONLY=${ONLY:-}
@@ -162,5 +162,5 @@ chmod +x "$out/run.sh"
 du -sh "$out" >&2
 size=$(du -sm "$out" | cut -f1)
 if [ "$size" -ge 64 ]; then
-  echo "warning: .gpu is ${size} MiB; the device tool carries at most 64 MiB" >&2
+  echo "warning: .gpu is ${size} MiB; remote runners may carry at most 64 MiB" >&2
 fi

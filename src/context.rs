@@ -912,8 +912,8 @@ impl Context {
 
     /// Wait (blocking the thread) until the context's buffers are resident, and open a
     /// session on it. Inside a memory-pressure handler it does not wait in line (see
-    /// [`crate::PressureHandler`]), nor do [`Context::session_timeout`] and
-    /// [`Context::session_async`].
+    /// [`crate::PressureHandler`]); nor, inside a handler, do [`Context::session_timeout`]
+    /// and [`Context::session_async`].
     pub fn session(&self) -> Result<Session<'_>> {
         match self.session_at_once() {
             Some(r) => r,

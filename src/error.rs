@@ -136,7 +136,7 @@ pub enum RuntimeError {
         owner: &'static str,
     },
     /// A range outside a buffer.
-    #[error("bytes {offset}..{end} lie outside the buffer of {len} B")]
+    #[error("bytes {offset}..{end} lie outside the buffer of {len} B; keep offset + length within the buffer's size")]
     OutOfRange {
         /// Start.
         offset: u64,

@@ -34,11 +34,12 @@ pub enum Pressure {
     /// It freed what it could (perhaps nothing: see [`PressureInfo::available`]); the
     /// round goes on to the next handler, and the request is tried again after the last.
     Allow,
-    /// Refuse the request: the round ends here and no later handler is asked. A buffer
-    /// or scratch request fails (out of memory, with
-    /// [`crate::RuntimeError::PressureDenied`]); a session's try goes on as it would
-    /// without handlers: it waits for memory that live sessions or queued frees release,
-    /// and fails with [`crate::RuntimeError::OutOfMemory`] if there are none.
+    /// Refuse the request: the round ends here and no later handler is asked. A buffer,
+    /// scratch, or restore for [`crate::Session::range`] or [`crate::Session::borrow`]
+    /// fails (out of memory, with [`crate::RuntimeError::PressureDenied`]); a session's try
+    /// goes on as it would without handlers: it tries again if memory was released
+    /// meanwhile, else waits for memory that live sessions or queued frees release, and
+    /// fails with [`crate::RuntimeError::OutOfMemory`] if there are none.
     Deny,
 }
 
@@ -62,17 +63,18 @@ pub struct PressureInfo<'a> {
 /// returns whether the request may go on (see [`Pressure`]).
 ///
 /// Handlers are the last step of the reclaim order. When a request (a buffer, scratch, a
-/// session's working set) does not fit, the pool first takes free cached memory, then
+/// session's working set, a restore for `Session::range` or `Session::borrow`) does not
+/// fit, the pool first takes free cached memory, then
 /// evicts unpinned buffers: BestEffort ones, then Burstable ones above their base, least
 /// recently used first; Guaranteed buffers are never evicted. Only if that is not enough
 /// does a round of handlers run, on the requesting thread: the contexts' handlers from
 /// BestEffort to Guaranteed (each context's in registration order), then the runtime's.
 /// Each is told what the others before it left available. The first [`Pressure::Deny`],
 /// or a handler's panic (logged), ends the round and refuses the request. When every
-/// handler allows, the request is tried again: a buffer or scratch once, waiting first for
-/// memory freed behind work still queued on a stream; a session's try as any try, which
-/// waits in line (for such memory too) if it still does not fit. A session's try asks the
-/// handlers once.
+/// handler allows, the request is tried again: a buffer, scratch or restore once, waiting
+/// first for memory freed behind work still queued on a stream; a session's try as any
+/// try, which waits in line (for such memory too) if it still does not fit. A session's
+/// try asks the handlers once.
 ///
 /// A handler runs inside the request that ran short, perhaps that of the session first in
 /// line. So what it does on its own thread meets no handlers of its own: a buffer it
@@ -805,7 +807,7 @@ impl std::fmt::Display for Snapshot {
             mib(self.total_bytes),
             mib(self.available_bytes)
         )?;
-        writeln!(f, "| context | tier | max MiB | reserved MiB | used MiB | peak MiB | resident MiB | evicted MiB | sessions | evictions | restores |")?;
+        writeln!(f, "| context | tier | max MiB | reserved MiB | used MiB | peak MiB | resident MiB | evicted MiB | live uses | evictions | restores |")?;
         writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|")?;
         for c in &self.contexts {
             writeln!(

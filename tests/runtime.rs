@@ -2957,6 +2957,39 @@ fn restores_for_a_borrow_and_a_range_ask_the_pressure_handlers() {
 }
 
 #[test]
+fn a_session_tries_again_after_a_denying_handler_released_what_it_needs() {
+    let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
+    let be = |name| {
+        rt.create_context(ContextSpec::new(name, 64 * MIB).tier(Tier::BestEffort))
+            .unwrap()
+    };
+    let (h, l1, l2) = (be("h"), be("l1"), be("l2"));
+    let data = pattern(4096, 33);
+    let mine = h.create_buffer(32 * MIB).unwrap();
+    h.session().unwrap().write(&mine, 0, &data).unwrap();
+    // l1's scratch pushes h's buffer out; a session of l2 stays live throughout.
+    let hog = Arc::new(std::sync::Mutex::new(Some(scratch_hog(&l1, 48 * MIB))));
+    assert!(!mine.is_resident());
+    let _live = l2.session().unwrap();
+    // The handler ends l1's session, freeing what h needs, and denies all the same.
+    let _handler = rt.on_memory_pressure(move |_| {
+        if let Some((ask, ended)) = hog.lock().unwrap().take() {
+            ask.send(()).unwrap();
+            ended.recv().unwrap();
+        }
+        Pressure::Deny
+    });
+    // The try sees that release (it was not there when the try began), and gets in; it
+    // does not wait for l2's session, which would never end here.
+    let mut s = h
+        .session_timeout(Duration::from_secs(20))
+        .expect("the memory the handler released");
+    let mut back = vec![0; data.len()];
+    s.read(&mine, 0, &mut back).unwrap();
+    assert_eq!(back, data);
+}
+
+#[test]
 fn a_denial_keeps_the_report_of_who_holds_what() {
     let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
     let hog = rt

@@ -1,5 +1,5 @@
-//! The victim/neighbour experiment of `BASELINES.md`, shared by the `isolation` and
-//! `gpu_report` examples.
+//! The victim/neighbour experiment of the reference figures (`docs/BENCHMARKS.md`),
+//! shared by the `isolation` and `gpu_report` examples.
 
 use gpushare::device::{Device, EventFlags, SpinLoad, Stream};
 use gpushare::qos::{

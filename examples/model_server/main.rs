@@ -7,9 +7,10 @@
 //! - `GET /metrics`: Prometheus text (memory per context, queue depth, evictions, latency
 //!   histograms).
 //!
-//! Unknown models get 404, malformed bodies 400, and requests that get no session within
-//! `app::SESSION_WAIT` (or otherwise cannot get memory now) 503 with the reason and
-//! `Retry-After`. Ctrl-C shuts it down gracefully.
+//! Unknown models get 404, malformed bodies 400, an input whose output is not a finite
+//! number 422, requests that get no session within `app::SESSION_WAIT` (or otherwise
+//! cannot get memory now) 503 with the reason and `Retry-After`, and failures that waiting
+//! cannot cure 500. Ctrl-C shuts it down gracefully.
 //!
 //! ```text
 //! cargo run --release --example model_server -- [--addr 127.0.0.1:8080] [--mib 512]

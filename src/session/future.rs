@@ -137,10 +137,11 @@ impl<'a> SessionFuture<'a> {
     /// it, and at the head of the line it would hold up those behind it for as long as
     /// some session is live.
     ///
-    /// `since` is set to the release generation when the try begins, and again once the
-    /// handlers it asked have returned: what they released is seen by the try that
-    /// follows (or, on a denial, by the gate's next look), and must not count as a release
-    /// that the session waits for (see [`State::Waiting`]).
+    /// `since` is set to the release generation when the try begins. If anything was
+    /// released by the time the handlers it asked have returned (by them or by anyone), or
+    /// they allowed, it tries once more and `since` moves to the generation read before
+    /// that try: what it saw must not count as a release that the session waits for (see
+    /// [`State::Waiting`]), and what it did not see must.
     fn attempt(
         ctx: &Context,
         dropped: Option<&std::sync::atomic::AtomicBool>,
@@ -154,10 +155,12 @@ impl<'a> SessionFuture<'a> {
             Err(e) if e.is_oom() && *ask && !dropped.is_some_and(|d| d.load(Ordering::Acquire)) => {
                 *ask = false;
                 let answer = c.rt.relieve(ctx, evicted_bytes(c));
-                since.set(c.rt.waits.generation());
-                match answer {
-                    Some(Pressure::Allow) => pin_all(c, false, dropped),
-                    _ => Err(e),
+                let now = c.rt.waits.generation();
+                if answer == Some(Pressure::Allow) || now != since.get() {
+                    since.set(now);
+                    pin_all(c, false, dropped)
+                } else {
+                    Err(e)
                 }
             }
             r => r,

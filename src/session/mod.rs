@@ -200,8 +200,8 @@ impl FreeEvent for Done {
 ///
 /// It borrows the [`Context`] handle it was opened on, as a lock's guard borrows its lock:
 /// opening and ending one counts no reference to the context (two atomic
-/// read-modify-writes fewer per session, each about 11 ns on an H100's host). A server
-/// task owns its `Context` clone and opens sessions on it.
+/// read-modify-writes, each about 11 ns on an H100's host, that a session does not
+/// make). A server task owns its `Context` clone and opens sessions on it.
 pub struct Session<'a> {
     ctx: CtxRef<'a>,
     /// The buffers this session pinned when it started...

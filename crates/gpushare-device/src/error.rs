@@ -132,7 +132,7 @@ pub enum DeviceError {
         free: u64,
     },
     /// A stream priority outside the device's range.
-    #[error("stream priority {priority} is outside the device's range {greatest}..={least} (lower is higher priority)")]
+    #[error("stream priority {priority} is outside the device's range {greatest}..={least} (lower is higher priority); pick one from Device::priority_range")]
     InvalidPriority {
         /// Priority given.
         priority: i32,
@@ -142,7 +142,7 @@ pub enum DeviceError {
         least: i32,
     },
     /// An SM split that the device cannot satisfy.
-    #[error("cannot split {requested} SMs into the groups asked for: the device has {available} SMs (and rounds groups to multiples of {granularity})")]
+    #[error("cannot split {requested} SMs into the groups asked for: the device has {available} SMs (and rounds groups to multiples of {granularity}); ask for fewer or smaller groups")]
     InvalidSmSplit {
         /// SMs requested in total (after rounding).
         requested: u32,
@@ -172,7 +172,7 @@ pub enum DeviceError {
     #[error("stream is unusable: {0}; create a new stream")]
     StreamBroken(String),
     /// The CUDA driver returned an error.
-    #[error("CUDA driver call {call} failed: {source}")]
+    #[error("CUDA driver call {call} failed: {source}; check `nvidia-smi` and the driver's log (dmesg), or set GPUSHARE_DEVICE=sim to use the simulated device")]
     Driver {
         /// The driver call.
         call: &'static str,

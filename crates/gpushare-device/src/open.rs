@@ -8,7 +8,8 @@ use std::sync::Arc;
 /// Which backend to open: the value of `GPUSHARE_DEVICE`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BackendChoice {
-    /// CUDA when a driver and a GPU are found, otherwise the simulated device.
+    /// CUDA when a usable driver and a GPU are found, otherwise the simulated device
+    /// (missing driver, [`crate::DeviceError::DriverUnusable`], or no GPU).
     #[default]
     Auto,
     /// CUDA, or an error saying why not.

@@ -12,20 +12,19 @@ mod peers;
 
 use peers::*;
 
+mod args;
+
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let which = args.next().unwrap_or_else(|| "pool".into());
-    let live: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
-    let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
-    if !["pool", "offset", "wide"].contains(&which.as_str()) || live == 0 {
-        eprintln!("usage: churn_loop [pool|offset|wide] [live blocks, at least 1] [runs]");
-        std::process::exit(2);
-    }
+    let mut args = args::Args::new("churn_loop [pool|offset|wide] [live blocks] [runs]");
+    let which = args.choice("the allocator", &["pool", "offset", "wide"]);
+    let live: usize = args.number("live blocks", 100_000, 1, 10_000_000);
+    let runs: usize = args.number("runs", 3, 1, 1000);
+    args.done();
     // The trace of `pool_bench` at this number of live blocks.
     let trace = Churn::new(live, 200_000, 42 + live as u64);
     println!("{live} live blocks, 200000 free+alloc pairs");
     for _ in 0..runs {
-        let (ns, footprint) = match which.as_str() {
+        let (ns, footprint) = match which {
             "pool" => trace.run(&mut Gpushare::new(), 1000),
             "offset" => trace.run(&mut OffsetAlloc::new(), 1000),
             _ => trace.run(&mut Wide(OffsetAlloc::new()), 1000),

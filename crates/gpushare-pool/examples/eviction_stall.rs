@@ -8,7 +8,7 @@
 //! takes the pool's central lock. The two evictors, run side by side on the same pool set-up:
 //!
 //! - `under the lock`: the copy runs inside `Evictor::evict` and returns
-//!   `Eviction::done()`, as every eviction did before evictions had two halves;
+//!   `Eviction::done()`, as an evictor whose move cannot run apart from the request does;
 //! - `two halves`: `evict` only starts the move and returns `Eviction::in_flight`, whose
 //!   finish does the copy; the pool runs it with its lock free;
 //! - `no pool (control)`: the same copies, both ways, run outside the pool, which evicts

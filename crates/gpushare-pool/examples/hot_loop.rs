@@ -7,13 +7,14 @@
 //! `local` goes through a [`gpushare_pool::LocalCache`] instead of the pool's shared path.
 use gpushare_pool::{HostSource, OwnerSpec, Pool, PoolConfig, StreamId};
 
+mod args;
+
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let pairs: u64 = args
-        .next()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(10_000_000);
-    let size: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(4096);
+    let mut args = args::Args::new("hot_loop [pairs] [size in bytes, up to 1 GiB] [shared|local]");
+    let pairs: u64 = args.number("pairs", 10_000_000, 1, u64::MAX);
+    let size: u64 = args.number("size", 4096, 1, 1 << 30);
+    let local = args.choice("the path", &["shared", "local"]) == "local";
+    args.done();
     let pool = match Pool::new(HostSource::new(2 << 20, 1 << 40), PoolConfig::default()) {
         Ok(p) => p,
         Err(e) => {
@@ -22,7 +23,6 @@ fn main() {
         }
     };
     let o = pool.add_owner(OwnerSpec::new("o", 1 << 40)).expect("owner");
-    let local = args.next().is_some_and(|a| a == "local");
     let t = std::time::Instant::now();
     if local {
         let mut cache = pool.local_cache(o, 64 << 20).expect("cache");

@@ -74,6 +74,16 @@ fn main() {
         }
         None => None,
     };
+    // Anything else is a mistyped flag, not to be ignored.
+    let mut rest = args.iter().filter(|a| *a != "--quick");
+    while let Some(a) = rest.next() {
+        if a == "--only" {
+            rest.next();
+        } else {
+            eprintln!("unknown argument {a:?}\nusage: pool_bench [--quick] [--only hot|churn|replay|threads]");
+            std::process::exit(2);
+        }
+    }
     let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let (batches, per) = if quick { (50, 1000) } else { (300, 1000) };
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());

@@ -12,18 +12,17 @@ mod peers;
 
 use peers::*;
 
+mod args;
+
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let which = args.next().unwrap_or_else(|| "pool".into());
-    let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
-    if !["pool", "offset", "wide"].contains(&which.as_str()) {
-        eprintln!("usage: replay_loop [pool|offset|wide] [runs]");
-        std::process::exit(2);
-    }
+    let mut args = args::Args::new("replay_loop [pool|offset|wide] [runs]");
+    let which = args.choice("the allocator", &["pool", "offset", "wide"]);
+    let runs: usize = args.number("runs", 3, 1, 1000);
+    args.done();
     let (trace, ids) = serving_trace(2000, 48, 7);
     println!("{} events, seed 7", trace.len());
     for _ in 0..runs {
-        let (ns, footprint) = match which.as_str() {
+        let (ns, footprint) = match which {
             "pool" => replay(&mut Gpushare::new(), &trace, ids),
             "offset" => replay(&mut OffsetAlloc::new(), &trace, ids),
             _ => replay(&mut Wide(OffsetAlloc::new()), &trace, ids),

@@ -64,11 +64,12 @@ fn measure(runs: u64, pairs: u64) -> Result<f64, Box<dyn std::error::Error>> {
     Ok(batches[2])
 }
 
+mod args;
+
 fn main() {
-    let pairs: u64 = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(200_000);
+    let mut args = args::Args::new("runs_loop [pairs per batch]");
+    let pairs: u64 = args.number("pairs per batch", 200_000, 1, u64::MAX);
+    args.done();
     println!("| runs | ns per central pair (median of 5 batches of {pairs}) |");
     println!("|---|---|");
     for runs in [1, 100, 1_000, 10_000] {

@@ -6,7 +6,7 @@ use crate::{OwnerId, StreamId};
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// The device has no memory left for the chunk.
-    #[error("the device is out of memory for a {requested}-byte chunk")]
+    #[error("the device is out of memory for a {requested}-byte chunk; free device memory held outside the pool, or give the pool a smaller capacity")]
     OutOfMemory {
         /// Chunk size.
         requested: u64,
@@ -143,7 +143,7 @@ pub enum PoolError {
         limit: u64,
     },
     /// The request would eat into memory reserved for other owners.
-    #[error("owner {owner} cannot burst by {requested} B: only {available} B are neither used nor reserved by other owners")]
+    #[error("owner {owner} cannot burst by {requested} B: only {available} B are neither used nor reserved by other owners; wait for other owners to free memory, or give this owner a larger base")]
     ReservedElsewhere {
         /// The owner.
         owner: OwnerId,
@@ -153,7 +153,7 @@ pub enum PoolError {
         available: u64,
     },
     /// Nothing could be reclaimed: the report says who holds what.
-    #[error("out of memory for {requested} B requested by {owner} on stream {stream}: {report}")]
+    #[error("out of memory for {requested} B requested by {owner} on stream {stream}: {report}; free blocks of the owners listed, or raise the pool's capacity")]
     OutOfMemory {
         /// Bytes requested (after rounding).
         requested: u64,

@@ -194,15 +194,12 @@ impl std::fmt::Display for OwnerId {
 ///
 /// The node and the pool's id share one 8-byte field, the last (`repr(C)` keeps it there),
 /// which is also the niche of `Option<Block>` and `Result<Block, _>`. How a block moves
-/// through memory follows from its layout: with the node and the pool's id in two 4-byte
-/// fields, rustc copied a block as two overlapping 16-byte moves of its other 28 bytes;
-/// with the niche first, as 8, 16 and 8 bytes. Either way a copy's loads straddled the
-/// stores of the copy before it, which the CPU cannot forward, and a block went through
-/// several such copies between the pool and the caller's table. With the niche last, the
-/// other 24 bytes move as 16 and 8, in step with 16-byte stores. On the development VM
-/// this took `replay_loop` from about 42 to 37 ns per event, and a local cache's hot pair
-/// about 3 ns lower (`docs/BENCHMARKS.md`, "The block's layout, and a plain vector of
-/// nodes").
+/// through memory follows from its layout: with the niche last, the other 24 bytes move as
+/// 16 and 8, in step with the 16-byte stores that built them, so the CPU forwards each
+/// copy's loads from the stores of the copy before. Other layouts (the node and the pool's
+/// id in two 4-byte fields, or the niche first) make copies whose loads straddle those
+/// stores, and cost the serving replay about 5 ns an event (`docs/BENCHMARKS.md`, "The
+/// block's layout, and a plain vector of nodes").
 #[derive(PartialEq, Eq)]
 #[must_use = "a block must be freed with Pool::free or Pool::free_after"]
 #[repr(C)]

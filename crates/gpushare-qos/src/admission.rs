@@ -116,7 +116,7 @@ pub enum Rejection {
         ratio: f64,
     },
     /// Shares would add up to more than the whole.
-    #[error("{name:?} asks for a {what} share of {requested}, but {taken} is already reserved")]
+    #[error("{name:?} asks for a {what} share of {requested}, but {taken} is already reserved; ask for at most the rest, or drop a context that holds a share")]
     Share {
         /// The context.
         name: String,

@@ -88,7 +88,7 @@ pub enum QosError {
         contexts: usize,
     },
     /// A context that does not fit its partition's memory limit.
-    #[error("context {context:?} reserves {reserve} B but partition {partition:?} has only {free} B of its limit left")]
+    #[error("context {context:?} reserves {reserve} B but partition {partition:?} has only {free} B of its limit left; lower the context's base, place it elsewhere, or raise the partition's memory limit")]
     PartitionFull {
         /// The context.
         context: String,
@@ -103,6 +103,8 @@ pub enum QosError {
     #[error("context {0:?} is already placed; remove it first")]
     AlreadyPlaced(String),
     /// A context that was never placed.
-    #[error("context {0:?} is not placed in any partition")]
+    #[error(
+        "context {0:?} is not placed in any partition; place it first (PartitionManager::place)"
+    )]
     NotPlaced(String),
 }
