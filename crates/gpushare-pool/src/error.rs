@@ -199,6 +199,9 @@ pub enum PoolError {
     /// Freeing an evictable block that is being restored for a pin: the pin will hold it.
     #[error("the evictable block is being restored for a pin; free it once that pin is dropped")]
     Restoring,
+    /// A block pinned as many times as a pin count holds (2^32 − 1).
+    #[error("the evictable block is pinned 4294967295 times, the most a pin count holds; unpin it before pinning it again")]
+    TooManyPins,
     /// Unpinning a block that is not pinned.
     #[error("the evictable block is not pinned")]
     NotPinned,

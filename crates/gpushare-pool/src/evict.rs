@@ -201,6 +201,16 @@ impl LastUse {
         Some(self.0.swap_remove(i).1)
     }
 
+    /// Put back uses taken out (by [`LastUse::take`]) for a move that did not happen:
+    /// each stream's entry stays the one recorded since, if any (it is the later).
+    pub fn put_back(&mut self, uses: Vec<(StreamId, Arc<dyn FreeEvent>)>) {
+        for (stream, event) in uses {
+            if !self.0.iter().any(|(s, _)| *s == stream) && !crate::pool::complete(&*event) {
+                self.0.push((stream, event));
+            }
+        }
+    }
+
     /// The uses not yet complete, leaving none recorded.
     pub fn take(&mut self) -> Vec<(StreamId, Arc<dyn FreeEvent>)> {
         let mut uses = std::mem::take(&mut self.0);
@@ -395,9 +405,14 @@ impl EvState {
     /// So a session that pins and unpins a working set does not unlink and relink every
     /// block twice, and each block leaves a list at most once per pin: still O(1),
     /// amortized. The unpinned blocks keep exact LRU order (that of their last unpin).
+    ///
+    /// Pins are counted in a `u32`: one more than that many is refused rather than wrapped
+    /// to zero, which would leave the block evictable while in use.
     #[inline]
-    pub fn pin(&mut self, idx: u32) {
-        self.entries[idx as usize].pins += 1;
+    pub fn pin(&mut self, idx: u32) -> Result<(), PoolError> {
+        let pins = &mut self.entries[idx as usize].pins;
+        *pins = pins.checked_add(1).ok_or(PoolError::TooManyPins)?;
+        Ok(())
     }
 
     /// Drop a pin; returns true when it was the last one.
@@ -496,5 +511,21 @@ impl EvState {
                 Residency::Evicted => None,
             })
             .collect()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pin_past_the_counts_limit_is_refused_and_leaves_the_block_pinned() {
+        let mut ev = EvState::default();
+        let owner = OwnerId::new(PoolId::new(1).unwrap(), 0, 0);
+        let idx = ev.insert(owner, Tier::BestEffort, 256, 0, 0, 0);
+        ev.entries[idx as usize].pins = u32::MAX - 1;
+        assert!(ev.pin(idx).is_ok());
+        assert!(matches!(ev.pin(idx), Err(PoolError::TooManyPins)));
+        assert_eq!(ev.entries[idx as usize].pins, u32::MAX, "it wrapped");
     }
 }

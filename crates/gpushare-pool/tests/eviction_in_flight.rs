@@ -771,3 +771,48 @@ fn a_panic_in_the_evictors_freed_hook_does_not_reach_the_request_that_ended_the_
     assert_eq!(p.stats().in_use_bytes, 0);
     p.remove_owner(be).unwrap();
 }
+
+#[test]
+fn a_pin_whose_room_went_to_another_pins_restore_takes_the_block_restored() {
+    let s = Setup::new(Outcome::Ok);
+    let p = s.pool.clone();
+    let owner = |name| {
+        p.add_owner(OwnerSpec::new(name, 8 * MIB).tier(Tier::BestEffort))
+            .unwrap()
+    };
+    let (a, b, c) = (owner("a"), owner("b"), owner("c"));
+    // a's block is out; b's fills the half that c's plain block leaves.
+    s.open_gate();
+    let (x, _) = p.alloc_evictable(a, 4 * MIB, 1, S1).unwrap();
+    p.unpin(&x).unwrap();
+    assert!(p.evict(a, &x).unwrap());
+    assert_eq!(s.started.recv().unwrap(), 1);
+    let (y, _) = p.alloc_evictable(b, 4 * MIB, 2, S1).unwrap();
+    p.unpin(&y).unwrap();
+    let kept = p.alloc(c, 4 * MIB, S1).unwrap();
+    // Close the gate again: the first pin's eviction of b's block waits there.
+    *s.open.0.lock().unwrap() = false;
+    let x = Arc::new(x);
+    let pin = |x: &Arc<EvictableId>| {
+        let (p, x) = (p.clone(), x.clone());
+        thread::spawn(move || p.pin(&*x, S1))
+    };
+    let first = pin(&x);
+    assert_eq!(s.started.recv().unwrap(), 2);
+    // The second finds the block still out, and waits for that eviction too.
+    let second = pin(&x);
+    waiting(&second);
+    s.open_gate();
+    // One pin restores the block into b's memory; the other finds no room left, and
+    // takes the block as the first restored it.
+    let (r1, r2) = (first.join().unwrap(), second.join().unwrap());
+    let (r1, r2) = (r1.expect("first pin"), r2.expect("second pin"));
+    assert_eq!(r1.addr, r2.addr);
+    assert!(r1.restored != r2.restored, "one restore, not two");
+    assert_eq!(p.pin_count(&*x).unwrap(), 2);
+    p.unpin(&*x).unwrap();
+    p.unpin(&*x).unwrap();
+    p.free(kept).unwrap();
+    p.free_evictable(Arc::into_inner(x).unwrap()).unwrap();
+    let _ = p.free_evictable(y);
+}

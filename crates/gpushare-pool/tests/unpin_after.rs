@@ -27,16 +27,30 @@ fn pool(capacity: u64) -> (Arc<Pool<HostSource>>, Arc<Recorder>) {
     (Arc::new(pool), rec)
 }
 
-#[test]
-fn an_eviction_waits_for_the_work_of_the_last_unpin() {
+/// A 4 MiB pool whose whole memory is a BestEffort owner's evictable block, unpinned
+/// after work on `S1` that completes with `event`; and a second owner to ask for it.
+fn one_block_after(
+    event: Arc<dyn gpushare_pool::FreeEvent>,
+) -> (
+    Arc<Pool<HostSource>>,
+    Arc<Recorder>,
+    gpushare_pool::OwnerId,
+    gpushare_pool::EvictableId,
+) {
     let (pool, rec) = pool(4 * MIB);
     let a = pool
         .add_owner(OwnerSpec::new("a", 4 * MIB).tier(Tier::BestEffort))
         .unwrap();
     let b = pool.add_owner(OwnerSpec::new("b", 4 * MIB)).unwrap();
     let (id, _) = pool.alloc_evictable(a, 4 * MIB, 7, S1).unwrap();
+    pool.unpin_after(&id, S1, event).unwrap();
+    (pool, rec, b, id)
+}
+
+#[test]
+fn an_eviction_waits_for_the_work_of_the_last_unpin() {
     let work = Flag::new();
-    pool.unpin_after(&id, S1, work.clone()).unwrap();
+    let (pool, rec, b, id) = one_block_after(work.clone());
 
     let (tx, rx) = mpsc::channel();
     let p = pool.clone();
@@ -154,4 +168,38 @@ fn memory_whose_work_is_done_reads_as_free_before_any_allocation() {
     let s = pool.stats();
     assert_eq!(s.pending_bytes, 0, "{s:?}");
     assert_eq!(s.free_bytes, s.mapped_bytes, "{s:?}");
+}
+
+/// Work whose wait returns before it is done, as a failed event synchronization does.
+struct Unwaitable(Arc<Flag>);
+
+impl gpushare_pool::FreeEvent for Unwaitable {
+    fn is_complete(&self) -> bool {
+        self.0.is_complete()
+    }
+    fn wait(&self) {}
+}
+
+#[test]
+fn an_eviction_whose_wait_for_the_last_work_fails_keeps_the_block_and_its_last_use() {
+    use gpushare_pool::FreeEvent;
+    let work = Flag::new();
+    let (pool, rec, b, id) = one_block_after(Arc::new(Unwaitable(work.clone())));
+    // The eviction's wait comes back with the work still queued: the bytes stay.
+    assert!(matches!(
+        pool.alloc(b, 4 * MIB, S2),
+        Err(PoolError::OutOfMemory { .. })
+    ));
+    assert!(
+        rec.evicted.lock().unwrap().is_empty(),
+        "moved out under work"
+    );
+    assert!(pool.is_resident(&id).unwrap());
+    // The last use is still the block's: freed, its memory waits for that work.
+    pool.free_evictable(id).unwrap();
+    assert_eq!(pool.stats().pending_bytes, 4 * MIB);
+    assert!(!work.is_complete());
+    work.set();
+    let block = pool.alloc(b, 4 * MIB, S2).unwrap();
+    pool.free(block).unwrap();
 }

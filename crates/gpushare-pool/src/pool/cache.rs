@@ -146,11 +146,25 @@ impl Shard {
     }
 
     /// Bytes of the cached blocks whose stream-ordered free's work has not completed. One
-    /// look at each cached block when some carry an event; none otherwise.
+    /// look at each cached block when some carry an event, none otherwise; each event is
+    /// asked once (on CUDA a query is a driver call, and the blocks one session freed share
+    /// its event).
     pub(super) fn unfinished_bytes(&self) -> u64 {
         if self.ordered.is_empty() {
             return 0;
         }
+        let mut asked: Vec<(*const (), bool)> = Vec::new();
+        let mut unfinished = |e: &Arc<dyn FreeEvent>| {
+            let key = Arc::as_ptr(e).cast::<()>();
+            match asked.iter().find(|(k, _)| *k == key) {
+                Some(&(_, done)) => !done,
+                None => {
+                    let done = complete(&**e);
+                    asked.push((key, done));
+                    !done
+                }
+            }
+        };
         self.bins
             .iter()
             .flatten()
@@ -158,7 +172,7 @@ impl Shard {
             .filter(|c| {
                 self.ordered
                     .get(c.ev as usize)
-                    .is_none_or(|(_, e)| !complete(&**e))
+                    .is_none_or(|(_, e)| unfinished(e))
             })
             .map(|c| c.size)
             .sum()

@@ -63,7 +63,7 @@ impl<S: ChunkSource> Pool<S> {
             match e.residency {
                 Residency::Resident { offset, .. } => {
                     let (owner, size, first) = (e.owner, e.size, e.pins == 0);
-                    c.ev.pin(idx);
+                    c.ev.pin(idx)?;
                     if first {
                         if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
                             a.evictable_pinned += size;
@@ -88,17 +88,22 @@ impl<S: ChunkSource> Pool<S> {
                     })?;
                     let (g, placed) = self.place(c, owner, size, UNIT, stream, true, false);
                     c = g;
-                    let placed = placed?;
                     // Placing may have let the lock go, and another pin of the block may
-                    // have restored it (or started to) meanwhile.
+                    // have restored it (or started to) meanwhile: then this pin takes it
+                    // as it is, whether or not this placing found room (the other pin's
+                    // restore may have taken the room it looked for).
                     let settled = c.ev.lookup(self.id, id).map(|i| (i, c.ev.get(i).residency));
-                    match settled {
-                        Ok((idx, Residency::Evicted)) => {
+                    match (settled, placed) {
+                        (Ok((idx, Residency::Evicted)), Ok(placed)) => {
                             return self.restore_into(c, evictor.as_ref(), idx, placed, stream)
                         }
-                        Ok(_) => Self::give_back(&mut c, owner, size, placed),
-                        Err(e) => {
-                            Self::give_back(&mut c, owner, size, placed);
+                        (Ok((_, Residency::Evicted)), Err(e)) => return Err(e),
+                        (Ok(_), Ok(placed)) => Self::give_back(&mut c, owner, size, placed),
+                        (Ok(_), Err(_)) => {}
+                        (Err(e), placed) => {
+                            if let Ok(placed) = placed {
+                                Self::give_back(&mut c, owner, size, placed);
+                            }
                             return Err(e);
                         }
                     }
@@ -174,7 +179,8 @@ impl<S: ChunkSource> Pool<S> {
         if let Some(p) = placed.reused {
             c.ev.last_use(idx).add(stream, p.event);
         }
-        c.ev.pin(idx);
+        // An evicted block had no pins (a pinned one is never evicted): this is its first.
+        let _first = c.ev.pin(idx);
         if let Some(a) = c.owners[oslot].as_mut() {
             a.restores += 1;
         }
@@ -216,7 +222,10 @@ impl<S: ChunkSource> Pool<S> {
                 break;
             }
             let (owner, size, first) = (e.owner, e.size, e.pins == 0);
-            c.ev.pin(idx);
+            if let Err(e) = c.ev.pin(idx) {
+                failed = Some(Err(e));
+                break;
+            }
             if first {
                 if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
                     a.evictable_pinned += size;
@@ -251,6 +260,13 @@ impl<S: ChunkSource> Pool<S> {
     /// the memory's next user meets that work; a free leaves the memory pending on it, as
     /// [`Pool::free_after`] does. Each stream's latest event takes the place of its earlier
     /// ones, and events on several streams are all waited for.
+    ///
+    /// Whoever unpins (the block's owner, or another owner that pinned it to read it) names
+    /// its stream by number, and work on streams of one number is taken to run in one
+    /// order: the latest event there stands for all, and the block's owner may reuse the
+    /// memory of a free pending on that number at once on its own stream of the number.
+    /// So the callers that unpin a block must not use one number for two streams (the
+    /// gpushare runtime numbers every stream apart).
     pub fn unpin_after(
         &self,
         id: impl Into<EvictableRef>,

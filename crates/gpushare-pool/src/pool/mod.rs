@@ -384,6 +384,9 @@ enum Need {
 struct InFlight {
     idx: u32,
     finish: Box<dyn FnOnce() -> Result<(), EvictError> + Send>,
+    /// The block's last uses, waited for before its bytes move: put back if the move does
+    /// not happen, so that its later free or eviction still waits for them.
+    uses: Vec<(StreamId, Arc<dyn FreeEvent>)>,
 }
 
 /// Why the central path stopped short of placing a request.

@@ -629,10 +629,17 @@ impl<S: ChunkSource> Pool<S> {
                 Some(finish) => finish,
             }
         } else {
-            let evictor = evictor.clone();
+            let (evictor, waits) = (evictor.clone(), uses.clone());
             Box::new(move || {
-                for (_, e) in &uses {
+                for (_, e) in &waits {
                     wait_for(&**e);
+                }
+                // A wait that returned early (it failed, or panicked) leaves the work
+                // running: the bytes stay where they are.
+                if !waits.iter().all(|(_, e)| complete(&**e)) {
+                    return Err(EvictError(
+                        "the work that last used the block could not be waited for".into(),
+                    ));
                 }
                 match start(evictor.as_ref(), &info)?.0 {
                     None => Ok(()),
@@ -646,7 +653,7 @@ impl<S: ChunkSource> Pool<S> {
         if let Some(a) = c.owners[owner.slot() as usize].as_mut() {
             a.evicting += size;
         }
-        Ok(Some(InFlight { idx, finish }))
+        Ok(Some(InFlight { idx, finish, uses }))
     }
 
     /// Run an eviction's finish without the central lock, then end the eviction under it:
@@ -656,7 +663,7 @@ impl<S: ChunkSource> Pool<S> {
         c: CentralGuard<'a>,
         moving: InFlight,
     ) -> (CentralGuard<'a>, Result<(), EvictError>, bool) {
-        let InFlight { idx, finish } = moving;
+        let InFlight { idx, finish, uses } = moving;
         drop(c);
         let r = catch_unwind(AssertUnwindSafe(finish)).unwrap_or_else(|_| {
             Err(EvictError(
@@ -673,7 +680,10 @@ impl<S: ChunkSource> Pool<S> {
         }
         match r {
             Ok(()) => Self::evicted(&mut c, idx),
-            Err(_) => c.ev.mark_kept(idx),
+            Err(_) => {
+                c.ev.mark_kept(idx);
+                c.ev.last_use(idx).put_back(uses);
+            }
         }
         // Freed while its bytes moved: evicted or kept, it goes now.
         let freed = c.ev.get(idx).doomed.then(|| {
