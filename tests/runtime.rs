@@ -1469,6 +1469,33 @@ fn compute_shares_added_later_never_oversubscribe_the_sms() {
 }
 
 #[test]
+fn an_offload_copy_that_faults_as_it_runs_loses_no_data() {
+    let (rt, sim) = sim_runtime(64 * MIB, 4.0);
+    let vision = rt
+        .create_context(ContextSpec::new("vision", 64 * MIB))
+        .unwrap();
+    let llm = rt
+        .create_context(ContextSpec::new("llm", 48 * MIB).base(48 * MIB))
+        .unwrap();
+    let buf = vision.create_buffer(40 * MIB).unwrap();
+    let data = pattern(buf.size() as usize, 78);
+    vision.session().unwrap().write(&buf, 0, &data).unwrap();
+    // The copy out is queued without error, and faults on the copy stream as it runs.
+    sim.fault_copy_as_it_runs(1);
+    let err = llm.create_buffer(40 * MIB).unwrap_err();
+    assert!(
+        err.to_string().contains("injected fault"),
+        "the copy's fault reaches the caller: {err}"
+    );
+    assert!(buf.is_resident(), "the buffer stays where it was");
+    let mut back = vec![0u8; data.len()];
+    vision.session().unwrap().read(&buf, 0, &mut back).unwrap();
+    assert!(back == data);
+    let st = rt.pool_stats();
+    assert_eq!((st.evictions, st.in_use_bytes), (0, buf.size()));
+}
+
+#[test]
 fn a_failed_offload_copy_loses_no_data() {
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);
     let vision = rt

@@ -161,6 +161,9 @@ struct Faults {
     /// (absolute count that fails, the n the user gave)
     pending: Vec<(FaultOp, u64, u64)>,
     oom: bool,
+    /// Pinned copies queued so far, and the counts of those that fault as they run.
+    pinned_copies: u64,
+    faulting_copies: Vec<u64>,
 }
 
 fn op_index(op: FaultOp) -> usize {
@@ -712,6 +715,16 @@ impl SimDevice {
         f.pending.push((op, at, n.max(1)));
     }
 
+    /// Make the `n`th next pinned copy (`copy_htod` or `copy_dtoh`; n = 1 is the very next)
+    /// queue without error and fault as it runs, as a copy that hits a bad address does:
+    /// it moves no bytes, its stream reports [`DeviceError::StreamBroken`] from then on,
+    /// and the work queued behind it does not run.
+    pub fn fault_copy_as_it_runs(&self, n: u64) {
+        let mut f = lock(&self.shared.faults);
+        let at = f.pinned_copies.saturating_add(n.max(1));
+        f.faulting_copies.push(at);
+    }
+
     /// While on, every chunk creation and linear allocation reports out of memory.
     pub fn report_oom(&self, on: bool) {
         lock(&self.shared.faults).oom = on;
@@ -721,6 +734,7 @@ impl SimDevice {
     pub fn clear_faults(&self) {
         let mut f = lock(&self.shared.faults);
         f.pending.clear();
+        f.faulting_copies.clear();
         f.oom = false;
     }
 
@@ -788,6 +802,14 @@ impl SimDevice {
         segs: Vec<Seg>,
         copy: impl FnOnce(&[Seg], &mut [u8]) + Send + 'static,
     ) -> Result<()> {
+        let faults = {
+            let mut f = lock(&self.shared.faults);
+            f.pinned_copies += 1;
+            let now = f.pinned_copies;
+            let before = f.faulting_copies.len();
+            f.faulting_copies.retain(|&at| at != now);
+            f.faulting_copies.len() != before
+        };
         p.begin();
         let p2 = p.clone();
         let sh = self.shared.clone();
@@ -795,6 +817,8 @@ impl SimDevice {
         let r = s.submit(Box::new(move || {
             let run = if lock(&broken).is_some() {
                 Ok(false)
+            } else if faults {
+                Err("injected fault: the copy faulted as it ran".to_string())
             } else {
                 sh.still_mapped(&segs).map(|()| true)
             };
