@@ -2998,11 +2998,18 @@ fn a_session_tries_again_after_a_denying_handler_released_what_it_needs() {
     let hog = Arc::new(std::sync::Mutex::new(Some(scratch_hog(&l1, 48 * MIB))));
     assert!(!mine.is_resident());
     let _live = l2.session().unwrap();
-    // The handler ends l1's session, freeing what h needs, and denies all the same.
+    // The handler ends l1's session, freeing what h needs, and denies all the same. It
+    // returns once every release of that end has landed (the scratch's comes from the
+    // stream), so that none of them can wake the session after it returned.
+    let rt2 = rt.clone();
     let _handler = rt.on_memory_pressure(move |_| {
         if let Some((ask, ended)) = hog.lock().unwrap().take() {
             ask.send(()).unwrap();
             ended.recv().unwrap();
+            wait_until("the scratch's release", || {
+                rt2.pool_stats().pending_bytes == 0
+            });
+            std::thread::sleep(Duration::from_millis(20));
         }
         Pressure::Deny
     });

@@ -718,7 +718,8 @@ impl SimDevice {
     /// Make the `n`th next pinned copy (`copy_htod` or `copy_dtoh`; n = 1 is the very next)
     /// queue without error and fault as it runs, as a copy that hits a bad address does:
     /// it moves no bytes, its stream reports [`DeviceError::StreamBroken`] from then on,
-    /// and the work queued behind it does not run.
+    /// and the work queued behind it does not run. A copy refused when queued, or skipped
+    /// behind an earlier fault of its stream, uses up its turn all the same.
     pub fn fault_copy_as_it_runs(&self, n: u64) {
         let mut f = lock(&self.shared.faults);
         let at = f.pinned_copies.saturating_add(n.max(1));

@@ -153,17 +153,12 @@ impl Shard {
         if self.ordered.is_empty() {
             return 0;
         }
-        let mut asked: Vec<(*const (), bool)> = Vec::new();
+        // Keyed by the event's address: every event stays in `ordered` for the whole
+        // pass, so no address is reused meanwhile.
+        let mut asked: std::collections::HashMap<*const (), bool> = Default::default();
         let mut unfinished = |e: &Arc<dyn FreeEvent>| {
             let key = Arc::as_ptr(e).cast::<()>();
-            match asked.iter().find(|(k, _)| *k == key) {
-                Some(&(_, done)) => !done,
-                None => {
-                    let done = complete(&**e);
-                    asked.push((key, done));
-                    !done
-                }
-            }
+            !*asked.entry(key).or_insert_with(|| complete(&**e))
         };
         self.bins
             .iter()
