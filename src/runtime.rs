@@ -197,7 +197,8 @@ impl RuntimeBuilder {
         self.device = Some(dev);
         self
     }
-    /// Fraction of device memory the runtime uses (default 0.9).
+    /// Fraction of device memory the runtime uses (default 0.9). At most what is free when
+    /// the runtime is built: memory others hold then is not the runtime's to promise.
     pub fn memory_fraction(mut self, f: f64) -> Self {
         self.memory_fraction = Some(f);
         self
@@ -266,9 +267,21 @@ impl RuntimeBuilder {
         .usable_fraction(fraction)
         .overcommit(overcommit)
         .aging(aging);
-        let usable = AdmissionEvaluator::new(info.total_memory, admission_cfg.clone())
+        let asked = AdmissionEvaluator::new(info.total_memory, admission_cfg.clone())
             .map_err(builder_setting)?
             .capacity();
+        // Memory that others hold now (another process, this one's own CUDA work) is not
+        // the runtime's to promise: admission would accept Guaranteed bases that the
+        // device cannot back.
+        let free = dev.mem_info()?.free;
+        let usable = asked.min(free);
+        if usable < asked {
+            tracing::warn!(
+                asked,
+                free,
+                "gpushare: less device memory is free than the fraction and limit ask for; the runtime manages what is free"
+            );
+        }
         let g = check_granularity(info.granularity)?;
         if usable < g {
             return Err(RuntimeError::Pool(gpushare_pool::PoolError::BadConfig(format!(

@@ -2164,6 +2164,33 @@ fn a_context_named_as_a_declared_partition_is_told_why_it_cannot_have_its_own_sh
 }
 
 #[test]
+fn a_runtime_promises_only_the_memory_that_is_free_when_it_is_built() {
+    let sim =
+        Arc::new(SimDevice::with_config(SimConfig::default().total_memory(256 * MIB)).unwrap());
+    let build = || {
+        Runtime::builder()
+            .with_device(sim.clone())
+            .memory_fraction(1.0)
+            .build()
+            .unwrap()
+    };
+    let first = build();
+    let held = first
+        .create_context(ContextSpec::new("held", 96 * MIB))
+        .unwrap()
+        .create_buffer(96 * MIB)
+        .unwrap();
+    // A second runtime on the device (or any other user of it) finds 96 MiB taken.
+    let second = build();
+    assert_eq!(second.capacity(), 160 * MIB);
+    let err = second
+        .create_context(ContextSpec::new("g", 200 * MIB).base(200 * MIB))
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::Rejected { .. }), "{err}");
+    drop(held);
+}
+
+#[test]
 fn admission_and_partitions_promise_only_what_the_pool_can_map() {
     // 65 MiB usable on a device of 2 MiB granules: the pool maps 64 MiB.
     let sim =
