@@ -555,7 +555,11 @@ impl Drop for CtxInner {
         self.drop_hold(&slots);
         for s in slots {
             if let Some(id) = s.id {
-                let _ = self.rt.pool.free_evictable(id);
+                // Nothing pins a buffer of a context going away (every pin is made under a
+                // use of it, or its hold, dropped above); should the pool refuse, say so.
+                if let Err((_, e)) = self.rt.pool.free_evictable(id) {
+                    tracing::error!(context = %self.name, error = %e, "a buffer of a dropped context could not be freed");
+                }
             }
             self.rt.forget_buffer(s.key);
         }

@@ -450,22 +450,39 @@ impl RtInner {
         }
         // A session a handler opens goes ahead of the line (see `in_pressure_handler`).
         let _scope = crate::session::HandlerScope::enter();
-        for h in handlers {
+        let mut handlers = handlers.into_iter();
+        let mut answer = Pressure::Allow;
+        for h in handlers.by_ref() {
             let info = PressureInfo {
                 context: requester,
                 requested,
                 available: self.available(),
             };
-            match catch_unwind(AssertUnwindSafe(|| h(&info))) {
+            // The handler may be the last reference to its closure (its registration was
+            // dropped meanwhile, perhaps by a handler before it): its drop, here, runs the
+            // drops of whatever it owns, and a panic there is contained as one in the call.
+            match catch_unwind(AssertUnwindSafe(move || {
+                let r = h(&info);
+                drop(h);
+                r
+            })) {
                 Ok(Pressure::Allow) => {}
-                Ok(Pressure::Deny) => return Some(Pressure::Deny),
+                Ok(Pressure::Deny) => {
+                    answer = Pressure::Deny;
+                    break;
+                }
                 Err(_) => {
                     tracing::error!(context = %requester.name(), "a memory-pressure handler panicked; treating it as a denial");
-                    return Some(Pressure::Deny);
+                    answer = Pressure::Deny;
+                    break;
                 }
             }
         }
-        Some(Pressure::Allow)
+        // Those not asked go too: contained as well.
+        if catch_unwind(AssertUnwindSafe(move || drop(handlers))).is_err() {
+            tracing::error!(context = %requester.name(), "a memory-pressure handler panicked when dropped");
+        }
+        Some(answer)
     }
 
     /// Join the session queue, in the group of context `group` (see [`CtxInner::group`]);
@@ -542,9 +559,14 @@ pub(crate) struct Holds {
 /// Without `all`, Guaranteed contexts keep theirs: their buffers are never evicted, so
 /// letting go would only make their next session pin again.
 ///
-/// A context whose other handles all go meanwhile is dropped here, when `ctxs` goes: inside
-/// the pool's request that asked, with no lock held that its drop takes.
-pub(crate) fn release_holds(contexts: &Mutex<Vec<Weak<CtxInner>>>, all: bool) {
+/// Returns the references it took. A context whose other handles all went meanwhile goes
+/// with them: the pool's request that asked drops them at once, with no lock held that the
+/// context's drop takes, so that its memory is back before the retry; a bystander hands
+/// them to [`let_go`].
+pub(crate) fn release_holds(
+    contexts: &Mutex<Vec<Weak<CtxInner>>>,
+    all: bool,
+) -> Vec<Arc<CtxInner>> {
     let ctxs: Vec<Arc<CtxInner>> = contexts.lock().iter().filter_map(Weak::upgrade).collect();
     let mut held: Vec<&Arc<CtxInner>> = ctxs
         .iter()
@@ -556,6 +578,7 @@ pub(crate) fn release_holds(contexts: &Mutex<Vec<Weak<CtxInner>>>, all: bool) {
         let slots = c.buffers.lock();
         c.release_hold(&slots);
     }
+    ctxs
 }
 
 impl Offloader {
@@ -706,7 +729,7 @@ impl Evictor for Offloader {
         // let go), where seeing the walk as done it would pick its victims, or give up,
         // with the idle holds still pinned.
         let (clock, kept) = (self.waits.clock(), self.holds.kept.load(Ordering::Acquire));
-        release_holds(&self.contexts, false);
+        drop(release_holds(&self.contexts, false));
         self.walked_at.store(clock + 1, Ordering::Relaxed);
         self.walked_kept.store(kept, Ordering::Relaxed);
     }
@@ -880,8 +903,12 @@ impl Runtime {
     /// before it evicts anything, so this changes no eviction. It only makes the pool's
     /// pinned figures ([`Runtime::pool_stats`]) count the pins of live sessions alone. The
     /// next session of each context pins again.
+    ///
+    /// A context whose last handle goes meanwhile is torn down on a thread of its own, as
+    /// for [`Runtime::snapshot`]: its teardown waits for its stream's work.
     pub fn unpin_idle(&self) {
-        crate::runtime::release_holds(&self.inner.contexts, true);
+        let ctxs = crate::runtime::release_holds(&self.inner.contexts, true);
+        let_go(ctxs, &self.inner.teardowns);
     }
 
     /// Sessions waiting for their buffers to fit (the queue depth).
@@ -1012,8 +1039,8 @@ impl Drop for Teardown {
 /// threads: the pool's memory goes back with the runtime, and no driver call is left
 /// running at exit.
 ///
-/// A round of pressure handlers and the release of idle holds let go of theirs inline:
-/// there, a context that a handler dropped gives its memory back before the retry.
+/// A round of pressure handlers and the pool's release of idle holds let go of theirs
+/// inline: there, a context that a handler dropped gives its memory back before the retry.
 fn let_go(ctxs: Vec<Arc<CtxInner>>, teardowns: &Arc<Teardowns>) {
     for c in ctxs {
         let Some(last) = Arc::into_inner(c) else {
@@ -1149,6 +1176,50 @@ mod tests {
         go.send(()).unwrap();
         waiter.join().unwrap();
         assert!(inner.names.lock().is_empty(), "the teardown ended");
+    }
+
+    #[test]
+    fn unpin_idle_tears_a_context_whose_last_handle_went_down_elsewhere() {
+        let sim = SimDevice::new();
+        let rt = Runtime::builder()
+            .with_device(Arc::new(sim.clone()))
+            .build()
+            .unwrap();
+        let ctx = rt
+            .create_context(gpushare_qos::ContextSpec::new("m", 1 << 20))
+            .unwrap();
+        // Its session ends with the context keeping its (empty) set as a hold.
+        drop(ctx.session().unwrap());
+        assert_ne!(
+            ctx.inner.held.load(Ordering::Relaxed),
+            crate::context::NO_HOLD
+        );
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        sim.launch_host(&ctx.inner.stream, move |_| {
+            let _ = gate.recv();
+            Ok(())
+        })
+        .unwrap();
+        // `unpin_idle` takes a reference and waits for the context's list; meanwhile the
+        // last handle goes.
+        let inner = ctx.inner.clone();
+        let list = inner.buffers.lock();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rt2 = rt.clone();
+        std::thread::spawn(move || {
+            rt2.unpin_idle();
+            tx.send(()).unwrap();
+        });
+        while Arc::strong_count(&inner) < 3 {
+            std::thread::yield_now();
+        }
+        drop(ctx);
+        drop(list);
+        drop(inner);
+        // Inline, the teardown would wait here for the held stream.
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("unpin_idle waited for the context's teardown");
+        go.send(()).unwrap();
     }
 
     /// A teardown whose thread could not be made, or that panicked, still counts as

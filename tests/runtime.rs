@@ -3051,6 +3051,48 @@ fn a_session_tries_again_after_a_denying_handler_released_what_it_needs() {
 }
 
 #[test]
+fn a_handler_whose_drop_panics_counts_as_a_denial() {
+    let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
+    let hog = rt
+        .create_context(ContextSpec::new("hog", 64 * MIB))
+        .unwrap();
+    let needy = rt
+        .create_context(ContextSpec::new("needy", 64 * MIB))
+        .unwrap();
+    let _kept = hog.create_buffer(48 * MIB).unwrap();
+    let _pin = hog.session().unwrap();
+    struct Boom;
+    impl Drop for Boom {
+        fn drop(&mut self) {
+            panic!("a handler's drop panicked");
+        }
+    }
+    // The second handler owns a value whose drop panics; the first drops the second's
+    // registration, so the round's reference to it is the last, dropped in the round.
+    let second = Arc::new(std::sync::Mutex::new(None));
+    let _first = {
+        let second = second.clone();
+        rt.on_memory_pressure(move |_| {
+            drop(second.lock().unwrap().take());
+            Pressure::Allow
+        })
+    };
+    let boom = Boom;
+    *second.lock().unwrap() = Some(rt.on_memory_pressure(move |_| {
+        let _ = &boom;
+        Pressure::Allow
+    }));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        needy.create_buffer(32 * MIB).map(drop)
+    }));
+    match r {
+        Ok(Err(RuntimeError::PressureDenied { .. })) => {}
+        Ok(other) => panic!("expected a denial, got {other:?}"),
+        Err(_) => panic!("the handler's panic reached the caller"),
+    }
+}
+
+#[test]
 fn a_denial_keeps_the_report_of_who_holds_what() {
     let (rt, _sim) = sim_runtime(64 * MIB, 4.0);
     let hog = rt
