@@ -466,38 +466,38 @@ impl Drop for StreamRelease<'_> {
     }
 }
 
-/// A live use of memory that will be released (see [`gpushare_qos::SessionGate`]), ended
-/// when dropped.
-struct LiveUse<'a>(&'a gpushare_qos::SessionGate);
+/// Memory that will be released, counted in the session gate (see
+/// [`gpushare_qos::SessionGate`]) while this lives: its drop releases it, which moves the
+/// release generation and wakes the first in line.
+struct WillRelease<'a> {
+    gate: &'a gpushare_qos::SessionGate,
+    release: fn(&gpushare_qos::SessionGate),
+}
 
-impl<'a> LiveUse<'a> {
-    fn start(gate: &'a gpushare_qos::SessionGate) -> Self {
+impl<'a> WillRelease<'a> {
+    /// A live use of memory.
+    fn live_use(gate: &'a gpushare_qos::SessionGate) -> Self {
         gate.started();
-        LiveUse(gate)
+        WillRelease {
+            gate,
+            release: gpushare_qos::SessionGate::ended,
+        }
     }
-}
 
-impl Drop for LiveUse<'_> {
-    fn drop(&mut self) {
-        self.0.ended();
-    }
-}
-
-/// A request that is placing a pinned block, counted as a pending release while it lives
-/// (see [`Context::create_buffer_with`]); its end moves the release generation, and wakes
-/// the first in line.
-struct Placing<'a>(&'a gpushare_qos::SessionGate);
-
-impl<'a> Placing<'a> {
-    fn start(gate: &'a gpushare_qos::SessionGate) -> Self {
+    /// A request placing a pinned block, as a pending release (see
+    /// [`Context::create_buffer_with`]).
+    fn placing(gate: &'a gpushare_qos::SessionGate) -> Self {
         gate.pending_added();
-        Placing(gate)
+        WillRelease {
+            gate,
+            release: gpushare_qos::SessionGate::pending_done,
+        }
     }
 }
 
-impl Drop for Placing<'_> {
+impl Drop for WillRelease<'_> {
     fn drop(&mut self) {
-        self.0.pending_done();
+        (self.release)(self.gate);
     }
 }
 
@@ -825,12 +825,12 @@ impl Context {
         // counts as a pending release: a session short of memory in between would see
         // neither, and fail for good where it should wait for this pin to go.
         let (id, _, _live) = self.with_relief(size, || {
-            let _placing = Placing::start(&c.rt.waits);
+            let _placing = WillRelease::placing(&c.rt.waits);
             let (id, pinned) =
                 c.rt.pool
                     .alloc_evictable(c.owner, size, 0, c.stream_id)
                     .map_err(|e| RuntimeError::from_pool(e, &c.name))?;
-            Ok((id, pinned, LiveUse::start(&c.rt.waits)))
+            Ok((id, pinned, WillRelease::live_use(&c.rt.waits)))
         })?;
         let key = id.key();
         let discarded = Arc::new(AtomicBool::new(false));

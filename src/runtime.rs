@@ -64,17 +64,16 @@ pub struct PressureInfo<'a> {
 ///
 /// Handlers are the last step of the reclaim order. When a request (a buffer, scratch, a
 /// session's working set, a restore for `Session::range` or `Session::borrow`) does not
-/// fit, the pool first takes free cached memory, then
-/// evicts unpinned buffers: BestEffort ones, then Burstable ones above their base, least
-/// recently used first; Guaranteed buffers are never evicted. Only if that is not enough
-/// does a round of handlers run, on the requesting thread: the contexts' handlers from
-/// BestEffort to Guaranteed (each context's in registration order), then the runtime's.
-/// Each is told what the others before it left available. The first [`Pressure::Deny`],
-/// or a handler's panic (logged), ends the round and refuses the request. When every
-/// handler allows, the request is tried again: a buffer, scratch or restore once, waiting
-/// first for memory freed behind work still queued on a stream; a session's try as any
-/// try, which waits in line (for such memory too) if it still does not fit. A session's
-/// try asks the handlers once.
+/// fit, the pool first takes free cached memory, then evicts unpinned buffers: BestEffort
+/// ones, then Burstable ones above their base, least recently used first; Guaranteed
+/// buffers are never evicted. Only if that is not enough does a round of handlers run, on
+/// the requesting thread: the contexts' handlers from BestEffort to Guaranteed (each
+/// context's in registration order), then the runtime's. Each is told what the others
+/// before it left available. The first [`Pressure::Deny`], or a handler's panic (logged),
+/// ends the round and refuses the request. When every handler allows, the request is tried
+/// again: a buffer, scratch or restore once, waiting first for memory freed behind work
+/// still queued on a stream; a session's try as any try, which waits in line (for such
+/// memory too) if it still does not fit. A session's try asks the handlers once.
 ///
 /// A handler runs inside the request that ran short, perhaps that of the session first in
 /// line. So what it does on its own thread meets no handlers of its own: a buffer it
@@ -1086,6 +1085,31 @@ mod tests {
     use super::*;
     use gpushare_device::{FaultOp, SimDevice};
 
+    /// A runtime on a simulated device, with one context, `m`.
+    fn one_context() -> (SimDevice, Runtime, Context) {
+        let sim = SimDevice::new();
+        let rt = Runtime::builder()
+            .with_device(Arc::new(sim.clone()))
+            .build()
+            .unwrap();
+        let ctx = rt
+            .create_context(gpushare_qos::ContextSpec::new("m", 1 << 20))
+            .unwrap();
+        (sim, rt, ctx)
+    }
+
+    /// Hold `stream`: the work queued on it after this waits until the returned sender
+    /// sends (or goes).
+    fn hold(sim: &SimDevice, stream: &Stream) -> std::sync::mpsc::Sender<()> {
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        sim.launch_host(stream, move |_| {
+            let _ = gate.recv();
+            Ok(())
+        })
+        .unwrap();
+        go
+    }
+
     /// A failed wait for a queued copy must not return while the copy may still land.
     #[test]
     fn a_copy_whose_wait_fails_is_over_when_the_error_comes_back() {
@@ -1100,12 +1124,7 @@ mod tests {
         let mut host = dev.alloc_pinned(n).unwrap();
         host.write(0, &data).unwrap();
         // The copy stream is held, so the copy stays queued until `go`.
-        let (go, gate) = std::sync::mpsc::channel::<()>();
-        sim.launch_host(&copies, move |_| {
-            let _ = gate.recv();
-            Ok(())
-        })
-        .unwrap();
+        let go = hold(&sim, &copies);
         // The wait's event record fails.
         sim.fail_nth(FaultOp::StreamOp, 1);
         let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -1135,20 +1154,8 @@ mod tests {
     /// `Runtime` handle's drop waits for it.
     #[test]
     fn a_bystanders_last_reference_is_torn_down_elsewhere() {
-        let sim = SimDevice::new();
-        let rt = Runtime::builder()
-            .with_device(Arc::new(sim.clone()))
-            .build()
-            .unwrap();
-        let ctx = rt
-            .create_context(gpushare_qos::ContextSpec::new("m", 1 << 20))
-            .unwrap();
-        let (go, gate) = std::sync::mpsc::channel::<()>();
-        sim.launch_host(&ctx.inner.stream, move |_| {
-            let _ = gate.recv();
-            Ok(())
-        })
-        .unwrap();
+        let (sim, rt, ctx) = one_context();
+        let go = hold(&sim, &ctx.inner.stream);
         let bystander = ctx.inner.clone();
         drop(ctx);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1180,26 +1187,14 @@ mod tests {
 
     #[test]
     fn unpin_idle_tears_a_context_whose_last_handle_went_down_elsewhere() {
-        let sim = SimDevice::new();
-        let rt = Runtime::builder()
-            .with_device(Arc::new(sim.clone()))
-            .build()
-            .unwrap();
-        let ctx = rt
-            .create_context(gpushare_qos::ContextSpec::new("m", 1 << 20))
-            .unwrap();
+        let (sim, rt, ctx) = one_context();
         // Its session ends with the context keeping its (empty) set as a hold.
         drop(ctx.session().unwrap());
         assert_ne!(
             ctx.inner.held.load(Ordering::Relaxed),
             crate::context::NO_HOLD
         );
-        let (go, gate) = std::sync::mpsc::channel::<()>();
-        sim.launch_host(&ctx.inner.stream, move |_| {
-            let _ = gate.recv();
-            Ok(())
-        })
-        .unwrap();
+        let go = hold(&sim, &ctx.inner.stream);
         // `unpin_idle` takes a reference and waits for the context's list; meanwhile the
         // last handle goes.
         let inner = ctx.inner.clone();
@@ -1226,14 +1221,7 @@ mod tests {
     /// ended; and the last `Runtime` handle going inside it does not wait for itself.
     #[test]
     fn a_teardown_ends_its_count_however_it_ends() {
-        let sim = SimDevice::new();
-        let rt = Runtime::builder()
-            .with_device(Arc::new(sim))
-            .build()
-            .unwrap();
-        let ctx = rt
-            .create_context(gpushare_qos::ContextSpec::new("m", 1 << 20))
-            .unwrap();
+        let (_sim, rt, ctx) = one_context();
         // The context's handler holds the last handle once `rt` goes.
         let _kept = ctx.on_memory_pressure({
             let rt = rt.clone();
