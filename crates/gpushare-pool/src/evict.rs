@@ -302,10 +302,17 @@ impl EvState {
     pub fn public_id(&self, pool: PoolId, idx: u32) -> EvictableId {
         EvictableId {
             pool,
-            key: EvictableKey {
-                idx,
-                gen: self.entries[idx as usize].gen,
-            },
+            key: self.key(idx),
+        }
+    }
+
+    /// The key of block `idx`: its slot and generation, which no later block in the slot
+    /// shares.
+    #[inline]
+    pub fn key(&self, idx: u32) -> EvictableKey {
+        EvictableKey {
+            idx,
+            gen: self.entries[idx as usize].gen,
         }
     }
 

@@ -397,6 +397,70 @@ fn an_aligned_request_extends_a_free_tail_by_what_it_lacks() {
 }
 
 #[test]
+fn an_aligned_request_finds_a_free_block_the_quick_search_passes_over() {
+    // 1 MiB aligned to 2 MiB: the quick search looks in the bins of 1 MiB and of 3 MiB
+    // (the size plus the worst padding) and above. The one free block, 2 MiB at offset 0,
+    // lies between them, and the capacity leaves no room to grow.
+    let p = pool(PoolConfig::default().capacity(2 * MIB));
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let warm = p.alloc(o, 2 * MIB, S1).unwrap();
+    p.free(warm).unwrap();
+    let b = p
+        .alloc_aligned(o, MIB, 2 * MIB, S1)
+        .expect("a free 2 MiB block at offset 0 holds it");
+    assert_eq!(p.addr(&b) % (2 * MIB), 0);
+    p.free(b).unwrap();
+    // Without a capacity, the pool maps nothing it does not need.
+    let p = pool(PoolConfig::default());
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let b = p.alloc_aligned(o, MIB, 2 * MIB, S1).unwrap();
+    assert_eq!(p.stats().mapped_bytes, 2 * MIB);
+    p.free(b).unwrap();
+}
+
+#[test]
+fn a_fitting_block_deep_in_its_bin_is_used_before_anything_is_evicted() {
+    // Twelve free blocks share one bin: eleven of 1 MiB + 8 KiB, one (the oldest, at the
+    // end of the bin's list) of 1 MiB + 16 KiB. A request of 1 MiB + 12 KiB fits only the
+    // last; the quick search looks at a few of the bin's blocks and at larger bins.
+    // Without caches, each free goes to the head of its bin's list at once.
+    let (small, large, want) = (MIB + 8 * 1024, MIB + 16 * 1024, MIB + 12 * 1024);
+    let p = pool(
+        PoolConfig::default()
+            .capacity(32 * MIB)
+            .cache_bytes_per_shard(0),
+    );
+    let o = p.add_owner(OwnerSpec::new("a", 1 << 30)).unwrap();
+    let mut keep = Vec::new();
+    let mut holes = Vec::new();
+    holes.push(p.alloc(o, large, S1).unwrap());
+    keep.push(p.alloc(o, 256, S1).unwrap());
+    for _ in 0..11 {
+        holes.push(p.alloc(o, small, S1).unwrap());
+        keep.push(p.alloc(o, 256, S1).unwrap());
+    }
+    // The rest of the capacity, taken to the last unit: no free memory is left beside a
+    // hole to merge with it when it is freed.
+    let mut fill = Vec::new();
+    for size in [256 * 1024, 4096, 256] {
+        while let Ok(b) = p.alloc(o, size, S1) {
+            fill.push(b);
+        }
+    }
+    assert_eq!(p.stats().in_use_bytes, 32 * MIB);
+    for b in holes {
+        p.free(b).unwrap();
+    }
+    let b = p
+        .alloc(o, want, S1)
+        .expect("the free block of 1 MiB + 16 KiB holds it");
+    p.free(b).unwrap();
+    for b in keep.into_iter().chain(fill) {
+        p.free(b).unwrap();
+    }
+}
+
+#[test]
 fn an_oom_report_does_not_count_the_failed_request_as_held() {
     let p = pool(PoolConfig::default().capacity(8 * MIB));
     let hog = p.add_owner(OwnerSpec::new("hog", 1 << 30)).unwrap();
@@ -1355,6 +1419,38 @@ fn a_block_that_borrowed_a_base_goes_when_its_owner_is_left_below_its_own() {
 }
 
 #[test]
+fn a_borrower_does_not_take_a_burstable_owner_below_its_base_for_its_own_borrowing() {
+    let p = pool(PoolConfig::default().capacity(8 * MIB));
+    let rec = Arc::new(Recorder::default());
+    p.set_evictor(rec.clone());
+    let b = p
+        .add_owner(OwnerSpec::new("b", 8 * MIB).base(5 * MIB))
+        .unwrap();
+    let e = p
+        .add_owner(OwnerSpec::new("e", 8 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    // `b` holds 6 MiB, 1 MiB above its base; `e` borrows the last 2 MiB: the commitments
+    // reach the capacity, and nothing has borrowed past it.
+    let (big, _) = p.alloc_evictable(b, 4 * MIB, 0, S1).unwrap();
+    let (small, _) = p.alloc_evictable(b, 2 * MIB, 1, S1).unwrap();
+    p.unpin(&big).unwrap();
+    p.unpin(&small).unwrap();
+    let (kept, _) = p.alloc_evictable(e, 2 * MIB, 2, S2).unwrap();
+    // `e` borrows more: only its own borrowing would exceed the capacity, and every block
+    // of `b` that could go takes it below its base. `e` is refused; `b` keeps its memory.
+    match p.alloc_evictable(e, 2 * MIB, 3, S2) {
+        Err(PoolError::OutOfMemory { .. }) => {}
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+    assert!(rec.evicted.lock().unwrap().is_empty());
+    assert!(p.is_resident(&big).unwrap() && p.is_resident(&small).unwrap());
+    p.unpin(&kept).unwrap();
+    for id in [big, small, kept] {
+        p.free_evictable(id).unwrap();
+    }
+}
+
+#[test]
 fn making_room_in_the_commitments_evicts_nothing_that_frees_none() {
     let p = pool(PoolConfig::default().capacity(4 * MIB));
     let rec = Arc::new(Recorder::default());
@@ -1706,6 +1802,101 @@ fn a_burstable_owner_at_its_base_is_passed_over_for_another_above_it() {
     assert_eq!(order, [2], "the owner at its base keeps its blocks");
     p.free(x).unwrap();
     for id in ids {
+        p.free_evictable(id).unwrap();
+    }
+}
+
+#[test]
+fn blocks_of_most_of_a_chunk_in_a_row_map_little_more_than_they_use() {
+    // A fresh 2 MiB chunk that a block is cut from keeps its free part at the end of the
+    // range, where the next growth extends it: a hundred blocks of 1 MiB + 8 KiB once
+    // mapped a chunk each (1.98 times their size).
+    for size in [MIB + 8 * 1024, 1536 * 1024, 600 * 1024, 300 * 1024] {
+        let p = pool(PoolConfig::default());
+        let o = p.add_owner(OwnerSpec::new("a", 1 << 40)).unwrap();
+        let blocks: Vec<_> = (0..100).map(|_| p.alloc(o, size, S1).unwrap()).collect();
+        let st = p.stats();
+        let ratio = st.mapped_bytes as f64 / st.live_bytes as f64;
+        assert!(
+            ratio <= 1.03,
+            "{size} B blocks: {ratio:.3} mapped per byte live"
+        );
+        for b in blocks {
+            p.free(b).unwrap();
+        }
+    }
+}
+
+/// Refuses to evict the block tagged 1. The block tagged 2 moves out in two halves; in
+/// between, with the pool's lock free, the block tagged 1 is freed and a new block
+/// (tagged 3) takes its slot, unpinned.
+struct SlotReuser {
+    pool: std::sync::OnceLock<std::sync::Weak<Pool<HostSource>>>,
+    refused: std::sync::Mutex<Option<gpushare_pool::EvictableId>>,
+    owner: std::sync::OnceLock<OwnerId>,
+    made: Arc<std::sync::Mutex<Vec<gpushare_pool::EvictableId>>>,
+}
+
+impl Evictor for SlotReuser {
+    fn evict(&self, v: &VictimInfo) -> Result<Eviction, EvictError> {
+        match v.tag {
+            1 => Err(EvictError("refused".into())),
+            2 => {
+                let pool = self.pool.get().and_then(|w| w.upgrade()).unwrap();
+                let refused = self.refused.lock().unwrap().take().unwrap();
+                let owner = *self.owner.get().unwrap();
+                let made = self.made.clone();
+                Ok(Eviction::in_flight(move || {
+                    pool.free_evictable(refused).unwrap();
+                    let (z, _) = pool.alloc_evictable(owner, 2 * MIB, 3, S1).unwrap();
+                    pool.unpin(&z).unwrap();
+                    made.lock().unwrap().push(z);
+                    Ok(())
+                }))
+            }
+            _ => Ok(Eviction::done()),
+        }
+    }
+    fn restore(&self, _: &RestoreInfo) -> Result<(), EvictError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_refused_victims_slot_serves_a_block_that_may_go() {
+    let p = Arc::new(pool(PoolConfig::default().capacity(4 * MIB)));
+    let ev = Arc::new(SlotReuser {
+        pool: Default::default(),
+        refused: Default::default(),
+        owner: Default::default(),
+        made: Default::default(),
+    });
+    ev.pool.set(Arc::downgrade(&p)).unwrap();
+    p.set_evictor(ev.clone());
+    let e = p
+        .add_owner(OwnerSpec::new("e", 4 * MIB).tier(Tier::BestEffort))
+        .unwrap();
+    ev.owner.set(e).unwrap();
+    let g = p
+        .add_owner(
+            OwnerSpec::new("g", 4 * MIB)
+                .base(4 * MIB)
+                .tier(Tier::Guaranteed),
+        )
+        .unwrap();
+    let (x, _) = p.alloc_evictable(e, 2 * MIB, 1, S1).unwrap();
+    let (y, _) = p.alloc_evictable(e, 2 * MIB, 2, S1).unwrap();
+    p.unpin(&x).unwrap();
+    p.unpin(&y).unwrap();
+    *ev.refused.lock().unwrap() = Some(x);
+    // `g` needs all 4 MiB: `x` refuses to go, `y` goes, and meanwhile the new block takes
+    // `x`'s slot and memory. It is no block the request was refused, and it goes too.
+    let blk = p.alloc(g, 4 * MIB, S2);
+    assert!(blk.is_ok(), "{blk:?}");
+    p.free(blk.unwrap()).unwrap();
+    let z = ev.made.lock().unwrap().pop().unwrap();
+    assert!(!p.is_resident(&z).unwrap());
+    for id in [y, z] {
         p.free_evictable(id).unwrap();
     }
 }

@@ -51,11 +51,15 @@ enum Op {
     Trim,
 }
 
+/// Alignments of the requests, as powers of two: 256 B half the time, then 1 KiB to
+/// 2 MiB (the granularity, the largest allowed), and 4 MiB (refused).
+const ALIGN_LOGS: [u32; 12] = [8, 8, 8, 8, 8, 8, 10, 13, 16, 19, 21, 22];
+
 fn op() -> impl Strategy<Value = Op> {
     let size = prop_oneof![1u64..4096, 4096u64..(256 << 10), (256u64 << 10)..(6 * MIB)];
     prop_oneof![
         4 => (0usize..3, size.clone(), 0u64..3, 0u32..12).prop_map(|(owner, size, stream, a)| Op::Alloc {
-            owner, size, stream, align_log: if a < 9 { 8 } else { 8 + a * 2 } }),
+            owner, size, stream, align_log: ALIGN_LOGS[a as usize] }),
         3 => any::<usize>().prop_map(|pick| Op::Free { pick }),
         1 => (any::<usize>(), 0u64..3).prop_map(|(pick, stream)| Op::FreeAfter { pick, stream }),
         1 => Just(Op::CompleteEvents),
@@ -243,7 +247,13 @@ proptest! {
                         Err(PoolError::BadAlignment { align, max }) => {
                             prop_assert!(align == 1 << align_log && align > max);
                         }
-                        Err(PoolError::OutOfMemory { .. } | PoolError::ReservedElsewhere { .. }) => {}
+                        // Out of memory only if no free block holds the request: one of
+                        // its size plus the largest padding would.
+                        Err(PoolError::OutOfMemory { report, .. }) => {
+                            let need = size.next_multiple_of(256) + (1u64 << align_log) - 256;
+                            prop_assert!(report.largest_free < need, "{}", report);
+                        }
+                        Err(PoolError::ReservedElsewhere { .. }) => {}
                         Err(e) => prop_assert!(false, "unexpected error: {}", e),
                     }
                 }

@@ -19,8 +19,8 @@ use crate::tlsf::{ceil_class, floor_class, Tlsf, NONE, UNIT};
 
 const ALIGN_UNIT: u64 = UNIT;
 use crate::{
-    Block, EvictableId, EvictableRef, FreeEvent, OwnerId, OwnerSpec, OwnerStats, Pinned, PoolId,
-    PoolStats, StreamId, Tier, INHERITS,
+    Block, EvictableId, EvictableKey, EvictableRef, FreeEvent, OwnerId, OwnerSpec, OwnerStats,
+    Pinned, PoolId, PoolStats, StreamId, Tier, INHERITS,
 };
 use crossbeam_utils::CachePadded;
 use std::collections::{BTreeMap, HashMap};
@@ -344,8 +344,10 @@ struct Reclaiming {
     /// Why evictions failed, for the request's out-of-memory report.
     failures: Vec<String>,
     /// Victims whose eviction failed after it started: this request does not choose them
-    /// again (they rejoin their LRU list, which it walks afresh).
-    skip: Vec<u32>,
+    /// again (they rejoin their LRU list, which it walks afresh). By key, not slot: while
+    /// the request lets the lock go, a skipped block may be freed and its slot serve a new
+    /// block, which may go.
+    skip: Vec<EvictableKey>,
     /// The request evicts nothing: it fails instead (see [`Pool::alloc_sparing`]).
     spare: bool,
     /// The evictor was asked to let go of its idle pins since the request last let the
@@ -356,6 +358,10 @@ struct Reclaiming {
     /// The request was about to fail for lack of memory and asked for idle pins once more
     /// (pins ridden when it last asked may have gone idle since).
     last_ask: bool,
+    /// The commitment this request added while charged, past the capacity (an evictable
+    /// request that borrows); 0 while it is not charged. Its own borrowing is no reason to
+    /// take another owner below its base (see [`Pool::evict_one`]).
+    borrowed: u64,
 }
 
 impl Reclaiming {

@@ -30,6 +30,7 @@ impl<S: ChunkSource> Pool<S> {
         // other owners' caches after the owner's own, and went on to evict or fail while
         // they held what the request needed.)
         let (mut flushed_own, mut flushed_all) = (false, false);
+        rq.borrowed = 0;
         loop {
             let a = c.owners[i]
                 .as_ref()
@@ -54,6 +55,9 @@ impl<S: ChunkSource> Pool<S> {
                 }));
             }
             if delta == 0 || borrows || c.committed + delta <= self.limit {
+                if c.committed + delta > self.limit {
+                    rq.borrowed = delta;
+                }
                 c.committed += delta;
                 let a = c.owners[i]
                     .as_mut()
@@ -176,14 +180,14 @@ impl<S: ChunkSource> Pool<S> {
                 Err(Stop::Fail(e)) => break Err(e),
                 Err(Stop::Finish(f)) => {
                     rq.idle_released = false;
-                    let idx = f.idx;
+                    let key = c.ev.key(f.idx);
                     let (g, r, freed) = self.finish_eviction(c, f);
                     c = g;
                     if let Err(err) = r {
                         rq.failed(&err);
                         // A block freed during its move is gone: its slot may serve another.
                         if !freed {
-                            rq.skip.push(idx);
+                            rq.skip.push(key);
                         }
                     }
                 }
@@ -272,6 +276,7 @@ impl<S: ChunkSource> Pool<S> {
             }
             Err(e) => {
                 Self::uncharge(c, owner.slot() as usize, size);
+                rq.borrowed = 0;
                 // The report is taken again, uncharged: it says who holds what, and the
                 // request holds nothing (it showed the requester holding what it asked for).
                 Err(match e {
@@ -335,10 +340,12 @@ impl<S: ChunkSource> Pool<S> {
                 return Ok(Placed::fresh(r));
             }
         }
-        if self.flush_all(c) > 0 {
-            if let Some(r) = c.tlsf.alloc(size, align, slot) {
-                return Ok(Placed::fresh(r));
-            }
+        self.flush_all(c);
+        // Before mapping or evicting: any free block that holds the request, including
+        // those the O(1) search passes over (see `Tlsf::alloc`). `grow` maps only what
+        // the request lacks, and the block it extends may be one of those.
+        if let Some(r) = c.tlsf.alloc_thorough(size, align, slot) {
+            return Ok(Placed::fresh(r));
         }
         // Grow while the capacity allows; then evict, and after each eviction try growing
         // again: a victim at the end of the range turns into a free tail that a smaller
@@ -359,7 +366,7 @@ impl<S: ChunkSource> Pool<S> {
             if !progressed {
                 break;
             }
-            if let Some(r) = c.tlsf.alloc(size, align, slot) {
+            if let Some(r) = c.tlsf.alloc_thorough(size, align, slot) {
                 return Ok(Placed::fresh(r));
             }
         }
@@ -512,7 +519,9 @@ impl<S: ChunkSource> Pool<S> {
         // others reserved, whose claim comes before the owner's base: such a block may
         // have borrowed with its owner below its base (a large buffer made before a small
         // one), or at it with blocks that have gone since.
-        let overcommitted = c.committed > self.limit;
+        // Not counting what this request borrowed itself: its borrowing may take what
+        // others reserved but do not use, never a base in use.
+        let overcommitted = c.committed.saturating_sub(rq.borrowed) > self.limit;
         for (tier, below_base) in [
             (Tier::BestEffort, false),
             (Tier::Burstable, false),
@@ -572,7 +581,8 @@ impl<S: ChunkSource> Pool<S> {
                 if need == Need::Commitment && kept <= a.spec.base {
                     continue;
                 }
-                if !matches!(e_res, Residency::Resident { .. }) || rq.skip.contains(&idx) {
+                if !matches!(e_res, Residency::Resident { .. }) || rq.skip.contains(&c.ev.key(idx))
+                {
                     continue;
                 }
                 match self.start_eviction(c, &evictor, idx, requester) {
@@ -580,7 +590,7 @@ impl<S: ChunkSource> Pool<S> {
                     Ok(Some(moving)) => return Err(Stop::Finish(moving)),
                     Err(err) => {
                         rq.failed(&err);
-                        rq.skip.push(idx);
+                        rq.skip.push(c.ev.key(idx));
                     }
                 }
             }
