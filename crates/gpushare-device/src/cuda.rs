@@ -1478,7 +1478,7 @@ impl Device for CudaDevice {
         self.inner.info.priority_range.check(priority)?;
         let green = match &partition.inner {
             PartitionInner::Cuda(g) => g.clone(),
-            PartitionInner::Sim => return Err(foreign("SM partition")),
+            PartitionInner::Sim(_) => return Err(foreign("SM partition")),
         };
         let mut raw: sys::CUstream = std::ptr::null_mut();
         {

@@ -388,7 +388,9 @@ pub struct SmPartition {
 #[derive(Clone, Debug)]
 pub(crate) enum PartitionInner {
     Cuda(Arc<cuda::GreenCtx>),
-    Sim,
+    /// The simulated partition's context: a number of its own, as a green context is a
+    /// context of its own (0 is the device's primary context).
+    Sim(u64),
 }
 
 impl SmPartition {

@@ -468,6 +468,30 @@ mod contract {
         dev.read_sync(&mut out, r, &plain).unwrap();
         assert!(out.iter().all(|&x| x == 7));
         assert!(dev.query_event(&e).unwrap());
+        // Events time against each other within one context only.
+        let timed = |stream: &Stream| {
+            let t = dev.create_event(EventFlags::timing()).unwrap();
+            dev.record_event(&t, stream).unwrap();
+            dev.synchronize_event(&t).unwrap();
+            t
+        };
+        let (in_part, in_part2, in_plain) = (timed(&s), timed(&s), timed(&plain));
+        dev.elapsed(&in_part, &in_part2).unwrap();
+        assert!(matches!(
+            dev.elapsed(&in_part, &in_plain),
+            Err(DeviceError::Unsupported { .. })
+        ));
+        let other = dev
+            .create_stream_in(&split.partitions[1], info.priority_range.least)
+            .unwrap();
+        assert!(matches!(
+            dev.elapsed(&in_part, &timed(&other)),
+            Err(DeviceError::Unsupported { .. })
+        ));
+        // Recorded again in the partition, it times against the partition's events.
+        dev.record_event(&in_plain, &s).unwrap();
+        dev.synchronize_event(&in_plain).unwrap();
+        dev.elapsed(&in_part, &in_plain).unwrap();
         assert!(matches!(
             dev.split_sms(&[info.sm_count + 1]),
             Err(DeviceError::InvalidSmSplit { .. })

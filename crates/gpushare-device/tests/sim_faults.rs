@@ -215,9 +215,18 @@ fn work_queued_behind_a_fault_does_not_run_and_the_faults_stay_with_their_stream
     dev.synchronize_stream(&waiter).unwrap();
     dev.peek(r, &mut out).unwrap();
     assert_eq!(out, [9; 8]);
-    // The skipped copy released its pinned buffer: it can be read at once.
+    // The skipped copy released its pinned buffer, which answers at once: with the fault,
+    // as on CUDA, where a read waits for the buffer's last copy and meets the error.
     let mut host = [0u8; 8];
+    assert!(matches!(
+        pinned.read(0, &mut host),
+        Err(DeviceError::StreamBroken(_))
+    ));
+    // A copy that runs makes it usable again.
+    dev.copy_dtoh(pinned.slice(0, 8).unwrap(), r, &waiter)
+        .unwrap();
     pinned.read(0, &mut host).unwrap();
+    assert_eq!(host, [9; 8]);
 }
 
 #[test]

@@ -254,6 +254,8 @@ struct Shared {
     reservations: Mutex<BTreeMap<u64, u64>>,
     next_va: Mutex<u64>,
     faults: Mutex<Faults>,
+    /// The last SM partition's context number (see `SimStream::ctx`).
+    partitions_made: AtomicU64,
 }
 
 impl Shared {
@@ -458,6 +460,9 @@ pub(crate) struct SimStream {
     worker: Mutex<Option<JoinHandle<()>>>,
     worker_id: ThreadId,
     error: Arc<Mutex<Option<String>>>,
+    /// The context the stream belongs to: 0 for the device's, else its SM partition's
+    /// (events recorded in different contexts cannot be timed against each other).
+    ctx: u64,
     acc: Arc<Accounts>,
 }
 
@@ -470,7 +475,7 @@ impl std::fmt::Debug for SimStream {
 }
 
 impl SimStream {
-    fn spawn(acc: &Arc<Accounts>, priority: i32) -> Result<Arc<Self>> {
+    fn spawn(acc: &Arc<Accounts>, priority: i32, ctx: u64) -> Result<Arc<Self>> {
         let (tx, rx) = mpsc::channel::<Op>();
         let error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
         let err = error.clone();
@@ -495,6 +500,7 @@ impl SimStream {
             worker_id: handle.thread().id(),
             worker: Mutex::new(Some(handle)),
             error,
+            ctx,
             acc: acc.clone(),
         }))
     }
@@ -567,6 +573,8 @@ impl Drop for SimStream {
 #[derive(Debug)]
 pub(crate) struct SimEvent {
     done: Arc<Completion>,
+    /// The context of the stream it was last recorded on (see `SimStream::ctx`).
+    ctx: AtomicU64,
     acc: Arc<Accounts>,
 }
 
@@ -582,6 +590,10 @@ pub(crate) struct SimPinned {
     data: Mutex<Box<[u8]>>,
     in_flight: Mutex<u64>,
     idle: Condvar,
+    /// Why the last copy of the buffer to end did not run (it faulted, or its stream had):
+    /// reads and writes fail until a copy runs, as on CUDA, where they wait for the last
+    /// copy's event and meet the context's error.
+    failure: Mutex<Option<String>>,
     acc: Arc<Accounts>,
 }
 
@@ -602,13 +614,23 @@ impl SimPinned {
             self.idle.notify_all();
         }
     }
-    pub(crate) fn read(&self, off: usize, dst: &mut [u8]) -> Result<()> {
+    /// Wait for the copies in flight; fail if the last to end did not run.
+    fn settled(&self) -> Result<()> {
         self.wait_idle();
+        match &*lock(&self.failure) {
+            Some(why) => Err(DeviceError::StreamBroken(format!(
+                "the last copy of this pinned buffer did not run ({why}); its bytes are not what the copy would have left: copy again on a stream that works"
+            ))),
+            None => Ok(()),
+        }
+    }
+    pub(crate) fn read(&self, off: usize, dst: &mut [u8]) -> Result<()> {
+        self.settled()?;
         dst.copy_from_slice(&lock(&self.data)[off..off + dst.len()]);
         Ok(())
     }
     pub(crate) fn write(&self, off: usize, src: &[u8]) -> Result<()> {
-        self.wait_idle();
+        self.settled()?;
         lock(&self.data)[off..off + src.len()].copy_from_slice(src);
         Ok(())
     }
@@ -696,6 +718,7 @@ impl SimDevice {
                 regions: parking_lot::RwLock::new(BTreeMap::new()),
                 reservations: Mutex::new(BTreeMap::new()),
                 next_va: Mutex::new(VA_START),
+                partitions_made: AtomicU64::new(0),
                 faults: Mutex::new(Faults::default()),
             }),
             info,
@@ -718,8 +741,9 @@ impl SimDevice {
     /// Make the `n`th next pinned copy (`copy_htod` or `copy_dtoh`; n = 1 is the very next)
     /// queue without error and fault as it runs, as a copy that hits a bad address does:
     /// it moves no bytes, its stream reports [`DeviceError::StreamBroken`] from then on,
-    /// and the work queued behind it does not run. A copy refused when queued, or skipped
-    /// behind an earlier fault of its stream, uses up its turn all the same.
+    /// and the work queued behind it does not run. A copy skipped behind an earlier fault
+    /// of its stream uses up its turn all the same; one refused when queued (a bad
+    /// address, a fault from [`SimDevice::fail_nth`]) is not counted.
     pub fn fault_copy_as_it_runs(&self, n: u64) {
         let mut f = lock(&self.shared.faults);
         let at = f.pinned_copies.saturating_add(n.max(1));
@@ -826,6 +850,11 @@ impl SimDevice {
             if run == Ok(true) {
                 copy(&segs, &mut lock(&p2.data));
             }
+            *lock(&p2.failure) = match &run {
+                Ok(true) => None,
+                Ok(false) => Some("its stream had faulted before it".to_string()),
+                Err(e) => Some(e.clone()),
+            };
             p2.end();
             if let Err(e) = run {
                 panic!("{e}");
@@ -835,6 +864,23 @@ impl SimDevice {
             p.end();
         }
         r
+    }
+
+    /// A stream of the device's context, or of `partition`'s.
+    fn stream_in(&self, priority: i32, partition: Option<&SmPartition>) -> Result<Stream> {
+        self.info.priority_range.check(priority)?;
+        let ctx = match partition.map(|p| &p.inner) {
+            None => 0,
+            Some(PartitionInner::Sim(ctx)) => *ctx,
+            Some(PartitionInner::Cuda(_)) => return Err(foreign_backend("SM partition")),
+        };
+        self.shared.tick(FaultOp::StreamOp)?;
+        Ok(Stream {
+            device: self.shared.id,
+            priority,
+            partition_sms: partition.map(|p| p.sm_count),
+            inner: StreamInner::Sim(SimStream::spawn(&self.shared.acc, priority, ctx)?),
+        })
     }
 
     fn sim_stream(&self, stream: &Stream) -> Result<Arc<SimStream>> {
@@ -1038,14 +1084,7 @@ impl Device for SimDevice {
     }
 
     fn create_stream(&self, priority: i32) -> Result<Stream> {
-        self.info.priority_range.check(priority)?;
-        self.shared.tick(FaultOp::StreamOp)?;
-        Ok(Stream {
-            device: self.shared.id,
-            priority,
-            partition_sms: None,
-            inner: StreamInner::Sim(SimStream::spawn(&self.shared.acc, priority)?),
-        })
+        self.stream_in(priority, None)
     }
 
     fn create_event(&self, flags: EventFlags) -> Result<Event> {
@@ -1056,6 +1095,7 @@ impl Device for SimDevice {
             flags,
             inner: EventInner::Sim(Arc::new(SimEvent {
                 done: Arc::new(Completion::new()),
+                ctx: AtomicU64::new(0),
                 acc: self.shared.acc.clone(),
             })),
         })
@@ -1079,7 +1119,10 @@ impl Device for SimDevice {
                         Some(why) => done.fail(g, why),
                         None => done.complete(g),
                     }
-                }))
+                }))?;
+                // Under the event's lock, as the record's generation is taken.
+                e.ctx.store(s.ctx, Ordering::Relaxed);
+                Ok(())
             })
             .map(|_| ())
     }
@@ -1126,6 +1169,13 @@ impl Device for SimDevice {
         failed(&a.done, ga)?;
         failed(&b.done, gb)?;
         match (a.done.completed_at(), b.done.completed_at()) {
+            // As the driver, which times only events of one context.
+            (Some(_), Some(_)) if a.ctx.load(Ordering::Relaxed) != b.ctx.load(Ordering::Relaxed) => {
+                Err(DeviceError::Unsupported {
+                    what: "elapsed time",
+                    reason: "the two events were last recorded on streams of different contexts (an SM partition's and another's); record both on the same stream".into(),
+                })
+            }
             (Some(t0), Some(t1)) => Ok(t1.saturating_duration_since(t0)),
             _ => Err(DeviceError::Unsupported {
                 what: "elapsed time",
@@ -1164,6 +1214,7 @@ impl Device for SimDevice {
             inner: PinnedInner::Sim(Arc::new(SimPinned {
                 data: Mutex::new(data),
                 in_flight: Mutex::new(0),
+                failure: Mutex::new(None),
                 idle: Condvar::new(),
                 acc: self.shared.acc.clone(),
             })),
@@ -1283,7 +1334,9 @@ impl Device for SimDevice {
             device: self.shared.id,
             requested,
             sm_count,
-            inner: PartitionInner::Sim,
+            inner: PartitionInner::Sim(
+                self.shared.partitions_made.fetch_add(1, Ordering::Relaxed) + 1,
+            ),
         };
         let partitions = sm_counts
             .iter()
@@ -1299,9 +1352,7 @@ impl Device for SimDevice {
 
     fn create_stream_in(&self, partition: &SmPartition, priority: i32) -> Result<Stream> {
         check_owner(self.shared.id, "SM partition", partition.device)?;
-        let mut s = self.create_stream(priority)?;
-        s.partition_sms = Some(partition.sm_count);
-        Ok(s)
+        self.stream_in(priority, Some(partition))
     }
 
     fn as_sim(&self) -> Option<&SimDevice> {
