@@ -723,6 +723,19 @@ impl Context {
             }
         })()
         .map_err(undo_owner)?;
+        if let Isolation::SmPartition { requested, granted } = isolation {
+            // Groups in use never move: a share that fits neither a vacancy nor the SMs
+            // after the last group in use is trimmed to those, however many SMs the
+            // shares leave free in all.
+            if own_partition && granted < requested {
+                tracing::warn!(
+                    context = %name,
+                    requested,
+                    granted,
+                    "the context's compute share got fewer SMs than it asked for: groups in use keep their SMs, and the share fit neither a vacated group nor the SMs after the last group in use; ask for a share that fits a vacated group, or create the contexts with large shares first"
+                );
+            }
+        }
         let inner = Arc::new(CtxInner {
             stream_id: StreamId(rt.next_stream.fetch_add(1, Ordering::Relaxed)),
             rt: rt.clone(),

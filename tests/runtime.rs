@@ -1468,6 +1468,65 @@ fn compute_shares_added_later_never_oversubscribe_the_sms() {
     assert!(nb + nc <= sms, "{nb} + {nc} SMs on a device of {sms}");
 }
 
+/// What `tracing` logs while `f` runs on this thread.
+fn logs_of(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let bytes = sink.0.lock().unwrap().clone();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[test]
+fn a_compute_share_trimmed_to_the_sms_left_says_so() {
+    let (rt, sim) = sim_runtime(256 * MIB, 1.0);
+    let quarter = sim.info().sm_count / 4;
+    let share = |name: &str, share: f64| {
+        rt.create_context(ContextSpec::new(name, MIB).compute(share))
+            .unwrap()
+    };
+    let (a, b, c) = (share("a", 0.25), share("b", 0.25), share("c", 0.25));
+    // `b`'s group is vacated; half the SMs are free, but not in one piece.
+    drop(b);
+    let mut d = None;
+    let logs = logs_of(|| d = Some(share("d", 0.5)));
+    let d = d.unwrap();
+    match d.isolation() {
+        gpushare::qos::Isolation::SmPartition { requested, granted } => {
+            assert!(
+                granted < requested && *granted <= quarter,
+                "{:?}",
+                d.isolation()
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        logs.contains("fewer SMs than it asked for") && logs.contains("d"),
+        "{logs}"
+    );
+    // A share that gets what it asks for says nothing.
+    drop(d);
+    let logs = logs_of(|| drop(share("e", 0.25)));
+    assert!(!logs.contains("fewer SMs"), "{logs}");
+    drop((a, c));
+}
+
 #[test]
 fn an_offload_copy_that_faults_as_it_runs_loses_no_data() {
     let (rt, sim) = sim_runtime(64 * MIB, 4.0);

@@ -59,12 +59,14 @@ pub enum QosError {
     #[error("context {0:?} asks for a compute share of its own, in a partition named after it, but a partition of that name exists already; give the context another name, or place it in that partition (ContextSpec::partition)")]
     PrivatePartitionNameTaken(String),
     /// A partition that does not exist.
-    #[error("no partition is named {0:?}; create it first")]
+    #[error("no partition is named {0:?}; declare it first (RuntimeBuilder::partition, before build, or PartitionManager::create_partition)")]
     UnknownPartition(String),
     /// Shares or memory limits that do not fit.
-    #[error("partitions would take {total} of the {what} (at most {limit}); lower the shares (a PartitionManager of your own may allow overcommit)")]
+    #[error("partition {partition:?} would bring the partitions' {what} to {total} (at most {limit}); lower its limit or the other partitions' (the memory is the runtime's capacity: its memory fraction of the device memory free when it was built; a PartitionManager of your own may allow overcommit)")]
     PartitionsOverfull {
-        /// Compute or memory.
+        /// The partition that did not fit.
+        partition: String,
+        /// Compute (`"SMs"`, as a share of them) or memory (bytes).
         what: &'static str,
         /// What they would add up to.
         total: f64,

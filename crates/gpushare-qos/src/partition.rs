@@ -230,6 +230,7 @@ impl PartitionManager {
                 .sum();
             if compute > 1.0 + 1e-9 {
                 return Err(QosError::PartitionsOverfull {
+                    partition: name.to_string(),
                     what: "SMs",
                     total: compute,
                     limit: 1.0,
@@ -243,6 +244,7 @@ impl PartitionManager {
                 .fold(0u64, u64::saturating_add);
             if memory > self.cfg.total_memory {
                 return Err(QosError::PartitionsOverfull {
+                    partition: name.to_string(),
                     what: "memory",
                     total: memory as f64,
                     limit: self.cfg.total_memory as f64,

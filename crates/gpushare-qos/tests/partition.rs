@@ -81,10 +81,14 @@ fn bad_partitions_are_typed() {
         m.create_partition("a", PartitionLimits::default()),
         Err(QosError::DuplicatePartition(_))
     ));
-    assert!(matches!(
-        m.create_partition("b", PartitionLimits::default().compute(0.5)),
-        Err(QosError::PartitionsOverfull { what: "SMs", .. })
-    ));
+    let err = m
+        .create_partition("b", PartitionLimits::default().compute(0.5))
+        .unwrap_err();
+    assert!(
+        matches!(&err, QosError::PartitionsOverfull { partition, what: "SMs", .. } if partition == "b"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("\"b\""), "{err}");
     assert!(matches!(
         m.create_partition("b", PartitionLimits::default().compute(1.5)),
         Err(QosError::BadShare { .. })
