@@ -12,8 +12,21 @@ pub const ENV_OFFLOAD: &str = "GPUSHARE_OFFLOAD";
 /// Overcommit ratio for admission (1.0 is off).
 pub const ENV_OVERCOMMIT: &str = "GPUSHARE_OVERCOMMIT";
 
+/// Every variable read here.
+pub const ENV_VARS: [&str; 4] = [ENV_DEVICE, ENV_MEMORY_FRACTION, ENV_OFFLOAD, ENV_OVERCOMMIT];
+
+/// Of `names`, those that start with `GPUSHARE_` but are none of [`ENV_VARS`]: most likely
+/// misspelt, and then silently without effect.
+pub fn unknown_vars<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    names
+        .into_iter()
+        .filter(|n| n.starts_with("GPUSHARE_") && !ENV_VARS.contains(n))
+        .collect()
+}
+
 /// Settings taken from the environment. Unset variables are `None` (or `Auto`), so that
-/// builders can tell them from explicit settings.
+/// builders can tell them from explicit settings; a variable set to an empty value (or to
+/// blanks) counts as unset, as container setups often export them so.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Config {
     /// Which device backend to open (`GPUSHARE_DEVICE`).
@@ -42,7 +55,19 @@ impl Config {
     /// Read the settings from the process environment, skipping the variables for which
     /// `explicit` is true: a setting given in code wins, so a bad value in its variable
     /// is not an error.
+    ///
+    /// A variable named `GPUSHARE_*` that is none of [`ENV_VARS`] is logged as a warning.
     pub fn from_env_except(explicit: impl Fn(&str) -> bool) -> Result<Self, DeviceError> {
+        let names: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .collect();
+        for name in unknown_vars(names.iter().map(String::as_str)) {
+            tracing::warn!(
+                variable = name,
+                "{name} is set but gpushare reads no such variable; it has no effect (gpushare reads {})",
+                ENV_VARS.join(", ")
+            );
+        }
         Self::from_lookup(|k| {
             if explicit(k) {
                 None
@@ -56,6 +81,7 @@ impl Config {
 
     /// Read the settings through `lookup`, which maps a variable name to its value.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, DeviceError> {
+        let lookup = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
         let device = match lookup(ENV_DEVICE) {
             Some(v) => v.parse()?,
             None => BackendChoice::Auto,
@@ -150,6 +176,29 @@ mod tests {
             assert!(matches!(env(bad), Err(DeviceError::Config { .. })));
         }
         assert_eq!(env(&[]).unwrap(), Config::default());
+        // Empty values count as unset.
+        let empty = env(&[
+            (ENV_DEVICE, ""),
+            (ENV_MEMORY_FRACTION, ""),
+            (ENV_OFFLOAD, " "),
+            (ENV_OVERCOMMIT, ""),
+        ]);
+        assert_eq!(empty.unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_gpushare_variables_are_found() {
+        let names = [
+            "GPUSHARE_MEMORY_FRACTON",
+            "GPUSHARE_DEVICE",
+            "PATH",
+            "GPUSHARE_OFFLOAD",
+            "GPUSHARE_OVERCOMIT",
+        ];
+        assert_eq!(
+            unknown_vars(names),
+            ["GPUSHARE_MEMORY_FRACTON", "GPUSHARE_OVERCOMIT"]
+        );
     }
 
     #[test]
