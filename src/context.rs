@@ -466,38 +466,24 @@ impl Drop for StreamRelease<'_> {
     }
 }
 
-/// Memory that will be released, counted in the session gate (see
-/// [`gpushare_qos::SessionGate`]) while this lives: its drop releases it, which moves the
-/// release generation and wakes the first in line.
-struct WillRelease<'a> {
+/// A request placing a pinned block, counted in the session gate (see
+/// [`gpushare_qos::SessionGate`]) as a pending release while this lives: its drop releases
+/// it, which moves the release generation and wakes the first in line. See
+/// [`Context::create_buffer_with`].
+struct Placing<'a> {
     gate: &'a gpushare_qos::SessionGate,
-    release: fn(&gpushare_qos::SessionGate),
 }
 
-impl<'a> WillRelease<'a> {
-    /// A live use of memory.
-    fn live_use(gate: &'a gpushare_qos::SessionGate) -> Self {
-        gate.started();
-        WillRelease {
-            gate,
-            release: gpushare_qos::SessionGate::ended,
-        }
-    }
-
-    /// A request placing a pinned block, as a pending release (see
-    /// [`Context::create_buffer_with`]).
-    fn placing(gate: &'a gpushare_qos::SessionGate) -> Self {
+impl<'a> Placing<'a> {
+    fn new(gate: &'a gpushare_qos::SessionGate) -> Self {
         gate.pending_added();
-        WillRelease {
-            gate,
-            release: gpushare_qos::SessionGate::pending_done,
-        }
+        Placing { gate }
     }
 }
 
-impl Drop for WillRelease<'_> {
+impl Drop for Placing<'_> {
     fn drop(&mut self) {
-        (self.release)(self.gate);
+        self.gate.pending_done();
     }
 }
 
@@ -828,22 +814,18 @@ impl Context {
     /// wait for their copies out. Async code calls it in `tokio::task::spawn_blocking`.
     pub fn create_buffer_with(&self, size: u64, policy: EvictPolicy) -> Result<Buffer> {
         let c = &self.inner;
-        // The new block stays pinned while its staging is allocated (slow): until then it
-        // counts as a live use, so a session short of memory meanwhile waits rather than
-        // failing, and is woken when it ends. Not before it is placed: while the request
-        // runs short, its pressure handlers may open sessions, which must not wait for
-        // the very request that called them.
-        //
-        // From just before the block is placed (pinned) until it counts as a live use, it
-        // counts as a pending release: a session short of memory in between would see
-        // neither, and fail for good where it should wait for this pin to go.
-        let (id, _, _live) = self.with_relief(size, || {
-            let _placing = WillRelease::placing(&c.rt.waits);
+        // The new block stays pinned while its staging is allocated (slow): from just
+        // before it is placed until then, it counts as a pending release, so that a
+        // session short of memory meanwhile waits for this pin to go rather than failing
+        // for good, and is woken when it goes. (A count of its own, not the live sessions':
+        // those are bounded, and a buffer's creation is no session.)
+        let (id, _, _placing) = self.with_relief(size, || {
+            let placing = Placing::new(&c.rt.waits);
             let (id, pinned) =
                 c.rt.pool
                     .alloc_evictable(c.owner, size, 0, c.stream_id)
                     .map_err(|e| RuntimeError::from_pool(e, &c.name))?;
-            Ok((id, pinned, WillRelease::live_use(&c.rt.waits)))
+            Ok((id, pinned, placing))
         })?;
         let key = id.key();
         let discarded = Arc::new(AtomicBool::new(false));

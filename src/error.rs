@@ -102,6 +102,14 @@ pub enum RuntimeError {
         /// Sessions waiting.
         waiting: u64,
     },
+    /// Too many sessions are live at once: the runtime counts about a million.
+    #[error("{live} sessions are live already, as many as the runtime counts; {context:?} cannot start another: end some first, or bound the requests in flight (with a semaphore, say)")]
+    TooManySessions {
+        /// The context.
+        context: String,
+        /// Sessions live.
+        live: u64,
+    },
     /// A context's persistent buffers can never all be resident.
     #[error("the buffers of {context:?} take {bytes} B but the runtime holds only {capacity} B; free some or raise the memory fraction")]
     WorkingSetTooLarge {

@@ -265,7 +265,8 @@ async fn infer(State(app): State<Arc<App>>, Path(name): Path<String>, body: Byte
                 | RuntimeError::OutOfMemory { .. }
                 | RuntimeError::ReservedElsewhere { .. }
                 | RuntimeError::PressureDenied { .. }
-                | RuntimeError::LineFull { .. } => {
+                | RuntimeError::LineFull { .. }
+                | RuntimeError::TooManySessions { .. } => {
                     let mut r = error(StatusCode::SERVICE_UNAVAILABLE, e);
                     r.headers_mut()
                         .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));

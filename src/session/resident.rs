@@ -137,7 +137,9 @@ pub(super) fn pin_resident(ctx: &Arc<CtxInner>, wait: bool) -> Result<Fast> {
             None => return Ok(Fast::Busy),
         }
     };
-    ctx.rt.waits.started();
+    if !ctx.rt.waits.started() {
+        return Err(too_many_sessions(ctx));
+    }
     // The hold keeps every buffer pinned (none was made or dropped since it was kept):
     // ride it.
     if ctx.ride(&slots) {
@@ -281,12 +283,24 @@ pub(crate) fn pin_all(
                 }
             }
         }
+        if !ctx.rt.waits.started() {
+            let _ = ctx.rt.pool.unpin_all(pinned);
+            return Err(too_many_sessions(ctx));
+        }
         break;
     }
     let mut prefix = tried.succeeded();
     prefix.general = true;
-    ctx.rt.waits.started();
     Ok(prefix)
+}
+
+/// The error of a session refused by a full live count (see
+/// [`gpushare_qos::SessionGate::started`]).
+fn too_many_sessions(ctx: &CtxInner) -> RuntimeError {
+    RuntimeError::TooManySessions {
+        context: ctx.name.clone(),
+        live: gpushare_qos::SessionGate::MAX_LIVE,
+    }
 }
 
 /// A try of [`pin_all`]: a use of its context from the moment it takes the working set

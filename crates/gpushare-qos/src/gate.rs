@@ -27,10 +27,10 @@ use crate::sync::AtomicU64;
 
 /// The fields of [`SessionGate::state`], low to high: waiters (20 bits: a million sessions
 /// waiting at once; [`SessionGate::enqueue`] refuses more), live sessions (20 bits: a
-/// million sessions at once; debug builds check it), and the release generation (24
-/// bits). The
-/// generation only tells an attempt whether anything was released while it ran; it would
-/// take 2^24 releases during one attempt for a wrap to hide one.
+/// million sessions at once; [`SessionGate::started`] refuses more), and the release
+/// generation (24 bits). The generation only tells an attempt whether anything was
+/// released while it ran; it would take 2^24 releases during one attempt for a wrap to
+/// hide one.
 const WAITERS: u64 = (1 << 20) - 1;
 const LIVE: u64 = 1 << 20;
 const LIVE_MASK: u64 = WAITERS * LIVE;
@@ -118,11 +118,30 @@ impl SessionGate {
         self.state.load(Ordering::Acquire) & WAITERS == 0 || self.queue.would_lead(rank)
     }
 
-    /// A session started (it will release when it ends).
+    /// The most sessions that may be live at once (see [`SessionGate::started`]).
+    pub const MAX_LIVE: u64 = LIVE_MASK / LIVE;
+
+    /// A session started (it will release when it ends); false, and nothing counted, when
+    /// [`SessionGate::MAX_LIVE`] sessions are live already (the count would carry into the
+    /// generation, and a waiter would see no live session and fail for good).
     #[inline]
-    pub fn started(&self) {
-        let before = self.state.fetch_add(LIVE, Ordering::AcqRel);
-        debug_assert!(before & LIVE_MASK != LIVE_MASK, "too many live sessions");
+    #[must_use]
+    pub fn started(&self) -> bool {
+        let mut now = self.state.load(Ordering::Acquire);
+        loop {
+            if now & LIVE_MASK == LIVE_MASK {
+                return false;
+            }
+            match self.state.compare_exchange_weak(
+                now,
+                now + LIVE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => now = seen,
+            }
+        }
     }
 
     /// A session ended: it released memory.
@@ -355,6 +374,24 @@ mod tests {
     }
 
     #[test]
+    fn a_full_live_count_refuses_a_session_and_waiters_still_wait() {
+        let gate = SessionGate::new(Duration::from_secs(1));
+        for _ in 0..SessionGate::MAX_LIVE {
+            assert!(gate.started());
+        }
+        // One more would carry into the generation and leave no live session counted.
+        assert!(!gate.started());
+        assert_eq!(gate.live(), SessionGate::MAX_LIVE);
+        assert_eq!(gate.attempt(|| Err::<(), ()>(()), |_| true), Attempt::Wait);
+        gate.ended();
+        assert!(gate.started());
+        for _ in 0..SessionGate::MAX_LIVE {
+            gate.ended();
+        }
+        assert_eq!(gate.live(), 0);
+    }
+
+    #[test]
     fn a_ticket_removed_twice_leaves_once() {
         let gate = SessionGate::new(Duration::from_secs(1));
         let id = gate.enqueue(1, 0, Waker::noop()).unwrap();
@@ -377,7 +414,7 @@ mod tests {
         let n = (1u64 << 24) + 3;
         for i in 0..n {
             if i % 2 == 0 {
-                gate.started();
+                assert!(gate.started());
                 gate.ended();
             } else {
                 gate.released();

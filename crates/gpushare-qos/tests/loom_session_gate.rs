@@ -80,7 +80,7 @@ fn setup() -> (Arc<SessionGate>, Arc<AtomicBool>) {
 fn a_session_ending_wakes_a_waiter_and_it_gets_the_memory() {
     loom::model(|| {
         let (gate, free) = setup();
-        gate.started(); // the session holding the memory
+        assert!(gate.started()); // the session holding the memory
         let (g2, f2) = (gate.clone(), free.clone());
         let holder = thread::spawn(move || {
             f2.store(true, Ordering::Release);
@@ -248,7 +248,7 @@ fn away_session_gets_every_release(holders: usize, preemptions: usize) {
         let released = Arc::new(AtomicUsize::new(0));
         let holders: Vec<_> = (0..holders)
             .map(|_| {
-                gate.started();
+                assert!(gate.started());
                 let (gate, released) = (gate.clone(), released.clone());
                 thread::spawn(move || {
                     released.fetch_add(1, Ordering::AcqRel);
