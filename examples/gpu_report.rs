@@ -162,7 +162,11 @@ fn main() {
         "usage: gpu_report [--out FILE] [--iters N]",
     );
     let out = f.text("--out", "");
-    let iters = f.count("--iters", 2000) as usize;
+    let iters = f.count("--iters", 2000);
+    if iters > 10_000_000 {
+        common::fail(&format!("--iters is at most 10000000, not {iters}"));
+    }
+    let iters = iters as usize;
     match run(iters) {
         Ok(md) => {
             println!("{md}");

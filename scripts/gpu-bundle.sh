@@ -61,6 +61,7 @@ while read -r exe; do
   # Cargo's names, hash suffix included (name-0123abcd): they stay unique.
   cp "$exe" "$out/tests/$name"
 done < "$out/.test-list"
+[ -n "$(ls "$out/tests")" ] || { echo "gpu-bundle: no test harness was built" >&2; exit 1; }
 rm "$out/.test-list"
 
 for ex in "${FIGURE_EXAMPLES[@]}"; do
@@ -76,7 +77,9 @@ cat > "$out/run.sh" <<'RUN'
 #   ONLY="tests"                 only the test binaries
 #   ONLY="examples"              only the figure examples
 #   ONLY="gpu_report isolation"  only the named binaries (tests or examples)
-#   ONLY="benches"               only the criterion benches (not run unless named)
+#   ONLY="tests/runtime"         a name with its kind, where a test and an example share it
+#   ONLY="benches"               only the criterion benches (not run unless named so, or
+#                                as "benches/runtime"; a plain name never runs a bench)
 #   TEST_TIMEOUT / EXAMPLE_TIMEOUT / BENCH_TIMEOUT  seconds per binary (default 120 / 150 / 300)
 #   EXAMPLE_ARGS_<name>          extra flags for one example, e.g. EXAMPLE_ARGS_pool_bench=--quick
 #   BENCH_ARGS                   criterion flags (default: 1 s warm-up, 2 s measurement, no plots)
@@ -99,7 +102,13 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 wanted() { # kind name
   [ -z "$ONLY" ] && return 0
   for w in $ONLY; do
-    if [ "$w" = "$1" ] || [ "$w" = "$2" ] || [ "${2%-*}" = "$w" ]; then return 0; fi
+    if [ "$w" = "$1" ] || [ "$w" = "$2" ] || [ "${2%-*}" = "$w" ] || [ "$w" = "$1/${2%-*}" ]; then return 0; fi
+  done
+  return 1
+}
+bench_wanted() { # name: only "benches" or "benches/<name>" runs a bench
+  for w in $ONLY; do
+    if [ "$w" = benches ] || [ "$w" = "benches/${1%-*}" ]; then return 0; fi
   done
   return 1
 }
@@ -129,11 +138,11 @@ for e in "$here"/examples/*; do
   echo "   rc=$rc in $((SECONDS - start)) s" >&2
   [ $rc -ne 0 ] && failed=1
 done
-# Benches take minutes: they run only when ONLY names them ("benches", or a bench's name).
+# Benches take minutes: they run only when ONLY names them ("benches", or "benches/<name>").
 for b in "$here"/benches/*; do
   [ -e "$b" ] || continue
   n=$(basename "$b")
-  [ -n "$ONLY" ] && wanted benches "$n" || continue
+  bench_wanted "$n" || continue
   echo "== bench $n" >&2
   start=$SECONDS
   # shellcheck disable=SC2086
@@ -162,5 +171,6 @@ chmod +x "$out/run.sh"
 du -sh "$out" >&2
 size=$(du -sm "$out" | cut -f1)
 if [ "$size" -ge 64 ]; then
-  echo "warning: .gpu is ${size} MiB; remote runners may carry at most 64 MiB" >&2
+  echo "gpu-bundle: .gpu is ${size} MiB; remote runners carry at most 64 MiB: bundle fewer binaries" >&2
+  exit 1
 fi

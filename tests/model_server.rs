@@ -219,6 +219,43 @@ async fn serve_under_load(dev: Arc<dyn Device>) {
         .unwrap();
     assert_eq!(r.status(), 422);
 
+    // A request whose client gives up leaves the line at once. The other three models'
+    // sessions hold the memory that `embed`'s weights need.
+    let held: Vec<_> = ["llm", "chat", "vision"]
+        .iter()
+        .map(|n| app.context(n).unwrap().session().unwrap())
+        .collect();
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(format!("{base}/v1/models/embed/infer"))
+        .body(r#"{"input": [1]}"#)
+        .send()
+        .await;
+    assert!(r.is_err(), "the request was served: {r:?}");
+    let waiting = || async {
+        let status: serde_json::Value = client
+            .get(format!("{base}/v1/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        status["waiting_sessions"].as_u64().unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while waiting().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a request whose client went still waits for a session"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(held);
+
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
     println!("{by_status:?}, {evictions} evictions");

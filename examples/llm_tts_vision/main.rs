@@ -393,6 +393,23 @@ async fn run(args: Args) -> Res<()> {
             args.mib
         ));
     }
+    // A request's scratch (its input, each layer's output, the vocoder's output) must fit
+    // beside the weights in the LLM's and the TTS's budgets of 6 sixteenths: the LLM's,
+    // with 5 layers and the published outputs, needs the most.
+    let units = |bytes: usize| (bytes as u64).div_ceil(256) * 256;
+    let llm_needs = 5 * tensor
+        + RING as u64 * units(d * 4)
+        + units(d * batch * 4)
+        + units(5 * d * batch * 4)
+        + units(d * 4);
+    if llm_needs > 6 * q {
+        common::fail(&format!(
+            "--batch {batch} needs {} MiB for the LLM's weights and a request's scratch, more than its budget of {} MiB (6/16 of --mib {}); lower --batch or raise --mib",
+            llm_needs.div_ceil(MIB),
+            6 * q / MIB,
+            args.mib
+        ));
+    }
     let llm = rt.create_context(ContextSpec::new("llm", 6 * q).base(6 * q))?;
     let tts = rt.create_context(ContextSpec::new("tts", 6 * q).base(2 * q))?;
     let vision = rt.create_context(ContextSpec::new("vision", 8 * q).compute(0.25))?;

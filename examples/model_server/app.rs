@@ -20,8 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a request waits for a session on its model before it is answered 503 (with
-/// `Retry-After`): a request blocks a thread of tokio's blocking pool while it waits, and
-/// a client that gave up is better told than served late.
+/// `Retry-After`): a client that gave up is better told than served late. (The wait holds
+/// no thread, and ends when the client goes: the session is awaited, and dropped with the
+/// request.)
 pub const SESSION_WAIT: Duration = Duration::from_secs(30);
 
 /// Bytes of weights each request reads.
@@ -137,6 +138,11 @@ impl App {
         &self.rt
     }
 
+    /// The context of model `name`.
+    pub fn context(&self, name: &str) -> Option<&Context> {
+        self.models.get(name).map(|m| &m.ctx)
+    }
+
     /// Read every byte of every model's weights back and compare them with what was
     /// written: they survive any number of evictions and restores. Blocks the thread.
     pub fn check_weights(&self) -> Result<(), String> {
@@ -196,39 +202,47 @@ async fn infer(State(app): State<Arc<App>>, Path(name): Path<String>, body: Byte
         );
     }
     let t = Instant::now();
-    // The request's work runs on a blocking thread: its reads wait for their copies, and
-    // getting the session may restore the model's weights (whole tensors copied from host
-    // memory, waited for). A worker thread of the async runtime must not stall on either
-    // while other requests and `/metrics` wait.
-    let (app2, name2) = (app.clone(), name.clone());
-    let input = req.input;
-    let task = tokio::task::spawn_blocking(move || {
-        let m = &app2.models[&name2];
-        let mut s = m.ctx.session_timeout(SESSION_WAIT)?;
-        let (t, off) = window(input.len(), m.tensors[0].size());
-        let mut w = vec![0u8; WINDOW as usize];
-        s.read(&m.tensors[t as usize], off, &mut w)?;
-        Ok::<f64, RuntimeError>(
-            input
-                .iter()
-                .enumerate()
-                .map(|(i, x)| x * f64::from(w[i % WINDOW as usize]))
-                .sum(),
-        )
-    })
-    .await;
+    let m = &app.models[&name];
+    // The session is awaited: waiting in line holds no thread, and a request whose client
+    // goes (its future dropped) leaves the line at once, restoring nothing for nobody.
+    // Weights that must come back are restored on one of tokio's blocking threads.
+    let task = match tokio::time::timeout(SESSION_WAIT, m.ctx.session_async()).await {
+        Err(_) => Ok(Err(RuntimeError::SessionTimedOut {
+            context: m.ctx.name().to_string(),
+            waited: t.elapsed(),
+            missing: m.ctx.usage().evicted,
+            available: app.rt.available_vram(),
+        })),
+        Ok(Err(e)) => Ok(Err(e)),
+        // The read waits for its copy: the worker's other tasks move to another thread
+        // meanwhile.
+        Ok(Ok(mut s)) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tokio::task::block_in_place(|| {
+                let (t, off) = window(req.input.len(), m.tensors[0].size());
+                let mut w = vec![0u8; WINDOW as usize];
+                s.read(&m.tensors[t as usize], off, &mut w)?;
+                Ok::<f64, RuntimeError>(
+                    req.input
+                        .iter()
+                        .enumerate()
+                        .map(|(i, x)| x * f64::from(w[i % WINDOW as usize]))
+                        .sum(),
+                )
+            })
+        })),
+    };
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let mut metrics = app.metrics.lock();
     let mt = metrics.entry(name.clone()).or_default();
     mt.requests += 1;
     let result = match task {
         Ok(r) => r,
-        Err(e) => {
+        Err(_) => {
             mt.errors += 1;
             drop(metrics);
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the request's task failed: {e}"),
+                "the request's work panicked",
             );
         }
     };

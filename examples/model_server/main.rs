@@ -63,6 +63,15 @@ async fn run(addr: &str, mib: u64) -> Result<(), Box<dyn std::error::Error>> {
         // back, whatever GPUSHARE_OFFLOAD says.
         .evict_policy(gpushare::EvictPolicy::Offload)
         .build()?;
+    // The runtime takes at most what the device has free now: the models are sized from
+    // that.
+    if rt.capacity() < 64 << 20 {
+        return Err(format!(
+            "the runtime got {} MiB, as little is free on the device now; the models need at least 64 MiB: free some device memory, or use the simulated device (GPUSHARE_DEVICE=sim)",
+            rt.capacity() >> 20
+        )
+        .into());
+    }
     let models = app::default_models(rt.capacity());
     let app = Arc::new(app::App::new(rt, &models)?);
     let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -172,10 +172,13 @@ fn main() {
     while let Some(a) = args.next() {
         let v = args.next().and_then(|v| v.parse::<u64>().ok());
         match (a.as_str(), v) {
-            ("--mib", Some(v)) if v >= 16 => mib = v,
-            ("--rounds", Some(v)) if v > 0 => rounds = v as usize,
+            // The block is filled in host memory: at most 64 GiB.
+            ("--mib", Some(v)) if (16..=65_536).contains(&v) => mib = v,
+            ("--rounds", Some(v)) if (1..=1_000_000).contains(&v) => rounds = v as usize,
             _ => {
-                eprintln!("usage: eviction_stall [--mib N (at least 16)] [--rounds R]");
+                eprintln!(
+                    "usage: eviction_stall [--mib N (16 to 65536)] [--rounds R (1 to 1000000)]"
+                );
                 std::process::exit(2);
             }
         }

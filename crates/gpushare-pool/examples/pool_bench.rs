@@ -89,13 +89,14 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     println!("# pool_bench\n");
     println!(
-        "{} cores; medians over {batches} batches of {per} operations{}\n",
+        "{} cores{}; each table says what its medians are taken over\n",
         cores,
         if quick { " (--quick)" } else { "" }
     );
 
     if run("hot") {
         println!("## Hot allocate+free pair (ns per pair, median)\n");
+        println!("Medians over {batches} batches of {per} pairs.\n");
         println!("| size | gpushare pool | gpushare local cache | offset-allocator | mutex best-fit | pool ÷ offset-allocator | local cache ÷ offset-allocator |");
         println!("|---|---|---|---|---|---|---|");
         for (label, size) in [("256 B", 256), ("64 KiB", 64 * KIB), ("16 MiB", 16 * MIB)] {
@@ -118,10 +119,14 @@ fn main() {
         println!(
             "\n## Churn, mixed sizes 256 B–64 MiB (ns per free+alloc, median; footprint ÷ live)\n"
         );
+        let pairs = if quick { 50_000 } else { 200_000 };
+        println!(
+            "Medians over {} batches of {per} pairs, after each allocator is filled.\n",
+            pairs / per
+        );
         println!("| live blocks | gpushare pool | offset-allocator | mutex best-fit |");
         println!("|---|---|---|---|");
         for live in [1_000usize, 10_000, 100_000] {
-            let pairs = if quick { 50_000 } else { 200_000 };
             let t = Churn::new(live, pairs, 42 + live as u64);
             let (g, gf) = t.run(&mut Gpushare::new(), per);
             let (o, of) = t.run(&mut OffsetAlloc::new(), per);
@@ -139,7 +144,8 @@ fn main() {
         println!(
             "{} traces (seeds {REPLAY_SEEDS:?}) of about {} events: weights of 3 models, \
              per-request activations, KV-cache blocks, scratch. ns: median over the traces of \
-             each trace's median batch; footprint: mean and worst over the traces.\n",
+             each trace's median batch of 1000 events; footprint: mean and worst over the \
+             traces.\n",
             traces.len(),
             traces[0].0.len()
         );
@@ -153,11 +159,18 @@ fn main() {
         replay_row(&traces, BestFit::new);
     }
     if run("threads") {
-        println!("\n## Thread scaling: 64 KiB hot pairs, one owner per thread (aggregate ns per pair, median)\n");
-        println!("| threads | gpushare pool | gpushare local caches | offset-allocator (mutex) | mutex best-fit |");
-        println!("|---|---|---|---|---|");
+        println!("\n## Thread scaling: 64 KiB hot pairs (aggregate ns per pair, median)\n");
         let iters = if quick { 100_000 } else { 400_000 };
         let rounds = if quick { 3 } else { 7 };
+        println!(
+            "Medians over {rounds} rounds of {iters} pairs per thread. The pool's first two \
+             columns give each thread an owner of its own (a tenant: nothing shared but the \
+             central allocator, which hot pairs do not reach); the third puts every thread \
+             on one owner, whose per-thread cache shards it then shares. The peers are one \
+             allocator behind one lock.\n"
+        );
+        println!("| threads | gpushare pool, owner per thread | gpushare local caches, owner per thread | gpushare pool, one owner | offset-allocator (mutex) | mutex best-fit |");
+        println!("|---|---|---|---|---|---|");
         let mut counts = vec![1, 2, cores.max(4)];
         counts.dedup();
         for t in counts {
@@ -183,6 +196,18 @@ fn main() {
                     }
                 })
             };
+            let one = {
+                let (bench, owners) = with_owners(1);
+                scaling(t, iters, rounds, |i, n| {
+                    for _ in 0..n {
+                        let b = bench
+                            .pool
+                            .alloc(owners[0], 64 * KIB, StreamId(i as u64))
+                            .unwrap();
+                        bench.pool.free(std::hint::black_box(b)).unwrap();
+                    }
+                })
+            };
             let o = {
                 let a = Mutex::new(OffsetAlloc::new());
                 scaling(t, iters, rounds, |_, n| {
@@ -201,7 +226,7 @@ fn main() {
                     }
                 })
             };
-            println!("| {t} | {g:.1} | {l:.1} | {o:.1} | {b:.1} |");
+            println!("| {t} | {g:.1} | {l:.1} | {one:.1} | {o:.1} | {b:.1} |");
         }
     }
 }

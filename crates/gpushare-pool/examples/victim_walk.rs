@@ -11,6 +11,8 @@ use gpushare_pool::{
 use std::sync::Arc;
 use std::time::Instant;
 
+mod args;
+
 /// Drops what it evicts (nothing here is ever evicted).
 struct Discard;
 
@@ -59,6 +61,7 @@ fn measure(n: u64) -> Result<f64, Box<dyn std::error::Error>> {
 }
 
 fn main() {
+    args::Args::new("victim_walk (no arguments)").done();
     println!("| blocks of a Burstable owner at its base | µs per request that finds no victim (median of 5 batches) |");
     println!("|---|---|");
     for n in [1_000, 10_000, 100_000] {
