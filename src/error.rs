@@ -143,6 +143,10 @@ pub enum RuntimeError {
         /// Runtime or context.
         owner: &'static str,
     },
+    /// A session future that gives no session: polled again after it completed, or its
+    /// restore on a blocking thread panicked or was cancelled. The reason says what to do.
+    #[error("the session future gives no session: {0}")]
+    SessionFuture(&'static str),
     /// A range outside a buffer.
     #[error("bytes {offset}..{end} lie outside the buffer of {len} B; keep offset + length within the buffer's size")]
     OutOfRange {

@@ -314,7 +314,7 @@ impl RuntimeBuilder {
         let holds = Arc::new(Holds::default());
         pool.set_evictor(Arc::new(Offloader {
             dev: dev.clone(),
-            stream: copy_stream,
+            stream: CopyStream::new(copy_stream),
             buffers: buffers.clone(),
             waits: waits.clone(),
             contexts: contexts.clone(),
@@ -521,7 +521,7 @@ impl RtInner {
 /// it reuses. The cost, one event record and wait, falls on eviction and restore only.
 struct Offloader {
     dev: Arc<dyn Device>,
-    stream: Stream,
+    stream: CopyStream,
     buffers: Arc<Mutex<HashMap<EvictableKey, BufMeta>>>,
     /// Woken when a buffer dropped while its bytes moved out has gone (see
     /// [`Evictor::freed_while_moving`]): its drop woke waiting sessions before that.
@@ -538,6 +538,56 @@ struct Offloader {
     /// [`Holds::kept`] at the last walk: a hold kept since then went idle before the clock
     /// moved (the session that kept it ends after), so the walk may have missed it.
     walked_kept: AtomicU64,
+}
+
+/// The stream of the offload and restore copies, shared by every context's moves.
+///
+/// A copy that faults as it runs breaks its stream for good where the device keeps faults
+/// to their stream (the simulated device does): the next move then gets a new stream, so
+/// that one bad copy does not fail every later offload and restore of every context. On
+/// CUDA a fault loses the whole context, which no new stream brings back; making one
+/// fails, and the error is logged.
+#[derive(Clone)]
+struct CopyStream(Arc<Mutex<Stream>>);
+
+impl CopyStream {
+    fn new(stream: Stream) -> Self {
+        CopyStream(Arc::new(Mutex::new(stream)))
+    }
+
+    /// The stream to queue a move on now.
+    fn get(&self) -> Stream {
+        self.0.lock().clone()
+    }
+
+    /// Queue a copy on the stream with `queue` and wait for it (see [`copy_and_wait`]); if
+    /// the stream turns out broken, replace it (unless another move already did).
+    fn copy(
+        &self,
+        dev: &dyn Device,
+        queue: impl FnOnce(&Stream) -> gpushare_device::Result<()>,
+    ) -> gpushare_device::Result<()> {
+        let used = self.get();
+        let r = copy_and_wait(dev, &used, || queue(&used));
+        if let Err(gpushare_device::DeviceError::StreamBroken(why)) = &r {
+            let mut s = self.0.lock();
+            if s.same_stream(&used) {
+                match dev.create_stream(used.priority()) {
+                    Ok(fresh) => {
+                        tracing::warn!(error = %why, "a copy broke the runtime's copy stream; later moves use a new one");
+                        let broken = std::mem::replace(&mut *s, fresh);
+                        // Let go with the lock free: other moves may still hold it.
+                        drop(s);
+                        drop(broken);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %why, renew = %e, "a copy broke the runtime's copy stream, and no new one can be made");
+                    }
+                }
+            }
+        }
+        r
+    }
 }
 
 /// Contexts that keep a hold on their buffers between sessions (see
@@ -700,10 +750,9 @@ impl Evictor for Offloader {
                     if let Some(fence) = fence {
                         wait_fence(dev.as_ref(), &fence).map_err(e)?;
                     }
-                    copy_and_wait(dev.as_ref(), &copies, || {
-                        dev.copy_dtoh(host.full(), src, &copies)
-                    })
-                    .map_err(e)
+                    copies
+                        .copy(dev.as_ref(), |s| dev.copy_dtoh(host.full(), src, s))
+                        .map_err(e)
                 }))
             }
         }
@@ -750,10 +799,11 @@ impl Evictor for Offloader {
         match (policy, host) {
             (EvictPolicy::Offload, Some(host)) => {
                 let dst = DeviceRange::new(DevicePtr(r.addr), host.len().min(r.size));
-                copy_and_wait(self.dev.as_ref(), &self.stream, || {
-                    self.dev.copy_htod(dst, host.full(), &self.stream)
-                })
-                .map_err(e)
+                self.stream
+                    .copy(self.dev.as_ref(), |s| {
+                        self.dev.copy_htod(dst, host.full(), s)
+                    })
+                    .map_err(e)
             }
             // Discarded contents are gone; the owner sees the flag and reloads.
             (EvictPolicy::Discard, _) => Ok(()),

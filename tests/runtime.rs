@@ -1552,6 +1552,13 @@ fn an_offload_copy_that_faults_as_it_runs_loses_no_data() {
     assert!(back == data);
     let st = rt.pool_stats();
     assert_eq!((st.evictions, st.in_use_bytes), (0, buf.size()));
+    // The fault broke the copy stream it ran on, not the runtime's moves: the next
+    // offload and restore run on a new one, and the data comes back whole.
+    let other = llm.create_buffer(40 * MIB).unwrap();
+    assert!(!buf.is_resident());
+    drop(other);
+    vision.session().unwrap().read(&buf, 0, &mut back).unwrap();
+    assert!(back == data);
 }
 
 #[test]
@@ -3273,4 +3280,24 @@ fn a_dropped_borrowers_last_uses_of_other_buffers_go_with_it() {
         "an event of the dropped borrower lives on"
     );
     drop(weights);
+}
+
+#[test]
+fn a_session_future_polled_again_after_it_completed_says_so() {
+    use std::future::Future;
+    use std::task::{Context as TaskCx, Poll, Waker};
+    let (rt, _sim) = sim_runtime(64 * MIB, 1.0);
+    let ctx = rt.create_context(ContextSpec::new("m", 8 * MIB)).unwrap();
+    let mut f = Box::pin(ctx.session_async());
+    let mut cx = TaskCx::from_waker(Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        Poll::Ready(Ok(s)) => drop(s),
+        other => panic!("expected a session, got {:?}", other.map(|r| r.err())),
+    }
+    match f.as_mut().poll(&mut cx) {
+        Poll::Ready(Err(RuntimeError::SessionFuture(why))) => {
+            assert!(why.contains("polled again"), "{why}")
+        }
+        other => panic!("expected SessionFuture, got {:?}", other.map(|r| r.err())),
+    };
 }

@@ -227,17 +227,14 @@ impl<'a> SessionFuture<'a> {
 
 /// The error of a try whose future was dropped: nobody reads it.
 pub(super) fn abandoned() -> RuntimeError {
-    RuntimeError::Foreign {
-        what: "session future",
-        owner: "dropped future",
-    }
+    RuntimeError::SessionFuture("it was dropped while its try ran")
 }
 
+/// The error of a session future polled again after it completed.
 pub(super) fn completed() -> RuntimeError {
-    RuntimeError::Foreign {
-        what: "session future",
-        owner: "completed poll",
-    }
+    RuntimeError::SessionFuture(
+        "it was polled again after it completed; poll a session future until it is ready, once (fuse it where a select! loop polls it again)",
+    )
 }
 
 pub(super) enum Step {
@@ -338,14 +335,11 @@ impl<'a> Future for SessionFuture<'a> {
                     Poll::Ready(Ok(outcome)) => outcome,
                     Poll::Ready(Err(join)) => {
                         tracing::error!(context = %ctx.inner.name, error = %join, "a session's try on a blocking thread did not finish");
-                        Restored::Done(Err(RuntimeError::Foreign {
-                            what: "session restore",
-                            owner: if join.is_panic() {
-                                "a panicked blocking task"
-                            } else {
-                                "a cancelled blocking task"
-                            },
-                        }))
+                        Restored::Done(Err(RuntimeError::SessionFuture(if join.is_panic() {
+                            "the restore of its buffers, on a blocking thread, panicked (see the log); ask for a new session"
+                        } else {
+                            "the restore of its buffers, on a blocking thread, was cancelled (its tokio runtime is shutting down); ask for a new session on a runtime that runs"
+                        })))
                     }
                 };
                 match (outcome, id) {

@@ -169,7 +169,7 @@ pub enum DeviceError {
     },
     /// A simulated stream failed or its worker is gone. A broken stream runs no more work
     /// that touches device memory: what was queued behind the failure is skipped.
-    #[error("stream is unusable: {0}; create a new stream")]
+    #[error("stream is unusable: {0}; the work queued on it after that does not run: use a new stream (a runtime context's stream lives as long as the context: drop the context and create it again)")]
     StreamBroken(String),
     /// The CUDA driver returned an error.
     #[error("CUDA driver call {call} failed: {source}; check `nvidia-smi` and the driver's log (dmesg), or set GPUSHARE_DEVICE=sim to use the simulated device")]

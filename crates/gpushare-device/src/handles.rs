@@ -185,6 +185,14 @@ impl Stream {
     pub fn partition_sms(&self) -> Option<u32> {
         self.partition_sms
     }
+    /// Whether `other` is a handle of this very stream (a clone of it), not another one.
+    pub fn same_stream(&self, other: &Stream) -> bool {
+        match (&self.inner, &other.inner) {
+            (StreamInner::Cuda(a, _), StreamInner::Cuda(b, _)) => Arc::ptr_eq(a, b),
+            (StreamInner::Sim(a), StreamInner::Sim(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
     /// The cudarc stream, on the CUDA backend: launch kernels and cuBLAS calls on it. Its
     /// context is the one to load modules into.
     ///
