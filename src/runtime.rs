@@ -545,8 +545,8 @@ struct Offloader {
 /// A copy that faults as it runs breaks its stream for good where the device keeps faults
 /// to their stream (the simulated device does): the next move then gets a new stream, so
 /// that one bad copy does not fail every later offload and restore of every context. On
-/// CUDA a fault loses the whole context, which no new stream brings back; making one
-/// fails, and the error is logged.
+/// CUDA a fault comes back as the driver's error, not a broken stream, and loses the
+/// whole context, which no new stream brings back: nothing is replaced there.
 #[derive(Clone)]
 struct CopyStream(Arc<Mutex<Stream>>);
 

@@ -204,15 +204,26 @@ async fn infer(State(app): State<Arc<App>>, Path(name): Path<String>, body: Byte
     let t = Instant::now();
     let m = &app.models[&name];
     // The session is awaited: waiting in line holds no thread, and a request whose client
-    // goes (its future dropped) leaves the line at once, restoring nothing for nobody.
-    // Weights that must come back are restored on one of tokio's blocking threads.
+    // goes (its future dropped) leaves the line at once; a restore of its weights already
+    // under way, on one of tokio's blocking threads, stops before its next buffer.
     let task = match tokio::time::timeout(SESSION_WAIT, m.ctx.session_async()).await {
-        Err(_) => Ok(Err(RuntimeError::SessionTimedOut {
-            context: m.ctx.name().to_string(),
-            waited: t.elapsed(),
-            missing: m.ctx.usage().evicted,
-            available: app.rt.available_vram(),
-        })),
+        Err(_) => {
+            let mut metrics = app.metrics.lock();
+            let mt = metrics.entry(name.clone()).or_default();
+            mt.requests += 1;
+            mt.errors += 1;
+            drop(metrics);
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "no session on {name:?} within {} s: the other models hold the memory its weights need; retry later",
+                    SESSION_WAIT.as_secs()
+                ),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return r;
+        }
         Ok(Err(e)) => Ok(Err(e)),
         // The read waits for its copy: the worker's other tasks move to another thread
         // meanwhile.

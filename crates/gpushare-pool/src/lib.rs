@@ -6,7 +6,8 @@
 //!   outside the managed memory, bitmap search, O(1) allocate and free, coalescing. Blocks
 //!   of at most one chunk are cut from the end of the free block that serves them, larger
 //!   ones from its start, which keeps short-lived small blocks out of the ranges that large
-//!   requests need whole.
+//!   requests need whole; from the last free block of a run, every block is cut from its
+//!   start, so that what is left stays where the next growth extends it.
 //! - **Hot path**: blocks up to [`PoolConfig::cache_max_block`] are cached per owner and per
 //!   thread shard by size class, so a repeated allocate/free pair takes one uncontended lock
 //!   each way and never reaches the central allocator or the driver. Small blocks (up to a

@@ -533,14 +533,6 @@ impl Tlsf {
     /// be refused with a free aligned chunk in hand, or make the pool evict for room it
     /// had.
     pub fn alloc_thorough(&mut self, size: u64, align: u64, owner: u32) -> Option<(u32, u64)> {
-        if let Some(placed) = self.alloc(size, align, owner) {
-            return Some(placed);
-        }
-        self.alloc_scanning(size, align, owner)
-    }
-
-    /// The search of [`Tlsf::alloc`], then the scan of [`Tlsf::scan_fit`].
-    fn alloc_scanning(&mut self, size: u64, align: u64, owner: u32) -> Option<(u32, u64)> {
         if self.nodes.len() + 2 >= crate::INHERITS as usize {
             return None;
         }

@@ -7,8 +7,8 @@ mod common;
 use common::{Flag, Recorder, Work};
 use gpushare_pool::FreeEvent;
 use gpushare_pool::{
-    Block, ChunkSource, EvictableId, HostSource, OwnerId, OwnerSpec, Pool, PoolConfig, PoolError,
-    StreamId, Tier,
+    Block, BlockState, ChunkSource, EvictableId, HostSource, OwnerId, OwnerSpec, Pool, PoolConfig,
+    PoolError, StreamId, Tier,
 };
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -247,11 +247,18 @@ proptest! {
                         Err(PoolError::BadAlignment { align, max }) => {
                             prop_assert!(align == 1 << align_log && align > max);
                         }
-                        // Out of memory only if no free block holds the request: one of
-                        // its size plus the largest padding would.
-                        Err(PoolError::OutOfMemory { report, .. }) => {
-                            let need = size.next_multiple_of(256) + (1u64 << align_log) - 256;
-                            prop_assert!(report.largest_free < need, "{}", report);
+                        // Out of memory only if no free block holds the request, from an
+                        // aligned start.
+                        Err(PoolError::OutOfMemory { .. }) => {
+                            let (size, align) = (size.next_multiple_of(256), 1u64 << align_log);
+                            for b in m.pool.snapshot().blocks {
+                                let holds = b.addr.next_multiple_of(align) + size <= b.addr + b.size;
+                                prop_assert!(
+                                    !(b.state == BlockState::Free && holds),
+                                    "out of memory for {} B aligned to {} beside a free block of {} B at {:#x}",
+                                    size, align, b.size, b.addr
+                                );
+                            }
                         }
                         Err(PoolError::ReservedElsewhere { .. }) => {}
                         Err(e) => prop_assert!(false, "unexpected error: {}", e),

@@ -62,7 +62,7 @@ pub enum QosError {
     #[error("no partition is named {0:?}; declare it first (RuntimeBuilder::partition, before build, or PartitionManager::create_partition)")]
     UnknownPartition(String),
     /// Shares or memory limits that do not fit.
-    #[error("partition {partition:?} would bring the partitions' {what} to {total} (at most {limit}); lower its limit or the other partitions' (the memory is the runtime's capacity: its memory fraction of the device memory free when it was built; a PartitionManager of your own may allow overcommit)")]
+    #[error("partition {partition:?} would bring the partitions' {what} to {total} (at most {limit}); {}", overfull_hint(what))]
     PartitionsOverfull {
         /// The partition that did not fit.
         partition: String,
@@ -109,4 +109,13 @@ pub enum QosError {
         "context {0:?} is not placed in any partition; place it first (PartitionManager::place)"
     )]
     NotPlaced(String),
+}
+
+/// What to do about [`QosError::PartitionsOverfull`] of `what`.
+fn overfull_hint(what: &str) -> &'static str {
+    if what == "memory" {
+        "lower its memory limit or the other partitions' (in a runtime, the memory is its capacity: its memory fraction of the device memory free when it was built)"
+    } else {
+        "lower its compute share or the other partitions' (a PartitionManager of your own may allow overcommit)"
+    }
 }

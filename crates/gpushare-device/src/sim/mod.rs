@@ -619,7 +619,7 @@ impl SimPinned {
         self.wait_idle();
         match &*lock(&self.failure) {
             Some(why) => Err(DeviceError::StreamBroken(format!(
-                "the last copy of this pinned buffer did not run ({why}); its bytes are not what the copy would have left: copy again on a stream that works"
+                "the last copy of this pinned buffer did not run ({why}), as on CUDA, where the context's error stops its reads and writes: copy again on a stream that works"
             ))),
             None => Ok(()),
         }
@@ -742,8 +742,9 @@ impl SimDevice {
     /// queue without error and fault as it runs, as a copy that hits a bad address does:
     /// it moves no bytes, its stream reports [`DeviceError::StreamBroken`] from then on,
     /// and the work queued behind it does not run. A copy skipped behind an earlier fault
-    /// of its stream uses up its turn all the same; one refused when queued (a bad
-    /// address, a fault from [`SimDevice::fail_nth`]) is not counted.
+    /// of its stream, or refused because that stream is broken already, uses up its turn
+    /// all the same; one refused for a bad address or by [`SimDevice::fail_nth`] is not
+    /// counted.
     pub fn fault_copy_as_it_runs(&self, n: u64) {
         let mut f = lock(&self.shared.faults);
         let at = f.pinned_copies.saturating_add(n.max(1));

@@ -358,9 +358,10 @@ struct Reclaiming {
     /// The request was about to fail for lack of memory and asked for idle pins once more
     /// (pins ridden when it last asked may have gone idle since).
     last_ask: bool,
-    /// The commitment this request added while charged, past the capacity (an evictable
-    /// request that borrows); 0 while it is not charged. Its own borrowing is no reason to
-    /// take another owner below its base (see [`Pool::evict_one`]).
+    /// The commitment this request added when it was charged, where that took the
+    /// commitments past the capacity (an evictable request that borrows); 0 otherwise, and
+    /// while it is not charged. Its own borrowing is no reason to take another owner below
+    /// its base (see [`Pool::evict_one`]).
     borrowed: u64,
 }
 
