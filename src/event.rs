@@ -188,6 +188,11 @@ impl Event {
     /// fresh one on every turn of a loop (as `tokio::time::timeout(d, e.wait())` in a loop
     /// would make). A callback is not allowed while the recording stream is being captured
     /// into a CUDA graph.
+    ///
+    /// The task is woken from the driver's callback thread. Its next poll asks the device
+    /// how the work ended, a call CUDA forbids on that thread: an executor whose waker
+    /// polls the task right there, inside `wake`, would see that call fail. tokio's
+    /// wakers, and those of the common executors, only schedule the task.
     pub fn wait(&self) -> EventWait {
         EventWait {
             ev: self.clone(),

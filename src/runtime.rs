@@ -1038,7 +1038,11 @@ pub(crate) struct Teardowns {
 }
 
 thread_local! {
-    /// Whether this thread is tearing a context down for [`let_go`].
+    /// Whether this thread is tearing a context down for [`let_go`], of any runtime. Not
+    /// per runtime: a teardown of runtime A's context may drop runtime B's last handle,
+    /// and one of B's teardowns A's; each waiting for the other's teardowns, the two
+    /// threads would wait for each other. So a runtime whose last handle goes inside any
+    /// teardown does not wait for its own teardown threads (they end on their own).
     static TEARING_DOWN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
