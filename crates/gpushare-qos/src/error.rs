@@ -31,8 +31,9 @@ pub enum QosError {
         /// What contradicts what.
         why: String,
     },
-    /// A share outside (0, 1].
-    #[error("{name:?}: a {what} share of {share} is invalid; use a fraction in (0, 1]")]
+    /// A share outside [1e-9, 1] ([`crate::MIN_SHARE`]: one part per billion, the unit
+    /// shares are counted in).
+    #[error("{name:?}: a {what} share of {share} is invalid; use a fraction from 1e-9 (one part per billion) to 1")]
     BadShare {
         /// The context or partition.
         name: String,

@@ -41,6 +41,11 @@ pub use admission::{
     Reservation,
 };
 pub use error::QosError;
+
+/// The smallest compute or bandwidth share: one part per billion, the unit admission counts
+/// shares in. A smaller positive share would count as none there, yet still get an SM
+/// partition of its own.
+pub const MIN_SHARE: f64 = 1e-9;
 pub use gate::{Attempt, SessionGate};
 pub use partition::{
     Isolation, Partition, PartitionConfig, PartitionLimits, PartitionManager, SmBackend, SplitError,

@@ -208,7 +208,7 @@ impl PartitionManager {
             return Err(QosError::DuplicatePartition(name.to_string()));
         }
         if let Some(s) = limits.compute {
-            if !(s.is_finite() && s > 0.0 && s <= 1.0) {
+            if !(s.is_finite() && (crate::MIN_SHARE..=1.0).contains(&s)) {
                 return Err(QosError::BadShare {
                     name: name.to_string(),
                     what: "compute",

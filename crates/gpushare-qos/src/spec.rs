@@ -165,7 +165,7 @@ impl ContextSpec {
             ("bandwidth", self.bandwidth_share),
         ] {
             if let Some(s) = share {
-                if !(s.is_finite() && s > 0.0 && s <= 1.0) {
+                if !(s.is_finite() && (crate::MIN_SHARE..=1.0).contains(&s)) {
                     return Err(QosError::BadShare {
                         name: name.clone(),
                         what,

@@ -81,7 +81,9 @@ fn bad_specs_are_typed() {
     ] {
         assert!(matches!(e(s), QosError::Contradiction { .. }));
     }
-    for share in [0.0, -0.1, 1.5, f64::NAN] {
+    // Below one part per billion a share would count as none in admission, yet get an SM
+    // partition of its own.
+    for share in [0.0, -0.1, 1.5, f64::NAN, 1e-12, 4e-10] {
         assert!(matches!(
             e(ContextSpec::new("a", 8).compute(share)),
             QosError::BadShare { .. }

@@ -89,10 +89,12 @@ fn bad_partitions_are_typed() {
         "{err:?}"
     );
     assert!(err.to_string().contains("\"b\""), "{err}");
-    assert!(matches!(
-        m.create_partition("b", PartitionLimits::default().compute(1.5)),
-        Err(QosError::BadShare { .. })
-    ));
+    for share in [1.5, 1e-12] {
+        assert!(matches!(
+            m.create_partition("b", PartitionLimits::default().compute(share)),
+            Err(QosError::BadShare { .. })
+        ));
+    }
     assert!(matches!(
         m.create_partition("b", PartitionLimits::default().memory(81 * GIB)),
         Err(QosError::PartitionsOverfull { what: "memory", .. })
