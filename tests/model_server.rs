@@ -255,6 +255,18 @@ async fn serve_under_load(dev: Arc<dyn Device>) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(held);
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("gpushare_requests_abandoned_total{model=\"embed\"} 1\n"),
+        "{metrics}"
+    );
 
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();

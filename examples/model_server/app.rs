@@ -87,6 +87,8 @@ struct Model {
 struct Metrics {
     requests: u64,
     errors: u64,
+    /// Requests whose client went while they waited for a session.
+    abandoned: u64,
     buckets: [u64; BUCKETS_MS.len()],
     sum_ms: f64,
 }
@@ -187,6 +189,27 @@ fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
         .into_response()
 }
 
+/// A request waiting for its session; dropped before it is forgotten, it counts the request
+/// as abandoned.
+struct Abandoned<'a> {
+    app: &'a App,
+    model: &'a str,
+}
+
+impl Abandoned<'_> {
+    /// The wait ended: the request is answered, whatever the outcome.
+    fn waited(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        let mut metrics = self.app.metrics.lock();
+        metrics.entry(self.model.to_string()).or_default().abandoned += 1;
+    }
+}
+
 async fn infer(State(app): State<Arc<App>>, Path(name): Path<String>, body: Bytes) -> Response {
     if !app.models.contains_key(&name) {
         return error(StatusCode::NOT_FOUND, format!("no model named {name:?}"));
@@ -203,10 +226,18 @@ async fn infer(State(app): State<Arc<App>>, Path(name): Path<String>, body: Byte
     }
     let t = Instant::now();
     let m = &app.models[&name];
+    // Counts the request as abandoned if its future is dropped (its client went) while it
+    // waits for its session, the one point where it can be.
+    let waiting = Abandoned {
+        app: &app,
+        model: &name,
+    };
     // The session is awaited: waiting in line holds no thread, and a request whose client
     // goes (its future dropped) leaves the line at once; a restore of its weights already
     // under way, on one of tokio's blocking threads, stops before its next buffer.
-    let task = match tokio::time::timeout(SESSION_WAIT, m.ctx.session_async()).await {
+    let waited = tokio::time::timeout(SESSION_WAIT, m.ctx.session_async()).await;
+    waiting.waited();
+    let task = match waited {
         Err(_) => {
             let mut metrics = app.metrics.lock();
             let mt = metrics.entry(name.clone()).or_default();
@@ -356,6 +387,14 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             out,
             "gpushare_request_errors_total{{model=\"{name}\"}} {}",
             m.errors
+        );
+    }
+    let _ = writeln!(out, "# TYPE gpushare_requests_abandoned_total counter");
+    for (name, m) in metrics.iter() {
+        let _ = writeln!(
+            out,
+            "gpushare_requests_abandoned_total{{model=\"{name}\"}} {}",
+            m.abandoned
         );
     }
     let _ = writeln!(out, "# TYPE gpushare_request_duration_ms histogram");

@@ -4,7 +4,8 @@
 //!   model's context (restoring its weights if they were evicted) and answers
 //!   `{"model": .., "output": ..}`;
 //! - `GET /v1/status`: the runtime's snapshot as JSON;
-//! - `GET /metrics`: Prometheus text (memory per context, queue depth, evictions, latency
+//! - `GET /metrics`: Prometheus text (memory per context, queue depth, evictions, requests
+//!   abandoned while they waited, latency
 //!   histograms).
 //!
 //! Unknown models get 404, malformed bodies 400, an input whose output is not a finite
