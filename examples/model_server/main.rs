@@ -5,8 +5,7 @@
 //!   `{"model": .., "output": ..}`;
 //! - `GET /v1/status`: the runtime's snapshot as JSON;
 //! - `GET /metrics`: Prometheus text (memory per context, queue depth, evictions, requests
-//!   abandoned while they waited, latency
-//!   histograms).
+//!   abandoned while they waited, latency histograms).
 //!
 //! Unknown models get 404, malformed bodies 400, an input whose output is not a finite
 //! number 422, requests that get no session within `app::SESSION_WAIT` (or otherwise
