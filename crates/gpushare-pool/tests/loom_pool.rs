@@ -382,3 +382,71 @@ fn a_free_racing_an_evictions_move() {
         pool.remove_owner(be).unwrap();
     });
 }
+
+#[test]
+fn removing_an_owner_races_the_free_of_its_last_block() {
+    loom::model(|| {
+        let pool = Arc::new(small_pool(4 * G));
+        let o = pool.add_owner(OwnerSpec::new("o", 2 * G)).unwrap();
+        let b = pool.alloc(o, G, StreamId(0)).unwrap();
+        let t = {
+            let pool = pool.clone();
+            thread::spawn(move || pool.free(b).unwrap())
+        };
+        let removed = pool.remove_owner(o);
+        t.join().unwrap();
+        match removed {
+            // The free came first, into the owner's cache, which the removal flushed.
+            Ok(()) => {}
+            // The block was still out: once it is back, the owner goes.
+            Err(PoolError::OwnerBusy { .. }) => pool.remove_owner(o).unwrap(),
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+        // Nothing of the old owner is left behind: a new one in its slot gets all of it.
+        let n = pool.add_owner(OwnerSpec::new("n", 4 * G)).unwrap();
+        let whole = pool.alloc(n, 4 * G, StreamId(0)).unwrap();
+        pool.free(whole).unwrap();
+        let st = pool.stats();
+        assert_eq!((st.live_bytes, st.allocs, st.frees), (0, 2, 2));
+        assert_eq!(
+            st.mapped_bytes,
+            st.free_bytes + st.pending_bytes + st.in_use_bytes
+        );
+        pool.remove_owner(n).unwrap();
+        pool.trim().unwrap();
+        assert_eq!(pool.stats().mapped_bytes, 0);
+    });
+}
+
+#[test]
+fn a_stream_ordered_free_on_one_thread_and_a_request_on_another_stream_on_another() {
+    loom::model(|| {
+        let pool = Arc::new(small_pool(4 * G));
+        let o = pool.add_owner(OwnerSpec::new("o", 4 * G)).unwrap();
+        let a = pool.alloc(o, 4096, StreamId(1)).unwrap();
+        let off = a.offset();
+        let ev = std::sync::Arc::new(LoomFlag(AtomicBool::new(false)));
+        let freer = {
+            let (pool, ev) = (pool.clone(), ev.clone());
+            thread::spawn(move || pool.free_after(a, StreamId(1), ev).unwrap())
+        };
+        let user = {
+            let (pool, ev) = (pool.clone(), ev.clone());
+            thread::spawn(move || {
+                let b = pool.alloc(o, 4096, StreamId(2)).unwrap();
+                // Stream 2 may have the memory only once stream 1's work has completed.
+                assert!(b.offset() != off || ev.0.load(Ordering::SeqCst));
+                pool.free(b).unwrap();
+            })
+        };
+        ev.0.store(true, Ordering::SeqCst);
+        freer.join().unwrap();
+        user.join().unwrap();
+        let st = pool.stats();
+        assert_eq!(st.live_bytes, 0);
+        assert_eq!(
+            st.mapped_bytes,
+            st.free_bytes + st.pending_bytes + st.in_use_bytes
+        );
+    });
+}

@@ -1033,7 +1033,16 @@ impl<S: ChunkSource> Pool<S> {
     fn block_slot(&self, block: &Block) -> Option<(usize, &OwnerSlot)> {
         let i = block.owner_key as u32 as usize;
         let slot = self.slots.get(i)?;
-        (block.pool_id() == self.id.get()).then_some((i, slot))
+        let ours = block.pool_id() == self.id.get();
+        // The frees check no generation: a block keeps its bytes charged to its owner, and
+        // `remove_owner` refuses an owner with bytes charged, so a block's owner is the one
+        // in its slot. A path that handed out a block uncharged would break this, and its
+        // free would land with the slot's next owner.
+        debug_assert!(
+            !ours || slot.gen.load(Ordering::Relaxed) == (block.owner_key >> 32) as u32,
+            "a block outlived its owner"
+        );
+        ours.then_some((i, slot))
     }
 
     /// Count a large free that a shard refused; true for the one in [`PROBE_EVERY`] that
