@@ -314,6 +314,7 @@ impl CtxInner {
             // lost their last pin here.
             let since = if extra.is_empty() { epoch } else { 0 };
             if self.dooms.load(Ordering::Relaxed) > since {
+                let mut freed = Vec::new();
                 for (i, s) in slots.iter_mut().enumerate() {
                     let mine = if i < prefix {
                         s.pinned_since(epoch)
@@ -321,9 +322,12 @@ impl CtxInner {
                         extra.contains(&s.key)
                     };
                     if mine && !s.live() {
-                        self.take_if_unpinned(s, &mut free);
+                        self.free_if_unpinned(s, &mut freed);
                     }
                 }
+                drop(slots);
+                self.freed(freed);
+                return;
             }
         }
         drop(slots);
@@ -332,44 +336,49 @@ impl CtxInner {
         }
     }
 
-    /// If no use pins the dropped buffer of `s` any more, nor is restoring it for a pin,
-    /// take its handle out (leaving the slot in place) into `free`.
-    fn take_if_unpinned(&self, s: &mut BufSlot, free: &mut Vec<(EvictableKey, EvictableId)>) {
-        if let Some(id) = &s.id {
-            if self.rt.pool.is_held(id).is_ok_and(|held| !held) {
-                free.extend(s.id.take().map(|id| (s.key, id)));
+    /// Free the dropped buffer of slot `s` now, with the list locked (`s` is in it), if no
+    /// use pins it nor is restoring it; its key goes into `freed`, for [`CtxInner::freed`]
+    /// once the list is let go. The slot stays, with no handle.
+    ///
+    /// Under the list's lock: a session's try pins without the list (see `pin_all`), so it
+    /// may pin the buffer between the check and the free, and the pool then refuses the
+    /// free. The handle stays in its slot, where the use that pinned it finds it when it
+    /// ends (every use that ends, and every try that fails, unpins through its slots and
+    /// then looks at its dropped slots, under the list's lock). Were the handle out of the
+    /// slot with the list let go, as it was, a try could pin the buffer, run its session
+    /// and end it meanwhile, unpinning nothing (it unpins through the slots): the buffer
+    /// stayed pinned for good, and its context could never give its memory back.
+    fn free_if_unpinned(&self, s: &mut BufSlot, freed: &mut Vec<EvictableKey>) {
+        let Some(id) = s.id.take() else {
+            return;
+        };
+        if self.rt.pool.is_held(&id).is_ok_and(|held| !held) {
+            match self.free_after_stream(id) {
+                Ok(()) => freed.push(s.key),
+                Err(id) => s.id = Some(id),
             }
+        } else {
+            s.id = Some(id);
         }
     }
 
-    /// Free dropped buffers taken out of their slots by [`CtxInner::take_if_unpinned`],
-    /// with the list let go.
-    ///
-    /// A session's try pins without the list (see `pin_all`), so it may pin such a buffer,
-    /// or start restoring it, between the take and the free; the pool then refuses the
-    /// free. The handle goes back in its slot, under the list's lock, and the slot is
-    /// looked at again: if the pin is still there, its holder frees the buffer when it lets
-    /// go (every use that ends, and every try that fails, looks at its dropped slots under
-    /// the list's lock after its unpins); if it is gone already, the free is tried again.
-    pub fn free_doomed(&self, mut free: Vec<(EvictableKey, EvictableId)>) {
-        while let Some((key, id)) = free.pop() {
-            let Err(id) = self.free_buffer(key, id) else {
-                continue;
-            };
-            let mut slots = self.buffers.lock();
-            match slots.iter_mut().find(|s| s.key == key) {
-                Some(s) => {
-                    s.id = Some(id);
-                    self.take_if_unpinned(s, &mut free);
-                }
-                // The last use ended and cleared the slot: nothing can pin the buffer
-                // (every pin is made under a use), so the refusal cannot come back.
-                None => {
-                    drop(slots);
-                    if let Err(id) = self.free_buffer(key, id) {
-                        tracing::error!(context = %self.name, key = ?id.key(), "a dropped buffer stays pinned with no use left; it is not freed");
-                    }
-                }
+    /// After [`CtxInner::free_if_unpinned`], with the list let go: the buffers' entries go
+    /// (their staging's free may take a while), and waiting sessions try again.
+    pub fn freed(&self, freed: Vec<EvictableKey>) {
+        for key in &freed {
+            self.rt.forget_buffer(*key);
+        }
+        if !freed.is_empty() {
+            self.rt.wake_waiters();
+        }
+    }
+
+    /// Free dropped buffers whose slots are gone: no use is live, so nothing can pin them
+    /// (every pin is made under a use), and a refusal cannot come back.
+    pub fn free_doomed(&self, free: Vec<(EvictableKey, EvictableId)>) {
+        for (key, id) in free {
+            if let Err(id) = self.free_buffer(key, id) {
+                tracing::error!(context = %self.name, key = ?id.key(), "a dropped buffer stays pinned with no use left; it is not freed");
             }
         }
     }
@@ -1046,10 +1055,10 @@ impl Drop for Buffer {
             // With no session riding it, the hold goes now (the live uses pinned their
             // buffers themselves); otherwise its last rider lets it go.
             self.ctx.release_hold(&slots);
-            let mut free = Vec::new();
-            self.ctx.take_if_unpinned(&mut slots[i], &mut free);
+            let mut freed = Vec::new();
+            self.ctx.free_if_unpinned(&mut slots[i], &mut freed);
             drop(slots);
-            self.ctx.free_doomed(free);
+            self.ctx.freed(freed);
             return;
         }
         // No use is live: the hold, if any, goes, and with it the only pin that is not made

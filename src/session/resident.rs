@@ -190,7 +190,7 @@ pub(super) enum Fast {
 /// them. A buffer dropped meanwhile is left out: freed before its pin, it fails to pin as
 /// already freed (and counts neither as resident nor as missing); pinned first, or being
 /// restored when dropped, the pool refuses to free it, and the session frees it when it
-/// unpins it (see [`CtxInner::free_doomed`]).
+/// unpins it (see [`CtxInner::free_if_unpinned`]).
 ///
 /// With `fast`, a path that does not take `pin_lock` is tried first; the first in line
 /// skips it (see [`pin_resident`]), so that its failed tries never wake itself.
