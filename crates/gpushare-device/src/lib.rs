@@ -305,8 +305,10 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     fn synchronize_stream(&self, stream: &Stream) -> Result<()>;
     /// Run `f` on a host thread once all earlier work on `stream` is done; later work on the
     /// stream waits for it. On CUDA `f` runs on the driver's callback thread, where device
-    /// calls are forbidden: `f` must not call into the device, nor drop the last handle of a
-    /// device resource (a stream, an event, a buffer), whose release is a device call.
+    /// calls are forbidden: `f` must not call into the device (the simulated device refuses
+    /// such a call with [`DeviceError::Unsupported`], as CUDA does), nor drop the last
+    /// handle of a device resource (a stream, an event, a buffer), whose release is a
+    /// device call.
     /// Once queued, `f` runs in every case: where earlier work failed (a simulated stream
     /// broken by a fault, a CUDA context that met an error), it runs all the same, so that
     /// whatever it wakes finds the error when it next asks the device.

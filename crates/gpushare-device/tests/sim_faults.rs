@@ -399,3 +399,27 @@ fn host_memory_the_host_cannot_give_is_out_of_memory() {
         "the failed chunk stayed charged"
     );
 }
+
+#[test]
+fn a_device_call_from_a_host_callback_is_refused_as_on_cuda() {
+    let dev = Arc::new(SimDevice::new());
+    let s = dev.create_stream(0).unwrap();
+    let e = dev.create_event(EventFlags::default()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (d, e2) = (dev.clone(), e.clone());
+    dev.host_callback(
+        &s,
+        Box::new(move || {
+            let _ = tx.send(d.query_event(&e2));
+        }),
+    )
+    .unwrap();
+    let answer = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+    assert!(
+        matches!(answer, Err(DeviceError::Unsupported { .. })),
+        "{answer:?}"
+    );
+    // Kernels (`launch_host`) are no callbacks, and the stream goes on.
+    dev.synchronize_stream(&s).unwrap();
+    assert!(dev.query_event(&e).unwrap());
+}

@@ -80,6 +80,9 @@ impl std::fmt::Display for StreamId {
 }
 
 /// Completion of the work that last used a freed block (a recorded device event).
+///
+/// The pool asks it, and drops it, with its own locks held: it must not call into the pool
+/// (which would wait for those locks for ever), and should answer quickly (an event query).
 pub trait FreeEvent: Send + Sync {
     /// Whether that work has completed.
     fn is_complete(&self) -> bool;

@@ -649,7 +649,39 @@ pub struct SimDevice {
     info: DeviceInfo,
 }
 
+thread_local! {
+    /// Whether this thread is running a host callback (see [`SimDevice::callable`]).
+    static IN_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the thread as running a host callback while it lives, panic or not.
+struct InCallback(bool);
+
+impl InCallback {
+    fn enter() -> Self {
+        InCallback(IN_CALLBACK.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for InCallback {
+    fn drop(&mut self) {
+        IN_CALLBACK.with(|c| c.set(self.0));
+    }
+}
+
 impl SimDevice {
+    /// Refuse a device call made from a host callback, as CUDA does on its callback
+    /// thread (`CUDA_ERROR_NOT_PERMITTED`): code that does so here would fail on a GPU.
+    fn callable(&self) -> Result<()> {
+        if IN_CALLBACK.with(|c| c.get()) {
+            return Err(DeviceError::Unsupported {
+                what: "a device call from a host callback",
+                reason: "CUDA forbids device calls on the thread that runs host callbacks; make the call from another thread, which the callback may wake".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// A device shaped like an H100 (see [`SimConfig::default`]).
     pub fn new() -> Self {
         // The default configuration is valid, so this cannot fail; build it directly.
@@ -959,6 +991,7 @@ impl Device for SimDevice {
     }
 
     fn mem_info(&self) -> Result<MemInfo> {
+        self.callable()?;
         let used = self.shared.acc.used.load(Ordering::Relaxed);
         Ok(MemInfo {
             free: self.info.total_memory.saturating_sub(used),
@@ -967,6 +1000,7 @@ impl Device for SimDevice {
     }
 
     fn reserve_va(&self, size: u64) -> Result<VaRange> {
+        self.callable()?;
         if !self.info.vmm_supported {
             return Err(no_vmm());
         }
@@ -995,6 +1029,7 @@ impl Device for SimDevice {
     }
 
     fn create_chunk(&self, size: u64) -> Result<PhysChunk> {
+        self.callable()?;
         if !self.info.vmm_supported {
             return Err(no_vmm());
         }
@@ -1011,6 +1046,7 @@ impl Device for SimDevice {
     }
 
     fn map_chunk(&self, va: &VaRange, offset: u64, chunk: &PhysChunk) -> Result<Mapping> {
+        self.callable()?;
         check_owner(self.shared.id, "VA range", va.device)?;
         check_owner(self.shared.id, "chunk", chunk.device)?;
         if !offset.is_multiple_of(self.info.granularity) {
@@ -1070,6 +1106,7 @@ impl Device for SimDevice {
     }
 
     fn alloc_linear(&self, size: u64) -> Result<LinearAlloc> {
+        self.callable()?;
         check_granular("linear allocation", size, self.info.granularity)?;
         self.shared.tick(FaultOp::ChunkCreate)?;
         let addr = self.shared.alloc_va(size)?;
@@ -1085,10 +1122,12 @@ impl Device for SimDevice {
     }
 
     fn create_stream(&self, priority: i32) -> Result<Stream> {
+        self.callable()?;
         self.stream_in(priority, None)
     }
 
     fn create_event(&self, flags: EventFlags) -> Result<Event> {
+        self.callable()?;
         inc(&self.shared.acc.events);
         self.shared.acc.events_made.fetch_add(1, Ordering::Relaxed);
         Ok(Event {
@@ -1103,6 +1142,7 @@ impl Device for SimDevice {
     }
 
     fn record_event(&self, event: &Event, stream: &Stream) -> Result<()> {
+        self.callable()?;
         let e = self.sim_event(event)?;
         let s = self.sim_stream(stream)?;
         self.shared.tick(FaultOp::StreamOp)?;
@@ -1129,6 +1169,7 @@ impl Device for SimDevice {
     }
 
     fn wait_event(&self, stream: &Stream, event: &Event) -> Result<()> {
+        self.callable()?;
         let e = self.sim_event(event)?;
         let s = self.sim_stream(stream)?;
         self.shared.tick(FaultOp::StreamOp)?;
@@ -1141,6 +1182,7 @@ impl Device for SimDevice {
     }
 
     fn query_event(&self, event: &Event) -> Result<bool> {
+        self.callable()?;
         let e = self.sim_event(event)?;
         let g = e.done.target();
         if !e.done.is_done(g) {
@@ -1150,6 +1192,7 @@ impl Device for SimDevice {
     }
 
     fn synchronize_event(&self, event: &Event) -> Result<()> {
+        self.callable()?;
         let e = self.sim_event(event)?;
         let g = e.done.target();
         e.done.wait_for(g);
@@ -1157,6 +1200,7 @@ impl Device for SimDevice {
     }
 
     fn elapsed(&self, start: &Event, end: &Event) -> Result<Duration> {
+        self.callable()?;
         let (a, b) = (self.sim_event(start)?, self.sim_event(end)?);
         if !start.flags.timing || !end.flags.timing {
             return Err(DeviceError::Unsupported {
@@ -1186,18 +1230,24 @@ impl Device for SimDevice {
     }
 
     fn synchronize_stream(&self, stream: &Stream) -> Result<()> {
+        self.callable()?;
         let s = self.sim_stream(stream)?;
         self.shared.tick(FaultOp::StreamOp)?;
         s.drain()
     }
 
     fn host_callback(&self, stream: &Stream, f: HostFn) -> Result<()> {
+        self.callable()?;
         let s = self.sim_stream(stream)?;
         self.shared.tick(FaultOp::StreamOp)?;
-        s.submit(f)
+        s.submit(Box::new(move || {
+            let _in = InCallback::enter();
+            f()
+        }))
     }
 
     fn alloc_pinned(&self, len: u64) -> Result<PinnedBuffer> {
+        self.callable()?;
         if len == 0 {
             return Err(DeviceError::ZeroSize {
                 what: "pinned buffer",
@@ -1223,6 +1273,7 @@ impl Device for SimDevice {
     }
 
     fn copy_htod(&self, dst: DeviceRange, src: PinnedSlice<'_>, stream: &Stream) -> Result<()> {
+        self.callable()?;
         check_lengths(src.len, dst.len)?;
         Self::zero_check(dst.len)?;
         let p = self.sim_pinned(&src)?;
@@ -1236,6 +1287,7 @@ impl Device for SimDevice {
     }
 
     fn copy_dtoh(&self, dst: PinnedSlice<'_>, src: DeviceRange, stream: &Stream) -> Result<()> {
+        self.callable()?;
         check_lengths(src.len, dst.len)?;
         Self::zero_check(src.len)?;
         let p = self.sim_pinned(&dst)?;
@@ -1249,6 +1301,7 @@ impl Device for SimDevice {
     }
 
     fn copy_dtod(&self, dst: DeviceRange, src: DeviceRange, stream: &Stream) -> Result<()> {
+        self.callable()?;
         check_lengths(src.len, dst.len)?;
         Self::zero_check(src.len)?;
         let s = self.sim_stream(stream)?;
@@ -1270,6 +1323,7 @@ impl Device for SimDevice {
     }
 
     fn memset(&self, dst: DeviceRange, value: u8, stream: &Stream) -> Result<()> {
+        self.callable()?;
         Self::zero_check(dst.len)?;
         let s = self.sim_stream(stream)?;
         let segs = self.shared.resolve(dst)?;
@@ -1286,6 +1340,7 @@ impl Device for SimDevice {
     }
 
     fn write_sync(&self, dst: DeviceRange, src: &[u8], stream: &Stream) -> Result<()> {
+        self.callable()?;
         check_lengths(src.len() as u64, dst.len)?;
         Self::zero_check(dst.len)?;
         let s = self.sim_stream(stream)?;
@@ -1303,6 +1358,7 @@ impl Device for SimDevice {
     }
 
     fn read_sync(&self, dst: &mut [u8], src: DeviceRange, stream: &Stream) -> Result<()> {
+        self.callable()?;
         check_lengths(src.len, dst.len() as u64)?;
         Self::zero_check(src.len)?;
         let s = self.sim_stream(stream)?;
@@ -1323,6 +1379,7 @@ impl Device for SimDevice {
     }
 
     fn split_sms(&self, sm_counts: &[u32]) -> Result<SmSplit> {
+        self.callable()?;
         if !self.info.green_contexts {
             return Err(DeviceError::Unsupported {
                 what: "SM partitions",
@@ -1352,6 +1409,7 @@ impl Device for SimDevice {
     }
 
     fn create_stream_in(&self, partition: &SmPartition, priority: i32) -> Result<Stream> {
+        self.callable()?;
         check_owner(self.shared.id, "SM partition", partition.device)?;
         self.stream_in(priority, Some(partition))
     }
