@@ -406,20 +406,31 @@ fn a_device_call_from_a_host_callback_is_refused_as_on_cuda() {
     let s = dev.create_stream(0).unwrap();
     let e = dev.create_event(EventFlags::default()).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    let (d, e2) = (dev.clone(), e.clone());
+    let (d, e2, s2) = (dev.clone(), e.clone(), s.clone());
     dev.host_callback(
         &s,
         Box::new(move || {
-            let _ = tx.send(d.query_event(&e2));
+            let _ = tx.send((d.query_event(&e2), d.launch_host(&s2, |_| Ok(()))));
         }),
     )
     .unwrap();
-    let answer = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let (query, launch) = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
     assert!(
-        matches!(answer, Err(DeviceError::Unsupported { .. })),
-        "{answer:?}"
+        matches!(query, Err(DeviceError::Unsupported { .. })),
+        "{query:?}"
     );
-    // Kernels (`launch_host`) are no callbacks, and the stream goes on.
+    assert!(
+        matches!(launch, Err(DeviceError::Unsupported { .. })),
+        "{launch:?}"
+    );
+    // The stream goes on, and so does a kernel's own device memory access, which is no
+    // callback.
+    let mem = dev.alloc_linear(dev.info().granularity).unwrap();
+    let r = mem.range().slice(0, 8).unwrap();
+    dev.launch_host(&s, move |m| m.write(r, &[3; 8])).unwrap();
     dev.synchronize_stream(&s).unwrap();
     assert!(dev.query_event(&e).unwrap());
+    let mut out = [0u8; 8];
+    dev.peek(r, &mut out).unwrap();
+    assert_eq!(out, [3; 8]);
 }

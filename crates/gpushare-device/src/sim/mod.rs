@@ -837,6 +837,7 @@ impl SimDevice {
     where
         F: FnOnce(&SimMemory<'_>) -> Result<()> + Send + 'static,
     {
+        self.callable()?;
         let s = self.sim_stream(stream)?;
         self.shared.tick(FaultOp::StreamOp)?;
         let shared = self.shared.clone();
