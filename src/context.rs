@@ -37,6 +37,18 @@ pub(crate) struct BufSlot {
     pub doomed_at: u64,
 }
 
+/// What [`CtxInner::free_if_unpinned`] did with the list locked, for
+/// [`CtxInner::freed`] to finish with the list let go.
+#[derive(Default)]
+pub(crate) struct Freed {
+    /// Buffers freed.
+    keys: Vec<EvictableKey>,
+    /// Buffers whose last use could not be recorded: freed once the stream is done.
+    stalled: Vec<EvictableKey>,
+    /// Releases whose callback could not be queued: signalled once the stream is done.
+    unsignalled: usize,
+}
+
 /// [`BufSlot::doomed_at`] of a buffer whose handle lives.
 pub(crate) const LIVE: u64 = u64::MAX;
 
@@ -314,7 +326,7 @@ impl CtxInner {
             // lost their last pin here.
             let since = if extra.is_empty() { epoch } else { 0 };
             if self.dooms.load(Ordering::Relaxed) > since {
-                let mut freed = Vec::new();
+                let mut freed = Freed::default();
                 for (i, s) in slots.iter_mut().enumerate() {
                     let mine = if i < prefix {
                         s.pinned_since(epoch)
@@ -348,27 +360,81 @@ impl CtxInner {
     /// slot with the list let go, as it was, a try could pin the buffer, run its session
     /// and end it meanwhile, unpinning nothing (it unpins through the slots): the buffer
     /// stayed pinned for good, and its context could never give its memory back.
-    fn free_if_unpinned(&self, s: &mut BufSlot, freed: &mut Vec<EvictableKey>) {
+    ///
+    /// Nothing here waits for the stream: where recording the last use, or queueing the
+    /// release's callback, fails, the wait for the stream is left to [`CtxInner::freed`],
+    /// with the list let go (a session of the context ending meanwhile would wait for it).
+    fn free_if_unpinned(&self, s: &mut BufSlot, freed: &mut Freed) {
         let Some(id) = s.id.take() else {
             return;
         };
-        if self.rt.pool.is_held(&id).is_ok_and(|held| !held) {
-            match self.free_after_stream(id) {
-                Ok(()) => freed.push(s.key),
-                Err(id) => s.id = Some(id),
-            }
-        } else {
+        if !self.rt.pool.is_held(&id).is_ok_and(|held| !held) {
             s.id = Some(id);
+            return;
+        }
+        let done = match StreamTail::record(&self.rt.dev, &self.stream) {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(context = %self.name, error = %e, "recording a dropped buffer's last use failed; it is freed once its stream is done");
+                s.id = Some(id);
+                freed.stalled.push(s.key);
+                return;
+            }
+        };
+        let release = self.stream_release();
+        match self.rt.pool.free_evictable_after(id, self.stream_id, done) {
+            Ok(()) => {
+                freed.keys.push(s.key);
+                if !release.try_arm() {
+                    freed.unsignalled += 1;
+                }
+            }
+            Err((id, PoolError::Pinned { .. } | PoolError::Restoring)) => s.id = Some(id),
+            Err((_, e)) => {
+                tracing::error!(context = %self.name, error = %e, "freeing a buffer failed");
+            }
         }
     }
 
     /// After [`CtxInner::free_if_unpinned`], with the list let go: the buffers' entries go
-    /// (their staging's free may take a while), and waiting sessions try again.
-    pub fn freed(&self, freed: Vec<EvictableKey>) {
-        for key in &freed {
+    /// (their staging's free may take a while), and waiting sessions try again. Where a
+    /// device call failed there, the stream is waited for now; then the releases whose
+    /// callback could not be queued are signalled, and the buffers whose last use could
+    /// not be recorded are freed (under the list again, where a pin made meanwhile keeps
+    /// its handle in the slot).
+    fn freed(&self, mut freed: Freed) {
+        if freed.unsignalled > 0 || !freed.stalled.is_empty() {
+            if let Err(e) = self.rt.dev.synchronize_stream(&self.stream) {
+                tracing::error!(context = %self.name, error = %e, "waiting for the stream of freed buffers failed");
+            }
+            for _ in 0..freed.unsignalled {
+                self.rt.waits.pending_done();
+            }
+            let mut slots = self.buffers.lock();
+            for key in std::mem::take(&mut freed.stalled) {
+                let Some(s) = slots.iter_mut().find(|s| s.key == key) else {
+                    continue;
+                };
+                let Some(id) = s.id.take() else {
+                    continue;
+                };
+                if !self.rt.pool.is_held(&id).is_ok_and(|held| !held) {
+                    s.id = Some(id);
+                    continue;
+                }
+                match self.rt.pool.free_evictable(id) {
+                    Ok(()) => freed.keys.push(key),
+                    Err((id, PoolError::Pinned { .. } | PoolError::Restoring)) => s.id = Some(id),
+                    Err((_, e)) => {
+                        tracing::error!(context = %self.name, error = %e, "freeing a buffer failed");
+                    }
+                }
+            }
+        }
+        for key in &freed.keys {
             self.rt.forget_buffer(*key);
         }
-        if !freed.is_empty() {
+        if !freed.keys.is_empty() {
             self.rt.wake_waiters();
         }
     }
@@ -451,17 +517,30 @@ impl StreamRelease<'_> {
     /// queued so far has completed. The callback holds only the wait state, whose release
     /// makes no device call. If it cannot be queued, the stream is waited for here and the
     /// release signalled at once: a session that waits for it is then woken all the same.
-    pub fn armed(mut self) {
+    pub fn armed(self) {
+        let c = self.ctx;
+        if !self.try_arm() {
+            let _ = c.rt.dev.synchronize_stream(&c.stream);
+            c.rt.waits.pending_done();
+        }
+    }
+
+    /// As [`StreamRelease::armed`], but where the callback cannot be queued, leave the
+    /// wait for the stream and the release's signal to the caller (it returns false): for
+    /// a caller that must not wait here.
+    fn try_arm(mut self) -> bool {
         self.armed = true;
         let c = self.ctx;
         let waits = c.rt.waits.clone();
         let queued =
             c.rt.dev
                 .host_callback(&c.stream, Box::new(move || waits.pending_done()));
-        if let Err(e) = queued {
-            tracing::warn!(context = %c.name, error = %e, "queueing a release callback failed; waiting for the stream");
-            let _ = c.rt.dev.synchronize_stream(&c.stream);
-            c.rt.waits.pending_done();
+        match queued {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(context = %c.name, error = %e, "queueing a release callback failed; waiting for the stream");
+                false
+            }
         }
     }
 }
@@ -1055,7 +1134,7 @@ impl Drop for Buffer {
             // With no session riding it, the hold goes now (the live uses pinned their
             // buffers themselves); otherwise its last rider lets it go.
             self.ctx.release_hold(&slots);
-            let mut freed = Vec::new();
+            let mut freed = Freed::default();
             self.ctx.free_if_unpinned(&mut slots[i], &mut freed);
             drop(slots);
             self.ctx.freed(freed);

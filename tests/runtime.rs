@@ -3301,3 +3301,39 @@ fn a_session_future_polled_again_after_it_completed_says_so() {
         other => panic!("expected SessionFuture, got {:?}", other.map(|r| r.err())),
     };
 }
+
+#[test]
+fn a_buffer_dropped_while_its_last_use_cannot_be_recorded_holds_up_no_session_of_its_context() {
+    let (rt, sim) = sim_runtime(64 * MIB, 1.0);
+    let ctx = rt.create_context(ContextSpec::new("c", 32 * MIB)).unwrap();
+    let kept = ctx.create_buffer(MIB).unwrap();
+    // A live session; the buffer made after it is not pinned by it, and its drop frees it
+    // at once, while a use is live.
+    let live = ctx.session().unwrap();
+    let doomed = ctx.create_buffer(4 * MIB).unwrap();
+    let stream = live.stream().clone();
+    let go = hold(&sim, &stream);
+    // The free's record of the buffer's last use fails: it must wait for the stream.
+    sim.fail_nth(FaultOp::StreamOp, 1);
+    std::thread::scope(|sc| {
+        let dropper = sc.spawn(move || drop(doomed));
+        std::thread::sleep(Duration::from_millis(100));
+        // The wait for the held stream does not hold the context's buffer list: the
+        // session ends at once.
+        let (tx, rx) = channel();
+        sc.spawn(move || {
+            drop(live);
+            tx.send(()).unwrap();
+        });
+        let ended = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+        go.send(()).unwrap();
+        assert!(
+            ended,
+            "ending a session waited for another thread's wait for the stream"
+        );
+        dropper.join().unwrap();
+    });
+    // Once the stream was done, the buffer was freed.
+    assert_eq!(ctx.usage().used, kept.size());
+    assert_nothing_pinned(&rt, "c");
+}
