@@ -390,8 +390,10 @@ impl CtxInner {
                 }
             }
             Err((id, PoolError::Pinned { .. } | PoolError::Restoring)) => s.id = Some(id),
+            // Gone from the pool all the same: its entry goes too.
             Err((_, e)) => {
                 tracing::error!(context = %self.name, error = %e, "freeing a buffer failed");
+                freed.keys.push(s.key);
             }
         }
     }
@@ -427,6 +429,7 @@ impl CtxInner {
                     Err((id, PoolError::Pinned { .. } | PoolError::Restoring)) => s.id = Some(id),
                     Err((_, e)) => {
                         tracing::error!(context = %self.name, error = %e, "freeing a buffer failed");
+                        freed.keys.push(key);
                     }
                 }
             }

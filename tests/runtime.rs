@@ -3307,9 +3307,10 @@ fn a_buffer_dropped_while_its_last_use_cannot_be_recorded_holds_up_no_session_of
     let (rt, sim) = sim_runtime(64 * MIB, 1.0);
     let ctx = rt.create_context(ContextSpec::new("c", 32 * MIB)).unwrap();
     let kept = ctx.create_buffer(MIB).unwrap();
-    // A live session; the buffer made after it is not pinned by it, and its drop frees it
-    // at once, while a use is live.
+    // Two live sessions; the buffer made after them is pinned by neither, and its drop
+    // frees it at once, while uses are live.
     let live = ctx.session().unwrap();
+    let other = ctx.session().unwrap();
     let doomed = ctx.create_buffer(4 * MIB).unwrap();
     let stream = live.stream().clone();
     let go = hold(&sim, &stream);
@@ -3333,7 +3334,9 @@ fn a_buffer_dropped_while_its_last_use_cannot_be_recorded_holds_up_no_session_of
         );
         dropper.join().unwrap();
     });
-    // Once the stream was done, the buffer was freed.
+    // Once the stream was done, the drop freed the buffer itself: the session still live
+    // did not pin it, and nothing else would have.
     assert_eq!(ctx.usage().used, kept.size());
+    drop(other);
     assert_nothing_pinned(&rt, "c");
 }
