@@ -698,6 +698,24 @@ pub struct Usage {
     pub evicted: u64,
 }
 
+/// `spec`, with a compute share for a partition of its own raised to the device's smallest
+/// SM partition where the device makes partitions: the partition it gets all the same.
+/// Admission then counts that. Counted as asked, a few contexts of tiny shares took every SM
+/// while admission showed almost none taken, and the next one failed in the partition
+/// manager rather than in admission.
+fn floor_compute_share(mut spec: ContextSpec, info: &gpushare_device::DeviceInfo) -> ContextSpec {
+    if let (None, Some(share)) = (&spec.partition, spec.compute_share) {
+        if info.green_contexts && info.sm_count > 0 && share >= gpushare_qos::MIN_SHARE {
+            let floor = (f64::from(info.sm_min_partition) / f64::from(info.sm_count)).min(1.0);
+            if share < floor {
+                tracing::debug!(context = %spec.name, share, floor, "a compute share below the smallest SM partition is counted as that partition");
+                spec.compute_share = Some(floor);
+            }
+        }
+    }
+    spec
+}
+
 impl Context {
     pub(crate) fn create(rt: Arc<RtInner>, spec: ContextSpec) -> Result<Context> {
         let name = spec.name.clone();
@@ -707,6 +725,7 @@ impl Context {
         if rt.names.lock().contains(&name) {
             return Err(RuntimeError::DuplicateContext(name));
         }
+        let spec = floor_compute_share(spec, rt.dev.info());
         let admission =
             rt.admission
                 .try_admit(&spec)

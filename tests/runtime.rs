@@ -3340,3 +3340,37 @@ fn a_buffer_dropped_while_its_last_use_cannot_be_recorded_holds_up_no_session_of
     drop(other);
     assert_nothing_pinned(&rt, "c");
 }
+
+#[test]
+fn compute_shares_below_the_smallest_partition_count_as_that_partition_in_admission() {
+    let (rt, sim) = sim_runtime(256 * MIB, 4.0);
+    let info = sim.info().clone();
+    let smallest = f64::from(info.sm_min_partition) / f64::from(info.sm_count);
+    let fit = (1.0 / smallest).floor() as usize;
+    let tiny = |name: String| rt.create_context(ContextSpec::new(name, MIB).compute(0.001));
+    let admitted: Vec<_> = (0..fit)
+        .map(|i| tiny(format!("c{i}")).expect("a smallest partition is free"))
+        .collect();
+    for c in &admitted {
+        match c.isolation() {
+            gpushare::qos::Isolation::SmPartition { granted, .. } => {
+                assert_eq!(*granted, info.sm_min_partition)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Every SM is taken: admission, which counted each share as the partition it got,
+    // refuses the next.
+    match tiny("one more".into()) {
+        Err(RuntimeError::Rejected {
+            rejection:
+                gpushare::qos::Rejection::Share {
+                    what: "compute", ..
+                },
+            ..
+        }) => {}
+        other => panic!("expected admission's refusal, got {:?}", other.err()),
+    }
+    drop(admitted);
+    tiny("after".into()).expect("the shares went with their contexts");
+}

@@ -81,7 +81,8 @@ impl ContextSpec {
         self
     }
     /// Ask for a fraction of the SMs (gpushare's runtime gives the context a partition of
-    /// its own, removed with it).
+    /// its own, removed with it; a share below the device's smallest partition gets that
+    /// partition, and admission counts it as such).
     pub fn compute(mut self, share: f64) -> Self {
         self.compute_share = Some(share);
         self
