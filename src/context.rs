@@ -706,7 +706,13 @@ pub struct Usage {
 fn floor_compute_share(mut spec: ContextSpec, info: &gpushare_device::DeviceInfo) -> ContextSpec {
     if let (None, Some(share)) = (&spec.partition, spec.compute_share) {
         if info.green_contexts && info.sm_count > 0 && share >= gpushare_qos::MIN_SHARE {
-            let floor = (f64::from(info.sm_min_partition) / f64::from(info.sm_count)).min(1.0);
+            // Rounded down to a part per billion, the unit admission counts in: rounded up,
+            // the last of the partitions that fit would be refused (72 SMs of 4: 18 shares
+            // of 55,555,556 parts add up to more than a billion).
+            let floor = ((f64::from(info.sm_min_partition) / f64::from(info.sm_count)).min(1.0)
+                * 1e9)
+                .floor()
+                / 1e9;
             if share < floor {
                 tracing::debug!(context = %spec.name, share, floor, "a compute share below the smallest SM partition is counted as that partition");
                 spec.compute_share = Some(floor);

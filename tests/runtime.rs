@@ -3374,3 +3374,34 @@ fn compute_shares_below_the_smallest_partition_count_as_that_partition_in_admiss
     drop(admitted);
     tiny("after".into()).expect("the shares went with their contexts");
 }
+
+#[test]
+fn every_smallest_partition_that_fits_is_admitted_however_the_share_rounds() {
+    // 72 SMs in groups of 4: eighteen smallest partitions fit, and each share (1/18) does
+    // not fall on a whole part per billion.
+    let sim = Arc::new(
+        SimDevice::with_config(SimConfig {
+            sm_count: 72,
+            sm_min_partition: 4,
+            sm_granularity: 2,
+            ..SimConfig::default().total_memory(256 * MIB)
+        })
+        .unwrap(),
+    );
+    let rt = Runtime::builder()
+        .with_device(sim)
+        .memory_fraction(1.0)
+        .overcommit(4.0)
+        .build()
+        .unwrap();
+    let admitted: Vec<_> = (0..18)
+        .map(|i| {
+            rt.create_context(ContextSpec::new(format!("c{i}"), MIB).compute(0.001))
+                .unwrap_or_else(|e| panic!("partition {i} of 18 refused: {e}"))
+        })
+        .collect();
+    assert!(rt
+        .create_context(ContextSpec::new("one more", MIB).compute(0.001))
+        .is_err());
+    drop(admitted);
+}
