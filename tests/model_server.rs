@@ -59,6 +59,14 @@ async fn serve_under_load(dev: Arc<dyn Device>) {
         .timeout(Duration::from_secs(60))
         .build()
         .unwrap();
+    let get_status = || async {
+        let r = client.get(format!("{base}/v1/status")).send().await;
+        r.unwrap().json::<serde_json::Value>().await.unwrap()
+    };
+    let get_metrics = || async {
+        let r = client.get(format!("{base}/metrics")).send().await;
+        r.unwrap().text().await.unwrap()
+    };
 
     // Bad requests get the error they deserve.
     let r = client
@@ -136,14 +144,7 @@ async fn serve_under_load(dev: Arc<dyn Device>) {
     assert_eq!(by_status.get(&200), Some(&2400), "{by_status:?}");
 
     // Evictions happened, and no budget was ever exceeded.
-    let status: serde_json::Value = client
-        .get(format!("{base}/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get_status().await;
     let contexts = status["snapshot"]["contexts"].as_array().unwrap();
     let evictions: u64 = contexts
         .iter()
@@ -159,20 +160,13 @@ async fn serve_under_load(dev: Arc<dyn Device>) {
         let (peak, max) = (c["peak_bytes"].as_u64(), c["max_bytes"].as_u64());
         assert!(peak.is_some() && peak <= max, "a budget was exceeded: {c}");
     }
-    let metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics_then = get_metrics().await;
     // The metrics agree with what the clients saw, model by model.
     let value = |line: &str| -> u64 {
-        metrics
+        metrics_then
             .lines()
             .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {line} in\n{metrics}"))
+            .unwrap_or_else(|| panic!("no {line} in\n{metrics_then}"))
     };
     for (name, &(ok, failed)) in &per_model {
         let q = format!("{{model=\"{name}\"}}");
@@ -200,7 +194,7 @@ async fn serve_under_load(dev: Arc<dyn Device>) {
         evicted, evictions,
         "the metrics and the snapshot count the same evictions"
     );
-    assert!(metrics.contains("gpushare_waiting_sessions"));
+    assert!(metrics_then.contains("gpushare_waiting_sessions"));
 
     // Every byte of every model's weights survived the evictions and restores (the
     // requests read small windows of them).
@@ -235,19 +229,8 @@ async fn serve_under_load(dev: Arc<dyn Device>) {
         .send()
         .await;
     assert!(r.is_err(), "the request was served: {r:?}");
-    let waiting = || async {
-        let status: serde_json::Value = client
-            .get(format!("{base}/v1/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        status["waiting_sessions"].as_u64().unwrap()
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while waiting().await > 0 {
+    while get_status().await["waiting_sessions"].as_u64().unwrap() > 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "a request whose client went still waits for a session"
@@ -255,17 +238,10 @@ async fn serve_under_load(dev: Arc<dyn Device>) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(held);
-    let metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics_now = get_metrics().await;
     assert!(
-        metrics.contains("gpushare_requests_abandoned_total{model=\"embed\"} 1\n"),
-        "{metrics}"
+        metrics_now.contains("gpushare_requests_abandoned_total{model=\"embed\"} 1\n"),
+        "{metrics_now}"
     );
 
     stop.send(()).unwrap();
