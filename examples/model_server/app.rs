@@ -381,21 +381,18 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         }
     }
     let metrics = app.metrics.lock();
-    let _ = writeln!(out, "# TYPE gpushare_request_errors_total counter");
-    for (name, m) in metrics.iter() {
-        let _ = writeln!(
-            out,
-            "gpushare_request_errors_total{{model=\"{name}\"}} {}",
-            m.errors
-        );
-    }
-    let _ = writeln!(out, "# TYPE gpushare_requests_abandoned_total counter");
-    for (name, m) in metrics.iter() {
-        let _ = writeln!(
-            out,
-            "gpushare_requests_abandoned_total{{model=\"{name}\"}} {}",
-            m.abandoned
-        );
+    for metric in [
+        "gpushare_request_errors_total",
+        "gpushare_requests_abandoned_total",
+    ] {
+        let _ = writeln!(out, "# TYPE {metric} counter");
+        for (name, m) in metrics.iter() {
+            let v = match metric {
+                "gpushare_request_errors_total" => m.errors,
+                _ => m.abandoned,
+            };
+            let _ = writeln!(out, "{metric}{{model=\"{name}\"}} {v}");
+        }
     }
     let _ = writeln!(out, "# TYPE gpushare_request_duration_ms histogram");
     for (name, m) in metrics.iter() {
