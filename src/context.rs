@@ -382,19 +382,13 @@ impl CtxInner {
             }
         };
         let release = self.stream_release();
-        match self.rt.pool.free_evictable_after(id, self.stream_id, done) {
-            Ok(()) => {
-                freed.keys.push(s.key);
-                if !release.try_arm() {
-                    freed.unsignalled += 1;
-                }
-            }
-            Err((id, PoolError::Pinned { .. } | PoolError::Restoring)) => s.id = Some(id),
-            // Gone from the pool all the same: its entry goes too.
-            Err((_, e)) => {
-                tracing::error!(context = %self.name, error = %e, "freeing a buffer failed");
-                freed.keys.push(s.key);
-            }
+        let r = self.rt.pool.free_evictable_after(id, self.stream_id, done);
+        if r.is_ok() && !release.try_arm() {
+            freed.unsignalled += 1;
+        }
+        match self.held_back(r) {
+            Ok(()) => freed.keys.push(s.key),
+            Err(id) => s.id = Some(id),
         }
     }
 
@@ -424,13 +418,9 @@ impl CtxInner {
                     s.id = Some(id);
                     continue;
                 }
-                match self.rt.pool.free_evictable(id) {
+                match self.held_back(self.rt.pool.free_evictable(id)) {
                     Ok(()) => freed.keys.push(key),
-                    Err((id, PoolError::Pinned { .. } | PoolError::Restoring)) => s.id = Some(id),
-                    Err((_, e)) => {
-                        tracing::error!(context = %self.name, error = %e, "freeing a buffer failed");
-                        freed.keys.push(key);
-                    }
+                    Err(id) => s.id = Some(id),
                 }
             }
         }
@@ -497,6 +487,16 @@ impl CtxInner {
                 self.rt.pool.free_evictable(id)
             }
         };
+        self.held_back(freed)
+    }
+
+    /// The outcome of a buffer's free: the handle back where a pin holds the buffer or is
+    /// restoring it; otherwise it is gone from the pool (a failure is logged), and its
+    /// entry is to go too.
+    fn held_back(
+        &self,
+        freed: std::result::Result<(), (EvictableId, PoolError)>,
+    ) -> std::result::Result<(), EvictableId> {
         match freed {
             Ok(()) => Ok(()),
             Err((id, PoolError::Pinned { .. } | PoolError::Restoring)) => Err(id),
